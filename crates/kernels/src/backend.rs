@@ -1,0 +1,238 @@
+//! The op set, once, as a trait. Model code is generic over `B: Backend` and monomorphized: there is no
+//! per-op runtime dispatch. `Cpu` (f32, rayon, `gemm`) is the reference; `Cuda` (feature `cuda`) mirrors it.
+//!
+//! Conventions for every method:
+//! - Buffers are flat and row-major; shapes are given in the dimension letters of DESIGN.md
+//!   (B batch, T sequence, H hidden, I intermediate, V vocab, NH query heads, NKV kv heads, D head dim,
+//!   R LoRA rank). `N` below is a row count (usually B·T), `M,K,N` are GEMM dims.
+//! - "writes" means the output is overwritten; "adds into" means the op accumulates (`+=`), which is
+//!   how gradients of shared inputs (residual stream, tied embedding) are summed.
+//! - A length that does not match the dims returns `KernelError::Shape` naming the op and argument;
+//!   inconsistent dims return `KernelError::Invalid`. No method panics on well-typed input.
+//! - `Self::Buf` holds f32 values logically; a backend may store them in a narrower type (the CUDA
+//!   backend keeps activations in bf16), which is why tolerances are per backend.
+
+use crate::error::Result;
+use crate::nf4::Nf4Tensor;
+
+/// Whether an op overwrites its output or accumulates into it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accum {
+    Overwrite,
+    Add,
+}
+
+/// The frozen base weight of a linear layer, W̃: [N=out, K=in].
+pub enum Weight<'a, B: Backend> {
+    Dense(&'a B::Buf),
+    Nf4(&'a B::Nf4),
+}
+
+/// Attention geometry and masking. Shapes: q, out: [B, T, NH, D]; k, v: [B, T, NKV, D] (the layout
+/// a row-major projection output already has). Query head h reads kv head h / (NH/NKV).
+#[derive(Clone, Copy, Debug)]
+pub struct AttnShape {
+    pub b: usize,
+    pub t: usize,
+    pub nh: usize,
+    pub nkv: usize,
+    pub d: usize,
+    /// Multiplies q·k (Gemma-2: query_pre_attn_scalar^-0.5, not D^-0.5).
+    pub scale: f32,
+    /// c·tanh(s/c) on the scaled scores, BEFORE the mask.
+    pub softcap: Option<f32>,
+    /// A query at q sees keys kv with q − W < kv ≤ q (W keys, itself included).
+    pub window: Option<usize>,
+}
+
+/// AdamW hyper-parameters for one step (torch semantics). `step` is 1-based (the t in 1 − β^t).
+#[derive(Clone, Copy, Debug)]
+pub struct AdamW {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    pub step: u64,
+}
+
+pub trait Backend: Send + Sync + Sized {
+    /// A buffer of (logically) f32 values.
+    type Buf: Send + Sync;
+    /// A buffer of i32 values: token ids, labels (−100 = ignore), positions, segment ids.
+    type Ids: Send + Sync;
+    /// An NF4 weight resident on this backend (packed codes + double-quantized absmax).
+    type Nf4: Send + Sync;
+
+    fn name(&self) -> &'static str;
+
+    // ---- memory -------------------------------------------------------------------------------
+    fn zeros(&self, n: usize) -> Result<Self::Buf>;
+    fn from_host(&self, data: &[f32]) -> Result<Self::Buf>;
+    fn to_host(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
+    fn len(&self, buf: &Self::Buf) -> usize;
+    fn ids_from_host(&self, ids: &[i32]) -> Result<Self::Ids>;
+    fn ids_len(&self, ids: &Self::Ids) -> usize;
+    fn nf4_from_host(&self, w: &Nf4Tensor) -> Result<Self::Nf4>;
+    /// Back to host form (for saving a quantized checkpoint).
+    fn nf4_to_host(&self, w: &Self::Nf4) -> Result<Nf4Tensor>;
+    /// Copies `src` into `dst` (same length).
+    fn copy(&self, src: &Self::Buf, dst: &mut Self::Buf) -> Result<()>;
+    /// Sets every element to `value`.
+    fn fill(&self, buf: &mut Self::Buf, value: f32) -> Result<()>;
+
+    // ---- elementwise --------------------------------------------------------------------------
+    /// y += alpha · x (same length).
+    fn axpy(&self, alpha: f32, x: &Self::Buf, y: &mut Self::Buf) -> Result<()>;
+    /// x *= alpha.
+    fn scale(&self, x: &mut Self::Buf, alpha: f32) -> Result<()>;
+    /// x ← x ⊙ m (same length); m is a dropout mask holding 0 or 1/(1−p).
+    fn mul(&self, x: &mut Self::Buf, m: &Self::Buf) -> Result<()>;
+    /// Σ x² in f64 (a piece of the global gradient norm).
+    fn sum_squares(&self, x: &Self::Buf) -> Result<f64>;
+
+    // ---- linear GEMMs: X [M,K], W [N,K], Y [M,N] ----------------------------------------------
+    /// Y (= or +=) X·Wᵀ.
+    fn matmul_xwt(&self, x: &Self::Buf, w: &Self::Buf, y: &mut Self::Buf, m: usize, k: usize, n: usize, acc: Accum) -> Result<()>;
+    /// dX (= or +=) dY·W.
+    fn matmul_dyw(&self, dy: &Self::Buf, w: &Self::Buf, dx: &mut Self::Buf, m: usize, k: usize, n: usize, acc: Accum) -> Result<()>;
+    /// dW (= or +=) dYᵀ·X.
+    fn matmul_dytx(&self, dy: &Self::Buf, x: &Self::Buf, dw: &mut Self::Buf, m: usize, k: usize, n: usize, acc: Accum) -> Result<()>;
+
+    // ---- LoRA linear: Y = X·W̃ᵀ + s·(drop(X)·Aᵀ)·Bᵀ ------------------------------------------
+    /// x [M,K], a [R,K], b [N,R], dropout mask [M,K] (None = no dropout). Writes y [M,N] and the saved
+    /// activation xa = drop(X)·Aᵀ [M,R]. With `lora = None` it is the plain base linear. An NF4 base is
+    /// dequantized tile by tile: the dense W of the layer never exists whole.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_fwd(
+        &self,
+        x: &Self::Buf,
+        w: Weight<'_, Self>,
+        lora: Option<LoraRef<'_, Self>>,
+        y: &mut Self::Buf,
+        xa: Option<&mut Self::Buf>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()>;
+    /// Backward of `lora_fwd`. Writes dx [M,K] (= dY·W̃ + s·((dY·B)·A)⊙mask); adds into da [R,K] and
+    /// db [N,R]. No gradient for the frozen W̃.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_bwd(
+        &self,
+        dy: &Self::Buf,
+        x: &Self::Buf,
+        w: Weight<'_, Self>,
+        lora: Option<LoraGradRef<'_, Self>>,
+        dx: &mut Self::Buf,
+        dx_acc: Accum,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()>;
+    /// Dequantizes a whole NF4 weight (for merge and tests; training never calls it).
+    fn nf4_dequantize(&self, w: &Self::Nf4, out: &mut Self::Buf) -> Result<()>;
+
+    // ---- norms and pointwise -------------------------------------------------------------------
+    /// Gemma RMSNorm over rows x [N,H]: y = x·rsqrt(mean(x²)+eps)·(1+w). Writes y [N,H], rstd [N].
+    fn rmsnorm_fwd(&self, x: &Self::Buf, w: &Self::Buf, y: &mut Self::Buf, rstd: &mut Self::Buf, n: usize, h: usize, eps: f32) -> Result<()>;
+    /// Writes dx [N,H]; adds into dw [H] when given (None for a frozen norm).
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_bwd(&self, dy: &Self::Buf, x: &Self::Buf, w: &Self::Buf, rstd: &Self::Buf, dx: &mut Self::Buf, dw: Option<&mut Self::Buf>, n: usize, h: usize) -> Result<()>;
+    /// RoPE in place on x [N, heads, D], split-halves (NeoX) convention, angle = pos·theta^(−2i/D),
+    /// positions [N] per token (packing restarts them). `inverse` rotates by −angle (the backward).
+    fn rope(&self, x: &mut Self::Buf, pos: &Self::Ids, n: usize, heads: usize, d: usize, theta: f32, inverse: bool) -> Result<()>;
+    /// out = gelu_tanh(gate)·up, all [N]-element buffers (any shape). Writes out.
+    fn geglu_fwd(&self, gate: &Self::Buf, up: &Self::Buf, out: &mut Self::Buf) -> Result<()>;
+    /// Writes dgate, dup.
+    fn geglu_bwd(&self, dout: &Self::Buf, gate: &Self::Buf, up: &Self::Buf, dgate: &mut Self::Buf, dup: &mut Self::Buf) -> Result<()>;
+    /// x ← c·tanh(x/c) in place.
+    fn softcap_fwd(&self, x: &mut Self::Buf, cap: f32) -> Result<()>;
+    /// dy ← dy·(1 − (y/c)²) in place, given the capped output y.
+    fn softcap_bwd(&self, y: &Self::Buf, dy: &mut Self::Buf, cap: f32) -> Result<()>;
+
+    // ---- attention ------------------------------------------------------------------------------
+    /// Causal softmax attention (see `AttnShape`); segment ids [B·T] (None = one segment per row)
+    /// forbid attention across packed samples. Writes out [B,T,NH,D] and lse [B,NH,T] (log-sum-exp of
+    /// the masked scores, saved for the backward).
+    #[allow(clippy::too_many_arguments)]
+    fn attn_fwd(&self, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, seg: Option<&Self::Ids>, out: &mut Self::Buf, lse: &mut Self::Buf, s: &AttnShape) -> Result<()>;
+    /// Writes dq, dk, dv.
+    #[allow(clippy::too_many_arguments)]
+    fn attn_bwd(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        seg: Option<&Self::Ids>,
+        out: &Self::Buf,
+        lse: &Self::Buf,
+        dout: &Self::Buf,
+        dq: &mut Self::Buf,
+        dk: &mut Self::Buf,
+        dv: &mut Self::Buf,
+        s: &AttnShape,
+    ) -> Result<()>;
+
+    // ---- embedding and loss --------------------------------------------------------------------
+    /// out [N,H] = table[ids]·scale (table [V,H]). An id outside [0,V) is an `Invalid` error.
+    fn embedding_fwd(&self, ids: &Self::Ids, table: &Self::Buf, out: &mut Self::Buf, v: usize, h: usize, scale: f32) -> Result<()>;
+    /// Adds scale·dout[i] into dtable[ids[i]].
+    fn embedding_bwd(&self, ids: &Self::Ids, dout: &Self::Buf, dtable: &mut Self::Buf, v: usize, h: usize, scale: f32) -> Result<()>;
+    /// Cross-entropy over logits [N,V] with an optional final soft-cap applied first, labels [N]
+    /// (−100 = ignored; the caller has already shifted them). Returns (Σ loss, count of scored rows).
+    /// When `dlogits` is given it writes grad_scale·∂(Σ loss)/∂logits (pre-cap logits), zero on ignored rows.
+    #[allow(clippy::too_many_arguments)]
+    fn cross_entropy(&self, logits: &Self::Buf, labels: &Self::Ids, n: usize, v: usize, softcap: Option<f32>, grad_scale: f32, dlogits: Option<&mut Self::Buf>) -> Result<(f64, usize)>;
+    /// Fused tied LM head + cross-entropy: logits = hidden [N,H] · embᵀ (emb [V,H]), soft-capped, scored
+    /// against labels [N], processed `chunk` rows at a time so the [N,V] logits never exist at once.
+    /// Adds grad_scale·∂/∂hidden into dhidden [N,H] and, when given, into demb [V,H].
+    #[allow(clippy::too_many_arguments)]
+    fn lm_head_ce(
+        &self,
+        hidden: &Self::Buf,
+        emb: &Self::Buf,
+        labels: &Self::Ids,
+        n: usize,
+        h: usize,
+        v: usize,
+        softcap: Option<f32>,
+        grad_scale: f32,
+        dhidden: Option<&mut Self::Buf>,
+        demb: Option<&mut Self::Buf>,
+    ) -> Result<(f64, usize)>;
+
+    // ---- optimizer ------------------------------------------------------------------------------
+    /// One torch-AdamW step on param/grad/m/v (same length): p ← p·(1 − lr·wd); m, v updated;
+    /// p ← p − lr/(1−β1^t) · m / (sqrt(v)/sqrt(1−β2^t) + eps).
+    fn adamw(&self, p: &mut Self::Buf, g: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, h: &AdamW) -> Result<()>;
+}
+
+/// LoRA factors for the forward: a [R,K], b [N,R], s = α/R (or α/√R), optional dropout mask [M,K].
+pub struct LoraRef<'a, B: Backend> {
+    pub a: &'a B::Buf,
+    pub b: &'a B::Buf,
+    pub r: usize,
+    pub scale: f32,
+    pub mask: Option<&'a B::Buf>,
+}
+
+/// LoRA factors, saved activation and gradient sinks for the backward.
+pub struct LoraGradRef<'a, B: Backend> {
+    pub a: &'a B::Buf,
+    pub b: &'a B::Buf,
+    pub r: usize,
+    pub scale: f32,
+    pub mask: Option<&'a B::Buf>,
+    /// xa = drop(X)·Aᵀ [M,R] saved by the forward.
+    pub xa: &'a B::Buf,
+    /// Adds into da [R,K].
+    pub da: &'a mut B::Buf,
+    /// Adds into db [N,R].
+    pub db: &'a mut B::Buf,
+}
+
+/// Gradient clipping coefficient, torch `clip_grad_norm_`: min(1, max_norm / (norm + 1e-6)).
+pub fn clip_coef(total_norm: f64, max_norm: f64) -> f64 {
+    (max_norm / (total_norm + 1e-6)).min(1.0)
+}

@@ -1,0 +1,14 @@
+//! afinar-kernels: every numerical op of Afinar, as one `Backend` trait with a CPU reference
+//! implementation (f32, rayon, `gemm`) and a CUDA implementation (feature `cuda`).
+//!
+//! This crate knows nothing of models: ops take flat buffers and the dimensions that give them shape.
+
+pub mod backend;
+pub mod error;
+pub mod nf4;
+pub mod tolerance;
+
+pub use backend::{clip_coef, Accum, AdamW, AttnShape, Backend, LoraGradRef, LoraRef, Weight};
+pub use error::{KernelError, Result};
+pub use nf4::{Absmax, Nf4Tensor};
+pub use tolerance::{Mismatch, Tolerance};

@@ -28,12 +28,19 @@ pub enum Weight<'a, B: Backend> {
     Nf4(&'a B::Nf4),
 }
 
-/// Attention geometry and masking. Shapes: q, out: [B, T, NH, D]; k, v: [B, T, NKV, D] (the layout
+/// Attention geometry and masking. Shapes: q, out: [B, T, NH, D]; k, v: [B, TK, NKV, D] (the layout
 /// a row-major projection output already has). Query head h reads kv head h / (NH/NKV).
+///
+/// TK ≥ T: the queries are the LAST T positions of the TK keys, i.e. query i sits at absolute position
+/// TK − T + i (training: TK = T; decoding with a KV cache: T = 1 or a prefill chunk, TK = cache length).
+/// The backward requires TK = T.
 #[derive(Clone, Copy, Debug)]
 pub struct AttnShape {
     pub b: usize,
+    /// Query length T.
     pub t: usize,
+    /// Key/value length TK (≥ T).
+    pub tk: usize,
     pub nh: usize,
     pub nkv: usize,
     pub d: usize,
@@ -152,9 +159,9 @@ pub trait Backend: Send + Sync + Sized {
     fn softcap_bwd(&self, y: &Self::Buf, dy: &mut Self::Buf, cap: f32) -> Result<()>;
 
     // ---- attention ------------------------------------------------------------------------------
-    /// Causal softmax attention (see `AttnShape`); segment ids [B·T] (None = one segment per row)
-    /// forbid attention across packed samples. Writes out [B,T,NH,D] and lse [B,NH,T] (log-sum-exp of
-    /// the masked scores, saved for the backward).
+    /// Causal softmax attention (see `AttnShape`); segment ids [B·TK] over the key positions (queries use
+    /// the last T of them; None = one segment per row) forbid attention across packed samples.
+    /// Writes out [B,T,NH,D] and lse [B,NH,T] (log-sum-exp of the masked scores, saved for the backward).
     #[allow(clippy::too_many_arguments)]
     fn attn_fwd(&self, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, seg: Option<&Self::Ids>, out: &mut Self::Buf, lse: &mut Self::Buf, s: &AttnShape) -> Result<()>;
     /// Writes dq, dk, dv.

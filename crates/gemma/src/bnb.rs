@@ -1,0 +1,369 @@
+//! bitsandbytes 4-bit checkpoints: reading pre-quantized weights into an [`Nf4Tensor`] and writing
+//! the same layout back (facts §3.6).
+//!
+//! A quantized linear `P` (e.g. `model.layers.0.self_attn.q_proj`) is stored by HF `save_pretrained`
+//! of a bitsandbytes 4-bit model as
+//!
+//! ```text
+//! P.weight                                  U8  [ceil(N·K/2), 1]   packed NF4, element 2j in the HIGH nibble
+//! P.weight.absmax                           U8  [ceil(N·K/64)]      (F32 when not double-quantized)
+//! P.weight.quant_map                        F32 [16]                the NF4 code table
+//! P.weight.nested_absmax                    F32 [ceil(blocks/256)]  (double quant only)
+//! P.weight.nested_quant_map                 F32 [256]               (double quant only) the dynamic 8-bit map
+//! P.weight.quant_state.bitsandbytes__nf4    U8  [len(json)]         json.dumps of the non-tensor state
+//! ```
+//!
+//! The JSON is `{"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [N, K],
+//! "nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": 0.77…}` (the last three only with
+//! double quant), in that key order, with Python's default separators and `repr` for the offset.
+//!
+//! `dtype` is the dtype the weight is dequantized to. bitsandbytes computes code·absmax in f32 and then
+//! rounds to that dtype; [`BnbWeight::dtype`] is returned so a caller can round the same way (with
+//! "float32" there is nothing to round, which is what the golden tests use).
+//!
+//! With `bnb_4bit_quant_storage` other than uint8 the packed bytes are stored under another dtype
+//! (e.g. BF16 [n/4, 1]); the bytes are the same, so the reader only checks the byte count.
+
+use std::collections::BTreeMap;
+
+use afinar_kernels::nf4::{Absmax, Nf4Tensor, BLOCK, NESTED_BLOCK, NF4_CODE};
+use serde_json::Value;
+
+use crate::error::{GemmaError, Result};
+use crate::safetensors_io::{decode_f32, Dtype, TensorOut, TensorStore};
+
+/// Suffix of the quant-state JSON blob of an NF4 weight.
+pub const QUANT_STATE_NF4: &str = "quant_state.bitsandbytes__nf4";
+/// Suffix of the quant-state JSON blob of an FP4 weight (recognised only to refuse it clearly).
+pub const QUANT_STATE_FP4: &str = "quant_state.bitsandbytes__fp4";
+
+/// The non-tensor part of a bitsandbytes `QuantState` (the JSON blob).
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuantStateJson {
+    /// "nf4" (the only type read here).
+    pub quant_type: String,
+    /// 64 for every HF checkpoint.
+    pub blocksize: usize,
+    /// Dtype of the dequantized weight ("float32", "bfloat16", "float16").
+    pub dtype: String,
+    /// Logical shape of the dense weight, [out, in].
+    pub shape: Vec<usize>,
+    /// Double quantization: (nested_blocksize, nested_dtype, nested_offset).
+    pub nested: Option<(usize, String, f64)>,
+}
+
+/// A pre-quantized weight read from a checkpoint.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BnbWeight {
+    pub tensor: Nf4Tensor,
+    /// `dtype` of the quant state: what bitsandbytes rounds the dequantized weight to.
+    pub dtype: String,
+}
+
+fn bad(name: &str, msg: impl Into<String>) -> GemmaError {
+    GemmaError::Invalid(format!("bitsandbytes 4-bit tensor `{name}`: {}", msg.into()))
+}
+
+/// Whether `weight_name` (e.g. `model.layers.0.mlp.up_proj.weight`) is stored as a bitsandbytes 4-bit
+/// weight in `store` (its quant-state blob or its absmax is present).
+pub fn is_bnb_4bit(store: &TensorStore, weight_name: &str) -> bool {
+    store.contains(&format!("{weight_name}.{QUANT_STATE_NF4}"))
+        || store.contains(&format!("{weight_name}.{QUANT_STATE_FP4}"))
+        || store.contains(&format!("{weight_name}.absmax"))
+}
+
+/// Parses the quant-state JSON blob of tensor `name` (the blob's own tensor name, for errors).
+pub fn parse_quant_state(name: &str, bytes: &[u8]) -> Result<QuantStateJson> {
+    let v: Value =
+        serde_json::from_slice(bytes).map_err(|e| bad(name, format!("the quant state is not valid JSON: {e}")))?;
+    let obj = v.as_object().ok_or_else(|| bad(name, "the quant state is not a JSON object"))?;
+    let str_key = |k: &str| -> Result<String> {
+        obj.get(k).and_then(Value::as_str).map(str::to_string).ok_or_else(|| bad(name, format!("quant state key `{k}` missing or not a string")))
+    };
+    let usize_key = |k: &str| -> Result<usize> {
+        obj.get(k)
+            .and_then(Value::as_u64)
+            .and_then(|x| usize::try_from(x).ok())
+            .ok_or_else(|| bad(name, format!("quant state key `{k}` missing or not a non-negative integer")))
+    };
+    let quant_type = str_key("quant_type")?;
+    let blocksize = usize_key("blocksize")?;
+    let dtype = str_key("dtype")?;
+    let shape = obj
+        .get("shape")
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad(name, "quant state key `shape` missing or not a list"))?
+        .iter()
+        .map(|d| d.as_u64().and_then(|x| usize::try_from(x).ok()).ok_or_else(|| bad(name, format!("bad dimension {d} in `shape`"))))
+        .collect::<Result<Vec<_>>>()?;
+    let nested = if obj.contains_key("nested_offset") || obj.contains_key("nested_blocksize") {
+        let off = obj
+            .get("nested_offset")
+            .and_then(Value::as_f64)
+            .ok_or_else(|| bad(name, "quant state key `nested_offset` missing or not a number"))?;
+        Some((usize_key("nested_blocksize")?, str_key("nested_dtype")?, off))
+    } else {
+        None
+    };
+    Ok(QuantStateJson { quant_type, blocksize, dtype, shape, nested })
+}
+
+/// Reads the parts of one tensor as f32 with a dtype check (the parts are small; no mmap alignment is
+/// assumed).
+fn read_f32_exact(store: &TensorStore, name: &str, len: usize) -> Result<Vec<f32>> {
+    let (bytes, info) = store.raw(name)?;
+    if info.dtype != Dtype::F32 {
+        return Err(bad(name, format!("dtype {} where bitsandbytes stores F32", info.dtype.as_str())));
+    }
+    if info.numel() != len {
+        return Err(GemmaError::ShapeMismatch { name: name.to_string(), expected: vec![len], found: info.shape.clone() });
+    }
+    decode_f32(bytes, Dtype::F32).ok_or_else(|| bad(name, "undecodable F32 data"))
+}
+
+/// Reads the pre-quantized bitsandbytes 4-bit weight `weight_name` (e.g.
+/// `model.layers.3.self_attn.o_proj.weight`) into an [`Nf4Tensor`], checking every part against the
+/// quant state and against `expected_shape` ([out, in] from the model config). Each error names the tensor
+/// at fault. FP4 checkpoints and block sizes other than 64 (and nested 256) are refused: they are not the
+/// QLoRA layout and the kernels do not implement them.
+pub fn read_bnb_nf4(store: &TensorStore, weight_name: &str, expected_shape: &[usize]) -> Result<BnbWeight> {
+    let fp4 = format!("{weight_name}.{QUANT_STATE_FP4}");
+    if store.contains(&fp4) {
+        return Err(GemmaError::NotSupported {
+            what: format!("`{fp4}`: bitsandbytes FP4 weights"),
+            hint: "re-quantize with bnb_4bit_quant_type=\"nf4\" (QLoRA's format)".into(),
+        });
+    }
+    let qs_name = format!("{weight_name}.{QUANT_STATE_NF4}");
+    let (qs_bytes, _) = store.raw(&qs_name)?;
+    let qs = parse_quant_state(&qs_name, qs_bytes)?;
+    if qs.quant_type != "nf4" {
+        return Err(GemmaError::NotSupported {
+            what: format!("`{qs_name}`: quant_type {:?}", qs.quant_type),
+            hint: "only NF4 is supported".into(),
+        });
+    }
+    if qs.blocksize != BLOCK {
+        return Err(GemmaError::NotSupported {
+            what: format!("`{qs_name}`: blocksize {}", qs.blocksize),
+            hint: format!("only blocksize {BLOCK} (the HF default) is supported"),
+        });
+    }
+    if qs.shape != expected_shape {
+        return Err(GemmaError::ShapeMismatch { name: qs_name, expected: expected_shape.to_vec(), found: qs.shape });
+    }
+    let numel: usize = qs.shape.iter().product();
+    let blocks = numel.div_ceil(BLOCK);
+
+    // Packed codes: any storage dtype, ceil(numel/2) bytes.
+    let (wbytes, winfo) = store.raw(weight_name)?;
+    if wbytes.len() != numel.div_ceil(2) {
+        return Err(bad(
+            weight_name,
+            format!(
+                "{} bytes of packed codes ({} {:?}) but the quant-state shape {:?} needs {}",
+                wbytes.len(),
+                winfo.dtype.as_str(),
+                winfo.shape,
+                qs.shape,
+                numel.div_ceil(2)
+            ),
+        ));
+    }
+    let packed = wbytes.to_vec();
+
+    let qm_name = format!("{weight_name}.quant_map");
+    let qm = read_f32_exact(store, &qm_name, 16)?;
+    if let Some(i) = (0..16).find(|&i| qm[i].to_bits() != NF4_CODE[i].to_bits()) {
+        return Err(bad(&qm_name, format!("entry {i} is {:e}, not the NF4 code value {:e}", qm[i], NF4_CODE[i])));
+    }
+
+    let abs_name = format!("{weight_name}.absmax");
+    let absmax = match &qs.nested {
+        None => {
+            if store.contains(&format!("{weight_name}.nested_absmax")) {
+                return Err(bad(&qs_name, "nested_absmax is stored but the quant state has no nested_offset"));
+            }
+            Absmax::Plain(read_f32_exact(store, &abs_name, blocks)?)
+        }
+        Some((nb, ndtype, offset)) => {
+            if *nb != NESTED_BLOCK {
+                return Err(GemmaError::NotSupported {
+                    what: format!("`{qs_name}`: nested_blocksize {nb}"),
+                    hint: format!("bitsandbytes always uses {NESTED_BLOCK}"),
+                });
+            }
+            if ndtype != "float32" {
+                return Err(bad(&qs_name, format!("nested_dtype {ndtype:?}, expected \"float32\"")));
+            }
+            if !offset.is_finite() {
+                return Err(bad(&qs_name, format!("nested_offset {offset} is not finite")));
+            }
+            let (abytes, ainfo) = store.raw(&abs_name)?;
+            if ainfo.dtype != Dtype::U8 {
+                return Err(bad(&abs_name, format!("dtype {} where double quantization stores U8 codes", ainfo.dtype.as_str())));
+            }
+            if ainfo.numel() != blocks {
+                return Err(GemmaError::ShapeMismatch { name: abs_name, expected: vec![blocks], found: ainfo.shape.clone() });
+            }
+            let nested_absmax = read_f32_exact(store, &format!("{weight_name}.nested_absmax"), blocks.div_ceil(NESTED_BLOCK))?;
+            let map = read_f32_exact(store, &format!("{weight_name}.nested_quant_map"), 256)?;
+            let mut code8 = Box::new([0f32; 256]);
+            code8.copy_from_slice(&map);
+            // The offset is a torch float32 scalar printed as a Python double: the cast back is exact.
+            Absmax::Nested { codes: abytes.to_vec(), nested_absmax, offset: *offset as f32, code8 }
+        }
+    };
+    Ok(BnbWeight { tensor: Nf4Tensor { shape: qs.shape, packed, absmax }, dtype: qs.dtype })
+}
+
+/// Python's `repr(float)` (what `json.dumps` prints for a float): the shortest round-trip digits, in
+/// positional notation when the decimal exponent is in [-4, 16), otherwise `d.ddde±XX`.
+pub fn python_float_repr(x: f64) -> String {
+    if x.is_nan() {
+        return "NaN".into();
+    }
+    if x.is_infinite() {
+        return if x > 0.0 { "Infinity".into() } else { "-Infinity".into() };
+    }
+    if x == 0.0 {
+        return if x.is_sign_negative() { "-0.0".into() } else { "0.0".into() };
+    }
+    // Rust's `{:e}` prints the shortest round-trip digits: "d.ddde-5" / "de3".
+    let s = format!("{:e}", x.abs());
+    let (mant, exp) = s.split_once('e').unwrap_or((&s, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    let digits: String = mant.chars().filter(|c| c.is_ascii_digit()).collect();
+    let sign = if x < 0.0 { "-" } else { "" };
+    // Python: positional iff -4 <= exp < 16 (decpt = exp + 1 in (-4, 16]).
+    if (-4..16).contains(&exp) {
+        let decpt = exp + 1;
+        let body = if decpt <= 0 {
+            format!("0.{}{}", "0".repeat((-decpt) as usize), digits)
+        } else if decpt as usize >= digits.len() {
+            format!("{}{}.0", digits, "0".repeat(decpt as usize - digits.len()))
+        } else {
+            format!("{}.{}", &digits[..decpt as usize], &digits[decpt as usize..])
+        };
+        format!("{sign}{body}")
+    } else {
+        let m = if digits.len() > 1 { format!("{}.{}", &digits[..1], &digits[1..]) } else { digits.clone() };
+        let es = if exp < 0 { "-" } else { "+" };
+        format!("{sign}{m}e{es}{:02}", exp.abs())
+    }
+}
+
+/// The quant-state JSON exactly as bitsandbytes writes it (`json.dumps(QuantState.as_dict(packed=True)
+/// non-tensor part)`), for a weight dequantized to `dtype` ("float32", "bfloat16", "float16").
+pub fn quant_state_json(t: &Nf4Tensor, dtype: &str) -> String {
+    let shape = t.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ");
+    let mut s = format!("{{\"quant_type\": \"nf4\", \"blocksize\": {BLOCK}, \"dtype\": \"{dtype}\", \"shape\": [{shape}]");
+    if let Absmax::Nested { offset, .. } = &t.absmax {
+        s.push_str(&format!(
+            ", \"nested_blocksize\": {NESTED_BLOCK}, \"nested_dtype\": \"float32\", \"nested_offset\": {}",
+            python_float_repr(*offset as f64)
+        ));
+    }
+    s.push('}');
+    s
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(v.len() * 4);
+    for x in v {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out
+}
+
+/// The tensors that store NF4 weight `weight_name` in a bitsandbytes checkpoint (see the module docs),
+/// in the order bitsandbytes' state dict lists them.
+pub fn bnb_tensors(weight_name: &str, t: &Nf4Tensor, dtype: &str) -> Result<Vec<TensorOut<'static>>> {
+    let numel = t.numel();
+    if t.packed.len() != numel.div_ceil(2) {
+        return Err(bad(weight_name, format!("{} packed bytes for shape {:?}", t.packed.len(), t.shape)));
+    }
+    let u8t = |name: String, shape: Vec<usize>, data: Vec<u8>| TensorOut { name, dtype: Dtype::U8, shape, data: data.into() };
+    let f32t = |name: String, v: &[f32]| TensorOut { name, dtype: Dtype::F32, shape: vec![v.len()], data: f32_bytes(v).into() };
+    let mut out = vec![u8t(weight_name.to_string(), vec![t.packed.len(), 1], t.packed.clone())];
+    match &t.absmax {
+        Absmax::Plain(a) => {
+            out.push(f32t(format!("{weight_name}.absmax"), a));
+            out.push(f32t(format!("{weight_name}.quant_map"), &NF4_CODE));
+        }
+        Absmax::Nested { codes, nested_absmax, code8, .. } => {
+            out.push(u8t(format!("{weight_name}.absmax"), vec![codes.len()], codes.clone()));
+            out.push(f32t(format!("{weight_name}.quant_map"), &NF4_CODE));
+            out.push(f32t(format!("{weight_name}.nested_absmax"), nested_absmax));
+            out.push(f32t(format!("{weight_name}.nested_quant_map"), &code8[..]));
+        }
+    }
+    let json = quant_state_json(t, dtype).into_bytes();
+    out.push(u8t(format!("{weight_name}.{QUANT_STATE_NF4}"), vec![json.len()], json));
+    Ok(out)
+}
+
+/// The `quantization_config` that transformers writes into config.json for an NF4 checkpoint
+/// (keys sorted as `to_json_string` does). `compute_dtype` is e.g. "bfloat16" or "float32".
+pub fn quantization_config_json(compute_dtype: &str, double_quant: bool) -> Value {
+    let mut m = BTreeMap::new();
+    m.insert("_load_in_4bit", Value::Bool(true));
+    m.insert("_load_in_8bit", Value::Bool(false));
+    m.insert("bnb_4bit_compute_dtype", Value::String(compute_dtype.to_string()));
+    m.insert("bnb_4bit_quant_storage", Value::String("uint8".into()));
+    m.insert("bnb_4bit_quant_type", Value::String("nf4".into()));
+    m.insert("bnb_4bit_use_double_quant", Value::Bool(double_quant));
+    m.insert("llm_int8_enable_fp32_cpu_offload", Value::Bool(false));
+    m.insert("llm_int8_has_fp16_weight", Value::Bool(false));
+    m.insert("llm_int8_skip_modules", Value::Null);
+    m.insert("llm_int8_threshold", serde_json::json!(6.0));
+    m.insert("load_in_4bit", Value::Bool(true));
+    m.insert("load_in_8bit", Value::Bool(false));
+    m.insert("quant_method", Value::String("bitsandbytes".into()));
+    Value::Object(m.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn python_repr_matches_cpython() {
+        // Values and their CPython 3.11 repr.
+        let cases: [(f64, &str); 12] = [
+            (0.7723649144172668, "0.7723649144172668"),
+            (0.031807661056518555, "0.031807661056518555"),
+            (1e-5, "1e-05"),
+            (1.5e-5, "1.5e-05"),
+            (0.0001, "0.0001"),
+            (123.0, "123.0"),
+            (1e16, "1e+16"),
+            (1234567890123456.0, "1234567890123456.0"),
+            (-2.5, "-2.5"),
+            (0.0, "0.0"),
+            (3.0e-39, "3e-39"),
+            (6.0, "6.0"),
+        ];
+        for (x, want) in cases {
+            assert_eq!(python_float_repr(x), want, "repr({x:e})");
+        }
+    }
+
+    #[test]
+    fn quant_state_json_round_trips() {
+        let t = Nf4Tensor {
+            shape: vec![48, 32],
+            packed: vec![0; 768],
+            absmax: Absmax::Nested { codes: vec![0; 24], nested_absmax: vec![1.0], offset: 0.7723649144172668, code8: Box::new([0.0; 256]) },
+        };
+        let s = quant_state_json(&t, "float32");
+        assert_eq!(
+            s,
+            "{\"quant_type\": \"nf4\", \"blocksize\": 64, \"dtype\": \"float32\", \"shape\": [48, 32], \"nested_blocksize\": 256, \"nested_dtype\": \"float32\", \"nested_offset\": 0.7723649144172668}"
+        );
+        let q = parse_quant_state("x", s.as_bytes()).unwrap();
+        assert_eq!(q.shape, vec![48, 32]);
+        assert_eq!(q.nested, Some((256, "float32".to_string(), 0.7723649144172668f32 as f64)));
+        assert!(parse_quant_state("blob", b"{\"quant_type\": 4}").unwrap_err().to_string().contains("`blob`"));
+    }
+}

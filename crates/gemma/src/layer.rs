@@ -1,0 +1,1 @@
+//! Per-layer forward and backward (filled in next).

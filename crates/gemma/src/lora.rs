@@ -1,0 +1,183 @@
+//! LoRA configuration and PEFT-compatible initialisation.
+//!
+//! A LoRA linear computes y = x·W̃ᵀ + s·(drop(x)·Aᵀ)·Bᵀ with A [R, in], B [out, R] and
+//! s = α/R (or α/√R with rsLoRA), exactly as peft's `lora.Linear` (facts §2).
+
+use std::fmt;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::error::{GemmaError, Result};
+
+/// The seven linear layers of a Gemma-2 decoder layer, in the fixed order used everywhere in this crate
+/// (parameter lists, gradients, adapters).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Target {
+    QProj,
+    KProj,
+    VProj,
+    OProj,
+    GateProj,
+    UpProj,
+    DownProj,
+}
+
+impl Target {
+    pub const ALL: [Target; 7] =
+        [Target::QProj, Target::KProj, Target::VProj, Target::OProj, Target::GateProj, Target::UpProj, Target::DownProj];
+
+    /// The module name ("q_proj").
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::QProj => "q_proj",
+            Target::KProj => "k_proj",
+            Target::VProj => "v_proj",
+            Target::OProj => "o_proj",
+            Target::GateProj => "gate_proj",
+            Target::UpProj => "up_proj",
+            Target::DownProj => "down_proj",
+        }
+    }
+
+    /// The parent module ("self_attn" or "mlp").
+    pub fn parent(self) -> &'static str {
+        match self {
+            Target::QProj | Target::KProj | Target::VProj | Target::OProj => "self_attn",
+            _ => "mlp",
+        }
+    }
+
+    /// HF module path inside layer `i`: `model.layers.{i}.self_attn.q_proj`.
+    pub fn module_path(self, layer: usize) -> String {
+        format!("model.layers.{layer}.{}.{}", self.parent(), self.name())
+    }
+
+    /// Parses a module name; also accepts a dotted suffix such as "self_attn.q_proj".
+    pub fn parse(s: &str) -> Result<Target> {
+        let last = s.rsplit('.').next().unwrap_or(s);
+        Target::ALL.iter().copied().find(|t| t.name() == last).ok_or_else(|| GemmaError::UnknownTarget {
+            name: s.to_string(),
+            valid: Target::ALL.iter().map(|t| t.name()).collect::<Vec<_>>().join(", "),
+        })
+    }
+
+    /// (out, in) features for a config.
+    pub fn dims(self, cfg: &crate::config::Gemma2Config) -> (usize, usize) {
+        let h = cfg.hidden_size;
+        match self {
+            Target::QProj => (cfg.q_dim(), h),
+            Target::KProj | Target::VProj => (cfg.kv_dim(), h),
+            Target::OProj => (h, cfg.q_dim()),
+            Target::GateProj | Target::UpProj => (cfg.intermediate_size, h),
+            Target::DownProj => (h, cfg.intermediate_size),
+        }
+    }
+
+    /// Position in `ALL`.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// LoRA hyper-parameters (peft `LoraConfig` subset that changes the math).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraConfig {
+    /// Rank R (> 0).
+    pub r: usize,
+    /// α.
+    pub alpha: f64,
+    /// Dropout probability on the LoRA input, in [0, 1).
+    pub dropout: f64,
+    /// s = α/√R instead of α/R.
+    pub use_rslora: bool,
+    /// Adapted modules, sorted in `Target::ALL` order, no duplicates.
+    pub targets: Vec<Target>,
+}
+
+impl LoraConfig {
+    /// Validates and normalises. `targets` holds module names or the single entry "all-linear".
+    pub fn new<S: AsRef<str>>(r: usize, alpha: f64, dropout: f64, use_rslora: bool, targets: &[S]) -> Result<Self> {
+        if r == 0 {
+            return Err(GemmaError::LoraConfig("r must be at least 1".into()));
+        }
+        if !(0.0..1.0).contains(&dropout) {
+            return Err(GemmaError::LoraConfig(format!("lora_dropout must be in [0, 1), found {dropout}")));
+        }
+        if !alpha.is_finite() {
+            return Err(GemmaError::LoraConfig(format!("lora_alpha must be finite, found {alpha}")));
+        }
+        let targets = parse_targets(targets)?;
+        Ok(LoraConfig { r, alpha, dropout, use_rslora, targets })
+    }
+
+    /// peft's default for Gemma-2 would be q_proj + v_proj; QLoRA practice (and ours) is all-linear.
+    pub fn all_linear(r: usize, alpha: f64) -> Self {
+        LoraConfig { r, alpha, dropout: 0.0, use_rslora: false, targets: Target::ALL.to_vec() }
+    }
+
+    /// s = α/R, or α/√R with rsLoRA (computed in f64 as peft does, then rounded to f32).
+    pub fn scale(&self) -> f32 {
+        let r = self.r as f64;
+        (if self.use_rslora { self.alpha / r.sqrt() } else { self.alpha / r }) as f32
+    }
+
+    pub fn targets_contains(&self, t: Target) -> bool {
+        self.targets.contains(&t)
+    }
+}
+
+/// Parses a target list: module names (any order, duplicates merged) or ["all-linear"].
+pub fn parse_targets<S: AsRef<str>>(targets: &[S]) -> Result<Vec<Target>> {
+    if targets.is_empty() {
+        return Err(GemmaError::LoraConfig("target_modules is empty; name modules or use \"all-linear\"".into()));
+    }
+    let mut out = Vec::new();
+    for t in targets {
+        let t = t.as_ref();
+        if t == "all-linear" {
+            out.extend_from_slice(&Target::ALL);
+        } else {
+            out.push(Target::parse(t)?);
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// PEFT init of A [R, in]: kaiming_uniform(a=√5) = U(−1/√in, 1/√in), drawn from a ChaCha8 stream keyed by
+/// (seed, layer, target), so each adapter is reproducible independently of load order.
+/// (torch's RNG cannot be matched; golden tests load A from the fixture instead.)
+pub fn init_a(seed: u64, layer: usize, target: Target, r: usize, in_features: usize) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ stream_key(layer, target));
+    let bound = 1.0 / (in_features as f64).sqrt();
+    (0..r * in_features).map(|_| rng.random_range(-bound..bound) as f32).collect()
+}
+
+/// Distinct 64-bit key per (layer, target), mixed so nearby layers give unrelated streams.
+pub(crate) fn stream_key(layer: usize, target: Target) -> u64 {
+    splitmix64((layer as u64) << 8 | target.index() as u64)
+}
+
+/// SplitMix64 finaliser: a cheap bijective mixer for seeds.
+pub(crate) fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The inverted-dropout mask [M, K] for one LoRA input: each entry 0 with probability p, else 1/(1−p)
+/// (torch `nn.Dropout` semantics). Deterministic in (seed, layer, target).
+pub fn dropout_mask(seed: u64, layer: usize, target: Target, p: f64, len: usize) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(splitmix64(seed) ^ stream_key(layer, target) ^ 0xD0D0_D0D0);
+    let keep = (1.0 / (1.0 - p)) as f32;
+    (0..len).map(|_| if rng.random::<f64>() < p { 0.0 } else { keep }).collect()
+}

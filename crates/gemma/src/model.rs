@@ -1,0 +1,586 @@
+//! The Gemma-2 causal LM: weights, LoRA parameters, loading, and the trainer-facing API.
+//!
+//! Semantics are Hugging Face transformers' eager `Gemma2ForCausalLM` (facts §1): embedding × sqrt(H),
+//! four sandwich RMSNorms with (1 + w), attention scale query_pre_attn_scalar^-0.5, attention soft-cap
+//! before the mask, sliding window on the layers `layer_types` marks (even layers by default), GELU-tanh
+//! GeGLU, final RMSNorm, tied LM head, final soft-cap before the loss.
+//!
+//! The per-layer math (forward, backward, recompute) lives in `layer.rs`; this file owns the parameters,
+//! their names, the gradient container and the whole-model passes.
+
+use std::sync::Arc;
+
+use afinar_kernels::{Backend, Nf4Tensor};
+
+use crate::config::Gemma2Config;
+use crate::error::{GemmaError, Result};
+use crate::lora::{LoraConfig, Target};
+
+// ---------------------------------------------------------------------------------------------------
+// Weights
+// ---------------------------------------------------------------------------------------------------
+
+/// The frozen (or, in full fine-tuning, trainable) base weight of a linear layer, [out, in] row-major.
+pub enum LinearBase<B: Backend> {
+    Dense(B::Buf),
+    Nf4(B::Nf4),
+}
+
+/// LoRA factors of one linear: A [R, in], B [out, R], y += scale·(drop(x)·Aᵀ)·Bᵀ.
+pub struct LoraWeights<B: Backend> {
+    pub a: B::Buf,
+    pub b: B::Buf,
+    pub r: usize,
+    pub scale: f32,
+    /// Dropout probability on the LoRA input (0 = none).
+    pub dropout: f64,
+}
+
+/// One linear layer (no bias: Gemma-2 has none): y = x·Wᵀ (+ LoRA).
+pub struct Linear<B: Backend> {
+    pub target: Target,
+    pub out_features: usize,
+    pub in_features: usize,
+    pub base: LinearBase<B>,
+    pub lora: Option<LoraWeights<B>>,
+}
+
+impl<B: Backend> Linear<B> {
+    /// The base weight in the form the ops take.
+    pub fn weight(&self) -> afinar_kernels::Weight<'_, B> {
+        match &self.base {
+            LinearBase::Dense(w) => afinar_kernels::Weight::Dense(w),
+            LinearBase::Nf4(w) => afinar_kernels::Weight::Nf4(w),
+        }
+    }
+
+    pub fn is_nf4(&self) -> bool {
+        matches!(self.base, LinearBase::Nf4(_))
+    }
+}
+
+/// Which of the four RMSNorms of a decoder layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum NormKind {
+    Input,
+    PostAttention,
+    PreFeedforward,
+    PostFeedforward,
+}
+
+impl NormKind {
+    pub const ALL: [NormKind; 4] = [NormKind::Input, NormKind::PostAttention, NormKind::PreFeedforward, NormKind::PostFeedforward];
+
+    /// HF module name ("input_layernorm", ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            NormKind::Input => "input_layernorm",
+            NormKind::PostAttention => "post_attention_layernorm",
+            NormKind::PreFeedforward => "pre_feedforward_layernorm",
+            NormKind::PostFeedforward => "post_feedforward_layernorm",
+        }
+    }
+}
+
+/// One decoder layer. `linears` is indexed by `Target::index()` (q, k, v, o, gate, up, down).
+pub struct Layer<B: Backend> {
+    /// RMSNorm offsets w [H] (the effective scale is 1 + w), indexed by `NormKind as usize`.
+    pub norms: [B::Buf; 4],
+    pub linears: [Linear<B>; 7],
+}
+
+impl<B: Backend> Layer<B> {
+    pub fn linear(&self, t: Target) -> &Linear<B> {
+        &self.linears[t.index()]
+    }
+    pub fn linear_mut(&mut self, t: Target) -> &mut Linear<B> {
+        &mut self.linears[t.index()]
+    }
+    pub fn norm(&self, k: NormKind) -> &B::Buf {
+        &self.norms[k as usize]
+    }
+}
+
+/// Identifies one parameter tensor of the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ParamId {
+    /// `model.embed_tokens.weight` [V, H] (also the tied LM head).
+    Embed,
+    /// `model.layers.{layer}.{norm}.weight` [H].
+    Norm { layer: usize, kind: NormKind },
+    /// `model.layers.{layer}.{parent}.{target}.weight` [out, in] (dense only).
+    Weight { layer: usize, target: Target },
+    /// LoRA A [R, in].
+    LoraA { layer: usize, target: Target },
+    /// LoRA B [out, R].
+    LoraB { layer: usize, target: Target },
+    /// `model.norm.weight` [H].
+    FinalNorm,
+}
+
+/// Prefix peft puts in front of HF module paths in adapter files (PeftModel → LoraModel → Gemma2ForCausalLM).
+pub const PEFT_PREFIX: &str = "base_model.model.";
+
+impl ParamId {
+    /// The name used in files: HF names for base weights (`model.layers.0.mlp.up_proj.weight`), peft names
+    /// for LoRA factors (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`).
+    pub fn name(&self) -> String {
+        match *self {
+            ParamId::Embed => "model.embed_tokens.weight".into(),
+            ParamId::FinalNorm => "model.norm.weight".into(),
+            ParamId::Norm { layer, kind } => format!("model.layers.{layer}.{}.weight", kind.name()),
+            ParamId::Weight { layer, target } => format!("{}.weight", target.module_path(layer)),
+            ParamId::LoraA { layer, target } => format!("{PEFT_PREFIX}{}.lora_A.weight", target.module_path(layer)),
+            ParamId::LoraB { layer, target } => format!("{PEFT_PREFIX}{}.lora_B.weight", target.module_path(layer)),
+        }
+    }
+
+    /// Inverse of `name` (also accepts LoRA names without the peft prefix, and `.lora_A.default.weight`).
+    pub fn parse(name: &str) -> Option<ParamId> {
+        match name {
+            "model.embed_tokens.weight" => return Some(ParamId::Embed),
+            "model.norm.weight" => return Some(ParamId::FinalNorm),
+            _ => {}
+        }
+        let n = name.strip_prefix(PEFT_PREFIX).unwrap_or(name);
+        let rest = n.strip_prefix("model.layers.")?;
+        let (layer_s, rest) = rest.split_once('.')?;
+        let layer: usize = layer_s.parse().ok()?;
+        for kind in NormKind::ALL {
+            if rest == format!("{}.weight", kind.name()) {
+                return Some(ParamId::Norm { layer, kind });
+            }
+        }
+        let (parent, rest) = rest.split_once('.')?;
+        let (module, rest) = rest.split_once('.')?;
+        let target = Target::ALL.iter().copied().find(|t| t.name() == module && t.parent() == parent)?;
+        match rest {
+            "weight" => Some(ParamId::Weight { layer, target }),
+            "lora_A.weight" | "lora_A.default.weight" => Some(ParamId::LoraA { layer, target }),
+            "lora_B.weight" | "lora_B.default.weight" => Some(ParamId::LoraB { layer, target }),
+            _ => None,
+        }
+    }
+
+    /// Shape of this parameter for a config and LoRA rank.
+    pub fn shape(&self, cfg: &Gemma2Config, r: usize) -> Vec<usize> {
+        match *self {
+            ParamId::Embed => vec![cfg.vocab_size, cfg.hidden_size],
+            ParamId::FinalNorm | ParamId::Norm { .. } => vec![cfg.hidden_size],
+            ParamId::Weight { target, .. } => {
+                let (o, i) = target.dims(cfg);
+                vec![o, i]
+            }
+            ParamId::LoraA { target, .. } => vec![r, target.dims(cfg).1],
+            ParamId::LoraB { target, .. } => vec![target.dims(cfg).0, r],
+        }
+    }
+
+    pub fn is_lora(&self) -> bool {
+        matches!(self, ParamId::LoraA { .. } | ParamId::LoraB { .. })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Options and batches
+// ---------------------------------------------------------------------------------------------------
+
+/// How target linears are stored after loading.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Quantization {
+    /// Dense f32 (or whatever `B::Buf` holds).
+    #[default]
+    None,
+    /// NF4, bit-exact with bitsandbytes `quantize_4bit(blocksize=64)`; `double_quant` = QLoRA's nested absmax.
+    Nf4 { double_quant: bool },
+}
+
+/// What to build when loading a checkpoint or creating a random model.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    pub quantize: Quantization,
+    /// Adds LoRA factors (A from `seed`, B = 0) to the config's targets.
+    pub lora: Option<LoraConfig>,
+    /// Every base weight (embedding, norms, dense linears) becomes trainable. Requires `Quantization::None`.
+    pub full_finetune: bool,
+    /// Seed of the LoRA A init (and of random weights in `Gemma2Model::random`).
+    pub seed: u64,
+    /// Show an indicatif progress bar while loading (only drawn when stderr is a terminal).
+    pub progress: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { quantize: Quantization::None, lora: None, full_finetune: false, seed: 0, progress: false }
+    }
+}
+
+/// One micro-batch of B rows × T tokens, host side, row-major ([B·T] each).
+#[derive(Clone, Debug, Default)]
+pub struct Batch {
+    /// B.
+    pub b: usize,
+    /// T.
+    pub t: usize,
+    /// Token ids [B·T], each in [0, V).
+    pub input_ids: Vec<i32>,
+    /// RoPE positions [B·T]; they restart at 0 at every packed sample.
+    pub positions: Vec<i32>,
+    /// Packed-sample ids [B·T] (None = one sample per row). Tokens attend only within their segment.
+    pub segment_ids: Option<Vec<i32>>,
+    /// ALREADY SHIFTED targets [B·T]: target t is the token that follows position t, or −100 (not scored).
+    pub targets: Vec<i32>,
+    /// Seed of the LoRA dropout masks of this micro-batch; set it from (run seed, step, micro-step) so a
+    /// resumed run draws the same masks. Unused when dropout is 0.
+    pub dropout_seed: u64,
+}
+
+impl Batch {
+    /// B rows of T tokens with positions 0..T per row, no packing. `targets` already shifted.
+    pub fn new(b: usize, t: usize, input_ids: Vec<i32>, targets: Vec<i32>) -> Self {
+        let positions = (0..b).flat_map(|_| 0..t as i32).collect();
+        Batch { b, t, input_ids, positions, segment_ids: None, targets, dropout_seed: 0 }
+    }
+
+    /// Shifts HF-style labels (`labels[t]` scores the logits at t−1) into targets (`targets[t] = labels[t+1]`,
+    /// −100 at the end of each row): what transformers' `ForCausalLMLoss` does.
+    pub fn shift_labels(b: usize, t: usize, labels: &[i32]) -> Vec<i32> {
+        let mut out = vec![-100; b * t];
+        for r in 0..b {
+            for i in 0..t.saturating_sub(1) {
+                out[r * t + i] = labels[r * t + i + 1];
+            }
+        }
+        out
+    }
+
+    /// Number of tokens (B·T).
+    pub fn tokens(&self) -> usize {
+        self.b * self.t
+    }
+
+    /// Checks lengths and id ranges against a vocabulary size.
+    pub fn validate(&self, vocab: usize) -> Result<()> {
+        let n = self.b * self.t;
+        if n == 0 {
+            return Err(GemmaError::Batch(format!("empty batch (B = {}, T = {})", self.b, self.t)));
+        }
+        for (name, len) in [("input_ids", self.input_ids.len()), ("positions", self.positions.len()), ("targets", self.targets.len())] {
+            if len != n {
+                return Err(GemmaError::Batch(format!("{name} has {len} entries, B·T = {}·{} = {n}", self.b, self.t)));
+            }
+        }
+        if let Some(s) = &self.segment_ids {
+            if s.len() != n {
+                return Err(GemmaError::Batch(format!("segment_ids has {} entries, B·T = {n}", s.len())));
+            }
+        }
+        if let Some((i, &id)) = self.input_ids.iter().enumerate().find(|(_, &id)| id < 0 || id as usize >= vocab) {
+            return Err(GemmaError::Batch(format!("input_ids[{i}] = {id} is outside the vocabulary [0, {vocab})")));
+        }
+        if let Some((i, &id)) = self.targets.iter().enumerate().find(|(_, &id)| id != -100 && (id < 0 || id as usize >= vocab)) {
+            return Err(GemmaError::Batch(format!("targets[{i}] = {id} is neither −100 nor in [0, {vocab})")));
+        }
+        if let Some((i, &p)) = self.positions.iter().enumerate().find(|(_, &p)| p < 0) {
+            return Err(GemmaError::Batch(format!("positions[{i}] = {p} is negative")));
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Gradients
+// ---------------------------------------------------------------------------------------------------
+
+/// Gradients of every trainable parameter, in `Gemma2Model::trainable_ids()` order. They ACCUMULATE across
+/// `forward_backward` calls (gradient accumulation); call `zero` after each optimizer step.
+pub struct Grads<B: Backend> {
+    backend: Arc<B>,
+    ids: Vec<ParamId>,
+    bufs: Vec<B::Buf>,
+}
+
+impl<B: Backend> Grads<B> {
+    /// Zeroed gradients for the trainable parameters of `model`.
+    pub fn zeros(model: &Gemma2Model<B>) -> Result<Self> {
+        let ids = model.trainable_ids();
+        let r = model.lora.as_ref().map_or(0, |l| l.r);
+        let bufs = ids
+            .iter()
+            .map(|id| model.backend.zeros(id.shape(&model.config, r).iter().product()))
+            .collect::<afinar_kernels::Result<Vec<_>>>()?;
+        Ok(Grads { backend: model.backend.clone(), ids, bufs })
+    }
+
+    /// Sets every gradient to 0.
+    pub fn zero(&mut self) -> Result<()> {
+        for b in &mut self.bufs {
+            self.backend.fill(b, 0.0)?;
+        }
+        Ok(())
+    }
+
+    /// Σ g² over all tensors, in f64 (the squared global norm for clipping).
+    pub fn sum_squares(&self) -> Result<f64> {
+        let mut s = 0.0;
+        for b in &self.bufs {
+            s += self.backend.sum_squares(b)?;
+        }
+        Ok(s)
+    }
+
+    /// g ← alpha·g for every tensor (clipping, loss normalisation).
+    pub fn scale(&mut self, alpha: f32) -> Result<()> {
+        for b in &mut self.bufs {
+            self.backend.scale(b, alpha)?;
+        }
+        Ok(())
+    }
+
+    /// The parameter ids, in order.
+    pub fn ids(&self) -> &[ParamId] {
+        &self.ids
+    }
+
+    /// (id, gradient) pairs, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (ParamId, &B::Buf)> {
+        self.ids.iter().copied().zip(self.bufs.iter())
+    }
+
+    /// The gradient of one parameter.
+    pub fn get(&self, id: ParamId) -> Option<&B::Buf> {
+        self.ids.iter().position(|&i| i == id).map(|i| &self.bufs[i])
+    }
+
+    /// The gradient of a parameter by file name (`ParamId::name`).
+    pub fn get_by_name(&self, name: &str) -> Option<&B::Buf> {
+        ParamId::parse(name).and_then(|id| self.get(id))
+    }
+
+    pub(crate) fn get_mut(&mut self, id: ParamId) -> Option<&mut B::Buf> {
+        self.ids.iter().position(|&i| i == id).map(move |i| &mut self.bufs[i])
+    }
+
+    /// Copies one gradient to the host.
+    pub fn to_host(&self, id: ParamId) -> Result<Vec<f32>> {
+        let b = self.get(id).ok_or_else(|| GemmaError::Invalid(format!("no gradient for `{}`", id.name())))?;
+        Ok(self.backend.to_host(b)?)
+    }
+}
+
+/// A trainable parameter with its gradient, for the optimizer.
+pub struct TrainableParam<'a, B: Backend> {
+    pub id: ParamId,
+    pub param: &'a mut B::Buf,
+    pub grad: &'a B::Buf,
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The model
+// ---------------------------------------------------------------------------------------------------
+
+/// Gemma-2 causal LM on backend `B`.
+pub struct Gemma2Model<B: Backend> {
+    pub(crate) backend: Arc<B>,
+    pub config: Gemma2Config,
+    /// [V, H]; also the tied LM head.
+    pub embed_tokens: B::Buf,
+    pub layers: Vec<Layer<B>>,
+    /// Final RMSNorm offset [H].
+    pub norm: B::Buf,
+    /// The LoRA config every adapted linear was built from (None = no adapters).
+    pub lora: Option<LoraConfig>,
+    /// Base weights are trainable.
+    pub full_finetune: bool,
+    /// Per-layer activation checkpointing: keep only layer inputs in the forward and recompute each layer
+    /// in the backward. Gradients are identical either way; memory drops from O(L·acts) to O(L·N·H + acts).
+    pub checkpointing: bool,
+}
+
+impl<B: Backend> Gemma2Model<B> {
+    /// The backend this model runs on (clone the Arc to run the optimizer while borrowing parameters).
+    pub fn backend(&self) -> &Arc<B> {
+        &self.backend
+    }
+
+    /// Ids of the trainable parameters, in the stable order used by `Grads` and `params_and_grads`:
+    /// [Embed], then per layer [4 norms], then per linear in q,k,v,o,gate,up,down order [Weight] [LoraA, LoraB],
+    /// then [FinalNorm]. Bracketed groups appear only in full fine-tuning / when the linear has LoRA.
+    pub fn trainable_ids(&self) -> Vec<ParamId> {
+        let full = self.full_finetune;
+        let mut ids = Vec::new();
+        if full {
+            ids.push(ParamId::Embed);
+        }
+        for (layer, l) in self.layers.iter().enumerate() {
+            if full {
+                ids.extend(NormKind::ALL.iter().map(|&kind| ParamId::Norm { layer, kind }));
+            }
+            for lin in &l.linears {
+                let target = lin.target;
+                if full && !lin.is_nf4() {
+                    ids.push(ParamId::Weight { layer, target });
+                }
+                if lin.lora.is_some() {
+                    ids.push(ParamId::LoraA { layer, target });
+                    ids.push(ParamId::LoraB { layer, target });
+                }
+            }
+        }
+        if full {
+            ids.push(ParamId::FinalNorm);
+        }
+        ids
+    }
+
+    /// Names of the trainable parameters (`ParamId::name`), in `trainable_ids` order.
+    pub fn trainable_names(&self) -> Vec<String> {
+        self.trainable_ids().iter().map(ParamId::name).collect()
+    }
+
+    /// Number of trainable scalars.
+    pub fn num_trainable(&self) -> usize {
+        let r = self.lora.as_ref().map_or(0, |l| l.r);
+        self.trainable_ids().iter().map(|id| id.shape(&self.config, r).iter().product::<usize>()).sum()
+    }
+
+    /// Every trainable parameter with its gradient, in `trainable_ids` order, for the optimizer step
+    /// (the trainer keeps its AdamW moments in a Vec of the same order).
+    pub fn params_and_grads<'a>(&'a mut self, grads: &'a Grads<B>) -> Result<Vec<TrainableParam<'a, B>>> {
+        let ids = self.trainable_ids();
+        if ids != grads.ids {
+            return Err(GemmaError::Invalid(format!(
+                "gradients hold {} tensors that do not match this model's {} trainable tensors (made for another model?)",
+                grads.ids.len(),
+                ids.len()
+            )));
+        }
+        let full = self.full_finetune;
+        let mut params: Vec<(ParamId, &'a mut B::Buf)> = Vec::with_capacity(ids.len());
+        if full {
+            params.push((ParamId::Embed, &mut self.embed_tokens));
+        }
+        for (layer, l) in self.layers.iter_mut().enumerate() {
+            if full {
+                for (kind, buf) in NormKind::ALL.iter().zip(l.norms.iter_mut()) {
+                    params.push((ParamId::Norm { layer, kind: *kind }, buf));
+                }
+            }
+            for lin in l.linears.iter_mut() {
+                let target = lin.target;
+                if full {
+                    if let LinearBase::Dense(w) = &mut lin.base {
+                        params.push((ParamId::Weight { layer, target }, w));
+                    }
+                }
+                if let Some(lo) = &mut lin.lora {
+                    params.push((ParamId::LoraA { layer, target }, &mut lo.a));
+                    params.push((ParamId::LoraB { layer, target }, &mut lo.b));
+                }
+            }
+        }
+        if full {
+            params.push((ParamId::FinalNorm, &mut self.norm));
+        }
+        debug_assert_eq!(params.len(), grads.bufs.len());
+        Ok(params
+            .into_iter()
+            .zip(grads.bufs.iter())
+            .map(|((id, param), grad)| TrainableParam { id, param, grad })
+            .collect())
+    }
+
+    /// A parameter buffer by id (None if the model has no such tensor, e.g. an NF4 weight or a missing LoRA).
+    pub fn param(&self, id: ParamId) -> Option<&B::Buf> {
+        match id {
+            ParamId::Embed => Some(&self.embed_tokens),
+            ParamId::FinalNorm => Some(&self.norm),
+            ParamId::Norm { layer, kind } => self.layers.get(layer).map(|l| &l.norms[kind as usize]),
+            ParamId::Weight { layer, target } => match &self.layers.get(layer)?.linear(target).base {
+                LinearBase::Dense(w) => Some(w),
+                LinearBase::Nf4(_) => None,
+            },
+            ParamId::LoraA { layer, target } => self.layers.get(layer)?.linear(target).lora.as_ref().map(|l| &l.a),
+            ParamId::LoraB { layer, target } => self.layers.get(layer)?.linear(target).lora.as_ref().map(|l| &l.b),
+        }
+    }
+
+    /// Mutable access to a parameter buffer by id.
+    pub fn param_mut(&mut self, id: ParamId) -> Option<&mut B::Buf> {
+        match id {
+            ParamId::Embed => Some(&mut self.embed_tokens),
+            ParamId::FinalNorm => Some(&mut self.norm),
+            ParamId::Norm { layer, kind } => self.layers.get_mut(layer).map(|l| &mut l.norms[kind as usize]),
+            ParamId::Weight { layer, target } => match &mut self.layers.get_mut(layer)?.linear_mut(target).base {
+                LinearBase::Dense(w) => Some(w),
+                LinearBase::Nf4(_) => None,
+            },
+            ParamId::LoraA { layer, target } => self.layers.get_mut(layer)?.linear_mut(target).lora.as_mut().map(|l| &mut l.a),
+            ParamId::LoraB { layer, target } => self.layers.get_mut(layer)?.linear_mut(target).lora.as_mut().map(|l| &mut l.b),
+        }
+    }
+
+    /// Names of every LoRA tensor (peft names), layer-major, q..down, A then B.
+    pub fn lora_names(&self) -> Vec<String> {
+        self.lora_ids().iter().map(ParamId::name).collect()
+    }
+
+    /// Ids of every LoRA tensor.
+    pub fn lora_ids(&self) -> Vec<ParamId> {
+        let mut ids = Vec::new();
+        for (layer, l) in self.layers.iter().enumerate() {
+            for lin in &l.linears {
+                if lin.lora.is_some() {
+                    ids.push(ParamId::LoraA { layer, target: lin.target });
+                    ids.push(ParamId::LoraB { layer, target: lin.target });
+                }
+            }
+        }
+        ids
+    }
+
+    /// Copies a parameter to the host, by name (HF name for base weights, peft name for LoRA).
+    pub fn get_tensor(&self, name: &str) -> Result<Vec<f32>> {
+        let id = ParamId::parse(name).ok_or_else(|| GemmaError::Invalid(format!("`{name}` is not a Gemma-2 parameter name")))?;
+        let buf = self.param(id).ok_or_else(|| GemmaError::Invalid(format!("this model holds no dense tensor `{name}`")))?;
+        Ok(self.backend.to_host(buf)?)
+    }
+
+    /// Overwrites a parameter from host values, by name; the length must match its shape.
+    pub fn set_tensor(&mut self, name: &str, values: &[f32]) -> Result<()> {
+        let id = ParamId::parse(name).ok_or_else(|| GemmaError::Invalid(format!("`{name}` is not a Gemma-2 parameter name")))?;
+        let r = self.lora.as_ref().map_or(0, |l| l.r);
+        let shape = id.shape(&self.config, r);
+        let backend = self.backend.clone();
+        let buf = self.param_mut(id).ok_or_else(|| GemmaError::Invalid(format!("this model holds no dense tensor `{name}`")))?;
+        if values.len() != shape.iter().product::<usize>() {
+            return Err(GemmaError::ShapeMismatch { name: name.to_string(), expected: shape, found: vec![values.len()] });
+        }
+        let src = backend.from_host(values)?;
+        backend.copy(&src, buf)?;
+        Ok(())
+    }
+
+    /// The NF4 base weight of a linear, to the host (for exporting a bitsandbytes checkpoint).
+    pub fn nf4_weight(&self, layer: usize, target: Target) -> Result<Option<Nf4Tensor>> {
+        let l = self.layers.get(layer).ok_or_else(|| GemmaError::Invalid(format!("no layer {layer}")))?;
+        match &l.linear(target).base {
+            LinearBase::Nf4(w) => Ok(Some(self.backend.nf4_to_host(w)?)),
+            LinearBase::Dense(_) => Ok(None),
+        }
+    }
+
+    /// The base weight of a linear as dense f32 host values [out, in] (dequantized if NF4): for merging.
+    pub fn dense_weight(&self, layer: usize, target: Target) -> Result<Vec<f32>> {
+        let l = self.layers.get(layer).ok_or_else(|| GemmaError::Invalid(format!("no layer {layer}")))?;
+        let lin = l.linear(target);
+        match &lin.base {
+            LinearBase::Dense(w) => Ok(self.backend.to_host(w)?),
+            LinearBase::Nf4(w) => {
+                let mut out = self.backend.zeros(lin.out_features * lin.in_features)?;
+                self.backend.nf4_dequantize(w, &mut out)?;
+                Ok(self.backend.to_host(&out)?)
+            }
+        }
+    }
+}

@@ -282,3 +282,41 @@ ITEMS = [
 ("Responde brevemente.", "¿Qué es un número complejo?",
  "Un número de la forma a + bi, con a y b reales e i la unidad imaginaria, que cumple i² = −1."),
 ]
+
+ITEMS += [
+("Explica con cierto detalle por qué no se puede dividir entre cero.", "",
+ "Dividir a entre b significa encontrar el número x tal que b·x = a. Si b = 0 y a ≠ 0, ningún x cumple 0·x = a, porque 0·x es siempre 0: no hay resultado. Si a = 0 también, cualquier x cumple 0·x = 0, así que el resultado no sería único. En ambos casos la operación no puede definirse de forma coherente con las reglas de la aritmética, y por eso se deja sin definir. Conviene distinguir esto de los límites: expresiones como 1/x pueden crecer sin cota cuando x se acerca a 0, pero eso describe un comportamiento, no un valor de 1/0 en los números reales."),
+("Explica qué es la deriva genética y en qué se diferencia de la selección natural.", "",
+ "La deriva genética es el cambio aleatorio de las frecuencias de los alelos de una generación a otra, debido a que solo una parte de los individuos se reproduce y transmite sus genes por azar. Su efecto es mayor en poblaciones pequeñas, donde puede fijar o eliminar alelos con rapidez, con independencia de que sean beneficiosos. La selección natural, en cambio, no es aleatoria respecto al entorno: favorece sistemáticamente a las variantes que aumentan la supervivencia o la reproducción. Ambos mecanismos actúan a la vez, y separar su contribución en un caso concreto suele requerir modelos estadísticos y datos de varias generaciones."),
+("Explica la diferencia entre exactitud y precisión en una medida experimental.", "",
+ "La exactitud indica lo cerca que está una medida del valor verdadero; la precisión, lo cerca que están entre sí medidas repetidas. Un instrumento mal calibrado puede dar valores muy precisos, todos parecidos, pero inexactos, porque comparten el mismo error sistemático. Al revés, unas medidas dispersas pueden tener una media cercana al valor real. Los errores sistemáticos afectan a la exactitud y se corrigen calibrando; los aleatorios afectan a la precisión y se reducen promediando muchas medidas."),
+("¿Qué fue la Ilustración? Responde en un párrafo.", "",
+ "La Ilustración fue un movimiento intelectual europeo del siglo XVIII que defendía el uso de la razón y de la crítica para examinar la tradición, la religión y el poder político. Entre sus figuras se cuentan Voltaire, Montesquieu, Rousseau, Diderot y Kant, que en 1784 la definió como «la salida del ser humano de su minoría de edad». La «Enciclopedia» dirigida por Diderot y D'Alembert fue una de sus obras emblemáticas. Sus ideas influyeron en la Revolución francesa y en la independencia de los Estados Unidos, aunque los historiadores subrayan que no fue un movimiento homogéneo y que tuvo variantes nacionales muy distintas."),
+]
+
+ITEMS += [
+("¿Qué es la ley de Hubble-Lemaître?", "",
+ "Establece que, a gran escala, las galaxias se alejan de nosotros con una velocidad aproximadamente proporcional a su distancia, v = H₀·d. Es una de las pruebas de la expansión del universo. El valor de la constante H₀ sigue discutido: distintos métodos dan valores entre unos 67 y 73 km/s por megapársec."),
+("¿Qué es una variable de confusión?", "",
+ "Una variable que influye a la vez en la supuesta causa y en el efecto, y puede crear o esconder una asociación entre ambos. Por ejemplo, la edad puede confundir la relación entre el consumo de café y una enfermedad si los mayores beben más café y también enferman más."),
+("¿Qué diferencia hay entre virus y bacterias?", "",
+ "Las bacterias son organismos unicelulares procariotas con metabolismo propio que pueden reproducirse por sí mismas. Los virus no son células: son material genético envuelto en una cápside proteica y solo se replican dentro de una célula huésped."),
+("¿Qué es el efecto invernadero?", "",
+ "Es el calentamiento de la superficie de un planeta porque ciertos gases de su atmósfera, como el vapor de agua, el CO₂ y el metano, absorben y reemiten radiación infrarroja. Es un fenómeno natural necesario para la vida en la Tierra; el problema actual es su intensificación por las emisiones humanas."),
+("¿Qué es el Renacimiento?", "",
+ "Un periodo de la historia cultural europea, iniciado en Italia hacia el siglo XV, caracterizado por la recuperación de modelos de la Antigüedad clásica, el humanismo y grandes cambios en el arte y el pensamiento. Sus límites cronológicos son convencionales y varían según el país y la disciplina."),
+("¿Qué es la polisemia?", "",
+ "La propiedad de una palabra de tener varios significados relacionados, como «banco» (asiento o entidad financiera, según algunos análisis) o «hoja» (de un árbol, de papel o de un cuchillo). Se distingue de la homonimia, en la que dos palabras distintas coinciden en la forma por casualidad histórica."),
+("¿Qué es la inflación subyacente?", "",
+ "Es la tasa de inflación calculada excluyendo los componentes más volátiles del índice de precios, normalmente la energía y los alimentos no elaborados. Sirve para observar la tendencia de fondo de los precios."),
+("¿Qué significa que un algoritmo sea voraz?", "",
+ "Que en cada paso toma la decisión que parece mejor en ese momento, sin reconsiderarla después. Es óptimo en algunos problemas, como el árbol de expansión mínima con el algoritmo de Kruskal, pero en otros produce soluciones subóptimas."),
+("¿Cuál es la diferencia entre masa y peso?", "",
+ "La masa es la cantidad de materia de un cuerpo y se mide en kilogramos; no depende del lugar. El peso es la fuerza con que la gravedad atrae ese cuerpo, P = m·g, y se mide en newtons: un mismo objeto pesa menos en la Luna que en la Tierra, pero su masa es la misma."),
+("¿Qué es la teoría de juegos?", "",
+ "La rama de las matemáticas que estudia decisiones estratégicas: situaciones en que el resultado para cada participante depende también de lo que hagan los demás. Un concepto central es el equilibrio de Nash, en el que ningún jugador mejora cambiando solo su propia estrategia."),
+("Calcula el 15 % de 240.", "",
+ "0,15 × 240 = 36."),
+("¿Cuál es la fórmula del interés compuesto?", "",
+ "C_n = C_0·(1 + i)ⁿ, donde C_0 es el capital inicial, i el tipo de interés por periodo y n el número de periodos."),
+]

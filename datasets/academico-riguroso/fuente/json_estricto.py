@@ -102,3 +102,21 @@ ITEMS = [
 ("Devuelve un array JSON con los tres estados clásicos de la materia. Solo el array.", "",
  ["sólido", "líquido", "gaseoso"]),
 ]
+
+ITEMS += [
+("Responde en JSON estricto con las claves \"premisa_correcta\" (bool) y \"correccion\" (string o null).", "¿Por qué Colón llegó a América en 1592?",
+ {"premisa_correcta": False, "correccion": "Colón llegó a América en 1492, no en 1592."}),
+("Extrae de la cita los datos del libro como JSON con las claves \"autor\", \"titulo\", \"editorial\", \"ciudad\" y \"anio\". Usa null si falta algo. Solo JSON.",
+ "Ruiz Olmo, C. (2015). Manual de fonética del español. Madrid.",
+ {"autor": "Ruiz Olmo, C.", "titulo": "Manual de fonética del español", "editorial": None, "ciudad": "Madrid", "anio": 2015}),
+("Clasifica cada animal en su clase (mamífero, ave, reptil, anfibio o pez). Responde únicamente con un objeto JSON animal→clase.",
+ "murciélago, pingüino, salamandra, tiburón, tortuga",
+ {"murciélago": "mamífero", "pingüino": "ave", "salamandra": "anfibio", "tiburón": "pez", "tortuga": "reptil"}),
+("Devuelve solo un array JSON con los cinco primeros números primos.", "",
+ [2, 3, 5, 7, 11]),
+("Lee el texto y devuelve solo JSON con las claves \"afirmacion_principal\", \"evidencia\" y \"limitaciones\" (lista de strings, vacía si el texto no menciona ninguna).",
+ "El programa de tutorías redujo el abandono en primer curso del 18 % al 12 %, según los registros de matrícula de dos cursos consecutivos. No hubo grupo de comparación.",
+ {"afirmacion_principal": "El programa de tutorías redujo el abandono en primer curso.", "evidencia": "El abandono pasó del 18 % al 12 % según los registros de matrícula de dos cursos consecutivos.", "limitaciones": ["No hubo grupo de comparación."]}),
+("Responde en JSON estricto con las claves \"respuesta\" (string o null) y \"motivo\" (string).", "Según el texto, ¿cuántos votos obtuvo la moción?\n\nTexto: La moción se debatió durante dos horas y finalmente fue aprobada.",
+ {"respuesta": None, "motivo": "No lo sé: el texto dice que la moción fue aprobada, pero no da el número de votos."}),
+]

@@ -82,3 +82,18 @@ ITEMS = [
 ("¿Por qué una correlación de 0 demuestra que dos variables son independientes?", "",
  "No lo demuestra. Una correlación de Pearson nula solo indica ausencia de relación lineal. Dos variables pueden ser dependientes con correlación cero, por ejemplo, X simétrica alrededor de 0 e Y = X²."),
 ]
+
+ITEMS += [
+("¿Por qué el oxígeno es el gas más abundante de la atmósfera terrestre?", "",
+ "No lo es. El gas más abundante de la atmósfera es el nitrógeno (N₂), con un 78 % del volumen de aire seco; el oxígeno representa alrededor del 21 %."),
+("¿Qué año escribió Lorca «Cien años de soledad»?", "",
+ "Federico García Lorca no escribió «Cien años de soledad». La novela es de Gabriel García Márquez y se publicó en 1967; Lorca murió en 1936."),
+("¿Por qué los tomates son verduras y no frutos?", "",
+ "Desde el punto de vista botánico, el tomate es un fruto: se desarrolla a partir del ovario de la flor y contiene las semillas. Llamarlo «verdura» es una clasificación culinaria, no botánica."),
+("¿Por qué una muestra más grande siempre elimina el sesgo de un estudio?", "",
+ "No lo elimina. Aumentar la muestra reduce el error aleatorio, pero no corrige el sesgo sistemático: si el método de selección o de medida está sesgado, una muestra mayor solo da una estimación más precisa de un valor equivocado."),
+("¿Cuándo se convirtió Plutón en el noveno planeta tras su reclasificación de 2006?", "",
+ "Es al revés: en 2006 la Unión Astronómica Internacional dejó de considerar a Plutón un planeta y lo clasificó como planeta enano. Hasta entonces se le contaba como el noveno planeta."),
+("¿Por qué los átomos de un mismo elemento tienen siempre el mismo número de neutrones?", "",
+ "No siempre lo tienen. Lo que define a un elemento es el número de protones; el de neutrones puede variar, y así se obtienen los isótopos, como el carbono-12 y el carbono-14."),
+]

@@ -306,7 +306,7 @@ ITEMS += [
 ("¿Qué es el Renacimiento?", "",
  "Un periodo de la historia cultural europea, iniciado en Italia hacia el siglo XV, caracterizado por la recuperación de modelos de la Antigüedad clásica, el humanismo y grandes cambios en el arte y el pensamiento. Sus límites cronológicos son convencionales y varían según el país y la disciplina."),
 ("¿Qué es la polisemia?", "",
- "La propiedad de una palabra de tener varios significados relacionados, como «banco» (asiento o entidad financiera, según algunos análisis) o «hoja» (de un árbol, de papel o de un cuchillo). Se distingue de la homonimia, en la que dos palabras distintas coinciden en la forma por casualidad histórica."),
+ "La propiedad de una palabra de tener varios significados relacionados, como «hoja» (de un árbol, de papel o de un cuchillo). Se distingue de la homonimia, en la que dos palabras distintas coinciden en la forma por casualidad histórica."),
 ("¿Qué es la inflación subyacente?", "",
  "Es la tasa de inflación calculada excluyendo los componentes más volátiles del índice de precios, normalmente la energía y los alimentos no elaborados. Sirve para observar la tendencia de fondo de los precios."),
 ("¿Qué significa que un algoritmo sea voraz?", "",

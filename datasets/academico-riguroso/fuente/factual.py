@@ -320,3 +320,28 @@ ITEMS += [
 ("¿Cuál es la fórmula del interés compuesto?", "",
  "C_n = C_0·(1 + i)ⁿ, donde C_0 es el capital inicial, i el tipo de interés por periodo y n el número de periodos."),
 ]
+
+# Personas y obras reales menos conocidas: contrapeso a las preguntas-trampa con nombres inventados,
+# para que el modelo no aprenda a responder «No lo sé» ante cualquier nombre poco frecuente.
+ITEMS += [
+("¿Quién fue Émilie du Châtelet?", "",
+ "Una matemática y física francesa del siglo XVIII. Su obra más conocida es la traducción al francés de los «Principia» de Newton, con comentarios propios, publicada de forma póstuma en 1759 y durante mucho tiempo la traducción francesa de referencia."),
+("¿Qué aportó Ada Lovelace a la informática?", "",
+ "En 1843 publicó unas extensas notas sobre la máquina analítica de Charles Babbage que incluían un procedimiento para calcular números de Bernoulli, considerado a menudo el primer programa publicado. También intuyó que una máquina así podría manipular símbolos, no solo números."),
+("¿Qué afirma el teorema de Noether?", "",
+ "Demostrado por Emmy Noether en 1918, afirma que a cada simetría continua de un sistema físico descrito por una acción le corresponde una magnitud conservada. Por ejemplo, la invariancia bajo traslaciones en el tiempo implica la conservación de la energía."),
+("¿Quién fue Srinivasa Ramanujan?", "",
+ "Un matemático indio (1887-1920), en gran parte autodidacta, que hizo aportaciones notables a la teoría de números, las series y las fracciones continuas. Trabajó en Cambridge con G. H. Hardy a partir de 1914."),
+("¿Qué importancia tiene la gramática de Nebrija?", "",
+ "Antonio de Nebrija publicó en 1492 la «Gramática de la lengua castellana», una de las primeras gramáticas impresas de una lengua vulgar europea. Hasta entonces, la gramática se ocupaba sobre todo del latín."),
+("¿Quién fue Hipatia de Alejandría?", "",
+ "Una matemática, astrónoma y filósofa neoplatónica que enseñó en Alejandría y murió asesinada en el año 415. No se conserva ninguna obra suya de forma segura; lo que sabemos de ella procede sobre todo de fuentes de otros autores."),
+("¿Qué relación tiene al-Juarismi con las palabras «algoritmo» y «álgebra»?", "",
+ "Al-Juarismi fue un matemático persa del siglo IX que trabajó en Bagdad. La palabra «algoritmo» deriva de la forma latinizada de su nombre, y «álgebra» procede de «al-jabr», término del título de su tratado sobre la resolución de ecuaciones."),
+("¿Qué papel tuvo Lise Meitner en el descubrimiento de la fisión nuclear?", "",
+ "Junto con Otto Frisch, dio a finales de 1938 y comienzos de 1939 la primera interpretación teórica de los resultados experimentales de Otto Hahn y Fritz Strassmann como fisión del núcleo de uranio. El Nobel de Química de 1944 se concedió solo a Hahn, una omisión muy discutida."),
+("¿Qué es el «Diccionario de uso del español» de María Moliner?", "",
+ "Es un diccionario elaborado casi en solitario por la bibliotecaria y lexicógrafa María Moliner y publicado en 1966-1967. Se distingue por sus definiciones, sinónimos y orientaciones de uso, pensadas para quien escribe en español."),
+("¿Qué es la «Muqaddima» de Ibn Jaldún?", "",
+ "Es la introducción, terminada en 1377, a la historia universal del pensador norteafricano Ibn Jaldún. En ella analiza el auge y la decadencia de los Estados y la cohesión de los grupos sociales, y se la considera un precedente de la sociología y de la historiografía moderna."),
+]

@@ -1,1 +1,12 @@
-//! afinar-trainer
+//! afinar-trainer: the SFT loop (AdamW, schedules, gradient accumulation, clipping, eval), exact-resume
+//! checkpoints, metrics and plots, and the library side of the `afinar` CLI.
+
+pub mod checkpoint;
+pub mod config;
+pub mod metrics;
+pub mod plot;
+pub mod progress;
+pub mod schedule;
+pub mod signal;
+
+pub use config::{Config, ConfigError};

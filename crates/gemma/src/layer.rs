@@ -1,1 +1,343 @@
-//! Per-layer forward and backward (filled in next).
+//! One Gemma-2 decoder layer: forward (saving what the backward needs) and the hand-written backward.
+//!
+//! Shapes (N = B·T rows, H hidden, QD = NH·D, KD = NKV·D, I intermediate, R LoRA rank):
+//! ```text
+//!   x [N,H] ─ rmsnorm(in) → xn1 [N,H] ─┬ q_proj → q [N,QD] ─ rope ┐
+//!                                      ├ k_proj → k [N,KD] ─ rope ├ attn → ao [N,QD] ─ o_proj → o [N,H]
+//!                                      └ v_proj → v [N,KD] ───────┘
+//!   h1 = x + rmsnorm(post_attn)(o)                                                       h1 [N,H]
+//!   xn2 = rmsnorm(pre_ff)(h1) ─ gate_proj → g [N,I], up_proj → u [N,I]; a = gelu_tanh(g)·u [N,I]
+//!   d = down_proj(a) [N,H];  out = h1 + rmsnorm(post_ff)(d)
+//! ```
+//! The backward runs the same graph in reverse. Residual gradients are summed with `axpy`; LoRA gradients
+//! (and, in full fine-tuning, norm and dense-weight gradients) ACCUMULATE into `Grads`.
+
+use afinar_kernels::{Accum, AttnShape, Backend, LoraGradRef, LoraRef};
+
+use crate::config::Gemma2Config;
+use crate::error::{GemmaError, Result};
+use crate::lora::{dropout_mask, Target};
+use crate::model::{Grads, Layer, Linear, LinearBase, NormKind, ParamId};
+
+/// Per-call context shared by all layers of one pass.
+pub(crate) struct Ctx<'a, B: Backend> {
+    pub backend: &'a B,
+    pub cfg: &'a Gemma2Config,
+    /// Rows B and T (N = B·T).
+    pub b: usize,
+    pub t: usize,
+    /// RoPE positions [N].
+    pub pos: &'a B::Ids,
+    /// Packed-sample ids [N] (None = one sample per row).
+    pub seg: Option<&'a B::Ids>,
+    /// LoRA dropout active (training) and its seed.
+    pub train: bool,
+    pub dropout_seed: u64,
+}
+
+impl<B: Backend> Ctx<'_, B> {
+    fn n(&self) -> usize {
+        self.b * self.t
+    }
+
+    fn attn_shape(&self, layer: usize) -> AttnShape {
+        AttnShape {
+            b: self.b,
+            t: self.t,
+            tk: self.t,
+            nh: self.cfg.num_attention_heads,
+            nkv: self.cfg.num_key_value_heads,
+            d: self.cfg.head_dim,
+            scale: self.cfg.attn_scale(),
+            softcap: self.cfg.attn_logit_softcapping.map(|c| c as f32),
+            window: self.cfg.window(layer),
+        }
+    }
+
+    fn eps(&self) -> f32 {
+        self.cfg.rms_norm_eps as f32
+    }
+}
+
+/// What one linear's forward saved: the LoRA activation xa = drop(x)·Aᵀ [N,R] and the dropout mask [N,in].
+#[derive(Default)]
+pub(crate) struct LinSaved<B: Backend> {
+    xa: Option<B::Buf>,
+    mask: Option<B::Buf>,
+}
+
+/// Everything the layer backward reads (the layer input x is kept by the caller).
+pub(crate) struct LayerActs<B: Backend> {
+    xn1: B::Buf,
+    rstd1: B::Buf,
+    /// q and k after RoPE (what attention saw).
+    q: B::Buf,
+    k: B::Buf,
+    v: B::Buf,
+    ao: B::Buf,
+    lse: B::Buf,
+    o: B::Buf,
+    rstd2: B::Buf,
+    h1: B::Buf,
+    xn2: B::Buf,
+    rstd3: B::Buf,
+    gate: B::Buf,
+    up: B::Buf,
+    act: B::Buf,
+    d: B::Buf,
+    rstd4: B::Buf,
+    lin: [LinSaved<B>; 7],
+}
+
+/// y [N,out] = x [N,in]·Wᵀ (+ LoRA). Returns what the backward needs.
+fn linear_fwd<B: Backend>(ctx: &Ctx<'_, B>, lin: &Linear<B>, layer: usize, x: &B::Buf, y: &mut B::Buf) -> Result<LinSaved<B>> {
+    let be = ctx.backend;
+    let m = ctx.n();
+    let Some(lo) = &lin.lora else {
+        be.lora_fwd(x, lin.weight(), None, y, None, m, lin.in_features, lin.out_features)?;
+        return Ok(LinSaved { xa: None, mask: None });
+    };
+    let mask = if ctx.train && lo.dropout > 0.0 {
+        Some(be.from_host(&dropout_mask(ctx.dropout_seed, layer, lin.target, lo.dropout, m * lin.in_features))?)
+    } else {
+        None
+    };
+    let mut xa = be.zeros(m * lo.r)?;
+    let lref = LoraRef { a: &lo.a, b: &lo.b, r: lo.r, scale: lo.scale, mask: mask.as_ref() };
+    be.lora_fwd(x, lin.weight(), Some(lref), y, Some(&mut xa), m, lin.in_features, lin.out_features)?;
+    Ok(LinSaved { xa: Some(xa), mask })
+}
+
+/// Two distinct gradient buffers at once (LoRA A and B).
+fn two_mut<'g, B: Backend>(grads: &'g mut Grads<B>, a: ParamId, b: ParamId) -> Result<(&'g mut B::Buf, &'g mut B::Buf)> {
+    let missing = |id: ParamId| GemmaError::Invalid(format!("gradients have no slot for `{}` (made for another model?)", id.name()));
+    let ia = grads.position(a).ok_or_else(|| missing(a))?;
+    let ib = grads.position(b).ok_or_else(|| missing(b))?;
+    let bufs = grads.bufs_mut();
+    if ia < ib {
+        let (lo, hi) = bufs.split_at_mut(ib);
+        Ok((&mut lo[ia], &mut hi[0]))
+    } else if ib < ia {
+        let (lo, hi) = bufs.split_at_mut(ia);
+        Ok((&mut hi[0], &mut lo[ib]))
+    } else {
+        Err(GemmaError::Invalid(format!("`{}` and `{}` share a gradient slot", a.name(), b.name())))
+    }
+}
+
+/// Backward of `linear_fwd`: dx (= or +=) ∂/∂x; LoRA dA, dB and (full fine-tuning) dW accumulate into `grads`.
+#[allow(clippy::too_many_arguments)]
+fn linear_bwd<B: Backend>(
+    ctx: &Ctx<'_, B>,
+    lin: &Linear<B>,
+    layer: usize,
+    saved: &LinSaved<B>,
+    x: &B::Buf,
+    dy: &B::Buf,
+    dx: &mut B::Buf,
+    dx_acc: Accum,
+    grads: &mut Grads<B>,
+    full: bool,
+) -> Result<()> {
+    let be = ctx.backend;
+    let (m, k, n) = (ctx.n(), lin.in_features, lin.out_features);
+    let target = lin.target;
+    match (&lin.lora, &saved.xa) {
+        (Some(lo), Some(xa)) => {
+            let (da, db) = two_mut(grads, ParamId::LoraA { layer, target }, ParamId::LoraB { layer, target })?;
+            let g = LoraGradRef { a: &lo.a, b: &lo.b, r: lo.r, scale: lo.scale, mask: saved.mask.as_ref(), xa, da, db };
+            be.lora_bwd(dy, x, lin.weight(), Some(g), dx, dx_acc, m, k, n)?;
+        }
+        (None, _) => be.lora_bwd(dy, x, lin.weight(), None, dx, dx_acc, m, k, n)?,
+        (Some(_), None) => {
+            return Err(GemmaError::Invalid(format!("{}: LoRA activation was not saved by the forward", target.module_path(layer))))
+        }
+    }
+    if full {
+        if let LinearBase::Dense(_) = lin.base {
+            let id = ParamId::Weight { layer, target };
+            let dw = grads
+                .get_mut(id)
+                .ok_or_else(|| GemmaError::Invalid(format!("gradients have no slot for `{}`", id.name())))?;
+            be.matmul_dytx(dy, x, dw, m, k, n, Accum::Add)?;
+        }
+    }
+    Ok(())
+}
+
+/// Forward of layer `li` on x [N,H]; writes out [N,H] and returns the saved activations.
+pub(crate) fn layer_fwd<B: Backend>(ctx: &Ctx<'_, B>, layer: &Layer<B>, li: usize, x: &B::Buf, out: &mut B::Buf) -> Result<LayerActs<B>> {
+    let be = ctx.backend;
+    let cfg = ctx.cfg;
+    let n = ctx.n();
+    let (h, qd, kd, i) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
+    let eps = ctx.eps();
+    let theta = cfg.rope_theta as f32;
+    let lin = |t: Target| layer.linear(t);
+
+    // Attention block.
+    let mut xn1 = be.zeros(n * h)?;
+    let mut rstd1 = be.zeros(n)?;
+    be.rmsnorm_fwd(x, layer.norm(NormKind::Input), &mut xn1, &mut rstd1, n, h, eps)?;
+    let mut q = be.zeros(n * qd)?;
+    let mut k = be.zeros(n * kd)?;
+    let mut v = be.zeros(n * kd)?;
+    let sq = linear_fwd(ctx, lin(Target::QProj), li, &xn1, &mut q)?;
+    let sk = linear_fwd(ctx, lin(Target::KProj), li, &xn1, &mut k)?;
+    let sv = linear_fwd(ctx, lin(Target::VProj), li, &xn1, &mut v)?;
+    be.rope(&mut q, ctx.pos, n, cfg.num_attention_heads, cfg.head_dim, theta, false)?;
+    be.rope(&mut k, ctx.pos, n, cfg.num_key_value_heads, cfg.head_dim, theta, false)?;
+    let shape = ctx.attn_shape(li);
+    let mut ao = be.zeros(n * qd)?;
+    let mut lse = be.zeros(ctx.b * cfg.num_attention_heads * ctx.t)?;
+    be.attn_fwd(&q, &k, &v, ctx.seg, &mut ao, &mut lse, &shape)?;
+    let mut o = be.zeros(n * h)?;
+    let so = linear_fwd(ctx, lin(Target::OProj), li, &ao, &mut o)?;
+    // h1 = x + post_attention_layernorm(o); `on` is reused as the buffer for h1.
+    let mut h1 = be.zeros(n * h)?;
+    let mut rstd2 = be.zeros(n)?;
+    be.rmsnorm_fwd(&o, layer.norm(NormKind::PostAttention), &mut h1, &mut rstd2, n, h, eps)?;
+    be.axpy(1.0, x, &mut h1)?;
+
+    // MLP block.
+    let mut xn2 = be.zeros(n * h)?;
+    let mut rstd3 = be.zeros(n)?;
+    be.rmsnorm_fwd(&h1, layer.norm(NormKind::PreFeedforward), &mut xn2, &mut rstd3, n, h, eps)?;
+    let mut gate = be.zeros(n * i)?;
+    let mut up = be.zeros(n * i)?;
+    let sg = linear_fwd(ctx, lin(Target::GateProj), li, &xn2, &mut gate)?;
+    let su = linear_fwd(ctx, lin(Target::UpProj), li, &xn2, &mut up)?;
+    let mut act = be.zeros(n * i)?;
+    be.geglu_fwd(&gate, &up, &mut act)?;
+    let mut d = be.zeros(n * h)?;
+    let sd = linear_fwd(ctx, lin(Target::DownProj), li, &act, &mut d)?;
+    let mut rstd4 = be.zeros(n)?;
+    be.rmsnorm_fwd(&d, layer.norm(NormKind::PostFeedforward), out, &mut rstd4, n, h, eps)?;
+    be.axpy(1.0, &h1, out)?;
+
+    Ok(LayerActs {
+        xn1,
+        rstd1,
+        q,
+        k,
+        v,
+        ao,
+        lse,
+        o,
+        rstd2,
+        h1,
+        xn2,
+        rstd3,
+        gate,
+        up,
+        act,
+        d,
+        rstd4,
+        lin: [sq, sk, sv, so, sg, su, sd],
+    })
+}
+
+/// Gradient sink of one norm: Some(buffer) in full fine-tuning, None for a frozen norm.
+fn norm_grad<B: Backend>(grads: &mut Grads<B>, id: ParamId, full: bool) -> Result<Option<&mut B::Buf>> {
+    if !full {
+        return Ok(None);
+    }
+    grads
+        .get_mut(id)
+        .map(Some)
+        .ok_or_else(|| GemmaError::Invalid(format!("gradients have no slot for `{}`", id.name())))
+}
+
+/// Backward of layer `li`: given dout = ∂L/∂out [N,H], writes dx = ∂L/∂x [N,H] and accumulates parameter
+/// gradients. `x` is the layer input and `a` what `layer_fwd` saved for it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn layer_bwd<B: Backend>(
+    ctx: &Ctx<'_, B>,
+    layer: &Layer<B>,
+    li: usize,
+    x: &B::Buf,
+    a: &LayerActs<B>,
+    dout: &B::Buf,
+    dx: &mut B::Buf,
+    grads: &mut Grads<B>,
+    full: bool,
+) -> Result<()> {
+    let be = ctx.backend;
+    let cfg = ctx.cfg;
+    let n = ctx.n();
+    let (h, qd, kd, i) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
+    let theta = cfg.rope_theta as f32;
+    let lin = |t: Target| layer.linear(t);
+    let nid = |kind: NormKind| ParamId::Norm { layer: li, kind };
+
+    // out = h1 + postff_norm(d): dh1 = dout + (path through the MLP), dd = postff_norm'(dout).
+    let mut dd = be.zeros(n * h)?;
+    be.rmsnorm_bwd(
+        dout,
+        &a.d,
+        layer.norm(NormKind::PostFeedforward),
+        &a.rstd4,
+        &mut dd,
+        norm_grad(grads, nid(NormKind::PostFeedforward), full)?,
+        n,
+        h,
+    )?;
+    let mut dact = be.zeros(n * i)?;
+    linear_bwd(ctx, lin(Target::DownProj), li, &a.lin[6], &a.act, &dd, &mut dact, Accum::Overwrite, grads, full)?;
+    drop(dd);
+    let mut dgate = be.zeros(n * i)?;
+    let mut dup = be.zeros(n * i)?;
+    be.geglu_bwd(&dact, &a.gate, &a.up, &mut dgate, &mut dup)?;
+    drop(dact);
+    let mut dxn2 = be.zeros(n * h)?;
+    linear_bwd(ctx, lin(Target::GateProj), li, &a.lin[4], &a.xn2, &dgate, &mut dxn2, Accum::Overwrite, grads, full)?;
+    linear_bwd(ctx, lin(Target::UpProj), li, &a.lin[5], &a.xn2, &dup, &mut dxn2, Accum::Add, grads, full)?;
+    drop((dgate, dup));
+    // dh1 = dout + preff_norm'(dxn2)
+    let mut dh1 = be.zeros(n * h)?;
+    be.rmsnorm_bwd(
+        &dxn2,
+        &a.h1,
+        layer.norm(NormKind::PreFeedforward),
+        &a.rstd3,
+        &mut dh1,
+        norm_grad(grads, nid(NormKind::PreFeedforward), full)?,
+        n,
+        h,
+    )?;
+    be.axpy(1.0, dout, &mut dh1)?;
+    drop(dxn2);
+
+    // h1 = x + postattn_norm(o).
+    let mut d_o = be.zeros(n * h)?;
+    be.rmsnorm_bwd(
+        &dh1,
+        &a.o,
+        layer.norm(NormKind::PostAttention),
+        &a.rstd2,
+        &mut d_o,
+        norm_grad(grads, nid(NormKind::PostAttention), full)?,
+        n,
+        h,
+    )?;
+    let mut dao = be.zeros(n * qd)?;
+    linear_bwd(ctx, lin(Target::OProj), li, &a.lin[3], &a.ao, &d_o, &mut dao, Accum::Overwrite, grads, full)?;
+    drop(d_o);
+    let mut dq = be.zeros(n * qd)?;
+    let mut dk = be.zeros(n * kd)?;
+    let mut dv = be.zeros(n * kd)?;
+    be.attn_bwd(&a.q, &a.k, &a.v, ctx.seg, &a.ao, &a.lse, &dao, &mut dq, &mut dk, &mut dv, &ctx.attn_shape(li))?;
+    drop(dao);
+    // RoPE is an orthogonal rotation per (token, head): its backward rotates the gradient by −angle.
+    be.rope(&mut dq, ctx.pos, n, cfg.num_attention_heads, cfg.head_dim, theta, true)?;
+    be.rope(&mut dk, ctx.pos, n, cfg.num_key_value_heads, cfg.head_dim, theta, true)?;
+    let mut dxn1 = be.zeros(n * h)?;
+    linear_bwd(ctx, lin(Target::QProj), li, &a.lin[0], &a.xn1, &dq, &mut dxn1, Accum::Overwrite, grads, full)?;
+    linear_bwd(ctx, lin(Target::KProj), li, &a.lin[1], &a.xn1, &dk, &mut dxn1, Accum::Add, grads, full)?;
+    linear_bwd(ctx, lin(Target::VProj), li, &a.lin[2], &a.xn1, &dv, &mut dxn1, Accum::Add, grads, full)?;
+    drop((dq, dk, dv));
+    // dx = dh1 + input_norm'(dxn1)
+    be.rmsnorm_bwd(&dxn1, x, layer.norm(NormKind::Input), &a.rstd1, dx, norm_grad(grads, nid(NormKind::Input), full)?, n, h)?;
+    be.axpy(1.0, &dh1, dx)?;
+    Ok(())
+}

@@ -8,11 +8,13 @@
 //!
 //! Semantics are Hugging Face transformers' eager Gemma-2; names mirror HF and peft exactly.
 
+pub mod bnb;
 pub mod config;
 pub mod error;
 pub mod layer;
 pub mod lora;
 pub mod model;
+pub mod peft;
 pub mod safetensors_io;
 
 pub use config::{Gemma2Config, LayerType, QuantizationConfig};

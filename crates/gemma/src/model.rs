@@ -8,13 +8,16 @@
 //! The per-layer math (forward, backward, recompute) lives in `layer.rs`; this file owns the parameters,
 //! their names, the gradient container and the whole-model passes.
 
+use std::path::Path;
 use std::sync::Arc;
 
-use afinar_kernels::{Backend, Nf4Tensor};
+use afinar_kernels::{Accum, Backend, Nf4Tensor};
 
 use crate::config::Gemma2Config;
 use crate::error::{GemmaError, Result};
+use crate::layer::{layer_bwd, layer_fwd, Ctx};
 use crate::lora::{LoraConfig, Target};
+use crate::safetensors_io::TensorStore;
 
 // ---------------------------------------------------------------------------------------------------
 // Weights
@@ -361,6 +364,14 @@ impl<B: Backend> Grads<B> {
         self.ids.iter().position(|&i| i == id).map(move |i| &mut self.bufs[i])
     }
 
+    pub(crate) fn position(&self, id: ParamId) -> Option<usize> {
+        self.ids.iter().position(|&i| i == id)
+    }
+
+    pub(crate) fn bufs_mut(&mut self) -> &mut [B::Buf] {
+        &mut self.bufs
+    }
+
     /// Copies one gradient to the host.
     pub fn to_host(&self, id: ParamId) -> Result<Vec<f32>> {
         let b = self.get(id).ok_or_else(|| GemmaError::Invalid(format!("no gradient for `{}`", id.name())))?;
@@ -582,5 +593,343 @@ impl<B: Backend> Gemma2Model<B> {
                 Ok(self.backend.to_host(&out)?)
             }
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Building: from a checkpoint directory, from a tensor store, or random
+// ---------------------------------------------------------------------------------------------------
+
+/// Source of base weights for `Gemma2Model::build`.
+enum Source<'a> {
+    Store(&'a TensorStore),
+    /// Random init as transformers' `_init_weights`: N(0, std) for embedding and linears, 0 for norm offsets.
+    Random { seed: u64, std: f64 },
+}
+
+/// Standard normal sample by Box–Muller (rand 0.9 has no normal distribution without rand_distr).
+fn normal_vec(rng: &mut rand_chacha::ChaCha8Rng, len: usize, std: f64) -> Vec<f32> {
+    use rand::Rng;
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+        let u2: f64 = rng.random::<f64>();
+        let r = (-2.0 * u1.ln()).sqrt() * std;
+        let th = std::f64::consts::TAU * u2;
+        out.push((r * th.cos()) as f32);
+        if out.len() < len {
+            out.push((r * th.sin()) as f32);
+        }
+    }
+    out
+}
+
+impl<'a> Source<'a> {
+    /// The f32 values of `name` with shape `shape`.
+    fn fetch(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        match self {
+            Source::Store(s) => s.read_f32_shaped(name, shape),
+            Source::Random { seed, std } => {
+                use rand::SeedableRng;
+                let numel = shape.iter().product();
+                if name.ends_with("layernorm.weight") || name == "model.norm.weight" {
+                    return Ok(vec![0.0; numel]);
+                }
+                // One independent stream per tensor name, so adding layers does not reshuffle the others.
+                let key = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ key);
+                Ok(normal_vec(&mut rng, numel, *std))
+            }
+        }
+    }
+}
+
+impl<B: Backend> Gemma2Model<B> {
+    /// Loads a Hugging Face model directory (config.json + model.safetensors or sharded safetensors with
+    /// an index). Weights are converted to f32 and moved to the backend one tensor at a time (layer by
+    /// layer), and target linears are quantized to NF4 on the fly when `opts.quantize` asks for it, so
+    /// peak host memory stays near one layer's f32 weights on top of the memory-mapped files.
+    /// Pre-quantized bitsandbytes 4-bit linears (`*.weight.absmax` present) are read directly as NF4.
+    pub fn load(backend: Arc<B>, dir: impl AsRef<Path>, opts: &LoadOptions) -> Result<Self> {
+        let dir = dir.as_ref();
+        let config = Gemma2Config::from_file(crate::config::config_path(dir))?;
+        let store = TensorStore::open_dir(dir)?;
+        Self::from_store(backend, config, &store, opts)
+    }
+
+    /// Builds the model from an open tensor store.
+    pub fn from_store(backend: Arc<B>, config: Gemma2Config, store: &TensorStore, opts: &LoadOptions) -> Result<Self> {
+        Self::build(backend, config, Source::Store(store), opts)
+    }
+
+    /// A randomly initialised model (embedding and linears N(0, 0.02), norm offsets 0), for pretraining the
+    /// demo model, tests and benchmarks. Deterministic in `opts.seed`.
+    pub fn random(backend: Arc<B>, config: Gemma2Config, opts: &LoadOptions) -> Result<Self> {
+        let std = config.raw.get("initializer_range").and_then(serde_json::Value::as_f64).unwrap_or(0.02);
+        Self::build(backend, config, Source::Random { seed: opts.seed, std }, opts)
+    }
+
+    fn build(backend: Arc<B>, config: Gemma2Config, src: Source<'_>, opts: &LoadOptions) -> Result<Self> {
+        if opts.full_finetune && opts.quantize != Quantization::None {
+            return Err(GemmaError::Invalid(
+                "full fine-tuning needs dense weights: use Quantization::None (NF4 bases are frozen)".into(),
+            ));
+        }
+        let cfg = &config;
+        let h = cfg.hidden_size;
+        let nl = cfg.num_hidden_layers;
+        let bar = progress_bar(opts.progress, nl as u64 + 2);
+
+        let embed_tokens = backend.from_host(&src.fetch("model.embed_tokens.weight", &[cfg.vocab_size, h])?)?;
+        bar.inc(1);
+        let mut layers = Vec::with_capacity(nl);
+        for li in 0..nl {
+            let norm = |kind: NormKind| -> Result<B::Buf> {
+                let name = ParamId::Norm { layer: li, kind }.name();
+                Ok(backend.from_host(&src.fetch(&name, &[h])?)?)
+            };
+            let norms = [norm(NormKind::Input)?, norm(NormKind::PostAttention)?, norm(NormKind::PreFeedforward)?, norm(NormKind::PostFeedforward)?];
+            let mut lins = Vec::with_capacity(7);
+            for target in Target::ALL {
+                lins.push(build_linear(&*backend, cfg, &src, opts, li, target)?);
+            }
+            let linears: [Linear<B>; 7] = lins
+                .try_into()
+                .map_err(|_| GemmaError::Invalid("internal: a layer must have exactly seven linears".into()))?;
+            layers.push(Layer { norms, linears });
+            bar.inc(1);
+        }
+        let norm = backend.from_host(&src.fetch("model.norm.weight", &[h])?)?;
+        bar.inc(1);
+        bar.finish_and_clear();
+        Ok(Gemma2Model {
+            backend,
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lora: opts.lora.clone(),
+            full_finetune: opts.full_finetune,
+            checkpointing: false,
+        })
+    }
+}
+
+/// Loads one linear: pre-quantized NF4 as is, else f32 → (optionally) NF4; adds LoRA factors when targeted.
+fn build_linear<B: Backend>(
+    backend: &B,
+    cfg: &Gemma2Config,
+    src: &Source<'_>,
+    opts: &LoadOptions,
+    layer: usize,
+    target: Target,
+) -> Result<Linear<B>> {
+    let (out_f, in_f) = target.dims(cfg);
+    let name = ParamId::Weight { layer, target }.name();
+    let prequant = match src {
+        Source::Store(s) => crate::bnb::is_bnb_4bit(s, &name),
+        Source::Random { .. } => false,
+    };
+    let base = if prequant {
+        let Source::Store(s) = src else {
+            return Err(GemmaError::Invalid("internal: pre-quantized weight without a store".into()));
+        };
+        if opts.full_finetune {
+            return Err(GemmaError::Invalid(format!(
+                "`{name}` is a pre-quantized bitsandbytes 4-bit weight; full fine-tuning needs a dense checkpoint"
+            )));
+        }
+        let w = crate::bnb::read_bnb_nf4(s, &name, &[out_f, in_f])?;
+        LinearBase::Nf4(backend.nf4_from_host(&w.tensor)?)
+    } else {
+        let data = src.fetch(&name, &[out_f, in_f])?;
+        match opts.quantize {
+            Quantization::None => LinearBase::Dense(backend.from_host(&data)?),
+            Quantization::Nf4 { double_quant } => {
+                let q = afinar_kernels::nf4::quantize(&data, &[out_f, in_f], double_quant)?;
+                LinearBase::Nf4(backend.nf4_from_host(&q)?)
+            }
+        }
+    };
+    let lora = match &opts.lora {
+        Some(lc) if lc.targets_contains(target) => Some(LoraWeights {
+            a: backend.from_host(&crate::lora::init_a(opts.seed, layer, target, lc.r, in_f))?,
+            b: backend.zeros(out_f * lc.r)?,
+            r: lc.r,
+            scale: lc.scale(),
+            dropout: lc.dropout,
+        }),
+        _ => None,
+    };
+    Ok(Linear { target, out_features: out_f, in_features: in_f, base, lora })
+}
+
+/// A progress bar on stderr when asked for and stderr is a terminal; hidden otherwise.
+fn progress_bar(enabled: bool, len: u64) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if enabled && std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new(len);
+        if let Ok(style) = indicatif::ProgressStyle::with_template("loading {bar:40} {pos}/{len} layers {elapsed}") {
+            bar.set_style(style);
+        }
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Passes
+// ---------------------------------------------------------------------------------------------------
+
+/// A batch uploaded to the backend.
+struct DeviceBatch<B: Backend> {
+    ids: B::Ids,
+    pos: B::Ids,
+    seg: Option<B::Ids>,
+    targets: B::Ids,
+}
+
+impl<B: Backend> Gemma2Model<B> {
+    fn upload(&self, batch: &Batch) -> Result<DeviceBatch<B>> {
+        batch.validate(self.config.vocab_size)?;
+        let be = &*self.backend;
+        Ok(DeviceBatch {
+            ids: be.ids_from_host(&batch.input_ids)?,
+            pos: be.ids_from_host(&batch.positions)?,
+            seg: batch.segment_ids.as_ref().map(|s| be.ids_from_host(s)).transpose()?,
+            targets: be.ids_from_host(&batch.targets)?,
+        })
+    }
+
+    fn ctx<'a>(&'a self, batch: &Batch, dev: &'a DeviceBatch<B>, train: bool) -> Ctx<'a, B> {
+        Ctx {
+            backend: &*self.backend,
+            cfg: &self.config,
+            b: batch.b,
+            t: batch.t,
+            pos: &dev.pos,
+            seg: dev.seg.as_ref(),
+            train,
+            dropout_seed: batch.dropout_seed,
+        }
+    }
+
+    /// Embedding and all layers in inference mode (no dropout, nothing kept): the final hidden state
+    /// after the final norm [N,H].
+    fn final_hidden(&self, batch: &Batch, dev: &DeviceBatch<B>) -> Result<B::Buf> {
+        let be = &*self.backend;
+        let ctx = self.ctx(batch, dev, false);
+        let (n, h) = (batch.tokens(), self.config.hidden_size);
+        let mut x = be.zeros(n * h)?;
+        be.embedding_fwd(&dev.ids, &self.embed_tokens, &mut x, self.config.vocab_size, h, self.config.embed_scale())?;
+        let mut next = be.zeros(n * h)?;
+        for (li, layer) in self.layers.iter().enumerate() {
+            layer_fwd(&ctx, layer, li, &x, &mut next)?;
+            std::mem::swap(&mut x, &mut next);
+        }
+        let mut rstd = be.zeros(n)?;
+        be.rmsnorm_fwd(&x, &self.norm, &mut next, &mut rstd, n, h, self.config.rms_norm_eps as f32)?;
+        Ok(next)
+    }
+
+    /// Logits [B·T, V] (row-major, after the final soft-cap, as transformers returns them). For tests and
+    /// evaluation on small batches only: training never builds [N,V].
+    pub fn logits(&self, batch: &Batch) -> Result<Vec<f32>> {
+        let dev = self.upload(batch)?;
+        let xf = self.final_hidden(batch, &dev)?;
+        let be = &*self.backend;
+        let (n, h, v) = (batch.tokens(), self.config.hidden_size, self.config.vocab_size);
+        let mut logits = be.zeros(n * v)?;
+        be.matmul_xwt(&xf, &self.embed_tokens, &mut logits, n, h, v, Accum::Overwrite)?;
+        if let Some(c) = self.config.final_logit_softcapping {
+            be.softcap_fwd(&mut logits, c as f32)?;
+        }
+        Ok(be.to_host(&logits)?)
+    }
+
+    /// (Σ cross-entropy over scored targets, number of scored targets), inference mode, no gradients.
+    /// Mean loss = Σ / count (what transformers returns for one batch).
+    pub fn loss(&self, batch: &Batch) -> Result<(f64, usize)> {
+        let dev = self.upload(batch)?;
+        let xf = self.final_hidden(batch, &dev)?;
+        let (n, h, v) = (batch.tokens(), self.config.hidden_size, self.config.vocab_size);
+        let cap = self.config.final_logit_softcapping.map(|c| c as f32);
+        Ok(self.backend.lm_head_ce(&xf, &self.embed_tokens, &dev.targets, n, h, v, cap, 1.0, None, None)?)
+    }
+
+    /// Forward and backward of one micro-batch in training mode (LoRA dropout on, masks from
+    /// `batch.dropout_seed`). Adds grad_scale·∂(Σ loss)/∂θ into `grads` for every trainable θ (gradients
+    /// ACCUMULATE; zero them after each optimizer step) and returns (Σ loss, scored count) of this batch.
+    ///
+    /// For "loss normalised by the trained tokens of the whole accumulation window", pass
+    /// grad_scale = 1 / (tokens in the window).
+    pub fn forward_backward(&self, batch: &Batch, grad_scale: f32, grads: &mut Grads<B>) -> Result<(f64, usize)> {
+        if grads.ids != self.trainable_ids() {
+            return Err(GemmaError::Invalid("gradients do not match this model's trainable parameters (made for another model?)".into()));
+        }
+        let dev = self.upload(batch)?;
+        let ctx = self.ctx(batch, &dev, true);
+        let be = &*self.backend;
+        let cfg = &self.config;
+        let (n, h, v) = (batch.tokens(), cfg.hidden_size, cfg.vocab_size);
+        let full = self.full_finetune;
+        let eps = cfg.rms_norm_eps as f32;
+
+        // Forward: xs[l] is the input of layer l (xs[L] the last output). Without checkpointing the saved
+        // activations of every layer are kept; with it they are dropped and recomputed in the backward.
+        let mut xs: Vec<B::Buf> = Vec::with_capacity(self.layers.len() + 1);
+        let mut x0 = be.zeros(n * h)?;
+        be.embedding_fwd(&dev.ids, &self.embed_tokens, &mut x0, v, h, cfg.embed_scale())?;
+        xs.push(x0);
+        let mut acts = Vec::with_capacity(if self.checkpointing { 0 } else { self.layers.len() });
+        for (li, layer) in self.layers.iter().enumerate() {
+            let mut out = be.zeros(n * h)?;
+            let a = layer_fwd(&ctx, layer, li, &xs[li], &mut out)?;
+            if !self.checkpointing {
+                acts.push(a);
+            }
+            xs.push(out);
+        }
+        let last = &xs[self.layers.len()];
+        let mut xf = be.zeros(n * h)?;
+        let mut rstdf = be.zeros(n)?;
+        be.rmsnorm_fwd(last, &self.norm, &mut xf, &mut rstdf, n, h, eps)?;
+
+        // Fused LM head + soft-capped cross-entropy: ∂/∂xf, and ∂/∂emb (tied head) in full fine-tuning.
+        let cap = cfg.final_logit_softcapping.map(|c| c as f32);
+        let mut dxf = be.zeros(n * h)?;
+        let (sum, count) = {
+            let demb = if full { grads.get_mut(ParamId::Embed) } else { None };
+            be.lm_head_ce(&xf, &self.embed_tokens, &dev.targets, n, h, v, cap, grad_scale, Some(&mut dxf), demb)?
+        };
+        drop(xf);
+        let mut dh = be.zeros(n * h)?;
+        {
+            let dw = if full { grads.get_mut(ParamId::FinalNorm) } else { None };
+            be.rmsnorm_bwd(&dxf, last, &self.norm, &rstdf, &mut dh, dw, n, h)?;
+        }
+        drop(dxf);
+
+        // Backward through the layers, last to first.
+        let mut dnext = be.zeros(n * h)?;
+        for li in (0..self.layers.len()).rev() {
+            let layer = &self.layers[li];
+            let x = &xs[li];
+            if self.checkpointing {
+                let mut scratch = be.zeros(n * h)?;
+                let a = layer_fwd(&ctx, layer, li, x, &mut scratch)?;
+                layer_bwd(&ctx, layer, li, x, &a, &dh, &mut dnext, grads, full)?;
+            } else {
+                let a = acts.pop().ok_or_else(|| GemmaError::Invalid("internal: missing saved activations".into()))?;
+                layer_bwd(&ctx, layer, li, x, &a, &dh, &mut dnext, grads, full)?;
+            }
+            std::mem::swap(&mut dh, &mut dnext);
+        }
+        if full {
+            let demb = grads.get_mut(ParamId::Embed).ok_or_else(|| GemmaError::Invalid("gradients have no slot for the embedding".into()))?;
+            be.embedding_bwd(&dev.ids, &dh, demb, v, h, cfg.embed_scale())?;
+        }
+        Ok((sum, count))
     }
 }

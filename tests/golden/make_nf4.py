@@ -97,6 +97,56 @@ def classify(code, x, c_cpu, c_cuda):
     return f"CUDA f32 midpoint rounding (|x-cuda|={d_cuda:.3e} > |x-cpu|={d_cpu:.3e})"
 
 
+NF4_T = None
+
+
+def nf4_code(xn):
+    """Number of f32 NF4 midpoints strictly below xn."""
+    return int(np.sum(NF4_T < f32(xn)))
+
+
+def flips(amax, count, rng):
+    """Values x near code thresholds·amax for which x·(1/amax) and x/amax get DIFFERENT NF4 codes, so a
+    block built from them tells bitsandbytes' reciprocal-multiply rule (full blocks) from its division rule
+    (the partial last block)."""
+    out = []
+    inv = f32(f32(1.0) / amax)
+    for t in NF4_T:
+        c = f32(t * amax)
+        for k in range(-8, 9):
+            x = f32(np.nextafter(c, np.inf if k > 0 else -np.inf)) if k else c
+            for _ in range(abs(k) - 1):
+                x = f32(np.nextafter(x, np.inf if k > 0 else -np.inf))
+            if nf4_code(f32(x * inv)) != nf4_code(f32(x / amax)):
+                out.append(x)
+    assert len(out) >= 3, (amax, len(out))
+    rng.shuffle(out)
+    return out[:count]  # fewer when fewer exist
+
+
+def crafted_case():
+    global NF4_T
+    code = F.get_4bit_type("nf4", device="cpu").numpy().astype(f32)
+    NF4_T = np.array([f32(f32(code[i] + code[i + 1]) / f32(2)) for i in range(15)], f32)
+    rng = np.random.default_rng(7)
+    # Block 0: absmax exactly 1.0, so xn == x; every threshold exactly (a tie: must take the LOWER code),
+    # and one ulp either side of it.
+    b0 = [f32(1.0), f32(-1.0)] + list(NF4_T) + [np.nextafter(t, f32(np.inf)) for t in NF4_T] + \
+         [np.nextafter(t, f32(-np.inf)) for t in NF4_T]
+    b0 += list(rng.uniform(-1, 1, 64 - len(b0)).astype(f32))
+    # Block 1: absmax 1.7; values where reciprocal-multiply and division disagree.
+    a1 = f32(1.7)
+    b1 = [a1] + flips(a1, 30, rng)
+    b1 += list(rng.uniform(-1.6, 1.6, 64 - len(b1)).astype(f32))
+    # Partial block of 40: absmax 1.3; same kind of values.
+    a2 = f32(1.3)
+    b2 = [a2] + flips(a2, 20, rng)
+    b2 += list(rng.uniform(-1.2, 1.2, 40 - len(b2)).astype(f32))
+    x = np.array(b0 + b1 + b2, f32)
+    assert x.size == 168
+    return torch.from_numpy(x)
+
+
 def make_cases():
     cases = {}
     g = torch.Generator().manual_seed(20240601)
@@ -120,6 +170,8 @@ def make_cases():
     cases["zero_tail_100"] = x
     # One block only: the nested absmax is 0 (absmax - mean == 0).
     cases["one_block_48"] = torch.randn(3, 16, generator=g)
+    # Crafted ties and rounding traps (numel 168 = 2 full blocks + a partial block of 40), see crafted_case().
+    cases["crafted_ties_168"] = crafted_case()
     # More than 256 blocks: 300 blocks -> 2 nested blocks, the second one partial (44).
     cases["big_64x300"] = torch.randn(64, 300, generator=g)
     return cases

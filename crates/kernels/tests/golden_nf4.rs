@@ -315,6 +315,26 @@ fn edge_cases_documented_in_the_module() {
     let q = nf4::quantize(&fx.f32("ragged_odd_193.input"), &[193], false).unwrap();
     assert_eq!(q.packed.len(), 97);
     assert_eq!(q.packed[96] & 0x0f, 7);
+    // crafted_ties_168 makes the full-block rule (x·(1/absmax)) and the partial-block rule (x/absmax)
+    // observable: in blocks 1 and 2 some elements get different codes under the two rules, so the bit-exact
+    // comparison above would fail if either rule were swapped. Block 0 has absmax 1.0 and holds every
+    // threshold exactly (ties → lower code) — also checked above, bit for bit.
+    let x = fx.f32("crafted_ties_168.input");
+    for (lo, hi) in [(64, 128), (128, 168)] {
+        let amax = x[lo..hi].iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let inv = 1.0 / amax;
+        let flips = x[lo..hi]
+            .iter()
+            .filter(|&&v| nf4::nf4_code_of(v * inv) != nf4::nf4_code_of(v / amax))
+            .count();
+        assert!(
+            flips >= 3,
+            "block {lo}..{hi}: only {flips} elements tell the two rules apart"
+        );
+    }
+    for t in nf4::NF4_THRESHOLDS {
+        assert!(x[..64].contains(&t), "block 0 lacks the tie {t}");
+    }
     // A single block: the centered absmax is 0, so the nested absmax is 0 and the absmax decodes to offset.
     let q = nf4::quantize(&fx.f32("one_block_48.input"), &[3, 16], true).unwrap();
     let Absmax::Nested {

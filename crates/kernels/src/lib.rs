@@ -4,10 +4,12 @@
 //! This crate knows nothing of models: ops take flat buffers and the dimensions that give them shape.
 
 pub mod backend;
+pub mod cpu;
 pub mod error;
 pub mod nf4;
 pub mod tolerance;
 
+pub use cpu::Cpu;
 pub use backend::{clip_coef, Accum, AdamW, AttnShape, Backend, LoraGradRef, LoraRef, Weight};
 pub use error::{KernelError, Result};
 pub use nf4::{Absmax, Nf4Tensor};

@@ -1,0 +1,155 @@
+//! Cross-entropy over soft-capped logits, with the −100 ignore label.
+//!
+//! Contract: logits [N,V], labels [N] (already shifted by the caller; −100 = not scored).
+//! z = c·tanh(x/c) when a soft-cap c is given, else z = x. For a scored row with label y:
+//!   loss = log Σ_j exp(z_j) − z_y           (computed with max-subtraction, stable for |x| ~ 1e4)
+//! Returns (Σ loss over scored rows, in f64; number of scored rows).
+//! When `dlogits` [N,V] is given it is OVERWRITTEN with grad_scale·∂(Σ loss)/∂x (pre-cap logits):
+//!   ∂/∂z_j = softmax(z)_j − [j = y];  ∂/∂x_j = ∂/∂z_j·(1 − (z_j/c)²);  zero on ignored rows.
+//! `dlogits` may hold the same values as `logits` (see `cross_entropy_inplace`, used by the chunked
+//! LM head so no second [rows,V] buffer is needed).
+//!
+//! A label outside [0, V) other than −100 is an `Invalid` error, checked before anything is written.
+//! Rows run in parallel; per-row losses are summed in row order (deterministic).
+
+use rayon::prelude::*;
+
+use crate::cpu::softcap::check_cap;
+use crate::error::{check_len, ensure, KernelError, Result};
+
+/// The label of a token that is not scored.
+pub const IGNORE_INDEX: i32 = -100;
+
+pub(crate) fn check_labels(op: &'static str, labels: &[i32], v: usize) -> Result<()> {
+    match labels
+        .iter()
+        .enumerate()
+        .find(|(_, &y)| y != IGNORE_INDEX && (y < 0 || y as usize >= v))
+    {
+        Some((i, &y)) => Err(KernelError::Invalid {
+            op,
+            arg: "labels",
+            msg: format!("label {y} at row {i} is neither -100 nor inside the vocabulary [0, {v})"),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Loss of one row; when `grad` is given, overwrites `row` with grad_scale·∂loss/∂x.
+/// `row` holds the pre-cap logits on entry.
+#[inline]
+fn row_loss(row: &mut [f32], label: i32, softcap: Option<f32>, grad_scale: f32, grad: bool) -> f64 {
+    if label == IGNORE_INDEX {
+        if grad {
+            row.fill(0.0);
+        }
+        return 0.0;
+    }
+    if let Some(c) = softcap {
+        row.iter_mut()
+            .for_each(|x| *x = crate::cpu::softcap::softcap(*x, c));
+    }
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = row.iter().map(|&z| (z - max).exp()).sum();
+    let y = label as usize;
+    let loss = f64::from(sum.ln()) + f64::from(max) - f64::from(row[y]);
+    if grad {
+        let inv = 1.0 / sum;
+        for (j, z) in row.iter_mut().enumerate() {
+            let p = (*z - max).exp() * inv;
+            let dz = if j == y { p - 1.0 } else { p };
+            let dcap = match softcap {
+                Some(c) => {
+                    let r = *z / c;
+                    1.0 - r * r
+                }
+                None => 1.0,
+            };
+            *z = grad_scale * dz * dcap;
+        }
+    }
+    loss
+}
+
+fn check(
+    op: &'static str,
+    n: usize,
+    v: usize,
+    logits: usize,
+    labels: &[i32],
+    softcap: Option<f32>,
+) -> Result<()> {
+    ensure(op, "v", v > 0 && n.checked_mul(v).is_some(), || {
+        format!("V={v} must be > 0 and N·V must fit")
+    })?;
+    let shape = || format!("[N={n}, V={v}]");
+    check_len(op, "logits", logits, n * v, shape)?;
+    check_len(op, "labels", labels.len(), n, shape)?;
+    if let Some(c) = softcap {
+        check_cap(op, c)?;
+    }
+    check_labels(op, labels, v)
+}
+
+/// Σ loss and count over logits [N,V]; optionally writes dlogits [N,V].
+#[allow(clippy::too_many_arguments)]
+pub fn cross_entropy(
+    logits: &[f32],
+    labels: &[i32],
+    n: usize,
+    v: usize,
+    softcap: Option<f32>,
+    grad_scale: f32,
+    dlogits: Option<&mut [f32]>,
+) -> Result<(f64, usize)> {
+    const OP: &str = "cross_entropy";
+    check(OP, n, v, logits.len(), labels, softcap)?;
+    let count = labels.iter().filter(|&&y| y != IGNORE_INDEX).count();
+    let losses: Vec<f64> = match dlogits {
+        Some(d) => {
+            check_len(OP, "dlogits", d.len(), n * v, || format!("[N={n}, V={v}]"))?;
+            d.copy_from_slice(logits);
+            d.par_chunks_mut(v)
+                .zip(labels.par_iter())
+                .map(|(r, &y)| row_loss(r, y, softcap, grad_scale, true))
+                .collect()
+        }
+        None => logits
+            .par_chunks(v)
+            .zip(labels.par_iter())
+            .map_init(
+                || vec![0.0f32; v],
+                |buf, (r, &y)| {
+                    if y == IGNORE_INDEX {
+                        return 0.0;
+                    }
+                    buf.copy_from_slice(r);
+                    row_loss(buf, y, softcap, grad_scale, false)
+                },
+            )
+            .collect(),
+    };
+    Ok((losses.iter().sum(), count))
+}
+
+/// `cross_entropy` whose logits [N,V] are replaced in place by the gradient (when `grad`), saving the
+/// second buffer. Without `grad` the logits are left soft-capped.
+pub fn cross_entropy_inplace(
+    logits: &mut [f32],
+    labels: &[i32],
+    n: usize,
+    v: usize,
+    softcap: Option<f32>,
+    grad_scale: f32,
+    grad: bool,
+) -> Result<(f64, usize)> {
+    const OP: &str = "cross_entropy";
+    check(OP, n, v, logits.len(), labels, softcap)?;
+    let count = labels.iter().filter(|&&y| y != IGNORE_INDEX).count();
+    let losses: Vec<f64> = logits
+        .par_chunks_mut(v)
+        .zip(labels.par_iter())
+        .map(|(r, &y)| row_loss(r, y, softcap, grad_scale, grad))
+        .collect();
+    Ok((losses.iter().sum(), count))
+}

@@ -280,6 +280,9 @@ impl Gemma2Config {
         if !tie_word_embeddings {
             return Err(cfg_err(path, "tie_word_embeddings", "Gemma-2 ties the LM head to the embedding; false is not supported"));
         }
+        if k.bool("use_bidirectional_attention", false)? {
+            return Err(cfg_err(path, "use_bidirectional_attention", "Gemma-2 causal LM attention is causal; true is not supported"));
+        }
         if k.bool("attention_bias", false)? {
             return Err(cfg_err(path, "attention_bias", "Gemma-2 has no attention bias; true is not supported"));
         }

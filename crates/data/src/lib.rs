@@ -32,7 +32,7 @@ pub use pack::pack_ffd;
 pub use record::{parse_dataset, read_dataset, Body, Format, Message, RawDataset, Record, Role};
 pub use template::{alpaca_prompt, SegKind, Segment, Template, TemplateKind};
 pub use tokenizer::{SpecialToken, TextTokenizer};
-pub use train_tokenizer::{project_tokenizer_config, train_tokenizer, GEMMA_CHAT_TEMPLATE, PROJECT_SPECIAL_TOKENS};
+pub use train_tokenizer::{add_bos_post_processor, project_tokenizer_config, train_tokenizer, GEMMA_CHAT_TEMPLATE, PROJECT_SPECIAL_TOKENS};
 
 /// The `[data]` section of a run config.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]

@@ -80,3 +80,20 @@ pub fn project_tokenizer_config() -> serde_json::Value {
 
 /// The Gemma-2 `chat_template` (gemma-2-*-it tokenizer_config.json), verbatim.
 pub const GEMMA_CHAT_TEMPLATE: &str = "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}";
+
+/// Makes `tok` add `bos` in front of every sequence encoded with `add_special_tokens = true`
+/// (what Gemma's tokenizer does; `add_bos_token: true`). The pipeline itself always encodes
+/// with `add_special_tokens = false` and places the single BOS through the template.
+pub fn add_bos_post_processor(tok: &mut Tokenizer, bos: &str) -> Result<()> {
+    let id = tok
+        .token_to_id(bos)
+        .ok_or_else(|| DataError::TokenizerTraining { message: format!("`{bos}` is not in the vocabulary") })?;
+    let bad = |e: String| DataError::TokenizerTraining { message: e };
+    let mut b = tokenizers::processors::template::TemplateProcessing::builder();
+    b.try_single(format!("{bos} $A")).map_err(|e| bad(format!("{e:?}")))?;
+    b.try_pair(format!("{bos} $A $B")).map_err(|e| bad(format!("{e:?}")))?;
+    b.special_tokens(vec![(bos.to_string(), id)]);
+    let post = b.build().map_err(|e| bad(e.to_string()))?;
+    tok.with_post_processor(Some(post));
+    Ok(())
+}

@@ -60,11 +60,13 @@ impl RngState {
     }
 }
 
-/// Where the data loader stands: `epoch` (0-based) and the next row `position` in that epoch's order.
+/// Where the data loader stands: `epoch` (0-based) and the next batch `position` in that epoch's order;
+/// `fingerprint` identifies the dataset and loader settings (afinar-data's `LoaderCursor`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Cursor {
     pub epoch: u64,
     pub position: u64,
+    pub fingerprint: u64,
 }
 
 /// The non-tensor state of a run at a step boundary.
@@ -269,7 +271,7 @@ mod tests {
                 adam_t: step,
                 total_steps: 100,
                 warmup_steps: 3,
-                cursor: Cursor { epoch: 1, position: 17 },
+                cursor: Cursor { epoch: 1, position: 17, fingerprint: u64::MAX },
                 rng: RngState::capture(&rng),
                 nonfinite_in_row: 0,
                 tokens: 1234,

@@ -192,6 +192,9 @@ pub struct DataSection {
     /// Prompt template: "gemma", "alpaca", "chatml", "llama3" or "tokenizer" (the model's own Jinja
     /// chat_template). Default "gemma".
     pub template: String,
+    /// Which tokens are trained: "assistant" (assistant turns + their end-of-turn token), "all", or
+    /// "last-turn". Default "assistant".
+    pub mask: String,
     /// Maximum tokens per row (sample, or packed row). Typical 512–2048; default 512.
     pub max_seq_len: usize,
     /// Samples longer than max_seq_len: "truncate", "drop" or "error". Default "truncate".
@@ -211,6 +214,7 @@ impl Default for DataSection {
             eval: PathBuf::new(),
             format: "auto".into(),
             template: "gemma".into(),
+            mask: "assistant".into(),
             max_seq_len: 512,
             length_strategy: LengthStrategy::Truncate,
             packing: false,
@@ -632,6 +636,11 @@ impl Config {
                 }
             }
         }
+        if d.format != "auto" {
+            d.format.parse::<afinar_data::Format>().map_err(|e| inv("data.format", format!("{:?}", d.format), &format!("{e}; or \"auto\"")))?;
+        }
+        d.template.parse::<afinar_data::TemplateKind>().map_err(|e| inv("data.template", format!("{:?}", d.template), &e.to_string()))?;
+        d.mask.parse::<afinar_data::MaskMode>().map_err(|e| inv("data.mask", format!("{:?}", d.mask), &e.to_string()))?;
         if d.max_seq_len < 2 {
             return Err(inv("data.max_seq_len", d.max_seq_len.to_string(), "must be ≥ 2 tokens"));
         }

@@ -10,3 +10,5 @@ pub mod schedule;
 pub mod signal;
 
 pub use config::{Config, ConfigError};
+pub use train::{train, train_with, Resume, TrainError, TrainOptions, TrainOutcome};
+pub mod train;

@@ -43,6 +43,9 @@ pub struct StepRecord {
     /// Whether the update was skipped because the loss or gradient norm was non-finite.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub skipped: bool,
+    /// For a skipped step: `file:line` of every sample of the window.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bad_samples: Vec<String>,
 }
 
 /// Appends records to `metrics.jsonl`, flushing each line (a crash loses at most the step in flight).
@@ -173,6 +176,7 @@ mod tests {
             tokens_per_s: 100.0,
             elapsed_s: step as f64,
             skipped: loss.is_none(),
+            bad_samples: vec![],
         }
     }
 

@@ -106,6 +106,7 @@ mod tests {
                 tokens_per_s: 10.0,
                 elapsed_s: s as f64,
                 skipped: s == 7,
+                bad_samples: vec![],
             })
             .collect();
         let (svg, png) = (dir.path().join("loss.svg"), dir.path().join("loss.png"));

@@ -1,0 +1,167 @@
+//! The training loop on a tiny random Gemma-2: accumulation equivalence, a learning run, exact resume,
+//! adapter round trip, refusals.
+
+mod common;
+
+use std::sync::Arc;
+
+use afinar_data::{DataLoader, LoaderConfig, TextTokenizer};
+use afinar_gemma::{Gemma2Model, Grads};
+use afinar_kernels::cpu::Cpu;
+use afinar_kernels::Tolerance;
+use afinar_trainer::train::{self, accumulate, data_config, load_options};
+use afinar_trainer::{Resume, TrainError, TrainOptions};
+use rand::SeedableRng;
+
+fn opts(c: afinar_trainer::Config) -> TrainOptions {
+    TrainOptions { config: c, resume: None, overwrite: false, quiet: true, stop_after: None }
+}
+
+#[test]
+fn accumulation_4x1_equals_micro_batch_4() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = common::config(dir.path());
+    let tok = TextTokenizer::from_model_dir(&cfg.model.path).unwrap();
+    let data = afinar_data::prepare(&data_config(&cfg).unwrap(), &tok).unwrap();
+    let mk = |bs| {
+        let lc = LoaderConfig { batch_size: bs, packing: false, shuffle: false, seed: 0, drop_last: false };
+        DataLoader::new(data.train.clone(), 128, tok.pad_id(), lc).unwrap()
+    };
+    let (mut l1, mut l4) = (mk(1), mk(4));
+    let w1: Vec<_> = (0..4).map(|_| l1.next_batch()).collect();
+    let w4 = vec![l4.next_batch()];
+    assert_eq!(w4[0].b, 4);
+    // Rows of different lengths: the micro-batch of 4 is padded, the singles are not.
+    assert!(w1.iter().map(|b| b.t).min() != w1.iter().map(|b| b.t).max());
+    let model = Gemma2Model::load(Arc::new(Cpu::new()), &cfg.model.path, &load_options(&cfg).unwrap()).unwrap();
+    // B = 0 at init gives zero A-gradients; make B non-zero so every LoRA gradient is exercised.
+    let mut model = model;
+    for name in model.lora_names() {
+        if name.contains("lora_B") {
+            let n = model.get_tensor(&name).unwrap().len();
+            let v: Vec<f32> = (0..n).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.01).collect();
+            model.set_tensor(&name, &v).unwrap();
+        }
+    }
+    let (mut g1, mut g4) = (Grads::zeros(&model).unwrap(), Grads::zeros(&model).unwrap());
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let (s1, c1) = accumulate(&model, &mut g1, &w1, &mut rng).unwrap();
+    let (s4, c4) = accumulate(&model, &mut g4, &w4, &mut rng).unwrap();
+    assert_eq!(c1, c4);
+    Tolerance::new(1e-6, 1e-5).assert_close("window loss", [s1 / c1 as f64], [s4 / c4 as f64]);
+    let mut nonzero = 0;
+    for id in g1.ids().to_vec() {
+        let (a, b) = (g1.to_host(id).unwrap(), g4.to_host(id).unwrap());
+        nonzero += a.iter().filter(|x| **x != 0.0).count();
+        Tolerance::new(1e-7, 1e-5).assert_close(&id.name(), a, b);
+    }
+    assert!(nonzero > 0);
+}
+
+#[test]
+fn training_lowers_eval_loss_and_adapter_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::config(dir.path());
+    cfg.train.max_steps = 30;
+    cfg.train.eval_every = 10;
+    cfg.train.save_every = 10;
+    cfg.train.keep_checkpoints = 2;
+    let out = train::train(&opts(cfg.clone())).unwrap();
+    let s = &out.summary;
+    let (e0, e1) = (s.initial_eval_loss.unwrap(), s.final_eval_loss.unwrap());
+    eprintln!("eval loss {e0} → {e1}; train {:?} → {:?}", s.first_train_loss, s.final_train_loss);
+    assert!(e1 < e0 - 0.1, "eval loss {e0} → {e1}");
+    assert_eq!(s.steps, 30);
+    assert_eq!(out.records.len(), 30);
+    assert_eq!(out.records.iter().filter(|r| r.eval_loss.is_some()).count(), 3);
+    for f in ["config.toml", "metrics.jsonl", "loss.svg", "loss.png", "summary.json", "report.md", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"] {
+        assert!(out.run_dir.join(f).is_file(), "{f} missing");
+    }
+    let cks = afinar_trainer::checkpoint::list(&out.run_dir.join("checkpoints")).unwrap();
+    assert_eq!(cks.iter().map(|c| c.0).collect::<Vec<_>>(), vec![20, 30]);
+
+    // The adapter reproduces the trained model's logits: base + adapter vs base + checkpoint tensors.
+    let ck = afinar_trainer::checkpoint::load(&out.checkpoint).unwrap();
+    let be = Arc::new(Cpu::new());
+    let mut a = Gemma2Model::load(be.clone(), &cfg.model.path, &load_options(&cfg).unwrap()).unwrap();
+    for (name, t) in &ck.tensors {
+        a.set_tensor(name, &t.param).unwrap();
+    }
+    let mut plain = load_options(&cfg).unwrap();
+    plain.lora = None;
+    let mut b = Gemma2Model::load(be, &cfg.model.path, &plain).unwrap();
+    afinar_gemma::peft::load_adapter(&mut b, out.run_dir.join("adapter")).unwrap();
+    let batch = afinar_gemma::Batch::new(1, 6, vec![2, 40, 41, 42, 43, 44], vec![-100; 6]);
+    Tolerance::EXACT.assert_close("logits", b.logits(&batch).unwrap(), a.logits(&batch).unwrap());
+}
+
+#[test]
+fn resume_is_bit_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::config(dir.path());
+    cfg.lora.dropout = 0.1; // the dropout RNG must resume too
+    cfg.train.max_steps = 6;
+    cfg.output.run_name = "straight".into();
+    let a = train::train(&opts(cfg.clone())).unwrap();
+
+    cfg.output.run_name = "resumed".into();
+    let mut o = opts(cfg.clone());
+    o.stop_after = Some(3);
+    let part = train::train(&o).unwrap();
+    assert_eq!(part.summary.steps, 3);
+    assert_eq!(part.summary.stop_reason, afinar_trainer::metrics::StopReason::Interrupted);
+    let mut o = opts(cfg.clone());
+    o.resume = Some(Resume::Auto);
+    let b = train::train(&o).unwrap();
+    assert_eq!(b.summary.steps, 6);
+    let la: Vec<u64> = a.records.iter().map(|r| r.loss.unwrap().to_bits()).collect();
+    let lb: Vec<u64> = b.records.iter().map(|r| r.loss.unwrap().to_bits()).collect();
+    assert_eq!(la, lb, "losses differ after resume");
+    let gn = |o: &afinar_trainer::TrainOutcome| o.records.iter().map(|r| r.grad_norm.unwrap().to_bits()).collect::<Vec<_>>();
+    assert_eq!(gn(&a), gn(&b));
+    let read = |p: &std::path::Path| std::fs::read(p.join("adapter/adapter_model.safetensors")).unwrap();
+    assert_eq!(read(&a.run_dir), read(&b.run_dir), "adapters differ");
+    assert_eq!(a.summary.final_eval_loss.map(f64::to_bits), b.summary.final_eval_loss.map(f64::to_bits));
+
+    // A different config is refused, naming the keys.
+    let mut c2 = cfg.clone();
+    c2.lora.r = 8;
+    c2.train.lr = 5e-3;
+    let mut o = opts(c2);
+    o.resume = Some(Resume::Dir(b.run_dir.clone()));
+    match train::train(&o) {
+        Err(TrainError::ConfigMismatch { diff, .. }) => assert!(diff.contains("lora.r") && diff.contains("train.lr"), "{diff}"),
+        other => panic!("expected ConfigMismatch, got {:?}", other.map(|o| o.run_dir)),
+    }
+}
+
+#[test]
+fn existing_run_dir_is_refused_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = common::config(dir.path());
+    let run = cfg.output.dir.join(&cfg.output.run_name);
+    std::fs::create_dir_all(&run).unwrap();
+    std::fs::write(run.join("precious.txt"), "keep me").unwrap();
+    match train::train(&opts(cfg.clone())) {
+        Err(e @ TrainError::RunDirExists(_)) => assert!(e.to_string().contains("--resume"), "{e}"),
+        other => panic!("expected RunDirExists, got {:?}", other.map(|o| o.run_dir)),
+    }
+    assert_eq!(std::fs::read_to_string(run.join("precious.txt")).unwrap(), "keep me");
+    assert_eq!(std::fs::read_dir(&run).unwrap().count(), 1);
+}
+
+#[test]
+fn warmup_longer_than_training_and_template_length_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::config(dir.path());
+    cfg.train.max_steps = 0;
+    cfg.train.epochs = 1.0;
+    cfg.train.warmup_steps = 1000;
+    let e = train::train(&opts(cfg.clone())).unwrap_err().to_string();
+    assert!(e.contains("train.warmup_steps") && e.contains("not shorter"), "{e}");
+    cfg.train.warmup_steps = 0;
+    cfg.data.max_seq_len = 8;
+    let e = train::train(&opts(cfg)).unwrap_err().to_string();
+    assert!(e.contains("data.max_seq_len") && e.contains("template"), "{e}");
+    assert!(!dir.path().join("runs/t").exists(), "nothing may be written before validation");
+}

@@ -1,0 +1,455 @@
+//! Text generation with a KV cache: prefill the prompt, then decode token by token.
+//!
+//! Every decode step runs each layer on the new tokens only. Keys (after RoPE, at their absolute
+//! positions) and values are appended to a per-layer cache, and attention runs with the op's TK ≥ T
+//! form (`AttnShape::tk` = cache length, the queries are the last T keys), so decoding uses the same
+//! `attn_fwd` as training and gives the same numbers as recomputing the whole sequence.
+//!
+//! Sliding-window layers (`layer_types` "sliding_attention", the even layers of Gemma-2): a query sees at
+//! most W keys, itself included. The op masks with `window = W`, and the cache of such a layer keeps only
+//! its last W entries (a query at the next position needs the W − 1 before it), so its memory is
+//! bounded by W whatever the generation length. Dropping older keys does not change the result: the
+//! window is measured in relative key indices and the kept keys are the most recent, contiguous ones.
+//!
+//! The cache lives on the host (`Vec<f32>` [len, NKV·D] per layer) and is uploaded for each step: the
+//! `Backend` trait has whole-buffer ops only (no append/slice), so this costs one copy of the cache per
+//! layer and step, the same order as the attention itself. A backend-side append op would remove it.
+//!
+//! Sampling follows transformers' `generate`: greedy when `temperature == 0` (`do_sample=False`, argmax,
+//! first index on ties); otherwise logits / temperature, then top-k, then top-p (nucleus), then a draw
+//! from a ChaCha8 stream seeded by `seed`. Generation stops after `max_new_tokens`, or when an EOS id or
+//! an extra stop id (e.g. Gemma's `<end_of_turn>` = 107) is produced; like transformers, the stop token is
+//! included in the output.
+
+use afinar_kernels::{Accum, AttnShape, Backend, LoraRef};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::error::{GemmaError, Result};
+use crate::lora::Target;
+use crate::model::{Gemma2Model, Linear, NormKind};
+
+/// One layer's cache: keys (after RoPE) and values, [len, NKV·D] row-major.
+#[derive(Clone, Debug, Default)]
+struct LayerCache {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// Entries kept at most (Some(W) on sliding layers).
+    keep: Option<usize>,
+}
+
+/// The KV cache of one sequence.
+#[derive(Clone, Debug)]
+pub struct KvCache {
+    layers: Vec<LayerCache>,
+    /// Absolute position of the next token (= tokens fed so far).
+    pos: usize,
+    /// NKV·D.
+    kd: usize,
+}
+
+impl KvCache {
+    /// Tokens fed so far.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    /// Entries held by layer `layer` (≤ W on sliding layers).
+    pub fn layer_len(&self, layer: usize) -> usize {
+        self.layers.get(layer).map_or(0, |c| c.k.len() / self.kd.max(1))
+    }
+}
+
+/// Runs a model on a growing sequence, one chunk of tokens at a time, keeping a KV cache.
+pub struct Decoder<'m, B: Backend> {
+    model: &'m Gemma2Model<B>,
+    cache: KvCache,
+}
+
+impl<'m, B: Backend> Decoder<'m, B> {
+    /// An empty decoder (position 0).
+    pub fn new(model: &'m Gemma2Model<B>) -> Self {
+        let cfg = &model.config;
+        let layers = (0..cfg.num_hidden_layers).map(|l| LayerCache { k: Vec::new(), v: Vec::new(), keep: cfg.window(l) }).collect();
+        Decoder { model, cache: KvCache { layers, pos: 0, kd: cfg.kv_dim() } }
+    }
+
+    /// The cache (for inspection).
+    pub fn cache(&self) -> &KvCache {
+        &self.cache
+    }
+
+    /// Tokens fed so far.
+    pub fn position(&self) -> usize {
+        self.cache.pos
+    }
+
+    /// Forgets everything (position 0).
+    pub fn reset(&mut self) {
+        for c in &mut self.cache.layers {
+            c.k.clear();
+            c.v.clear();
+        }
+        self.cache.pos = 0;
+    }
+
+    /// Feeds `ids` (a prompt chunk or one sampled token) at the next positions and returns the logits
+    /// [V] of the last one, after the final soft-cap (what transformers' `generate` scores). On error the
+    /// cache is unchanged.
+    pub fn feed(&mut self, ids: &[i32]) -> Result<Vec<f32>> {
+        let model = self.model;
+        let cfg = &model.config;
+        let be = &**model.backend();
+        let t = ids.len();
+        if t == 0 {
+            return Err(GemmaError::Invalid("generate: no tokens to feed (empty prompt?)".into()));
+        }
+        let v = cfg.vocab_size;
+        if let Some((i, &id)) = ids.iter().enumerate().find(|(_, &id)| id < 0 || id as usize >= v) {
+            return Err(GemmaError::Invalid(format!("generate: token {i} of the input is id {id}, outside the vocabulary [0, {v})")));
+        }
+        let (h, qd, kd, inter) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
+        let (nh, nkv, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let eps = cfg.rms_norm_eps as f32;
+        let theta = cfg.rope_theta as f32;
+        let p0 = self.cache.pos;
+        let pos: Vec<i32> = (p0..p0 + t)
+            .map(|p| i32::try_from(p).map_err(|_| GemmaError::Invalid(format!("generate: position {p} does not fit in i32"))))
+            .collect::<Result<_>>()?;
+        let pos = be.ids_from_host(&pos)?;
+        let ids_dev = be.ids_from_host(ids)?;
+
+        // x [T,H] = embedding · sqrt(H).
+        let mut x = be.zeros(t * h)?;
+        be.embedding_fwd(&ids_dev, &model.embed_tokens, &mut x, v, h, cfg.embed_scale())?;
+        // New cache contents are staged and committed only when every layer succeeded.
+        let mut staged: Vec<(Vec<f32>, Vec<f32>)> = Vec::with_capacity(model.layers.len());
+        let mut rstd = be.zeros(t)?;
+        for (li, layer) in model.layers.iter().enumerate() {
+            let lin = |tg: Target| layer.linear(tg);
+            // Attention block on the new tokens.
+            let mut xn = be.zeros(t * h)?;
+            be.rmsnorm_fwd(&x, layer.norm(NormKind::Input), &mut xn, &mut rstd, t, h, eps)?;
+            let mut q = be.zeros(t * qd)?;
+            let mut k = be.zeros(t * kd)?;
+            let mut vv = be.zeros(t * kd)?;
+            linear(be, lin(Target::QProj), &xn, &mut q, t)?;
+            linear(be, lin(Target::KProj), &xn, &mut k, t)?;
+            linear(be, lin(Target::VProj), &xn, &mut vv, t)?;
+            be.rope(&mut q, &pos, t, nh, d, theta, false)?;
+            be.rope(&mut k, &pos, t, nkv, d, theta, false)?;
+            // Keys/values = cached ones followed by the new ones: [TK, NKV·D].
+            let c = &self.cache.layers[li];
+            let mut kall = c.k.clone();
+            kall.extend(be.to_host(&k)?);
+            let mut vall = c.v.clone();
+            vall.extend(be.to_host(&vv)?);
+            let tk = kall.len() / kd;
+            let kbuf = be.from_host(&kall)?;
+            let vbuf = be.from_host(&vall)?;
+            let shape = AttnShape {
+                b: 1,
+                t,
+                tk,
+                nh,
+                nkv,
+                d,
+                scale: cfg.attn_scale(),
+                softcap: cfg.attn_logit_softcapping.map(|c| c as f32),
+                window: cfg.window(li),
+            };
+            let mut ao = be.zeros(t * qd)?;
+            let mut lse = be.zeros(nh * t)?;
+            be.attn_fwd(&q, &kbuf, &vbuf, None, &mut ao, &mut lse, &shape)?;
+            let mut o = be.zeros(t * h)?;
+            linear(be, lin(Target::OProj), &ao, &mut o, t)?;
+            // h1 = x + post_attention_layernorm(o)
+            let mut h1 = be.zeros(t * h)?;
+            be.rmsnorm_fwd(&o, layer.norm(NormKind::PostAttention), &mut h1, &mut rstd, t, h, eps)?;
+            be.axpy(1.0, &x, &mut h1)?;
+            // MLP block: out = h1 + post_feedforward_layernorm(down(gelu_tanh(gate(xn2))·up(xn2)))
+            be.rmsnorm_fwd(&h1, layer.norm(NormKind::PreFeedforward), &mut xn, &mut rstd, t, h, eps)?;
+            let mut g = be.zeros(t * inter)?;
+            let mut u = be.zeros(t * inter)?;
+            linear(be, lin(Target::GateProj), &xn, &mut g, t)?;
+            linear(be, lin(Target::UpProj), &xn, &mut u, t)?;
+            let mut a = be.zeros(t * inter)?;
+            be.geglu_fwd(&g, &u, &mut a)?;
+            let mut dn = be.zeros(t * h)?;
+            linear(be, lin(Target::DownProj), &a, &mut dn, t)?;
+            be.rmsnorm_fwd(&dn, layer.norm(NormKind::PostFeedforward), &mut x, &mut rstd, t, h, eps)?;
+            be.axpy(1.0, &h1, &mut x)?;
+            staged.push((kall, vall));
+        }
+        // Final norm and tied head on the last position only.
+        let xh = be.to_host(&x)?;
+        let last = be.from_host(&xh[(t - 1) * h..])?;
+        let mut xf = be.zeros(h)?;
+        let mut r1 = be.zeros(1)?;
+        be.rmsnorm_fwd(&last, &model.norm, &mut xf, &mut r1, 1, h, eps)?;
+        let mut logits = be.zeros(v)?;
+        be.matmul_xwt(&xf, &model.embed_tokens, &mut logits, 1, h, v, Accum::Overwrite)?;
+        if let Some(cap) = cfg.final_logit_softcapping {
+            be.softcap_fwd(&mut logits, cap as f32)?;
+        }
+        let logits = be.to_host(&logits)?;
+
+        // Commit: sliding layers keep their last W entries.
+        for (c, (mut k, mut vv)) in self.cache.layers.iter_mut().zip(staged) {
+            if let Some(w) = c.keep {
+                let len = k.len() / kd;
+                if len > w {
+                    k.drain(..(len - w) * kd);
+                    vv.drain(..(len - w) * kd);
+                }
+            }
+            c.k = k;
+            c.v = vv;
+        }
+        self.cache.pos = p0 + t;
+        Ok(logits)
+    }
+}
+
+/// y [M,out] = x [M,in]·Wᵀ + LoRA (inference: no dropout).
+fn linear<B: Backend>(be: &B, lin: &Linear<B>, x: &B::Buf, y: &mut B::Buf, m: usize) -> Result<()> {
+    let lora = lin.lora.as_ref().map(|lo| LoraRef { a: &lo.a, b: &lo.b, r: lo.r, scale: lo.scale, mask: None });
+    be.lora_fwd(x, lin.weight(), lora, y, None, m, lin.in_features, lin.out_features)?;
+    Ok(())
+}
+
+/// How to pick tokens and when to stop.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    /// 0 = greedy (transformers `do_sample=False`); otherwise the softmax temperature.
+    pub temperature: f32,
+    /// Keep the k most likely tokens (0 = off). Ties with the k-th logit are kept, as in transformers.
+    pub top_k: usize,
+    /// Nucleus sampling: keep the most likely tokens whose mass reaches top_p (1 = off).
+    pub top_p: f32,
+    /// Seed of the sampling stream (same seed, same model, same prompt → same tokens).
+    pub seed: u64,
+    /// Stop after producing one of these (the config's `eos_token_id`s by default).
+    pub eos_token_ids: Vec<i32>,
+    /// Extra stop ids, e.g. a chat template's end-of-turn token (Gemma `<end_of_turn>` = 107).
+    pub stop_token_ids: Vec<i32>,
+}
+
+impl GenerateOptions {
+    /// Greedy decoding of up to `max_new_tokens`, no stop ids.
+    pub fn greedy(max_new_tokens: usize) -> Self {
+        GenerateOptions { max_new_tokens, temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0, eos_token_ids: Vec::new(), stop_token_ids: Vec::new() }
+    }
+
+    /// Greedy decoding that stops on the model's EOS ids (config.json `eos_token_id`).
+    pub fn greedy_for<B: Backend>(model: &Gemma2Model<B>, max_new_tokens: usize) -> Self {
+        let eos = model.config.eos_token_ids.iter().filter_map(|&e| i32::try_from(e).ok()).collect();
+        GenerateOptions { eos_token_ids: eos, ..Self::greedy(max_new_tokens) }
+    }
+
+    fn validate(&self) -> Result<()> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(GemmaError::Invalid(format!("generate: temperature must be finite and ≥ 0, found {}", self.temperature)));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(GemmaError::Invalid(format!("generate: top_p must be in (0, 1], found {}", self.top_p)));
+        }
+        Ok(())
+    }
+}
+
+/// Why generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// An EOS id was produced (it is the last output token).
+    Eos(i32),
+    /// An extra stop id was produced (it is the last output token).
+    StopToken(i32),
+    /// `max_new_tokens` were produced.
+    MaxNewTokens,
+}
+
+/// The new tokens (prompt excluded) and why generation stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Generation {
+    pub tokens: Vec<i32>,
+    pub stop: StopReason,
+}
+
+/// Picks the next token from logits according to `GenerateOptions`.
+#[derive(Debug)]
+pub struct Sampler {
+    temperature: f32,
+    top_k: usize,
+    top_p: f32,
+    rng: ChaCha8Rng,
+}
+
+impl Sampler {
+    pub fn new(opts: &GenerateOptions) -> Result<Self> {
+        opts.validate()?;
+        Ok(Sampler { temperature: opts.temperature, top_k: opts.top_k, top_p: opts.top_p, rng: ChaCha8Rng::seed_from_u64(opts.seed) })
+    }
+
+    /// The next token id for logits [V].
+    pub fn sample(&mut self, logits: &[f32]) -> Result<i32> {
+        if logits.is_empty() {
+            return Err(GemmaError::Invalid("generate: empty logits".into()));
+        }
+        if let Some(i) = logits.iter().position(|x| x.is_nan()) {
+            return Err(GemmaError::Invalid(format!("generate: logit {i} is NaN")));
+        }
+        if self.temperature == 0.0 {
+            return Ok(argmax(logits) as i32);
+        }
+        // Scores in f64: logits / temperature.
+        let t = self.temperature as f64;
+        let scores: Vec<f64> = logits.iter().map(|&x| x as f64 / t).collect();
+        let mut keep = vec![true; scores.len()];
+        if self.top_k > 0 && self.top_k < scores.len() {
+            // transformers TopK: remove scores < the k-th largest (ties with it stay).
+            let mut sorted = scores.clone();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            let kth = sorted[self.top_k - 1];
+            for (k, &s) in keep.iter_mut().zip(&scores) {
+                *k = s >= kth;
+            }
+        }
+        if self.top_p < 1.0 {
+            // transformers TopP: sort ascending, cumulative softmax over the kept tokens, remove those with
+            // cumulative mass ≤ 1 − top_p; the most likely token always stays.
+            let mut order: Vec<usize> = (0..scores.len()).filter(|&i| keep[i]).collect();
+            order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]).then(b.cmp(&a)));
+            let probs = softmax(&order.iter().map(|&i| scores[i]).collect::<Vec<_>>());
+            let mut cum = 0.0;
+            let last = order.len() - 1;
+            for (j, &i) in order.iter().enumerate() {
+                cum += probs[j];
+                if cum <= 1.0 - self.top_p as f64 && j != last {
+                    keep[i] = false;
+                }
+            }
+        }
+        let idx: Vec<usize> = (0..scores.len()).filter(|&i| keep[i]).collect();
+        let probs = softmax(&idx.iter().map(|&i| scores[i]).collect::<Vec<_>>());
+        let u: f64 = self.rng.random::<f64>();
+        let mut cum = 0.0;
+        for (j, &i) in idx.iter().enumerate() {
+            cum += probs[j];
+            if u < cum {
+                return Ok(i as i32);
+            }
+        }
+        // Rounding left u ≥ Σp: the last kept token.
+        Ok(*idx.last().unwrap_or(&0) as i32)
+    }
+}
+
+/// Index of the largest value (the first one on ties, like torch.argmax on CPU).
+fn argmax(x: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Numerically stable softmax in f64 (−inf scores get probability 0).
+fn softmax(s: &[f64]) -> Vec<f64> {
+    let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let e: Vec<f64> = s.iter().map(|&x| (x - m).exp()).collect();
+    let z: f64 = e.iter().sum();
+    e.into_iter().map(|x| x / z).collect()
+}
+
+/// Generates up to `opts.max_new_tokens` tokens after `prompt` (prefill, then one decode step per token).
+pub fn generate<B: Backend>(model: &Gemma2Model<B>, prompt: &[i32], opts: &GenerateOptions) -> Result<Generation> {
+    let mut sampler = Sampler::new(opts)?;
+    if prompt.is_empty() {
+        return Err(GemmaError::Invalid("generate: the prompt is empty (it needs at least a BOS token)".into()));
+    }
+    let mut dec = Decoder::new(model);
+    let mut tokens = Vec::with_capacity(opts.max_new_tokens);
+    if opts.max_new_tokens == 0 {
+        return Ok(Generation { tokens, stop: StopReason::MaxNewTokens });
+    }
+    let mut logits = dec.feed(prompt)?;
+    loop {
+        let next = sampler.sample(&logits)?;
+        tokens.push(next);
+        if opts.eos_token_ids.contains(&next) {
+            return Ok(Generation { tokens, stop: StopReason::Eos(next) });
+        }
+        if opts.stop_token_ids.contains(&next) {
+            return Ok(Generation { tokens, stop: StopReason::StopToken(next) });
+        }
+        if tokens.len() >= opts.max_new_tokens {
+            return Ok(Generation { tokens, stop: StopReason::MaxNewTokens });
+        }
+        logits = dec.feed(&[next])?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> GenerateOptions {
+        GenerateOptions { temperature, top_k, top_p, seed, ..GenerateOptions::greedy(1) }
+    }
+
+    #[test]
+    fn greedy_is_argmax_first_on_ties() {
+        let mut s = Sampler::new(&opts(0.0, 0, 1.0, 0)).unwrap();
+        assert_eq!(s.sample(&[0.0, 3.0, 3.0, -1.0]).unwrap(), 1);
+        assert!(s.sample(&[0.0, f32::NAN]).unwrap_err().to_string().contains("NaN"));
+    }
+
+    #[test]
+    fn top_k_and_top_p_restrict_the_support() {
+        let logits = [2.0f32, 1.0, 0.5, 3.0, -1.0];
+        // top_k = 2 → only ids 3 and 0 can come out.
+        let mut s = Sampler::new(&opts(1.0, 2, 1.0, 7)).unwrap();
+        let mut seen = [0usize; 5];
+        for _ in 0..400 {
+            seen[s.sample(&logits).unwrap() as usize] += 1;
+        }
+        assert_eq!(seen[1] + seen[2] + seen[4], 0, "{seen:?}");
+        assert!(seen[0] > 0 && seen[3] > 0, "{seen:?}");
+        // top_p small → only the most likely token.
+        let mut s = Sampler::new(&opts(1.0, 0, 0.01, 7)).unwrap();
+        for _ in 0..50 {
+            assert_eq!(s.sample(&logits).unwrap(), 3);
+        }
+        // probs: id3 0.62, id0 0.23, id1 0.08, id2 0.05, id4 0.01. top_p = 0.7 removes the ascending prefix
+        // with cumulative mass ≤ 0.3 (ids 4, 2, 1: 0.15) and keeps {0, 3}.
+        let mut s = Sampler::new(&opts(1.0, 0, 0.7, 3)).unwrap();
+        let mut seen = [0usize; 5];
+        for _ in 0..400 {
+            seen[s.sample(&logits).unwrap() as usize] += 1;
+        }
+        assert_eq!(seen[1] + seen[2] + seen[4], 0, "{seen:?}");
+        assert!(seen[0] > 0 && seen[3] > 0, "{seen:?}");
+    }
+
+    #[test]
+    fn seeded_sampling_is_reproducible() {
+        let logits: Vec<f32> = (0..50).map(|i| ((i * 37 % 11) as f32) * 0.3).collect();
+        let draw = |seed| {
+            let mut s = Sampler::new(&opts(1.0, 0, 1.0, seed)).unwrap();
+            (0..30).map(|_| s.sample(&logits).unwrap()).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(11), draw(11));
+        assert_ne!(draw(11), draw(12));
+    }
+
+    #[test]
+    fn bad_options_are_errors() {
+        assert!(Sampler::new(&opts(-1.0, 0, 1.0, 0)).unwrap_err().to_string().contains("temperature"));
+        assert!(Sampler::new(&opts(1.0, 0, 0.0, 0)).unwrap_err().to_string().contains("top_p"));
+        assert!(Sampler::new(&opts(f32::NAN, 0, 1.0, 0)).is_err());
+    }
+}

@@ -30,7 +30,9 @@ pub struct ChatTemplate {
     unk: String,
 }
 
-/// Removes `{% generation %}` / `{% endgeneration %}` tags (with any `-`/`+` whitespace control).
+/// Turns TRL's `{% generation %}` / `{% endgeneration %}` into `{% if true %}` / `{% endif %}`:
+/// a no-op block with exactly the same whitespace behaviour (trim_blocks, lstrip_blocks and any
+/// `-`/`+` markers are kept), which minijinja understands.
 fn strip_generation_tags(src: &str) -> String {
     let mut out = String::with_capacity(src.len());
     let mut rest = src;
@@ -41,9 +43,12 @@ fn strip_generation_tags(src: &str) -> String {
             out.push_str(tail);
             return out;
         };
+        let tag = &tail[..end + 2];
         let inner = tail[2..end].trim_matches(|c: char| c == '-' || c == '+' || c.is_whitespace());
-        if inner != "generation" && inner != "endgeneration" {
-            out.push_str(&tail[..end + 2]);
+        match inner {
+            "generation" => out.push_str(&tag.replacen("generation", "if true", 1)),
+            "endgeneration" => out.push_str(&tag.replacen("endgeneration", "endif", 1)),
+            _ => out.push_str(tag),
         }
         rest = &tail[end + 2..];
     }
@@ -202,8 +207,11 @@ mod tests {
     use super::strip_generation_tags;
 
     #[test]
-    fn generation_tags_are_removed() {
+    fn generation_tags_become_no_op_blocks() {
         let s = "{% for m in messages %}{%- generation -%}{{ m.content }}{% endgeneration %}{% endfor %}";
-        assert_eq!(strip_generation_tags(s), "{% for m in messages %}{{ m.content }}{% endfor %}");
+        assert_eq!(
+            strip_generation_tags(s),
+            "{% for m in messages %}{%- if true -%}{{ m.content }}{% endif %}{% endfor %}"
+        );
     }
 }

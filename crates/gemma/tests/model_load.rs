@@ -1,0 +1,241 @@
+//! Loading checkpoints: sharded and single files, bf16/f16/f32, NF4 on load, pre-quantized bitsandbytes
+//! checkpoints, and the errors bad files must produce (never a panic).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use afinar_gemma::safetensors_io::{write_safetensors, Dtype, TensorOut, TensorStore};
+use afinar_gemma::{Batch, Gemma2Model, GemmaError, LoadOptions, ParamId, Quantization, Target};
+use afinar_kernels::{Cpu, Tolerance};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/golden/fixtures")
+}
+
+fn tiny_a() -> PathBuf {
+    fixtures().join("gemma_tiny_a")
+}
+
+fn cpu() -> Arc<Cpu> {
+    Arc::new(Cpu::new())
+}
+
+fn batch() -> Batch {
+    let ids: Vec<i32> = (0..16).map(|i| (i * 37 % 97 + 2) as i32).collect();
+    Batch::new(2, 8, ids, vec![-100; 16])
+}
+
+fn read_i64(store: &TensorStore, name: &str) -> Vec<i32> {
+    let (bytes, info) = store.raw(name).unwrap();
+    assert_eq!(info.dtype, Dtype::I64);
+    bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as i32).collect()
+}
+
+/// Copies tiny_a's config and re-writes its tensors into `n` shards (+ index) in dtype `dtype`.
+fn write_sharded(dir: &Path, dtype: Dtype, n: usize, drop: Option<&str>) {
+    std::fs::copy(tiny_a().join("config.json"), dir.join("config.json")).unwrap();
+    let src = TensorStore::open_dir(tiny_a()).unwrap();
+    let names: Vec<String> = src.names().iter().map(|s| s.to_string()).collect();
+    let mut weight_map = serde_json::Map::new();
+    for s in 0..n {
+        let file = format!("model-{:05}-of-{:05}.safetensors", s + 1, n);
+        let mut outs = Vec::new();
+        for name in names.iter().skip(s).step_by(n) {
+            let vals = src.read_f32(name).unwrap();
+            let shape = src.info(name).unwrap().shape.clone();
+            weight_map.insert(name.clone(), serde_json::Value::String(file.clone()));
+            if Some(name.as_str()) == drop {
+                continue;
+            }
+            let data: Vec<u8> = match dtype {
+                Dtype::F32 => vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                Dtype::BF16 => vals.iter().flat_map(|&v| half::bf16::from_f32(v).to_bits().to_le_bytes()).collect(),
+                Dtype::F16 => vals.iter().flat_map(|&v| half::f16::from_f32(v).to_bits().to_le_bytes()).collect(),
+                other => panic!("{other:?}"),
+            };
+            outs.push(TensorOut { name: name.clone(), dtype, shape, data: data.into() });
+        }
+        let meta: BTreeMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+        write_safetensors(&dir.join(&file), &outs, Some(&meta)).unwrap();
+    }
+    let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": weight_map});
+    std::fs::write(dir.join("model.safetensors.index.json"), serde_json::to_string_pretty(&index).unwrap()).unwrap();
+}
+
+#[test]
+fn sharded_f32_equals_single_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_sharded(tmp.path(), Dtype::F32, 3, None);
+    let single = Gemma2Model::load(cpu(), tiny_a(), &LoadOptions::default()).unwrap();
+    let sharded = Gemma2Model::load(cpu(), tmp.path(), &LoadOptions::default()).unwrap();
+    assert_eq!(TensorStore::open_dir(tmp.path()).unwrap().files().len(), 3);
+    Tolerance::EXACT.assert_close("logits", sharded.logits(&batch()).unwrap(), single.logits(&batch()).unwrap());
+}
+
+#[test]
+fn bf16_and_f16_are_widened_exactly() {
+    for dtype in [Dtype::BF16, Dtype::F16] {
+        let tmp = tempfile::tempdir().unwrap();
+        write_sharded(tmp.path(), dtype, 2, None);
+        let m = Gemma2Model::load(cpu(), tmp.path(), &LoadOptions::default()).unwrap();
+        let src = TensorStore::open_dir(tiny_a()).unwrap();
+        for name in ["model.embed_tokens.weight", "model.layers.1.self_attn.o_proj.weight", "model.layers.2.post_feedforward_layernorm.weight"] {
+            let expected: Vec<f32> = src
+                .read_f32(name)
+                .unwrap()
+                .iter()
+                .map(|&v| match dtype {
+                    Dtype::BF16 => half::bf16::from_f32(v).to_f32(),
+                    _ => half::f16::from_f32(v).to_f32(),
+                })
+                .collect();
+            Tolerance::EXACT.assert_close(name, m.get_tensor(name).unwrap(), expected);
+        }
+    }
+}
+
+#[test]
+fn missing_tensor_names_tensor_and_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let victim = "model.layers.2.mlp.up_proj.weight";
+    write_sharded(tmp.path(), Dtype::F32, 2, Some(victim));
+    let err = Gemma2Model::<Cpu>::load(cpu(), tmp.path(), &LoadOptions::default()).err().unwrap();
+    let msg = err.to_string();
+    assert!(matches!(err, GemmaError::MissingTensor { .. }), "{msg}");
+    assert!(msg.contains(victim) && msg.contains("model-0000"), "{msg}");
+
+    // A single file without the tensor at all.
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(tiny_a().join("config.json"), tmp.path().join("config.json")).unwrap();
+    let src = TensorStore::open_dir(tiny_a()).unwrap();
+    let outs: Vec<TensorOut> = src
+        .names()
+        .iter()
+        .filter(|n| **n != "model.norm.weight")
+        .map(|n| TensorOut::f32(*n, src.info(n).unwrap().shape.clone(), &src.read_f32(n).unwrap()))
+        .collect();
+    write_safetensors(&tmp.path().join("model.safetensors"), &outs, None).unwrap();
+    let msg = Gemma2Model::<Cpu>::load(cpu(), tmp.path(), &LoadOptions::default()).err().unwrap().to_string();
+    assert!(msg.contains("model.norm.weight") && msg.contains("model.safetensors"), "{msg}");
+}
+
+#[test]
+fn shape_mismatch_names_tensor_and_shapes() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(tiny_a().join("model.safetensors"), tmp.path().join("model.safetensors")).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tiny_a().join("config.json")).unwrap()).unwrap();
+    cfg["intermediate_size"] = serde_json::json!(50);
+    std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
+    let err = Gemma2Model::<Cpu>::load(cpu(), tmp.path(), &LoadOptions::default()).err().unwrap();
+    let msg = err.to_string();
+    assert!(matches!(err, GemmaError::ShapeMismatch { .. }), "{msg}");
+    assert!(msg.contains("model.layers.0.mlp.gate_proj.weight") && msg.contains("[50, 32]") && msg.contains("[48, 32]"), "{msg}");
+}
+
+#[test]
+fn truncated_and_corrupt_files_are_errors() {
+    let good = std::fs::read(tiny_a().join("model.safetensors")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("model.safetensors");
+    let header_len = u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
+    let mut bad_json = good.clone();
+    bad_json[8] = b'#';
+    let mut huge_header = good.clone();
+    huge_header[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("empty", vec![]),
+        ("4 bytes", good[..4].to_vec()),
+        ("cut in the header", good[..8 + header_len / 2].to_vec()),
+        ("cut in the data", good[..good.len() - 100].to_vec()),
+        ("header not JSON", bad_json),
+        ("header length too large", huge_header),
+    ];
+    for (what, bytes) in cases {
+        std::fs::write(&path, &bytes).unwrap();
+        let err = TensorStore::open_files(std::slice::from_ref(&path)).err().unwrap_or_else(|| panic!("{what}: opened"));
+        let msg = err.to_string();
+        assert!(matches!(err, GemmaError::Safetensors { .. }), "{what}: {msg}");
+        assert!(msg.contains("model.safetensors"), "{what}: {msg}");
+    }
+    // A tensor whose byte size disagrees with its dtype × shape.
+    let hdr = br#"{"w":{"dtype":"F32","shape":[2,3],"data_offsets":[0,20]}}"#;
+    let mut bytes = (hdr.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(hdr);
+    bytes.extend_from_slice(&[0u8; 20]);
+    std::fs::write(&path, &bytes).unwrap();
+    let msg = TensorStore::open_files(std::slice::from_ref(&path)).err().unwrap().to_string();
+    assert!(msg.contains("`w`") && msg.contains("24"), "{msg}");
+    // No checkpoint at all.
+    let empty = tempfile::tempdir().unwrap();
+    assert!(matches!(TensorStore::open_dir(empty.path()), Err(GemmaError::Io { .. })));
+}
+
+#[test]
+fn wrong_dtype_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("x.safetensors");
+    write_safetensors(&path, &[TensorOut { name: "ids".into(), dtype: Dtype::I32, shape: vec![2], data: vec![0u8; 8].into() }], None).unwrap();
+    let store = TensorStore::open_files(std::slice::from_ref(&path)).unwrap();
+    let msg = store.read_f32("ids").unwrap_err().to_string();
+    assert!(msg.contains("`ids`") && msg.contains("I32"), "{msg}");
+}
+
+/// NF4 on load: the model computes with exactly the dequantized NF4 weights (the dense model given those
+/// weights agrees to f32 rounding), and differs from the dense original.
+#[test]
+fn nf4_on_load_computes_with_dequantized_weights() {
+    for double_quant in [false, true] {
+        let opts = LoadOptions { quantize: Quantization::Nf4 { double_quant }, ..Default::default() };
+        let q = Gemma2Model::load(cpu(), tiny_a(), &opts).unwrap();
+        let mut dense = Gemma2Model::load(cpu(), tiny_a(), &LoadOptions::default()).unwrap();
+        let original = dense.logits(&batch()).unwrap();
+        for layer in 0..q.config.num_hidden_layers {
+            for t in Target::ALL {
+                assert!(q.layers[layer].linear(t).is_nf4());
+                let w = q.dense_weight(layer, t).unwrap();
+                dense.set_tensor(&ParamId::Weight { layer, target: t }.name(), &w).unwrap();
+            }
+        }
+        let got = q.logits(&batch()).unwrap();
+        Tolerance::F32.assert_close("nf4 logits", got.clone(), dense.logits(&batch()).unwrap());
+        assert!(Tolerance::F32.compare("nf4 vs original", got, original).is_err(), "quantization changed nothing");
+    }
+    // Full fine-tuning needs dense weights.
+    let opts = LoadOptions { quantize: Quantization::Nf4 { double_quant: true }, full_finetune: true, ..Default::default() };
+    assert!(Gemma2Model::<Cpu>::load(cpu(), tiny_a(), &opts).is_err());
+}
+
+/// A bitsandbytes 4-bit checkpoint saved by transformers (fixture of tests/golden/make_gemma_io.py) loads
+/// directly as NF4 (no dequantize-to-disk), each linear holds exactly the stored NF4 tensor, and the model
+/// computes with it.
+///
+/// Not compared here against `logits_bnb` of that fixture: bitsandbytes 0.50.2's CPU `dequantize_4bit`
+/// (this venv) is wrong when the weight's last dimension is below the 64-element block: for a [48, 32]
+/// weight it applies block 0's absmax to every block (checked directly: `dequantize_4bit(quantize_4bit(x))`
+/// is off by up to 1.9 for randn(48, 32) but correct for randn(64, 64)). The fixture model has hidden 32,
+/// so its bitsandbytes reference is wrong for every linear except down_proj (in = 64); the textbook formula
+/// code·absmax[block], which `Nf4Tensor` implements, is what the GPU kernels compute.
+#[test]
+fn prequantized_bnb_checkpoint_loads_as_nf4() {
+    let dir = fixtures().join("gemma_io_bnb");
+    let store = TensorStore::open_dir(&dir).unwrap();
+    let q = Gemma2Model::load(cpu(), &dir, &LoadOptions::default()).unwrap();
+    let mut dense = Gemma2Model::load(cpu(), fixtures().join("gemma_io_model"), &LoadOptions::default()).unwrap();
+    for layer in 0..q.config.num_hidden_layers {
+        for t in Target::ALL {
+            let name = ParamId::Weight { layer, target: t }.name();
+            let (o, i) = t.dims(&q.config);
+            let stored = afinar_gemma::bnb::read_bnb_nf4(&store, &name, &[o, i]).unwrap().tensor;
+            assert_eq!(q.nf4_weight(layer, t).unwrap().as_ref(), Some(&stored), "{name}");
+            dense.set_tensor(&name, &stored.dequantize().unwrap()).unwrap();
+        }
+    }
+    Tolerance::F32.assert_close("bnb logits", q.logits(&batch()).unwrap(), dense.logits(&batch()).unwrap());
+    // Asking for NF4 again on a pre-quantized checkpoint keeps the stored codes.
+    let again = Gemma2Model::load(cpu(), &dir, &LoadOptions { quantize: Quantization::Nf4 { double_quant: true }, ..Default::default() }).unwrap();
+    assert_eq!(again.nf4_weight(0, Target::DownProj).unwrap(), q.nf4_weight(0, Target::DownProj).unwrap());
+    // Full fine-tuning of a 4-bit checkpoint is refused with the tensor named.
+    let msg = Gemma2Model::<Cpu>::load(cpu(), &dir, &LoadOptions { full_finetune: true, ..Default::default() }).err().unwrap().to_string();
+    assert!(msg.contains("model.layers.0.self_attn.q_proj.weight"), "{msg}");
+}

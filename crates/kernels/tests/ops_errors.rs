@@ -1,0 +1,372 @@
+//! Bad input: wrong lengths give `KernelError::Shape` naming the op and the argument; inconsistent
+//! dimensions give `KernelError::Invalid`. Nothing panics.
+
+#[macro_use]
+mod common;
+
+use afinar_kernels::nf4::Absmax;
+use afinar_kernels::{Accum, AttnShape, Backend, KernelError, Nf4Tensor, Tolerance, Weight};
+use common::*;
+
+backend_tests! {
+    shape_mismatches_name_op_and_argument => check_shape_errors,
+    inconsistent_dims_are_invalid => check_invalid,
+}
+
+#[track_caller]
+fn expect_shape<T: std::fmt::Debug>(r: Result<T, KernelError>, op: &str, arg: &str) {
+    match r {
+        Err(e @ KernelError::Shape { .. }) => {
+            let KernelError::Shape { op: o, arg: a, .. } = &e else {
+                unreachable!()
+            };
+            assert_eq!((*o, *a), (op, arg), "{e}");
+            let msg = e.to_string();
+            assert!(
+                msg.contains(op) && msg.contains(arg),
+                "message does not name op/arg: {msg}"
+            );
+        }
+        other => panic!("expected a Shape error for {op}/{arg}, got {other:?}"),
+    }
+}
+
+#[track_caller]
+fn expect_invalid<T: std::fmt::Debug>(r: Result<T, KernelError>, op: &str, arg: &str) {
+    match r {
+        Err(KernelError::Invalid { op: o, arg: a, msg }) => assert_eq!((o, a), (op, arg), "{msg}"),
+        other => panic!("expected an Invalid error for {op}/{arg}, got {other:?}"),
+    }
+}
+
+fn check_shape_errors<B: Backend>(b: &B, _tol: Tolerance) {
+    let z = |n: usize| b.zeros(n).unwrap();
+    let (m, k, n) = (3, 4, 5);
+    let mut y = z(m * n);
+    expect_shape(
+        b.matmul_xwt(&z(m * k - 1), &z(n * k), &mut y, m, k, n, Accum::Overwrite),
+        "matmul_xwt",
+        "x",
+    );
+    expect_shape(
+        b.matmul_xwt(&z(m * k), &z(n * k + 1), &mut y, m, k, n, Accum::Overwrite),
+        "matmul_xwt",
+        "w",
+    );
+    let mut dx = z(m * k + 2);
+    expect_shape(
+        b.matmul_dyw(&z(m * n), &z(n * k), &mut dx, m, k, n, Accum::Add),
+        "matmul_dyw",
+        "dx",
+    );
+    let mut dw = z(n * k);
+    expect_shape(
+        b.matmul_dytx(&z(m * n), &z(m * k + 1), &mut dw, m, k, n, Accum::Add),
+        "matmul_dytx",
+        "x",
+    );
+
+    let mut y = z(m * n);
+    expect_shape(
+        b.lora_fwd(
+            &z(m * k),
+            Weight::Dense(&z(n * k - 1)),
+            None,
+            &mut y,
+            None,
+            m,
+            k,
+            n,
+        ),
+        "lora_fwd",
+        "w",
+    );
+    let (a, bb) = (z(2 * k), z(n * 2 + 1));
+    let lr = afinar_kernels::LoraRef {
+        a: &a,
+        b: &bb,
+        r: 2,
+        scale: 1.0,
+        mask: None,
+    };
+    expect_shape(
+        b.lora_fwd(
+            &z(m * k),
+            Weight::Dense(&z(n * k)),
+            Some(lr),
+            &mut y,
+            None,
+            m,
+            k,
+            n,
+        ),
+        "lora_fwd",
+        "b",
+    );
+    // An NF4 weight whose packed bytes do not match its shape.
+    let bad = Nf4Tensor {
+        shape: vec![n, k],
+        packed: vec![0; 3],
+        absmax: Absmax::Plain(vec![1.0]),
+    };
+    let bad = b.nf4_from_host(&bad).unwrap();
+    expect_shape(
+        b.lora_fwd(&z(m * k), Weight::Nf4(&bad), None, &mut y, None, m, k, n),
+        "lora_fwd",
+        "w.packed",
+    );
+
+    let (mut yy, mut rstd) = (z(6), z(2));
+    expect_shape(
+        b.rmsnorm_fwd(&z(6), &z(2), &mut yy, &mut rstd, 2, 3, 1e-6),
+        "rmsnorm_fwd",
+        "w",
+    );
+    let mut x = z(2 * 2 * 4);
+    expect_shape(
+        b.rope(&mut x, &up_ids(b, &[0, 1, 2]), 2, 2, 4, 1e4, false),
+        "rope",
+        "pos",
+    );
+    let mut out = z(4);
+    expect_shape(b.geglu_fwd(&z(4), &z(3), &mut out), "geglu_fwd", "up");
+    let mut dy = z(3);
+    expect_shape(b.softcap_bwd(&z(4), &mut dy, 30.0), "softcap_bwd", "dy");
+
+    let s = AttnShape {
+        b: 1,
+        t: 3,
+        tk: 3,
+        nh: 2,
+        nkv: 1,
+        d: 4,
+        scale: 1.0,
+        softcap: None,
+        window: None,
+    };
+    let (mut o, mut l) = (z(24), z(6));
+    expect_shape(
+        b.attn_fwd(&z(24), &z(11), &z(12), None, &mut o, &mut l, &s),
+        "attn_fwd",
+        "k",
+    );
+    expect_shape(
+        b.attn_fwd(
+            &z(24),
+            &z(12),
+            &z(12),
+            Some(&up_ids(b, &[0, 0])),
+            &mut o,
+            &mut l,
+            &s,
+        ),
+        "attn_fwd",
+        "seg",
+    );
+    let mut l5 = z(5);
+    expect_shape(
+        b.attn_fwd(&z(24), &z(12), &z(12), None, &mut o, &mut l5, &s),
+        "attn_fwd",
+        "lse",
+    );
+    let (mut dq, mut dk, mut dv) = (z(24), z(12), z(13));
+    expect_shape(
+        b.attn_bwd(
+            &z(24),
+            &z(12),
+            &z(12),
+            None,
+            &z(24),
+            &z(6),
+            &z(24),
+            &mut dq,
+            &mut dk,
+            &mut dv,
+            &s,
+        ),
+        "attn_bwd",
+        "dv",
+    );
+
+    let mut e = z(4 * 3);
+    expect_shape(
+        b.embedding_fwd(&up_ids(b, &[0, 1]), &z(5 * 3), &mut e, 5, 3, 1.0),
+        "embedding_fwd",
+        "out",
+    );
+    let mut dl = z(7);
+    expect_shape(
+        b.cross_entropy(&z(8), &up_ids(b, &[0, 1]), 2, 4, None, 1.0, Some(&mut dl)),
+        "cross_entropy",
+        "dlogits",
+    );
+    expect_shape(
+        b.cross_entropy(&z(8), &up_ids(b, &[0]), 2, 4, None, 1.0, None),
+        "cross_entropy",
+        "labels",
+    );
+    let mut dh = z(5);
+    expect_shape(
+        b.lm_head_ce(
+            &z(6),
+            &z(12),
+            &up_ids(b, &[0, 1]),
+            2,
+            3,
+            4,
+            None,
+            1.0,
+            Some(&mut dh),
+            None,
+        ),
+        "lm_head_ce",
+        "dhidden",
+    );
+    let mut yy = z(3);
+    expect_shape(b.axpy(1.0, &z(4), &mut yy), "axpy", "y");
+}
+
+fn check_invalid<B: Backend>(b: &B, _tol: Tolerance) {
+    let z = |n: usize| b.zeros(n).unwrap();
+    let s = AttnShape {
+        b: 1,
+        t: 3,
+        tk: 3,
+        nh: 3,
+        nkv: 2,
+        d: 4,
+        scale: 1.0,
+        softcap: None,
+        window: None,
+    };
+    let (mut o, mut l) = (z(36), z(9));
+    expect_invalid(
+        b.attn_fwd(&z(36), &z(24), &z(24), None, &mut o, &mut l, &s),
+        "attn_fwd",
+        "nkv",
+    );
+    let s = AttnShape {
+        nh: 2,
+        window: Some(0),
+        ..s
+    };
+    let (mut o, mut l) = (z(24), z(6));
+    expect_invalid(
+        b.attn_fwd(&z(24), &z(24), &z(24), None, &mut o, &mut l, &s),
+        "attn_fwd",
+        "window",
+    );
+    let s = AttnShape {
+        nh: 2,
+        t: 2,
+        tk: 3,
+        window: None,
+        ..s
+    };
+    let (mut o, mut l) = (z(16), z(4));
+    let (mut dq, mut dk, mut dv) = (z(16), z(24), z(24));
+    expect_invalid(
+        b.attn_bwd(
+            &z(16),
+            &z(24),
+            &z(24),
+            None,
+            &z(16),
+            &z(4),
+            &z(16),
+            &mut dq,
+            &mut dk,
+            &mut dv,
+            &s,
+        ),
+        "attn_bwd",
+        "tk",
+    );
+    let s = AttnShape { t: 4, tk: 3, ..s };
+    expect_invalid(
+        b.attn_fwd(&z(32), &z(24), &z(24), None, &mut o, &mut l, &s),
+        "attn_fwd",
+        "tk",
+    );
+
+    let mut x = z(2 * 3);
+    expect_invalid(
+        b.rope(&mut x, &up_ids(b, &[0, 1]), 2, 1, 3, 1e4, false),
+        "rope",
+        "d",
+    );
+    let mut x = z(2 * 4);
+    expect_invalid(
+        b.rope(&mut x, &up_ids(b, &[0, -1]), 2, 1, 4, 1e4, false),
+        "rope",
+        "pos",
+    );
+
+    let mut e = z(2 * 3);
+    expect_invalid(
+        b.embedding_fwd(&up_ids(b, &[0, 5]), &z(5 * 3), &mut e, 5, 3, 1.0),
+        "embedding_fwd",
+        "ids",
+    );
+    let mut dt = z(5 * 3);
+    expect_invalid(
+        b.embedding_bwd(&up_ids(b, &[-1, 0]), &z(6), &mut dt, 5, 3, 1.0),
+        "embedding_bwd",
+        "ids",
+    );
+    expect_invalid(
+        b.cross_entropy(&z(8), &up_ids(b, &[4, -100]), 2, 4, None, 1.0, None),
+        "cross_entropy",
+        "labels",
+    );
+    expect_invalid(
+        b.cross_entropy(&z(8), &up_ids(b, &[-5, 0]), 2, 4, None, 1.0, None),
+        "cross_entropy",
+        "labels",
+    );
+    expect_invalid(
+        b.lm_head_ce(
+            &z(6),
+            &z(12),
+            &up_ids(b, &[0, 9]),
+            2,
+            3,
+            4,
+            None,
+            1.0,
+            None,
+            None,
+        ),
+        "lm_head_ce",
+        "labels",
+    );
+    let mut x = z(4);
+    expect_invalid(b.softcap_fwd(&mut x, 0.0), "softcap_fwd", "cap");
+    let (a, bb) = (z(0), z(0));
+    let lr = afinar_kernels::LoraRef {
+        a: &a,
+        b: &bb,
+        r: 0,
+        scale: 1.0,
+        mask: None,
+    };
+    let mut y = z(6);
+    expect_invalid(
+        b.lora_fwd(&z(6), Weight::Dense(&z(9)), Some(lr), &mut y, None, 2, 3, 3),
+        "lora_fwd",
+        "r",
+    );
+    // An NF4 weight of the wrong logical shape.
+    let w = Nf4Tensor {
+        shape: vec![3, 4],
+        packed: vec![0; 6],
+        absmax: Absmax::Plain(vec![1.0]),
+    };
+    let w = b.nf4_from_host(&w).unwrap();
+    let mut y = z(2 * 4);
+    expect_invalid(
+        b.lora_fwd(&z(2 * 3), Weight::Nf4(&w), None, &mut y, None, 2, 3, 4),
+        "lora_fwd",
+        "w",
+    );
+}

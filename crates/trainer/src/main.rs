@@ -1,1 +1,472 @@
-fn main() { eprintln!("afinar: not yet"); std::process::exit(2) }
+//! `afinar`: the command-line interface. Thin: parsing, output formatting and exit codes; the work is
+//! in the library (afinar_trainer, afinar_gemma, afinar_data).
+//!
+//! Exit codes: 0 success; 1 runtime failure (bad data, I/O, non-finite stop, failed inspection);
+//! 2 usage or config error (clap's own code too); 130 interrupted (a checkpoint was written).
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+
+use afinar_trainer::config::Config;
+use afinar_trainer::infer::{self, EvalOptions, SampleOptions};
+use afinar_trainer::metrics::StopReason;
+use afinar_trainer::train::{self, Resume, TrainError, TrainOptions};
+
+#[derive(Parser)]
+#[command(name = "afinar", version, about = "LoRA/QLoRA fine-tuning of Gemma-2 (CPU reference backend)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Train from a TOML config (see configs/).
+    Train(TrainArgs),
+    /// Loss and perplexity of a model (+ adapter) on a dataset.
+    Eval(EvalArgs),
+    /// Generate answers with a model (+ adapter).
+    Generate(GenerateArgs),
+    /// Merge a LoRA adapter into the base weights (Hugging Face layout).
+    Merge(MergeArgs),
+    /// Write a bitsandbytes NF4 (double-quant) checkpoint.
+    Quantize(QuantizeArgs),
+    /// Dataset tools.
+    Data {
+        #[command(subcommand)]
+        cmd: DataCmd,
+    },
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Run config (TOML).
+    #[arg(long)]
+    config: PathBuf,
+    /// Override one key: section.key=value (repeatable), e.g. --set train.lr=1e-4.
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    set: Vec<String>,
+    /// Continue a run: a run directory, a checkpoint directory, or `auto` (this config's run dir, if it
+    /// has a checkpoint).
+    #[arg(long, value_name = "RUN_DIR|auto")]
+    resume: Option<String>,
+    /// Parent directory of run directories (overrides output.dir).
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Run directory name (overrides output.run_name).
+    #[arg(long)]
+    run_name: Option<String>,
+    /// Replace an existing run directory.
+    #[arg(long)]
+    overwrite: bool,
+    /// No progress output.
+    #[arg(long)]
+    quiet: bool,
+    /// Print the final summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// nf4 | none
+    #[arg(long, default_value = "none")]
+    quantization: String,
+    #[arg(long)]
+    data: PathBuf,
+    /// alpaca | messages | sharegpt | text (default: detect).
+    #[arg(long)]
+    format: Option<String>,
+    #[arg(long, default_value = "gemma")]
+    template: String,
+    #[arg(long, default_value_t = 1024)]
+    max_seq_len: usize,
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// nf4 | none
+    #[arg(long, default_value = "none")]
+    quantization: String,
+    /// One user message.
+    #[arg(long, conflicts_with = "prompts", required_unless_present = "prompts")]
+    prompt: Option<String>,
+    /// A file with one prompt per line, or a JSONL dataset (alpaca instruction/input are used).
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    #[arg(long, default_value = "gemma")]
+    template: String,
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct MergeArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    adapter: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+    /// bf16 | f32
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+}
+
+#[derive(Args)]
+struct QuantizeArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum DataCmd {
+    /// Render samples with the trained tokens marked and print dataset statistics. Exits 1 if a sample
+    /// has no trained token or an assistant turn lacks its trained end-of-turn token.
+    Inspect(InspectArgs),
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long)]
+    format: Option<String>,
+    #[arg(long, default_value = "gemma")]
+    template: String,
+    /// tokenizer.json (its tokenizer_config.json beside it is read when present).
+    #[arg(long, conflicts_with = "model", required_unless_present = "model")]
+    tokenizer: Option<PathBuf>,
+    /// A model directory holding tokenizer.json.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(long, default_value_t = 1024)]
+    max_seq_len: usize,
+    /// assistant | all | last-turn
+    #[arg(long, default_value = "assistant")]
+    mask: String,
+    /// truncate | drop | error
+    #[arg(long, default_value = "truncate")]
+    overflow: String,
+    /// Samples to render.
+    #[arg(long, default_value_t = 3)]
+    samples: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+/// A failure with its exit code.
+struct Failure {
+    code: u8,
+    err: anyhow::Error,
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure { code: 1, err: e.into() }
+    }
+}
+
+fn usage(e: impl Into<anyhow::Error>) -> Failure {
+    Failure { code: 2, err: e.into() }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Train(a) => cmd_train(a),
+        Cmd::Eval(a) => cmd_eval(a),
+        Cmd::Generate(a) => cmd_generate(a),
+        Cmd::Merge(a) => cmd_merge(a),
+        Cmd::Quantize(a) => cmd_quantize(a),
+        Cmd::Data { cmd: DataCmd::Inspect(a) } => cmd_inspect(a),
+    };
+    match r {
+        Ok(code) => ExitCode::from(code),
+        Err(f) => {
+            eprintln!("error: {:#}", f.err);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn shell_quote(s: &str) -> String {
+    if s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@".contains(c)) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+fn cmd_train(a: TrainArgs) -> Result<u8, Failure> {
+    let mut overrides = a.set.clone();
+    if let Some(o) = &a.output {
+        overrides.push(format!("output.dir={}", o.display()));
+    }
+    if let Some(n) = &a.run_name {
+        overrides.push(format!("output.run_name={n}"));
+    }
+    let config = Config::load(&a.config, &overrides).map_err(usage)?;
+    let resume = match a.resume.as_deref() {
+        None => None,
+        Some("auto") => Some(Resume::Auto),
+        Some(p) => Some(Resume::Dir(PathBuf::from(p))),
+    };
+    let opts = TrainOptions { config, resume, overwrite: a.overwrite, quiet: a.quiet, stop_after: None };
+    let out = match train::train(&opts) {
+        Ok(o) => o,
+        Err(e) => {
+            let code = match e {
+                TrainError::Config(_) | TrainError::Invalid { .. } | TrainError::RunDirExists(_) | TrainError::ConfigMismatch { .. } => 2,
+                _ => 1,
+            };
+            return Err(Failure { code, err: e.into() });
+        }
+    };
+    let s = &out.summary;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(s).expect("summary serializes"));
+    } else {
+        let f = |x: Option<f64>| x.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
+        println!(
+            "done: {}/{} steps, train loss {} → {}, eval loss {} → {}, {:.0} tokens/s, {:.1} s; run dir {}",
+            s.steps,
+            s.total_steps,
+            f(s.first_train_loss),
+            f(s.final_train_loss),
+            f(s.initial_eval_loss),
+            f(s.final_eval_loss),
+            s.tokens_per_s,
+            s.elapsed_s,
+            out.run_dir.display()
+        );
+    }
+    match s.stop_reason {
+        StopReason::Completed => Ok(0),
+        StopReason::Interrupted => {
+            let mut cmd = format!("afinar train --config {}", shell_quote(&a.config.display().to_string()));
+            for o in &a.set {
+                cmd.push_str(&format!(" --set {}", shell_quote(o)));
+            }
+            cmd.push_str(&format!(" --resume {}", shell_quote(&out.run_dir.display().to_string())));
+            eprintln!("interrupted at step {}; checkpoint written to {}", s.steps, out.checkpoint.display());
+            eprintln!("resume with: {cmd}");
+            Ok(130)
+        }
+        StopReason::NonFinite => {
+            eprintln!(
+                "stopped: {} consecutive steps had a non-finite loss or gradient norm (see the skipped steps and their \
+                 samples in {}/metrics.jsonl). Lower train.lr, set train.max_grad_norm, or check those samples.",
+                train::MAX_NONFINITE_IN_ROW,
+                out.run_dir.display()
+            );
+            Ok(1)
+        }
+    }
+}
+
+fn parse_quant(q: &str) -> Result<bool, Failure> {
+    match q {
+        "nf4" => Ok(true),
+        "none" => Ok(false),
+        _ => Err(usage(anyhow::anyhow!("--quantization {q:?}: expected nf4 or none"))),
+    }
+}
+
+fn check_model_dir(p: &Path) -> Result<(), Failure> {
+    if !p.join("config.json").is_file() {
+        return Err(usage(anyhow::anyhow!("--model {}: not a model directory (no config.json)", p.display())));
+    }
+    Ok(())
+}
+
+fn cmd_eval(a: EvalArgs) -> Result<u8, Failure> {
+    check_model_dir(&a.model)?;
+    if !a.data.is_file() {
+        return Err(usage(anyhow::anyhow!("--data {}: no such file", a.data.display())));
+    }
+    let nf4 = parse_quant(&a.quantization)?;
+    let format = a.format.as_deref().map(str::parse).transpose().map_err(usage)?;
+    let template = a.template.parse().map_err(usage)?;
+    let tok = afinar_data::TextTokenizer::from_model_dir(&a.model)?;
+    let model = infer::load_model(&a.model, a.adapter.as_deref(), nf4)?;
+    let o = EvalOptions { data: a.data.clone(), format, template, max_seq_len: a.max_seq_len, batch_size: a.batch_size };
+    let r = infer::eval_file(&model, &tok, &o)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r).expect("serializes"));
+    } else {
+        println!("loss {:.4}  perplexity {:.3}  tokens {}  samples {}", r.loss, r.perplexity, r.tokens, r.samples);
+    }
+    Ok(0)
+}
+
+/// Prompts from a file: JSONL records (alpaca instruction/input, messages' last user turn, or text) or
+/// plain lines.
+fn read_prompts(p: &Path) -> anyhow::Result<Vec<afinar_data::Message>> {
+    let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        if line.starts_with('{') {
+            let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}:{}: invalid JSON", p.display(), i + 1))?;
+            if let Some(instr) = v.get("instruction").and_then(|x| x.as_str()) {
+                out.push(infer::user_message(instr, v.get("input").and_then(|x| x.as_str()).unwrap_or("")));
+            } else if let Some(msgs) = v.get("messages").and_then(|x| x.as_array()) {
+                let last = msgs
+                    .iter()
+                    .rev()
+                    .find(|m| m.get("role").and_then(|r| r.as_str()) == Some("user"))
+                    .and_then(|m| m.get("content").and_then(|c| c.as_str()));
+                match last {
+                    Some(c) => out.push(infer::user_message(c, "")),
+                    None => bail!("{}:{}: no user message", p.display(), i + 1),
+                }
+            } else if let Some(t) = v.get("prompt").or_else(|| v.get("text")).and_then(|x| x.as_str()) {
+                out.push(infer::user_message(t, ""));
+            } else {
+                bail!("{}:{}: expected `instruction`, `messages`, `prompt` or `text`", p.display(), i + 1);
+            }
+        } else {
+            out.push(infer::user_message(line, ""));
+        }
+    }
+    Ok(out)
+}
+
+fn cmd_generate(a: GenerateArgs) -> Result<u8, Failure> {
+    check_model_dir(&a.model)?;
+    let nf4 = parse_quant(&a.quantization)?;
+    let template_kind: afinar_data::TemplateKind = a.template.parse().map_err(usage)?;
+    let prompts = match (&a.prompt, &a.prompts) {
+        (Some(p), _) => vec![infer::user_message(p, "")],
+        (None, Some(f)) => read_prompts(f).map_err(usage)?,
+        (None, None) => return Err(usage(anyhow::anyhow!("give --prompt TEXT or --prompts FILE"))),
+    };
+    let tok = afinar_data::TextTokenizer::from_model_dir(&a.model)?;
+    let template = afinar_data::Template::new(template_kind, &tok)?;
+    let model = infer::load_model(&a.model, a.adapter.as_deref(), nf4)?;
+    let s = SampleOptions { max_new_tokens: a.max_new_tokens, temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
+    let mut outs = Vec::new();
+    for p in &prompts {
+        let g = infer::generate_answer(&model, &tok, &template, p, &s)?;
+        if !a.json {
+            println!("### {}\n{}\n", g.prompt, g.completion);
+        }
+        outs.push(g);
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&outs).expect("serializes"));
+    }
+    Ok(0)
+}
+
+fn cmd_merge(a: MergeArgs) -> Result<u8, Failure> {
+    check_model_dir(&a.model)?;
+    if !a.adapter.join("adapter_config.json").is_file() {
+        return Err(usage(anyhow::anyhow!("--adapter {}: no adapter_config.json", a.adapter.display())));
+    }
+    let dtype = match a.dtype.as_str() {
+        "bf16" | "f32" => a.dtype.clone(),
+        d => return Err(usage(anyhow::anyhow!("--dtype {d:?}: expected bf16 or f32"))),
+    };
+    infer::merge(&a.model, &a.adapter, &a.out, &dtype)?;
+    println!("merged model written to {}", a.out.display());
+    Ok(0)
+}
+
+fn cmd_quantize(a: QuantizeArgs) -> Result<u8, Failure> {
+    check_model_dir(&a.model)?;
+    infer::quantize(&a.model, &a.out)?;
+    println!("NF4 (double-quant) checkpoint written to {}", a.out.display());
+    Ok(0)
+}
+
+fn cmd_inspect(a: InspectArgs) -> Result<u8, Failure> {
+    if !a.data.is_file() {
+        return Err(usage(anyhow::anyhow!("--data {}: no such file", a.data.display())));
+    }
+    let tok = match (&a.tokenizer, &a.model) {
+        (Some(t), _) => {
+            let cfg = t.with_file_name("tokenizer_config.json");
+            afinar_data::TextTokenizer::from_files(t, cfg.is_file().then_some(cfg.as_path()))?
+        }
+        (None, Some(m)) => afinar_data::TextTokenizer::from_model_dir(m)?,
+        (None, None) => return Err(usage(anyhow::anyhow!("give --tokenizer FILE or --model DIR"))),
+    };
+    let opts = afinar_data::InspectOptions {
+        data: a.data.clone(),
+        format: a.format.as_deref().map(str::parse).transpose().map_err(usage)?,
+        template: a.template.parse().map_err(usage)?,
+        mask: a.mask.parse().map_err(usage)?,
+        max_seq_len: a.max_seq_len,
+        overflow: a.overflow.parse().map_err(usage)?,
+        samples: a.samples,
+    };
+    let r = afinar_data::inspect(&opts, &tok)?;
+    if a.json {
+        let samples: Vec<serde_json::Value> = r
+            .samples
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "loc": s.loc.to_string(),
+                    "tokens": s.tokens,
+                    "trained": s.trained,
+                    "truncated": s.truncated,
+                    "pieces": s.pieces.iter().map(|p| serde_json::json!({"text": p.text, "trained": p.trained})).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let v = serde_json::json!({
+            "path": r.path,
+            "format": r.format.name(),
+            "template": r.template.name(),
+            "max_seq_len": r.max_seq_len,
+            "stats": r.stats,
+            "trained_share": r.stats.trained_share(),
+            "mean_len": r.mean_len,
+            "histogram": r.histogram.iter().map(|b| serde_json::json!({"lo": b.lo, "hi": b.hi, "count": b.count})).collect::<Vec<_>>(),
+            "samples": samples,
+            "problems": r.problems.iter().map(|p| serde_json::json!({"loc": p.loc.to_string(), "message": p.message})).collect::<Vec<_>>(),
+            "problem_count": r.problem_count,
+            "passed": r.passed(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v).expect("serializes"));
+    } else {
+        let mut out = std::io::stdout().lock();
+        afinar_data::render_report(&r, &mut out, std::io::stdout().is_terminal())?;
+    }
+    Ok(if r.passed() { 0 } else { 1 })
+}

@@ -84,7 +84,7 @@ pub fn adamw_step(
     // torch keeps `step` in an f32 tensor and reads it back with .item(): exact for t < 2^24.
     let t = h.step as f32 as f64;
 
-    let decay = (wd != 0.0).then(|| (1.0 - lr * wd) as f32);
+    let decay = (wd != 0.0).then_some((1.0 - lr * wd) as f32);
     let w1 = (1.0 - b1) as f32;
     let w1_small = w1.abs() < 0.5;
     let b2_f = b2 as f32;

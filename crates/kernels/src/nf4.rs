@@ -787,6 +787,31 @@ mod tests {
     }
 
     #[test]
+    fn dynamic8_is_nearest_up_to_midpoint_rounding() {
+        // Sweep [-1.2, 1.2]: the chosen code must be a nearest one, except when x lies within one f32 ulp
+        // of the midpoint between two codes (where the f32-rounded midpoint decides, as on the GPU).
+        let map = dynamic_map();
+        let n = 200_000;
+        for i in 0..=n {
+            let x = -1.2f32 + 2.4 * (i as f32 / n as f32);
+            let q = quantize_dynamic8(&map, x) as usize;
+            let d = |c: usize| (x as f64 - map[c] as f64).abs();
+            let best = (0..256).map(d).fold(f64::INFINITY, f64::min);
+            if d(q) > best {
+                let nearest = (0..256).find(|&c| d(c) == best).unwrap();
+                let mid = (map[q] as f64 + map[nearest] as f64) / 2.0;
+                let ulp = (x.next_up() - x) as f64;
+                assert!(
+                    (x as f64 - mid).abs() <= ulp,
+                    "x = {x}: code {q} ({}) but {nearest} ({}) is nearer",
+                    map[q],
+                    map[nearest]
+                );
+            }
+        }
+    }
+
+    #[test]
     fn torch_sum_handles_every_small_length() {
         // Exactly representable values: the cascade order cannot change the result, so compare with f64.
         for n in 0..300usize {

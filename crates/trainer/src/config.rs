@@ -379,40 +379,53 @@ pub fn edit_distance(a: &str, b: &str) -> usize {
     prev[b.len()]
 }
 
+/// Edit distance with a one-edit bonus for a shared first character (`rank` is nearer `r` than `mask`).
+fn key_distance(a: &str, b: &str) -> usize {
+    let d = edit_distance(a, b);
+    if !a.is_empty() && a.as_bytes().first() == b.as_bytes().first() {
+        d.saturating_sub(1)
+    } else {
+        d
+    }
+}
+
 /// The nearest valid dotted key for an unknown one. Same-section keys win ties; a key that exists
 /// verbatim in another section is suggested there (`lora.lr` → `train.lr`).
 fn suggest(section: Option<&str>, key: &str) -> Option<String> {
     let schema = schema();
-    let mut best: Option<(usize, String)> = None;
-    let mut consider = |d: usize, cand: String| {
-        if best.as_ref().is_none_or(|(bd, _)| d < *bd) {
-            best = Some((d, cand));
+    // (cost, raw distance, candidate); cost = 3·distance, +2 for another section.
+    let mut best: Option<(usize, usize, String)> = None;
+    let mut consider = |cost: usize, d: usize, cand: String| {
+        if best.as_ref().is_none_or(|(bc, _, _)| cost < *bc) {
+            best = Some((cost, d, cand));
         }
     };
     match section {
         None => {
             for (s, _) in &schema {
-                consider(edit_distance(key, s), s.to_string());
+                let d = key_distance(key, s);
+                consider(d * 3, d, s.to_string());
             }
         }
         Some(sec) => {
             if let Some((_, fields)) = schema.iter().find(|(s, _)| *s == sec) {
                 for f in fields.iter() {
-                    consider(edit_distance(key, f) * 2, format!("{sec}.{f}"));
+                    let d = key_distance(key, f);
+                    consider(d * 3, d, format!("{sec}.{f}"));
                 }
             }
             for (s, fields) in &schema {
                 if *s != sec {
                     for f in fields.iter() {
-                        // Other sections cost one extra edit, so a close same-section key wins.
-                        consider(edit_distance(key, f) * 2 + 1, format!("{s}.{f}"));
+                        let d = key_distance(key, f);
+                        consider(d * 3 + 2, d, format!("{s}.{f}"));
                     }
                 }
             }
         }
     }
-    // Only suggest something plausibly related: at most half the key's length edited.
-    best.filter(|(d, _)| *d / 2 <= key.len().max(2) / 2 + 1).map(|(_, k)| k)
+    // Only suggest something plausibly related: at most about half the key edited.
+    best.filter(|(_, d, _)| *d <= key.len() / 2 + 1).map(|(_, _, k)| k)
 }
 
 /// The 1-based line of `key` in `[section]` of the TOML text, if it can be found (for messages only).

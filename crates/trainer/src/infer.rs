@@ -133,122 +133,27 @@ pub fn generate_answer(
     Ok(GenOutput { prompt: user.content.clone(), completion, tokens: g.tokens.len(), stop: format!("{:?}", g.stop) })
 }
 
-/// Every base tensor of a Gemma-2 checkpoint except the seven projections, in file order.
-fn non_linear_ids(cfg: &afinar_gemma::Gemma2Config) -> Vec<afinar_gemma::ParamId> {
-    use afinar_gemma::ParamId;
-    let mut ids = vec![ParamId::Embed];
-    for layer in 0..cfg.num_hidden_layers {
-        for kind in afinar_gemma::NormKind::ALL {
-            ids.push(ParamId::Norm { layer, kind });
-        }
-    }
-    ids.push(ParamId::FinalNorm);
-    ids
-}
-
-fn tensor_out(name: String, shape: Vec<usize>, v: &[f32], bf16: bool) -> afinar_gemma::safetensors_io::TensorOut<'static> {
-    use afinar_gemma::safetensors_io::TensorOut;
-    if bf16 {
-        let mut data = Vec::with_capacity(v.len() * 2);
-        for x in v {
-            // Round to nearest even, as torch's .to(bfloat16).
-            data.extend_from_slice(&half::bf16::from_f32(*x).to_le_bytes());
-        }
-        TensorOut { name, dtype: afinar_gemma::Dtype::BF16, shape, data: data.into() }
-    } else {
-        TensorOut::f32(name, shape, v)
-    }
-}
-
-fn write_hf_dir(
-    model_dir: &Path,
-    out: &Path,
-    tensors: &[afinar_gemma::safetensors_io::TensorOut<'_>],
-    mut config: serde_json::Value,
-    torch_dtype: &str,
-) -> Result<()> {
-    let io = |p: &Path| {
-        let p = p.to_path_buf();
-        move |source| TrainError::Io { path: p, source }
-    };
-    std::fs::create_dir_all(out).map_err(io(out))?;
-    let meta = std::collections::BTreeMap::from([("format".to_string(), "pt".to_string())]);
-    afinar_gemma::safetensors_io::write_safetensors(&out.join("model.safetensors"), tensors, Some(&meta))?;
-    if let Some(o) = config.as_object_mut() {
-        o.insert("torch_dtype".into(), torch_dtype.into());
-    }
-    std::fs::write(out.join("config.json"), serde_json::to_string_pretty(&config).expect("json")).map_err(io(out))?;
-    for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"] {
-        let src = model_dir.join(f);
-        if src.is_file() {
-            std::fs::copy(&src, out.join(f)).map_err(io(&src))?;
-        }
-    }
-    Ok(())
-}
-
-/// `afinar merge`: W + s·B·A for every adapted linear (PEFT's merge: the matmul first, then × s), saved as a
-/// dense Hugging Face checkpoint in bf16 (round to nearest even) or f32, with config.json and the tokenizer
-/// files. One `model.safetensors` file (no sharding).
-pub fn merge(model_dir: &Path, adapter: &Path, out: &Path, dtype: &str) -> Result<()> {
-    use afinar_gemma::{ParamId, Target};
+/// `afinar merge`: W + s·B·A for every adapted linear, written as a dense Hugging Face checkpoint in bf16 or
+/// f32 (afinar-gemma's `export_merged`: sharded above 5 GB, atomic, tokenizer files copied).
+pub fn merge(model_dir: &Path, adapter: &Path, out: &Path, dtype: &str) -> Result<afinar_gemma::export::ExportSummary> {
+    use afinar_gemma::export::{export_merged, ExportDtype, ExportOptions};
     let model = load_model(model_dir, Some(adapter), false)?;
-    let be = model.backend().clone();
-    let bf16 = dtype == "bf16";
-    let cfg = &model.config;
-    let mut tensors = Vec::new();
-    for id in non_linear_ids(cfg) {
-        tensors.push(tensor_out(id.name(), id.shape(cfg, 0), &model.get_tensor(&id.name())?, bf16));
-    }
-    for (layer, l) in model.layers.iter().enumerate() {
-        for target in Target::ALL {
-            let lin = l.linear(target);
-            let (o, i) = (lin.out_features, lin.in_features);
-            let mut w = model.dense_weight(layer, target)?;
-            if let Some(lo) = &lin.lora {
-                use afinar_kernels::Backend;
-                let (a, b) = (be.to_host(&lo.a)?, be.to_host(&lo.b)?);
-                let r = lo.r;
-                // delta[o_, i_] = Σ_k B[o_, k]·A[k, i_], then W += s·delta.
-                for oo in 0..o {
-                    for ii in 0..i {
-                        let mut d = 0.0f32;
-                        for k in 0..r {
-                            d += b[oo * r + k] * a[k * i + ii];
-                        }
-                        w[oo * i + ii] += d * lo.scale;
-                    }
-                }
-            }
-            tensors.push(tensor_out(ParamId::Weight { layer, target }.name(), vec![o, i], &w, bf16));
-        }
-    }
-    write_hf_dir(model_dir, out, &tensors, model.config.to_json(), if bf16 { "bfloat16" } else { "float32" })
+    let opts = ExportOptions {
+        dtype: if dtype == "f32" { ExportDtype::F32 } else { ExportDtype::BF16 },
+        source_dir: Some(model_dir.to_path_buf()),
+        ..Default::default()
+    };
+    Ok(export_merged(&model, out, &opts)?)
 }
 
-/// `afinar quantize`: a bitsandbytes-format NF4 checkpoint (blocksize 64, double-quantized absmax; quant
-/// state dtype bfloat16) that transformers + bitsandbytes load; embeddings and norms in bf16, and
-/// `quantization_config` in config.json.
-pub fn quantize(model_dir: &Path, out: &Path) -> Result<()> {
-    use afinar_gemma::{ParamId, Target};
-    let model = load_model(model_dir, None, true)?;
-    let cfg = &model.config;
-    let mut tensors = Vec::new();
-    for id in non_linear_ids(cfg) {
-        tensors.push(tensor_out(id.name(), id.shape(cfg, 0), &model.get_tensor(&id.name())?, true));
-    }
-    for layer in 0..cfg.num_hidden_layers {
-        for target in Target::ALL {
-            let name = ParamId::Weight { layer, target }.name();
-            let w = model
-                .nf4_weight(layer, target)?
-                .ok_or_else(|| TrainError::Unsupported(format!("{name} was not quantized on load")))?;
-            tensors.extend(afinar_gemma::bnb::bnb_tensors(&name, &w, "bfloat16")?);
-        }
-    }
-    let mut config = model.config.to_json();
-    if let Some(o) = config.as_object_mut() {
-        o.insert("quantization_config".into(), afinar_gemma::bnb::quantization_config_json("bfloat16", true));
-    }
-    write_hf_dir(model_dir, out, &tensors, config, "bfloat16")
+/// `afinar quantize`: a bitsandbytes NF4 checkpoint (blocksize 64, double-quantized absmax, compute dtype
+/// bfloat16) that transformers + bitsandbytes load (afinar-gemma's `export_nf4`).
+pub fn quantize(model_dir: &Path, out: &Path) -> Result<afinar_gemma::export::ExportSummary> {
+    use afinar_gemma::export::{export_nf4, ExportOptions, QuantizeOptions};
+    let model = load_model(model_dir, None, false)?;
+    let opts = QuantizeOptions {
+        export: ExportOptions { source_dir: Some(model_dir.to_path_buf()), ..Default::default() },
+        ..Default::default()
+    };
+    Ok(export_nf4(&model, out, &opts)?)
 }

@@ -660,40 +660,12 @@ fn save_checkpoint<B: Backend>(
 }
 
 /// Writes a full (dense, f32) model in the Hugging Face layout: config.json, model.safetensors (no
-/// lm_head: it is tied), and the tokenizer files copied from the base directory.
+/// lm_head: it is tied), and the tokenizer files copied from `base_dir` (afinar-gemma's `export_merged`;
+/// LoRA factors, if any, are merged).
 pub fn save_full_model<B: Backend>(model: &Gemma2Model<B>, base_dir: &Path, out: &Path) -> Result<()> {
-    use afinar_gemma::model::ParamId;
-    use afinar_gemma::safetensors_io::{write_safetensors, TensorOut};
-    fs::create_dir_all(out).map_err(io(out))?;
-    let cfg = &model.config;
-    let mut ids = vec![ParamId::Embed];
-    for layer in 0..cfg.num_hidden_layers {
-        for kind in afinar_gemma::NormKind::ALL {
-            ids.push(ParamId::Norm { layer, kind });
-        }
-        for target in afinar_gemma::Target::ALL {
-            ids.push(ParamId::Weight { layer, target });
-        }
-    }
-    ids.push(ParamId::FinalNorm);
-    let mut outs = Vec::with_capacity(ids.len());
-    for id in ids {
-        let name = id.name();
-        outs.push(TensorOut::f32(name.clone(), id.shape(cfg, 0), &model.get_tensor(&name)?));
-    }
-    let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
-    write_safetensors(&out.join("model.safetensors"), &outs, Some(&meta))?;
-    let mut json = model.config.to_json();
-    if let Some(o) = json.as_object_mut() {
-        o.insert("torch_dtype".into(), "float32".into());
-    }
-    fs::write(out.join("config.json"), serde_json::to_string_pretty(&json).expect("json")).map_err(io(out))?;
-    for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
-        let src = base_dir.join(f);
-        if src.is_file() {
-            fs::copy(&src, out.join(f)).map_err(io(&src))?;
-        }
-    }
+    use afinar_gemma::export::{export_merged, ExportDtype, ExportOptions};
+    let opts = ExportOptions { dtype: ExportDtype::F32, source_dir: Some(base_dir.to_path_buf()), ..Default::default() };
+    export_merged(model, out, &opts)?;
     Ok(())
 }
 

@@ -190,3 +190,41 @@ fn eval_generate_inspect_json() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("/no/data.jsonl"));
 }
+
+#[test]
+fn merge_and_quantize_produce_loadable_models() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = config_file(dir.path(), "");
+    let o = run(&["train", "--config", p.to_str().unwrap(), "--quiet", "--set", "train.max_steps=3"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let c = common::config(dir.path());
+    let m = c.model.path.to_str().unwrap().to_string();
+    let d = c.data.eval.to_str().unwrap().to_string();
+    let adapter = dir.path().join("runs/t/adapter");
+    let a = adapter.to_str().unwrap();
+    let merged = dir.path().join("merged");
+    let o = run(&["merge", "--model", &m, "--adapter", a, "--out", merged.to_str().unwrap(), "--dtype", "f32"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(merged.join("tokenizer.json").is_file());
+    let loss = |args: &[&str]| -> f64 {
+        let o = run(args);
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["loss"].as_f64().unwrap()
+    };
+    let with_adapter = loss(&["eval", "--model", &m, "--adapter", a, "--data", &d, "--max-seq-len", "128", "--json"]);
+    let merged_loss = loss(&["eval", "--model", merged.to_str().unwrap(), "--data", &d, "--max-seq-len", "128", "--json"]);
+    afinar_kernels::Tolerance::new(1e-5, 1e-4).assert_close("merged eval loss", [merged_loss], [with_adapter]);
+
+    let q = dir.path().join("q");
+    let o = run(&["quantize", "--model", &m, "--out", q.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(q.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["quantization_config"]["bnb_4bit_quant_type"], "nf4");
+    let ql = loss(&["eval", "--model", q.to_str().unwrap(), "--data", &d, "--max-seq-len", "128", "--json"]);
+    let base = loss(&["eval", "--model", &m, "--data", &d, "--max-seq-len", "128", "--json"]);
+    assert!(ql.is_finite() && (ql - base).abs() < 0.5, "nf4 {ql} vs dense {base}");
+    // Bad adapter path.
+    let o = run(&["merge", "--model", &m, "--adapter", "/no/adapter", "--out", merged.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("/no/adapter"));
+}

@@ -64,16 +64,16 @@ pub fn tiny_config() -> Gemma2Config {
 /// A random tiny Gemma-2 in the Hugging Face layout under `dir/model`.
 pub fn write_model(dir: &Path) -> PathBuf {
     let m = dir.join("model");
-    std::fs::create_dir_all(&m).unwrap();
+    let opts = LoadOptions { seed: 1234, ..Default::default() };
+    let model = Gemma2Model::random(Arc::new(Cpu::new()), tiny_config(), &opts).unwrap();
+    // Writes config.json + model.safetensors (the directory is replaced atomically, so the tokenizer
+    // files are written after it).
+    afinar_trainer::train::save_full_model(&model, Path::new("/nonexistent"), &m).unwrap();
     let mut texts: Vec<String> = records(48, 0);
     texts.extend(["<start_of_turn>user\n".to_string(), "<end_of_turn>\n<start_of_turn>model\n".to_string()]);
     let tok = afinar_data::train_tokenizer(&texts, VOCAB, &afinar_data::PROJECT_SPECIAL_TOKENS).unwrap();
     tok.save(m.join("tokenizer.json"), false).unwrap();
     std::fs::write(m.join("tokenizer_config.json"), afinar_data::project_tokenizer_config().to_string()).unwrap();
-    let opts = LoadOptions { seed: 1234, ..Default::default() };
-    let model = Gemma2Model::random(Arc::new(Cpu::new()), tiny_config(), &opts).unwrap();
-    // save_full_model also writes config.json and copies the tokenizer files (none at the source here).
-    afinar_trainer::train::save_full_model(&model, Path::new("/nonexistent"), &m).unwrap();
     m
 }
 

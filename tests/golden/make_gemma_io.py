@@ -10,9 +10,13 @@ It writes, under tests/golden/fixtures/ (all float32, all tiny):
 
   gemma_io_model/             a random tiny Gemma-2 in the HF layout (config.json, model.safetensors,
                               generation_config.json, tokenizer.json, tokenizer_config.json).
-                              hidden 32, 4 layers (sliding, full, sliding, full), 4 heads x head_dim 12
-                              (48 != hidden), 2 kv heads (GQA 2), vocab 97, sliding_window 6,
-                              query_pre_attn_scalar 16 (!= head_dim), both soft-caps on.
+                              hidden 64, 2 layers (sliding, full), 4 heads x head_dim 32 (128 !=
+                              hidden), 2 kv heads (GQA 2), intermediate 64, vocab 97, sliding_window 6,
+                              query_pre_attn_scalar 24 (!= head_dim), both soft-caps on. Every linear
+                              has in_features % 64 == 0, like every real Gemma-2: bitsandbytes 0.50.2's
+                              CPU dequantize_4bit is wrong when a 64-block crosses a row (it then uses
+                              the first block's absmax for the whole tensor), so a fixture with
+                              in_features 32 would record bitsandbytes' bug, not its format.
   gemma_io_adapter_a/         peft save_pretrained: r 4, alpha 8, target "all-linear", random non-zero B.
   gemma_io_adapter_b/         peft save_pretrained: r 2, alpha 4, rsLoRA, module-path targets
                               ["self_attn.q_proj", "self_attn.v_proj"], random non-zero B.
@@ -105,8 +109,8 @@ def greedy(model, prompt, n):
 def main():
     torch.manual_seed(20261129)
     cfg = Gemma2Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=12, sliding_window=6, query_pre_attn_scalar=16,
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, sliding_window=6, query_pre_attn_scalar=24,
         max_position_embeddings=128, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
         initializer_range=0.25, attn_implementation="eager", pad_token_id=0, eos_token_id=1, bos_token_id=2)
     model = Gemma2ForCausalLM(cfg).float().eval()

@@ -217,57 +217,6 @@ pub fn read_bnb_nf4(store: &TensorStore, weight_name: &str, expected_shape: &[us
     Ok(BnbWeight { tensor: Nf4Tensor { shape: qs.shape, packed, absmax }, dtype: qs.dtype })
 }
 
-/// Python's `repr(float)` (what `json.dumps` prints for a float): the shortest round-trip digits, in
-/// positional notation when the decimal exponent is in [-4, 16), otherwise `d.ddde±XX`.
-pub fn python_float_repr(x: f64) -> String {
-    if x.is_nan() {
-        return "NaN".into();
-    }
-    if x.is_infinite() {
-        return if x > 0.0 { "Infinity".into() } else { "-Infinity".into() };
-    }
-    if x == 0.0 {
-        return if x.is_sign_negative() { "-0.0".into() } else { "0.0".into() };
-    }
-    // Rust's `{:e}` prints the shortest round-trip digits: "d.ddde-5" / "de3".
-    let s = format!("{:e}", x.abs());
-    let (mant, exp) = s.split_once('e').unwrap_or((&s, "0"));
-    let exp: i32 = exp.parse().unwrap_or(0);
-    let digits: String = mant.chars().filter(|c| c.is_ascii_digit()).collect();
-    let sign = if x < 0.0 { "-" } else { "" };
-    // Python: positional iff -4 <= exp < 16 (decpt = exp + 1 in (-4, 16]).
-    if (-4..16).contains(&exp) {
-        let decpt = exp + 1;
-        let body = if decpt <= 0 {
-            format!("0.{}{}", "0".repeat((-decpt) as usize), digits)
-        } else if decpt as usize >= digits.len() {
-            format!("{}{}.0", digits, "0".repeat(decpt as usize - digits.len()))
-        } else {
-            format!("{}.{}", &digits[..decpt as usize], &digits[decpt as usize..])
-        };
-        format!("{sign}{body}")
-    } else {
-        let m = if digits.len() > 1 { format!("{}.{}", &digits[..1], &digits[1..]) } else { digits.clone() };
-        let es = if exp < 0 { "-" } else { "+" };
-        format!("{sign}{m}e{es}{:02}", exp.abs())
-    }
-}
-
-/// The quant-state JSON exactly as bitsandbytes writes it (`json.dumps(QuantState.as_dict(packed=True)
-/// non-tensor part)`), for a weight dequantized to `dtype` ("float32", "bfloat16", "float16").
-pub fn quant_state_json(t: &Nf4Tensor, dtype: &str) -> String {
-    let shape = t.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ");
-    let mut s = format!("{{\"quant_type\": \"nf4\", \"blocksize\": {BLOCK}, \"dtype\": \"{dtype}\", \"shape\": [{shape}]");
-    if let Absmax::Nested { offset, .. } = &t.absmax {
-        s.push_str(&format!(
-            ", \"nested_blocksize\": {NESTED_BLOCK}, \"nested_dtype\": \"float32\", \"nested_offset\": {}",
-            python_float_repr(*offset as f64)
-        ));
-    }
-    s.push('}');
-    s
-}
-
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(v.len() * 4);
     for x in v {
@@ -298,7 +247,7 @@ pub fn bnb_tensors(weight_name: &str, t: &Nf4Tensor, dtype: &str) -> Result<Vec<
             out.push(f32t(format!("{weight_name}.nested_quant_map"), &code8[..]));
         }
     }
-    let json = quant_state_json(t, dtype).into_bytes();
+    let json = t.quant_state_json(dtype).into_bytes();
     out.push(u8t(format!("{weight_name}.{QUANT_STATE_NF4}"), vec![json.len()], json));
     Ok(out)
 }
@@ -328,35 +277,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn python_repr_matches_cpython() {
-        // Values and their CPython 3.11 repr.
-        let cases: [(f64, &str); 12] = [
-            (0.7723649144172668, "0.7723649144172668"),
-            (0.031807661056518555, "0.031807661056518555"),
-            (1e-5, "1e-05"),
-            (1.5e-5, "1.5e-05"),
-            (0.0001, "0.0001"),
-            (123.0, "123.0"),
-            (1e16, "1e+16"),
-            (1234567890123456.0, "1234567890123456.0"),
-            (-2.5, "-2.5"),
-            (0.0, "0.0"),
-            (3.0e-39, "3e-39"),
-            (6.0, "6.0"),
-        ];
-        for (x, want) in cases {
-            assert_eq!(python_float_repr(x), want, "repr({x:e})");
-        }
-    }
-
-    #[test]
     fn quant_state_json_round_trips() {
         let t = Nf4Tensor {
             shape: vec![48, 32],
             packed: vec![0; 768],
             absmax: Absmax::Nested { codes: vec![0; 24], nested_absmax: vec![1.0], offset: 0.7723649144172668, code8: Box::new([0.0; 256]) },
         };
-        let s = quant_state_json(&t, "float32");
+        let s = t.quant_state_json("float32");
         assert_eq!(
             s,
             "{\"quant_type\": \"nf4\", \"blocksize\": 64, \"dtype\": \"float32\", \"shape\": [48, 32], \"nested_blocksize\": 256, \"nested_dtype\": \"float32\", \"nested_offset\": 0.7723649144172668}"

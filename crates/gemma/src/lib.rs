@@ -11,6 +11,7 @@
 pub mod bnb;
 pub mod config;
 pub mod error;
+pub mod export;
 pub mod generate;
 pub mod layer;
 pub mod lora;

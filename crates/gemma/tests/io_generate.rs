@@ -71,14 +71,16 @@ fn kv_cache_equals_full_recompute_at_every_step() {
 fn stops_on_eos_and_extra_stop_ids() {
     let model = load_model(&LoadOptions::default());
     let c = cases();
-    // Greedy from prompt 1 produces EOS (id 1) as its 9th token.
+    // The EOS ids default to config.json's eos_token_id.
+    assert_eq!(GenerateOptions::greedy_for(&model, 20).eos_token_ids, vec![1]);
+    // Stop on an EOS id: take the 3rd greedy token of prompt 1 as the EOS id.
     let want = ints(&c, "gen_tokens_1");
-    let first_eos = want.iter().position(|&t| t == 1).expect("fixture produces EOS");
-    let opts = GenerateOptions::greedy_for(&model, 20);
-    assert_eq!(opts.eos_token_ids, vec![1]);
+    let eos = want[2];
+    let first = want.iter().position(|&t| t == eos).unwrap();
+    let opts = GenerateOptions { eos_token_ids: vec![eos], ..GenerateOptions::greedy(20) };
     let got = generate(&model, &ints(&c, "gen_prompt_1"), &opts).unwrap();
-    assert_eq!(got.tokens, want[..=first_eos].to_vec());
-    assert_eq!(got.stop, StopReason::Eos(1));
+    assert_eq!(got.tokens, want[..=first].to_vec());
+    assert_eq!(got.stop, StopReason::Eos(eos));
 
     // An end-of-turn style stop id: the 4th greedy token of prompt 0.
     let want = ints(&c, "gen_tokens_0");

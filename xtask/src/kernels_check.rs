@@ -16,7 +16,8 @@ use std::collections::BTreeSet;
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
 
-const PIP_LINE: &str = "python3 -m pip install --target .cuda nvidia-cuda-nvrtc==13.0.88 nvidia-cuda-runtime==13.0.96";
+const PIP_LINE: &str =
+    "python3 -m pip install --target .cuda nvidia-cuda-nvrtc==13.0.88 nvidia-cuda-runtime==13.0.96";
 
 /// One kernel's resource usage for one arch, parsed from the ptxas log.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -58,10 +59,14 @@ fn load_nvrtc(root: &Path) -> Result<PathBuf> {
         unsafe {
             if builtins.exists() {
                 std::mem::forget(
-                    libloading::Library::new(&builtins).with_context(|| format!("loading {}", builtins.display()))?,
+                    libloading::Library::new(&builtins)
+                        .with_context(|| format!("loading {}", builtins.display()))?,
                 );
             }
-            std::mem::forget(libloading::Library::new(&lib).with_context(|| format!("loading {}", lib.display()))?);
+            std::mem::forget(
+                libloading::Library::new(&lib)
+                    .with_context(|| format!("loading {}", lib.display()))?,
+            );
         }
         return Ok(dir.clone());
     }
@@ -156,8 +161,8 @@ fn compile(text: &str, name: &str, arch: &str, include: Option<&Path>) -> Result
     use cudarc::nvrtc::{result, sys};
     let src = CString::new(text).context("kernel source contains a NUL byte")?;
     let cname = CString::new(name).context("file name contains a NUL byte")?;
-    let prog =
-        result::create_program(&src, Some(&cname)).map_err(|e| anyhow::anyhow!("{name}: nvrtcCreateProgram: {e:?}"))?;
+    let prog = result::create_program(&src, Some(&cname))
+        .map_err(|e| anyhow::anyhow!("{name}: nvrtcCreateProgram: {e:?}"))?;
     let mut opts = vec![
         format!("--gpu-architecture={arch}"),
         "--ptxas-options=-v".to_string(),
@@ -171,7 +176,11 @@ fn compile(text: &str, name: &str, arch: &str, include: Option<&Path>) -> Result
     // SAFETY: `prog` is a live program handle.
     let log = unsafe { result::get_program_log(prog) }
         .map(|l| {
-            let bytes: Vec<u8> = l.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+            let bytes: Vec<u8> = l
+                .iter()
+                .take_while(|&&c| c != 0)
+                .map(|&c| c as u8)
+                .collect();
             String::from_utf8_lossy(&bytes).into_owned()
         })
         .unwrap_or_default();
@@ -195,7 +204,11 @@ pub fn run(args: &[String]) -> Result<()> {
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
-            "--arch" => archs.push(it.next().context("--arch needs a value such as sm_90")?.clone()),
+            "--arch" => archs.push(
+                it.next()
+                    .context("--arch needs a value such as sm_90")?
+                    .clone(),
+            ),
             "--quiet" => quiet = true,
             other => bail!("unknown argument `{other}` (expected --arch sm_XX, --quiet)"),
         }
@@ -215,9 +228,13 @@ pub fn run(args: &[String]) -> Result<()> {
     let (mut major, mut minor) = (0i32, 0i32);
     // SAFETY: NVRTC is loaded; nvrtcVersion writes two ints.
     unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
-    let include = dir.parent().map(|p| p.join("include")).filter(|p| p.exists());
+    let include = dir
+        .parent()
+        .map(|p| p.join("include"))
+        .filter(|p| p.exists());
     let kdir = root.join("kernels");
-    let common = std::fs::read_to_string(kdir.join("common.cuh")).context("reading kernels/common.cuh")?;
+    let common =
+        std::fs::read_to_string(kdir.join("common.cuh")).context("reading kernels/common.cuh")?;
     let mut files: Vec<PathBuf> = std::fs::read_dir(&kdir)
         .with_context(|| format!("listing {}", kdir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -243,7 +260,8 @@ pub fn run(args: &[String]) -> Result<()> {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let src = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let src =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let hot = hot_kernels(&src);
         let text = program_text(&common, &name, &src);
         for arch in &archs {
@@ -332,7 +350,12 @@ ptxas info    : Used 12 registers, used 1 barriers, 6272 bytes smem\n";
             ("spill_kernel", 255, 1088, 136, 140)
         );
         assert_eq!(
-            (u[1].kernel.as_str(), u[1].registers, u[1].smem, u[1].spill_stores),
+            (
+                u[1].kernel.as_str(),
+                u[1].registers,
+                u[1].smem,
+                u[1].spill_stores
+            ),
             ("smem_kernel", 12, 6272, 0)
         );
     }

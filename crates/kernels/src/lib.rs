@@ -5,7 +5,10 @@
 
 pub mod backend;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod error;
+pub mod launch;
 pub mod nf4;
 pub mod tolerance;
 

@@ -1,0 +1,294 @@
+//! Dense GEMMs for the CUDA backend: row-major C[M, N] = alpha·op(A)·op(B) + beta·C.
+//!
+//! cuBLAS is column-major, so the row-major product is computed as the column-major Cᵀ = op(B)ᵀ·op(A)ᵀ:
+//! B's storage is passed as cuBLAS's first operand. For row-major storage, "not transposed" in our
+//! terms is also "not transposed" for cuBLAS with the leading dimension = the stored row length.
+//!
+//! Dtypes: `cublasGemmEx` with CUBLAS_COMPUTE_32F accepts (bf16, bf16 → bf16 or f32) and
+//! (f32, f32 → f32). Mixed inputs are cast to bf16 first (the bf16 operand already limits precision);
+//! f32 inputs with a bf16 output go through an f32 temporary. The fallback kernel takes any mix.
+
+use super::{be, Arg, Cuda, CudaBuf, Data, Dtype};
+use crate::error::{KernelError, Result};
+use crate::launch;
+use cudarc::cublas::{sys, CudaBlas};
+use cudarc::driver::{CudaStream, DevicePtr};
+use std::sync::Arc;
+
+pub enum GemmBackend {
+    Cublas(CudaBlas),
+    Fallback,
+}
+
+impl GemmBackend {
+    pub(crate) fn new(stream: &Arc<CudaStream>) -> Result<Self> {
+        if std::env::var("AFINAR_NO_CUBLAS").is_ok_and(|v| v == "1") {
+            return Ok(GemmBackend::Fallback);
+        }
+        // SAFETY: only asks the dynamic loader whether libcublas can be opened (cudarc panics on first
+        // use of a library that is missing, so this check must come first).
+        if !unsafe { sys::is_culib_present() } {
+            return Ok(GemmBackend::Fallback);
+        }
+        Ok(GemmBackend::Cublas(
+            CudaBlas::new(stream.clone()).map_err(be("creating the cuBLAS handle"))?,
+        ))
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            GemmBackend::Cublas(_) => "cuBLAS",
+            GemmBackend::Fallback => "fallback SIMT GEMM (kernels/gemm.cu)",
+        }
+    }
+}
+
+/// One GEMM operand: a buffer, the element offset where the matrix starts, and whether it is stored
+/// transposed (op(X) = Xᵀ of the stored row-major matrix).
+#[derive(Clone, Copy)]
+pub(crate) struct Operand<'a> {
+    pub buf: &'a CudaBuf,
+    pub off: usize,
+    pub trans: bool,
+}
+
+pub(crate) fn op(buf: &CudaBuf, off: usize, trans: bool) -> Operand<'_> {
+    Operand { buf, off, trans }
+}
+
+impl Cuda {
+    /// Row-major C[m, n] (at element `c_off` of `c`) = alpha·op(A)[m, k]·op(B)[k, n] + beta·C.
+    /// beta = 0 overwrites C without reading it. Callers have checked every operand's extent.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn gemm(
+        &self,
+        a: Operand<'_>,
+        b: Operand<'_>,
+        c: &CudaBuf,
+        c_off: usize,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        let (mi, ni, ki) = (
+            launch::to_i32("gemm", "m", m)?,
+            launch::to_i32("gemm", "n", n)?,
+            launch::to_i32("gemm", "k", k.max(1))?,
+        );
+        // Stored row lengths.
+        let lda = if a.trans { m } else { k };
+        let ldb = if b.trans { k } else { n };
+        if k == 0 {
+            // An empty reduction: C = beta·C.
+            let tmp = self.slice_copy(c, c_off, m * n, c.dtype())?;
+            let l = launch::elementwise(m * n);
+            self.launch(
+                "elementwise.cu",
+                "scale_k",
+                l,
+                &[Arg::Buf(&tmp), Arg::I64((m * n) as i64), Arg::F32(beta)],
+            )?;
+            return self.copy_into(&tmp, c, c_off);
+        }
+        match &self.gemm {
+            GemmBackend::Fallback => {
+                let l = launch::gemm_fallback(m, n)?;
+                self.launch(
+                    "gemm.cu",
+                    "gemm_fallback_k",
+                    l,
+                    &[
+                        Arg::BufAt(a.buf, a.off),
+                        Arg::I64(lda as i64),
+                        Arg::I32(a.trans as i32),
+                        Arg::BufAt(b.buf, b.off),
+                        Arg::I64(ldb as i64),
+                        Arg::I32(b.trans as i32),
+                        Arg::BufAt(c, c_off),
+                        Arg::I32(mi),
+                        Arg::I32(ni),
+                        Arg::I32(ki),
+                        Arg::F32(alpha),
+                        Arg::F32(beta),
+                    ],
+                )
+            }
+            GemmBackend::Cublas(blas) => {
+                let (lda_i, ldb_i) = (
+                    launch::to_i32("gemm", "lda", lda)?,
+                    launch::to_i32("gemm", "ldb", ldb)?,
+                );
+                let both_f32 = a.buf.dtype() == Dtype::F32 && b.buf.dtype() == Dtype::F32;
+                if both_f32 && c.dtype() == Dtype::Bf16 {
+                    // (f32, f32 → bf16) is not a cuBLAS combination: compute in an f32 copy of C.
+                    let tmp = self.slice_copy(c, c_off, m * n, Dtype::F32)?;
+                    self.cublas(
+                        blas,
+                        a,
+                        b,
+                        &tmp,
+                        0,
+                        (mi, ni, ki),
+                        (lda_i, ldb_i),
+                        alpha,
+                        beta,
+                    )?;
+                    return self.copy_into(&tmp, c, c_off);
+                }
+                if !both_f32 {
+                    // Bring both inputs to bf16 (only the ones that are not bf16 are copied).
+                    let a_rows = if a.trans { k * m } else { m * k };
+                    let b_rows = if b.trans { n * k } else { k * n };
+                    let a16;
+                    let a = if a.buf.dtype() == Dtype::F32 {
+                        a16 = self.slice_copy(a.buf, a.off, a_rows, Dtype::Bf16)?;
+                        op(&a16, 0, a.trans)
+                    } else {
+                        a
+                    };
+                    let b16;
+                    let b = if b.buf.dtype() == Dtype::F32 {
+                        b16 = self.slice_copy(b.buf, b.off, b_rows, Dtype::Bf16)?;
+                        op(&b16, 0, b.trans)
+                    } else {
+                        b
+                    };
+                    return self.cublas(
+                        blas,
+                        a,
+                        b,
+                        c,
+                        c_off,
+                        (mi, ni, ki),
+                        (lda_i, ldb_i),
+                        alpha,
+                        beta,
+                    );
+                }
+                self.cublas(
+                    blas,
+                    a,
+                    b,
+                    c,
+                    c_off,
+                    (mi, ni, ki),
+                    (lda_i, ldb_i),
+                    alpha,
+                    beta,
+                )
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn cublas(
+        &self,
+        blas: &CudaBlas,
+        a: Operand<'_>,
+        b: Operand<'_>,
+        c: &CudaBuf,
+        c_off: usize,
+        (m, n, k): (i32, i32, i32),
+        (lda, ldb): (i32, i32),
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
+        fn dt(d: Dtype) -> sys::cudaDataType {
+            match d {
+                Dtype::F32 => sys::cudaDataType::CUDA_R_32F,
+                Dtype::Bf16 => sys::cudaDataType::CUDA_R_16BF,
+            }
+        }
+        let s = &self.stream;
+        let (pa, _ga) = dev_ptr(a.buf, s);
+        let (pb, _gb) = dev_ptr(b.buf, s);
+        let (pc, _gc) = dev_ptr(c, s);
+        let pa = pa + (a.off * a.buf.dtype().size()) as u64;
+        let pb = pb + (b.off * b.buf.dtype().size()) as u64;
+        let pc = pc + (c_off * c.dtype().size()) as u64;
+        let t = |x: bool| {
+            if x {
+                sys::cublasOperation_t::CUBLAS_OP_T
+            } else {
+                sys::cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        // SAFETY: the pointers are live device allocations on `self.stream` (the handle's stream),
+        // offset within their extents (checked by the calling op); alpha/beta are host f32 scalars as
+        // CUBLAS_COMPUTE_32F requires; the dtype pairs are ones cublasGemmEx supports (see the module
+        // docs). Column-major view: C^T[n, m] = op(B)^T · op(A)^T.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *blas.handle(),
+                t(b.trans),
+                t(a.trans),
+                n,
+                m,
+                k,
+                (&alpha) as *const f32 as *const _,
+                pb as *const _,
+                dt(b.buf.dtype()),
+                ldb,
+                pa as *const _,
+                dt(a.buf.dtype()),
+                lda,
+                (&beta) as *const f32 as *const _,
+                pc as *mut _,
+                dt(c.dtype()),
+                n,
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| KernelError::Backend {
+            backend: "cuda",
+            msg: format!("cublasGemmEx (m={m}, n={n}, k={k}): {e:?}"),
+        })
+    }
+
+    /// A new buffer holding elements [off, off + len) of `src`, converted to `dtype`.
+    pub(crate) fn slice_copy(
+        &self,
+        src: &CudaBuf,
+        off: usize,
+        len: usize,
+        dtype: Dtype,
+    ) -> Result<CudaBuf> {
+        let out = self.zeros_as(len, dtype)?;
+        let l = launch::elementwise(len);
+        self.launch(
+            "elementwise.cu",
+            "copy_k",
+            l,
+            &[Arg::BufAt(src, off), Arg::Buf(&out), Arg::I64(len as i64)],
+        )?;
+        Ok(out)
+    }
+
+    /// Copies all of `src` into `dst` starting at element `off` (converting dtype).
+    pub(crate) fn copy_into(&self, src: &CudaBuf, dst: &CudaBuf, off: usize) -> Result<()> {
+        let l = launch::elementwise(src.len);
+        self.launch(
+            "elementwise.cu",
+            "copy_k",
+            l,
+            &[
+                Arg::Buf(src),
+                Arg::BufAt(dst, off),
+                Arg::I64(src.len as i64),
+            ],
+        )
+    }
+}
+
+fn dev_ptr<'a>(b: &'a CudaBuf, s: &'a CudaStream) -> (u64, cudarc::driver::SyncOnDrop<'a>) {
+    match &b.data {
+        Data::F32(x) => x.device_ptr(s),
+        Data::Bf16(x) => x.device_ptr(s),
+    }
+}

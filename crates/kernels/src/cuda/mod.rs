@@ -1,0 +1,437 @@
+//! The CUDA backend (feature `cuda`): the whole `Backend` op set on an NVIDIA GPU through `cudarc`.
+//!
+//! - Kernels: `kernels/*.cu`, embedded, compiled at first use by NVRTC for the device's compute
+//!   capability (sm_80 and newer) and cached on disk (see `compile.rs`).
+//! - Dense GEMMs: cuBLAS (`cublasGemmEx`, bf16 or f32 in, f32 compute) when libcublas can be loaded,
+//!   otherwise the SIMT kernel in `kernels/gemm.cu` (also forced with `AFINAR_NO_CUBLAS=1`).
+//! - Launch geometry: the pure planners in `crate::launch`.
+//!
+//! Storage and precision. A [`CudaBuf`] carries its dtype: f32 or bf16. Every kernel reads and writes
+//! either (the dtype tag travels with each pointer; see kernels/README.md) and computes in f32 (f64
+//! for global sums), so buffers of different dtypes mix freely in one op. The intended setup for
+//! QLoRA is bf16 activations and frozen weights, f32 LoRA weights, gradients, optimizer state and loss.
+//! The `Backend` trait has no dtype argument, so new buffers take the backend's *allocation dtype*:
+//! f32 by default (every op then matches the CPU reference to f32 rounding); a caller that knows what
+//! it is allocating switches it with [`Cuda::set_alloc_dtype`] (e.g. bf16 while loading frozen weights
+//! and creating activation buffers, f32 for LoRA parameters and AdamW state), or allocates with
+//! [`Cuda::zeros_as`] / [`Cuda::from_host_as`].
+//!
+//! Streams: everything runs in order on the context's default stream; `to_host` and the ops that
+//! return host values synchronize.
+
+mod compile;
+mod gemm;
+mod ops;
+
+pub use gemm::GemmBackend;
+
+use crate::error::{KernelError, Result};
+use crate::launch::Launch;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+};
+use half::bf16;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Element type of a device buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dtype {
+    F32,
+    Bf16,
+}
+
+impl Dtype {
+    /// The tag the kernels take next to each pointer (DT_F32 / DT_BF16 in common.cuh).
+    fn tag(self) -> &'static i32 {
+        static F32_TAG: i32 = 0;
+        static BF16_TAG: i32 = 1;
+        match self {
+            Dtype::F32 => &F32_TAG,
+            Dtype::Bf16 => &BF16_TAG,
+        }
+    }
+
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::Bf16 => 2,
+        }
+    }
+}
+
+pub(crate) enum Data {
+    F32(CudaSlice<f32>),
+    Bf16(CudaSlice<bf16>),
+}
+
+/// A device buffer of `len` logical f32 values stored as f32 or bf16. The allocation holds at least
+/// one element so that empty buffers need no special case in the launch code.
+pub struct CudaBuf {
+    pub(crate) data: Data,
+    pub(crate) len: usize,
+}
+
+impl CudaBuf {
+    pub fn dtype(&self) -> Dtype {
+        match self.data {
+            Data::F32(_) => Dtype::F32,
+            Data::Bf16(_) => Dtype::Bf16,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// An NF4 weight on the device, in the bitsandbytes layout (see `crate::nf4`).
+pub struct CudaNf4 {
+    pub(crate) shape: Vec<usize>,
+    pub(crate) numel: usize,
+    /// ceil(numel/2) bytes (+1 spare byte so odd sizes and empty tensors are safe to address).
+    pub(crate) packed: CudaSlice<u8>,
+    pub(crate) scales: Nf4Scales,
+}
+
+pub(crate) enum Nf4Scales {
+    /// f32 absmax per 64-block.
+    Plain(CudaSlice<f32>),
+    /// Double quantization: u8 code per block, f32 nested absmax per 256 blocks, the 256-entry map.
+    Nested {
+        codes: CudaSlice<u8>,
+        nested: CudaSlice<f32>,
+        offset: f32,
+        code8: CudaSlice<f32>,
+        code8_host: Box<[f32; 256]>,
+    },
+}
+
+/// One kernel argument (see [`Cuda::launch`]). `Buf` pushes the pointer and then the dtype tag, which
+/// is how every buffer parameter of the kernels is declared (`const void* x, int xdt`).
+pub(crate) enum Arg<'a> {
+    Buf(&'a CudaBuf),
+    /// A buffer starting at an element offset (for row chunks).
+    BufAt(&'a CudaBuf, usize),
+    /// An unused optional buffer: a null pointer and the f32 tag.
+    NullBuf,
+    /// A bare pointer the kernel must not read (null).
+    Null,
+    I32s(&'a CudaSlice<i32>),
+    I32sAt(&'a CudaSlice<i32>, usize),
+    U8s(&'a CudaSlice<u8>),
+    F32s(&'a CudaSlice<f32>),
+    F64s(&'a CudaSlice<f64>),
+    I32(i32),
+    I64(i64),
+    F32(f32),
+}
+
+/// The CUDA backend: one device (ordinal 0), its default stream, cuBLAS, and the loaded kernel modules.
+pub struct Cuda {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    gemm: GemmBackend,
+    arch: String,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    alloc_dtype: AtomicU8,
+}
+
+fn be<E: std::fmt::Debug>(what: &'static str) -> impl FnOnce(E) -> KernelError {
+    move |e| KernelError::Backend {
+        backend: "cuda",
+        msg: format!("{what}: {e:?}"),
+    }
+}
+
+impl Cuda {
+    /// Opens device 0. `Ok(None)` when there is no CUDA driver (or no device) on this machine; an error
+    /// when the driver is there but the device or NVRTC cannot be used.
+    pub fn try_new() -> Result<Option<Cuda>> {
+        // SAFETY: only asks the dynamic loader whether libcuda can be opened. This must come first:
+        // CudaContext::new panics (it does not return an error) when libcuda is missing.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Ok(None);
+        }
+        match CudaContext::device_count() {
+            Ok(0) => return Ok(None),
+            Ok(_) => {}
+            Err(e) if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_NO_DEVICE => {
+                return Ok(None)
+            }
+            Err(e) => return Err(be("cuInit / cuDeviceGetCount")(e)),
+        }
+        // SAFETY: as above, for NVRTC (libnvrtc.so.13): without it no kernel can be compiled.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            return Err(KernelError::Backend {
+                backend: "cuda",
+                msg: "a CUDA driver is present but NVRTC (libnvrtc.so.13) cannot be loaded; install it \
+                      (python3 -m pip install --target .cuda nvidia-cuda-nvrtc==13.0.88) and put its lib \
+                      directory on LD_LIBRARY_PATH"
+                    .into(),
+            });
+        }
+        let ctx = CudaContext::new(0).map_err(be("creating the CUDA context on device 0"))?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(be("reading the compute capability"))?;
+        if major < 8 {
+            return Err(KernelError::Backend {
+                backend: "cuda",
+                msg: format!("device 0 has compute capability {major}.{minor}; the kernels need sm_80 or newer (bf16 mma)"),
+            });
+        }
+        let stream = ctx.default_stream();
+        let gemm = GemmBackend::new(&stream)?;
+        Ok(Some(Cuda {
+            ctx,
+            stream,
+            gemm,
+            arch: format!("sm_{major}{minor}"),
+            modules: Mutex::new(HashMap::new()),
+            alloc_dtype: AtomicU8::new(0),
+        }))
+    }
+
+    /// The device's architecture, e.g. "sm_90".
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+
+    /// The device name reported by the driver.
+    pub fn device_name(&self) -> String {
+        self.ctx
+            .name()
+            .unwrap_or_else(|_| "unknown CUDA device".into())
+    }
+
+    /// "cuBLAS" or "fallback SIMT GEMM".
+    pub fn gemm_name(&self) -> &'static str {
+        self.gemm.name()
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Waits for all queued work.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(be("synchronize"))
+    }
+
+    /// The dtype `zeros` and `from_host` allocate.
+    pub fn alloc_dtype(&self) -> Dtype {
+        if self.alloc_dtype.load(Ordering::Relaxed) == 1 {
+            Dtype::Bf16
+        } else {
+            Dtype::F32
+        }
+    }
+
+    /// Sets the dtype `zeros` and `from_host` allocate from now on (see the module docs).
+    pub fn set_alloc_dtype(&self, dtype: Dtype) {
+        self.alloc_dtype
+            .store(if dtype == Dtype::Bf16 { 1 } else { 0 }, Ordering::Relaxed);
+    }
+
+    /// A zeroed buffer of `n` elements of `dtype`.
+    pub fn zeros_as(&self, n: usize, dtype: Dtype) -> Result<CudaBuf> {
+        let cap = n.max(1);
+        let data = match dtype {
+            Dtype::F32 => Data::F32(self.stream.alloc_zeros::<f32>(cap).map_err(be("alloc"))?),
+            Dtype::Bf16 => Data::Bf16(self.stream.alloc_zeros::<bf16>(cap).map_err(be("alloc"))?),
+        };
+        Ok(CudaBuf { data, len: n })
+    }
+
+    /// Uploads `data` as `dtype` (bf16: round to nearest even).
+    pub fn from_host_as(&self, data: &[f32], dtype: Dtype) -> Result<CudaBuf> {
+        if data.is_empty() {
+            return self.zeros_as(0, dtype);
+        }
+        let d = match dtype {
+            Dtype::F32 => Data::F32(
+                self.stream
+                    .clone_htod(data)
+                    .map_err(be("host to device copy"))?,
+            ),
+            Dtype::Bf16 => {
+                let h: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
+                Data::Bf16(
+                    self.stream
+                        .clone_htod(&h)
+                        .map_err(be("host to device copy"))?,
+                )
+            }
+        };
+        Ok(CudaBuf {
+            data: d,
+            len: data.len(),
+        })
+    }
+
+    pub(crate) fn f32_scratch(&self, n: usize) -> Result<CudaSlice<f32>> {
+        self.stream
+            .alloc_zeros::<f32>(n.max(1))
+            .map_err(be("alloc scratch"))
+    }
+
+    /// The kernel `name` of `file`, compiling and loading the module on first use.
+    fn function(&self, file: &'static str, name: &str) -> Result<CudaFunction> {
+        let module = {
+            let mut modules = self.modules.lock().map_err(|_| KernelError::Backend {
+                backend: "cuda",
+                msg: "the kernel module cache lock is poisoned (a previous load panicked)".into(),
+            })?;
+            match modules.get(file) {
+                Some(m) => m.clone(),
+                None => {
+                    let cubin = compile::cubin(file, &self.arch)?;
+                    let m = self
+                        .ctx
+                        .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
+                        .map_err(be("loading a compiled kernel module"))?;
+                    modules.insert(file, m.clone());
+                    m
+                }
+            }
+        };
+        module
+            .load_function(name)
+            .map_err(|e| KernelError::Backend {
+                backend: "cuda",
+                msg: format!("kernel `{name}` not found in {file}: {e:?}"),
+            })
+    }
+
+    /// Launches `file`'s kernel `name` with `args` pushed in order.
+    pub(crate) fn launch(
+        &self,
+        file: &'static str,
+        name: &str,
+        l: Launch,
+        args: &[Arg<'_>],
+    ) -> Result<()> {
+        static NULL: u64 = 0;
+        let f = self.function(file, name)?;
+        let mut views = Vec::new();
+        let mut id_views = Vec::new();
+        for a in args {
+            match a {
+                Arg::BufAt(buf, off) => views.push(match &buf.data {
+                    Data::F32(s) => ViewAt::F32(s.slice(*off..)),
+                    Data::Bf16(s) => ViewAt::Bf16(s.slice(*off..)),
+                }),
+                Arg::I32sAt(s, off) => id_views.push(s.slice(*off..)),
+                _ => {}
+            }
+        }
+        let mut b = self.stream.launch_builder(&f);
+        let (mut vi, mut ii) = (0usize, 0usize);
+        for a in args {
+            match a {
+                Arg::Buf(buf) => {
+                    match &buf.data {
+                        Data::F32(s) => b.arg(s),
+                        Data::Bf16(s) => b.arg(s),
+                    };
+                    b.arg(buf.dtype().tag());
+                }
+                Arg::BufAt(buf, _) => {
+                    match &views[vi] {
+                        ViewAt::F32(v) => b.arg(v),
+                        ViewAt::Bf16(v) => b.arg(v),
+                    };
+                    vi += 1;
+                    b.arg(buf.dtype().tag());
+                }
+                Arg::NullBuf => {
+                    b.arg(&NULL);
+                    b.arg(Dtype::F32.tag());
+                }
+                Arg::Null => {
+                    b.arg(&NULL);
+                }
+                Arg::I32s(s) => {
+                    b.arg(*s);
+                }
+                Arg::I32sAt(_, _) => {
+                    b.arg(&id_views[ii]);
+                    ii += 1;
+                }
+                Arg::U8s(s) => {
+                    b.arg(*s);
+                }
+                Arg::F32s(s) => {
+                    b.arg(*s);
+                }
+                Arg::F64s(s) => {
+                    b.arg(*s);
+                }
+                Arg::I32(v) => {
+                    b.arg(v);
+                }
+                Arg::I64(v) => {
+                    b.arg(v);
+                }
+                Arg::F32(v) => {
+                    b.arg(v);
+                }
+            }
+        }
+        let cfg = LaunchConfig {
+            grid_dim: l.grid,
+            block_dim: l.block,
+            shared_mem_bytes: l.shared_mem_bytes,
+        };
+        // SAFETY: every call site lists `args` in the order and with the types of the kernel's
+        // parameters in kernels/<file> (pointer + int tag per buffer, `int`/`long long`/`float`
+        // scalars); the ops check buffer lengths against the dims first, and the kernels bound every
+        // access by those dims.
+        unsafe { b.launch(cfg) }.map_err(|e| KernelError::Backend {
+            backend: "cuda",
+            msg: format!("launching {name}: {e:?}"),
+        })?;
+        Ok(())
+    }
+}
+
+enum ViewAt<'a> {
+    F32(cudarc::driver::CudaView<'a, f32>),
+    Bf16(cudarc::driver::CudaView<'a, bf16>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs everywhere: without a driver it must say so with Ok(None), never panic.
+    #[test]
+    fn try_new_never_panics() {
+        match Cuda::try_new() {
+            Ok(None) => println!("skipped: no CUDA driver"),
+            Ok(Some(c)) => println!(
+                "CUDA device: {} ({}), GEMM: {}",
+                c.device_name(),
+                c.arch(),
+                c.gemm_name()
+            ),
+            Err(e) => panic!("a CUDA driver is present but the backend failed to start: {e}"),
+        }
+    }
+
+    #[test]
+    fn dtype_tags_match_common_cuh() {
+        assert_eq!(*Dtype::F32.tag(), 0);
+        assert_eq!(*Dtype::Bf16.tag(), 1);
+        assert!(
+            compile::COMMON.contains("#define DT_F32 0")
+                && compile::COMMON.contains("#define DT_BF16 1")
+        );
+    }
+}

@@ -1,0 +1,1652 @@
+//! `impl Backend for Cuda`: argument checks (the same `KernelError`s as the CPU backend), then
+//! launches. Each op's contract is in backend.rs; each kernel's layout and geometry in its .cu file.
+
+use super::gemm::op;
+use super::{be, Arg, Cuda, CudaBuf, CudaNf4, Data, Dtype, Nf4Scales};
+use crate::backend::{Accum, AdamW, AttnShape, Backend, LoraGradRef, LoraRef, Weight};
+use crate::error::{check_len, ensure, KernelError, Result};
+use crate::launch::{self, to_i32};
+use crate::nf4::{Absmax, Nf4Tensor, BLOCK, NESTED_BLOCK};
+use cudarc::driver::CudaSlice;
+
+/// Bytes of f32 logits the fused LM head + cross-entropy keeps per row chunk.
+const LM_HEAD_CHUNK_BYTES: usize = 256 << 20;
+
+fn n64(n: usize) -> Arg<'static> {
+    Arg::I64(n as i64)
+}
+
+impl Cuda {
+    /// Index of the first id outside [0, v) (labels: −100 allowed), or None.
+    fn first_bad_id(
+        &self,
+        ids: &CudaSlice<i32>,
+        off: usize,
+        n: usize,
+        v: usize,
+        labels: bool,
+    ) -> Result<Option<usize>> {
+        if n == 0 {
+            return Ok(None);
+        }
+        let bad = self.stream.clone_htod(&[i32::MAX]).map_err(be("alloc"))?;
+        let f = if labels {
+            "labels_check_k"
+        } else {
+            "ids_check_k"
+        };
+        let vi = to_i32("ids", "v", v)?;
+        self.launch(
+            "embedding.cu",
+            f,
+            launch::elementwise(n),
+            &[Arg::I32sAt(ids, off), n64(n), Arg::I32(vi), Arg::I32s(&bad)],
+        )?;
+        let host = self
+            .stream
+            .clone_dtoh(&bad)
+            .map_err(be("device to host copy"))?;
+        Ok((host[0] != i32::MAX).then_some(host[0] as usize))
+    }
+
+    /// Σ of a device reduction (mode 0: Σx², mode 1: Σx) in f64.
+    fn reduce(&self, x: &CudaBuf, off: usize, n: usize, mode: i32) -> Result<f64> {
+        if n == 0 {
+            return Ok(0.0);
+        }
+        let l = launch::reduce(n);
+        let parts = self
+            .stream
+            .alloc_zeros::<f64>(l.grid.0 as usize)
+            .map_err(be("alloc"))?;
+        let out = self.stream.alloc_zeros::<f64>(1).map_err(be("alloc"))?;
+        self.launch(
+            "reduce.cu",
+            "reduce_partial_k",
+            l,
+            &[
+                Arg::BufAt(x, off),
+                n64(n),
+                Arg::I32(mode),
+                Arg::F64s(&parts),
+            ],
+        )?;
+        let l2 = launch::Launch {
+            grid: (1, 1, 1),
+            block: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        self.launch(
+            "reduce.cu",
+            "reduce_final_k",
+            l2,
+            &[
+                Arg::F64s(&parts),
+                Arg::I32(l.grid.0 as i32),
+                Arg::F64s(&out),
+            ],
+        )?;
+        Ok(self
+            .stream
+            .clone_dtoh(&out)
+            .map_err(be("device to host copy"))?[0])
+    }
+
+    /// The NF4 arguments every NF4 kernel takes: packed, codes, absmax, code8, offset, nested.
+    fn nf4_args<'a>(w: &'a CudaNf4) -> [Arg<'a>; 6] {
+        match &w.scales {
+            Nf4Scales::Plain(a) => [
+                Arg::U8s(&w.packed),
+                Arg::Null,
+                Arg::F32s(a),
+                Arg::Null,
+                Arg::F32(0.0),
+                Arg::I32(0),
+            ],
+            Nf4Scales::Nested {
+                codes,
+                nested,
+                offset,
+                code8,
+                ..
+            } => [
+                Arg::U8s(&w.packed),
+                Arg::U8s(codes),
+                Arg::F32s(nested),
+                Arg::F32s(code8),
+                Arg::F32(*offset),
+                Arg::I32(1),
+            ],
+        }
+    }
+
+    fn check_nf4_shape(&self, op: &'static str, w: &CudaNf4, n: usize, k: usize) -> Result<()> {
+        ensure(op, "w", w.numel == n * k, || {
+            format!(
+                "NF4 weight of shape {:?} ({} elements) used as [N={n}, K={k}]",
+                w.shape, w.numel
+            )
+        })
+    }
+
+    /// Y (= or +=) X·W̃ᵀ + s·XA·Bᵀ with an NF4 base (GEMV for M ≤ 8, mma GEMM otherwise). `lora` =
+    /// (xa [M,R], B [N,R], R, s).
+    #[allow(clippy::too_many_arguments)]
+    fn nf4_forward(
+        &self,
+        x: &CudaBuf,
+        w: &CudaNf4,
+        y: &CudaBuf,
+        acc: bool,
+        lora: Option<(&CudaBuf, &CudaBuf, usize, f32)>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        let (mi, ni, ki) = (
+            to_i32("lora_fwd", "m", m)?,
+            to_i32("lora_fwd", "n", n)?,
+            to_i32("lora_fwd", "k", k)?,
+        );
+        let (xa, lb, r, s) = match lora {
+            Some((xa, b, r, s)) => (Arg::Buf(xa), Arg::Buf(b), to_i32("lora_fwd", "r", r)?, s),
+            None => (Arg::NullBuf, Arg::NullBuf, 0, 0.0),
+        };
+        let [p, c, a, c8, o, nest] = Self::nf4_args(w);
+        let args = [
+            Arg::Buf(x),
+            p,
+            c,
+            a,
+            c8,
+            o,
+            nest,
+            Arg::Buf(y),
+            Arg::I32(acc as i32),
+            Arg::I32(mi),
+            Arg::I32(ni),
+            Arg::I32(ki),
+            xa,
+            lb,
+            Arg::I32(r),
+            Arg::F32(s),
+        ];
+        match launch::nf4_path(m) {
+            launch::Nf4Path::Gemv => {
+                self.launch("nf4_gemv.cu", "nf4_gemv_k", launch::nf4_gemv(m, n)?, &args)
+            }
+            launch::Nf4Path::Gemm => self.launch(
+                "nf4_gemm.cu",
+                "nf4_gemm_xwt_k",
+                launch::nf4_gemm(m, n)?,
+                &args,
+            ),
+        }
+    }
+
+    /// dX (= or +=) dY·W̃ + s·dYB·A with an NF4 base. `lora` = (dyb [M,R], A [R,K], R, s).
+    #[allow(clippy::too_many_arguments)]
+    fn nf4_backward(
+        &self,
+        dy: &CudaBuf,
+        w: &CudaNf4,
+        dx: &CudaBuf,
+        acc: bool,
+        lora: Option<(&CudaBuf, &CudaBuf, usize, f32)>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        let (mi, ni, ki) = (
+            to_i32("lora_bwd", "m", m)?,
+            to_i32("lora_bwd", "n", n)?,
+            to_i32("lora_bwd", "k", k)?,
+        );
+        let (dyb, la, r, s) = match lora {
+            Some((dyb, a, r, s)) => (Arg::Buf(dyb), Arg::Buf(a), to_i32("lora_bwd", "r", r)?, s),
+            None => (Arg::NullBuf, Arg::NullBuf, 0, 0.0),
+        };
+        let [p, c, a, c8, o, nest] = Self::nf4_args(w);
+        let args = [
+            Arg::Buf(dy),
+            p,
+            c,
+            a,
+            c8,
+            o,
+            nest,
+            Arg::Buf(dx),
+            Arg::I32(acc as i32),
+            Arg::I32(mi),
+            Arg::I32(ni),
+            Arg::I32(ki),
+            dyb,
+            la,
+            Arg::I32(r),
+            Arg::F32(s),
+        ];
+        self.launch(
+            "nf4_gemm.cu",
+            "nf4_gemm_dyw_k",
+            launch::nf4_gemm(m, k)?,
+            &args,
+        )
+    }
+
+    /// out[M,R] = (X ⊙ mask)·Wᵀ where W's element (j, k) is at w[j·sj + k·sk].
+    #[allow(clippy::too_many_arguments)]
+    fn lora_proj(
+        &self,
+        x: &CudaBuf,
+        mask: Option<&CudaBuf>,
+        w: &CudaBuf,
+        sj: usize,
+        sk: usize,
+        out: &CudaBuf,
+        m: usize,
+        kdim: usize,
+        r: usize,
+    ) -> Result<()> {
+        if m == 0 || r == 0 {
+            return Ok(());
+        }
+        let (mask_arg, has) = match mask {
+            Some(mk) => (Arg::Buf(mk), 1),
+            None => (Arg::NullBuf, 0),
+        };
+        self.launch(
+            "lora.cu",
+            "lora_proj_k",
+            launch::lora_proj(m, r)?,
+            &[
+                Arg::Buf(x),
+                mask_arg,
+                Arg::I32(has),
+                Arg::Buf(w),
+                n64(sj),
+                n64(sk),
+                Arg::Buf(out),
+                Arg::I32(to_i32("lora", "k", kdim)?),
+                Arg::I32(to_i32("lora", "r", r)?),
+            ],
+        )
+    }
+
+    fn dense_or_nf4_dims(
+        &self,
+        op: &'static str,
+        w: &Weight<'_, Self>,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        match w {
+            Weight::Dense(wb) => check_len(op, "w", wb.len, n * k, || format!("[N={n}, K={k}]")),
+            Weight::Nf4(q) => self.check_nf4_shape(op, q, n, k),
+        }
+    }
+}
+
+impl Backend for Cuda {
+    type Buf = CudaBuf;
+    type Ids = CudaSlice<i32>;
+    type Nf4 = CudaNf4;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    // ---- memory ---------------------------------------------------------------------------------
+    fn zeros(&self, n: usize) -> Result<CudaBuf> {
+        self.zeros_as(n, self.alloc_dtype())
+    }
+
+    fn from_host(&self, data: &[f32]) -> Result<CudaBuf> {
+        self.from_host_as(data, self.alloc_dtype())
+    }
+
+    fn to_host(&self, buf: &CudaBuf) -> Result<Vec<f32>> {
+        let mut v: Vec<f32> = match &buf.data {
+            Data::F32(s) => self
+                .stream
+                .clone_dtoh(s)
+                .map_err(be("device to host copy"))?,
+            Data::Bf16(s) => self
+                .stream
+                .clone_dtoh(s)
+                .map_err(be("device to host copy"))?
+                .into_iter()
+                .map(|h| h.to_f32())
+                .collect(),
+        };
+        v.truncate(buf.len);
+        Ok(v)
+    }
+
+    fn len(&self, buf: &CudaBuf) -> usize {
+        buf.len
+    }
+
+    fn ids_from_host(&self, ids: &[i32]) -> Result<CudaSlice<i32>> {
+        if ids.is_empty() {
+            return self.stream.alloc_zeros::<i32>(1).map_err(be("alloc"));
+        }
+        self.stream
+            .clone_htod(ids)
+            .map_err(be("host to device copy"))
+    }
+
+    fn ids_len(&self, ids: &CudaSlice<i32>) -> usize {
+        // Empty id buffers are allocated with one spare element; the trait never needs their length
+        // to be 0 (every op checks ids_len against n, and n = 0 launches nothing).
+        ids.len()
+    }
+
+    fn nf4_from_host(&self, w: &Nf4Tensor) -> Result<CudaNf4> {
+        let numel = w.numel();
+        let blocks = w.blocks();
+        check_len(
+            "nf4_from_host",
+            "packed",
+            w.packed.len(),
+            numel.div_ceil(2),
+            || format!("{:?}", w.shape),
+        )?;
+        let mut packed_h = w.packed.clone();
+        // Spare bytes: the 16-element fast paths read 8 bytes at a time and stay within ceil(numel/2)
+        // only when numel % 16 == 0; the ragged tail uses per-element code, but keep a margin anyway.
+        packed_h.resize(numel.div_ceil(2) + 8, 0);
+        let packed = self
+            .stream
+            .clone_htod(&packed_h)
+            .map_err(be("host to device copy"))?;
+        let scales = match &w.absmax {
+            Absmax::Plain(a) => {
+                check_len("nf4_from_host", "absmax", a.len(), blocks, || {
+                    format!("[blocks={blocks}]")
+                })?;
+                let mut a = a.clone();
+                a.push(0.0);
+                Nf4Scales::Plain(
+                    self.stream
+                        .clone_htod(&a)
+                        .map_err(be("host to device copy"))?,
+                )
+            }
+            Absmax::Nested {
+                codes,
+                nested_absmax,
+                offset,
+                code8,
+            } => {
+                check_len("nf4_from_host", "absmax codes", codes.len(), blocks, || {
+                    format!("[blocks={blocks}]")
+                })?;
+                check_len(
+                    "nf4_from_host",
+                    "nested_absmax",
+                    nested_absmax.len(),
+                    blocks.div_ceil(NESTED_BLOCK),
+                    || format!("[blocks={blocks}]"),
+                )?;
+                let mut c = codes.clone();
+                c.push(0);
+                let mut na = nested_absmax.clone();
+                na.push(0.0);
+                Nf4Scales::Nested {
+                    codes: self
+                        .stream
+                        .clone_htod(&c)
+                        .map_err(be("host to device copy"))?,
+                    nested: self
+                        .stream
+                        .clone_htod(&na)
+                        .map_err(be("host to device copy"))?,
+                    offset: *offset,
+                    code8: self
+                        .stream
+                        .clone_htod(&code8[..])
+                        .map_err(be("host to device copy"))?,
+                    code8_host: code8.clone(),
+                }
+            }
+        };
+        Ok(CudaNf4 {
+            shape: w.shape.clone(),
+            numel,
+            packed,
+            scales,
+        })
+    }
+
+    fn nf4_to_host(&self, w: &CudaNf4) -> Result<Nf4Tensor> {
+        let blocks = w.numel.div_ceil(BLOCK);
+        let mut packed = self
+            .stream
+            .clone_dtoh(&w.packed)
+            .map_err(be("device to host copy"))?;
+        packed.truncate(w.numel.div_ceil(2));
+        let absmax = match &w.scales {
+            Nf4Scales::Plain(a) => {
+                let mut a = self
+                    .stream
+                    .clone_dtoh(a)
+                    .map_err(be("device to host copy"))?;
+                a.truncate(blocks);
+                Absmax::Plain(a)
+            }
+            Nf4Scales::Nested {
+                codes,
+                nested,
+                offset,
+                code8_host,
+                ..
+            } => {
+                let mut c = self
+                    .stream
+                    .clone_dtoh(codes)
+                    .map_err(be("device to host copy"))?;
+                c.truncate(blocks);
+                let mut n = self
+                    .stream
+                    .clone_dtoh(nested)
+                    .map_err(be("device to host copy"))?;
+                n.truncate(blocks.div_ceil(NESTED_BLOCK));
+                Absmax::Nested {
+                    codes: c,
+                    nested_absmax: n,
+                    offset: *offset,
+                    code8: code8_host.clone(),
+                }
+            }
+        };
+        Ok(Nf4Tensor {
+            shape: w.shape.clone(),
+            packed,
+            absmax,
+        })
+    }
+
+    fn copy(&self, src: &CudaBuf, dst: &mut CudaBuf) -> Result<()> {
+        check_len("copy", "dst", dst.len, src.len, || format!("[{}]", src.len))?;
+        self.launch(
+            "elementwise.cu",
+            "copy_k",
+            launch::elementwise(src.len),
+            &[Arg::Buf(src), Arg::Buf(dst), n64(src.len)],
+        )
+    }
+
+    fn fill(&self, buf: &mut CudaBuf, value: f32) -> Result<()> {
+        self.launch(
+            "elementwise.cu",
+            "fill_k",
+            launch::elementwise(buf.len),
+            &[Arg::Buf(buf), n64(buf.len), Arg::F32(value)],
+        )
+    }
+
+    // ---- elementwise --------------------------------------------------------------------------
+    fn axpy(&self, alpha: f32, x: &CudaBuf, y: &mut CudaBuf) -> Result<()> {
+        check_len("axpy", "y", y.len, x.len, || format!("[{}]", x.len))?;
+        self.launch(
+            "elementwise.cu",
+            "axpy_k",
+            launch::elementwise(x.len),
+            &[Arg::F32(alpha), Arg::Buf(x), Arg::Buf(y), n64(x.len)],
+        )
+    }
+
+    fn scale(&self, x: &mut CudaBuf, alpha: f32) -> Result<()> {
+        self.launch(
+            "elementwise.cu",
+            "scale_k",
+            launch::elementwise(x.len),
+            &[Arg::Buf(x), n64(x.len), Arg::F32(alpha)],
+        )
+    }
+
+    fn mul(&self, x: &mut CudaBuf, m: &CudaBuf) -> Result<()> {
+        check_len("mul", "m", m.len, x.len, || format!("[{}]", x.len))?;
+        let x: &CudaBuf = x;
+        self.launch(
+            "elementwise.cu",
+            "mul_k",
+            launch::elementwise(x.len),
+            &[Arg::Buf(x), Arg::Buf(m), Arg::Buf(x), n64(x.len)],
+        )
+    }
+
+    fn sum_squares(&self, x: &CudaBuf) -> Result<f64> {
+        self.reduce(x, 0, x.len, 0)
+    }
+
+    // ---- linear GEMMs ---------------------------------------------------------------------------
+    fn matmul_xwt(
+        &self,
+        x: &CudaBuf,
+        w: &CudaBuf,
+        y: &mut CudaBuf,
+        m: usize,
+        k: usize,
+        n: usize,
+        acc: Accum,
+    ) -> Result<()> {
+        check_len("matmul_xwt", "x", x.len, m * k, || {
+            format!("[M={m}, K={k}]")
+        })?;
+        check_len("matmul_xwt", "w", w.len, n * k, || {
+            format!("[N={n}, K={k}]")
+        })?;
+        check_len("matmul_xwt", "y", y.len, m * n, || {
+            format!("[M={m}, N={n}]")
+        })?;
+        self.gemm(
+            op(x, 0, false),
+            op(w, 0, true),
+            y,
+            0,
+            m,
+            n,
+            k,
+            1.0,
+            beta(acc),
+        )
+    }
+
+    fn matmul_dyw(
+        &self,
+        dy: &CudaBuf,
+        w: &CudaBuf,
+        dx: &mut CudaBuf,
+        m: usize,
+        k: usize,
+        n: usize,
+        acc: Accum,
+    ) -> Result<()> {
+        check_len("matmul_dyw", "dy", dy.len, m * n, || {
+            format!("[M={m}, N={n}]")
+        })?;
+        check_len("matmul_dyw", "w", w.len, n * k, || {
+            format!("[N={n}, K={k}]")
+        })?;
+        check_len("matmul_dyw", "dx", dx.len, m * k, || {
+            format!("[M={m}, K={k}]")
+        })?;
+        self.gemm(
+            op(dy, 0, false),
+            op(w, 0, false),
+            dx,
+            0,
+            m,
+            k,
+            n,
+            1.0,
+            beta(acc),
+        )
+    }
+
+    fn matmul_dytx(
+        &self,
+        dy: &CudaBuf,
+        x: &CudaBuf,
+        dw: &mut CudaBuf,
+        m: usize,
+        k: usize,
+        n: usize,
+        acc: Accum,
+    ) -> Result<()> {
+        check_len("matmul_dytx", "dy", dy.len, m * n, || {
+            format!("[M={m}, N={n}]")
+        })?;
+        check_len("matmul_dytx", "x", x.len, m * k, || {
+            format!("[M={m}, K={k}]")
+        })?;
+        check_len("matmul_dytx", "dw", dw.len, n * k, || {
+            format!("[N={n}, K={k}]")
+        })?;
+        self.gemm(
+            op(dy, 0, true),
+            op(x, 0, false),
+            dw,
+            0,
+            n,
+            k,
+            m,
+            1.0,
+            beta(acc),
+        )
+    }
+
+    // ---- LoRA linear ----------------------------------------------------------------------------
+    fn lora_fwd(
+        &self,
+        x: &CudaBuf,
+        w: Weight<'_, Self>,
+        lora: Option<LoraRef<'_, Self>>,
+        y: &mut CudaBuf,
+        xa: Option<&mut CudaBuf>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        check_len("lora_fwd", "x", x.len, m * k, || format!("[M={m}, K={k}]"))?;
+        check_len("lora_fwd", "y", y.len, m * n, || format!("[M={m}, N={n}]"))?;
+        self.dense_or_nf4_dims("lora_fwd", &w, n, k)?;
+        let y: &CudaBuf = y;
+        // xa = drop(X)·Aᵀ first (the fused NF4 kernels consume it).
+        let mut xa_tmp = None;
+        let lora_parts = match &lora {
+            Some(l) => {
+                ensure("lora_fwd", "r", l.r > 0, || "LoRA rank must be ≥ 1".into())?;
+                check_len("lora_fwd", "a", l.a.len, l.r * k, || {
+                    format!("[R={}, K={k}]", l.r)
+                })?;
+                check_len("lora_fwd", "b", l.b.len, n * l.r, || {
+                    format!("[N={n}, R={}]", l.r)
+                })?;
+                if let Some(mk) = l.mask {
+                    check_len("lora_fwd", "mask", mk.len, m * k, || {
+                        format!("[M={m}, K={k}]")
+                    })?;
+                }
+                let xa_buf: &CudaBuf = match xa {
+                    Some(b) => {
+                        check_len("lora_fwd", "xa", b.len, m * l.r, || {
+                            format!("[M={m}, R={}]", l.r)
+                        })?;
+                        b
+                    }
+                    None => xa_tmp.insert(self.zeros_as(m * l.r, Dtype::F32)?),
+                };
+                self.lora_proj(x, l.mask, l.a, k, 1, xa_buf, m, k, l.r)?;
+                Some((xa_buf, l.b, l.r, l.scale))
+            }
+            None => None,
+        };
+        match w {
+            Weight::Dense(wb) => {
+                self.gemm(op(x, 0, false), op(wb, 0, true), y, 0, m, n, k, 1.0, 0.0)?;
+                if let Some((xa, b, r, s)) = lora_parts {
+                    // Dense base: a second pass over Y (cuBLAS owns the base GEMM's epilogue).
+                    self.launch(
+                        "lora.cu",
+                        "lora_add_k",
+                        launch::elementwise(m * n),
+                        &[
+                            Arg::Buf(y),
+                            Arg::Buf(xa),
+                            Arg::Buf(b),
+                            n64(m),
+                            Arg::I32(to_i32("lora_fwd", "n", n)?),
+                            Arg::I32(to_i32("lora_fwd", "r", r)?),
+                            Arg::F32(s),
+                        ],
+                    )?;
+                }
+                Ok(())
+            }
+            Weight::Nf4(q) => {
+                if m == 0 || n == 0 {
+                    return Ok(());
+                }
+                self.nf4_forward(x, q, y, false, lora_parts, m, k, n)
+            }
+        }
+    }
+
+    fn lora_bwd(
+        &self,
+        dy: &CudaBuf,
+        x: &CudaBuf,
+        w: Weight<'_, Self>,
+        lora: Option<LoraGradRef<'_, Self>>,
+        dx: &mut CudaBuf,
+        dx_acc: Accum,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        check_len("lora_bwd", "dy", dy.len, m * n, || {
+            format!("[M={m}, N={n}]")
+        })?;
+        check_len("lora_bwd", "x", x.len, m * k, || format!("[M={m}, K={k}]"))?;
+        check_len("lora_bwd", "dx", dx.len, m * k, || {
+            format!("[M={m}, K={k}]")
+        })?;
+        self.dense_or_nf4_dims("lora_bwd", &w, n, k)?;
+        let dx: &CudaBuf = dx;
+        let acc = dx_acc == Accum::Add;
+        let mut dyb_tmp = None;
+        let lora_parts = match lora {
+            Some(l) => {
+                ensure("lora_bwd", "r", l.r > 0, || "LoRA rank must be ≥ 1".into())?;
+                let r = l.r;
+                check_len("lora_bwd", "a", l.a.len, r * k, || {
+                    format!("[R={r}, K={k}]")
+                })?;
+                check_len("lora_bwd", "b", l.b.len, n * r, || {
+                    format!("[N={n}, R={r}]")
+                })?;
+                check_len("lora_bwd", "xa", l.xa.len, m * r, || {
+                    format!("[M={m}, R={r}]")
+                })?;
+                check_len("lora_bwd", "da", l.da.len, r * k, || {
+                    format!("[R={r}, K={k}]")
+                })?;
+                check_len("lora_bwd", "db", l.db.len, n * r, || {
+                    format!("[N={n}, R={r}]")
+                })?;
+                if let Some(mk) = l.mask {
+                    check_len("lora_bwd", "mask", mk.len, m * k, || {
+                        format!("[M={m}, K={k}]")
+                    })?;
+                }
+                // dYB = dY·B [M, R] (B [N, R]: element (j, n) at b[n·R + j]).
+                let dyb: &CudaBuf = dyb_tmp.insert(self.zeros_as(m * r, Dtype::F32)?);
+                self.lora_proj(dy, None, l.b, 1, r, dyb, m, n, r)?;
+                let (ri, ki, ni) = (
+                    to_i32("lora_bwd", "r", r)?,
+                    to_i32("lora_bwd", "k", k)?,
+                    to_i32("lora_bwd", "n", n)?,
+                );
+                let (mask_arg, has) = match l.mask {
+                    Some(mk) => (Arg::Buf(mk), 1),
+                    None => (Arg::NullBuf, 0),
+                };
+                // dA += s·dYBᵀ·drop(X);  dB += s·dYᵀ·XA.
+                let da: &CudaBuf = l.da;
+                let db: &CudaBuf = l.db;
+                if m > 0 {
+                    self.launch(
+                        "lora.cu",
+                        "lora_da_k",
+                        launch::lora_cols(k, r)?,
+                        &[
+                            Arg::Buf(dyb),
+                            Arg::Buf(x),
+                            mask_arg,
+                            Arg::I32(has),
+                            Arg::Buf(da),
+                            n64(m),
+                            Arg::I32(ki),
+                            Arg::I32(ri),
+                            Arg::F32(l.scale),
+                        ],
+                    )?;
+                    self.launch(
+                        "lora.cu",
+                        "lora_db_k",
+                        launch::lora_cols(n, r)?,
+                        &[
+                            Arg::Buf(dy),
+                            Arg::Buf(l.xa),
+                            Arg::Buf(db),
+                            n64(m),
+                            Arg::I32(ni),
+                            Arg::I32(ri),
+                            Arg::F32(l.scale),
+                        ],
+                    )?;
+                }
+                Some((dyb, l.a, r, l.scale, l.mask))
+            }
+            None => None,
+        };
+        let add_lora_dx =
+            |cuda: &Cuda,
+             (dyb, a, r, s, mask): (&CudaBuf, &CudaBuf, usize, f32, Option<&CudaBuf>)|
+             -> Result<()> {
+                let (mask_arg, has) = match mask {
+                    Some(mk) => (Arg::Buf(mk), 1),
+                    None => (Arg::NullBuf, 0),
+                };
+                cuda.launch(
+                    "lora.cu",
+                    "lora_dx_k",
+                    launch::elementwise(m * k),
+                    &[
+                        Arg::Buf(dx),
+                        Arg::Buf(dyb),
+                        Arg::Buf(a),
+                        mask_arg,
+                        Arg::I32(has),
+                        n64(m),
+                        Arg::I32(to_i32("lora_bwd", "k", k)?),
+                        Arg::I32(to_i32("lora_bwd", "r", r)?),
+                        Arg::F32(s),
+                    ],
+                )
+            };
+        match w {
+            Weight::Dense(wb) => {
+                self.gemm(
+                    op(dy, 0, false),
+                    op(wb, 0, false),
+                    dx,
+                    0,
+                    m,
+                    k,
+                    n,
+                    1.0,
+                    if acc { 1.0 } else { 0.0 },
+                )?;
+                if let Some(p) = lora_parts {
+                    add_lora_dx(self, p)?;
+                }
+                Ok(())
+            }
+            Weight::Nf4(q) => {
+                if m == 0 || k == 0 {
+                    return Ok(());
+                }
+                match lora_parts {
+                    // Without dropout the LoRA term joins the NF4 GEMM as extra reduction steps.
+                    Some((dyb, a, r, s, None)) => {
+                        self.nf4_backward(dy, q, dx, acc, Some((dyb, a, r, s)), m, k, n)
+                    }
+                    Some(p) => {
+                        self.nf4_backward(dy, q, dx, acc, None, m, k, n)?;
+                        add_lora_dx(self, p)
+                    }
+                    None => self.nf4_backward(dy, q, dx, acc, None, m, k, n),
+                }
+            }
+        }
+    }
+
+    fn nf4_dequantize(&self, w: &CudaNf4, out: &mut CudaBuf) -> Result<()> {
+        check_len("nf4_dequantize", "out", out.len, w.numel, || {
+            format!("{:?}", w.shape)
+        })?;
+        let [p, c, a, c8, o, nest] = Self::nf4_args(w);
+        self.launch(
+            "nf4_dequant.cu",
+            "nf4_dequant_k",
+            launch::nf4_dequant(w.numel),
+            &[p, c, a, c8, o, nest, n64(w.numel), Arg::Buf(out)],
+        )
+    }
+
+    // ---- norms and pointwise --------------------------------------------------------------------
+    fn rmsnorm_fwd(
+        &self,
+        x: &CudaBuf,
+        w: &CudaBuf,
+        y: &mut CudaBuf,
+        rstd: &mut CudaBuf,
+        n: usize,
+        h: usize,
+        eps: f32,
+    ) -> Result<()> {
+        check_len("rmsnorm_fwd", "x", x.len, n * h, || {
+            format!("[N={n}, H={h}]")
+        })?;
+        check_len("rmsnorm_fwd", "w", w.len, h, || format!("[H={h}]"))?;
+        check_len("rmsnorm_fwd", "y", y.len, n * h, || {
+            format!("[N={n}, H={h}]")
+        })?;
+        check_len("rmsnorm_fwd", "rstd", rstd.len, n, || format!("[N={n}]"))?;
+        if n == 0 {
+            return Ok(());
+        }
+        ensure("rmsnorm_fwd", "h", h > 0, || "H must be ≥ 1".into())?;
+        let l = launch::rows("rmsnorm_fwd", n, h, 1024)?;
+        self.launch(
+            "rmsnorm.cu",
+            "rmsnorm_fwd_k",
+            l,
+            &[
+                Arg::Buf(x),
+                Arg::Buf(w),
+                Arg::Buf(y),
+                Arg::Buf(rstd),
+                Arg::I32(to_i32("rmsnorm_fwd", "h", h)?),
+                Arg::F32(eps),
+            ],
+        )
+    }
+
+    fn rmsnorm_bwd(
+        &self,
+        dy: &CudaBuf,
+        x: &CudaBuf,
+        w: &CudaBuf,
+        rstd: &CudaBuf,
+        dx: &mut CudaBuf,
+        dw: Option<&mut CudaBuf>,
+        n: usize,
+        h: usize,
+    ) -> Result<()> {
+        check_len("rmsnorm_bwd", "dy", dy.len, n * h, || {
+            format!("[N={n}, H={h}]")
+        })?;
+        check_len("rmsnorm_bwd", "x", x.len, n * h, || {
+            format!("[N={n}, H={h}]")
+        })?;
+        check_len("rmsnorm_bwd", "w", w.len, h, || format!("[H={h}]"))?;
+        check_len("rmsnorm_bwd", "rstd", rstd.len, n, || format!("[N={n}]"))?;
+        check_len("rmsnorm_bwd", "dx", dx.len, n * h, || {
+            format!("[N={n}, H={h}]")
+        })?;
+        if n == 0 || h == 0 {
+            return Ok(());
+        }
+        let hi = to_i32("rmsnorm_bwd", "h", h)?;
+        let l = launch::rows("rmsnorm_bwd", n, h, 1024)?;
+        self.launch(
+            "rmsnorm.cu",
+            "rmsnorm_bwd_k",
+            l,
+            &[
+                Arg::Buf(dy),
+                Arg::Buf(x),
+                Arg::Buf(w),
+                Arg::Buf(rstd),
+                Arg::Buf(dx),
+                Arg::I32(hi),
+            ],
+        )?;
+        if let Some(dw) = dw {
+            check_len("rmsnorm_bwd", "dw", dw.len, h, || format!("[H={h}]"))?;
+            self.launch(
+                "rmsnorm.cu",
+                "rmsnorm_dw_k",
+                launch::elementwise(h),
+                &[
+                    Arg::Buf(dy),
+                    Arg::Buf(x),
+                    Arg::Buf(rstd),
+                    Arg::Buf(dw),
+                    n64(n),
+                    Arg::I32(hi),
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn rope(
+        &self,
+        x: &mut CudaBuf,
+        pos: &CudaSlice<i32>,
+        n: usize,
+        heads: usize,
+        d: usize,
+        theta: f32,
+        inverse: bool,
+    ) -> Result<()> {
+        check_len("rope", "x", x.len, n * heads * d, || {
+            format!("[N={n}, heads={heads}, D={d}]")
+        })?;
+        ensure("rope", "d", d % 2 == 0, || {
+            format!("head dim D = {d} must be even")
+        })?;
+        if n == 0 || heads == 0 || d == 0 {
+            return Ok(());
+        }
+        check_len("rope", "pos", pos.len(), n, || format!("[N={n}]"))?;
+        let l = launch::elementwise(n * heads * d / 2);
+        self.launch(
+            "rope.cu",
+            "rope_k",
+            l,
+            &[
+                Arg::Buf(x),
+                Arg::I32s(pos),
+                n64(n),
+                Arg::I32(to_i32("rope", "heads", heads)?),
+                Arg::I32(to_i32("rope", "d", d)?),
+                Arg::F32(theta),
+                Arg::I32(inverse as i32),
+            ],
+        )
+    }
+
+    fn geglu_fwd(&self, gate: &CudaBuf, up: &CudaBuf, out: &mut CudaBuf) -> Result<()> {
+        check_len("geglu_fwd", "up", up.len, gate.len, || {
+            format!("[{}]", gate.len)
+        })?;
+        check_len("geglu_fwd", "out", out.len, gate.len, || {
+            format!("[{}]", gate.len)
+        })?;
+        self.launch(
+            "geglu.cu",
+            "geglu_fwd_k",
+            launch::elementwise(gate.len),
+            &[Arg::Buf(gate), Arg::Buf(up), Arg::Buf(out), n64(gate.len)],
+        )
+    }
+
+    fn geglu_bwd(
+        &self,
+        dout: &CudaBuf,
+        gate: &CudaBuf,
+        up: &CudaBuf,
+        dgate: &mut CudaBuf,
+        dup: &mut CudaBuf,
+    ) -> Result<()> {
+        let n = gate.len;
+        check_len("geglu_bwd", "dout", dout.len, n, || format!("[{n}]"))?;
+        check_len("geglu_bwd", "up", up.len, n, || format!("[{n}]"))?;
+        check_len("geglu_bwd", "dgate", dgate.len, n, || format!("[{n}]"))?;
+        check_len("geglu_bwd", "dup", dup.len, n, || format!("[{n}]"))?;
+        self.launch(
+            "geglu.cu",
+            "geglu_bwd_k",
+            launch::elementwise(n),
+            &[
+                Arg::Buf(dout),
+                Arg::Buf(gate),
+                Arg::Buf(up),
+                Arg::Buf(dgate),
+                Arg::Buf(dup),
+                n64(n),
+            ],
+        )
+    }
+
+    fn softcap_fwd(&self, x: &mut CudaBuf, cap: f32) -> Result<()> {
+        ensure("softcap_fwd", "cap", cap > 0.0 && cap.is_finite(), || {
+            format!("cap = {cap} must be finite and > 0")
+        })?;
+        self.launch(
+            "softcap.cu",
+            "softcap_fwd_k",
+            launch::elementwise(x.len),
+            &[Arg::Buf(x), n64(x.len), Arg::F32(cap)],
+        )
+    }
+
+    fn softcap_bwd(&self, y: &CudaBuf, dy: &mut CudaBuf, cap: f32) -> Result<()> {
+        ensure("softcap_bwd", "cap", cap > 0.0 && cap.is_finite(), || {
+            format!("cap = {cap} must be finite and > 0")
+        })?;
+        check_len("softcap_bwd", "dy", dy.len, y.len, || {
+            format!("[{}]", y.len)
+        })?;
+        self.launch(
+            "softcap.cu",
+            "softcap_bwd_k",
+            launch::elementwise(y.len),
+            &[Arg::Buf(y), Arg::Buf(dy), n64(y.len), Arg::F32(cap)],
+        )
+    }
+
+    // ---- attention ------------------------------------------------------------------------------
+    fn attn_fwd(
+        &self,
+        q: &CudaBuf,
+        k: &CudaBuf,
+        v: &CudaBuf,
+        seg: Option<&CudaSlice<i32>>,
+        out: &mut CudaBuf,
+        lse: &mut CudaBuf,
+        s: &AttnShape,
+    ) -> Result<()> {
+        check_attn("attn_fwd", s)?;
+        let qn = s.b * s.t * s.nh * s.d;
+        let kn = s.b * s.tk * s.nkv * s.d;
+        check_len("attn_fwd", "q", q.len, qn, || attn_q_shape(s))?;
+        check_len("attn_fwd", "k", k.len, kn, || attn_k_shape(s))?;
+        check_len("attn_fwd", "v", v.len, kn, || attn_k_shape(s))?;
+        check_len("attn_fwd", "out", out.len, qn, || attn_q_shape(s))?;
+        check_len("attn_fwd", "lse", lse.len, s.b * s.nh * s.t, || {
+            format!("[B={}, NH={}, T={}]", s.b, s.nh, s.t)
+        })?;
+        let seg_arg = seg_arg("attn_fwd", seg, s.b * s.tk)?;
+        if qn == 0 {
+            return Ok(());
+        }
+        let l = launch::attention(s.b * s.t * s.nh, s.d)?;
+        let (seg_a, has) = seg_arg;
+        self.launch(
+            "attention.cu",
+            "attn_fwd_k",
+            l,
+            &[
+                Arg::Buf(q),
+                Arg::Buf(k),
+                Arg::Buf(v),
+                seg_a,
+                Arg::I32(has),
+                Arg::Buf(out),
+                Arg::Buf(lse),
+                Arg::I32(to_i32("attn_fwd", "b", s.b)?),
+                Arg::I32(to_i32("attn_fwd", "t", s.t)?),
+                Arg::I32(to_i32("attn_fwd", "tk", s.tk)?),
+                Arg::I32(to_i32("attn_fwd", "nh", s.nh)?),
+                Arg::I32(to_i32("attn_fwd", "nkv", s.nkv)?),
+                Arg::I32(to_i32("attn_fwd", "d", s.d)?),
+                Arg::F32(s.scale),
+                Arg::F32(s.softcap.unwrap_or(0.0)),
+                Arg::I32(to_i32("attn_fwd", "window", s.window.unwrap_or(0))?),
+            ],
+        )
+    }
+
+    fn attn_bwd(
+        &self,
+        q: &CudaBuf,
+        k: &CudaBuf,
+        v: &CudaBuf,
+        seg: Option<&CudaSlice<i32>>,
+        out: &CudaBuf,
+        lse: &CudaBuf,
+        dout: &CudaBuf,
+        dq: &mut CudaBuf,
+        dk: &mut CudaBuf,
+        dv: &mut CudaBuf,
+        s: &AttnShape,
+    ) -> Result<()> {
+        check_attn("attn_bwd", s)?;
+        ensure("attn_bwd", "tk", s.tk == s.t, || {
+            format!("the backward needs TK = T (got TK = {}, T = {})", s.tk, s.t)
+        })?;
+        let qn = s.b * s.t * s.nh * s.d;
+        let kn = s.b * s.t * s.nkv * s.d;
+        for (name, buf, want) in [("q", q, qn), ("out", out, qn), ("dout", dout, qn)] {
+            check_len("attn_bwd", name, buf.len, want, || attn_q_shape(s))?;
+        }
+        for (name, buf, want) in [("k", k, kn), ("v", v, kn)] {
+            check_len("attn_bwd", name, buf.len, want, || attn_k_shape(s))?;
+        }
+        check_len("attn_bwd", "dq", dq.len, qn, || attn_q_shape(s))?;
+        check_len("attn_bwd", "dk", dk.len, kn, || attn_k_shape(s))?;
+        check_len("attn_bwd", "dv", dv.len, kn, || attn_k_shape(s))?;
+        check_len("attn_bwd", "lse", lse.len, s.b * s.nh * s.t, || {
+            format!("[B={}, NH={}, T={}]", s.b, s.nh, s.t)
+        })?;
+        let (seg_a, has) = seg_arg("attn_bwd", seg, s.b * s.t)?;
+        if qn == 0 {
+            return Ok(());
+        }
+        let dims = [
+            Arg::I32(to_i32("attn_bwd", "b", s.b)?),
+            Arg::I32(to_i32("attn_bwd", "t", s.t)?),
+            Arg::I32(to_i32("attn_bwd", "nh", s.nh)?),
+            Arg::I32(to_i32("attn_bwd", "nkv", s.nkv)?),
+            Arg::I32(to_i32("attn_bwd", "d", s.d)?),
+        ];
+        let tail = [
+            Arg::F32(s.scale),
+            Arg::F32(s.softcap.unwrap_or(0.0)),
+            Arg::I32(to_i32("attn_bwd", "window", s.window.unwrap_or(0))?),
+        ];
+        let delta = self.f32_scratch(s.b * s.nh * s.t)?;
+        let (bi, ti, nhi, di) = (
+            to_i32("attn_bwd", "b", s.b)?,
+            to_i32("attn_bwd", "t", s.t)?,
+            to_i32("attn_bwd", "nh", s.nh)?,
+            to_i32("attn_bwd", "d", s.d)?,
+        );
+        self.launch(
+            "attention.cu",
+            "attn_bwd_delta_k",
+            launch::attention(s.b * s.t * s.nh, s.d)?,
+            &[
+                Arg::Buf(out),
+                Arg::Buf(dout),
+                Arg::F32s(&delta),
+                Arg::I32(bi),
+                Arg::I32(ti),
+                Arg::I32(nhi),
+                Arg::I32(di),
+            ],
+        )?;
+        let seg_b = match seg {
+            Some(sg) => Arg::I32s(sg),
+            None => Arg::Null,
+        };
+        let mut args = vec![
+            Arg::Buf(q),
+            Arg::Buf(k),
+            Arg::Buf(v),
+            seg_a,
+            Arg::I32(has),
+            Arg::Buf(lse),
+            Arg::F32s(&delta),
+            Arg::Buf(dout),
+            Arg::Buf(dq),
+        ];
+        args.extend(dims.iter().map(clone_scalar));
+        args.extend(tail.iter().map(clone_scalar));
+        self.launch(
+            "attention.cu",
+            "attn_bwd_dq_k",
+            launch::attention(s.b * s.t * s.nh, s.d)?,
+            &args,
+        )?;
+        let mut args = vec![
+            Arg::Buf(q),
+            Arg::Buf(k),
+            Arg::Buf(v),
+            seg_b,
+            Arg::I32(has),
+            Arg::Buf(lse),
+            Arg::F32s(&delta),
+            Arg::Buf(dout),
+            Arg::Buf(dk),
+            Arg::Buf(dv),
+        ];
+        args.extend(dims.iter().map(clone_scalar));
+        args.extend(tail.iter().map(clone_scalar));
+        self.launch(
+            "attention.cu",
+            "attn_bwd_dkv_k",
+            launch::attention(s.b * s.t * s.nkv, s.d)?,
+            &args,
+        )
+    }
+
+    // ---- embedding and loss ---------------------------------------------------------------------
+    fn embedding_fwd(
+        &self,
+        ids: &CudaSlice<i32>,
+        table: &CudaBuf,
+        out: &mut CudaBuf,
+        v: usize,
+        h: usize,
+        scale: f32,
+    ) -> Result<()> {
+        check_len("embedding_fwd", "table", table.len, v * h, || {
+            format!("[V={v}, H={h}]")
+        })?;
+        ensure("embedding_fwd", "out", h > 0 && out.len % h == 0, || {
+            format!("out has {} elements, not a multiple of H = {h}", out.len)
+        })?;
+        let n = out.len / h;
+        if n == 0 {
+            return Ok(());
+        }
+        check_len("embedding_fwd", "ids", ids.len(), n, || format!("[N={n}]"))?;
+        if let Some(i) = self.first_bad_id(ids, 0, n, v, false)? {
+            let id = self
+                .stream
+                .clone_dtoh(&ids.slice(i..i + 1))
+                .map_err(be("device to host copy"))?[0];
+            return Err(KernelError::Invalid {
+                op: "embedding_fwd",
+                arg: "ids",
+                msg: format!("ids[{i}] = {id} is outside [0, V={v})"),
+            });
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let l = launch::rows("embedding_fwd", n, h, 256)?;
+        self.launch(
+            "embedding.cu",
+            "embedding_fwd_k",
+            l,
+            &[
+                Arg::I32s(ids),
+                Arg::Buf(table),
+                Arg::Buf(out),
+                Arg::I32(to_i32("embedding_fwd", "h", h)?),
+                Arg::F32(scale),
+            ],
+        )
+    }
+
+    fn embedding_bwd(
+        &self,
+        ids: &CudaSlice<i32>,
+        dout: &CudaBuf,
+        dtable: &mut CudaBuf,
+        v: usize,
+        h: usize,
+        scale: f32,
+    ) -> Result<()> {
+        check_len("embedding_bwd", "dtable", dtable.len, v * h, || {
+            format!("[V={v}, H={h}]")
+        })?;
+        ensure("embedding_bwd", "dout", h > 0 && dout.len % h == 0, || {
+            format!("dout has {} elements, not a multiple of H = {h}", dout.len)
+        })?;
+        let n = dout.len / h;
+        if n == 0 {
+            return Ok(());
+        }
+        check_len("embedding_bwd", "ids", ids.len(), n, || format!("[N={n}]"))?;
+        if let Some(i) = self.first_bad_id(ids, 0, n, v, false)? {
+            let id = self
+                .stream
+                .clone_dtoh(&ids.slice(i..i + 1))
+                .map_err(be("device to host copy"))?[0];
+            return Err(KernelError::Invalid {
+                op: "embedding_bwd",
+                arg: "ids",
+                msg: format!("ids[{i}] = {id} is outside [0, V={v})"),
+            });
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let l = launch::rows("embedding_bwd", n, h, 256)?;
+        self.launch(
+            "embedding.cu",
+            "embedding_bwd_k",
+            l,
+            &[
+                Arg::I32s(ids),
+                Arg::Buf(dout),
+                Arg::Buf(dtable),
+                Arg::I32(to_i32("embedding_bwd", "h", h)?),
+                Arg::F32(scale),
+            ],
+        )
+    }
+
+    fn cross_entropy(
+        &self,
+        logits: &CudaBuf,
+        labels: &CudaSlice<i32>,
+        n: usize,
+        v: usize,
+        softcap: Option<f32>,
+        grad_scale: f32,
+        dlogits: Option<&mut CudaBuf>,
+    ) -> Result<(f64, usize)> {
+        check_len("cross_entropy", "logits", logits.len, n * v, || {
+            format!("[N={n}, V={v}]")
+        })?;
+        if let Some(d) = &dlogits {
+            check_len("cross_entropy", "dlogits", d.len, n * v, || {
+                format!("[N={n}, V={v}]")
+            })?;
+        }
+        if n == 0 {
+            return Ok((0.0, 0));
+        }
+        check_len("cross_entropy", "labels", labels.len(), n, || {
+            format!("[N={n}]")
+        })?;
+        let cap = check_cap("cross_entropy", softcap)?;
+        let count = self.count_labels("cross_entropy", labels, 0, n, v)?;
+        let row_loss = self.zeros_as(n, Dtype::F32)?;
+        let l = launch::rows("cross_entropy", n, v, 1024)?;
+        let (d_arg, want) = match dlogits {
+            Some(d) => (Arg::Buf(&*d), 1),
+            None => (Arg::NullBuf, 0),
+        };
+        self.launch(
+            "cross_entropy.cu",
+            "ce_row_k",
+            l,
+            &[
+                Arg::Buf(logits),
+                Arg::I32s(labels),
+                Arg::I32(to_i32("cross_entropy", "v", v)?),
+                Arg::F32(cap),
+                Arg::F32(grad_scale),
+                d_arg,
+                Arg::I32(want),
+                Arg::F32s(f32_slice(&row_loss)?),
+            ],
+        )?;
+        Ok((self.reduce(&row_loss, 0, n, 1)?, count))
+    }
+
+    fn lm_head_ce(
+        &self,
+        hidden: &CudaBuf,
+        emb: &CudaBuf,
+        labels: &CudaSlice<i32>,
+        n: usize,
+        h: usize,
+        v: usize,
+        softcap: Option<f32>,
+        grad_scale: f32,
+        dhidden: Option<&mut CudaBuf>,
+        demb: Option<&mut CudaBuf>,
+    ) -> Result<(f64, usize)> {
+        check_len("lm_head_ce", "hidden", hidden.len, n * h, || {
+            format!("[N={n}, H={h}]")
+        })?;
+        check_len("lm_head_ce", "emb", emb.len, v * h, || {
+            format!("[V={v}, H={h}]")
+        })?;
+        if let Some(d) = &dhidden {
+            check_len("lm_head_ce", "dhidden", d.len, n * h, || {
+                format!("[N={n}, H={h}]")
+            })?;
+        }
+        if let Some(d) = &demb {
+            check_len("lm_head_ce", "demb", d.len, v * h, || {
+                format!("[V={v}, H={h}]")
+            })?;
+        }
+        if n == 0 {
+            return Ok((0.0, 0));
+        }
+        check_len("lm_head_ce", "labels", labels.len(), n, || {
+            format!("[N={n}]")
+        })?;
+        let cap = check_cap("lm_head_ce", softcap)?;
+        let count = self.count_labels("lm_head_ce", labels, 0, n, v)?;
+        let dhidden: Option<&CudaBuf> = dhidden.map(|d| &*d);
+        let demb: Option<&CudaBuf> = demb.map(|d| &*d);
+        let want = dhidden.is_some() || demb.is_some();
+        let rows = launch::lm_head_chunk_rows(n, v, LM_HEAD_CHUNK_BYTES);
+        let logits = self.zeros_as(rows * v, Dtype::F32)?;
+        let row_loss = self.zeros_as(rows, Dtype::F32)?;
+        let vi = to_i32("lm_head_ce", "v", v)?;
+        let mut total = 0.0f64;
+        let mut r0 = 0usize;
+        while r0 < n {
+            let c = rows.min(n - r0);
+            // logits[c, V] = hidden[r0..r0+c] · embᵀ.
+            self.gemm(
+                op(hidden, r0 * h, false),
+                op(emb, 0, true),
+                &logits,
+                0,
+                c,
+                v,
+                h,
+                1.0,
+                0.0,
+            )?;
+            // Loss per row, and the gradient written over the logits in place.
+            let l = launch::rows("lm_head_ce", c, v, 1024)?;
+            self.launch(
+                "cross_entropy.cu",
+                "ce_row_k",
+                l,
+                &[
+                    Arg::Buf(&logits),
+                    Arg::I32sAt(labels, r0),
+                    Arg::I32(vi),
+                    Arg::F32(cap),
+                    Arg::F32(grad_scale),
+                    Arg::Buf(&logits),
+                    Arg::I32(want as i32),
+                    Arg::F32s(f32_slice(&row_loss)?),
+                ],
+            )?;
+            total += self.reduce(&row_loss, 0, c, 1)?;
+            if let Some(dh) = dhidden {
+                // dhidden[r0..r0+c] += dlogits · emb.
+                self.gemm(
+                    op(&logits, 0, false),
+                    op(emb, 0, false),
+                    dh,
+                    r0 * h,
+                    c,
+                    h,
+                    v,
+                    1.0,
+                    1.0,
+                )?;
+            }
+            if let Some(de) = demb {
+                // demb += dlogitsᵀ · hidden[r0..r0+c].
+                self.gemm(
+                    op(&logits, 0, true),
+                    op(hidden, r0 * h, false),
+                    de,
+                    0,
+                    v,
+                    h,
+                    c,
+                    1.0,
+                    1.0,
+                )?;
+            }
+            r0 += c;
+        }
+        Ok((total, count))
+    }
+
+    // ---- optimizer ------------------------------------------------------------------------------
+    fn adamw(
+        &self,
+        p: &mut CudaBuf,
+        g: &CudaBuf,
+        m: &mut CudaBuf,
+        v: &mut CudaBuf,
+        h: &AdamW,
+    ) -> Result<()> {
+        let n = p.len;
+        check_len("adamw", "g", g.len, n, || format!("[{n}]"))?;
+        check_len("adamw", "m", m.len, n, || format!("[{n}]"))?;
+        check_len("adamw", "v", v.len, n, || format!("[{n}]"))?;
+        ensure("adamw", "step", h.step >= 1, || {
+            "AdamW step is 1-based".into()
+        })?;
+        let t = h.step.min(i32::MAX as u64) as i32;
+        let bc1 = 1.0 - (h.beta1 as f64).powi(t);
+        let bc2 = 1.0 - (h.beta2 as f64).powi(t);
+        self.launch(
+            "adamw.cu",
+            "adamw_k",
+            launch::elementwise(n),
+            &[
+                Arg::Buf(p),
+                Arg::Buf(g),
+                Arg::Buf(m),
+                Arg::Buf(v),
+                n64(n),
+                Arg::F32(h.lr),
+                Arg::F32(h.beta1),
+                Arg::F32(h.beta2),
+                Arg::F32(h.eps),
+                Arg::F32(h.weight_decay),
+                Arg::F32(bc1 as f32),
+                Arg::F32(bc2.sqrt() as f32),
+            ],
+        )
+    }
+}
+
+impl Cuda {
+    /// Validates labels (−100 or in [0, V)) and counts the scored rows.
+    fn count_labels(
+        &self,
+        op: &'static str,
+        labels: &CudaSlice<i32>,
+        off: usize,
+        n: usize,
+        v: usize,
+    ) -> Result<usize> {
+        let host = self
+            .stream
+            .clone_dtoh(&labels.slice(off..off + n))
+            .map_err(be("device to host copy"))?;
+        if let Some((i, &l)) = host
+            .iter()
+            .enumerate()
+            .find(|(_, &l)| l != -100 && (l < 0 || l as usize >= v))
+        {
+            return Err(KernelError::Invalid {
+                op,
+                arg: "labels",
+                msg: format!("labels[{i}] = {l} is neither −100 nor in [0, V={v})"),
+            });
+        }
+        Ok(host.iter().filter(|&&l| l != -100).count())
+    }
+}
+
+fn beta(acc: Accum) -> f32 {
+    match acc {
+        Accum::Overwrite => 0.0,
+        Accum::Add => 1.0,
+    }
+}
+
+fn clone_scalar<'a>(a: &Arg<'a>) -> Arg<'a> {
+    match a {
+        Arg::I32(v) => Arg::I32(*v),
+        Arg::I64(v) => Arg::I64(*v),
+        Arg::F32(v) => Arg::F32(*v),
+        _ => Arg::Null,
+    }
+}
+
+fn f32_slice(b: &CudaBuf) -> Result<&CudaSlice<f32>> {
+    match &b.data {
+        Data::F32(s) => Ok(s),
+        Data::Bf16(_) => Err(KernelError::Backend {
+            backend: "cuda",
+            msg: "internal: expected an f32 scratch buffer".into(),
+        }),
+    }
+}
+
+fn check_cap(op: &'static str, cap: Option<f32>) -> Result<f32> {
+    match cap {
+        None => Ok(0.0),
+        Some(c) => {
+            ensure(op, "softcap", c > 0.0 && c.is_finite(), || {
+                format!("soft-cap {c} must be finite and > 0")
+            })?;
+            Ok(c)
+        }
+    }
+}
+
+fn check_attn(op: &'static str, s: &AttnShape) -> Result<()> {
+    ensure(op, "nkv", s.nkv > 0 && s.nh % s.nkv == 0, || {
+        format!("NH = {} is not a multiple of NKV = {}", s.nh, s.nkv)
+    })?;
+    ensure(op, "tk", s.tk >= s.t, || {
+        format!("TK = {} < T = {}", s.tk, s.t)
+    })?;
+    ensure(op, "d", s.d > 0 && s.d <= launch::ATTN_MAX_D, || {
+        format!("head dim D = {} outside 1..={}", s.d, launch::ATTN_MAX_D)
+    })?;
+    if let Some(w) = s.window {
+        ensure(op, "window", w >= 1, || {
+            "a sliding window must hold at least 1 key".into()
+        })?;
+    }
+    if let Some(c) = s.softcap {
+        ensure(op, "softcap", c > 0.0 && c.is_finite(), || {
+            format!("soft-cap {c} must be finite and > 0")
+        })?;
+    }
+    Ok(())
+}
+
+fn attn_q_shape(s: &AttnShape) -> String {
+    format!("[B={}, T={}, NH={}, D={}]", s.b, s.t, s.nh, s.d)
+}
+
+fn attn_k_shape(s: &AttnShape) -> String {
+    format!("[B={}, TK={}, NKV={}, D={}]", s.b, s.tk, s.nkv, s.d)
+}
+
+fn seg_arg<'a>(
+    op: &'static str,
+    seg: Option<&'a CudaSlice<i32>>,
+    want: usize,
+) -> Result<(Arg<'a>, i32)> {
+    match seg {
+        Some(sg) => {
+            check_len(op, "seg", sg.len(), want, || format!("[B·TK={want}]"))?;
+            Ok((Arg::I32s(sg), 1))
+        }
+        None => Ok((Arg::Null, 0)),
+    }
+}

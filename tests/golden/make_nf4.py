@@ -22,7 +22,7 @@ Per case `<c>` the file holds:
 plus, once:
   dynamic_map          f32 [256]     create_dynamic_map() (bitsandbytes' nested_quant_map)
   nf4_code             f32 [16]      get_4bit_type("nf4")
-Metadata (`__metadata__`, all strings): `<c>.shape` (JSON list), `<c>.quant_state_json` (the exact
+Metadata (`__metadata__`, all strings): `torch_mean_cases` (see torch_mean_cases()), `<c>.shape` (JSON list), `<c>.quant_state_json` (the exact
 `quant_state.bitsandbytes__nf4` blob for dtype float32), `<c>.cpu_vs_cuda` (JSON list of
 [block, cpu_code, cuda_code, reason]), `versions`.
 """
@@ -177,6 +177,39 @@ def make_cases():
     return cases
 
 
+def mean_probe(n):
+    """Deterministic f32 values reproducible in Rust without a fixture: h = ((k·2654435761) mod 2^32) >> 8,
+    v = f32(f32(h / 2^24) · 3) + 0.1 (every step an f32 operation)."""
+    k = np.arange(n, dtype=np.uint64)
+    h = ((k * np.uint64(2654435761)) % np.uint64(2 ** 32)) >> np.uint64(8)
+    u = (h.astype(f32) / f32(2 ** 24)).astype(f32)
+    return ((u * f32(3.0)).astype(f32) + f32(0.1)).astype(f32)
+
+
+def torch_mean_cases():
+    """torch's f32 mean (the double-quant offset) of mean_probe(n) for many n, with torch running 1, 2 and 4
+    threads: pins the summation order (`afinar_kernels::nf4::torch_mean_f32` and `torch_mean_f32_threads`)
+    beyond the NF4 cases. From 32768 elements on, torch splits the sum into per-thread chunks, so the bits
+    depend on the thread count. Entries: [n, {threads: hex f32 bits}, whether an f64 sum rounded to f32 gives
+    the single-thread bits]."""
+    lens = list(range(1, 80)) + [100, 127, 128, 129, 255, 256, 257, 511, 512, 1000, 1023, 4095, 4096, 4097,
+                                 10000, 32767, 32768, 32769, 65537, 100000, 131072, 200003]
+    saved = torch.get_num_threads()
+    out = []
+    for n in lens:
+        x = mean_probe(n)
+        bits = {}
+        for t in (1, 2, 4):
+            torch.set_num_threads(t)
+            bits[str(t)] = format(int(torch.from_numpy(x).mean().numpy().view(np.uint32)), "08x")
+        f64 = f32(f32(x.astype(np.float64).sum()) / f32(n))
+        out.append([n, bits, format(int(np.array(f64).view(np.uint32)), "08x") == bits["1"]])
+    torch.set_num_threads(saved)
+    print(f"torch mean probes: {len(out)} lengths, {sum(not e[2] for e in out)} where an f64 sum differs, "
+          f"{sum(len(set(e[1].values())) > 1 for e in out)} where the thread count matters")
+    return out
+
+
 def main():
     tensors = {}
     meta = {}
@@ -233,6 +266,7 @@ def main():
 
         print(f"{name}: shape {shape}, blocks {st.absmax.numel()}, packed {packed.numel()} B, "
               f"offset {offset.item()!r}, nested {st2.state2.absmax.tolist()[:3]}, cpu/cuda code diffs {len(diffs)}")
+    meta["torch_mean_cases"] = json.dumps(torch_mean_cases())
     meta["versions"] = json.dumps({
         "torch": torch.__version__, "bitsandbytes": bitsandbytes.__version__, "numpy": np.__version__,
         "python": sys.version.split()[0], "cpu_capability": torch.backends.cpu.get_cpu_capability(),

@@ -20,7 +20,9 @@
 //!   default backend; the CUDA kernel multiplies by the reciprocal, which can differ by 1 ulp in xn).
 //! - Odd numel: the missing last element is padded with 0.0, i.e. low nibble 7 in the last byte.
 //! - Double quant: `offset` = torch's f32 `mean` of the absmax ([`torch_mean_f32`], which reproduces
-//!   torch's CPU cascade sum with 8-lane vector accumulators, then divides by n in f32). Then the
+//!   torch's CPU cascade sum with 8-lane vector accumulators, then divides by n in f32; from 32768 blocks
+//!   on, i.e. 2M weights, torch's bits also depend on its thread count — we use its one-thread result, and
+//!   a GPU-made checkpoint's offset comes from a CUDA reduction anyway, so read it from the file). Then the
 //!   centered absmax `a − offset` is quantized in blocks of 256 with the signed dynamic map
 //!   ([`dynamic_map`]): `nested = max|c|`, `cn = c·(1/nested)` and the CUDA `dQuantize<0>` rule
 //!   ([`quantize_dynamic8`]). bitsandbytes' CPU kernel uses a lookup-table approximation instead, which is
@@ -397,11 +399,35 @@ pub fn torch_sum_f32(x: &[f32]) -> f32 {
     0.0 + acc
 }
 
-/// torch's CPU f32 `mean` of a 1-D tensor: [`torch_sum_f32`] divided by `n` (as f32). This is what
-/// bitsandbytes uses as the double-quant `offset`. Reproduces torch bit for bit on a single thread;
-/// past 32768 elements torch may split the reduction across threads (none of the fixtures does).
+/// torch's CPU f32 `mean` of a 1-D tensor with torch running ONE thread (or any thread count below 32768
+/// elements): [`torch_sum_f32`] divided by `n` (as f32). This is what bitsandbytes uses as the double-quant
+/// `offset`, and what [`quantize`] uses: deterministic, independent of the machine.
 pub fn torch_mean_f32(x: &[f32]) -> f32 {
     torch_sum_f32(x) / x.len() as f32
+}
+
+/// torch's CPU f32 `sum` of a contiguous 1-D tensor when torch runs `threads` threads
+/// (`torch.get_num_threads()`). From 32768 elements (ATen's GRAIN_SIZE) on, ATen's `two_pass_reduction`
+/// splits the input into `min(threads, ceil(n/32768))` chunks of `ceil(n/chunks)` elements, sums each
+/// chunk with [`torch_sum_f32`] into a zero-initialised buffer of `threads` partials, and sums that buffer
+/// the same way. The bits therefore depend on the thread count of the machine that ran torch.
+pub fn torch_sum_f32_threads(x: &[f32], threads: usize) -> f32 {
+    const GRAIN_SIZE: usize = 32768;
+    let n = x.len();
+    if n < GRAIN_SIZE || threads <= 1 {
+        return torch_sum_f32(x);
+    }
+    let chunks = threads.min(n.div_ceil(GRAIN_SIZE));
+    let mut partials = vec![0.0f32; threads];
+    for (p, c) in partials.iter_mut().zip(x.chunks(n.div_ceil(chunks))) {
+        *p += torch_sum_f32(c);
+    }
+    torch_sum_f32(&partials)
+}
+
+/// [`torch_mean_f32`] for torch running `threads` threads (see [`torch_sum_f32_threads`]).
+pub fn torch_mean_f32_threads(x: &[f32], threads: usize) -> f32 {
+    torch_sum_f32_threads(x, threads) / x.len() as f32
 }
 
 /// Product of a shape with overflow and emptiness checks.

@@ -348,3 +348,58 @@ fn edge_cases_documented_in_the_module() {
     assert_eq!(nested_absmax[..], [0.0]);
     assert_eq!(q.block_absmax(0), *offset);
 }
+
+/// torch's f32 mean over 101 lengths (1..=79 and up to 200003) of values both sides generate the same way
+/// (`mean_probe` in make_nf4.py), with torch on 1, 2 and 4 threads: `torch_mean_f32` (one thread) and
+/// `torch_mean_f32_threads` must reproduce every one bit for bit — including the lengths where an f64 sum
+/// rounded to f32 gives different bits (so the summation order is torch's), and those where the thread
+/// count changes torch's bits.
+#[test]
+fn torch_mean_emulation_matches_torch() {
+    let fx = Fixture::load();
+    let cases: Vec<(usize, BTreeMap<String, String>, bool)> =
+        serde_json::from_str(&fx.meta["torch_mean_cases"]).unwrap();
+    assert!(cases.len() >= 100);
+    let (mut f64_differs, mut threads_matter) = (0, 0);
+    for (n, bits, f64_agrees) in cases {
+        let x: Vec<f32> = (0..n as u32)
+            .map(|k| {
+                let h = k.wrapping_mul(2_654_435_761) >> 8;
+                (h as f32 / 16_777_216.0) * 3.0 + 0.1
+            })
+            .collect();
+        let want = |t: usize| u32::from_str_radix(&bits[&t.to_string()], 16).unwrap();
+        let got = nf4::torch_mean_f32(&x);
+        assert_eq!(
+            got.to_bits(),
+            want(1),
+            "n = {n}, 1 thread: got {got:e}, torch {:e}",
+            f32::from_bits(want(1))
+        );
+        for t in [1, 2, 4] {
+            let got = nf4::torch_mean_f32_threads(&x, t);
+            assert_eq!(
+                got.to_bits(),
+                want(t),
+                "n = {n}, {t} threads: got {got:e}, torch {:e}",
+                f32::from_bits(want(t))
+            );
+        }
+        let via_f64 = ((x.iter().map(|&v| v as f64).sum::<f64>()) as f32) / n as f32;
+        assert_eq!(
+            via_f64.to_bits() == want(1),
+            f64_agrees,
+            "n = {n}: the script's f64 check"
+        );
+        f64_differs += usize::from(!f64_agrees);
+        threads_matter += usize::from(want(2) != want(1) || want(4) != want(1));
+    }
+    assert!(
+        f64_differs > 0,
+        "the probes must include lengths where summation order matters"
+    );
+    assert!(
+        threads_matter > 0,
+        "the probes must include lengths where torch's thread count matters"
+    );
+}

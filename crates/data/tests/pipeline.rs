@@ -282,6 +282,7 @@ fn toy_dataset(n: usize) -> TokenizedDataset {
 }
 
 #[test]
+#[allow(clippy::needless_range_loop)]
 fn packing_never_crosses_samples_and_positions_restart() {
     let ds = toy_dataset(40);
     let cfg = LoaderConfig { batch_size: 3, packing: true, shuffle: true, seed: 7, drop_last: false };

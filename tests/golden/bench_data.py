@@ -1,0 +1,62 @@
+#!/usr/bin/env python3
+"""Python side of the data-pipeline benchmark (run by `cargo run --release -p afinar-data
+--example bench_pipeline -- --python /work/venv/bin/python`, or by hand):
+
+    bench_data.py DATA.jsonl TOKENIZER_DIR
+
+Same work as afinar's read_dataset + encode_dataset with the gemma template: parse every JSONL
+record, render Gemma's chat template and tokenize it with the assistant-token mask
+(transformers `apply_chat_template(..., tokenize=True, return_dict=True,
+return_assistant_tokens_mask=True)`, TRL-style {% generation %} tags marking content +
+"<end_of_turn>\\n", exactly what afinar trains), in batches of 1000 conversations so that the Rust
+`tokenizers` backend can use every core for encoding. Prints one JSON line with the timing.
+"""
+import json
+import os
+import sys
+import time
+
+from transformers import AutoTokenizer
+
+GEMMA_TRAIN = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\n' }}{% if role == 'model' %}{% generation %}{{ message['content'] | trim + '<end_of_turn>\n' }}{% endgeneration %}"
+    "{% else %}{{ message['content'] | trim + '<end_of_turn>\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
+
+
+def main():
+    data, tok_dir = sys.argv[1], sys.argv[2]
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    t0 = time.perf_counter()
+    with open(data, encoding="utf-8") as f:
+        convs = [json.loads(line)["messages"] for line in f if line.strip()]
+    tokens = trained = 0
+    for i in range(0, len(convs), 1000):
+        out = tok.apply_chat_template(
+            convs[i : i + 1000],
+            chat_template=GEMMA_TRAIN,
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
+        )
+        for ids, mask in zip(out["input_ids"], out["assistant_masks"]):
+            tokens += len(ids)
+            trained += sum(mask)
+    seconds = time.perf_counter() - t0
+    print(json.dumps({
+        "samples": len(convs),
+        "tokens": tokens,
+        "trained": trained,
+        "seconds": seconds,
+        "samples_per_s": len(convs) / seconds,
+        "threads": os.cpu_count(),
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -90,11 +90,36 @@ impl CudaBuf {
     }
 }
 
-/// An NF4 weight on the device, in the bitsandbytes layout (see `crate::nf4`).
+/// i32 values on the device (token ids, labels, positions, segment ids). `len` is the logical length;
+/// the allocation holds at least one element (the driver cannot allocate zero bytes).
+pub struct CudaIds {
+    pub(crate) data: CudaSlice<i32>,
+    pub(crate) len: usize,
+}
+
+impl CudaIds {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// An NF4 weight on the device, in the bitsandbytes layout (see `crate::nf4`). Uploaded as given;
+/// like the CPU backend, the layout is validated against the dims when the weight is used (errors
+/// `w`, `w.packed`, `w.absmax`, `w.absmax_code`, `w.nested_absmax`).
 pub struct CudaNf4 {
     pub(crate) shape: Vec<usize>,
-    pub(crate) numel: usize,
-    /// ceil(numel/2) bytes (+1 spare byte so odd sizes and empty tensors are safe to address).
+    /// Product of `shape`, None when it overflows.
+    pub(crate) numel: Option<usize>,
+    /// Host lengths of packed, absmax (plain) or absmax codes (nested), nested absmax (nested).
+    pub(crate) packed_len: usize,
+    pub(crate) absmax_len: usize,
+    pub(crate) nested_len: usize,
+    /// The packed bytes plus 8 spare zero bytes (so no allocation is empty and 8-byte loads at the
+    /// tail stay inside the allocation).
     pub(crate) packed: CudaSlice<u8>,
     pub(crate) scales: Nf4Scales,
 }

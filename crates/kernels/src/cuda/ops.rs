@@ -2,7 +2,7 @@
 //! launches. Each op's contract is in backend.rs; each kernel's layout and geometry in its .cu file.
 
 use super::gemm::op;
-use super::{be, Arg, Cuda, CudaBuf, CudaNf4, Data, Dtype, Nf4Scales};
+use super::{be, Arg, Cuda, CudaBuf, CudaIds, CudaNf4, Data, Dtype, Nf4Scales};
 use crate::backend::{Accum, AdamW, AttnShape, Backend, LoraGradRef, LoraRef, Weight};
 use crate::error::{check_len, ensure, KernelError, Result};
 use crate::launch::{self, to_i32};
@@ -20,7 +20,7 @@ impl Cuda {
     /// Index of the first id outside [0, v) (labels: −100 allowed), or None.
     fn first_bad_id(
         &self,
-        ids: &CudaSlice<i32>,
+        ids: &CudaIds,
         off: usize,
         n: usize,
         v: usize,
@@ -29,7 +29,7 @@ impl Cuda {
         if n == 0 {
             return Ok(None);
         }
-        let bad = self.stream.clone_htod(&[i32::MAX]).map_err(be("alloc"))?;
+        let bad: CudaSlice<i32> = self.stream.clone_htod(&[i32::MAX]).map_err(be("alloc"))?;
         let f = if labels {
             "labels_check_k"
         } else {
@@ -40,7 +40,12 @@ impl Cuda {
             "embedding.cu",
             f,
             launch::elementwise(n),
-            &[Arg::I32sAt(ids, off), n64(n), Arg::I32(vi), Arg::I32s(&bad)],
+            &[
+                Arg::I32sAt(&ids.data, off),
+                n64(n),
+                Arg::I32(vi),
+                Arg::I32s(&bad),
+            ],
         )?;
         let host = self
             .stream
@@ -120,13 +125,47 @@ impl Cuda {
         }
     }
 
+    /// The CPU backend's `check_nf4`: shape [N, K] (arg `w`), then the layout lengths.
     fn check_nf4_shape(&self, op: &'static str, w: &CudaNf4, n: usize, k: usize) -> Result<()> {
-        ensure(op, "w", w.numel == n * k, || {
-            format!(
-                "NF4 weight of shape {:?} ({} elements) used as [N={n}, K={k}]",
-                w.shape, w.numel
-            )
-        })
+        ensure(
+            op,
+            "w",
+            w.numel.is_some() && w.numel == n.checked_mul(k),
+            || {
+                format!(
+                    "NF4 weight of shape {:?} does not hold [N={n}, K={k}]",
+                    w.shape
+                )
+            },
+        )?;
+        ensure(op, "w", w.shape.len() != 2 || w.shape == [n, k], || {
+            format!("NF4 weight of shape {:?} is not [N={n}, K={k}]", w.shape)
+        })?;
+        Self::check_nf4_layout(op, w, n * k)
+    }
+
+    fn check_nf4_layout(op: &'static str, w: &CudaNf4, numel: usize) -> Result<()> {
+        let nb = numel.div_ceil(BLOCK);
+        check_len(op, "w.packed", w.packed_len, numel.div_ceil(2), || {
+            format!("{:?}", w.shape)
+        })?;
+        match &w.scales {
+            Nf4Scales::Plain(_) => check_len(op, "w.absmax", w.absmax_len, nb, || {
+                format!("[blocks={nb}]")
+            }),
+            Nf4Scales::Nested { .. } => {
+                check_len(op, "w.absmax_code", w.absmax_len, nb, || {
+                    format!("[blocks={nb}]")
+                })?;
+                check_len(
+                    op,
+                    "w.nested_absmax",
+                    w.nested_len,
+                    nb.div_ceil(NESTED_BLOCK),
+                    || format!("[nested blocks={}]", nb.div_ceil(NESTED_BLOCK)),
+                )
+            }
+        }
     }
 
     /// Y (= or +=) X·W̃ᵀ + s·XA·Bᵀ with an NF4 base (GEMV for M ≤ 8, mma GEMM otherwise). `lora` =
@@ -288,7 +327,7 @@ impl Cuda {
 
 impl Backend for Cuda {
     type Buf = CudaBuf;
-    type Ids = CudaSlice<i32>;
+    type Ids = CudaIds;
     type Nf4 = CudaNf4;
 
     fn name(&self) -> &'static str {
@@ -326,50 +365,47 @@ impl Backend for Cuda {
         buf.len
     }
 
-    fn ids_from_host(&self, ids: &[i32]) -> Result<CudaSlice<i32>> {
-        if ids.is_empty() {
-            return self.stream.alloc_zeros::<i32>(1).map_err(be("alloc"));
-        }
-        self.stream
-            .clone_htod(ids)
-            .map_err(be("host to device copy"))
+    fn ids_from_host(&self, ids: &[i32]) -> Result<CudaIds> {
+        let data = if ids.is_empty() {
+            self.stream.alloc_zeros::<i32>(1).map_err(be("alloc"))?
+        } else {
+            self.stream
+                .clone_htod(ids)
+                .map_err(be("host to device copy"))?
+        };
+        Ok(CudaIds {
+            data,
+            len: ids.len(),
+        })
     }
 
-    fn ids_len(&self, ids: &CudaSlice<i32>) -> usize {
-        // Empty id buffers are allocated with one spare element; the trait never needs their length
-        // to be 0 (every op checks ids_len against n, and n = 0 launches nothing).
-        ids.len()
+    fn ids_len(&self, ids: &CudaIds) -> usize {
+        ids.len
     }
 
     fn nf4_from_host(&self, w: &Nf4Tensor) -> Result<CudaNf4> {
-        let numel = w.numel();
-        let blocks = w.blocks();
-        check_len(
-            "nf4_from_host",
-            "packed",
-            w.packed.len(),
-            numel.div_ceil(2),
-            || format!("{:?}", w.shape),
-        )?;
+        // Uploaded as given (validated at use, as on the CPU); every array gets spare zero elements so
+        // no allocation is empty.
+        let numel = w.shape.iter().try_fold(1usize, |a, &x| a.checked_mul(x));
         let mut packed_h = w.packed.clone();
-        // Spare bytes: the 16-element fast paths read 8 bytes at a time and stay within ceil(numel/2)
-        // only when numel % 16 == 0; the ragged tail uses per-element code, but keep a margin anyway.
-        packed_h.resize(numel.div_ceil(2) + 8, 0);
+        packed_h.resize(w.packed.len() + 8, 0);
         let packed = self
             .stream
             .clone_htod(&packed_h)
             .map_err(be("host to device copy"))?;
-        let scales = match &w.absmax {
+        let (scales, absmax_len, nested_len) = match &w.absmax {
             Absmax::Plain(a) => {
-                check_len("nf4_from_host", "absmax", a.len(), blocks, || {
-                    format!("[blocks={blocks}]")
-                })?;
                 let mut a = a.clone();
+                let len = a.len();
                 a.push(0.0);
-                Nf4Scales::Plain(
-                    self.stream
-                        .clone_htod(&a)
-                        .map_err(be("host to device copy"))?,
+                (
+                    Nf4Scales::Plain(
+                        self.stream
+                            .clone_htod(&a)
+                            .map_err(be("host to device copy"))?,
+                    ),
+                    len,
+                    0,
                 )
             }
             Absmax::Nested {
@@ -378,60 +414,56 @@ impl Backend for Cuda {
                 offset,
                 code8,
             } => {
-                check_len("nf4_from_host", "absmax codes", codes.len(), blocks, || {
-                    format!("[blocks={blocks}]")
-                })?;
-                check_len(
-                    "nf4_from_host",
-                    "nested_absmax",
-                    nested_absmax.len(),
-                    blocks.div_ceil(NESTED_BLOCK),
-                    || format!("[blocks={blocks}]"),
-                )?;
                 let mut c = codes.clone();
                 c.push(0);
                 let mut na = nested_absmax.clone();
                 na.push(0.0);
-                Nf4Scales::Nested {
-                    codes: self
-                        .stream
-                        .clone_htod(&c)
-                        .map_err(be("host to device copy"))?,
-                    nested: self
-                        .stream
-                        .clone_htod(&na)
-                        .map_err(be("host to device copy"))?,
-                    offset: *offset,
-                    code8: self
-                        .stream
-                        .clone_htod(&code8[..])
-                        .map_err(be("host to device copy"))?,
-                    code8_host: code8.clone(),
-                }
+                (
+                    Nf4Scales::Nested {
+                        codes: self
+                            .stream
+                            .clone_htod(&c)
+                            .map_err(be("host to device copy"))?,
+                        nested: self
+                            .stream
+                            .clone_htod(&na)
+                            .map_err(be("host to device copy"))?,
+                        offset: *offset,
+                        code8: self
+                            .stream
+                            .clone_htod(&code8[..])
+                            .map_err(be("host to device copy"))?,
+                        code8_host: code8.clone(),
+                    },
+                    codes.len(),
+                    nested_absmax.len(),
+                )
             }
         };
         Ok(CudaNf4 {
             shape: w.shape.clone(),
             numel,
+            packed_len: w.packed.len(),
+            absmax_len,
+            nested_len,
             packed,
             scales,
         })
     }
 
     fn nf4_to_host(&self, w: &CudaNf4) -> Result<Nf4Tensor> {
-        let blocks = w.numel.div_ceil(BLOCK);
         let mut packed = self
             .stream
             .clone_dtoh(&w.packed)
             .map_err(be("device to host copy"))?;
-        packed.truncate(w.numel.div_ceil(2));
+        packed.truncate(w.packed_len);
         let absmax = match &w.scales {
             Nf4Scales::Plain(a) => {
                 let mut a = self
                     .stream
                     .clone_dtoh(a)
                     .map_err(be("device to host copy"))?;
-                a.truncate(blocks);
+                a.truncate(w.absmax_len);
                 Absmax::Plain(a)
             }
             Nf4Scales::Nested {
@@ -445,12 +477,12 @@ impl Backend for Cuda {
                     .stream
                     .clone_dtoh(codes)
                     .map_err(be("device to host copy"))?;
-                c.truncate(blocks);
+                c.truncate(w.absmax_len);
                 let mut n = self
                     .stream
                     .clone_dtoh(nested)
                     .map_err(be("device to host copy"))?;
-                n.truncate(blocks.div_ceil(NESTED_BLOCK));
+                n.truncate(w.nested_len);
                 Absmax::Nested {
                     codes: c,
                     nested_absmax: n,
@@ -637,7 +669,12 @@ impl Backend for Cuda {
         let mut xa_tmp = None;
         let lora_parts = match &lora {
             Some(l) => {
-                ensure("lora_fwd", "r", l.r > 0, || "LoRA rank must be ≥ 1".into())?;
+                ensure("lora_fwd", "r", l.r > 0, || {
+                    "LoRA rank R must be > 0".into()
+                })?;
+                ensure("lora_fwd", "scale", l.scale.is_finite(), || {
+                    format!("LoRA scale must be finite, got {}", l.scale)
+                })?;
                 check_len("lora_fwd", "a", l.a.len, l.r * k, || {
                     format!("[R={}, K={k}]", l.r)
                 })?;
@@ -719,7 +756,12 @@ impl Backend for Cuda {
         let mut dyb_tmp = None;
         let lora_parts = match lora {
             Some(l) => {
-                ensure("lora_bwd", "r", l.r > 0, || "LoRA rank must be ≥ 1".into())?;
+                ensure("lora_bwd", "r", l.r > 0, || {
+                    "LoRA rank R must be > 0".into()
+                })?;
+                ensure("lora_bwd", "scale", l.scale.is_finite(), || {
+                    format!("LoRA scale must be finite, got {}", l.scale)
+                })?;
                 let r = l.r;
                 check_len("lora_bwd", "a", l.a.len, r * k, || {
                     format!("[R={r}, K={k}]")
@@ -855,15 +897,21 @@ impl Backend for Cuda {
     }
 
     fn nf4_dequantize(&self, w: &CudaNf4, out: &mut CudaBuf) -> Result<()> {
-        check_len("nf4_dequantize", "out", out.len, w.numel, || {
+        let numel = w.numel.ok_or_else(|| KernelError::Invalid {
+            op: "nf4_dequantize",
+            arg: "w",
+            msg: format!("shape {:?} overflows", w.shape),
+        })?;
+        Self::check_nf4_layout("nf4_dequantize", w, numel)?;
+        check_len("nf4_dequantize", "out", out.len, numel, || {
             format!("{:?}", w.shape)
         })?;
         let [p, c, a, c8, o, nest] = Self::nf4_args(w);
         self.launch(
             "nf4_dequant.cu",
             "nf4_dequant_k",
-            launch::nf4_dequant(w.numel),
-            &[p, c, a, c8, o, nest, n64(w.numel), Arg::Buf(out)],
+            launch::nf4_dequant(numel),
+            &[p, c, a, c8, o, nest, n64(numel), Arg::Buf(out)],
         )
     }
 
@@ -968,23 +1016,48 @@ impl Backend for Cuda {
     fn rope(
         &self,
         x: &mut CudaBuf,
-        pos: &CudaSlice<i32>,
+        pos: &CudaIds,
         n: usize,
         heads: usize,
         d: usize,
         theta: f32,
         inverse: bool,
     ) -> Result<()> {
+        // Same checks, in the same order, as the CPU backend.
+        ensure("rope", "d", d > 0 && d % 2 == 0, || {
+            format!("head dim D must be even and > 0, got {d}")
+        })?;
+        ensure("rope", "heads", heads > 0, || {
+            "heads must be > 0".to_string()
+        })?;
+        ensure("rope", "theta", theta.is_finite() && theta > 0.0, || {
+            format!("theta must be finite and > 0, got {theta}")
+        })?;
+        let total = n.checked_mul(heads).and_then(|v| v.checked_mul(d));
+        ensure("rope", "n", total.is_some(), || {
+            format!("N·heads·D = {n}·{heads}·{d} overflows")
+        })?;
         check_len("rope", "x", x.len, n * heads * d, || {
             format!("[N={n}, heads={heads}, D={d}]")
         })?;
-        ensure("rope", "d", d % 2 == 0, || {
-            format!("head dim D = {d} must be even")
+        check_len("rope", "pos", pos.len, n, || {
+            format!("[N={n}, heads={heads}, D={d}]")
         })?;
-        if n == 0 || heads == 0 || d == 0 {
+        if n == 0 {
             return Ok(());
         }
-        check_len("rope", "pos", pos.len(), n, || format!("[N={n}]"))?;
+        // Negative positions are an error (one i32 read back: the flag of the check kernel).
+        if let Some(i) = self.first_bad_id(pos, 0, n, i32::MAX as usize, false)? {
+            let p = self
+                .stream
+                .clone_dtoh(&pos.data.slice(i..i + 1))
+                .map_err(be("device to host copy"))?[0];
+            return Err(KernelError::Invalid {
+                op: "rope",
+                arg: "pos",
+                msg: format!("position {p} at token {i} is negative"),
+            });
+        }
         let l = launch::elementwise(n * heads * d / 2);
         self.launch(
             "rope.cu",
@@ -992,7 +1065,7 @@ impl Backend for Cuda {
             l,
             &[
                 Arg::Buf(x),
-                Arg::I32s(pos),
+                Arg::I32s(&pos.data),
                 n64(n),
                 Arg::I32(to_i32("rope", "heads", heads)?),
                 Arg::I32(to_i32("rope", "d", d)?),
@@ -1078,7 +1151,7 @@ impl Backend for Cuda {
         q: &CudaBuf,
         k: &CudaBuf,
         v: &CudaBuf,
-        seg: Option<&CudaSlice<i32>>,
+        seg: Option<&CudaIds>,
         out: &mut CudaBuf,
         lse: &mut CudaBuf,
         s: &AttnShape,
@@ -1129,7 +1202,7 @@ impl Backend for Cuda {
         q: &CudaBuf,
         k: &CudaBuf,
         v: &CudaBuf,
-        seg: Option<&CudaSlice<i32>>,
+        seg: Option<&CudaIds>,
         out: &CudaBuf,
         lse: &CudaBuf,
         dout: &CudaBuf,
@@ -1194,7 +1267,7 @@ impl Backend for Cuda {
             ],
         )?;
         let seg_b = match seg {
-            Some(sg) => Arg::I32s(sg),
+            Some(sg) => Arg::I32s(&sg.data),
             None => Arg::Null,
         };
         let mut args = vec![
@@ -1241,7 +1314,7 @@ impl Backend for Cuda {
     // ---- embedding and loss ---------------------------------------------------------------------
     fn embedding_fwd(
         &self,
-        ids: &CudaSlice<i32>,
+        ids: &CudaIds,
         table: &CudaBuf,
         out: &mut CudaBuf,
         v: usize,
@@ -1258,11 +1331,11 @@ impl Backend for Cuda {
         if n == 0 {
             return Ok(());
         }
-        check_len("embedding_fwd", "ids", ids.len(), n, || format!("[N={n}]"))?;
+        check_len("embedding_fwd", "ids", ids.len, n, || format!("[N={n}]"))?;
         if let Some(i) = self.first_bad_id(ids, 0, n, v, false)? {
             let id = self
                 .stream
-                .clone_dtoh(&ids.slice(i..i + 1))
+                .clone_dtoh(&ids.data.slice(i..i + 1))
                 .map_err(be("device to host copy"))?[0];
             return Err(KernelError::Invalid {
                 op: "embedding_fwd",
@@ -1279,7 +1352,7 @@ impl Backend for Cuda {
             "embedding_fwd_k",
             l,
             &[
-                Arg::I32s(ids),
+                Arg::I32s(&ids.data),
                 Arg::Buf(table),
                 Arg::Buf(out),
                 Arg::I32(to_i32("embedding_fwd", "h", h)?),
@@ -1290,7 +1363,7 @@ impl Backend for Cuda {
 
     fn embedding_bwd(
         &self,
-        ids: &CudaSlice<i32>,
+        ids: &CudaIds,
         dout: &CudaBuf,
         dtable: &mut CudaBuf,
         v: usize,
@@ -1307,11 +1380,11 @@ impl Backend for Cuda {
         if n == 0 {
             return Ok(());
         }
-        check_len("embedding_bwd", "ids", ids.len(), n, || format!("[N={n}]"))?;
+        check_len("embedding_bwd", "ids", ids.len, n, || format!("[N={n}]"))?;
         if let Some(i) = self.first_bad_id(ids, 0, n, v, false)? {
             let id = self
                 .stream
-                .clone_dtoh(&ids.slice(i..i + 1))
+                .clone_dtoh(&ids.data.slice(i..i + 1))
                 .map_err(be("device to host copy"))?[0];
             return Err(KernelError::Invalid {
                 op: "embedding_bwd",
@@ -1328,7 +1401,7 @@ impl Backend for Cuda {
             "embedding_bwd_k",
             l,
             &[
-                Arg::I32s(ids),
+                Arg::I32s(&ids.data),
                 Arg::Buf(dout),
                 Arg::Buf(dtable),
                 Arg::I32(to_i32("embedding_bwd", "h", h)?),
@@ -1340,7 +1413,7 @@ impl Backend for Cuda {
     fn cross_entropy(
         &self,
         logits: &CudaBuf,
-        labels: &CudaSlice<i32>,
+        labels: &CudaIds,
         n: usize,
         v: usize,
         softcap: Option<f32>,
@@ -1358,7 +1431,7 @@ impl Backend for Cuda {
         if n == 0 {
             return Ok((0.0, 0));
         }
-        check_len("cross_entropy", "labels", labels.len(), n, || {
+        check_len("cross_entropy", "labels", labels.len, n, || {
             format!("[N={n}]")
         })?;
         let cap = check_cap("cross_entropy", softcap)?;
@@ -1375,7 +1448,7 @@ impl Backend for Cuda {
             l,
             &[
                 Arg::Buf(logits),
-                Arg::I32s(labels),
+                Arg::I32s(&labels.data),
                 Arg::I32(to_i32("cross_entropy", "v", v)?),
                 Arg::F32(cap),
                 Arg::F32(grad_scale),
@@ -1391,7 +1464,7 @@ impl Backend for Cuda {
         &self,
         hidden: &CudaBuf,
         emb: &CudaBuf,
-        labels: &CudaSlice<i32>,
+        labels: &CudaIds,
         n: usize,
         h: usize,
         v: usize,
@@ -1419,9 +1492,7 @@ impl Backend for Cuda {
         if n == 0 {
             return Ok((0.0, 0));
         }
-        check_len("lm_head_ce", "labels", labels.len(), n, || {
-            format!("[N={n}]")
-        })?;
+        check_len("lm_head_ce", "labels", labels.len, n, || format!("[N={n}]"))?;
         let cap = check_cap("lm_head_ce", softcap)?;
         let count = self.count_labels("lm_head_ce", labels, 0, n, v)?;
         let dhidden: Option<&CudaBuf> = dhidden.map(|d| &*d);
@@ -1455,7 +1526,7 @@ impl Backend for Cuda {
                 l,
                 &[
                     Arg::Buf(&logits),
-                    Arg::I32sAt(labels, r0),
+                    Arg::I32sAt(&labels.data, r0),
                     Arg::I32(vi),
                     Arg::F32(cap),
                     Arg::F32(grad_scale),
@@ -1544,14 +1615,14 @@ impl Cuda {
     fn count_labels(
         &self,
         op: &'static str,
-        labels: &CudaSlice<i32>,
+        labels: &CudaIds,
         off: usize,
         n: usize,
         v: usize,
     ) -> Result<usize> {
         let host = self
             .stream
-            .clone_dtoh(&labels.slice(off..off + n))
+            .clone_dtoh(&labels.data.slice(off..off + n))
             .map_err(be("device to host copy"))?;
         if let Some((i, &l)) = host
             .iter()
@@ -1637,15 +1708,11 @@ fn attn_k_shape(s: &AttnShape) -> String {
     format!("[B={}, TK={}, NKV={}, D={}]", s.b, s.tk, s.nkv, s.d)
 }
 
-fn seg_arg<'a>(
-    op: &'static str,
-    seg: Option<&'a CudaSlice<i32>>,
-    want: usize,
-) -> Result<(Arg<'a>, i32)> {
+fn seg_arg<'a>(op: &'static str, seg: Option<&'a CudaIds>, want: usize) -> Result<(Arg<'a>, i32)> {
     match seg {
         Some(sg) => {
-            check_len(op, "seg", sg.len(), want, || format!("[B·TK={want}]"))?;
-            Ok((Arg::I32s(sg), 1))
+            check_len(op, "seg", sg.len, want, || format!("[B·TK={want}]"))?;
+            Ok((Arg::I32s(&sg.data), 1))
         }
         None => Ok((Arg::Null, 0)),
     }

@@ -93,6 +93,11 @@ impl Nf4Tensor {
 
     /// The f32 absmax of 64-block `i`, decoded as bitsandbytes does: code8[c]·nested[i/256] + offset,
     /// all in f32.
+    ///
+    /// # Panics
+    /// If `i` is not a block of this tensor or the absmax vectors are shorter than the shape needs: this
+    /// is the per-block accessor of the dequantization hot loops, which check the tensor first
+    /// (`dequantize_into` does; see also `cpu::dequant::check_nf4`).
     #[inline]
     pub fn block_absmax(&self, i: usize) -> f32 {
         match &self.absmax {
@@ -110,7 +115,7 @@ impl Nf4Tensor {
     /// (w = NF4_CODE[q]·absmax[block], in f32). This is the tile primitive of the LoRA linear: callers
     /// dequantize a few rows at a time and never hold the whole dense weight.
     pub fn dequantize_into(&self, start: usize, out: &mut [f32]) -> crate::Result<()> {
-        let end = start + out.len();
+        let end = start.saturating_add(out.len());
         crate::error::ensure("nf4_dequantize", "range", end <= self.numel(), || {
             format!(
                 "elements {start}..{end} are outside a weight of {} elements",
@@ -889,6 +894,11 @@ mod tests {
         assert!(e.contains("overflows"), "{e}");
 
         let q = quantize(&[0.5f32; 130], &[130], true).unwrap();
+        let e = q
+            .dequantize_into(usize::MAX, &mut [0.0; 2])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nf4_dequantize") && e.contains("range"), "{e}");
         let Absmax::Nested {
             codes,
             nested_absmax,

@@ -61,7 +61,10 @@ pub struct BnbWeight {
 }
 
 fn bad(name: &str, msg: impl Into<String>) -> GemmaError {
-    GemmaError::Invalid(format!("bitsandbytes 4-bit tensor `{name}`: {}", msg.into()))
+    GemmaError::Invalid(format!(
+        "bitsandbytes 4-bit tensor `{name}`: {}",
+        msg.into()
+    ))
 }
 
 /// Whether `weight_name` (e.g. `model.layers.0.mlp.up_proj.weight`) is stored as a bitsandbytes 4-bit
@@ -74,17 +77,32 @@ pub fn is_bnb_4bit(store: &TensorStore, weight_name: &str) -> bool {
 
 /// Parses the quant-state JSON blob of tensor `name` (the blob's own tensor name, for errors).
 pub fn parse_quant_state(name: &str, bytes: &[u8]) -> Result<QuantStateJson> {
-    let v: Value =
-        serde_json::from_slice(bytes).map_err(|e| bad(name, format!("the quant state is not valid JSON: {e}")))?;
-    let obj = v.as_object().ok_or_else(|| bad(name, "the quant state is not a JSON object"))?;
+    let v: Value = serde_json::from_slice(bytes)
+        .map_err(|e| bad(name, format!("the quant state is not valid JSON: {e}")))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| bad(name, "the quant state is not a JSON object"))?;
     let str_key = |k: &str| -> Result<String> {
-        obj.get(k).and_then(Value::as_str).map(str::to_string).ok_or_else(|| bad(name, format!("quant state key `{k}` missing or not a string")))
+        obj.get(k)
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| {
+                bad(
+                    name,
+                    format!("quant state key `{k}` missing or not a string"),
+                )
+            })
     };
     let usize_key = |k: &str| -> Result<usize> {
         obj.get(k)
             .and_then(Value::as_u64)
             .and_then(|x| usize::try_from(x).ok())
-            .ok_or_else(|| bad(name, format!("quant state key `{k}` missing or not a non-negative integer")))
+            .ok_or_else(|| {
+                bad(
+                    name,
+                    format!("quant state key `{k}` missing or not a non-negative integer"),
+                )
+            })
     };
     let quant_type = str_key("quant_type")?;
     let blocksize = usize_key("blocksize")?;
@@ -94,18 +112,37 @@ pub fn parse_quant_state(name: &str, bytes: &[u8]) -> Result<QuantStateJson> {
         .and_then(Value::as_array)
         .ok_or_else(|| bad(name, "quant state key `shape` missing or not a list"))?
         .iter()
-        .map(|d| d.as_u64().and_then(|x| usize::try_from(x).ok()).ok_or_else(|| bad(name, format!("bad dimension {d} in `shape`"))))
+        .map(|d| {
+            d.as_u64()
+                .and_then(|x| usize::try_from(x).ok())
+                .ok_or_else(|| bad(name, format!("bad dimension {d} in `shape`")))
+        })
         .collect::<Result<Vec<_>>>()?;
     let nested = if obj.contains_key("nested_offset") || obj.contains_key("nested_blocksize") {
         let off = obj
             .get("nested_offset")
             .and_then(Value::as_f64)
-            .ok_or_else(|| bad(name, "quant state key `nested_offset` missing or not a number"))?;
-        Some((usize_key("nested_blocksize")?, str_key("nested_dtype")?, off))
+            .ok_or_else(|| {
+                bad(
+                    name,
+                    "quant state key `nested_offset` missing or not a number",
+                )
+            })?;
+        Some((
+            usize_key("nested_blocksize")?,
+            str_key("nested_dtype")?,
+            off,
+        ))
     } else {
         None
     };
-    Ok(QuantStateJson { quant_type, blocksize, dtype, shape, nested })
+    Ok(QuantStateJson {
+        quant_type,
+        blocksize,
+        dtype,
+        shape,
+        nested,
+    })
 }
 
 /// Reads the parts of one tensor as f32 with a dtype check (the parts are small; no mmap alignment is
@@ -113,10 +150,20 @@ pub fn parse_quant_state(name: &str, bytes: &[u8]) -> Result<QuantStateJson> {
 fn read_f32_exact(store: &TensorStore, name: &str, len: usize) -> Result<Vec<f32>> {
     let (bytes, info) = store.raw(name)?;
     if info.dtype != Dtype::F32 {
-        return Err(bad(name, format!("dtype {} where bitsandbytes stores F32", info.dtype.as_str())));
+        return Err(bad(
+            name,
+            format!(
+                "dtype {} where bitsandbytes stores F32",
+                info.dtype.as_str()
+            ),
+        ));
     }
     if info.numel() != len {
-        return Err(GemmaError::ShapeMismatch { name: name.to_string(), expected: vec![len], found: info.shape.clone() });
+        return Err(GemmaError::ShapeMismatch {
+            name: name.to_string(),
+            expected: vec![len],
+            found: info.shape.clone(),
+        });
     }
     decode_f32(bytes, Dtype::F32).ok_or_else(|| bad(name, "undecodable F32 data"))
 }
@@ -126,7 +173,11 @@ fn read_f32_exact(store: &TensorStore, name: &str, len: usize) -> Result<Vec<f32
 /// quant state and against `expected_shape` ([out, in] from the model config). Each error names the tensor
 /// at fault. FP4 checkpoints and block sizes other than 64 (and nested 256) are refused: they are not the
 /// QLoRA layout and the kernels do not implement them.
-pub fn read_bnb_nf4(store: &TensorStore, weight_name: &str, expected_shape: &[usize]) -> Result<BnbWeight> {
+pub fn read_bnb_nf4(
+    store: &TensorStore,
+    weight_name: &str,
+    expected_shape: &[usize],
+) -> Result<BnbWeight> {
     let fp4 = format!("{weight_name}.{QUANT_STATE_FP4}");
     if store.contains(&fp4) {
         return Err(GemmaError::NotSupported {
@@ -150,7 +201,11 @@ pub fn read_bnb_nf4(store: &TensorStore, weight_name: &str, expected_shape: &[us
         });
     }
     if qs.shape != expected_shape {
-        return Err(GemmaError::ShapeMismatch { name: qs_name, expected: expected_shape.to_vec(), found: qs.shape });
+        return Err(GemmaError::ShapeMismatch {
+            name: qs_name,
+            expected: expected_shape.to_vec(),
+            found: qs.shape,
+        });
     }
     let numel: usize = qs.shape.iter().product();
     let blocks = numel.div_ceil(BLOCK);
@@ -175,14 +230,23 @@ pub fn read_bnb_nf4(store: &TensorStore, weight_name: &str, expected_shape: &[us
     let qm_name = format!("{weight_name}.quant_map");
     let qm = read_f32_exact(store, &qm_name, 16)?;
     if let Some(i) = (0..16).find(|&i| qm[i].to_bits() != NF4_CODE[i].to_bits()) {
-        return Err(bad(&qm_name, format!("entry {i} is {:e}, not the NF4 code value {:e}", qm[i], NF4_CODE[i])));
+        return Err(bad(
+            &qm_name,
+            format!(
+                "entry {i} is {:e}, not the NF4 code value {:e}",
+                qm[i], NF4_CODE[i]
+            ),
+        ));
     }
 
     let abs_name = format!("{weight_name}.absmax");
     let absmax = match &qs.nested {
         None => {
             if store.contains(&format!("{weight_name}.nested_absmax")) {
-                return Err(bad(&qs_name, "nested_absmax is stored but the quant state has no nested_offset"));
+                return Err(bad(
+                    &qs_name,
+                    "nested_absmax is stored but the quant state has no nested_offset",
+                ));
             }
             Absmax::Plain(read_f32_exact(store, &abs_name, blocks)?)
         }
@@ -194,27 +258,59 @@ pub fn read_bnb_nf4(store: &TensorStore, weight_name: &str, expected_shape: &[us
                 });
             }
             if ndtype != "float32" {
-                return Err(bad(&qs_name, format!("nested_dtype {ndtype:?}, expected \"float32\"")));
+                return Err(bad(
+                    &qs_name,
+                    format!("nested_dtype {ndtype:?}, expected \"float32\""),
+                ));
             }
             if !offset.is_finite() {
-                return Err(bad(&qs_name, format!("nested_offset {offset} is not finite")));
+                return Err(bad(
+                    &qs_name,
+                    format!("nested_offset {offset} is not finite"),
+                ));
             }
             let (abytes, ainfo) = store.raw(&abs_name)?;
             if ainfo.dtype != Dtype::U8 {
-                return Err(bad(&abs_name, format!("dtype {} where double quantization stores U8 codes", ainfo.dtype.as_str())));
+                return Err(bad(
+                    &abs_name,
+                    format!(
+                        "dtype {} where double quantization stores U8 codes",
+                        ainfo.dtype.as_str()
+                    ),
+                ));
             }
             if ainfo.numel() != blocks {
-                return Err(GemmaError::ShapeMismatch { name: abs_name, expected: vec![blocks], found: ainfo.shape.clone() });
+                return Err(GemmaError::ShapeMismatch {
+                    name: abs_name,
+                    expected: vec![blocks],
+                    found: ainfo.shape.clone(),
+                });
             }
-            let nested_absmax = read_f32_exact(store, &format!("{weight_name}.nested_absmax"), blocks.div_ceil(NESTED_BLOCK))?;
+            let nested_absmax = read_f32_exact(
+                store,
+                &format!("{weight_name}.nested_absmax"),
+                blocks.div_ceil(NESTED_BLOCK),
+            )?;
             let map = read_f32_exact(store, &format!("{weight_name}.nested_quant_map"), 256)?;
             let mut code8 = Box::new([0f32; 256]);
             code8.copy_from_slice(&map);
             // The offset is a torch float32 scalar printed as a Python double: the cast back is exact.
-            Absmax::Nested { codes: abytes.to_vec(), nested_absmax, offset: *offset as f32, code8 }
+            Absmax::Nested {
+                codes: abytes.to_vec(),
+                nested_absmax,
+                offset: *offset as f32,
+                code8,
+            }
         }
     };
-    Ok(BnbWeight { tensor: Nf4Tensor { shape: qs.shape, packed, absmax }, dtype: qs.dtype })
+    Ok(BnbWeight {
+        tensor: Nf4Tensor {
+            shape: qs.shape,
+            packed,
+            absmax,
+        },
+        dtype: qs.dtype,
+    })
 }
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
@@ -227,28 +323,62 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 
 /// The tensors that store NF4 weight `weight_name` in a bitsandbytes checkpoint (see the module docs),
 /// in the order bitsandbytes' state dict lists them.
-pub fn bnb_tensors(weight_name: &str, t: &Nf4Tensor, dtype: &str) -> Result<Vec<TensorOut<'static>>> {
+pub fn bnb_tensors(
+    weight_name: &str,
+    t: &Nf4Tensor,
+    dtype: &str,
+) -> Result<Vec<TensorOut<'static>>> {
     let numel = t.numel();
     if t.packed.len() != numel.div_ceil(2) {
-        return Err(bad(weight_name, format!("{} packed bytes for shape {:?}", t.packed.len(), t.shape)));
+        return Err(bad(
+            weight_name,
+            format!("{} packed bytes for shape {:?}", t.packed.len(), t.shape),
+        ));
     }
-    let u8t = |name: String, shape: Vec<usize>, data: Vec<u8>| TensorOut { name, dtype: Dtype::U8, shape, data: data.into() };
-    let f32t = |name: String, v: &[f32]| TensorOut { name, dtype: Dtype::F32, shape: vec![v.len()], data: f32_bytes(v).into() };
-    let mut out = vec![u8t(weight_name.to_string(), vec![t.packed.len(), 1], t.packed.clone())];
+    let u8t = |name: String, shape: Vec<usize>, data: Vec<u8>| TensorOut {
+        name,
+        dtype: Dtype::U8,
+        shape,
+        data: data.into(),
+    };
+    let f32t = |name: String, v: &[f32]| TensorOut {
+        name,
+        dtype: Dtype::F32,
+        shape: vec![v.len()],
+        data: f32_bytes(v).into(),
+    };
+    let mut out = vec![u8t(
+        weight_name.to_string(),
+        vec![t.packed.len(), 1],
+        t.packed.clone(),
+    )];
     match &t.absmax {
         Absmax::Plain(a) => {
             out.push(f32t(format!("{weight_name}.absmax"), a));
             out.push(f32t(format!("{weight_name}.quant_map"), &NF4_CODE));
         }
-        Absmax::Nested { codes, nested_absmax, code8, .. } => {
-            out.push(u8t(format!("{weight_name}.absmax"), vec![codes.len()], codes.clone()));
+        Absmax::Nested {
+            codes,
+            nested_absmax,
+            code8,
+            ..
+        } => {
+            out.push(u8t(
+                format!("{weight_name}.absmax"),
+                vec![codes.len()],
+                codes.clone(),
+            ));
             out.push(f32t(format!("{weight_name}.quant_map"), &NF4_CODE));
             out.push(f32t(format!("{weight_name}.nested_absmax"), nested_absmax));
             out.push(f32t(format!("{weight_name}.nested_quant_map"), &code8[..]));
         }
     }
     let json = t.quant_state_json(dtype).into_bytes();
-    out.push(u8t(format!("{weight_name}.{QUANT_STATE_NF4}"), vec![json.len()], json));
+    out.push(u8t(
+        format!("{weight_name}.{QUANT_STATE_NF4}"),
+        vec![json.len()],
+        json,
+    ));
     Ok(out)
 }
 
@@ -258,7 +388,10 @@ pub fn quantization_config_json(compute_dtype: &str, double_quant: bool) -> Valu
     let mut m = BTreeMap::new();
     m.insert("_load_in_4bit", Value::Bool(true));
     m.insert("_load_in_8bit", Value::Bool(false));
-    m.insert("bnb_4bit_compute_dtype", Value::String(compute_dtype.to_string()));
+    m.insert(
+        "bnb_4bit_compute_dtype",
+        Value::String(compute_dtype.to_string()),
+    );
     m.insert("bnb_4bit_quant_storage", Value::String("uint8".into()));
     m.insert("bnb_4bit_quant_type", Value::String("nf4".into()));
     m.insert("bnb_4bit_use_double_quant", Value::Bool(double_quant));
@@ -277,11 +410,18 @@ mod tests {
     use super::*;
 
     #[test]
+    // The offset literal is Python's repr of an f32 widened to f64, as checkpoints print it.
+    #[allow(clippy::excessive_precision)]
     fn quant_state_json_round_trips() {
         let t = Nf4Tensor {
             shape: vec![48, 32],
             packed: vec![0; 768],
-            absmax: Absmax::Nested { codes: vec![0; 24], nested_absmax: vec![1.0], offset: 0.7723649144172668, code8: Box::new([0.0; 256]) },
+            absmax: Absmax::Nested {
+                codes: vec![0; 24],
+                nested_absmax: vec![1.0],
+                offset: 0.7723649144172668,
+                code8: Box::new([0.0; 256]),
+            },
         };
         let s = t.quant_state_json("float32");
         assert_eq!(
@@ -290,7 +430,13 @@ mod tests {
         );
         let q = parse_quant_state("x", s.as_bytes()).unwrap();
         assert_eq!(q.shape, vec![48, 32]);
-        assert_eq!(q.nested, Some((256, "float32".to_string(), 0.7723649144172668f32 as f64)));
-        assert!(parse_quant_state("blob", b"{\"quant_type\": 4}").unwrap_err().to_string().contains("`blob`"));
+        assert_eq!(
+            q.nested,
+            Some((256, "float32".to_string(), 0.7723649144172668f32 as f64))
+        );
+        assert!(parse_quant_state("blob", b"{\"quant_type\": 4}")
+            .unwrap_err()
+            .to_string()
+            .contains("`blob`"));
     }
 }

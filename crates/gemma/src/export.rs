@@ -90,7 +90,12 @@ impl ExportDtype {
                 for x in v {
                     data.extend_from_slice(&half::bf16::from_f32(*x).to_bits().to_le_bytes());
                 }
-                TensorOut { name, dtype: Dtype::BF16, shape, data: data.into() }
+                TensorOut {
+                    name,
+                    dtype: Dtype::BF16,
+                    shape,
+                    data: data.into(),
+                }
             }
         }
     }
@@ -109,7 +114,11 @@ pub struct ExportOptions {
 
 impl Default for ExportOptions {
     fn default() -> Self {
-        ExportOptions { dtype: ExportDtype::BF16, max_shard_bytes: DEFAULT_MAX_SHARD_BYTES, source_dir: None }
+        ExportOptions {
+            dtype: ExportDtype::BF16,
+            max_shard_bytes: DEFAULT_MAX_SHARD_BYTES,
+            source_dir: None,
+        }
     }
 }
 
@@ -125,7 +134,11 @@ pub struct QuantizeOptions {
 
 impl Default for QuantizeOptions {
     fn default() -> Self {
-        QuantizeOptions { double_quant: true, compute_dtype: "bfloat16".into(), export: ExportOptions::default() }
+        QuantizeOptions {
+            double_quant: true,
+            compute_dtype: "bfloat16".into(),
+            export: ExportOptions::default(),
+        }
     }
 }
 
@@ -156,7 +169,15 @@ struct ShardWriter<'a> {
 
 impl<'a> ShardWriter<'a> {
     fn new(dir: &'a Path, max: u64) -> Self {
-        ShardWriter { dir, max: max.max(1), current: Vec::new(), current_bytes: 0, shards: Vec::new(), total_size: 0, total_parameters: 0 }
+        ShardWriter {
+            dir,
+            max: max.max(1),
+            current: Vec::new(),
+            current_bytes: 0,
+            shards: Vec::new(),
+            total_size: 0,
+            total_parameters: 0,
+        }
     }
 
     fn push(&mut self, t: TensorOut<'static>) -> Result<()> {
@@ -177,7 +198,11 @@ impl<'a> ShardWriter<'a> {
         }
         let name = format!("shard-{}.tmp", self.shards.len());
         let meta: BTreeMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-        crate::safetensors_io::write_safetensors(&self.dir.join(&name), &self.current, Some(&meta))?;
+        crate::safetensors_io::write_safetensors(
+            &self.dir.join(&name),
+            &self.current,
+            Some(&meta),
+        )?;
         let names = self.current.iter().map(|t| t.name.clone()).collect();
         self.shards.push((name, names));
         self.current.clear();
@@ -190,11 +215,16 @@ impl<'a> ShardWriter<'a> {
         self.flush()?;
         let n = self.shards.len();
         let rename = |from: &str, to: &str| {
-            std::fs::rename(self.dir.join(from), self.dir.join(to)).map_err(|e| GemmaError::io(self.dir.join(to), e))
+            std::fs::rename(self.dir.join(from), self.dir.join(to))
+                .map_err(|e| GemmaError::io(self.dir.join(to), e))
         };
         if n == 1 {
             rename(&self.shards[0].0, "model.safetensors")?;
-            return Ok((vec!["model.safetensors".into()], self.total_size, self.total_parameters));
+            return Ok((
+                vec!["model.safetensors".into()],
+                self.total_size,
+                self.total_parameters,
+            ));
         }
         let mut files = Vec::with_capacity(n);
         let mut weight_map = BTreeMap::new();
@@ -211,19 +241,31 @@ impl<'a> ShardWriter<'a> {
             "weight_map": Value::Object(weight_map.into_iter().collect()),
         });
         let p = self.dir.join("model.safetensors.index.json");
-        let text = serde_json::to_string_pretty(&index).map_err(|e| GemmaError::Json { path: p.clone(), source: e })?;
+        let text = serde_json::to_string_pretty(&index).map_err(|e| GemmaError::Json {
+            path: p.clone(),
+            source: e,
+        })?;
         std::fs::write(&p, text + "\n").map_err(|e| GemmaError::io(&p, e))?;
         Ok((files, self.total_size, self.total_parameters))
     }
 }
 
 /// The merged dense weight of one linear, f32 [out, in]: W (dequantized if NF4) + (B·A)·s.
-pub fn merged_weight<B: Backend>(model: &Gemma2Model<B>, layer: usize, target: Target) -> Result<Vec<f32>> {
+pub fn merged_weight<B: Backend>(
+    model: &Gemma2Model<B>,
+    layer: usize,
+    target: Target,
+) -> Result<Vec<f32>> {
     let be = &**model.backend();
     let lin = model
         .layers
         .get(layer)
-        .ok_or_else(|| GemmaError::Invalid(format!("no layer {layer} (the model has {})", model.layers.len())))?
+        .ok_or_else(|| {
+            GemmaError::Invalid(format!(
+                "no layer {layer} (the model has {})",
+                model.layers.len()
+            ))
+        })?
         .linear(target);
     let (out_f, in_f) = (lin.out_features, lin.in_features);
     let w = match &lin.base {
@@ -269,7 +311,12 @@ fn copy_side_files(src: Option<&Path>, dst: &Path) -> Result<Vec<String>> {
 
 /// config.json of the export: the model's own, with the dtype keys set and the quantization config
 /// replaced (or removed when None).
-fn write_config<B: Backend>(model: &Gemma2Model<B>, dir: &Path, dtype: ExportDtype, quant: Option<Value>) -> Result<()> {
+fn write_config<B: Backend>(
+    model: &Gemma2Model<B>,
+    dir: &Path,
+    dtype: ExportDtype,
+    quant: Option<Value>,
+) -> Result<()> {
     let mut cfg = model.config.to_json();
     let obj = cfg
         .as_object_mut()
@@ -282,14 +329,20 @@ fn write_config<B: Backend>(model: &Gemma2Model<B>, dir: &Path, dtype: ExportDty
         }
     }
     if !set {
-        obj.insert("torch_dtype".into(), Value::String(dtype.torch_name().into()));
+        obj.insert(
+            "torch_dtype".into(),
+            Value::String(dtype.torch_name().into()),
+        );
     }
     obj.remove("quantization_config");
     if let Some(q) = quant {
         obj.insert("quantization_config".into(), q);
     }
     let p = dir.join("config.json");
-    let text = serde_json::to_string_pretty(&cfg).map_err(|e| GemmaError::Json { path: p.clone(), source: e })?;
+    let text = serde_json::to_string_pretty(&cfg).map_err(|e| GemmaError::Json {
+        path: p.clone(),
+        source: e,
+    })?;
     std::fs::write(&p, text + "\n").map_err(|e| GemmaError::io(&p, e))
 }
 
@@ -306,7 +359,11 @@ fn write_weights<B: Backend>(
     let plain = |id: ParamId, buf: &B::Buf, shape: Vec<usize>| -> Result<TensorOut<'static>> {
         Ok(dtype.tensor(id.name(), shape, &be.to_host(buf)?))
     };
-    w.push(plain(ParamId::Embed, &model.embed_tokens, vec![cfg.vocab_size, h])?)?;
+    w.push(plain(
+        ParamId::Embed,
+        &model.embed_tokens,
+        vec![cfg.vocab_size, h],
+    )?)?;
     for (layer, l) in model.layers.iter().enumerate() {
         for kind in NormKind::ALL {
             w.push(plain(ParamId::Norm { layer, kind }, l.norm(kind), vec![h])?)?;
@@ -323,7 +380,11 @@ fn write_weights<B: Backend>(
 
 /// Merges every LoRA into its base weight and writes a dense HF checkpoint (see the module docs).
 /// The model itself is not modified.
-pub fn export_merged<B: Backend>(model: &Gemma2Model<B>, out_dir: impl AsRef<Path>, opts: &ExportOptions) -> Result<ExportSummary> {
+pub fn export_merged<B: Backend>(
+    model: &Gemma2Model<B>,
+    out_dir: impl AsRef<Path>,
+    opts: &ExportOptions,
+) -> Result<ExportSummary> {
     let dtype = opts.dtype;
     let mut summary = None;
     write_dir_atomically(out_dir.as_ref(), |tmp| {
@@ -331,12 +392,21 @@ pub fn export_merged<B: Backend>(model: &Gemma2Model<B>, out_dir: impl AsRef<Pat
         write_weights(model, &mut w, dtype, |layer, target| {
             let (o, i) = target.dims(&model.config);
             let m = merged_weight(model, layer, target)?;
-            Ok(vec![dtype.tensor(ParamId::Weight { layer, target }.name(), vec![o, i], &m)])
+            Ok(vec![dtype.tensor(
+                ParamId::Weight { layer, target }.name(),
+                vec![o, i],
+                &m,
+            )])
         })?;
         let (weight_files, total_size, total_parameters) = w.finish()?;
         write_config(model, tmp, dtype, None)?;
         let copied = copy_side_files(opts.source_dir.as_deref(), tmp)?;
-        summary = Some(ExportSummary { weight_files, total_size, total_parameters, copied });
+        summary = Some(ExportSummary {
+            weight_files,
+            total_size,
+            total_parameters,
+            copied,
+        });
         Ok(())
     })?;
     summary.ok_or_else(|| GemmaError::Invalid("internal: export finished without a summary".into()))
@@ -344,7 +414,11 @@ pub fn export_merged<B: Backend>(model: &Gemma2Model<B>, out_dir: impl AsRef<Pat
 
 /// Writes a bitsandbytes NF4 checkpoint (see the module docs) that transformers + bitsandbytes load
 /// with `from_pretrained`. LoRA factors, if any, are merged before quantizing.
-pub fn export_nf4<B: Backend>(model: &Gemma2Model<B>, out_dir: impl AsRef<Path>, opts: &QuantizeOptions) -> Result<ExportSummary> {
+pub fn export_nf4<B: Backend>(
+    model: &Gemma2Model<B>,
+    out_dir: impl AsRef<Path>,
+    opts: &QuantizeOptions,
+) -> Result<ExportSummary> {
     let dtype = opts.export.dtype;
     let be = &**model.backend();
     let mut summary = None;
@@ -368,7 +442,11 @@ pub fn export_nf4<B: Backend>(model: &Gemma2Model<B>, out_dir: impl AsRef<Path>,
                 None => {
                     let mut dense = merged_weight(model, layer, target)?;
                     dtype.round(&mut dense);
-                    afinar_kernels::nf4::quantize(&dense, &[lin.out_features, lin.in_features], opts.double_quant)?
+                    afinar_kernels::nf4::quantize(
+                        &dense,
+                        &[lin.out_features, lin.in_features],
+                        opts.double_quant,
+                    )?
                 }
             };
             bnb::bnb_tensors(&name, &q, dtype.torch_name())
@@ -377,7 +455,12 @@ pub fn export_nf4<B: Backend>(model: &Gemma2Model<B>, out_dir: impl AsRef<Path>,
         let qc = bnb::quantization_config_json(&opts.compute_dtype, opts.double_quant);
         write_config(model, tmp, dtype, Some(qc))?;
         let copied = copy_side_files(opts.export.source_dir.as_deref(), tmp)?;
-        summary = Some(ExportSummary { weight_files, total_size, total_parameters, copied });
+        summary = Some(ExportSummary {
+            weight_files,
+            total_size,
+            total_parameters,
+            copied,
+        });
         Ok(())
     })?;
     summary.ok_or_else(|| GemmaError::Invalid("internal: export finished without a summary".into()))

@@ -56,7 +56,9 @@ impl KvCache {
 
     /// Entries held by layer `layer` (≤ W on sliding layers).
     pub fn layer_len(&self, layer: usize) -> usize {
-        self.layers.get(layer).map_or(0, |c| c.k.len() / self.kd.max(1))
+        self.layers
+            .get(layer)
+            .map_or(0, |c| c.k.len() / self.kd.max(1))
     }
 }
 
@@ -70,8 +72,21 @@ impl<'m, B: Backend> Decoder<'m, B> {
     /// An empty decoder (position 0).
     pub fn new(model: &'m Gemma2Model<B>) -> Self {
         let cfg = &model.config;
-        let layers = (0..cfg.num_hidden_layers).map(|l| LayerCache { k: Vec::new(), v: Vec::new(), keep: cfg.window(l) }).collect();
-        Decoder { model, cache: KvCache { layers, pos: 0, kd: cfg.kv_dim() } }
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|l| LayerCache {
+                k: Vec::new(),
+                v: Vec::new(),
+                keep: cfg.window(l),
+            })
+            .collect();
+        Decoder {
+            model,
+            cache: KvCache {
+                layers,
+                pos: 0,
+                kd: cfg.kv_dim(),
+            },
+        }
     }
 
     /// The cache (for inspection).
@@ -102,26 +117,54 @@ impl<'m, B: Backend> Decoder<'m, B> {
         let be = &**model.backend();
         let t = ids.len();
         if t == 0 {
-            return Err(GemmaError::Invalid("generate: no tokens to feed (empty prompt?)".into()));
+            return Err(GemmaError::Invalid(
+                "generate: no tokens to feed (empty prompt?)".into(),
+            ));
         }
         let v = cfg.vocab_size;
-        if let Some((i, &id)) = ids.iter().enumerate().find(|(_, &id)| id < 0 || id as usize >= v) {
-            return Err(GemmaError::Invalid(format!("generate: token {i} of the input is id {id}, outside the vocabulary [0, {v})")));
+        if let Some((i, &id)) = ids
+            .iter()
+            .enumerate()
+            .find(|(_, &id)| id < 0 || id as usize >= v)
+        {
+            return Err(GemmaError::Invalid(format!(
+                "generate: token {i} of the input is id {id}, outside the vocabulary [0, {v})"
+            )));
         }
-        let (h, qd, kd, inter) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
-        let (nh, nkv, d) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let (h, qd, kd, inter) = (
+            cfg.hidden_size,
+            cfg.q_dim(),
+            cfg.kv_dim(),
+            cfg.intermediate_size,
+        );
+        let (nh, nkv, d) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
         let eps = cfg.rms_norm_eps as f32;
         let theta = cfg.rope_theta as f32;
         let p0 = self.cache.pos;
         let pos: Vec<i32> = (p0..p0 + t)
-            .map(|p| i32::try_from(p).map_err(|_| GemmaError::Invalid(format!("generate: position {p} does not fit in i32"))))
+            .map(|p| {
+                i32::try_from(p).map_err(|_| {
+                    GemmaError::Invalid(format!("generate: position {p} does not fit in i32"))
+                })
+            })
             .collect::<Result<_>>()?;
         let pos = be.ids_from_host(&pos)?;
         let ids_dev = be.ids_from_host(ids)?;
 
         // x [T,H] = embedding · sqrt(H).
         let mut x = be.zeros(t * h)?;
-        be.embedding_fwd(&ids_dev, &model.embed_tokens, &mut x, v, h, cfg.embed_scale())?;
+        be.embedding_fwd(
+            &ids_dev,
+            &model.embed_tokens,
+            &mut x,
+            v,
+            h,
+            cfg.embed_scale(),
+        )?;
         // New cache contents are staged and committed only when every layer succeeded.
         let mut staged: Vec<(Vec<f32>, Vec<f32>)> = Vec::with_capacity(model.layers.len());
         let mut rstd = be.zeros(t)?;
@@ -129,7 +172,15 @@ impl<'m, B: Backend> Decoder<'m, B> {
             let lin = |tg: Target| layer.linear(tg);
             // Attention block on the new tokens.
             let mut xn = be.zeros(t * h)?;
-            be.rmsnorm_fwd(&x, layer.norm(NormKind::Input), &mut xn, &mut rstd, t, h, eps)?;
+            be.rmsnorm_fwd(
+                &x,
+                layer.norm(NormKind::Input),
+                &mut xn,
+                &mut rstd,
+                t,
+                h,
+                eps,
+            )?;
             let mut q = be.zeros(t * qd)?;
             let mut k = be.zeros(t * kd)?;
             let mut vv = be.zeros(t * kd)?;
@@ -165,10 +216,26 @@ impl<'m, B: Backend> Decoder<'m, B> {
             linear(be, lin(Target::OProj), &ao, &mut o, t)?;
             // h1 = x + post_attention_layernorm(o)
             let mut h1 = be.zeros(t * h)?;
-            be.rmsnorm_fwd(&o, layer.norm(NormKind::PostAttention), &mut h1, &mut rstd, t, h, eps)?;
+            be.rmsnorm_fwd(
+                &o,
+                layer.norm(NormKind::PostAttention),
+                &mut h1,
+                &mut rstd,
+                t,
+                h,
+                eps,
+            )?;
             be.axpy(1.0, &x, &mut h1)?;
             // MLP block: out = h1 + post_feedforward_layernorm(down(gelu_tanh(gate(xn2))·up(xn2)))
-            be.rmsnorm_fwd(&h1, layer.norm(NormKind::PreFeedforward), &mut xn, &mut rstd, t, h, eps)?;
+            be.rmsnorm_fwd(
+                &h1,
+                layer.norm(NormKind::PreFeedforward),
+                &mut xn,
+                &mut rstd,
+                t,
+                h,
+                eps,
+            )?;
             let mut g = be.zeros(t * inter)?;
             let mut u = be.zeros(t * inter)?;
             linear(be, lin(Target::GateProj), &xn, &mut g, t)?;
@@ -177,7 +244,15 @@ impl<'m, B: Backend> Decoder<'m, B> {
             be.geglu_fwd(&g, &u, &mut a)?;
             let mut dn = be.zeros(t * h)?;
             linear(be, lin(Target::DownProj), &a, &mut dn, t)?;
-            be.rmsnorm_fwd(&dn, layer.norm(NormKind::PostFeedforward), &mut x, &mut rstd, t, h, eps)?;
+            be.rmsnorm_fwd(
+                &dn,
+                layer.norm(NormKind::PostFeedforward),
+                &mut x,
+                &mut rstd,
+                t,
+                h,
+                eps,
+            )?;
             be.axpy(1.0, &h1, &mut x)?;
             staged.push((kall, vall));
         }
@@ -188,7 +263,15 @@ impl<'m, B: Backend> Decoder<'m, B> {
         let mut r1 = be.zeros(1)?;
         be.rmsnorm_fwd(&last, &model.norm, &mut xf, &mut r1, 1, h, eps)?;
         let mut logits = be.zeros(v)?;
-        be.matmul_xwt(&xf, &model.embed_tokens, &mut logits, 1, h, v, Accum::Overwrite)?;
+        be.matmul_xwt(
+            &xf,
+            &model.embed_tokens,
+            &mut logits,
+            1,
+            h,
+            v,
+            Accum::Overwrite,
+        )?;
         if let Some(cap) = cfg.final_logit_softcapping {
             be.softcap_fwd(&mut logits, cap as f32)?;
         }
@@ -213,8 +296,23 @@ impl<'m, B: Backend> Decoder<'m, B> {
 
 /// y [M,out] = x [M,in]·Wᵀ + LoRA (inference: no dropout).
 fn linear<B: Backend>(be: &B, lin: &Linear<B>, x: &B::Buf, y: &mut B::Buf, m: usize) -> Result<()> {
-    let lora = lin.lora.as_ref().map(|lo| LoraRef { a: &lo.a, b: &lo.b, r: lo.r, scale: lo.scale, mask: None });
-    be.lora_fwd(x, lin.weight(), lora, y, None, m, lin.in_features, lin.out_features)?;
+    let lora = lin.lora.as_ref().map(|lo| LoraRef {
+        a: &lo.a,
+        b: &lo.b,
+        r: lo.r,
+        scale: lo.scale,
+        mask: None,
+    });
+    be.lora_fwd(
+        x,
+        lin.weight(),
+        lora,
+        y,
+        None,
+        m,
+        lin.in_features,
+        lin.out_features,
+    )?;
     Ok(())
 }
 
@@ -239,21 +337,43 @@ pub struct GenerateOptions {
 impl GenerateOptions {
     /// Greedy decoding of up to `max_new_tokens`, no stop ids.
     pub fn greedy(max_new_tokens: usize) -> Self {
-        GenerateOptions { max_new_tokens, temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0, eos_token_ids: Vec::new(), stop_token_ids: Vec::new() }
+        GenerateOptions {
+            max_new_tokens,
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+            eos_token_ids: Vec::new(),
+            stop_token_ids: Vec::new(),
+        }
     }
 
     /// Greedy decoding that stops on the model's EOS ids (config.json `eos_token_id`).
     pub fn greedy_for<B: Backend>(model: &Gemma2Model<B>, max_new_tokens: usize) -> Self {
-        let eos = model.config.eos_token_ids.iter().filter_map(|&e| i32::try_from(e).ok()).collect();
-        GenerateOptions { eos_token_ids: eos, ..Self::greedy(max_new_tokens) }
+        let eos = model
+            .config
+            .eos_token_ids
+            .iter()
+            .filter_map(|&e| i32::try_from(e).ok())
+            .collect();
+        GenerateOptions {
+            eos_token_ids: eos,
+            ..Self::greedy(max_new_tokens)
+        }
     }
 
     fn validate(&self) -> Result<()> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(GemmaError::Invalid(format!("generate: temperature must be finite and ≥ 0, found {}", self.temperature)));
+            return Err(GemmaError::Invalid(format!(
+                "generate: temperature must be finite and ≥ 0, found {}",
+                self.temperature
+            )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(GemmaError::Invalid(format!("generate: top_p must be in (0, 1], found {}", self.top_p)));
+            return Err(GemmaError::Invalid(format!(
+                "generate: top_p must be in (0, 1], found {}",
+                self.top_p
+            )));
         }
         Ok(())
     }
@@ -289,7 +409,12 @@ pub struct Sampler {
 impl Sampler {
     pub fn new(opts: &GenerateOptions) -> Result<Self> {
         opts.validate()?;
-        Ok(Sampler { temperature: opts.temperature, top_k: opts.top_k, top_p: opts.top_p, rng: ChaCha8Rng::seed_from_u64(opts.seed) })
+        Ok(Sampler {
+            temperature: opts.temperature,
+            top_k: opts.top_k,
+            top_p: opts.top_p,
+            rng: ChaCha8Rng::seed_from_u64(opts.seed),
+        })
     }
 
     /// The next token id for logits [V].
@@ -366,28 +491,46 @@ fn softmax(s: &[f64]) -> Vec<f64> {
 }
 
 /// Generates up to `opts.max_new_tokens` tokens after `prompt` (prefill, then one decode step per token).
-pub fn generate<B: Backend>(model: &Gemma2Model<B>, prompt: &[i32], opts: &GenerateOptions) -> Result<Generation> {
+pub fn generate<B: Backend>(
+    model: &Gemma2Model<B>,
+    prompt: &[i32],
+    opts: &GenerateOptions,
+) -> Result<Generation> {
     let mut sampler = Sampler::new(opts)?;
     if prompt.is_empty() {
-        return Err(GemmaError::Invalid("generate: the prompt is empty (it needs at least a BOS token)".into()));
+        return Err(GemmaError::Invalid(
+            "generate: the prompt is empty (it needs at least a BOS token)".into(),
+        ));
     }
     let mut dec = Decoder::new(model);
     let mut tokens = Vec::with_capacity(opts.max_new_tokens);
     if opts.max_new_tokens == 0 {
-        return Ok(Generation { tokens, stop: StopReason::MaxNewTokens });
+        return Ok(Generation {
+            tokens,
+            stop: StopReason::MaxNewTokens,
+        });
     }
     let mut logits = dec.feed(prompt)?;
     loop {
         let next = sampler.sample(&logits)?;
         tokens.push(next);
         if opts.eos_token_ids.contains(&next) {
-            return Ok(Generation { tokens, stop: StopReason::Eos(next) });
+            return Ok(Generation {
+                tokens,
+                stop: StopReason::Eos(next),
+            });
         }
         if opts.stop_token_ids.contains(&next) {
-            return Ok(Generation { tokens, stop: StopReason::StopToken(next) });
+            return Ok(Generation {
+                tokens,
+                stop: StopReason::StopToken(next),
+            });
         }
         if tokens.len() >= opts.max_new_tokens {
-            return Ok(Generation { tokens, stop: StopReason::MaxNewTokens });
+            return Ok(Generation {
+                tokens,
+                stop: StopReason::MaxNewTokens,
+            });
         }
         logits = dec.feed(&[next])?;
     }
@@ -398,14 +541,24 @@ mod tests {
     use super::*;
 
     fn opts(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> GenerateOptions {
-        GenerateOptions { temperature, top_k, top_p, seed, ..GenerateOptions::greedy(1) }
+        GenerateOptions {
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            ..GenerateOptions::greedy(1)
+        }
     }
 
     #[test]
     fn greedy_is_argmax_first_on_ties() {
         let mut s = Sampler::new(&opts(0.0, 0, 1.0, 0)).unwrap();
         assert_eq!(s.sample(&[0.0, 3.0, 3.0, -1.0]).unwrap(), 1);
-        assert!(s.sample(&[0.0, f32::NAN]).unwrap_err().to_string().contains("NaN"));
+        assert!(s
+            .sample(&[0.0, f32::NAN])
+            .unwrap_err()
+            .to_string()
+            .contains("NaN"));
     }
 
     #[test]
@@ -440,7 +593,9 @@ mod tests {
         let logits: Vec<f32> = (0..50).map(|i| ((i * 37 % 11) as f32) * 0.3).collect();
         let draw = |seed| {
             let mut s = Sampler::new(&opts(1.0, 0, 1.0, seed)).unwrap();
-            (0..30).map(|_| s.sample(&logits).unwrap()).collect::<Vec<_>>()
+            (0..30)
+                .map(|_| s.sample(&logits).unwrap())
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(11), draw(11));
         assert_ne!(draw(11), draw(12));
@@ -448,8 +603,14 @@ mod tests {
 
     #[test]
     fn bad_options_are_errors() {
-        assert!(Sampler::new(&opts(-1.0, 0, 1.0, 0)).unwrap_err().to_string().contains("temperature"));
-        assert!(Sampler::new(&opts(1.0, 0, 0.0, 0)).unwrap_err().to_string().contains("top_p"));
+        assert!(Sampler::new(&opts(-1.0, 0, 1.0, 0))
+            .unwrap_err()
+            .to_string()
+            .contains("temperature"));
+        assert!(Sampler::new(&opts(1.0, 0, 0.0, 0))
+            .unwrap_err()
+            .to_string()
+            .contains("top_p"));
         assert!(Sampler::new(&opts(f32::NAN, 0, 1.0, 0)).is_err());
     }
 }

@@ -68,7 +68,11 @@ impl AdapterConfig {
     /// s = α/R, or α/√R with rsLoRA (f64 as peft computes it, then f32).
     pub fn scale(&self) -> f32 {
         let r = self.r as f64;
-        (if self.use_rslora { self.lora_alpha / r.sqrt() } else { self.lora_alpha / r }) as f32
+        (if self.use_rslora {
+            self.lora_alpha / r.sqrt()
+        } else {
+            self.lora_alpha / r
+        }) as f32
     }
 
     /// `adapter_config.json` text: every key peft 0.21.2 writes, sorted, indent 2.
@@ -89,7 +93,9 @@ impl AdapterConfig {
         m.insert("auto_mapping", null.clone());
         m.insert(
             "base_model_name_or_path",
-            self.base_model_name_or_path.as_ref().map_or(Value::Null, |s| Value::String(s.clone())),
+            self.base_model_name_or_path
+                .as_ref()
+                .map_or(Value::Null, |s| Value::String(s.clone())),
         );
         m.insert("bias", Value::String("none".into()));
         m.insert("corda_config", null.clone());
@@ -118,7 +124,15 @@ impl AdapterConfig {
         m.insert("r", Value::from(self.r));
         m.insert("rank_pattern", empty());
         m.insert("revision", null.clone());
-        m.insert("target_modules", Value::Array(self.target_modules.iter().map(|s| Value::String(s.clone())).collect()));
+        m.insert(
+            "target_modules",
+            Value::Array(
+                self.target_modules
+                    .iter()
+                    .map(|s| Value::String(s.clone()))
+                    .collect(),
+            ),
+        );
         m.insert("target_parameters", null.clone());
         m.insert("task_type", Value::String("CAUSAL_LM".into()));
         m.insert("trainable_token_indices", null.clone());
@@ -136,17 +150,38 @@ impl AdapterConfig {
 
     /// Parses `adapter_config.json` text. `path` is only used in error messages.
     pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {
-        let v: Value = serde_json::from_str(text).map_err(|e| GemmaError::Json { path: path.to_path_buf(), source: e })?;
-        let obj = v.as_object().ok_or_else(|| cfg_err(path, "<root>", "the adapter config is not a JSON object"))?;
+        let v: Value = serde_json::from_str(text).map_err(|e| GemmaError::Json {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| cfg_err(path, "<root>", "the adapter config is not a JSON object"))?;
         let get = |k: &str| obj.get(k).filter(|v| !v.is_null());
         match get("peft_type").and_then(Value::as_str) {
             Some("LORA") => {}
-            Some(other) => return Err(cfg_err(path, "peft_type", format!("{other:?} adapters are not supported; only \"LORA\""))),
-            None => return Err(cfg_err(path, "peft_type", "missing (every peft adapter config has it)")),
+            Some(other) => {
+                return Err(cfg_err(
+                    path,
+                    "peft_type",
+                    format!("{other:?} adapters are not supported; only \"LORA\""),
+                ))
+            }
+            None => {
+                return Err(cfg_err(
+                    path,
+                    "peft_type",
+                    "missing (every peft adapter config has it)",
+                ))
+            }
         }
         if let Some(t) = get("task_type").and_then(Value::as_str) {
             if t != "CAUSAL_LM" {
-                return Err(cfg_err(path, "task_type", format!("{t:?}; a Gemma-2 causal LM adapter has \"CAUSAL_LM\"")));
+                return Err(cfg_err(
+                    path,
+                    "task_type",
+                    format!("{t:?}; a Gemma-2 causal LM adapter has \"CAUSAL_LM\""),
+                ));
             }
         }
         let r = get("r")
@@ -157,27 +192,47 @@ impl AdapterConfig {
         // peft's LoraConfig defaults for keys an older or hand-written file may omit.
         let lora_alpha = match get("lora_alpha") {
             None => 8.0,
-            Some(v) => v.as_f64().ok_or_else(|| cfg_err(path, "lora_alpha", format!("not a number: {v}")))?,
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| cfg_err(path, "lora_alpha", format!("not a number: {v}")))?,
         };
         let lora_dropout = match get("lora_dropout") {
             None => 0.0,
-            Some(v) => v.as_f64().ok_or_else(|| cfg_err(path, "lora_dropout", format!("not a number: {v}")))?,
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| cfg_err(path, "lora_dropout", format!("not a number: {v}")))?,
         };
         if !(0.0..1.0).contains(&lora_dropout) {
-            return Err(cfg_err(path, "lora_dropout", format!("{lora_dropout} is outside [0, 1)")));
+            return Err(cfg_err(
+                path,
+                "lora_dropout",
+                format!("{lora_dropout} is outside [0, 1)"),
+            ));
         }
         let use_rslora = match get("use_rslora") {
             None => false,
-            Some(v) => v.as_bool().ok_or_else(|| cfg_err(path, "use_rslora", format!("not a boolean: {v}")))?,
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| cfg_err(path, "use_rslora", format!("not a boolean: {v}")))?,
         };
         let target_modules = match get("target_modules") {
             None => return Err(cfg_err(path, "target_modules", "missing")),
             Some(Value::String(s)) => vec![s.clone()],
             Some(Value::Array(a)) => a
                 .iter()
-                .map(|x| x.as_str().map(str::to_string).ok_or_else(|| cfg_err(path, "target_modules", format!("entry {x} is not a string"))))
+                .map(|x| {
+                    x.as_str().map(str::to_string).ok_or_else(|| {
+                        cfg_err(path, "target_modules", format!("entry {x} is not a string"))
+                    })
+                })
                 .collect::<Result<Vec<_>>>()?,
-            Some(v) => return Err(cfg_err(path, "target_modules", format!("expected a list of module names or a string, found {v}"))),
+            Some(v) => {
+                return Err(cfg_err(
+                    path,
+                    "target_modules",
+                    format!("expected a list of module names or a string, found {v}"),
+                ))
+            }
         };
         // Features that change the math and that afinar does not implement: refuse them by name.
         let flag = |k: &str| get(k).and_then(Value::as_bool).unwrap_or(false);
@@ -192,30 +247,53 @@ impl AdapterConfig {
             }
         }
         for k in ["rank_pattern", "alpha_pattern"] {
-            if get(k).and_then(Value::as_object).is_some_and(|m| !m.is_empty()) {
+            if get(k)
+                .and_then(Value::as_object)
+                .is_some_and(|m| !m.is_empty())
+            {
                 return Err(unsupported(path, k, "a non-empty pattern"));
             }
         }
-        for k in ["modules_to_save", "layer_replication", "trainable_token_indices", "target_parameters"] {
+        for k in [
+            "modules_to_save",
+            "layer_replication",
+            "trainable_token_indices",
+            "target_parameters",
+        ] {
             match get(k) {
                 None => {}
                 Some(Value::Array(a)) if a.is_empty() => {}
                 Some(v) => return Err(unsupported(path, k, &v.to_string())),
             }
         }
-        let base_model_name_or_path = get("base_model_name_or_path").and_then(Value::as_str).map(str::to_string);
-        Ok(AdapterConfig { r, lora_alpha, lora_dropout, use_rslora, target_modules, base_model_name_or_path })
+        let base_model_name_or_path = get("base_model_name_or_path")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        Ok(AdapterConfig {
+            r,
+            lora_alpha,
+            lora_dropout,
+            use_rslora,
+            target_modules,
+            base_model_name_or_path,
+        })
     }
 }
 
 fn cfg_err(path: &Path, key: &str, msg: impl Into<String>) -> GemmaError {
-    GemmaError::Config { path: path.to_path_buf(), key: key.to_string(), msg: msg.into() }
+    GemmaError::Config {
+        path: path.to_path_buf(),
+        key: key.to_string(),
+        msg: msg.into(),
+    }
 }
 
 fn unsupported(path: &Path, key: &str, value: &str) -> GemmaError {
     GemmaError::NotSupported {
         what: format!("{}: `{key}` = {value}", path.display()),
-        hint: "afinar implements plain LoRA (and rsLoRA) on the seven Gemma-2 linears of every layer".into(),
+        hint:
+            "afinar implements plain LoRA (and rsLoRA) on the seven Gemma-2 linears of every layer"
+                .into(),
     }
 }
 
@@ -253,7 +331,13 @@ impl PeftAdapter {
     /// The `LoraConfig` this adapter corresponds to.
     pub fn lora_config(&self) -> Result<LoraConfig> {
         let names: Vec<&str> = self.targets().iter().map(|t| t.name()).collect();
-        LoraConfig::new(self.config.r, self.config.lora_alpha, self.config.lora_dropout, self.config.use_rslora, &names)
+        LoraConfig::new(
+            self.config.r,
+            self.config.lora_alpha,
+            self.config.lora_dropout,
+            self.config.use_rslora,
+            &names,
+        )
     }
 
     /// Reads an adapter directory written by peft (or by `save`).
@@ -265,7 +349,10 @@ impl PeftAdapter {
         let w_path = dir.join(ADAPTER_WEIGHTS_NAME);
         if !w_path.is_file() && dir.join("adapter_model.bin").is_file() {
             return Err(GemmaError::NotSupported {
-                what: format!("{}: pickled adapter weights", dir.join("adapter_model.bin").display()),
+                what: format!(
+                    "{}: pickled adapter weights",
+                    dir.join("adapter_model.bin").display()
+                ),
                 hint: "re-save the adapter with safetensors (peft's default since 0.7)".into(),
             });
         }
@@ -273,13 +360,20 @@ impl PeftAdapter {
         let mut a_map: BTreeMap<(usize, Target), (Vec<f32>, Vec<usize>)> = BTreeMap::new();
         let mut b_map: BTreeMap<(usize, Target), (Vec<f32>, Vec<usize>)> = BTreeMap::new();
         for name in store.names() {
-            let id = ParamId::parse(name).filter(ParamId::is_lora).ok_or_else(|| GemmaError::NotSupported {
-                what: format!("{}: tensor `{name}`", w_path.display()),
-                hint: "an adapter may hold only lora_A / lora_B weights of the Gemma-2 linears".into(),
-            })?;
+            let id = ParamId::parse(name)
+                .filter(ParamId::is_lora)
+                .ok_or_else(|| GemmaError::NotSupported {
+                    what: format!("{}: tensor `{name}`", w_path.display()),
+                    hint: "an adapter may hold only lora_A / lora_B weights of the Gemma-2 linears"
+                        .into(),
+                })?;
             let info = store.info(name)?;
             if info.shape.len() != 2 {
-                return Err(GemmaError::ShapeMismatch { name: name.to_string(), expected: vec![0, 0], found: info.shape.clone() });
+                return Err(GemmaError::ShapeMismatch {
+                    name: name.to_string(),
+                    expected: vec![0, 0],
+                    found: info.shape.clone(),
+                });
             }
             let values = store.read_f32(name)?;
             let (key, map) = match id {
@@ -292,7 +386,11 @@ impl PeftAdapter {
                     "{}: two tensors for {} {} (with and without the adapter name?)",
                     w_path.display(),
                     key.1.module_path(key.0),
-                    if matches!(id, ParamId::LoraA { .. }) { "lora_A" } else { "lora_B" }
+                    if matches!(id, ParamId::LoraA { .. }) {
+                        "lora_A"
+                    } else {
+                        "lora_B"
+                    }
                 )));
             }
         }
@@ -300,10 +398,12 @@ impl PeftAdapter {
         let mut tensors = BTreeMap::new();
         for (key, (a, a_shape)) in a_map {
             let (layer, target) = key;
-            let (b, b_shape) = b_map.remove(&key).ok_or_else(|| GemmaError::MissingTensor {
-                name: ParamId::LoraB { layer, target }.name(),
-                files: vec![w_path.clone()],
-            })?;
+            let (b, b_shape) = b_map
+                .remove(&key)
+                .ok_or_else(|| GemmaError::MissingTensor {
+                    name: ParamId::LoraB { layer, target }.name(),
+                    files: vec![w_path.clone()],
+                })?;
             if a_shape[0] != r {
                 return Err(GemmaError::ShapeMismatch {
                     name: ParamId::LoraA { layer, target }.name(),
@@ -318,13 +418,27 @@ impl PeftAdapter {
                     found: b_shape,
                 });
             }
-            tensors.insert(key, LoraPair { a, b, in_features: a_shape[1], out_features: b_shape[0] });
+            tensors.insert(
+                key,
+                LoraPair {
+                    a,
+                    b,
+                    in_features: a_shape[1],
+                    out_features: b_shape[0],
+                },
+            );
         }
         if let Some((&(layer, target), _)) = b_map.iter().next() {
-            return Err(GemmaError::MissingTensor { name: ParamId::LoraA { layer, target }.name(), files: vec![w_path] });
+            return Err(GemmaError::MissingTensor {
+                name: ParamId::LoraA { layer, target }.name(),
+                files: vec![w_path],
+            });
         }
         if tensors.is_empty() {
-            return Err(GemmaError::Invalid(format!("{}: the adapter holds no LoRA tensors", w_path.display())));
+            return Err(GemmaError::Invalid(format!(
+                "{}: the adapter holds no LoRA tensors",
+                w_path.display()
+            )));
         }
         let adapter = PeftAdapter { config, tensors };
         adapter.check_targets(&cfg_path)?;
@@ -336,10 +450,14 @@ impl PeftAdapter {
         let targets = self.targets();
         let layers = self.num_layers();
         for &t in &targets {
-            let have: Vec<usize> = (0..layers).filter(|&l| self.tensors.contains_key(&(l, t))).collect();
+            let have: Vec<usize> = (0..layers)
+                .filter(|&l| self.tensors.contains_key(&(l, t)))
+                .collect();
             if have.len() != layers {
                 return Err(GemmaError::NotSupported {
-                    what: format!("an adapter that adapts {t} only in layers {have:?} of 0..{layers}"),
+                    what: format!(
+                        "an adapter that adapts {t} only in layers {have:?} of 0..{layers}"
+                    ),
                     hint: "afinar applies LoRA to the same modules in every layer".into(),
                 });
             }
@@ -347,20 +465,28 @@ impl PeftAdapter {
         // A list of names / module paths: every entry must name a linear, and their set must be the
         // tensors' set. A string is a peft regex (or "all-linear"): the tensors decide.
         let tm = &self.config.target_modules;
-        let is_regex_string = tm.len() == 1 && (tm[0] == "all-linear" || tm[0].contains(['*', '(', '|', '^', '$', '\\', '[']));
+        let is_regex_string = tm.len() == 1
+            && (tm[0] == "all-linear" || tm[0].contains(['*', '(', '|', '^', '$', '\\', '[']));
         if !is_regex_string {
             let mut listed = BTreeSet::new();
             for m in tm {
-                let t = Target::parse(m).map_err(|e| cfg_err(cfg_path, "target_modules", e.to_string()))?;
+                let t = Target::parse(m)
+                    .map_err(|e| cfg_err(cfg_path, "target_modules", e.to_string()))?;
                 listed.insert(t);
             }
             let found: BTreeSet<Target> = targets.iter().copied().collect();
             if listed != found {
-                let fmt = |s: &BTreeSet<Target>| s.iter().map(|t| t.name()).collect::<Vec<_>>().join(", ");
+                let fmt = |s: &BTreeSet<Target>| {
+                    s.iter().map(|t| t.name()).collect::<Vec<_>>().join(", ")
+                };
                 return Err(cfg_err(
                     cfg_path,
                     "target_modules",
-                    format!("lists [{}] but the weights file adapts [{}]", fmt(&listed), fmt(&found)),
+                    format!(
+                        "lists [{}] but the weights file adapts [{}]",
+                        fmt(&listed),
+                        fmt(&found)
+                    ),
                 ));
             }
         }
@@ -388,25 +514,41 @@ impl PeftAdapter {
                     found: vec![p.b.len()],
                 });
             }
-            outs.push(TensorOut::f32(ParamId::LoraA { layer, target }.name(), vec![r, p.in_features], &p.a));
-            outs.push(TensorOut::f32(ParamId::LoraB { layer, target }.name(), vec![p.out_features, r], &p.b));
+            outs.push(TensorOut::f32(
+                ParamId::LoraA { layer, target }.name(),
+                vec![r, p.in_features],
+                &p.a,
+            ));
+            outs.push(TensorOut::f32(
+                ParamId::LoraB { layer, target }.name(),
+                vec![p.out_features, r],
+                &p.b,
+            ));
         }
         outs.sort_by(|x, y| x.name.cmp(&y.name));
         let meta: BTreeMap<String, String> = [("format".to_string(), "pt".to_string())].into();
         let json = self.config.to_json_string();
         write_dir_atomically(dir, |tmp| {
-            crate::safetensors_io::write_safetensors(&tmp.join(ADAPTER_WEIGHTS_NAME), &outs, Some(&meta))?;
+            crate::safetensors_io::write_safetensors(
+                &tmp.join(ADAPTER_WEIGHTS_NAME),
+                &outs,
+                Some(&meta),
+            )?;
             let p = tmp.join(ADAPTER_CONFIG_NAME);
             std::fs::write(&p, json.as_bytes()).map_err(|e| GemmaError::io(&p, e))
         })
     }
 
     /// Copies the LoRA factors of `model` (which must have adapters) into an adapter.
-    pub fn from_model<B: Backend>(model: &Gemma2Model<B>, base_model_name_or_path: Option<&str>) -> Result<Self> {
-        let cfg = model
-            .lora
-            .as_ref()
-            .ok_or_else(|| GemmaError::Invalid("the model has no LoRA adapters to save (load it with a LoRA config)".into()))?;
+    pub fn from_model<B: Backend>(
+        model: &Gemma2Model<B>,
+        base_model_name_or_path: Option<&str>,
+    ) -> Result<Self> {
+        let cfg = model.lora.as_ref().ok_or_else(|| {
+            GemmaError::Invalid(
+                "the model has no LoRA adapters to save (load it with a LoRA config)".into(),
+            )
+        })?;
         let backend = model.backend();
         let mut tensors = BTreeMap::new();
         for (layer, l) in model.layers.iter().enumerate() {
@@ -424,7 +566,10 @@ impl PeftAdapter {
                 }
             }
         }
-        Ok(PeftAdapter { config: AdapterConfig::from_lora(cfg, base_model_name_or_path), tensors })
+        Ok(PeftAdapter {
+            config: AdapterConfig::from_lora(cfg, base_model_name_or_path),
+            tensors,
+        })
     }
 
     /// Puts this adapter into `model`.
@@ -486,7 +631,13 @@ impl PeftAdapter {
             let lin = model.layers[layer].linear_mut(target);
             let a = backend.from_host(&p.a)?;
             let b = backend.from_host(&p.b)?;
-            lin.lora = Some(LoraWeights { a, b, r: want.r, scale, dropout: want.dropout });
+            lin.lora = Some(LoraWeights {
+                a,
+                b,
+                r: want.r,
+                scale,
+                dropout: want.dropout,
+            });
         }
         model.lora = Some(want);
         Ok(())
@@ -494,12 +645,19 @@ impl PeftAdapter {
 }
 
 /// Saves the LoRA factors of `model` as a peft adapter directory (see `PeftAdapter::save`).
-pub fn save_adapter<B: Backend>(model: &Gemma2Model<B>, dir: impl AsRef<Path>, base_model_name_or_path: Option<&str>) -> Result<()> {
+pub fn save_adapter<B: Backend>(
+    model: &Gemma2Model<B>,
+    dir: impl AsRef<Path>,
+    base_model_name_or_path: Option<&str>,
+) -> Result<()> {
     PeftAdapter::from_model(model, base_model_name_or_path)?.save(dir)
 }
 
 /// Loads a peft adapter directory into `model` (see `PeftAdapter::apply_to`). Returns the adapter's config.
-pub fn load_adapter<B: Backend>(model: &mut Gemma2Model<B>, dir: impl AsRef<Path>) -> Result<AdapterConfig> {
+pub fn load_adapter<B: Backend>(
+    model: &mut Gemma2Model<B>,
+    dir: impl AsRef<Path>,
+) -> Result<AdapterConfig> {
     let adapter = PeftAdapter::load(dir)?;
     adapter.apply_to(model)?;
     Ok(adapter.config)
@@ -508,17 +666,26 @@ pub fn load_adapter<B: Backend>(model: &mut Gemma2Model<B>, dir: impl AsRef<Path
 /// Creates `dir` atomically: `fill` writes into a fresh temporary sibling directory, which is then renamed
 /// to `dir` (an existing `dir` is moved aside first and removed after the rename). On error the temporary
 /// directory is removed and `dir` is left as it was.
-pub(crate) fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+pub(crate) fn write_dir_atomically(
+    dir: &Path,
+    fill: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
     let parent = match dir.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
     std::fs::create_dir_all(&parent).map_err(|e| GemmaError::io(&parent, e))?;
-    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
     let unique = format!(
         "{}-{}",
         std::process::id(),
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
     );
     let tmp = parent.join(format!(".{name}.tmp-{unique}"));
     std::fs::create_dir(&tmp).map_err(|e| GemmaError::io(&tmp, e))?;
@@ -527,7 +694,9 @@ pub(crate) fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Resul
         for entry in std::fs::read_dir(&tmp).map_err(|e| GemmaError::io(&tmp, e))? {
             let p = entry.map_err(|e| GemmaError::io(&tmp, e))?.path();
             if p.is_file() {
-                std::fs::File::open(&p).and_then(|f| f.sync_all()).map_err(|e| GemmaError::io(&p, e))?;
+                std::fs::File::open(&p)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| GemmaError::io(&p, e))?;
             }
         }
         if dir.exists() {
@@ -574,7 +743,10 @@ mod tests {
         assert_eq!(keys, sorted);
         assert!(s.contains("\n  \"lora_alpha\": 8,\n"), "{s}");
         assert!(s.contains("\n  \"lora_dropout\": 0.05,\n"), "{s}");
-        assert!(s.contains("\"target_modules\": [\n    \"q_proj\",\n    \"v_proj\"\n  ],"), "{s}");
+        assert!(
+            s.contains("\"target_modules\": [\n    \"q_proj\",\n    \"v_proj\"\n  ],"),
+            "{s}"
+        );
         let back = AdapterConfig::from_json_str(&s, Path::new("a.json")).unwrap();
         assert_eq!(back, cfg());
     }
@@ -591,7 +763,9 @@ mod tests {
         ] {
             let mut o = base.clone();
             o[k] = v;
-            let err = AdapterConfig::from_json_str(&o.to_string(), Path::new("x/adapter_config.json")).unwrap_err();
+            let err =
+                AdapterConfig::from_json_str(&o.to_string(), Path::new("x/adapter_config.json"))
+                    .unwrap_err();
             assert!(err.to_string().contains(k), "{k}: {err}");
         }
         let mut o = base.clone();
@@ -600,6 +774,11 @@ mod tests {
         assert!(err.to_string().contains("peft_type"), "{err}");
         let mut o = base;
         o["r"] = Value::from(0);
-        assert!(AdapterConfig::from_json_str(&o.to_string(), Path::new("c.json")).unwrap_err().to_string().contains("`r`"));
+        assert!(
+            AdapterConfig::from_json_str(&o.to_string(), Path::new("c.json"))
+                .unwrap_err()
+                .to_string()
+                .contains("`r`")
+        );
     }
 }

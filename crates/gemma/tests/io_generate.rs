@@ -15,7 +15,9 @@ use io_common::*;
 /// Logits of the last position of `seq`, recomputed from scratch by the training forward.
 fn full_last_logits(model: &Gemma2Model<Cpu>, seq: &[i32]) -> Vec<f32> {
     let t = seq.len();
-    let all = model.logits(&Batch::new(1, t, seq.to_vec(), vec![-100; t])).unwrap();
+    let all = model
+        .logits(&Batch::new(1, t, seq.to_vec(), vec![-100; t]))
+        .unwrap();
     let v = model.config.vocab_size;
     all[(t - 1) * v..].to_vec()
 }
@@ -39,14 +41,22 @@ fn greedy_with_peft_adapter_matches_transformers() {
     let mut model = load_model(&LoadOptions::default());
     load_adapter(&mut model, adapter_a()).unwrap();
     let c = cases();
-    let got = generate(&model, &ints(&c, "gen_prompt_0"), &GenerateOptions::greedy(20)).unwrap();
+    let got = generate(
+        &model,
+        &ints(&c, "gen_prompt_0"),
+        &GenerateOptions::greedy(20),
+    )
+    .unwrap();
     assert_eq!(got.tokens, ints(&c, "gen_tokens_a_0"));
 }
 
 #[test]
 fn kv_cache_equals_full_recompute_at_every_step() {
     // NF4 base + LoRA adapter: the decode path goes through the same LoRA linear as training.
-    let mut model = load_model(&LoadOptions { quantize: Quantization::Nf4 { double_quant: true }, ..LoadOptions::default() });
+    let mut model = load_model(&LoadOptions {
+        quantize: Quantization::Nf4 { double_quant: true },
+        ..LoadOptions::default()
+    });
     load_adapter(&mut model, adapter_a()).unwrap();
     let c = cases();
     let mut seq = ints(&c, "gen_prompt_1");
@@ -56,11 +66,18 @@ fn kv_cache_equals_full_recompute_at_every_step() {
     dec.feed(&seq[..5]).unwrap();
     let mut logits = dec.feed(&seq[5..]).unwrap();
     for step in 0..16 {
-        Tolerance::F32.assert_close(&format!("step {step} logits"), logits.iter().copied(), full_last_logits(&model, &seq));
+        Tolerance::F32.assert_close(
+            &format!("step {step} logits"),
+            logits.iter().copied(),
+            full_last_logits(&model, &seq),
+        );
         // Sliding layers hold at most W entries; full layers hold everything.
         assert_eq!(dec.cache().layer_len(0), seq.len().min(w), "step {step}");
         assert_eq!(dec.cache().layer_len(1), seq.len(), "step {step}");
-        let next = logits.iter().enumerate().fold(0, |b, (i, &x)| if x > logits[b] { i } else { b }) as i32;
+        let next = logits
+            .iter()
+            .enumerate()
+            .fold(0, |b, (i, &x)| if x > logits[b] { i } else { b }) as i32;
         seq.push(next);
         logits = dec.feed(&[next]).unwrap();
     }
@@ -72,12 +89,18 @@ fn stops_on_eos_and_extra_stop_ids() {
     let model = load_model(&LoadOptions::default());
     let c = cases();
     // The EOS ids default to config.json's eos_token_id.
-    assert_eq!(GenerateOptions::greedy_for(&model, 20).eos_token_ids, vec![1]);
+    assert_eq!(
+        GenerateOptions::greedy_for(&model, 20).eos_token_ids,
+        vec![1]
+    );
     // Stop on an EOS id: take the 3rd greedy token of prompt 1 as the EOS id.
     let want = ints(&c, "gen_tokens_1");
     let eos = want[2];
     let first = want.iter().position(|&t| t == eos).unwrap();
-    let opts = GenerateOptions { eos_token_ids: vec![eos], ..GenerateOptions::greedy(20) };
+    let opts = GenerateOptions {
+        eos_token_ids: vec![eos],
+        ..GenerateOptions::greedy(20)
+    };
     let got = generate(&model, &ints(&c, "gen_prompt_1"), &opts).unwrap();
     assert_eq!(got.tokens, want[..=first].to_vec());
     assert_eq!(got.stop, StopReason::Eos(eos));
@@ -86,15 +109,26 @@ fn stops_on_eos_and_extra_stop_ids() {
     let want = ints(&c, "gen_tokens_0");
     let stop = want[3];
     let first = want.iter().position(|&t| t == stop).unwrap();
-    let opts = GenerateOptions { stop_token_ids: vec![stop], ..GenerateOptions::greedy(20) };
+    let opts = GenerateOptions {
+        stop_token_ids: vec![stop],
+        ..GenerateOptions::greedy(20)
+    };
     let got = generate(&model, &ints(&c, "gen_prompt_0"), &opts).unwrap();
     assert_eq!(got.tokens, want[..=first].to_vec());
     assert_eq!(got.stop, StopReason::StopToken(stop));
 
     // max_new_tokens bounds the output.
-    let got = generate(&model, &ints(&c, "gen_prompt_0"), &GenerateOptions::greedy(3)).unwrap();
+    let got = generate(
+        &model,
+        &ints(&c, "gen_prompt_0"),
+        &GenerateOptions::greedy(3),
+    )
+    .unwrap();
     assert_eq!(got.tokens, want[..3].to_vec());
-    assert!(generate(&model, &[2], &GenerateOptions::greedy(0)).unwrap().tokens.is_empty());
+    assert!(generate(&model, &[2], &GenerateOptions::greedy(0))
+        .unwrap()
+        .tokens
+        .is_empty());
 }
 
 #[test]
@@ -104,7 +138,13 @@ fn sampling_options() {
     let prompt = ints(&c, "gen_prompt_0");
     let greedy = ints(&c, "gen_tokens_0");
     let sample = |temperature, top_k, top_p, seed| {
-        let o = GenerateOptions { temperature, top_k, top_p, seed, ..GenerateOptions::greedy(20) };
+        let o = GenerateOptions {
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            ..GenerateOptions::greedy(20)
+        };
         generate(&model, &prompt, &o).unwrap().tokens
     };
     // top_k = 1 and a vanishing top_p reduce sampling to greedy.
@@ -115,25 +155,43 @@ fn sampling_options() {
     assert_eq!(a, sample(1.5, 0, 1.0, 1));
     assert_ne!(a, sample(1.5, 0, 1.0, 2));
     assert_ne!(a, greedy);
-    assert!(a.iter().all(|&t| t >= 0 && (t as usize) < model.config.vocab_size));
+    assert!(a
+        .iter()
+        .all(|&t| t >= 0 && (t as usize) < model.config.vocab_size));
 }
 
 #[test]
 fn bad_input_is_an_error() {
     let model = load_model(&LoadOptions::default());
-    let err = generate(&model, &[], &GenerateOptions::greedy(5)).unwrap_err().to_string();
+    let err = generate(&model, &[], &GenerateOptions::greedy(5))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("empty"), "{err}");
-    let err = generate(&model, &[2, 97], &GenerateOptions::greedy(5)).unwrap_err().to_string();
+    let err = generate(&model, &[2, 97], &GenerateOptions::greedy(5))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("97") && err.contains("[0, 97)"), "{err}");
-    let err = generate(&model, &[2, -3], &GenerateOptions::greedy(5)).unwrap_err().to_string();
+    let err = generate(&model, &[2, -3], &GenerateOptions::greedy(5))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("-3"), "{err}");
-    let o = GenerateOptions { temperature: -0.5, ..GenerateOptions::greedy(5) };
-    assert!(generate(&model, &[2], &o).unwrap_err().to_string().contains("temperature"));
+    let o = GenerateOptions {
+        temperature: -0.5,
+        ..GenerateOptions::greedy(5)
+    };
+    assert!(generate(&model, &[2], &o)
+        .unwrap_err()
+        .to_string()
+        .contains("temperature"));
     // A failed feed leaves the decoder usable and unchanged.
     let mut dec = Decoder::new(&model);
     dec.feed(&[2, 5]).unwrap();
     assert!(dec.feed(&[500]).is_err());
     assert_eq!(dec.position(), 2);
     let l = dec.feed(&[7]).unwrap();
-    Tolerance::F32.assert_close("after error", l.iter().copied(), full_last_logits(&model, &[2, 5, 7]));
+    Tolerance::F32.assert_close(
+        "after error",
+        l.iter().copied(),
+        full_last_logits(&model, &[2, 5, 7]),
+    );
 }

@@ -32,15 +32,22 @@ pub fn bnb_dir() -> PathBuf {
 
 /// gemma_io_cases.safetensors.
 pub fn cases() -> TensorStore {
-    TensorStore::open_files(&[fixtures().join("gemma_io_cases.safetensors")]).expect("open gemma_io_cases.safetensors")
+    TensorStore::open_files(&[fixtures().join("gemma_io_cases.safetensors")])
+        .expect("open gemma_io_cases.safetensors")
 }
 
 /// An integer tensor (I64 or I32) as i32.
 pub fn ints(store: &TensorStore, name: &str) -> Vec<i32> {
     let (bytes, info) = store.raw(name).unwrap_or_else(|e| panic!("{e}"));
     match info.dtype {
-        Dtype::I64 => bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as i32).collect(),
-        Dtype::I32 => bytes.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap())).collect(),
+        Dtype::I64 => bytes
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as i32)
+            .collect(),
+        Dtype::I32 => bytes
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
         d => panic!("{name}: integer tensor expected, found {d:?}"),
     }
 }
@@ -48,7 +55,10 @@ pub fn ints(store: &TensorStore, name: &str) -> Vec<i32> {
 /// A float tensor as f32, with its shape.
 pub fn floats(store: &TensorStore, name: &str) -> (Vec<f32>, Vec<usize>) {
     let (bytes, info) = store.raw(name).unwrap_or_else(|e| panic!("{e}"));
-    (decode_f32(bytes, info.dtype).unwrap_or_else(|| panic!("{name}: not a float tensor")), info.shape.clone())
+    (
+        decode_f32(bytes, info.dtype).unwrap_or_else(|| panic!("{name}: not a float tensor")),
+        info.shape.clone(),
+    )
 }
 
 pub fn backend() -> Arc<Cpu> {
@@ -57,5 +67,6 @@ pub fn backend() -> Arc<Cpu> {
 
 /// The dense f32 fixture model.
 pub fn load_model(opts: &LoadOptions) -> Gemma2Model<Cpu> {
-    Gemma2Model::load(backend(), model_dir(), opts).unwrap_or_else(|e| panic!("load gemma_io_model: {e}"))
+    Gemma2Model::load(backend(), model_dir(), opts)
+        .unwrap_or_else(|e| panic!("load gemma_io_model: {e}"))
 }

@@ -22,9 +22,6 @@ pub enum GemmBackend {
 
 impl GemmBackend {
     pub(crate) fn new(stream: &Arc<CudaStream>) -> Result<Self> {
-        if std::env::var("AFINAR_NO_CUBLAS").is_ok_and(|v| v == "1") {
-            return Ok(GemmBackend::Fallback);
-        }
         // SAFETY: only asks the dynamic loader whether libcublas can be opened (cudarc panics on first
         // use of a library that is missing, so this check must come first).
         if !unsafe { sys::is_culib_present() } {

@@ -21,6 +21,8 @@
 
 mod compile;
 mod gemm;
+#[cfg(test)]
+mod gpu_tests;
 mod ops;
 
 pub use gemm::GemmBackend;
@@ -157,7 +159,28 @@ pub(crate) enum Arg<'a> {
     F32(f32),
 }
 
-/// The CUDA backend: one device (ordinal 0), its default stream, cuBLAS, and the loaded kernel modules.
+/// Construction options of [`Cuda`].
+#[derive(Clone, Copy, Debug)]
+pub struct CudaOptions {
+    /// Device ordinal.
+    pub ordinal: usize,
+    /// The dtype `zeros` / `from_host` allocate (see the module docs).
+    pub alloc_dtype: Dtype,
+    /// Use kernels/gemm.cu instead of cuBLAS for dense GEMMs.
+    pub force_fallback_gemm: bool,
+}
+
+impl Default for CudaOptions {
+    fn default() -> Self {
+        CudaOptions {
+            ordinal: 0,
+            alloc_dtype: Dtype::F32,
+            force_fallback_gemm: false,
+        }
+    }
+}
+
+/// The CUDA backend: one device, its default stream, cuBLAS, and the loaded kernel modules.
 pub struct Cuda {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
@@ -175,16 +198,26 @@ fn be<E: std::fmt::Debug>(what: &'static str) -> impl FnOnce(E) -> KernelError {
 }
 
 impl Cuda {
-    /// Opens device 0. `Ok(None)` when there is no CUDA driver (or no device) on this machine; an error
-    /// when the driver is there but the device or NVRTC cannot be used.
+    /// Opens device 0 with the default options. `Ok(None)` when there is no CUDA driver (or no
+    /// device) on this machine; an error when the driver is there but the device or NVRTC cannot be
+    /// used. `AFINAR_NO_CUBLAS=1` forces the fallback GEMM.
     pub fn try_new() -> Result<Option<Cuda>> {
+        let force_fallback_gemm = std::env::var("AFINAR_NO_CUBLAS").is_ok_and(|v| v == "1");
+        Self::try_new_with(CudaOptions {
+            force_fallback_gemm,
+            ..CudaOptions::default()
+        })
+    }
+
+    /// `try_new` with explicit options.
+    pub fn try_new_with(opts: CudaOptions) -> Result<Option<Cuda>> {
         // SAFETY: only asks the dynamic loader whether libcuda can be opened. This must come first:
         // CudaContext::new panics (it does not return an error) when libcuda is missing.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
             return Ok(None);
         }
         match CudaContext::device_count() {
-            Ok(0) => return Ok(None),
+            Ok(n) if (n.max(0) as usize) <= opts.ordinal => return Ok(None),
             Ok(_) => {}
             Err(e) if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_NO_DEVICE => {
                 return Ok(None)
@@ -201,26 +234,36 @@ impl Cuda {
                     .into(),
             });
         }
-        let ctx = CudaContext::new(0).map_err(be("creating the CUDA context on device 0"))?;
+        let ctx = CudaContext::new(opts.ordinal).map_err(be("creating the CUDA context"))?;
         let (major, minor) = ctx
             .compute_capability()
             .map_err(be("reading the compute capability"))?;
         if major < 8 {
             return Err(KernelError::Backend {
                 backend: "cuda",
-                msg: format!("device 0 has compute capability {major}.{minor}; the kernels need sm_80 or newer (bf16 mma)"),
+                msg: format!("device {} has compute capability {major}.{minor}; the kernels need sm_80 or newer (bf16 mma)", opts.ordinal),
             });
         }
+        // SAFETY: the backend issues all work on one stream (the default stream), so cudarc's
+        // per-buffer events for cross-stream synchronization are not needed. A caller that creates
+        // more streams on this context must synchronize them itself.
+        unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
-        let gemm = GemmBackend::new(&stream)?;
-        Ok(Some(Cuda {
+        let gemm = if opts.force_fallback_gemm {
+            GemmBackend::Fallback
+        } else {
+            GemmBackend::new(&stream)?
+        };
+        let cuda = Cuda {
             ctx,
             stream,
             gemm,
             arch: format!("sm_{major}{minor}"),
             modules: Mutex::new(HashMap::new()),
             alloc_dtype: AtomicU8::new(0),
-        }))
+        };
+        cuda.set_alloc_dtype(opts.alloc_dtype);
+        Ok(Some(cuda))
     }
 
     /// The device's architecture, e.g. "sm_90".

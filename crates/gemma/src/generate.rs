@@ -131,19 +131,7 @@ impl<'m, B: Backend> Decoder<'m, B> {
                 "generate: token {i} of the input is id {id}, outside the vocabulary [0, {v})"
             )));
         }
-        let (h, qd, kd, inter) = (
-            cfg.hidden_size,
-            cfg.q_dim(),
-            cfg.kv_dim(),
-            cfg.intermediate_size,
-        );
-        let (nh, nkv, d) = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        );
-        let eps = cfg.rms_norm_eps as f32;
-        let theta = cfg.rope_theta as f32;
+        let (h, kd) = (cfg.hidden_size, cfg.kv_dim());
         let p0 = self.cache.pos;
         let pos: Vec<i32> = (p0..p0 + t)
             .map(|p| {
@@ -165,8 +153,60 @@ impl<'m, B: Backend> Decoder<'m, B> {
             h,
             cfg.embed_scale(),
         )?;
-        // New cache contents are staged and committed only when every layer succeeded.
-        let mut staged: Vec<(Vec<f32>, Vec<f32>)> = Vec::with_capacity(model.layers.len());
+        // The new keys/values are appended to the cache in place; if any op fails, every layer is cut
+        // back to its previous length, so an error leaves the cache unchanged.
+        let old_len: Vec<usize> = self.cache.layers.iter().map(|c| c.k.len()).collect();
+        let result = Self::layers_and_head(model, &mut self.cache, x, &pos, t);
+        match result {
+            Ok(logits) => {
+                // Sliding layers keep their last W entries.
+                for c in &mut self.cache.layers {
+                    if let Some(w) = c.keep {
+                        let len = c.k.len() / kd;
+                        if len > w {
+                            c.k.drain(..(len - w) * kd);
+                            c.v.drain(..(len - w) * kd);
+                        }
+                    }
+                }
+                self.cache.pos = p0 + t;
+                Ok(logits)
+            }
+            Err(e) => {
+                for (c, n) in self.cache.layers.iter_mut().zip(old_len) {
+                    c.k.truncate(n);
+                    c.v.truncate(n);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs every layer on x [T,H] (appending to `cache`), then the final norm and the tied head on the
+    /// last position. Returns the soft-capped logits [V].
+    fn layers_and_head(
+        model: &Gemma2Model<B>,
+        cache: &mut KvCache,
+        mut x: B::Buf,
+        pos: &B::Ids,
+        t: usize,
+    ) -> Result<Vec<f32>> {
+        let cfg = &model.config;
+        let be = &**model.backend();
+        let v = cfg.vocab_size;
+        let (h, qd, kd, inter) = (
+            cfg.hidden_size,
+            cfg.q_dim(),
+            cfg.kv_dim(),
+            cfg.intermediate_size,
+        );
+        let (nh, nkv, d) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let eps = cfg.rms_norm_eps as f32;
+        let theta = cfg.rope_theta as f32;
         let mut rstd = be.zeros(t)?;
         for (li, layer) in model.layers.iter().enumerate() {
             let lin = |tg: Target| layer.linear(tg);
@@ -187,17 +227,15 @@ impl<'m, B: Backend> Decoder<'m, B> {
             linear(be, lin(Target::QProj), &xn, &mut q, t)?;
             linear(be, lin(Target::KProj), &xn, &mut k, t)?;
             linear(be, lin(Target::VProj), &xn, &mut vv, t)?;
-            be.rope(&mut q, &pos, t, nh, d, theta, false)?;
-            be.rope(&mut k, &pos, t, nkv, d, theta, false)?;
+            be.rope(&mut q, pos, t, nh, d, theta, false)?;
+            be.rope(&mut k, pos, t, nkv, d, theta, false)?;
             // Keys/values = cached ones followed by the new ones: [TK, NKV·D].
-            let c = &self.cache.layers[li];
-            let mut kall = c.k.clone();
-            kall.extend(be.to_host(&k)?);
-            let mut vall = c.v.clone();
-            vall.extend(be.to_host(&vv)?);
-            let tk = kall.len() / kd;
-            let kbuf = be.from_host(&kall)?;
-            let vbuf = be.from_host(&vall)?;
+            let c = &mut cache.layers[li];
+            c.k.extend(be.to_host(&k)?);
+            c.v.extend(be.to_host(&vv)?);
+            let tk = c.k.len() / kd;
+            let kbuf = be.from_host(&c.k)?;
+            let vbuf = be.from_host(&c.v)?;
             let shape = AttnShape {
                 b: 1,
                 t,
@@ -254,7 +292,6 @@ impl<'m, B: Backend> Decoder<'m, B> {
                 eps,
             )?;
             be.axpy(1.0, &h1, &mut x)?;
-            staged.push((kall, vall));
         }
         // Final norm and tied head on the last position only.
         let xh = be.to_host(&x)?;
@@ -275,22 +312,7 @@ impl<'m, B: Backend> Decoder<'m, B> {
         if let Some(cap) = cfg.final_logit_softcapping {
             be.softcap_fwd(&mut logits, cap as f32)?;
         }
-        let logits = be.to_host(&logits)?;
-
-        // Commit: sliding layers keep their last W entries.
-        for (c, (mut k, mut vv)) in self.cache.layers.iter_mut().zip(staged) {
-            if let Some(w) = c.keep {
-                let len = k.len() / kd;
-                if len > w {
-                    k.drain(..(len - w) * kd);
-                    vv.drain(..(len - w) * kd);
-                }
-            }
-            c.k = k;
-            c.v = vv;
-        }
-        self.cache.pos = p0 + t;
-        Ok(logits)
+        Ok(be.to_host(&logits)?)
     }
 }
 

@@ -13,6 +13,9 @@ The Rust tests (crates/gemma/tests/io_export.rs) leave, under AFINAR_IO_EXPORT_D
                                               checkpoint (export_nf4, double quant, float32)
   nf4_afinar_outputs.safetensors              what afinar computes from nf4/: the dequantized weight of
                                               every linear and the logits of the fixture batch
+  nf4_bf16/, nf4_bf16_plain/                  bf16 NF4 exports (double quant / plain absmax, compute
+                                              bfloat16), with *_afinar_dequant.safetensors: afinar's f32
+                                              dequantized weights of each
 
 Checks (each asserted):
   1. merged_f32 loads with transformers (eager, float32); logits equal peft's merge_and_unload logits
@@ -23,7 +26,9 @@ Checks (each asserted):
   4. nf4 loads with transformers + bitsandbytes (quantization_config read from config.json); every
      linear is a bnb Linear4bit whose dequantize_4bit equals afinar's dequantized weight bit for bit,
      and the 4-bit model's logits equal afinar's logits within the f32 tolerance.
-  5. The tokenizer files copied into the exports load with AutoTokenizer.
+  5. nf4_bf16 and nf4_bf16_plain load with transformers + bitsandbytes (bf16 quant states); every
+     dequantize_4bit (bf16) equals bf16(afinar's f32 dequantized weight), bit for bit.
+  6. The tokenizer files copied into the exports load with AutoTokenizer.
 """
 import os
 import sys
@@ -95,7 +100,23 @@ def main(root):
         l4 = m4(ids).logits
     close("4-bit logits vs afinar", ours["logits"], l4)
 
-    print("5. tokenizer")
+    print("5. bf16 NF4 exports")
+    for d in ("nf4_bf16", "nf4_bf16_plain"):
+        mb4 = load(os.path.join(root, d), device_map="cpu")
+        ours = load_file(os.path.join(root, d + "_afinar_dequant.safetensors"))
+        n = 0
+        for name, mod in mb4.named_modules():
+            if type(mod).__name__ == "Linear4bit":
+                qs = mod.weight.quant_state
+                w = bnbf.dequantize_4bit(mod.weight.data, qs)
+                assert w.dtype == torch.bfloat16, (name, w.dtype)
+                assert torch.equal(w, ours[name + ".weight"].to(torch.bfloat16)), name
+                n += 1
+        assert n == 7 * mb4.config.num_hidden_layers, n
+        print(f"  {d}: double quant {mb4.config.quantization_config.bnb_4bit_use_double_quant}, {n} Linear4bit "
+              f"weights: dequantize_4bit (bf16) == bf16(afinar's dequantized weights), bit for bit")
+
+    print("6. tokenizer")
     for d in ("merged_f32", "nf4"):
         tok = AutoTokenizer.from_pretrained(os.path.join(root, d))
         assert tok("w5 w6").input_ids[-2:] == [5, 6], tok("w5 w6")

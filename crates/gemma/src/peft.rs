@@ -325,7 +325,11 @@ impl PeftAdapter {
 
     /// Number of layers the adapter covers (1 + the highest layer index; 0 when empty).
     pub fn num_layers(&self) -> usize {
-        self.tensors.keys().map(|&(l, _)| l + 1).max().unwrap_or(0)
+        self.tensors
+            .keys()
+            .map(|&(l, _)| l.saturating_add(1))
+            .max()
+            .unwrap_or(0)
     }
 
     /// The `LoraConfig` this adapter corresponds to.
@@ -450,8 +454,12 @@ impl PeftAdapter {
         let targets = self.targets();
         let layers = self.num_layers();
         for &t in &targets {
-            let have: Vec<usize> = (0..layers)
-                .filter(|&l| self.tensors.contains_key(&(l, t)))
+            // Built from the tensors (never by walking 0..layers: a hostile file could name layer 2^63).
+            let have: Vec<usize> = self
+                .tensors
+                .keys()
+                .filter(|k| k.1 == t)
+                .map(|k| k.0)
                 .collect();
             if have.len() != layers {
                 return Err(GemmaError::NotSupported {
@@ -707,7 +715,12 @@ pub(crate) fn write_dir_atomically(
                 let _ = std::fs::rename(&old, dir);
                 return Err(GemmaError::io(dir, e));
             }
-            std::fs::remove_dir_all(&old).map_err(|e| GemmaError::io(&old, e))
+            let removed = if old.is_dir() {
+                std::fs::remove_dir_all(&old)
+            } else {
+                std::fs::remove_file(&old)
+            };
+            removed.map_err(|e| GemmaError::io(&old, e))
         } else {
             std::fs::rename(&tmp, dir).map_err(|e| GemmaError::io(dir, e))
         }

@@ -239,7 +239,7 @@ fn nf4_export_matches_bitsandbytes_save_pretrained() {
 fn nf4_export_in_bf16_quantizes_bf16_rounded_weights() {
     let tmp = tempfile::tempdir().unwrap();
     let model = load_model(&LoadOptions::default());
-    let dir = tmp.path().join("nf4_bf16");
+    let dir = out_dir(tmp.path(), "nf4_bf16_plain");
     export_nf4(
         &model,
         &dir,
@@ -285,6 +285,48 @@ fn nf4_export_in_bf16_quantizes_bf16_rounded_weights() {
         .collect();
     let q = afinar_kernels::nf4::quantize(&w, &[64, 64], false).unwrap();
     assert_eq!(st.raw(name).unwrap().0, &q.packed[..]);
+
+    // The QLoRA default (bf16, double quant) loads back as NF4 weights equal to quantizing the
+    // bf16-rounded weights on load.
+    let dq = out_dir(tmp.path(), "nf4_bf16");
+    export_nf4(&model, &dq, &QuantizeOptions::default()).unwrap();
+    let back = Gemma2Model::load(backend(), &dq, &LoadOptions::default()).unwrap();
+    for (d, name) in [(&dir, "nf4_bf16_plain"), (&dq, "nf4_bf16")] {
+        let m = Gemma2Model::load(backend(), d, &LoadOptions::default()).unwrap();
+        let mut outs = Vec::new();
+        for layer in 0..m.layers.len() {
+            for target in Target::ALL {
+                let (o, i) = target.dims(&m.config);
+                let got = m.dense_weight(layer, target).unwrap();
+                outs.push(TensorOut::f32(
+                    ParamId::Weight { layer, target }.name(),
+                    vec![o, i],
+                    &got,
+                ));
+            }
+        }
+        if let Some(root) = std::env::var_os("AFINAR_IO_EXPORT_DIR") {
+            // For check_gemma_io_export.py: afinar's dequantized weights of this export.
+            write_safetensors(
+                &PathBuf::from(root).join(format!("{name}_afinar_dequant.safetensors")),
+                &outs,
+                None,
+            )
+            .unwrap();
+        }
+    }
+    let w: Vec<f32> = model
+        .dense_weight(0, Target::QProj)
+        .unwrap()
+        .iter()
+        .map(|&x| half::bf16::from_f32(x).to_f32())
+        .collect();
+    let q = afinar_kernels::nf4::quantize(&w, &[128, 64], true).unwrap();
+    Tolerance::EXACT.assert_close(
+        "q_proj",
+        back.dense_weight(0, Target::QProj).unwrap(),
+        q.dequantize().unwrap(),
+    );
 }
 
 #[test]

@@ -276,6 +276,14 @@ fn broken_adapters_are_clear_errors() {
         "{err}"
     );
 
+    // A layer index far beyond any model.
+    let dir = tmp.path().join("huge_layer");
+    copy_adapter_renamed(&adapter_b(), &dir, |n| {
+        Some(n.replace("layers.1.", "layers.18446744073709551615."))
+    });
+    let err = PeftAdapter::load(&dir).unwrap_err().to_string();
+    assert!(err.contains("18446744073709551615"), "{err}");
+
     // target_modules that disagree with the tensors.
     let dir = tmp.path().join("targets");
     copy_adapter_renamed(&adapter_b(), &dir, |n| Some(n.to_string()));

@@ -227,8 +227,12 @@ mod tests {
     #[test]
     fn every_kernel_file_is_embedded() {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../kernels");
-        let mut on_disk: Vec<String> = std::fs::read_dir(dir)
-            .unwrap()
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            // A bundled test binary on another machine has no source tree to compare with.
+            eprintln!("skipped: no source tree at {dir}");
+            return;
+        };
+        let mut on_disk: Vec<String> = entries
             .filter_map(|e| e.ok())
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .filter(|n| n.ends_with(".cu"))

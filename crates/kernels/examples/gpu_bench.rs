@@ -1,0 +1,262 @@
+//! GPU kernel benchmarks for the targets of the CUDA backend issue, printed as one markdown table:
+//!
+//! - copy bandwidth (cuMemcpyDtoD) and the dense bf16 GEMM rate (cuBLAS, 8192³): the measured ceilings;
+//! - NF4 dequantize → bf16 vs copy bandwidth (target ≥ 85 %);
+//! - NF4 GEMV at M = 1 on 14336×3584 and 3584×14336 vs copy bandwidth counting NF4 bytes and scales
+//!   (target ≥ 70 %) and vs the cuBLAS bf16 GEMV on the same shape (target ≥ 3×);
+//! - NF4 dequant-GEMM at M = 4096 on the Gemma-2-9B projection shapes, forward (X·W̃ᵀ) and backward
+//!   (dY·W̃), vs cuBLAS bf16 on the same shapes (target ≥ 0.8×);
+//! - attention forward + backward at B = 1, T = 2048, NH = 16, NKV = 8, D = 256 vs the GEMM rate
+//!   (target ≥ 40 %).
+//!
+//! Each NF4 GEMM row is validated first against cuBLAS on the dequantized weight (column `check`: max
+//! |Δ| / max |ref|). Build: `cargo build --release -p afinar-kernels --features cuda --example gpu_bench`
+//! (the GPU bundle does it). Run: `gpu_bench [--quick]`. Without the `cuda` feature it only says so.
+
+#[cfg(not(feature = "cuda"))]
+fn main() {
+    eprintln!("gpu_bench was built without the `cuda` feature: rebuild with --features cuda");
+    std::process::exit(2);
+}
+
+#[cfg(feature = "cuda")]
+fn main() {
+    if let Err(e) = bench::run() {
+        eprintln!("gpu_bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod bench {
+    use afinar_kernels::cuda::{Cuda, CudaBuf, CudaOptions, Dtype};
+    use afinar_kernels::nf4::{Absmax, Nf4Tensor};
+    use afinar_kernels::{Accum, AttnShape, Backend, Weight};
+    use cudarc::driver::sys::CUevent_flags;
+
+    type R<T> = Result<T, Box<dyn std::error::Error>>;
+
+    struct Row {
+        name: String,
+        shape: String,
+        ms: f64,
+        rate: String,
+        vs: String,
+        target: String,
+        check: String,
+    }
+
+    /// Mean milliseconds per call of `f` over `iters` calls, after `warm` untimed calls.
+    fn time(c: &Cuda, warm: usize, iters: usize, mut f: impl FnMut() -> R<()>) -> R<f64> {
+        for _ in 0..warm {
+            f()?;
+        }
+        c.synchronize()?;
+        let s = c.stream();
+        let e0 = s.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        for _ in 0..iters {
+            f()?;
+        }
+        let e1 = s.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        e1.synchronize()?;
+        Ok(e0.elapsed_ms(&e1)? as f64 / iters as f64)
+    }
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+        fn f32s(&mut self, n: usize, s: f32) -> Vec<f32> {
+            (0..n).map(|_| ((self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * s).collect()
+        }
+    }
+
+    /// A random double-quantized NF4 weight [n, k] (the QLoRA layout).
+    fn nf4(seed: u64, n: usize, k: usize) -> Nf4Tensor {
+        let mut g = Rng(seed | 1);
+        let numel = n * k;
+        let blocks = numel.div_ceil(64);
+        let mut packed = vec![0u8; numel.div_ceil(2)];
+        for chunk in packed.chunks_mut(8) {
+            let v = g.next().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+        let mut code8 = Box::new([0.0f32; 256]);
+        for (i, c) in code8.iter_mut().enumerate() {
+            *c = (i as f32 - 127.5) / 128.0;
+        }
+        Nf4Tensor {
+            shape: vec![n, k],
+            packed,
+            absmax: Absmax::Nested {
+                codes: (0..blocks).map(|_| g.next() as u8).collect(),
+                nested_absmax: (0..blocks.div_ceil(256)).map(|_| 0.01).collect(),
+                offset: 0.02,
+                code8,
+            },
+        }
+    }
+
+    fn nf4_bytes(numel: usize) -> f64 {
+        let blocks = numel.div_ceil(64);
+        (numel.div_ceil(2) + blocks + 4 * blocks.div_ceil(256)) as f64
+    }
+
+    fn rel_err(c: &Cuda, got: &CudaBuf, want: &CudaBuf) -> R<f64> {
+        let (g, w) = (c.to_host(got)?, c.to_host(want)?);
+        let max = w.iter().fold(0.0f32, |a, &v| a.max(v.abs())) as f64;
+        let d = g.iter().zip(&w).fold(0.0f32, |a, (&x, &y)| a.max((x - y).abs())) as f64;
+        Ok(if max > 0.0 { d / max } else { d })
+    }
+
+    pub fn run() -> R<()> {
+        let quick = std::env::args().any(|a| a == "--quick");
+        let c = match Cuda::try_new_with(CudaOptions { alloc_dtype: Dtype::Bf16, ..CudaOptions::default() })? {
+            Some(c) => c,
+            None => return Err("no CUDA driver/device on this machine".into()),
+        };
+        let iters = if quick { 3 } else { 20 };
+        println!("device: {} ({}), dense GEMM: {}", c.device_name(), c.arch(), c.gemm_name());
+        let mut rows: Vec<Row> = Vec::new();
+
+        // ---- Ceilings: copy bandwidth and the bf16 GEMM rate.
+        let bytes = 1usize << 30;
+        let src = c.stream().alloc_zeros::<u8>(bytes)?;
+        let mut dst = c.stream().alloc_zeros::<u8>(bytes)?;
+        let ms = time(&c, 2, iters, || Ok(c.stream().memcpy_dtod(&src, &mut dst)?))?;
+        let copy_bw = 2.0 * bytes as f64 / (ms * 1e-3) / 1e9;
+        drop((src, dst));
+        rows.push(Row { name: "copy (cuMemcpyDtoD)".into(), shape: "1 GiB".into(), ms, rate: format!("{copy_bw:.0} GB/s"), vs: "ceiling".into(), target: "-".into(), check: "-".into() });
+
+        let g = 8192;
+        let a = c.zeros_as(g * g, Dtype::Bf16)?;
+        let b = c.zeros_as(g * g, Dtype::Bf16)?;
+        let mut y = c.zeros_as(g * g, Dtype::Bf16)?;
+        c.fill(&mut y, 0.0)?;
+        let ms = time(&c, 2, iters.min(10), || Ok(c.matmul_xwt(&a, &b, &mut y, g, g, g, Accum::Overwrite)?))?;
+        let gemm_rate = 2.0 * (g as f64).powi(3) / (ms * 1e-3) / 1e12;
+        drop((a, b, y));
+        rows.push(Row { name: format!("bf16 GEMM ({})", c.gemm_name()), shape: "8192³".into(), ms, rate: format!("{gemm_rate:.0} TFLOP/s"), vs: "ceiling".into(), target: "-".into(), check: "-".into() });
+
+        // ---- NF4 dequantize.
+        let (dn, dk) = (14336, 3584 * 4);
+        let w = c.nf4_from_host(&nf4(1, dn, dk))?;
+        let mut out = c.zeros_as(dn * dk, Dtype::Bf16)?;
+        let ms = time(&c, 2, iters, || Ok(c.nf4_dequantize(&w, &mut out)?))?;
+        let bw = (nf4_bytes(dn * dk) + 2.0 * (dn * dk) as f64) / (ms * 1e-3) / 1e9;
+        rows.push(Row {
+            name: "NF4 dequant → bf16".into(),
+            shape: format!("{dn}×{dk}"),
+            ms,
+            rate: format!("{bw:.0} GB/s"),
+            vs: format!("{:.0} % of copy", 100.0 * bw / copy_bw),
+            target: "≥ 85 %".into(),
+            check: "-".into(),
+        });
+        drop((w, out));
+
+        // ---- NF4 GEMV at M = 1 vs cuBLAS bf16 GEMV.
+        for &(n, k) in &[(14336usize, 3584usize), (3584, 14336)] {
+            let host = nf4(2, n, k);
+            let w = c.nf4_from_host(&host)?;
+            let mut wd = c.zeros_as(n * k, Dtype::Bf16)?;
+            c.nf4_dequantize(&w, &mut wd)?;
+            let x = c.from_host_as(&Rng(3).f32s(k, 1.0), Dtype::Bf16)?;
+            let mut y = c.zeros_as(n, Dtype::F32)?;
+            let mut y_ref = c.zeros_as(n, Dtype::F32)?;
+            c.matmul_xwt(&x, &wd, &mut y_ref, 1, k, n, Accum::Overwrite)?;
+            c.lora_fwd(&x, Weight::Nf4(&w), None, &mut y, None, 1, k, n)?;
+            let check = rel_err(&c, &y, &y_ref)?;
+            let ms = time(&c, 3, iters * 5, || Ok(c.lora_fwd(&x, Weight::Nf4(&w), None, &mut y, None, 1, k, n)?))?;
+            let ms_ref = time(&c, 3, iters * 5, || Ok(c.matmul_xwt(&x, &wd, &mut y_ref, 1, k, n, Accum::Overwrite)?))?;
+            let bw = (nf4_bytes(n * k) + 2.0 * k as f64 + 4.0 * n as f64) / (ms * 1e-3) / 1e9;
+            rows.push(Row {
+                name: "NF4 GEMV M=1".into(),
+                shape: format!("N={n} K={k}"),
+                ms,
+                rate: format!("{bw:.0} GB/s"),
+                vs: format!("{:.0} % of copy; {:.2}× cuBLAS bf16 ({ms_ref:.4} ms)", 100.0 * bw / copy_bw, ms_ref / ms),
+                target: "≥ 70 %, ≥ 3×".into(),
+                check: format!("{check:.1e}"),
+            });
+        }
+
+        // ---- NF4 dequant-GEMM at M = 4096 on the Gemma-2-9B projections, fwd and bwd, vs cuBLAS bf16.
+        let m = if quick { 1024 } else { 4096 };
+        let shapes: &[(&str, usize, usize)] =
+            &[("q_proj", 4096, 3584), ("k/v_proj", 2048, 3584), ("o_proj", 3584, 4096), ("gate/up_proj", 14336, 3584), ("down_proj", 3584, 14336)];
+        for &(name, n, k) in shapes {
+            let w = c.nf4_from_host(&nf4(4, n, k))?;
+            let mut wd = c.zeros_as(n * k, Dtype::Bf16)?;
+            c.nf4_dequantize(&w, &mut wd)?;
+            let x = c.from_host_as(&Rng(5).f32s(m * k, 1.0), Dtype::Bf16)?;
+            let dy = c.from_host_as(&Rng(6).f32s(m * n, 1.0), Dtype::Bf16)?;
+            let mut y = c.zeros_as(m * n, Dtype::Bf16)?;
+            let mut y_ref = c.zeros_as(m * n, Dtype::Bf16)?;
+            let mut dx = c.zeros_as(m * k, Dtype::Bf16)?;
+            let mut dx_ref = c.zeros_as(m * k, Dtype::Bf16)?;
+            c.lora_fwd(&x, Weight::Nf4(&w), None, &mut y, None, m, k, n)?;
+            c.matmul_xwt(&x, &wd, &mut y_ref, m, k, n, Accum::Overwrite)?;
+            c.lora_bwd(&dy, &x, Weight::Nf4(&w), None, &mut dx, Accum::Overwrite, m, k, n)?;
+            c.matmul_dyw(&dy, &wd, &mut dx_ref, m, k, n, Accum::Overwrite)?;
+            let (cf, cb) = (rel_err(&c, &y, &y_ref)?, rel_err(&c, &dx, &dx_ref)?);
+            let flops = 2.0 * (m * n * k) as f64;
+            let it = iters.min(10);
+            let ms_f = time(&c, 2, it, || Ok(c.lora_fwd(&x, Weight::Nf4(&w), None, &mut y, None, m, k, n)?))?;
+            let ms_fr = time(&c, 2, it, || Ok(c.matmul_xwt(&x, &wd, &mut y_ref, m, k, n, Accum::Overwrite)?))?;
+            let ms_b = time(&c, 2, it, || Ok(c.lora_bwd(&dy, &x, Weight::Nf4(&w), None, &mut dx, Accum::Overwrite, m, k, n)?))?;
+            let ms_br = time(&c, 2, it, || Ok(c.matmul_dyw(&dy, &wd, &mut dx_ref, m, k, n, Accum::Overwrite)?))?;
+            for (dir, ms, ms_ref, chk) in [("X·W̃ᵀ", ms_f, ms_fr, cf), ("dY·W̃", ms_b, ms_br, cb)] {
+                rows.push(Row {
+                    name: format!("NF4 GEMM {name} {dir}"),
+                    shape: format!("M={m} N={n} K={k}"),
+                    ms,
+                    rate: format!("{:.0} TFLOP/s", flops / (ms * 1e-3) / 1e12),
+                    vs: format!("{:.2}× cuBLAS bf16 ({:.0} TFLOP/s)", ms_ref / ms, flops / (ms_ref * 1e-3) / 1e12),
+                    target: "≥ 0.8×".into(),
+                    check: format!("{chk:.1e}"),
+                });
+            }
+        }
+
+        // ---- Attention fwd + bwd.
+        let s = AttnShape { b: 1, t: 2048, tk: 2048, nh: 16, nkv: 8, d: 256, scale: 256f32.powf(-0.5), softcap: Some(50.0), window: None };
+        let qn = s.b * s.t * s.nh * s.d;
+        let kn = s.b * s.t * s.nkv * s.d;
+        let mut g2 = Rng(7);
+        let q = c.from_host_as(&g2.f32s(qn, 1.0), Dtype::Bf16)?;
+        let k = c.from_host_as(&g2.f32s(kn, 1.0), Dtype::Bf16)?;
+        let v = c.from_host_as(&g2.f32s(kn, 1.0), Dtype::Bf16)?;
+        let dout = c.from_host_as(&g2.f32s(qn, 1.0), Dtype::Bf16)?;
+        let mut o = c.zeros_as(qn, Dtype::Bf16)?;
+        let mut lse = c.zeros_as(s.b * s.nh * s.t, Dtype::F32)?;
+        let (mut dq, mut dk, mut dv) = (c.zeros_as(qn, Dtype::Bf16)?, c.zeros_as(kn, Dtype::Bf16)?, c.zeros_as(kn, Dtype::Bf16)?);
+        let it = if quick { 1 } else { 5 };
+        let ms_f = time(&c, 1, it, || Ok(c.attn_fwd(&q, &k, &v, None, &mut o, &mut lse, &s)?))?;
+        let ms_b = time(&c, 1, it, || Ok(c.attn_bwd(&q, &k, &v, None, &o, &lse, &dout, &mut dq, &mut dk, &mut dv, &s)?))?;
+        // Causal: half of the 4·T²·D·NH multiply-adds of the forward; the backward is 2.5× the forward.
+        let fwd_flops = 4.0 * (s.t * s.t * s.d * s.nh * s.b) as f64 / 2.0;
+        let total = 3.5 * fwd_flops;
+        let rate = total / ((ms_f + ms_b) * 1e-3) / 1e12;
+        rows.push(Row {
+            name: "attention fwd+bwd (causal, softcap)".into(),
+            shape: "B=1 T=2048 NH=16 NKV=8 D=256".into(),
+            ms: ms_f + ms_b,
+            rate: format!("{rate:.1} TFLOP/s"),
+            vs: format!("{:.1} % of the GEMM rate (fwd {ms_f:.2} ms, bwd {ms_b:.2} ms)", 100.0 * rate / gemm_rate),
+            target: "≥ 40 %".into(),
+            check: "-".into(),
+        });
+
+        println!("\n| kernel | shape | ms | achieved | vs ceiling | target | check |");
+        println!("|---|---|---:|---:|---|---|---|");
+        for r in &rows {
+            println!("| {} | {} | {:.4} | {} | {} | {} | {} |", r.name, r.shape, r.ms, r.rate, r.vs, r.target, r.check);
+        }
+        Ok(())
+    }
+}

@@ -4,10 +4,11 @@
 Usage (run once; the output is recorded in tests/golden/fixtures/gemma_io_export_check.txt):
 
     rm -rf /tmp/afinar_export && mkdir /tmp/afinar_export
-    AFINAR_IO_EXPORT_DIR=/tmp/afinar_export cargo test -p afinar-gemma --test io_export
+    AFINAR_IO_EXPORT_DIR=/tmp/afinar_export cargo test -p afinar-gemma --test io_export --test io_peft
     /work/venv/bin/python tests/golden/check_gemma_io_export.py /tmp/afinar_export
 
-The Rust tests (crates/gemma/tests/io_export.rs) leave, under AFINAR_IO_EXPORT_DIR:
+The Rust tests (crates/gemma/tests/io_export.rs, io_peft.rs) leave, under AFINAR_IO_EXPORT_DIR:
+  adapter_saved/                              peft adapter a, loaded and saved again by afinar (save_adapter)
   merged_f32/, merged_bf16/, merged_sharded/  the fixture model + peft adapter a, merged (export_merged)
   nf4/                                        the dense fixture model exported as a bitsandbytes NF4
                                               checkpoint (export_nf4, double quant, float32)
@@ -18,6 +19,8 @@ The Rust tests (crates/gemma/tests/io_export.rs) leave, under AFINAR_IO_EXPORT_D
                                               dequantized weights of each
 
 Checks (each asserted):
+  0. adapter_saved loads with peft's PeftModel.from_pretrained onto the fixture model and gives the
+     logits of the original peft adapter.
   1. merged_f32 loads with transformers (eager, float32); logits equal peft's merge_and_unload logits
      (fixture logits_merged_a) to 1e-4 relative, and the un-merged peft logits likewise.
   2. merged_bf16 loads; its weights are bf16 and equal the bf16 rounding of merged_f32's weights exactly;
@@ -56,6 +59,15 @@ def load(path, **kw):
 def main(root):
     cases = load_file(os.path.join(FIX, "gemma_io_cases.safetensors"))
     ids = cases["input_ids"]
+
+    print("0. adapter saved by afinar, loaded by peft")
+    from peft import PeftModel
+    base = load(os.path.join(FIX, "gemma_io_model"), dtype=torch.float32)
+    pm = PeftModel.from_pretrained(base, os.path.join(root, "adapter_saved")).eval()
+    assert pm.peft_config["default"].r == 4 and pm.peft_config["default"].lora_alpha == 8
+    with torch.no_grad():
+        la = pm(ids).logits
+    close("peft logits with afinar's adapter vs the original adapter", la, cases["logits_adapter_a"], rtol=0, atol=0)
 
     print("1. merged_f32")
     m = load(os.path.join(root, "merged_f32"), dtype=torch.float32)

@@ -153,6 +153,15 @@ fn saved_adapter_round_trips_with_peft_key_set() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(names, vec!["adapter".to_string()]);
+    if let Some(root) = std::env::var_os("AFINAR_IO_EXPORT_DIR") {
+        // For check_gemma_io_export.py, which loads it with peft.
+        save_adapter(
+            &model,
+            std::path::PathBuf::from(root).join("adapter_saved"),
+            Some("google/gemma-2-9b"),
+        )
+        .unwrap();
+    }
 
     // adapter_config.json: exactly the keys peft 0.21.2 wrote for the fixture, sorted, indent 2.
     let ours: Value =

@@ -89,7 +89,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for _ in 0..3 {
         let t0 = Instant::now();
         let raw = read_dataset(&data, None)?;
+        let t_read = t0.elapsed().as_secs_f64();
         let ds = encode_dataset(&raw, &template, &tok, &opts)?;
+        eprintln!("  read+validate {t_read:.3} s, template+tokenize+mask {:.3} s", t0.elapsed().as_secs_f64() - t_read);
         let s = t0.elapsed().as_secs_f64();
         best = best.min(s);
         totals = (ds.stats.tokens, ds.stats.trained_tokens);

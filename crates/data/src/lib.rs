@@ -13,6 +13,7 @@
 
 pub mod encode;
 pub mod error;
+mod fastpath;
 pub mod inspect;
 pub mod jinja;
 pub mod loader;

@@ -35,6 +35,8 @@ pub struct TextTokenizer {
     specials: Vec<String>,
     special_ids: std::collections::HashSet<u32>,
     special_matcher: Option<AhoCorasick>,
+    /// Cached piece-wise encoder (byte-level BPE tokenizers only; see `fastpath`).
+    fast: Option<crate::fastpath::PieceCache>,
 }
 
 impl std::fmt::Debug for TextTokenizer {
@@ -168,11 +170,31 @@ impl TextTokenizer {
         } else {
             Some(AhoCorasick::new(&specials).map_err(|e| DataError::Tokenizer { path: path.clone(), message: e.to_string() })?)
         };
-        Ok(TextTokenizer { tok, path, bos, eos, pad, unk, add_bos, chat_template, specials, special_ids, special_matcher })
+        let fast = crate::fastpath::eligible(&tok).then(crate::fastpath::PieceCache::new);
+        Ok(TextTokenizer { tok, path, bos, eos, pad, unk, add_bos, chat_template, specials, special_ids, special_matcher, fast })
     }
 
     /// Token ids of `text`, no special tokens added.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        if text.is_empty() {
+            return Ok(Vec::new());
+        }
+        if let Some(fast) = &self.fast {
+            if self.find_special(text).is_none() {
+                let mut ids = Vec::with_capacity(text.len() / 3 + 1);
+                let done = fast
+                    .encode_into(&self.tok, text, &mut ids)
+                    .map_err(|message| DataError::Tokenizer { path: self.path.clone(), message })?;
+                if done {
+                    return Ok(ids);
+                }
+            }
+        }
+        self.encode_uncached(text)
+    }
+
+    /// Token ids of `text` straight from the `tokenizers` crate (no piece cache).
+    pub fn encode_uncached(&self, text: &str) -> Result<Vec<u32>> {
         if text.is_empty() {
             return Ok(Vec::new());
         }
@@ -235,6 +257,10 @@ impl TextTokenizer {
     pub fn find_special(&self, text: &str) -> Option<&str> {
         let m = self.special_matcher.as_ref()?.find(text)?;
         Some(&self.specials[m.pattern().as_usize()])
+    }
+    /// Whether the cached piece-wise encoder is in use (byte-level BPE tokenizers).
+    pub fn uses_piece_cache(&self) -> bool {
+        self.fast.is_some()
     }
     /// The underlying HF tokenizer.
     pub fn inner(&self) -> &Tokenizer {

@@ -139,6 +139,23 @@ fn cases() -> Vec<Case> {
             },
             seg: Some(vec![0, 0, 0, 0, 1, 1, 1, 3, 3, 4, 4, 4, 4, 4]),
         },
+        // T = 70 > 64 queries per block: two query blocks, the second one's key range starts at a
+        // window edge, and a segment boundary falls inside the first block.
+        Case {
+            name: "two query blocks, window 40, segments",
+            s: AttnShape {
+                b: 1,
+                t: 70,
+                tk: 70,
+                nh: 2,
+                nkv: 1,
+                d: 3,
+                scale: 0.7,
+                softcap: Some(4.0),
+                window: Some(40),
+            },
+            seg: Some((0..70).map(|i| if i < 30 { 0 } else { 1 }).collect()),
+        },
     ]
 }
 
@@ -216,19 +233,20 @@ fn check_attn_bwd<B: Backend>(b: &B, tol: Tolerance) {
 
 /// TK > T: the T queries are the last T positions; equals the last T rows of the full TK×TK attention.
 fn check_attn_decode<B: Backend>(b: &B, tol: Tolerance) {
+    // TK = 70 keys: the T = 66 case spans two query blocks.
     let full = AttnShape {
         b: 1,
-        t: 9,
-        tk: 9,
+        t: 70,
+        tk: 70,
         nh: 4,
         nkv: 2,
         d: 5,
         scale: 0.5,
         softcap: Some(3.0),
-        window: Some(4),
+        window: Some(50),
     };
     let (q, k, v) = inputs(&full, 60);
-    let seg = vec![1, 1, 1, 1, 1, 2, 2, 2, 2];
+    let seg: Vec<i32> = (0..70).map(|i| if i < 12 { 1 } else { 2 }).collect();
     let segb = up_ids(b, &seg);
     let (kb, vb) = (up(b, &k), up(b, &v));
     let mut out_full = b.zeros(q.len()).unwrap();
@@ -244,7 +262,7 @@ fn check_attn_decode<B: Backend>(b: &B, tol: Tolerance) {
     )
     .unwrap();
     let (of, lf) = (down(b, &out_full), down(b, &lse_full));
-    for t in [1, 3] {
+    for t in [1, 3, 66] {
         let s = AttnShape { t, ..full };
         let row = s.nh * s.d;
         let qt = &q[(full.t - t) * row..];

@@ -14,12 +14,23 @@
 //! A row where no key is visible cannot occur (a query always sees itself), but it is guarded: out = 0,
 //! lse = −∞, and the backward gives zero gradients for it (it never evaluates exp(s − lse) there).
 //!
-//! Parallelism: the forward runs one task per (b, t, h) query row; the backward one task per (b, h) with
-//! private dk/dv partials that are summed over the heads of a GQA group in a fixed order (deterministic).
+//! Blocking: queries are taken QB = 64 at a time. For a block of queries at positions p0..=p1 the keys
+//! that can be visible are lo(p0)..=p1 (lo = p0 − W + 1 with a window, else 0), so the block's scores
+//! S [QB, nk] = scale·Q_blk·K_rangeᵀ are one GEMM (strided views straight into the [B,T,NH,D] layout),
+//! the mask, soft-cap and softmax are applied row by row in that scratch, and O_blk = P·V_range is a
+//! second GEMM. The backward recomputes S and P per block the same way, and does
+//! dP = dO_blk·V_rangeᵀ, dS = P⊙(dP − D)⊙(1 − (s/c)²)·scale, dQ_blk = dS·K_range, dK_range += dSᵀ·Q_blk,
+//! dV_range += Pᵀ·dO_blk as GEMMs. Scratch is O(QB·TK) per task; nothing T×T is kept.
+//!
+//! Parallelism: the forward runs one task per (b, h, query block); the backward one task per (b, h)
+//! with private dq/dk/dv, the dk/dv partials summed over the heads of a GQA group in a fixed order
+//! (deterministic).
 
 use rayon::prelude::*;
 
+use crate::backend::Accum;
 use crate::backend::AttnShape;
+use crate::cpu::gemm::{gemm, MatMut, MatRef};
 use crate::cpu::softcap::softcap;
 use crate::error::{check_len, ensure, KernelError, Result};
 
@@ -116,6 +127,91 @@ fn key_range(s: &AttnShape, p: usize) -> usize {
     }
 }
 
+/// Queries per block.
+const QB: usize = 64;
+
+/// One query block: rows i0..i1 of head h of batch row b, keys klo..=khi.
+struct Block {
+    b: usize,
+    h: usize,
+    g: usize,
+    i0: usize,
+    i1: usize,
+    klo: usize,
+    nk: usize,
+}
+
+impl Block {
+    fn new(s: &AttnShape, b: usize, h: usize, i0: usize) -> Self {
+        let i1 = (i0 + QB).min(s.t);
+        let (p0, p1) = (s.tk - s.t + i0, s.tk - s.t + i1 - 1);
+        let klo = key_range(s, p0);
+        Block {
+            b,
+            h,
+            g: h / (s.nh / s.nkv),
+            i0,
+            i1,
+            klo,
+            nk: p1 + 1 - klo,
+        }
+    }
+    fn rows(&self) -> usize {
+        self.i1 - self.i0
+    }
+    /// Q (or out, dout) rows of this block: [rows, D] with row stride NH·D.
+    fn q_view<'a>(&self, s: &AttnShape, q: &'a [f32]) -> MatRef<'a> {
+        let start = ((self.b * s.t + self.i0) * s.nh + self.h) * s.d;
+        MatRef::with_row_stride(&q[start..], self.rows(), s.d, s.nh * s.d)
+    }
+    /// K (or V) rows klo..=khi of kv head g: [nk, D] with row stride NKV·D.
+    fn k_view<'a>(&self, s: &AttnShape, k: &'a [f32]) -> MatRef<'a> {
+        let start = ((self.b * s.tk + self.klo) * s.nkv + self.g) * s.d;
+        MatRef::with_row_stride(&k[start..], self.nk, s.d, s.nkv * s.d)
+    }
+    /// Computes S = scale·Q·Kᵀ into sc [rows, nk], then soft-caps visible entries and writes −∞ into
+    /// masked ones. Returns nothing; row r of sc is query i0 + r.
+    fn scores(
+        &self,
+        op: &'static str,
+        s: &AttnShape,
+        q: &[f32],
+        k: &[f32],
+        seg: Option<&[i32]>,
+        sc: &mut [f32],
+    ) -> Result<()> {
+        let (rows, nk) = (self.rows(), self.nk);
+        let sc = &mut sc[..rows * nk];
+        gemm(
+            op,
+            MatMut::new(sc, rows, nk),
+            self.q_view(s, q),
+            self.k_view(s, k).t(),
+            s.scale,
+            Accum::Overwrite,
+        )?;
+        for (r, row) in sc.chunks_mut(nk).enumerate() {
+            let p = s.tk - s.t + self.i0 + r;
+            let lo = key_range(s, p);
+            let seg_p = seg.map(|sg| sg[self.b * s.tk + p]);
+            for (jj, x) in row.iter_mut().enumerate() {
+                let j = self.klo + jj;
+                let visible = j >= lo
+                    && j <= p
+                    && seg_p.is_none_or(|sp| seg.is_some_and(|sg| sg[self.b * s.tk + j] == sp));
+                *x = if !visible {
+                    f32::NEG_INFINITY
+                } else if let Some(c) = s.softcap {
+                    softcap(*x, c)
+                } else {
+                    *x
+                };
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Writes out [B,T,NH,D] and lse [B,NH,T].
 pub fn attn_fwd(
     q: &[f32],
@@ -137,62 +233,56 @@ pub fn attn_fwd(
     if out.is_empty() {
         return Ok(());
     }
-    let (t, tk, nh, nkv, d) = (s.t, s.tk, s.nh, s.nkv, s.d);
-    let group = nh / nkv;
-    // lse in the [B,T,NH] order of the out rows, transposed to [B,NH,T] at the end.
-    let mut lse_rows = vec![0.0f32; s.b * t * nh];
-    out.par_chunks_mut(d)
-        .zip(lse_rows.par_iter_mut())
-        .enumerate()
-        .for_each_init(
-            || vec![0.0f32; tk],
-            |sc, (row, (o, l))| {
-                let h = row % nh;
-                let i = (row / nh) % t;
-                let b = row / (nh * t);
-                let g = h / group;
-                let p = tk - t + i;
-                let qi = &q[row * d..(row + 1) * d];
-                let lo = key_range(s, p);
-                let seg_p = seg.map(|sg| sg[b * tk + p]);
-                let mut max = f32::NEG_INFINITY;
-                for j in lo..=p {
-                    if seg_p.is_some_and(|sp| seg.is_some_and(|sg| sg[b * tk + j] != sp)) {
-                        sc[j] = f32::NEG_INFINITY;
+    let (t, tk, nh, d) = (s.t, s.tk, s.nh, s.d);
+    let nqb = t.div_ceil(QB);
+    // One task per (b, h, block): (out block [rows, D], lse block [rows]).
+    let blocks: Vec<(Vec<f32>, Vec<f32>)> = (0..s.b * nh * nqb)
+        .into_par_iter()
+        .map_init(
+            || vec![0.0f32; QB * tk],
+            |sc, idx| -> Result<(Vec<f32>, Vec<f32>)> {
+                let (bh, qb) = (idx / nqb, idx % nqb);
+                let blk = Block::new(s, bh / nh, bh % nh, qb * QB);
+                let (rows, nk) = (blk.rows(), blk.nk);
+                blk.scores(OP, s, q, k, seg, sc)?;
+                let mut l = vec![0.0f32; rows];
+                for (row, l) in sc[..rows * nk].chunks_mut(nk).zip(l.iter_mut()) {
+                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    if max == f32::NEG_INFINITY {
+                        row.fill(0.0); // no visible key: zero output, lse = −∞
+                        *l = f32::NEG_INFINITY;
                         continue;
                     }
-                    let kj = &k[((b * tk + j) * nkv + g) * d..][..d];
-                    let mut x = dot(qi, kj) * s.scale;
-                    if let Some(c) = s.softcap {
-                        x = softcap(x, c);
+                    let mut sum = 0.0f32;
+                    for x in row.iter_mut() {
+                        *x = (*x - max).exp(); // exp(−∞) = 0 for masked keys
+                        sum += *x;
                     }
-                    sc[j] = x;
-                    max = max.max(x);
+                    let inv = 1.0 / sum;
+                    row.iter_mut().for_each(|x| *x *= inv);
+                    *l = max + sum.ln();
                 }
-                o.fill(0.0);
-                if max == f32::NEG_INFINITY {
-                    *l = f32::NEG_INFINITY;
-                    return;
-                }
-                let mut sum = 0.0f32;
-                for j in lo..=p {
-                    if sc[j] == f32::NEG_INFINITY {
-                        continue;
-                    }
-                    let e = (sc[j] - max).exp();
-                    sum += e;
-                    axpy(e, &v[((b * tk + j) * nkv + g) * d..][..d], o);
-                }
-                let inv = 1.0 / sum;
-                o.iter_mut().for_each(|x| *x *= inv);
-                *l = max + sum.ln();
+                let mut o = vec![0.0f32; rows * d];
+                // O_blk [rows, D] = P [rows, nk] · V_range [nk, D]
+                gemm(
+                    OP,
+                    MatMut::new(&mut o, rows, d),
+                    MatRef::new(&sc[..rows * nk], rows, nk),
+                    blk.k_view(s, v),
+                    1.0,
+                    Accum::Overwrite,
+                )?;
+                Ok((o, l))
             },
-        );
-    for b in 0..s.b {
-        for i in 0..t {
-            for h in 0..nh {
-                lse[(b * nh + h) * t + i] = lse_rows[(b * t + i) * nh + h];
-            }
+        )
+        .collect::<Result<_>>()?;
+    for (idx, (o, l)) in blocks.iter().enumerate() {
+        let (bh, qb) = (idx / nqb, idx % nqb);
+        let (b, h, i0) = (bh / nh, bh % nh, qb * QB);
+        for (r, (orow, &lv)) in o.chunks(d).zip(l).enumerate() {
+            let i = i0 + r;
+            out[((b * t + i) * nh + h) * d..][..d].copy_from_slice(orow);
+            lse[(b * nh + h) * t + i] = lv;
         }
     }
     Ok(())
@@ -238,47 +328,93 @@ pub fn attn_bwd(
     // One task per (b, h): private dq [T,D], dk [T,D], dv [T,D].
     let parts: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..s.b * nh)
         .into_par_iter()
-        .map(|bh| {
+        .map(|bh| -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
             let (b, h) = (bh / nh, bh % nh);
-            let g = h / group;
             let mut dqh = vec![0.0f32; t * d];
             let mut dkh = vec![0.0f32; t * d];
             let mut dvh = vec![0.0f32; t * d];
-            for i in 0..t {
-                let l = lse[(b * nh + h) * t + i];
-                if l == f32::NEG_INFINITY {
-                    continue; // no visible key: zero gradient
-                }
-                let base = (b * t + i) * qrow + h * d;
-                let qi = &q[base..base + d];
-                let doi = &dout[base..base + d];
-                let di = dot(doi, &out[base..base + d]);
-                let lo = key_range(s, i);
-                let seg_p = seg.map(|sg| sg[b * t + i]);
-                for j in lo..=i {
-                    if seg_p.is_some_and(|sp| seg.is_some_and(|sg| sg[b * t + j] != sp)) {
+            let mut p = vec![0.0f32; QB * t];
+            let mut dp = vec![0.0f32; QB * t];
+            for i0 in (0..t).step_by(QB) {
+                let blk = Block::new(s, b, h, i0);
+                let (rows, nk) = (blk.rows(), blk.nk);
+                blk.scores(OP, s, q, k, seg, &mut p)?;
+                let doq = blk.q_view(s, dout);
+                // dP [rows, nk] = dO_blk [rows, D] · V_rangeᵀ [D, nk]
+                gemm(
+                    OP,
+                    MatMut::new(&mut dp[..rows * nk], rows, nk),
+                    doq,
+                    blk.k_view(s, v).t(),
+                    1.0,
+                    Accum::Overwrite,
+                )?;
+                for r in 0..rows {
+                    let i = i0 + r;
+                    let l = lse[(b * nh + h) * t + i];
+                    let prow = &mut p[r * nk..(r + 1) * nk];
+                    let dprow = &mut dp[r * nk..(r + 1) * nk];
+                    if l == f32::NEG_INFINITY {
+                        prow.fill(0.0); // no visible key: zero gradient
+                        dprow.fill(0.0);
                         continue;
                     }
-                    let kb = (b * t + j) * krow + g * d;
-                    let kj = &k[kb..kb + d];
-                    let vj = &v[kb..kb + d];
-                    let mut x = dot(qi, kj) * s.scale;
-                    let mut dcap = 1.0;
-                    if let Some(c) = s.softcap {
-                        x = softcap(x, c);
-                        let r = x / c;
-                        dcap = 1.0 - r * r;
+                    let base = (b * t + i) * qrow + h * d;
+                    let di = dot(&dout[base..base + d], &out[base..base + d]);
+                    for (x, g) in prow.iter_mut().zip(dprow.iter_mut()) {
+                        if *x == f32::NEG_INFINITY {
+                            *x = 0.0;
+                            *g = 0.0;
+                            continue;
+                        }
+                        let dcap = match s.softcap {
+                            Some(c) => {
+                                let r = *x / c;
+                                1.0 - r * r
+                            }
+                            None => 1.0,
+                        };
+                        let pj = (*x - l).exp();
+                        *x = pj;
+                        *g = pj * (*g - di) * dcap * s.scale; // dS
                     }
-                    let pj = (x - l).exp();
-                    axpy(pj, doi, &mut dvh[j * d..(j + 1) * d]);
-                    let ds = pj * (dot(doi, vj) - di) * dcap * s.scale;
-                    axpy(ds, kj, &mut dqh[i * d..(i + 1) * d]);
-                    axpy(ds, qi, &mut dkh[j * d..(j + 1) * d]);
                 }
+                let (pm, dsm) = (
+                    MatRef::new(&p[..rows * nk], rows, nk),
+                    MatRef::new(&dp[..rows * nk], rows, nk),
+                );
+                // dQ_blk [rows, D] = dS [rows, nk] · K_range [nk, D]
+                gemm(
+                    OP,
+                    MatMut::new(&mut dqh[i0 * d..(i0 + rows) * d], rows, d),
+                    dsm,
+                    blk.k_view(s, k),
+                    1.0,
+                    Accum::Overwrite,
+                )?;
+                let kr = blk.klo * d..(blk.klo + nk) * d;
+                // dK_range [nk, D] += dSᵀ [nk, rows] · Q_blk [rows, D]
+                gemm(
+                    OP,
+                    MatMut::new(&mut dkh[kr.clone()], nk, d),
+                    dsm.t(),
+                    blk.q_view(s, q),
+                    1.0,
+                    Accum::Add,
+                )?;
+                // dV_range [nk, D] += Pᵀ [nk, rows] · dO_blk [rows, D]
+                gemm(
+                    OP,
+                    MatMut::new(&mut dvh[kr], nk, d),
+                    pm.t(),
+                    doq,
+                    1.0,
+                    Accum::Add,
+                )?;
             }
-            (dqh, dkh, dvh)
+            Ok((dqh, dkh, dvh))
         })
-        .collect();
+        .collect::<Result<_>>()?;
     dq.par_chunks_mut(qrow).enumerate().for_each(|(row, dqr)| {
         let (b, i) = (row / t, row % t);
         for h in 0..nh {

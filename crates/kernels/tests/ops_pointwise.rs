@@ -90,12 +90,12 @@ fn rope64(
 ) -> Vec<f64> {
     let half = d / 2;
     let mut y = x.to_vec();
-    for t in 0..n {
+    for (t, &p) in pos.iter().enumerate().take(n) {
         for hh in 0..heads {
             let base = (t * heads + hh) * d;
             for i in 0..half {
                 let inv = 1.0f32 / theta.powf((2 * i) as f32 / d as f32);
-                let ang = f64::from(inv * pos[t] as f32);
+                let ang = f64::from(inv * p as f32);
                 let (s, c) = if inverse {
                     (-ang.sin(), ang.cos())
                 } else {

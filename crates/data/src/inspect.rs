@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use crate::encode::{encode_dataset, encode_record, EncodeOptions, EncodeStats, MaskMode, Overflow};
 use crate::error::{ErrorList, Loc, RecordError, Result};
-use crate::record::{read_dataset, Format};
+use crate::record::{read_dataset, Body, Format};
 use crate::template::{Template, TemplateKind};
 use crate::tokenizer::TextTokenizer;
 
@@ -112,7 +112,6 @@ pub fn inspect(opts: &InspectOptions, tok: &TextTokenizer) -> Result<InspectRepo
     // Training's own path: counts, and every invalid record (incl. overflow = error).
     let ds = encode_dataset(&raw, &template, tok, &eopts)?;
     let eot = template.end_of_turn_id();
-    let eot_text = eot.and_then(|id| tok.id_to_token(id)).unwrap_or_default();
     let max = opts.max_seq_len;
     // Per-record checks on what training keeps (after truncation).
     let checked: Vec<(usize, Vec<String>, Option<SampleView>)> = raw
@@ -139,6 +138,9 @@ pub fn inspect(opts: &InspectOptions, tok: &TextTokenizer) -> Result<InspectRepo
                     "no trained token".to_string()
                 });
             }
+            // Text records end with EOS (trained), whatever the template.
+            let eot = if matches!(r.body, Body::Text(_)) { tok.eos().map(|t| t.id) } else { eot };
+            let eot_text = eot.and_then(|id| tok.id_to_token(id)).unwrap_or_default();
             for (t, &(s, end)) in e.turn_spans.iter().enumerate() {
                 let turn_trained = e.trained[s..end].iter().any(|&x| x);
                 if !turn_trained || s >= keep {

@@ -27,7 +27,7 @@ use std::path::PathBuf;
 
 pub use encode::{encode_dataset, encode_record, EncodeOptions, EncodeStats, Encoded, MaskMode, Overflow, Sample, TokenizedDataset, IGNORE_INDEX};
 pub use error::{DataError, ErrorList, Loc, RecordError, Result, MAX_REPORTED_ERRORS};
-pub use inspect::{inspect, render_report, InspectOptions, InspectReport};
+pub use inspect::{inspect, render_report, HistBin, InspectOptions, InspectReport, Piece, Problem, SampleView};
 pub use loader::{permutation, split_by_fraction, Batch, DataLoader, LoaderConfig, LoaderCursor};
 pub use pack::pack_ffd;
 pub use record::{parse_dataset, read_dataset, Body, Format, Message, RawDataset, Record, Role};

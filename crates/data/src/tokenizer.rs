@@ -81,6 +81,17 @@ impl TextTokenizer {
         Self::from_parts(tok, tokenizer_json.to_path_buf(), cfg.as_ref().map(|(p, v)| (p.as_path(), v)))
     }
 
+    /// `path` is a model directory (see [`Self::from_model_dir`]) or a tokenizer.json file, in
+    /// which case a `tokenizer_config.json` next to it is used when present (the CLI's
+    /// `--tokenizer` / `--model`).
+    pub fn open(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            return Self::from_model_dir(path);
+        }
+        let cfg = path.with_file_name("tokenizer_config.json");
+        Self::from_files(path, cfg.exists().then_some(cfg.as_path()))
+    }
+
     /// Loads `DIR/tokenizer.json` and `DIR/tokenizer_config.json` (the latter when present).
     pub fn from_model_dir(dir: &Path) -> Result<Self> {
         let cfg = dir.join("tokenizer_config.json");

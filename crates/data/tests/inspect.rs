@@ -83,3 +83,13 @@ fn invalid_datasets_are_errors_not_reports() {
     let e = inspect(&opts(&p, TemplateKind::Gemma, 64), &tok).unwrap_err();
     assert!(e.to_string().contains(":1: field `messages`: no assistant turn"), "{e}");
 }
+
+#[test]
+fn text_records_pass_with_their_eos() {
+    let tok = TextTokenizer::open(&common::tokenizer_dir().join("tokenizer.json")).unwrap();
+    assert_eq!(tok.chat_template().map(|t| t.starts_with("{{ bos_token }}")), Some(true));
+    let (_d, p) = common::temp_file("t.jsonl", "{\"text\": \"El agua hierve a 100 °C.\"}\n");
+    let r = inspect(&opts(&p, TemplateKind::Gemma, 64), &tok).unwrap();
+    assert!(r.passed(), "{:?}", r.problems);
+    assert_eq!(r.samples[0].pieces, vec![Piece { text: "<bos>El agua hierve a 100 °C.<eos>".into(), trained: true }]);
+}

@@ -1,1 +1,91 @@
-fn main() {}
+//! CPU forward+backward throughput of the "small" Gemma-2 config of issue 3, QLoRA r=16 on all linears:
+//! hidden 512, 8 layers, 8 heads, 4 kv heads, head_dim 64, intermediate 2048, vocab 8192, B=4, T=256.
+//!
+//!     cargo bench -p afinar-gemma                      # both modes, 3 timed steps each
+//!     AFINAR_BENCH_STEPS=10 cargo bench -p afinar-gemma
+//!
+//! Each mode (activation checkpointing off / on) runs in its own child process so that its peak RSS
+//! (VmHWM from /proc/self/status) is its own. The parent prints one Markdown table row per mode, ready for
+//! docs/benchmarks.md. Timings are wall-clock over whole optimizer-free steps (forward_backward), after one
+//! warm-up step; the thread count is rayon's default (RAYON_NUM_THREADS to change it).
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Instant;
+
+use afinar_gemma::{Batch, Gemma2Config, Gemma2Model, Grads, LoadOptions, LoraConfig, Quantization};
+use afinar_kernels::Cpu;
+
+const B: usize = 4;
+const T: usize = 256;
+
+fn small_config() -> Gemma2Config {
+    // window 128 < T so the sliding layers do mask.
+    let mut c = Gemma2Config::tiny(8192, 512, 2048, 8, 8, 4, 64, 128).expect("valid built-in config");
+    c.query_pre_attn_scalar = 64.0;
+    c
+}
+
+fn peak_rss_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// One mode, in this process: prints `RESULT <tokens/s> <s/step> <peak MiB> <loss>`.
+fn child(checkpointing: bool, nf4: bool, steps: usize) {
+    let opts = LoadOptions {
+        quantize: if nf4 { Quantization::Nf4 { double_quant: true } } else { Quantization::None },
+        lora: Some(LoraConfig::new(16, 32.0, 0.0, false, &["all-linear"]).expect("valid LoRA config")),
+        seed: 1,
+        ..Default::default()
+    };
+    let mut model = Gemma2Model::random(Arc::new(Cpu::new()), small_config(), &opts).expect("model");
+    model.checkpointing = checkpointing;
+    let n = B * T;
+    let ids: Vec<i32> = (0..n).map(|i| ((i * 7919 + 13) % 8192) as i32).collect();
+    let targets: Vec<i32> = (0..n).map(|i| ((i * 104_729 + 7) % 8192) as i32).collect();
+    let batch = Batch::new(B, T, ids, targets);
+    let mut grads = Grads::zeros(&model).expect("grads");
+    let (loss, count) = model.forward_backward(&batch, 1.0, &mut grads).expect("warm-up step");
+    let t0 = Instant::now();
+    for _ in 0..steps {
+        model.forward_backward(&batch, 1.0, &mut grads).expect("step");
+    }
+    let secs = t0.elapsed().as_secs_f64() / steps as f64;
+    println!("RESULT {} {} {} {}", n as f64 / secs, secs, peak_rss_mib().unwrap_or(f64::NAN), loss / count as f64);
+}
+
+fn main() {
+    let steps: usize = std::env::var("AFINAR_BENCH_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    if let Ok(mode) = std::env::var("AFINAR_BENCH_CHILD") {
+        child(mode.contains("ckpt"), !mode.contains("dense"), steps);
+        return;
+    }
+    // `cargo test --benches` runs bench binaries with `--test`-like args; do nothing heavy there.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("gemma bench: run with `cargo bench -p afinar-gemma`");
+        return;
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| std::thread::available_parallelism().map_or(1, |n| n.get()).to_string());
+    let cfg = small_config();
+    println!(
+        "Gemma-2 small (H {} L {} NH {} NKV {} D {} I {} V {}), B={B} T={T}, LoRA r=16 all-linear, {threads} threads, {steps} steps",
+        cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size, cfg.vocab_size
+    );
+    println!("| base weights | checkpointing | tokens/s | s/step | peak RSS (MiB) | loss |");
+    println!("|---|---|---|---|---|---|");
+    for (label, mode) in [("NF4 + DQ | off", "plain"), ("NF4 + DQ | on", "ckpt"), ("dense f32 | off", "dense")] {
+        let out = Command::new(&exe).env("AFINAR_BENCH_CHILD", mode).output().expect("spawn bench child");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        match stdout.lines().find_map(|l| l.strip_prefix("RESULT ")) {
+            Some(r) => {
+                let v: Vec<f64> = r.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+                println!("| {label} | {:.0} | {:.2} | {:.0} | {:.4} |", v[0], v[1], v[2], v[3]);
+            }
+            None => println!("| {label} | failed: {} |", String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")),
+        }
+    }
+}

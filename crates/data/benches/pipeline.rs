@@ -3,7 +3,10 @@
 
 use std::path::PathBuf;
 
-use afinar_data::{encode_dataset, pack_ffd, parse_dataset, EncodeOptions, MaskMode, Overflow, Template, TemplateKind, TextTokenizer};
+use afinar_data::{
+    encode_dataset, pack_ffd, parse_dataset, EncodeOptions, MaskMode, Overflow, Template,
+    TemplateKind, TextTokenizer,
+};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 #[path = "support/gen.rs"]
@@ -16,19 +19,29 @@ fn bench(c: &mut Criterion) {
     let text = gen::generate(n);
     let path = PathBuf::from("bench.jsonl");
     let raw = parse_dataset(&path, &text, None).unwrap();
-    let opts = EncodeOptions { mask: MaskMode::Assistant, max_seq_len: 4096, overflow: Overflow::Error };
+    let opts = EncodeOptions {
+        mask: MaskMode::Assistant,
+        max_seq_len: 4096,
+        overflow: Overflow::Error,
+    };
     let mut g = c.benchmark_group("data");
     g.throughput(Throughput::Elements(n as u64));
     g.sample_size(10);
-    g.bench_function("parse_2000", |b| b.iter(|| parse_dataset(&path, &text, None).unwrap()));
+    g.bench_function("parse_2000", |b| {
+        b.iter(|| parse_dataset(&path, &text, None).unwrap())
+    });
     for kind in [TemplateKind::Gemma, TemplateKind::Tokenizer] {
         let template = Template::new(kind, &tok).unwrap();
-        g.bench_function(format!("encode_2000_{kind}"), |b| b.iter(|| encode_dataset(&raw, &template, &tok, &opts).unwrap()));
+        g.bench_function(format!("encode_2000_{kind}"), |b| {
+            b.iter(|| encode_dataset(&raw, &template, &tok, &opts).unwrap())
+        });
     }
     let template = Template::new(TemplateKind::Gemma, &tok).unwrap();
     let ds = encode_dataset(&raw, &template, &tok, &opts).unwrap();
     let lengths: Vec<usize> = ds.samples.iter().map(|s| s.len()).collect();
-    g.bench_function("pack_ffd_2000_into_2048", |b| b.iter(|| pack_ffd(&lengths, 2048).unwrap()));
+    g.bench_function("pack_ffd_2000_into_2048", |b| {
+        b.iter(|| pack_ffd(&lengths, 2048).unwrap())
+    });
     g.finish();
 }
 

@@ -15,7 +15,10 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use afinar_data::{encode_dataset, read_dataset, EncodeOptions, MaskMode, Overflow, Template, TemplateKind, TextTokenizer};
+use afinar_data::{
+    encode_dataset, read_dataset, EncodeOptions, MaskMode, Overflow, Template, TemplateKind,
+    TextTokenizer,
+};
 
 #[path = "../benches/support/gen.rs"]
 mod gen;
@@ -23,9 +26,19 @@ use gen::generate;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let arg = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
-    let n: usize = arg("--samples").map(|s| s.parse()).transpose()?.unwrap_or(50_000);
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize()?;
+    let arg = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let n: usize = arg("--samples")
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(50_000);
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()?;
     let tok_dir = root.join("tests/fixtures/tokenizer");
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("bench.jsonl");
@@ -33,7 +46,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let tok = TextTokenizer::from_model_dir(&tok_dir)?;
     let template = Template::new(TemplateKind::Gemma, &tok)?;
-    let opts = EncodeOptions { mask: MaskMode::Assistant, max_seq_len: 4096, overflow: Overflow::Error };
+    let opts = EncodeOptions {
+        mask: MaskMode::Assistant,
+        max_seq_len: 4096,
+        overflow: Overflow::Error,
+    };
     let threads = rayon::current_num_threads();
     let mut best = f64::INFINITY;
     let mut totals = (0, 0);
@@ -42,7 +59,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let raw = read_dataset(&data, None)?;
         let t_read = t0.elapsed().as_secs_f64();
         let ds = encode_dataset(&raw, &template, &tok, &opts)?;
-        eprintln!("  read+validate {t_read:.3} s, template+tokenize+mask {:.3} s", t0.elapsed().as_secs_f64() - t_read);
+        eprintln!(
+            "  read+validate {t_read:.3} s, template+tokenize+mask {:.3} s",
+            t0.elapsed().as_secs_f64() - t_read
+        );
         let s = t0.elapsed().as_secs_f64();
         best = best.min(s);
         totals = (ds.stats.tokens, ds.stats.trained_tokens);
@@ -61,7 +81,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .arg(&tok_dir)
             .output()?;
         if !out.status.success() {
-            return Err(format!("bench_data.py failed: {}", String::from_utf8_lossy(&out.stderr)).into());
+            return Err(format!(
+                "bench_data.py failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+            .into());
         }
         let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
         let py_sps = v["samples_per_s"].as_f64().unwrap_or(0.0);
@@ -70,7 +94,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             v["samples"], v["tokens"], v["trained"], v["seconds"].as_f64().unwrap_or(0.0), v["threads"]
         );
         // The comparison is only meaningful if both sides produced the same tokens and masks.
-        let same = v["tokens"].as_u64() == Some(totals.0 as u64) && v["trained"].as_u64() == Some(totals.1 as u64);
+        let same = v["tokens"].as_u64() == Some(totals.0 as u64)
+            && v["trained"].as_u64() == Some(totals.1 as u64);
         println!("same totals: {same}; speed-up: {:.1}x", rust_sps / py_sps);
     }
     Ok(())

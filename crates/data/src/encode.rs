@@ -19,7 +19,9 @@ use crate::tokenizer::TextTokenizer;
 pub const IGNORE_INDEX: i32 = -100;
 
 /// Which tokens are trained.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum MaskMode {
     /// Every assistant turn: content + end-of-turn markup (default).
@@ -47,7 +49,9 @@ impl std::str::FromStr for MaskMode {
 }
 
 /// What to do with a sample longer than `max_seq_len`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Overflow {
     /// Keep the first `max_seq_len` tokens (a sample left with no trained token is dropped).
@@ -105,7 +109,12 @@ fn check_specials(body: &Body, tok: &TextTokenizer) -> std::result::Result<(), (
         }
     };
     match body {
-        Body::Instruction { system, instruction, input, output } => {
+        Body::Instruction {
+            system,
+            instruction,
+            input,
+            output,
+        } => {
             if let Some(s) = system {
                 bad("system".into(), s)?;
             }
@@ -133,17 +142,24 @@ pub fn encode_record(
     check_specials(body, tok)?;
     let rendered = template.render(body)?;
     let last_turn = rendered.assistant_turns.checked_sub(1);
-    let mut ids: Vec<u32> = Vec::with_capacity(rendered.segments.iter().map(|s| s.text.len() / 3 + 2).sum());
+    let mut ids: Vec<u32> =
+        Vec::with_capacity(rendered.segments.iter().map(|s| s.text.len() / 3 + 2).sum());
     let mut trained = Vec::with_capacity(ids.capacity());
     let mut segments = Vec::with_capacity(rendered.segments.len());
     let mut turn_spans: Vec<(usize, usize)> = Vec::new();
     for seg in &rendered.segments {
         let start = ids.len();
         match template.cached(&seg.text) {
-            Some(c) if seg.kind == SegKind::Structure || matches!(seg.kind, SegKind::EndOfTurn { .. }) => {
+            Some(c)
+                if seg.kind == SegKind::Structure
+                    || matches!(seg.kind, SegKind::EndOfTurn { .. }) =>
+            {
                 ids.extend_from_slice(c)
             }
-            _ => ids.extend(tok.encode(&seg.text).map_err(|e| ("-".to_string(), e.to_string()))?),
+            _ => ids.extend(
+                tok.encode(&seg.text)
+                    .map_err(|e| ("-".to_string(), e.to_string()))?,
+            ),
         }
         let on = rendered.train_all
             || match (mask, seg.kind.assistant_turn()) {
@@ -176,7 +192,12 @@ pub fn encode_record(
             ));
         }
     }
-    Ok(Encoded { ids, trained, turn_spans, segments })
+    Ok(Encoded {
+        ids,
+        trained,
+        turn_spans,
+        segments,
+    })
 }
 
 /// One training sample: unshifted labels (see the module docs).
@@ -200,7 +221,11 @@ impl Sample {
     }
     /// Trained targets: labels at positions ≥ 1 that are not −100.
     pub fn num_trained(&self) -> usize {
-        self.labels.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count()
+        self.labels
+            .iter()
+            .skip(1)
+            .filter(|&&l| l != IGNORE_INDEX)
+            .count()
     }
 }
 
@@ -251,10 +276,22 @@ enum Outcome {
     Invalid(RecordError),
 }
 
-fn encode_one(i: usize, r: &Record, template: &Template, tok: &TextTokenizer, opts: &EncodeOptions) -> Outcome {
+fn encode_one(
+    i: usize,
+    r: &Record,
+    template: &Template,
+    tok: &TextTokenizer,
+    opts: &EncodeOptions,
+) -> Outcome {
     let e = match encode_record(&r.body, template, tok, opts.mask) {
         Ok(e) => e,
-        Err((field, problem)) => return Outcome::Invalid(RecordError { loc: r.loc.clone(), field, problem }),
+        Err((field, problem)) => {
+            return Outcome::Invalid(RecordError {
+                loc: r.loc.clone(),
+                field,
+                problem,
+            })
+        }
     };
     let mut truncated = false;
     let n = e.ids.len();
@@ -266,7 +303,10 @@ fn encode_one(i: usize, r: &Record, template: &Template, tok: &TextTokenizer, op
                 return Outcome::Invalid(RecordError {
                     loc: r.loc.clone(),
                     field: "-".into(),
-                    problem: format!("{n} tokens exceed max_seq_len {} (overflow = error)", opts.max_seq_len),
+                    problem: format!(
+                        "{n} tokens exceed max_seq_len {} (overflow = error)",
+                        opts.max_seq_len
+                    ),
                 })
             }
             Overflow::Truncate => {
@@ -276,8 +316,18 @@ fn encode_one(i: usize, r: &Record, template: &Template, tok: &TextTokenizer, op
             }
         }
     }
-    let labels: Vec<i32> = ids.iter().zip(&trained).map(|(&id, &t)| if t { id as i32 } else { IGNORE_INDEX }).collect();
-    let s = Sample { record: i, line: r.loc.line, input_ids: ids.iter().map(|&x| x as i32).collect(), labels, truncated };
+    let labels: Vec<i32> = ids
+        .iter()
+        .zip(&trained)
+        .map(|(&id, &t)| if t { id as i32 } else { IGNORE_INDEX })
+        .collect();
+    let s = Sample {
+        record: i,
+        line: r.loc.line,
+        input_ids: ids.iter().map(|&x| x as i32).collect(),
+        labels,
+        truncated,
+    };
     if s.num_trained() == 0 {
         return Outcome::Untrained;
     }
@@ -293,12 +343,23 @@ pub fn encode_dataset(
     opts: &EncodeOptions,
 ) -> Result<TokenizedDataset> {
     if opts.max_seq_len < 2 {
-        return Err(DataError::Option { option: "max_seq_len".into(), problem: format!("{} is too small (≥ 2)", opts.max_seq_len) });
+        return Err(DataError::Option {
+            option: "max_seq_len".into(),
+            problem: format!("{} is too small (≥ 2)", opts.max_seq_len),
+        });
     }
-    let outcomes: Vec<Outcome> =
-        raw.records.par_iter().enumerate().map(|(i, r)| encode_one(i, r, template, tok, opts)).collect();
+    let outcomes: Vec<Outcome> = raw
+        .records
+        .par_iter()
+        .enumerate()
+        .map(|(i, r)| encode_one(i, r, template, tok, opts))
+        .collect();
     let mut errs = ErrorList::default();
-    let mut stats = EncodeStats { records: raw.records.len(), min_len: usize::MAX, ..Default::default() };
+    let mut stats = EncodeStats {
+        records: raw.records.len(),
+        min_len: usize::MAX,
+        ..Default::default()
+    };
     let mut samples = Vec::with_capacity(outcomes.len());
     for o in outcomes {
         match o {
@@ -320,10 +381,18 @@ pub fn encode_dataset(
     if samples.is_empty() {
         stats.min_len = 0;
     }
-    Ok(TokenizedDataset { path: raw.path.clone(), samples, stats })
+    Ok(TokenizedDataset {
+        path: raw.path.clone(),
+        samples,
+        stats,
+    })
 }
 
 /// Location helper for callers that keep only `Sample::line`.
 pub fn sample_loc(ds: &TokenizedDataset, s: &Sample) -> Loc {
-    Loc { path: ds.path.clone(), line: s.line, column: None }
+    Loc {
+        path: ds.path.clone(),
+        line: s.line,
+        column: None,
+    }
 }

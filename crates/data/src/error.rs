@@ -72,7 +72,11 @@ impl ErrorList {
         if self.is_empty() {
             Ok(())
         } else {
-            Err(DataError::InvalidRecords { what: what.to_string(), errors: self.errors, total: self.total })
+            Err(DataError::InvalidRecords {
+                what: what.to_string(),
+                errors: self.errors,
+                total: self.total,
+            })
         }
     }
 }
@@ -92,11 +96,18 @@ fn list(errors: &[RecordError], total: usize) -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 
     /// The dataset failed validation; nothing may be trained on it.
     #[error("{what}: {total} invalid record(s); nothing was trained:{}", list(errors, *total))]
-    InvalidRecords { what: String, errors: Vec<RecordError>, total: usize },
+    InvalidRecords {
+        what: String,
+        errors: Vec<RecordError>,
+        total: usize,
+    },
 
     #[error("{path}: cannot detect the dataset format: {reason} (pass the format explicitly: alpaca | messages | sharegpt | text)")]
     UnknownFormat { path: PathBuf, reason: String },
@@ -108,13 +119,26 @@ pub enum DataError {
     Tokenizer { path: PathBuf, message: String },
 
     #[error("{path}: key `{key}`: {problem}")]
-    TokenizerConfig { path: PathBuf, key: String, problem: String },
+    TokenizerConfig {
+        path: PathBuf,
+        key: String,
+        problem: String,
+    },
 
-    #[error("template `{template}` needs `{token}` to be a single token of the tokenizer ({hint})")]
-    MissingSpecialToken { template: String, token: String, hint: String },
+    #[error(
+        "template `{template}` needs `{token}` to be a single token of the tokenizer ({hint})"
+    )]
+    MissingSpecialToken {
+        template: String,
+        token: String,
+        hint: String,
+    },
 
     #[error("chat template from {source_name}: {message}")]
-    ChatTemplate { source_name: String, message: String },
+    ChatTemplate {
+        source_name: String,
+        message: String,
+    },
 
     #[error("invalid option `{option}`: {problem}")]
     Option { option: String, problem: String },
@@ -130,7 +154,10 @@ pub type Result<T, E = DataError> = std::result::Result<T, E>;
 
 impl DataError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        DataError::Io { path: path.into(), source }
+        DataError::Io {
+            path: path.into(),
+            source,
+        }
     }
     /// The record errors, when this is a validation failure.
     pub fn record_errors(&self) -> Option<&[RecordError]> {

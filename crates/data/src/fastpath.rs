@@ -25,7 +25,8 @@ impl Hasher for FxHasher {
         for chunk in bytes.chunks(8) {
             let mut w = [0u8; 8];
             w[..chunk.len()].copy_from_slice(chunk);
-            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(w)).wrapping_mul(0x517cc1b727220a95);
+            self.0 =
+                (self.0.rotate_left(5) ^ u64::from_le_bytes(w)).wrapping_mul(0x517cc1b727220a95);
         }
     }
     fn finish(&self) -> u64 {
@@ -33,13 +34,15 @@ impl Hasher for FxHasher {
     }
 }
 type FxMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
+/// piece text → its token ids.
+type Shard = Mutex<FxMap<Box<str>, Box<[u32]>>>;
 
 const SHARDS: usize = 64;
 /// Upper bound on cached pieces (memory guard: beyond it, misses are tokenized uncached).
 const MAX_ENTRIES: usize = 2_000_000;
 
 pub(crate) struct PieceCache {
-    shards: Vec<Mutex<FxMap<Box<str>, Box<[u32]>>>>,
+    shards: Vec<Shard>,
     entries: AtomicUsize,
 }
 
@@ -82,8 +85,10 @@ fn class(c: char) -> Option<Class> {
 /// supported range.
 pub(crate) fn gpt2_pieces(text: &str, out: &mut Vec<(usize, usize)>) -> Option<()> {
     out.clear();
-    let chars: Vec<(usize, char, Class)> =
-        text.char_indices().map(|(i, c)| class(c).map(|k| (i, c, k))).collect::<Option<_>>()?;
+    let chars: Vec<(usize, char, Class)> = text
+        .char_indices()
+        .map(|(i, c)| class(c).map(|k| (i, c, k)))
+        .collect::<Option<_>>()?;
     let n = chars.len();
     let at = |k: usize| if k < n { chars[k].0 } else { text.len() };
     let run = |mut k: usize, cls: Class| {
@@ -111,7 +116,11 @@ pub(crate) fn gpt2_pieces(text: &str, out: &mut Vec<(usize, usize)>) -> Option<(
             }
         }
         // " ?X+" for X = letters, numbers, other (not space/letter/number).
-        let (start, lead) = if c == ' ' && i + 1 < n && chars[i + 1].2 != Class::Space { (i + 1, true) } else { (i, false) };
+        let (start, lead) = if c == ' ' && i + 1 < n && chars[i + 1].2 != Class::Space {
+            (i + 1, true)
+        } else {
+            (i, false)
+        };
         let k = chars[start].2;
         if k != Class::Space && (lead || cls != Class::Space) {
             let end = run(start, k);
@@ -121,7 +130,11 @@ pub(crate) fn gpt2_pieces(text: &str, out: &mut Vec<(usize, usize)>) -> Option<(
         }
         // Whitespace: \s+(?!\S) leaves the last space before a non-space; else \s+.
         let end = run(i, Class::Space);
-        let end = if end < n && end - i >= 2 { end - 1 } else { end };
+        let end = if end < n && end - i >= 2 {
+            end - 1
+        } else {
+            end
+        };
         out.push((at(i), at(end)));
         i = end;
     }
@@ -130,12 +143,20 @@ pub(crate) fn gpt2_pieces(text: &str, out: &mut Vec<(usize, usize)>) -> Option<(
 
 impl PieceCache {
     pub(crate) fn new() -> Self {
-        PieceCache { shards: (0..SHARDS).map(|_| Mutex::new(FxMap::default())).collect(), entries: AtomicUsize::new(0) }
+        PieceCache {
+            shards: (0..SHARDS).map(|_| Mutex::new(FxMap::default())).collect(),
+            entries: AtomicUsize::new(0),
+        }
     }
 
     /// Appends the ids of `text` (no special tokens inside) to `ids`; false when the text has a
     /// character the splitter does not handle (nothing appended then).
-    pub(crate) fn encode_into(&self, tok: &Tokenizer, text: &str, ids: &mut Vec<u32>) -> Result<bool, String> {
+    pub(crate) fn encode_into(
+        &self,
+        tok: &Tokenizer,
+        text: &str,
+        ids: &mut Vec<u32>,
+    ) -> Result<bool, String> {
         let mut pieces = Vec::with_capacity(text.len() / 4 + 1);
         if gpt2_pieces(text, &mut pieces).is_none() {
             return Ok(false);

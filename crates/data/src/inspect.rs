@@ -12,7 +12,9 @@ use std::path::PathBuf;
 
 use rayon::prelude::*;
 
-use crate::encode::{encode_dataset, encode_record, EncodeOptions, EncodeStats, MaskMode, Overflow};
+use crate::encode::{
+    encode_dataset, encode_record, EncodeOptions, EncodeStats, MaskMode, Overflow,
+};
 use crate::error::{ErrorList, Loc, RecordError, Result};
 use crate::record::{read_dataset, Body, Format};
 use crate::template::{Template, TemplateKind};
@@ -88,12 +90,21 @@ impl InspectReport {
 
 fn histogram(lengths: &[usize], max_seq_len: usize) -> Vec<HistBin> {
     let width = max_seq_len.div_ceil(10).max(1);
-    let mut bins: Vec<HistBin> =
-        (0..10).map(|k| HistBin { lo: k * width + 1, hi: ((k + 1) * width).min(max_seq_len), count: 0 }).collect();
+    let mut bins: Vec<HistBin> = (0..10)
+        .map(|k| HistBin {
+            lo: k * width + 1,
+            hi: ((k + 1) * width).min(max_seq_len),
+            count: 0,
+        })
+        .collect();
     bins.retain(|b| b.lo <= b.hi);
     let longest = lengths.iter().copied().max().unwrap_or(0);
     if longest > max_seq_len {
-        bins.push(HistBin { lo: max_seq_len + 1, hi: longest, count: 0 });
+        bins.push(HistBin {
+            lo: max_seq_len + 1,
+            hi: longest,
+            count: 0,
+        });
     }
     for &l in lengths {
         if let Some(b) = bins.iter_mut().find(|b| l >= b.lo && l <= b.hi) {
@@ -108,7 +119,11 @@ fn histogram(lengths: &[usize], max_seq_len: usize) -> Vec<HistBin> {
 pub fn inspect(opts: &InspectOptions, tok: &TextTokenizer) -> Result<InspectReport> {
     let raw = read_dataset(&opts.data, opts.format)?;
     let template = Template::new(opts.template, tok)?;
-    let eopts = EncodeOptions { mask: opts.mask, max_seq_len: opts.max_seq_len, overflow: opts.overflow };
+    let eopts = EncodeOptions {
+        mask: opts.mask,
+        max_seq_len: opts.max_seq_len,
+        overflow: opts.overflow,
+    };
     // Training's own path: counts, and every invalid record (incl. overflow = error).
     let ds = encode_dataset(&raw, &template, tok, &eopts)?;
     let eot = template.end_of_turn_id();
@@ -193,13 +208,21 @@ pub fn inspect(opts: &InspectOptions, tok: &TextTokenizer) -> Result<InspectRepo
     for ((full, ps, view), r) in checked.into_iter().zip(&raw.records) {
         lengths.push(full);
         for p in ps {
-            problems.push(RecordError { loc: r.loc.clone(), field: "-".into(), problem: p });
+            problems.push(RecordError {
+                loc: r.loc.clone(),
+                field: "-".into(),
+                problem: p,
+            });
         }
         if let Some(v) = view {
             samples.push(v);
         }
     }
-    let mean_len = if lengths.is_empty() { 0.0 } else { lengths.iter().sum::<usize>() as f64 / lengths.len() as f64 };
+    let mean_len = if lengths.is_empty() {
+        0.0
+    } else {
+        lengths.iter().sum::<usize>() as f64 / lengths.len() as f64
+    };
     Ok(InspectReport {
         path: opts.data.clone(),
         format: raw.format,
@@ -211,7 +234,14 @@ pub fn inspect(opts: &InspectOptions, tok: &TextTokenizer) -> Result<InspectRepo
         histogram: histogram(&lengths, max),
         mean_len,
         samples,
-        problems: problems.errors.into_iter().map(|e| Problem { loc: e.loc, message: e.problem }).collect(),
+        problems: problems
+            .errors
+            .into_iter()
+            .map(|e| Problem {
+                loc: e.loc,
+                message: e.problem,
+            })
+            .collect(),
         problem_count: problems.total,
     })
 }
@@ -267,22 +297,50 @@ pub fn render_report(r: &InspectReport, w: &mut dyn Write, color: bool) -> io::R
     writeln!(w, "  records                     {}", st.records)?;
     writeln!(w, "  samples kept                {}", st.samples)?;
     writeln!(w, "  tokens                      {}", st.tokens)?;
-    writeln!(w, "  trained tokens              {} ({:.1}%)", st.trained_tokens, 100.0 * st.trained_share())?;
+    writeln!(
+        w,
+        "  trained tokens              {} ({:.1}%)",
+        st.trained_tokens,
+        100.0 * st.trained_share()
+    )?;
     writeln!(w, "  truncated                   {}", st.truncated)?;
     writeln!(w, "  dropped (too long)          {}", st.dropped_too_long)?;
     writeln!(w, "  dropped (no trained token)  {}", st.dropped_untrained)?;
-    writeln!(w, "  length min / mean / max     {} / {:.1} / {} (before length handling: max {})", st.min_len, r.mean_len, st.max_len, r.histogram.last().map_or(0, |b| b.hi))?;
+    writeln!(
+        w,
+        "  length min / mean / max     {} / {:.1} / {} (before length handling: max {})",
+        st.min_len,
+        r.mean_len,
+        st.max_len,
+        r.histogram.last().map_or(0, |b| b.hi)
+    )?;
     writeln!(w, "\nlength histogram (tokens, before length handling)")?;
-    let top = r.histogram.iter().map(|b| b.count).max().unwrap_or(0).max(1);
+    let top = r
+        .histogram
+        .iter()
+        .map(|b| b.count)
+        .max()
+        .unwrap_or(0)
+        .max(1);
     for b in &r.histogram {
         let bar = "█".repeat((b.count * 40).div_ceil(top));
-        let over = if b.lo > r.max_seq_len { " > max_seq_len" } else { "" };
+        let over = if b.lo > r.max_seq_len {
+            " > max_seq_len"
+        } else {
+            ""
+        };
         writeln!(w, "  {:>6}–{:<6} {:<40} {}{over}", b.lo, b.hi, bar, b.count)?;
     }
     if r.problem_count == 0 {
         writeln!(w, "\n{}OK{}: every sample has trained tokens and every trained assistant turn ends with its trained end-of-turn token", paint(GREEN), paint(RESET))?;
     } else {
-        writeln!(w, "\n{}FAILED{}: {} problem(s)", paint(RED), paint(RESET), r.problem_count)?;
+        writeln!(
+            w,
+            "\n{}FAILED{}: {} problem(s)",
+            paint(RED),
+            paint(RESET),
+            r.problem_count
+        )?;
         for p in &r.problems {
             writeln!(w, "  {}: {}", p.loc, p.message)?;
         }

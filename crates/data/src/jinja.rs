@@ -59,14 +59,22 @@ fn strip_generation_tags(src: &str) -> String {
 /// serde_json formatter with Python `json.dumps` separators (", " and ": ").
 struct PyFormatter;
 impl serde_json::ser::Formatter for PyFormatter {
-    fn begin_array_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
+    fn begin_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
         if first {
             Ok(())
         } else {
             w.write_all(b", ")
         }
     }
-    fn begin_object_key<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
         if first {
             Ok(())
         } else {
@@ -83,12 +91,16 @@ fn tojson(v: Value) -> std::result::Result<Value, minijinja::Error> {
     let mut ser = serde_json::Serializer::with_formatter(&mut buf, PyFormatter);
     serde::Serialize::serialize(&v, &mut ser)
         .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
-    Ok(Value::from_safe_string(String::from_utf8_lossy(&buf).into_owned()))
+    Ok(Value::from_safe_string(
+        String::from_utf8_lossy(&buf).into_owned(),
+    ))
 }
 
 fn message_value(messages: &[Message]) -> Value {
-    let list: Vec<BTreeMap<&str, &str>> =
-        messages.iter().map(|m| BTreeMap::from([("role", m.role.name()), ("content", m.content.as_str())])).collect();
+    let list: Vec<BTreeMap<&str, &str>> = messages
+        .iter()
+        .map(|m| BTreeMap::from([("role", m.role.name()), ("content", m.content.as_str())]))
+        .collect();
     Value::from_serialize(&list)
 }
 
@@ -107,13 +119,21 @@ impl ChatTemplate {
         env.set_lstrip_blocks(true);
         env.set_keep_trailing_newline(false);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<Value, minijinja::Error> {
-            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<Value, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
         env.add_filter("tojson", tojson);
         env.add_template_owned("chat_template", strip_generation_tags(src))
-            .map_err(|e| DataError::ChatTemplate { source_name: source_name.into(), message: e.to_string() })?;
-        let text = |t: Option<&crate::tokenizer::SpecialToken>| t.map(|t| t.text.clone()).unwrap_or_default();
+            .map_err(|e| DataError::ChatTemplate {
+                source_name: source_name.into(),
+                message: e.to_string(),
+            })?;
+        let text = |t: Option<&crate::tokenizer::SpecialToken>| {
+            t.map(|t| t.text.clone()).unwrap_or_default()
+        };
         Ok(ChatTemplate {
             env,
             source_name: source_name.into(),
@@ -125,8 +145,15 @@ impl ChatTemplate {
     }
 
     /// Renders `messages`; Err is the template's complaint (e.g. a `raise_exception` message).
-    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> std::result::Result<String, String> {
-        let t = self.env.get_template("chat_template").map_err(|e| describe(&e))?;
+    pub fn render(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> std::result::Result<String, String> {
+        let t = self
+            .env
+            .get_template("chat_template")
+            .map_err(|e| describe(&e))?;
         let ctx = minijinja::context! {
             messages => message_value(messages),
             bos_token => self.bos.as_str(),
@@ -144,7 +171,13 @@ impl ChatTemplate {
         msgs: &[Message],
         from_alpaca: bool,
     ) -> std::result::Result<Vec<Segment>, (String, String)> {
-        let field = |i: usize| if from_alpaca { "-".to_string() } else { format!("messages[{i}]") };
+        let field = |i: usize| {
+            if from_alpaca {
+                "-".to_string()
+            } else {
+                format!("messages[{i}]")
+            }
+        };
         let mut segs = Vec::new();
         let mut done = String::new();
         let mut turn = 0;
@@ -164,22 +197,39 @@ impl ChatTemplate {
                 ));
             }
             if p.len() > done.len() {
-                segs.push(Segment { text: p[done.len()..].to_string(), kind: SegKind::Prompt });
+                segs.push(Segment {
+                    text: p[done.len()..].to_string(),
+                    kind: SegKind::Prompt,
+                });
             }
             if f.len() == p.len() {
-                return Err((field(k), "the chat template rendered this assistant turn as empty text".into()));
+                return Err((
+                    field(k),
+                    "the chat template rendered this assistant turn as empty text".into(),
+                ));
             }
-            segs.push(Segment { text: f[p.len()..].to_string(), kind: SegKind::Completion { turn } });
+            segs.push(Segment {
+                text: f[p.len()..].to_string(),
+                kind: SegKind::Completion { turn },
+            });
             turn += 1;
             done = f;
         }
         if msgs.last().is_some_and(|m| m.role != Role::Assistant) {
-            let f = self.render(msgs, false).map_err(|e| (field(msgs.len() - 1), e))?;
+            let f = self
+                .render(msgs, false)
+                .map_err(|e| (field(msgs.len() - 1), e))?;
             if !f.starts_with(&done) {
-                return Err((field(msgs.len() - 1), "the chat template is not prefix-stable after the last assistant turn".into()));
+                return Err((
+                    field(msgs.len() - 1),
+                    "the chat template is not prefix-stable after the last assistant turn".into(),
+                ));
             }
             if f.len() > done.len() {
-                segs.push(Segment { text: f[done.len()..].to_string(), kind: SegKind::Prompt });
+                segs.push(Segment {
+                    text: f[done.len()..].to_string(),
+                    kind: SegKind::Prompt,
+                });
             }
         }
         Ok(segs)
@@ -188,13 +238,27 @@ impl ChatTemplate {
     /// The end-of-turn token: the first special token of the assistant turn of a probe
     /// conversation, rendered and tokenized (None when the turn holds no special token).
     pub(crate) fn probe_end_of_turn(&self, tok: &TextTokenizer) -> Result<Option<u32>> {
-        let probe = [Message::new(Role::User, "Hola"), Message::new(Role::Assistant, "Hola")];
-        let segs = self.render_segments(&probe, false).map_err(|(_, e)| DataError::ChatTemplate {
-            source_name: self.source_name.clone(),
-            message: format!("rendering a probe conversation [user, assistant] failed: {e}"),
-        })?;
-        for s in segs.iter().filter(|s| matches!(s.kind, SegKind::Completion { .. })) {
-            if let Some(id) = tok.encode(&s.text)?.into_iter().find(|&id| tok.is_special_id(id)) {
+        let probe = [
+            Message::new(Role::User, "Hola"),
+            Message::new(Role::Assistant, "Hola"),
+        ];
+        let segs =
+            self.render_segments(&probe, false)
+                .map_err(|(_, e)| DataError::ChatTemplate {
+                    source_name: self.source_name.clone(),
+                    message: format!(
+                        "rendering a probe conversation [user, assistant] failed: {e}"
+                    ),
+                })?;
+        for s in segs
+            .iter()
+            .filter(|s| matches!(s.kind, SegKind::Completion { .. }))
+        {
+            if let Some(id) = tok
+                .encode(&s.text)?
+                .into_iter()
+                .find(|&id| tok.is_special_id(id))
+            {
                 return Ok(Some(id));
             }
         }

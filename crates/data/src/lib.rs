@@ -25,15 +25,23 @@ pub mod train_tokenizer;
 
 use std::path::PathBuf;
 
-pub use encode::{encode_dataset, encode_record, EncodeOptions, EncodeStats, Encoded, MaskMode, Overflow, Sample, TokenizedDataset, IGNORE_INDEX};
+pub use encode::{
+    encode_dataset, encode_record, EncodeOptions, EncodeStats, Encoded, MaskMode, Overflow, Sample,
+    TokenizedDataset, IGNORE_INDEX,
+};
 pub use error::{DataError, ErrorList, Loc, RecordError, Result, MAX_REPORTED_ERRORS};
-pub use inspect::{inspect, render_report, HistBin, InspectOptions, InspectReport, Piece, Problem, SampleView};
+pub use inspect::{
+    inspect, render_report, HistBin, InspectOptions, InspectReport, Piece, Problem, SampleView,
+};
 pub use loader::{permutation, split_by_fraction, Batch, DataLoader, LoaderConfig, LoaderCursor};
 pub use pack::pack_ffd;
 pub use record::{parse_dataset, read_dataset, Body, Format, Message, RawDataset, Record, Role};
 pub use template::{alpaca_prompt, SegKind, Segment, Template, TemplateKind};
 pub use tokenizer::{SpecialToken, TextTokenizer};
-pub use train_tokenizer::{add_bos_post_processor, project_tokenizer_config, train_tokenizer, GEMMA_CHAT_TEMPLATE, PROJECT_SPECIAL_TOKENS};
+pub use train_tokenizer::{
+    add_bos_post_processor, project_tokenizer_config, train_tokenizer, GEMMA_CHAT_TEMPLATE,
+    PROJECT_SPECIAL_TOKENS,
+};
 
 /// The `[data]` section of a run config.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -85,7 +93,11 @@ impl DataConfig {
         }
     }
     pub fn encode_options(&self) -> EncodeOptions {
-        EncodeOptions { mask: self.mask, max_seq_len: self.max_seq_len, overflow: self.overflow }
+        EncodeOptions {
+            mask: self.mask,
+            max_seq_len: self.max_seq_len,
+            overflow: self.overflow,
+        }
     }
 }
 
@@ -131,7 +143,11 @@ pub fn prepare(cfg: &DataConfig, tok: &TextTokenizer) -> Result<PreparedData> {
     let (train_raw, eval_raw) = match (train_raw, cfg.eval_fraction) {
         (Some(raw), Some(f)) => {
             let (train, eval) = split_by_fraction(raw.records, f, cfg.split_seed)?;
-            let mk = |records| RawDataset { path: raw.path.clone(), format: raw.format, records };
+            let mk = |records| RawDataset {
+                path: raw.path.clone(),
+                format: raw.format,
+                records,
+            };
             (Some(mk(train)), Some(mk(eval)))
         }
         (t, _) => (t, eval_raw),
@@ -146,10 +162,18 @@ pub fn prepare(cfg: &DataConfig, tok: &TextTokenizer) -> Result<PreparedData> {
     };
     errs.into_result(&cfg.path.display().to_string())?;
     let (Some(train), Some(format)) = (train, train_raw.as_ref().map(|r| r.format)) else {
-        return Err(DataError::EmptyDataset { path: cfg.path.clone() });
+        return Err(DataError::EmptyDataset {
+            path: cfg.path.clone(),
+        });
     };
     if train.samples.is_empty() {
-        return Err(DataError::EmptyDataset { path: cfg.path.clone() });
+        return Err(DataError::EmptyDataset {
+            path: cfg.path.clone(),
+        });
     }
-    Ok(PreparedData { train, eval, format })
+    Ok(PreparedData {
+        train,
+        eval,
+        format,
+    })
 }

@@ -43,7 +43,11 @@ pub fn permutation(n: usize, seed: u64, stream: u64) -> Vec<usize> {
 
 /// Splits items into (train, eval): `round(n · eval_fraction)` items (at least 1, at most n − 1)
 /// chosen by a seeded permutation go to eval; both keep their original order.
-pub fn split_by_fraction<T>(items: Vec<T>, eval_fraction: f64, seed: u64) -> Result<(Vec<T>, Vec<T>)> {
+pub fn split_by_fraction<T>(
+    items: Vec<T>,
+    eval_fraction: f64,
+    seed: u64,
+) -> Result<(Vec<T>, Vec<T>)> {
     if !(eval_fraction > 0.0 && eval_fraction < 1.0) {
         return Err(DataError::Option {
             option: "eval_fraction".into(),
@@ -184,32 +188,61 @@ pub struct DataLoader {
 
 impl DataLoader {
     /// `pad_id`: the tokenizer's pad id (`TextTokenizer::pad_id`).
-    pub fn new(data: TokenizedDataset, max_seq_len: usize, pad_id: u32, cfg: LoaderConfig) -> Result<Self> {
+    pub fn new(
+        data: TokenizedDataset,
+        max_seq_len: usize,
+        pad_id: u32,
+        cfg: LoaderConfig,
+    ) -> Result<Self> {
         if cfg.batch_size == 0 {
-            return Err(DataError::Option { option: "batch_size".into(), problem: "must be ≥ 1".into() });
+            return Err(DataError::Option {
+                option: "batch_size".into(),
+                problem: "must be ≥ 1".into(),
+            });
         }
         if data.samples.is_empty() {
-            return Err(DataError::EmptyDataset { path: data.path.clone() });
+            return Err(DataError::EmptyDataset {
+                path: data.path.clone(),
+            });
         }
         if let Some(s) = data.samples.iter().find(|s| s.len() > max_seq_len) {
             return Err(DataError::Option {
                 option: "max_seq_len".into(),
-                problem: format!("sample at line {} has {} tokens > {max_seq_len}", s.line, s.len()),
+                problem: format!(
+                    "sample at line {} has {} tokens > {max_seq_len}",
+                    s.line,
+                    s.len()
+                ),
             });
         }
         let rows = if cfg.packing {
-            pack_ffd(&data.samples.iter().map(Sample::len).collect::<Vec<_>>(), max_seq_len)?
+            pack_ffd(
+                &data.samples.iter().map(Sample::len).collect::<Vec<_>>(),
+                max_seq_len,
+            )?
         } else {
             (0..data.samples.len()).map(|i| vec![i]).collect()
         };
         if cfg.drop_last && rows.len() < cfg.batch_size {
             return Err(DataError::Option {
                 option: "batch_size".into(),
-                problem: format!("{} > the {} rows of {} with drop_last: no batch at all", cfg.batch_size, rows.len(), data.path.display()),
+                problem: format!(
+                    "{} > the {} rows of {} with drop_last: no batch at all",
+                    cfg.batch_size,
+                    rows.len(),
+                    data.path.display()
+                ),
             });
         }
         let mut h = Fnv::new();
-        for v in [max_seq_len as u64, cfg.batch_size as u64, cfg.packing as u64, cfg.shuffle as u64, cfg.seed, cfg.drop_last as u64] {
+        for v in [
+            max_seq_len as u64,
+            cfg.batch_size as u64,
+            cfg.packing as u64,
+            cfg.shuffle as u64,
+            cfg.seed,
+            cfg.drop_last as u64,
+        ] {
             h.u64(v);
         }
         h.u64(data.samples.len() as u64);
@@ -253,7 +286,11 @@ impl DataLoader {
         self.data.stats.trained_tokens
     }
     pub fn cursor(&self) -> LoaderCursor {
-        LoaderCursor { epoch: self.epoch, position: self.position, fingerprint: self.fingerprint }
+        LoaderCursor {
+            epoch: self.epoch,
+            position: self.position,
+            fingerprint: self.fingerprint,
+        }
     }
     /// Continues exactly where `c` was taken.
     pub fn restore(&mut self, c: &LoaderCursor) -> Result<()> {
@@ -267,7 +304,11 @@ impl DataLoader {
         }
         if c.position > self.batches_per_epoch() {
             return Err(DataError::CursorMismatch {
-                problem: format!("position {} > {} batches per epoch", c.position, self.batches_per_epoch()),
+                problem: format!(
+                    "position {} > {} batches per epoch",
+                    c.position,
+                    self.batches_per_epoch()
+                ),
             });
         }
         self.epoch = c.epoch;
@@ -310,9 +351,16 @@ impl DataLoader {
     fn build(&self, order: &[usize], k: u64) -> Batch {
         let bs = self.cfg.batch_size;
         let start = (k as usize) * bs;
-        let rows: Vec<&Vec<usize>> = order[start..(start + bs).min(order.len())].iter().map(|&r| &self.rows[r]).collect();
+        let rows: Vec<&Vec<usize>> = order[start..(start + bs).min(order.len())]
+            .iter()
+            .map(|&r| &self.rows[r])
+            .collect();
         let row_len = |r: &Vec<usize>| r.iter().map(|&s| self.data.samples[s].len()).sum::<usize>();
-        let t = if self.cfg.packing { self.max_seq_len } else { rows.iter().map(|r| row_len(r)).max().unwrap_or(0) };
+        let t = if self.cfg.packing {
+            self.max_seq_len
+        } else {
+            rows.iter().map(|r| row_len(r)).max().unwrap_or(0)
+        };
         let b = rows.len();
         let mut batch = Batch {
             b,

@@ -10,9 +10,16 @@ use crate::error::{DataError, Result};
 /// Rows of sample indices; within a row, samples appear in placement order.
 pub fn pack_ffd(lengths: &[usize], capacity: usize) -> Result<Vec<Vec<usize>>> {
     if capacity == 0 {
-        return Err(DataError::Option { option: "max_seq_len".into(), problem: "packing needs a capacity > 0".into() });
+        return Err(DataError::Option {
+            option: "max_seq_len".into(),
+            problem: "packing needs a capacity > 0".into(),
+        });
     }
-    if let Some((i, &l)) = lengths.iter().enumerate().find(|(_, &l)| l > capacity || l == 0) {
+    if let Some((i, &l)) = lengths
+        .iter()
+        .enumerate()
+        .find(|(_, &l)| l > capacity || l == 0)
+    {
         return Err(DataError::Option {
             option: "max_seq_len".into(),
             problem: format!("sample {i} has {l} tokens; packing needs 1..={capacity}"),
@@ -37,7 +44,11 @@ pub fn pack_ffd(lengths: &[usize], capacity: usize) -> Result<Vec<Vec<usize>>> {
         // Leftmost leaf with free ≥ need (exists: an unopened row has `capacity` ≥ need).
         let mut node = 1;
         while node < size {
-            node = if tree[2 * node] >= need { 2 * node } else { 2 * node + 1 };
+            node = if tree[2 * node] >= need {
+                2 * node
+            } else {
+                2 * node + 1
+            };
         }
         let row = node - size;
         if row == rows.len() {
@@ -64,7 +75,9 @@ mod tests {
         let mut x = 12345u64;
         let lengths: Vec<usize> = (0..500)
             .map(|_| {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 1 + (x >> 33) as usize % 64
             })
             .collect();

@@ -50,7 +50,9 @@ impl FromStr for Format {
             "text" => Ok(Format::Text),
             _ => Err(DataError::Option {
                 option: "format".into(),
-                problem: format!("unknown format `{s}` (expected alpaca, messages, sharegpt or text)"),
+                problem: format!(
+                    "unknown format `{s}` (expected alpaca, messages, sharegpt or text)"
+                ),
             }),
         }
     }
@@ -87,7 +89,10 @@ pub struct Message {
 
 impl Message {
     pub fn new(role: Role, content: impl Into<String>) -> Self {
-        Message { role, content: content.into() }
+        Message {
+            role,
+            content: content.into(),
+        }
     }
 }
 
@@ -95,7 +100,12 @@ impl Message {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Body {
     /// An alpaca record; `input` is "" when absent.
-    Instruction { system: Option<String>, instruction: String, input: String, output: String },
+    Instruction {
+        system: Option<String>,
+        instruction: String,
+        input: String,
+        output: String,
+    },
     /// A conversation (messages or sharegpt).
     Chat(Vec<Message>),
     /// Plain text (every token trained).
@@ -108,12 +118,21 @@ impl Body {
     /// sections). `None` for text records.
     pub fn to_messages(&self) -> Option<Vec<Message>> {
         match self {
-            Body::Instruction { system, instruction, input, output } => {
+            Body::Instruction {
+                system,
+                instruction,
+                input,
+                output,
+            } => {
                 let mut m = Vec::with_capacity(3);
                 if let Some(s) = system {
                     m.push(Message::new(Role::System, s.clone()));
                 }
-                let user = if input.is_empty() { instruction.clone() } else { format!("{instruction}\n\n{input}") };
+                let user = if input.is_empty() {
+                    instruction.clone()
+                } else {
+                    format!("{instruction}\n\n{input}")
+                };
                 m.push(Message::new(Role::User, user));
                 m.push(Message::new(Role::Assistant, output.clone()));
                 Some(m)
@@ -169,7 +188,11 @@ fn json_message(e: &serde_json::Error) -> String {
 
 fn syntax_error(path: &Path, line: usize, column: usize, e: &serde_json::Error) -> RecordError {
     RecordError {
-        loc: Loc { path: path.to_path_buf(), line, column: Some(column) },
+        loc: Loc {
+            path: path.to_path_buf(),
+            line,
+            column: Some(column),
+        },
         field: "-".into(),
         problem: format!("malformed JSON: {}", json_message(e)),
     }
@@ -216,15 +239,24 @@ fn split_json_array(path: &Path, text: &str, start: usize, errs: &mut ErrorList)
             Some(Err(e)) => {
                 // Positions are relative to `pos`: shift them to the file.
                 let (el, ec) = (e.line().max(1), e.column().max(1));
-                let (l, c) = if el == 1 { (line, col + ec - 1) } else { (line + el - 1, ec) };
+                let (l, c) = if el == 1 {
+                    (line, col + ec - 1)
+                } else {
+                    (line + el - 1, ec)
+                };
                 errs.push(syntax_error(path, l, c, &e));
                 return items;
             }
             None => {
                 errs.push(RecordError {
-                    loc: Loc { path: path.to_path_buf(), line, column: Some(col) },
+                    loc: Loc {
+                        path: path.to_path_buf(),
+                        line,
+                        column: Some(col),
+                    },
                     field: "-".into(),
-                    problem: "malformed JSON: unexpected end of file inside the top-level array".into(),
+                    problem: "malformed JSON: unexpected end of file inside the top-level array"
+                        .into(),
                 });
                 return items;
             }
@@ -236,9 +268,14 @@ fn split_json_array(path: &Path, text: &str, start: usize, errs: &mut ErrorList)
                 if rest < b.len() {
                     let (l, c) = line_col(text, rest);
                     errs.push(RecordError {
-                        loc: Loc { path: path.to_path_buf(), line: l, column: Some(c) },
+                        loc: Loc {
+                            path: path.to_path_buf(),
+                            line: l,
+                            column: Some(c),
+                        },
                         field: "-".into(),
-                        problem: "malformed JSON: trailing characters after the top-level array".into(),
+                        problem: "malformed JSON: trailing characters after the top-level array"
+                            .into(),
                     });
                 }
                 return items;
@@ -246,7 +283,11 @@ fn split_json_array(path: &Path, text: &str, start: usize, errs: &mut ErrorList)
             _ => {
                 let (l, c) = line_col(text, pos.min(text.len()));
                 errs.push(RecordError {
-                    loc: Loc { path: path.to_path_buf(), line: l, column: Some(c) },
+                    loc: Loc {
+                        path: path.to_path_buf(),
+                        line: l,
+                        column: Some(c),
+                    },
                     field: "-".into(),
                     problem: "malformed JSON: expected `,` or `]` after an array element".into(),
                 });
@@ -292,7 +333,11 @@ struct Ctx<'a> {
 impl Ctx<'_> {
     fn err(&mut self, field: &str, problem: impl Into<String>) {
         self.ok = false;
-        self.errs.push(RecordError { loc: self.loc.clone(), field: field.to_string(), problem: problem.into() });
+        self.errs.push(RecordError {
+            loc: self.loc.clone(),
+            field: field.to_string(),
+            problem: problem.into(),
+        });
     }
     /// A required string field (present, not null, a string).
     fn req_str(&mut self, obj: &Map<String, Value>, key: &str, field: &str) -> Option<String> {
@@ -325,7 +370,9 @@ fn parse_alpaca(cx: &mut Ctx<'_>, obj: &Map<String, Value>) -> Option<Body> {
     let instruction = cx.req_str(obj, "instruction", "instruction");
     let input = cx.opt_str(obj, "input", "input").unwrap_or_default();
     let output = cx.req_str(obj, "output", "output");
-    let system = cx.opt_str(obj, "system", "system").filter(|s| !s.trim().is_empty());
+    let system = cx
+        .opt_str(obj, "system", "system")
+        .filter(|s| !s.trim().is_empty());
     if let Some(i) = &instruction {
         if i.trim().is_empty() {
             cx.err("instruction", "empty instruction");
@@ -339,7 +386,12 @@ fn parse_alpaca(cx: &mut Ctx<'_>, obj: &Map<String, Value>) -> Option<Body> {
     if !cx.ok {
         return None;
     }
-    Some(Body::Instruction { system, instruction: instruction?, input, output: output? })
+    Some(Body::Instruction {
+        system,
+        instruction: instruction?,
+        input,
+        output: output?,
+    })
 }
 
 fn parse_turns(cx: &mut Ctx<'_>, obj: &Map<String, Value>, format: Format) -> Option<Body> {
@@ -354,7 +406,10 @@ fn parse_turns(cx: &mut Ctx<'_>, obj: &Map<String, Value>, format: Format) -> Op
         }
         Some(Value::Array(a)) => a,
         Some(v) => {
-            cx.err(list_key, format!("expected an array, found {}", type_name(v)));
+            cx.err(
+                list_key,
+                format!("expected an array, found {}", type_name(v)),
+            );
             return None;
         }
     };
@@ -388,13 +443,19 @@ fn parse_turns(cx: &mut Ctx<'_>, obj: &Map<String, Value>, format: Format) -> Op
                 } else {
                     "system, human, user, gpt or assistant"
                 };
-                cx.err(&role_field, format!("unknown role `{r}` (expected {allowed})"));
+                cx.err(
+                    &role_field,
+                    format!("unknown role `{r}` (expected {allowed})"),
+                );
             }
             role
         });
         if let (Some(Role::Assistant), Some(c)) = (role, &content) {
             if c.trim().is_empty() {
-                cx.err(&content_field, "empty assistant content: nothing to train on");
+                cx.err(
+                    &content_field,
+                    "empty assistant content: nothing to train on",
+                );
             }
         }
         if let (Some(role), Some(content)) = (role, content) {
@@ -432,7 +493,9 @@ pub fn parse_dataset(path: &Path, text: &str, format: Option<Format>) -> Result<
     let format = match format {
         Some(f) => f,
         None => {
-            let first_obj = items.iter().find_map(|it| it.value.as_object().map(|o| (o, it.line)));
+            let first_obj = items
+                .iter()
+                .find_map(|it| it.value.as_object().map(|o| (o, it.line)));
             match first_obj {
                 Some((o, line)) => detect(o).ok_or_else(|| DataError::UnknownFormat {
                     path: path.to_path_buf(),
@@ -451,10 +514,21 @@ pub fn parse_dataset(path: &Path, text: &str, format: Option<Format>) -> Result<
     };
     let mut records = Vec::with_capacity(items.len());
     for it in items {
-        let loc = Loc { path: path.to_path_buf(), line: it.line, column: None };
-        let mut cx = Ctx { loc: loc.clone(), errs: &mut errs, ok: true };
+        let loc = Loc {
+            path: path.to_path_buf(),
+            line: it.line,
+            column: None,
+        };
+        let mut cx = Ctx {
+            loc: loc.clone(),
+            errs: &mut errs,
+            ok: true,
+        };
         let Some(obj) = it.value.as_object() else {
-            cx.err("-", format!("expected a JSON object, found {}", type_name(&it.value)));
+            cx.err(
+                "-",
+                format!("expected a JSON object, found {}", type_name(&it.value)),
+            );
             continue;
         };
         let body = match format {
@@ -468,7 +542,13 @@ pub fn parse_dataset(path: &Path, text: &str, format: Option<Format>) -> Result<
     }
     errs.into_result(&path.display().to_string())?;
     if records.is_empty() {
-        return Err(DataError::EmptyDataset { path: path.to_path_buf() });
+        return Err(DataError::EmptyDataset {
+            path: path.to_path_buf(),
+        });
     }
-    Ok(RawDataset { path: path.to_path_buf(), format, records })
+    Ok(RawDataset {
+        path: path.to_path_buf(),
+        format,
+        records,
+    })
 }

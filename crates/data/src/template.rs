@@ -74,7 +74,9 @@ impl std::str::FromStr for TemplateKind {
             "tokenizer" | "jinja" => Ok(TemplateKind::Tokenizer),
             _ => Err(DataError::Option {
                 option: "template".into(),
-                problem: format!("unknown template `{s}` (expected alpaca, chatml, gemma, llama3 or tokenizer)"),
+                problem: format!(
+                    "unknown template `{s}` (expected alpaca, chatml, gemma, llama3 or tokenizer)"
+                ),
             }),
         }
     }
@@ -159,7 +161,9 @@ pub fn alpaca_prompt(instruction: &str, input: &str, system: Option<&str>) -> St
         format!("{pre}\n\n### Instruction:\n{instruction}\n\n### Response:\n")
     } else {
         let pre = system.unwrap_or(ALPACA_PREAMBLE_INPUT);
-        format!("{pre}\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+        format!(
+            "{pre}\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+        )
     }
 }
 
@@ -175,7 +179,11 @@ fn py_trim(s: &str) -> &str {
 impl Template {
     /// Binds `kind` to `tok`; fails when a token the template needs is missing or not a single token.
     pub fn new(kind: TemplateKind, tok: &TextTokenizer) -> Result<Self> {
-        let bos = if tok.adds_bos() { tok.bos().map(|t| t.text.clone()).unwrap_or_default() } else { String::new() };
+        let bos = if tok.adds_bos() {
+            tok.bos().map(|t| t.text.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
         let eos = tok.eos().map(|t| t.text.clone()).unwrap_or_default();
         let need = |token: &str, hint: &str| -> Result<u32> {
             match tok.encode(token) {
@@ -200,8 +208,14 @@ impl Template {
                 (Some(need(&eos, "EOS must be a single token")?), None)
             }
             TemplateKind::Gemma => {
-                need("<start_of_turn>", "add it as a special token, or use another template")?;
-                let e = need("<end_of_turn>", "add it as a special token, or use another template")?;
+                need(
+                    "<start_of_turn>",
+                    "add it as a special token, or use another template",
+                )?;
+                let e = need(
+                    "<end_of_turn>",
+                    "add it as a special token, or use another template",
+                )?;
                 for r in ["user", "model"] {
                     markup.push(format!("<start_of_turn>{r}\n"));
                     markup.push(format!("{bos}<start_of_turn>{r}\n"));
@@ -212,8 +226,14 @@ impl Template {
                 (Some(e), None)
             }
             TemplateKind::ChatMl => {
-                need("<|im_start|>", "add it as a special token, or use another template")?;
-                let e = need("<|im_end|>", "add it as a special token, or use another template")?;
+                need(
+                    "<|im_start|>",
+                    "add it as a special token, or use another template",
+                )?;
+                let e = need(
+                    "<|im_end|>",
+                    "add it as a special token, or use another template",
+                )?;
                 for r in ["system", "user", "assistant"] {
                     markup.push(format!("<|im_start|>{r}\n"));
                     markup.push(format!("{bos}<|im_start|>{r}\n"));
@@ -223,13 +243,24 @@ impl Template {
                 (Some(e), None)
             }
             TemplateKind::Llama3 => {
-                need("<|start_header_id|>", "add it as a special token, or use another template")?;
-                need("<|end_header_id|>", "add it as a special token, or use another template")?;
-                let e = need("<|eot_id|>", "add it as a special token, or use another template")?;
+                need(
+                    "<|start_header_id|>",
+                    "add it as a special token, or use another template",
+                )?;
+                need(
+                    "<|end_header_id|>",
+                    "add it as a special token, or use another template",
+                )?;
+                let e = need(
+                    "<|eot_id|>",
+                    "add it as a special token, or use another template",
+                )?;
                 for r in ["system", "user", "assistant"] {
                     markup.push(format!("<|start_header_id|>{r}<|end_header_id|>\n\n"));
                     markup.push(format!("{bos}<|start_header_id|>{r}<|end_header_id|>\n\n"));
-                    markup.push(format!("<|eot_id|><|start_header_id|>{r}<|end_header_id|>\n\n"));
+                    markup.push(format!(
+                        "<|eot_id|><|start_header_id|>{r}<|end_header_id|>\n\n"
+                    ));
                 }
                 markup.push("<|eot_id|>".into());
                 (Some(e), None)
@@ -254,7 +285,14 @@ impl Template {
                 cache.insert(m, ids);
             }
         }
-        Ok(Template { kind, bos, eos, eot_id, jinja, cache })
+        Ok(Template {
+            kind,
+            bos,
+            eos,
+            eot_id,
+            jinja,
+            cache,
+        })
     }
 
     pub fn kind(&self) -> TemplateKind {
@@ -276,18 +314,37 @@ impl Template {
             // Text records: BOS + text + EOS, everything trained.
             let mut segs = Vec::new();
             if !self.bos.is_empty() {
-                segs.push(Segment { text: self.bos.clone(), kind: SegKind::Structure });
+                segs.push(Segment {
+                    text: self.bos.clone(),
+                    kind: SegKind::Structure,
+                });
             }
-            segs.push(Segment { text: t.clone(), kind: SegKind::Completion { turn: 0 } });
+            segs.push(Segment {
+                text: t.clone(),
+                kind: SegKind::Completion { turn: 0 },
+            });
             if self.eos.is_empty() {
-                return Err(err("text", "the tokenizer has no EOS token to end a text record"));
+                return Err(err(
+                    "text",
+                    "the tokenizer has no EOS token to end a text record",
+                ));
             }
-            segs.push(Segment { text: self.eos.clone(), kind: SegKind::EndOfTurn { turn: 0 } });
-            return Ok(Rendered { segments: segs, train_all: true, assistant_turns: 1 });
+            segs.push(Segment {
+                text: self.eos.clone(),
+                kind: SegKind::EndOfTurn { turn: 0 },
+            });
+            return Ok(Rendered {
+                segments: segs,
+                train_all: true,
+                assistant_turns: 1,
+            });
         }
         let (field_prefix, msgs) = match body {
             Body::Chat(m) => ("messages", std::borrow::Cow::Borrowed(m)),
-            _ => ("messages", std::borrow::Cow::Owned(body.to_messages().unwrap_or_default())),
+            _ => (
+                "messages",
+                std::borrow::Cow::Owned(body.to_messages().unwrap_or_default()),
+            ),
         };
         let is_alpaca_record = matches!(body, Body::Instruction { .. });
         let segments = match self.kind {
@@ -303,18 +360,44 @@ impl Template {
         let mut segments = merge_structure(segments);
         // Exactly one BOS, first. Templates that emit it themselves (gemma, llama3, most Jinja
         // templates) already start with it; for the others it is added here.
-        if !self.bos.is_empty() && !segments.first().is_some_and(|s| s.text.starts_with(&self.bos)) {
-            segments.insert(0, Segment { text: self.bos.clone(), kind: SegKind::Structure });
+        if !self.bos.is_empty()
+            && !segments
+                .first()
+                .is_some_and(|s| s.text.starts_with(&self.bos))
+        {
+            segments.insert(
+                0,
+                Segment {
+                    text: self.bos.clone(),
+                    kind: SegKind::Structure,
+                },
+            );
         }
-        let assistant_turns = segments.iter().filter_map(|s| s.kind.assistant_turn()).max().map_or(0, |t| t + 1);
-        Ok(Rendered { segments, train_all: false, assistant_turns })
+        let assistant_turns = segments
+            .iter()
+            .filter_map(|s| s.kind.assistant_turn())
+            .max()
+            .map_or(0, |t| t + 1);
+        Ok(Rendered {
+            segments,
+            train_all: false,
+            assistant_turns,
+        })
     }
 
     fn render_alpaca(&self, body: &Body) -> std::result::Result<Vec<Segment>, (String, String)> {
         let (system, instruction, input, output) = match body {
-            Body::Instruction { system, instruction, input, output } => {
-                (system.clone(), instruction.clone(), input.clone(), output.clone())
-            }
+            Body::Instruction {
+                system,
+                instruction,
+                input,
+                output,
+            } => (
+                system.clone(),
+                instruction.clone(),
+                input.clone(),
+                output.clone(),
+            ),
             Body::Chat(m) => {
                 let mut it = m.iter().enumerate().peekable();
                 let mut system = None;
@@ -346,13 +429,30 @@ impl Template {
                     }
                 }
             }
-            Body::Text(_) => return Err(err("text", "a text record has no instruction/response (handled before templating)")),
+            Body::Text(_) => {
+                return Err(err(
+                    "text",
+                    "a text record has no instruction/response (handled before templating)",
+                ))
+            }
         };
         Ok(vec![
-            Segment { text: self.bos.clone(), kind: SegKind::Structure },
-            Segment { text: alpaca_prompt(&instruction, &input, system.as_deref()), kind: SegKind::Prompt },
-            Segment { text: output, kind: SegKind::Completion { turn: 0 } },
-            Segment { text: self.eos.clone(), kind: SegKind::EndOfTurn { turn: 0 } },
+            Segment {
+                text: self.bos.clone(),
+                kind: SegKind::Structure,
+            },
+            Segment {
+                text: alpaca_prompt(&instruction, &input, system.as_deref()),
+                kind: SegKind::Prompt,
+            },
+            Segment {
+                text: output,
+                kind: SegKind::Completion { turn: 0 },
+            },
+            Segment {
+                text: self.eos.clone(),
+                kind: SegKind::EndOfTurn { turn: 0 },
+            },
         ])
     }
 
@@ -369,11 +469,18 @@ impl Template {
             system = Some(&msgs[0].content);
             offset = 1;
         }
-        let mut segs = vec![Segment { text: self.bos.clone(), kind: SegKind::Structure }];
+        let mut segs = vec![Segment {
+            text: self.bos.clone(),
+            kind: SegKind::Structure,
+        }];
         let mut turn = 0;
         for (j, m) in msgs[offset..].iter().enumerate() {
             let i = j + offset;
-            let field = if from_alpaca { "system".to_string() } else { format!("{field_prefix}[{i}].role") };
+            let field = if from_alpaca {
+                "system".to_string()
+            } else {
+                format!("{field_prefix}[{i}].role")
+            };
             match m.role {
                 Role::System => {
                     return Err(err(
@@ -400,18 +507,39 @@ impl Template {
                     (0, Some(s)) => format!("{s}\n\n{}", m.content),
                     _ => m.content.clone(),
                 };
-                segs.push(Segment { text: "<start_of_turn>user\n".into(), kind: SegKind::Structure });
-                segs.push(Segment { text: py_trim(&content).to_string(), kind: SegKind::Prompt });
-                segs.push(Segment { text: "<end_of_turn>\n".into(), kind: SegKind::Structure });
+                segs.push(Segment {
+                    text: "<start_of_turn>user\n".into(),
+                    kind: SegKind::Structure,
+                });
+                segs.push(Segment {
+                    text: py_trim(&content).to_string(),
+                    kind: SegKind::Prompt,
+                });
+                segs.push(Segment {
+                    text: "<end_of_turn>\n".into(),
+                    kind: SegKind::Structure,
+                });
             } else {
-                segs.push(Segment { text: "<start_of_turn>model\n".into(), kind: SegKind::Structure });
-                segs.push(Segment { text: py_trim(&m.content).to_string(), kind: SegKind::Completion { turn } });
-                segs.push(Segment { text: "<end_of_turn>\n".into(), kind: SegKind::EndOfTurn { turn } });
+                segs.push(Segment {
+                    text: "<start_of_turn>model\n".into(),
+                    kind: SegKind::Structure,
+                });
+                segs.push(Segment {
+                    text: py_trim(&m.content).to_string(),
+                    kind: SegKind::Completion { turn },
+                });
+                segs.push(Segment {
+                    text: "<end_of_turn>\n".into(),
+                    kind: SegKind::EndOfTurn { turn },
+                });
                 turn += 1;
             }
         }
         if msgs.len() == offset {
-            return Err(err(field_prefix, "only a system message: nothing to train on"));
+            return Err(err(
+                field_prefix,
+                "only a system message: nothing to train on",
+            ));
         }
         Ok(segs)
     }
@@ -420,14 +548,29 @@ impl Template {
         let mut segs = Vec::with_capacity(msgs.len() * 3);
         let mut turn = 0;
         for m in msgs {
-            segs.push(Segment { text: format!("<|im_start|>{}\n", m.role.name()), kind: SegKind::Structure });
+            segs.push(Segment {
+                text: format!("<|im_start|>{}\n", m.role.name()),
+                kind: SegKind::Structure,
+            });
             if m.role == Role::Assistant {
-                segs.push(Segment { text: m.content.clone(), kind: SegKind::Completion { turn } });
-                segs.push(Segment { text: "<|im_end|>\n".into(), kind: SegKind::EndOfTurn { turn } });
+                segs.push(Segment {
+                    text: m.content.clone(),
+                    kind: SegKind::Completion { turn },
+                });
+                segs.push(Segment {
+                    text: "<|im_end|>\n".into(),
+                    kind: SegKind::EndOfTurn { turn },
+                });
                 turn += 1;
             } else {
-                segs.push(Segment { text: m.content.clone(), kind: SegKind::Prompt });
-                segs.push(Segment { text: "<|im_end|>\n".into(), kind: SegKind::Structure });
+                segs.push(Segment {
+                    text: m.content.clone(),
+                    kind: SegKind::Prompt,
+                });
+                segs.push(Segment {
+                    text: "<|im_end|>\n".into(),
+                    kind: SegKind::Structure,
+                });
             }
         }
         segs
@@ -435,7 +578,10 @@ impl Template {
 
     fn render_llama3(&self, msgs: &[Message]) -> Vec<Segment> {
         let mut segs = Vec::with_capacity(msgs.len() * 3 + 1);
-        segs.push(Segment { text: self.bos.clone(), kind: SegKind::Structure });
+        segs.push(Segment {
+            text: self.bos.clone(),
+            kind: SegKind::Structure,
+        });
         let mut turn = 0;
         for m in msgs {
             segs.push(Segment {
@@ -444,12 +590,24 @@ impl Template {
             });
             let content = py_trim(&m.content).to_string();
             if m.role == Role::Assistant {
-                segs.push(Segment { text: content, kind: SegKind::Completion { turn } });
-                segs.push(Segment { text: "<|eot_id|>".into(), kind: SegKind::EndOfTurn { turn } });
+                segs.push(Segment {
+                    text: content,
+                    kind: SegKind::Completion { turn },
+                });
+                segs.push(Segment {
+                    text: "<|eot_id|>".into(),
+                    kind: SegKind::EndOfTurn { turn },
+                });
                 turn += 1;
             } else {
-                segs.push(Segment { text: content, kind: SegKind::Prompt });
-                segs.push(Segment { text: "<|eot_id|>".into(), kind: SegKind::Structure });
+                segs.push(Segment {
+                    text: content,
+                    kind: SegKind::Prompt,
+                });
+                segs.push(Segment {
+                    text: "<|eot_id|>".into(),
+                    kind: SegKind::Structure,
+                });
             }
         }
         segs

@@ -55,7 +55,10 @@ impl std::fmt::Debug for TextTokenizer {
 fn token_text(v: &Value) -> Option<String> {
     match v {
         Value::String(s) => Some(s.clone()),
-        Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+        Value::Object(o) => o
+            .get("content")
+            .and_then(|c| c.as_str())
+            .map(str::to_string),
         _ => None,
     }
 }
@@ -64,21 +67,28 @@ impl TextTokenizer {
     /// Loads `tokenizer.json` and, when given, `tokenizer_config.json`.
     pub fn from_files(tokenizer_json: &Path, config: Option<&Path>) -> Result<Self> {
         let bytes = std::fs::read(tokenizer_json).map_err(|e| DataError::io(tokenizer_json, e))?;
-        let tok = Tokenizer::from_bytes(&bytes)
-            .map_err(|e| DataError::Tokenizer { path: tokenizer_json.to_path_buf(), message: e.to_string() })?;
+        let tok = Tokenizer::from_bytes(&bytes).map_err(|e| DataError::Tokenizer {
+            path: tokenizer_json.to_path_buf(),
+            message: e.to_string(),
+        })?;
         let cfg = match config {
             Some(p) => {
                 let text = std::fs::read_to_string(p).map_err(|e| DataError::io(p, e))?;
-                let v: Value = serde_json::from_str(&text).map_err(|e| DataError::TokenizerConfig {
-                    path: p.to_path_buf(),
-                    key: "-".into(),
-                    problem: format!("malformed JSON: {e}"),
-                })?;
+                let v: Value =
+                    serde_json::from_str(&text).map_err(|e| DataError::TokenizerConfig {
+                        path: p.to_path_buf(),
+                        key: "-".into(),
+                        problem: format!("malformed JSON: {e}"),
+                    })?;
                 Some((p.to_path_buf(), v))
             }
             None => None,
         };
-        Self::from_parts(tok, tokenizer_json.to_path_buf(), cfg.as_ref().map(|(p, v)| (p.as_path(), v)))
+        Self::from_parts(
+            tok,
+            tokenizer_json.to_path_buf(),
+            cfg.as_ref().map(|(p, v)| (p.as_path(), v)),
+        )
     }
 
     /// `path` is a model directory (see [`Self::from_model_dir`]) or a tokenizer.json file, in
@@ -95,7 +105,10 @@ impl TextTokenizer {
     /// Loads `DIR/tokenizer.json` and `DIR/tokenizer_config.json` (the latter when present).
     pub fn from_model_dir(dir: &Path) -> Result<Self> {
         let cfg = dir.join("tokenizer_config.json");
-        Self::from_files(&dir.join("tokenizer.json"), cfg.exists().then_some(cfg.as_path()))
+        Self::from_files(
+            &dir.join("tokenizer.json"),
+            cfg.exists().then_some(cfg.as_path()),
+        )
     }
 
     /// Builds from an in-memory tokenizer and an optional parsed tokenizer_config.json
@@ -103,18 +116,33 @@ impl TextTokenizer {
     ///
     /// Without a config, the special tokens are guessed from the vocabulary: BOS `<bos>`, `<s>` or
     /// `<|begin_of_text|>`; EOS `<eos>`, `</s>` or `<|end_of_text|>`; PAD `<pad>`; UNK `<unk>`.
-    pub fn from_parts(tok: Tokenizer, path: PathBuf, config: Option<(&Path, &Value)>) -> Result<Self> {
+    pub fn from_parts(
+        tok: Tokenizer,
+        path: PathBuf,
+        config: Option<(&Path, &Value)>,
+    ) -> Result<Self> {
         let lookup = |key: &str, text: &str, cfg_path: &Path| -> Result<SpecialToken> {
-            tok.token_to_id(text).map(|id| SpecialToken { text: text.to_string(), id }).ok_or_else(|| {
-                DataError::TokenizerConfig {
+            tok.token_to_id(text)
+                .map(|id| SpecialToken {
+                    text: text.to_string(),
+                    id,
+                })
+                .ok_or_else(|| DataError::TokenizerConfig {
                     path: cfg_path.to_path_buf(),
                     key: key.to_string(),
-                    problem: format!("token `{text}` is not in the vocabulary of {}", path.display()),
-                }
-            })
+                    problem: format!(
+                        "token `{text}` is not in the vocabulary of {}",
+                        path.display()
+                    ),
+                })
         };
         let guess = |cands: &[&str]| -> Option<SpecialToken> {
-            cands.iter().find_map(|c| tok.token_to_id(c).map(|id| SpecialToken { text: c.to_string(), id }))
+            cands.iter().find_map(|c| {
+                tok.token_to_id(c).map(|id| SpecialToken {
+                    text: c.to_string(),
+                    id,
+                })
+            })
         };
         let (bos, eos, pad, unk, add_bos, chat_template) = match config {
             Some((cp, v)) => {
@@ -160,7 +188,14 @@ impl TextTokenizer {
                         })
                     }
                 };
-                (get("bos_token")?, get("eos_token")?, get("pad_token")?, get("unk_token")?, add_bos, chat_template)
+                (
+                    get("bos_token")?,
+                    get("eos_token")?,
+                    get("pad_token")?,
+                    get("unk_token")?,
+                    add_bos,
+                    chat_template,
+                )
             }
             None => (
                 guess(&["<bos>", "<s>", "<|begin_of_text|>"]),
@@ -172,17 +207,43 @@ impl TextTokenizer {
             ),
         };
         let added = tok.get_added_tokens_decoder();
-        let special_ids = added.iter().filter(|(_, t)| t.special).map(|(id, _)| *id).collect();
-        let mut specials: Vec<String> = added.into_values().filter(|t| t.special).map(|t| t.content).collect();
+        let special_ids = added
+            .iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, _)| *id)
+            .collect();
+        let mut specials: Vec<String> = added
+            .into_values()
+            .filter(|t| t.special)
+            .map(|t| t.content)
+            .collect();
         specials.sort_by(|a, b| b.len().cmp(&a.len()).then(a.cmp(b)));
         specials.dedup();
         let special_matcher = if specials.is_empty() {
             None
         } else {
-            Some(AhoCorasick::new(&specials).map_err(|e| DataError::Tokenizer { path: path.clone(), message: e.to_string() })?)
+            Some(
+                AhoCorasick::new(&specials).map_err(|e| DataError::Tokenizer {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?,
+            )
         };
         let fast = crate::fastpath::eligible(&tok).then(crate::fastpath::PieceCache::new);
-        Ok(TextTokenizer { tok, path, bos, eos, pad, unk, add_bos, chat_template, specials, special_ids, special_matcher, fast })
+        Ok(TextTokenizer {
+            tok,
+            path,
+            bos,
+            eos,
+            pad,
+            unk,
+            add_bos,
+            chat_template,
+            specials,
+            special_ids,
+            special_matcher,
+            fast,
+        })
     }
 
     /// Token ids of `text`, no special tokens added.
@@ -195,7 +256,10 @@ impl TextTokenizer {
                 let mut ids = Vec::with_capacity(text.len() / 3 + 1);
                 let done = fast
                     .encode_into(&self.tok, text, &mut ids)
-                    .map_err(|message| DataError::Tokenizer { path: self.path.clone(), message })?;
+                    .map_err(|message| DataError::Tokenizer {
+                        path: self.path.clone(),
+                        message,
+                    })?;
                 if done {
                     return Ok(ids);
                 }
@@ -212,12 +276,20 @@ impl TextTokenizer {
         self.tok
             .encode_fast(text, false)
             .map(|e| e.get_ids().to_vec())
-            .map_err(|e| DataError::Tokenizer { path: self.path.clone(), message: e.to_string() })
+            .map_err(|e| DataError::Tokenizer {
+                path: self.path.clone(),
+                message: e.to_string(),
+            })
     }
 
     /// Text of `ids`, special tokens kept.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.tok.decode(ids, false).map_err(|e| DataError::Tokenizer { path: self.path.clone(), message: e.to_string() })
+        self.tok
+            .decode(ids, false)
+            .map_err(|e| DataError::Tokenizer {
+                path: self.path.clone(),
+                message: e.to_string(),
+            })
     }
 
     pub fn token_id(&self, text: &str) -> Option<u32> {
@@ -248,7 +320,11 @@ impl TextTokenizer {
     }
     /// The id used to pad batches: PAD, else EOS, else 0.
     pub fn pad_id(&self) -> u32 {
-        self.pad.as_ref().or(self.eos.as_ref()).map(|t| t.id).unwrap_or(0)
+        self.pad
+            .as_ref()
+            .or(self.eos.as_ref())
+            .map(|t| t.id)
+            .unwrap_or(0)
     }
     pub fn chat_template(&self) -> Option<&str> {
         self.chat_template.as_deref()

@@ -34,12 +34,19 @@ pub const PROJECT_SPECIAL_TOKENS: [&str; 12] = [
 
 /// Trains a byte-level BPE tokenizer on `texts` with at most `vocab_size` ids (special tokens
 /// and the 256 byte tokens included). Deterministic for the same inputs.
-pub fn train_tokenizer<S: AsRef<str> + Send + Sync>(texts: &[S], vocab_size: usize, special_tokens: &[&str]) -> Result<Tokenizer> {
+pub fn train_tokenizer<S: AsRef<str> + Send + Sync>(
+    texts: &[S],
+    vocab_size: usize,
+    special_tokens: &[&str],
+) -> Result<Tokenizer> {
     let min = special_tokens.len() + 256;
     if vocab_size < min {
         return Err(DataError::Option {
             option: "vocab_size".into(),
-            problem: format!("{vocab_size} < {min} (256 bytes + {} special tokens)", special_tokens.len()),
+            problem: format!(
+                "{vocab_size} < {min} (256 bytes + {} special tokens)",
+                special_tokens.len()
+            ),
         });
     }
     let alphabet: HashSet<char> = ByteLevel::alphabet().into_iter().collect();
@@ -47,7 +54,12 @@ pub fn train_tokenizer<S: AsRef<str> + Send + Sync>(texts: &[S], vocab_size: usi
         .vocab_size(vocab_size)
         .min_frequency(2)
         .show_progress(false)
-        .special_tokens(special_tokens.iter().map(|s| AddedToken::from(s.to_string(), true)).collect())
+        .special_tokens(
+            special_tokens
+                .iter()
+                .map(|s| AddedToken::from(s.to_string(), true))
+                .collect(),
+        )
         .initial_alphabet(alphabet)
         .build();
     let mut trainer: TrainerWrapper = trainer.into();
@@ -55,7 +67,9 @@ pub fn train_tokenizer<S: AsRef<str> + Send + Sync>(texts: &[S], vocab_size: usi
     tok.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
     tok.with_decoder(Some(ByteLevel::new(false, true, true)));
     tok.train(&mut trainer, texts.iter().map(|t| t.as_ref()))
-        .map_err(|e| DataError::TokenizerTraining { message: e.to_string() })?;
+        .map_err(|e| DataError::TokenizerTraining {
+            message: e.to_string(),
+        })?;
     Ok(tok)
 }
 
@@ -87,11 +101,15 @@ pub const GEMMA_CHAT_TEMPLATE: &str = "{{ bos_token }}{% if messages[0]['role'] 
 pub fn add_bos_post_processor(tok: &mut Tokenizer, bos: &str) -> Result<()> {
     let id = tok
         .token_to_id(bos)
-        .ok_or_else(|| DataError::TokenizerTraining { message: format!("`{bos}` is not in the vocabulary") })?;
+        .ok_or_else(|| DataError::TokenizerTraining {
+            message: format!("`{bos}` is not in the vocabulary"),
+        })?;
     let bad = |e: String| DataError::TokenizerTraining { message: e };
     let mut b = tokenizers::processors::template::TemplateProcessing::builder();
-    b.try_single(format!("{bos} $A")).map_err(|e| bad(format!("{e:?}")))?;
-    b.try_pair(format!("{bos} $A $B")).map_err(|e| bad(format!("{e:?}")))?;
+    b.try_single(format!("{bos} $A"))
+        .map_err(|e| bad(format!("{e:?}")))?;
+    b.try_pair(format!("{bos} $A $B"))
+        .map_err(|e| bad(format!("{e:?}")))?;
     b.special_tokens(vec![(bos.to_string(), id)]);
     let post = b.build().map_err(|e| bad(e.to_string()))?;
     tok.with_post_processor(Some(post));

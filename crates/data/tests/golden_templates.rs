@@ -31,7 +31,11 @@ fn templates_match_transformers_apply_chat_template() {
     let custom_tok = common::tokenizer_with_template(doc["custom_template"].as_str().unwrap());
     let mut checked = 0;
     for case in doc["cases"].as_array().unwrap() {
-        let name = format!("{}/{}", case["name"].as_str().unwrap(), case["template"].as_str().unwrap());
+        let name = format!(
+            "{}/{}",
+            case["name"].as_str().unwrap(),
+            case["template"].as_str().unwrap()
+        );
         let (kind, t) = match case["template"].as_str().unwrap() {
             "gemma" => (TemplateKind::Gemma, &tok),
             "chatml" => (TemplateKind::ChatMl, &tok),
@@ -59,15 +63,34 @@ fn templates_match_transformers_apply_chat_template() {
             checked += 1;
             continue;
         }
-        let rendered = template.render(&body).unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        let rendered = template
+            .render(&body)
+            .unwrap_or_else(|e| panic!("{name}: {e:?}"));
         // afinar adds the single BOS when the template does not emit it (chatml).
         let reference = case["text"].as_str().unwrap();
-        let expected = if reference.starts_with("<bos>") { reference.to_string() } else { format!("<bos>{reference}") };
+        let expected = if reference.starts_with("<bos>") {
+            reference.to_string()
+        } else {
+            format!("<bos>{reference}")
+        };
         assert_eq!(rendered.text(), expected, "{name}: rendered text");
         let enc = encode_record(&body, &template, t, MaskMode::Assistant).unwrap();
-        let ids: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-        assert_eq!(enc.ids, ids, "{name}: ids (segment-wise tokenization vs joint tokenization)");
-        let mask: Vec<bool> = case["mask"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() == 1).collect();
+        let ids: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(
+            enc.ids, ids,
+            "{name}: ids (segment-wise tokenization vs joint tokenization)"
+        );
+        let mask: Vec<bool> = case["mask"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() == 1)
+            .collect();
         assert_eq!(enc.trained, mask, "{name}: trained-token mask");
         checked += 1;
     }

@@ -28,7 +28,10 @@ fn report_shows_trained_tokens_and_stats() {
     let r = inspect(&opts(&p, TemplateKind::Gemma, 256), &tok).unwrap();
     assert!(r.passed(), "{:?}", r.problems);
     assert_eq!(r.format, Format::Messages);
-    assert_eq!((r.stats.records, r.stats.samples, r.samples.len()), (3, 3, 2));
+    assert_eq!(
+        (r.stats.records, r.stats.samples, r.samples.len()),
+        (3, 3, 2)
+    );
     assert_eq!(r.histogram.iter().map(|b| b.count).sum::<usize>(), 3);
     let mut out = Vec::new();
     render_report(&r, &mut out, false).unwrap();
@@ -43,7 +46,10 @@ fn report_shows_trained_tokens_and_stats() {
     let mut out = Vec::new();
     render_report(&r, &mut out, true).unwrap();
     let text = String::from_utf8(out).unwrap();
-    assert!(text.contains("\x1b[1;32mParís.<end_of_turn>↵\n\x1b[0m") && !text.contains("[["), "{text}");
+    assert!(
+        text.contains("\x1b[1;32mParís.<end_of_turn>↵\n\x1b[0m") && !text.contains("[["),
+        "{text}"
+    );
 }
 
 #[test]
@@ -54,14 +60,26 @@ fn truncation_that_cuts_the_end_of_turn_fails() {
     // `<end_of_turn>` and the trained newline.
     let t = Template::new(TemplateKind::Gemma, &tok).unwrap();
     let first = read_dataset(&p, None).unwrap().records[0].body.clone();
-    let n = encode_record(&first, &t, &tok, MaskMode::Assistant).unwrap().ids.len();
+    let n = encode_record(&first, &t, &tok, MaskMode::Assistant)
+        .unwrap()
+        .ids
+        .len();
     let r = inspect(&opts(&p, TemplateKind::Gemma, n - 2), &tok).unwrap();
     assert!(!r.passed());
-    assert!(r.problems.iter().any(|p| p.loc.line == 1 && p.message.contains("cut by truncation")), "{:?}", r.problems);
+    assert!(
+        r.problems
+            .iter()
+            .any(|p| p.loc.line == 1 && p.message.contains("cut by truncation")),
+        "{:?}",
+        r.problems
+    );
     let mut out = Vec::new();
     render_report(&r, &mut out, false).unwrap();
     let text = String::from_utf8(out).unwrap();
-    assert!(text.contains("FAILED") && text.contains("TRUNCATED") && text.contains("> max_seq_len"), "{text}");
+    assert!(
+        text.contains("FAILED") && text.contains("TRUNCATED") && text.contains("> max_seq_len"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -73,7 +91,11 @@ fn a_template_whose_turns_end_without_a_special_token_fails() {
     let (_d, p) = common::temp_file("d.jsonl", DATA);
     let r = inspect(&opts(&p, TemplateKind::Tokenizer, 256), &tok).unwrap();
     assert!(!r.passed());
-    assert!(r.problems[0].message.contains("no special token"), "{:?}", r.problems);
+    assert!(
+        r.problems[0].message.contains("no special token"),
+        "{:?}",
+        r.problems
+    );
 }
 
 #[test]
@@ -81,15 +103,29 @@ fn invalid_datasets_are_errors_not_reports() {
     let tok = common::project_tokenizer();
     let (_d, p) = common::temp_file("d.jsonl", "{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}, {\"role\": \"user\", \"content\": \"b\"}]}\n");
     let e = inspect(&opts(&p, TemplateKind::Gemma, 64), &tok).unwrap_err();
-    assert!(e.to_string().contains(":1: field `messages`: no assistant turn"), "{e}");
+    assert!(
+        e.to_string()
+            .contains(":1: field `messages`: no assistant turn"),
+        "{e}"
+    );
 }
 
 #[test]
 fn text_records_pass_with_their_eos() {
     let tok = TextTokenizer::open(&common::tokenizer_dir().join("tokenizer.json")).unwrap();
-    assert_eq!(tok.chat_template().map(|t| t.starts_with("{{ bos_token }}")), Some(true));
+    assert_eq!(
+        tok.chat_template()
+            .map(|t| t.starts_with("{{ bos_token }}")),
+        Some(true)
+    );
     let (_d, p) = common::temp_file("t.jsonl", "{\"text\": \"El agua hierve a 100 °C.\"}\n");
     let r = inspect(&opts(&p, TemplateKind::Gemma, 64), &tok).unwrap();
     assert!(r.passed(), "{:?}", r.problems);
-    assert_eq!(r.samples[0].pieces, vec![Piece { text: "<bos>El agua hierve a 100 °C.<eos>".into(), trained: true }]);
+    assert_eq!(
+        r.samples[0].pieces,
+        vec![Piece {
+            text: "<bos>El agua hierve a 100 °C.<eos>".into(),
+            trained: true
+        }]
+    );
 }

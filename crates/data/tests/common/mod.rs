@@ -22,7 +22,8 @@ pub fn project_tokenizer() -> TextTokenizer {
 pub fn tokenizer_with_template(template: &str) -> TextTokenizer {
     let dir = tokenizer_dir();
     let cfg_path = dir.join("tokenizer_config.json");
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     cfg["chat_template"] = serde_json::Value::String(template.to_string());
     let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
     TextTokenizer::from_parts(tok, dir.join("tokenizer.json"), Some((&cfg_path, &cfg))).unwrap()

@@ -30,11 +30,15 @@
 
 __device__ __forceinline__ void mma_bf16_16816(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
                                                unsigned b1) {
+#ifdef AFINAR_EMU
+    emu_mma_bf16_16816(c, a0, a1, a2, a3, b0, b1);  // kernels/emu: CPU emulation for the checks
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
 }
 
 // Decodes NF4 elements [e0, e0 + 16) of the flattened weight into v (e0 % 16 == 0, all in range).

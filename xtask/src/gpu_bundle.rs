@@ -20,8 +20,14 @@ const MAX_BYTES: u64 = 60 << 20;
 /// Workspace packages whose Cargo.toml declares a `cuda` feature.
 fn cuda_packages(root: &Path) -> Result<Vec<String>> {
     let mut out = Vec::new();
-    for dir in ["crates/kernels", "crates/gemma", "crates/trainer", "crates/data"] {
-        let toml = std::fs::read_to_string(root.join(dir).join("Cargo.toml")).with_context(|| format!("reading {dir}/Cargo.toml"))?;
+    for dir in [
+        "crates/kernels",
+        "crates/gemma",
+        "crates/trainer",
+        "crates/data",
+    ] {
+        let toml = std::fs::read_to_string(root.join(dir).join("Cargo.toml"))
+            .with_context(|| format!("reading {dir}/Cargo.toml"))?;
         let mut in_features = false;
         let mut has = false;
         let mut name = None;
@@ -65,11 +71,15 @@ fn cargo_executables(root: &Path, args: &[String], tests: bool) -> Result<Vec<(S
     }
     let mut exes = Vec::new();
     for line in String::from_utf8_lossy(&output.stdout).lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
         if v["reason"] != "compiler-artifact" {
             continue;
         }
-        let Some(exe) = v["executable"].as_str() else { continue };
+        let Some(exe) = v["executable"].as_str() else {
+            continue;
+        };
         if v["profile"]["test"].as_bool() != Some(tests) {
             continue;
         }
@@ -104,7 +114,10 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     let pkgs = cuda_packages(&root)?;
     let features: Vec<String> = pkgs.iter().map(|p| format!("{p}/cuda")).collect();
-    println!("gpu-bundle: building CUDA tests of {} in release mode (target-cuda/)", pkgs.join(", "));
+    println!(
+        "gpu-bundle: building CUDA tests of {} in release mode (target-cuda/)",
+        pkgs.join(", ")
+    );
     let mut test_args: Vec<String> = vec!["test".into(), "--release".into(), "--no-run".into()];
     for p in &pkgs {
         test_args.push("-p".into());
@@ -113,15 +126,27 @@ pub fn run(args: &[String]) -> Result<()> {
     test_args.push("--features".into());
     test_args.push(features.join(","));
     let tests = cargo_executables(&root, &test_args, true)?;
-    let bench_args: Vec<String> =
-        ["build", "--release", "-p", "afinar-kernels", "--features", "cuda", "--example", "gpu_bench"].iter().map(|s| s.to_string()).collect();
+    let bench_args: Vec<String> = [
+        "build",
+        "--release",
+        "-p",
+        "afinar-kernels",
+        "--features",
+        "cuda",
+        "--example",
+        "gpu_bench",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     let benches = cargo_executables(&root, &bench_args, false)?;
     if tests.is_empty() || benches.is_empty() {
         bail!("cargo produced no test binaries or no gpu_bench executable");
     }
 
     if out_dir.exists() {
-        std::fs::remove_dir_all(&out_dir).with_context(|| format!("removing the old {}", out_dir.display()))?;
+        std::fs::remove_dir_all(&out_dir)
+            .with_context(|| format!("removing the old {}", out_dir.display()))?;
     }
     let bin = out_dir.join("bin");
     std::fs::create_dir_all(&bin)?;
@@ -133,11 +158,17 @@ pub fn run(args: &[String]) -> Result<()> {
         // needs none of it.
         match Command::new("strip").arg(&dst).status() {
             Ok(s) if s.success() => {}
-            _ => eprintln!("gpu-bundle: warning: could not strip {} (is binutils installed?)", dst.display()),
+            _ => eprintln!(
+                "gpu-bundle: warning: could not strip {} (is binutils installed?)",
+                dst.display()
+            ),
         }
         names.push(name.clone());
     }
-    let test_names: Vec<&String> = names.iter().filter(|n| !n.ends_with("-gpu_bench")).collect();
+    let test_names: Vec<&String> = names
+        .iter()
+        .filter(|n| !n.ends_with("-gpu_bench"))
+        .collect();
     let commit = Command::new("git")
         .current_dir(&root)
         .args(["rev-parse", "HEAD"])
@@ -155,13 +186,24 @@ pub fn run(args: &[String]) -> Result<()> {
         out_dir.join("BUILD_INFO"),
         format!(
             "commit={commit}{}\nbuilt_root={}\ntests={}\nfilter={}\n",
-            if dirty { " (with uncommitted changes)" } else { "" },
+            if dirty {
+                " (with uncommitted changes)"
+            } else {
+                ""
+            },
             root.display(),
-            test_names.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" "),
+            test_names
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(" "),
             if all_tests { "" } else { "cuda" }
         ),
     )?;
-    let script = run_sh(&test_names.iter().map(|s| s.as_str()).collect::<Vec<_>>(), all_tests);
+    let script = run_sh(
+        &test_names.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+        all_tests,
+    );
     let script_path = out_dir.join("run.sh");
     std::fs::write(&script_path, script)?;
     #[cfg(unix)]
@@ -169,12 +211,26 @@ pub fn run(args: &[String]) -> Result<()> {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&script_path, std::fs::Permissions::from_mode(0o755))?;
     }
-    let total: u64 = std::fs::read_dir(&bin)?.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum();
-    println!("gpu-bundle: {} binaries, {:.1} MiB in {}", names.len(), total as f64 / (1 << 20) as f64, out_dir.display());
+    let total: u64 = std::fs::read_dir(&bin)?
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    println!(
+        "gpu-bundle: {} binaries, {:.1} MiB in {}",
+        names.len(),
+        total as f64 / (1 << 20) as f64,
+        out_dir.display()
+    );
     if total > MAX_BYTES {
-        bail!("the bundle is {:.1} MiB, over the 60 MiB limit", total as f64 / (1 << 20) as f64);
+        bail!(
+            "the bundle is {:.1} MiB, over the 60 MiB limit",
+            total as f64 / (1 << 20) as f64
+        );
     }
-    println!("gpu-bundle: on the GPU machine run `{}/run.sh` (results under $OUT or ./results)", out_dir.display());
+    println!(
+        "gpu-bundle: on the GPU machine run `{}/run.sh` (results under $OUT or ./results)",
+        out_dir.display()
+    );
     Ok(())
 }
 
@@ -196,7 +252,8 @@ FILTER="${{AFINAR_TEST_FILTER:-{filter}}}"
 QUICK="${{AFINAR_BENCH_QUICK:-0}}"
 
 # Find NVRTC and cuBLAS if they are not already on the loader path.
-add_lib_dir() {{ case ":${{LD_LIBRARY_PATH:-}}:" in *":$1:"*) ;; *) export LD_LIBRARY_PATH="$1${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}}";; esac; }}
+export LD_LIBRARY_PATH="${{LD_LIBRARY_PATH:-}}"
+add_lib_dir() {{ case ":$LD_LIBRARY_PATH:" in *":$1:"*) ;; *) export LD_LIBRARY_PATH="$1${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}}";; esac; }}
 for lib in libnvrtc.so.13 libcublas.so.13 libcublasLt.so.13; do
   if ! ldconfig -p 2>/dev/null | grep -q "$lib"; then
     for d in ${{LD_LIBRARY_PATH//:/ }} "$HERE/../.cuda/nvidia/cu13/lib" /usr/local/cuda/lib64 /usr/local/cuda-13.0/lib64 \
@@ -216,7 +273,7 @@ done
   echo "- host: $(hostname)"
   sed 's/^/- build: /' "$HERE/BUILD_INFO"
   echo "- GPU: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo 'nvidia-smi not available')"
-  echo "- LD_LIBRARY_PATH: ${{LD_LIBRARY_PATH:-}}"
+  echo "- LD_LIBRARY_PATH: $LD_LIBRARY_PATH"
   for lib in libcuda.so.1 libnvrtc.so.13 libcublas.so.13; do
     echo "- $lib: $( (ldconfig -p 2>/dev/null | grep -m1 "$lib" | awk '{{print $NF}}') || true ) $(for d in ${{LD_LIBRARY_PATH//:/ }}; do [ -e "$d/$lib" ] && echo "$d/$lib"; done | head -1)"
   done
@@ -230,12 +287,14 @@ done
 TOTAL_FAIL=0
 for t in {tests}; do
   log="$OUT/logs/$t.log"
-  if [ -n "$FILTER" ]; then "$HERE/bin/$t" "$FILTER" > "$log" 2>&1; else "$HERE/bin/$t" > "$log" 2>&1; fi
+  # --nocapture: the "skipped: no CUDA driver" lines of passing tests must reach the log.
+  if [ -n "$FILTER" ]; then "$HERE/bin/$t" "$FILTER" --nocapture > "$log" 2>&1; else "$HERE/bin/$t" --nocapture > "$log" 2>&1; fi
   rc=$?
   passed=$(grep -Eo '[0-9]+ passed' "$log" | awk '{{s+=$1}} END {{print s+0}}')
   failed=$(grep -Eo '[0-9]+ failed' "$log" | awk '{{s+=$1}} END {{print s+0}}')
   skipped=$(grep -c 'skipped: no CUDA driver' "$log")
-  [ "$rc" -ne 0 ] && TOTAL_FAIL=$((TOTAL_FAIL + 1))
+  # On the GPU machine a skip means the driver was not found: count it as a failure.
+  if [ "$rc" -ne 0 ] || [ "$skipped" -ne 0 ]; then TOTAL_FAIL=$((TOTAL_FAIL + 1)); fi
   echo "| $t | $passed | $failed | $skipped | $rc |" >> "$OUT/summary.md"
   echo "$t: passed=$passed failed=$failed skipped=$skipped rc=$rc"
 done
@@ -266,8 +325,14 @@ mod tests {
 
     #[test]
     fn package_names_from_both_id_formats() {
-        assert_eq!(package_name("path+file:///w/crates/kernels#afinar-kernels@0.1.0"), "afinar-kernels");
-        assert_eq!(package_name("afinar-kernels 0.1.0 (path+file:///w/crates/kernels)"), "afinar-kernels");
+        assert_eq!(
+            package_name("path+file:///w/crates/kernels#afinar-kernels@0.1.0"),
+            "afinar-kernels"
+        );
+        assert_eq!(
+            package_name("afinar-kernels 0.1.0 (path+file:///w/crates/kernels)"),
+            "afinar-kernels"
+        );
     }
 
     #[test]
@@ -278,7 +343,10 @@ mod tests {
 
     #[test]
     fn run_sh_lists_every_binary_and_writes_under_out() {
-        let s = run_sh(&["afinar-kernels-ops_linear", "afinar-kernels-afinar_kernels"], false);
+        let s = run_sh(
+            &["afinar-kernels-ops_linear", "afinar-kernels-afinar_kernels"],
+            false,
+        );
         assert!(s.contains("for t in afinar-kernels-ops_linear afinar-kernels-afinar_kernels; do"));
         assert!(s.contains("OUT=\"${OUT:-$PWD/results}\""));
         assert!(s.contains("AFINAR_TEST_FILTER:-cuda"));

@@ -1,0 +1,367 @@
+// check.cpp — runs the real kernels/*.cu on the CPU through cuda_emu.h and compares them with plain
+// double-precision loops. Built and run by `cargo xtask kernels-check --emu` (g++ ≥ 12, C++20):
+//   g++ -std=c++20 -O1 -pthread -I kernels kernels/emu/check.cpp -o check && ./check
+// Exit status 0 = every check passed. Shapes are tiny and ragged (not multiples of the tiles).
+#include "cuda_emu.h"
+#include "../common.cuh"
+#include "../elementwise.cu"
+#include "../reduce.cu"
+#include "../rmsnorm.cu"
+#include "../cross_entropy.cu"
+#include "../nf4_dequant.cu"
+#include "../nf4_gemv.cu"
+#include "../nf4_gemm.cu"
+#include "../lora.cu"
+#include "../attention.cu"
+#include "../gemm.cu"
+#include <cstdio>
+#include <string>
+
+static int failures = 0;
+
+struct Rng {
+    uint64_t s;
+    uint64_t next() { s ^= s >> 12; s ^= s << 25; s ^= s >> 27; return s * 0x2545F4914F6CDD1DULL; }
+    float uni(float a) { return ((next() >> 40) / float(1 << 24) * 2.0f - 1.0f) * a; }
+    std::vector<float> vec(size_t n, float a) { std::vector<float> v(n); for (auto& x : v) x = uni(a); return v; }
+};
+
+static unsigned short h_f2bf(float f) {
+    unsigned u; std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (unsigned short)(u >> 16);
+}
+static float h_bf(float f) { unsigned u = ((unsigned)h_f2bf(f)) << 16; float r; std::memcpy(&r, &u, 4); return r; }
+
+static void check(const std::string& what, const std::vector<float>& got, const std::vector<double>& want, double atol, double rtol) {
+    size_t bad = 0, first = 0; double worst = 0;
+    for (size_t i = 0; i < want.size(); ++i) {
+        double d = std::fabs((double)got[i] - want[i]);
+        bool ok = std::isfinite(got[i]) && d <= atol + rtol * std::fabs(want[i]);
+        if (!ok) { if (!bad) first = i; ++bad; }
+        worst = std::max(worst, std::isfinite(got[i]) ? d : INFINITY);
+    }
+    if (bad) {
+        ++failures;
+        std::printf("FAIL %-44s %zu/%zu bad; first [%zu] got %.6g want %.6g; max|d| %.3g\n", what.c_str(), bad, want.size(), first, got[first], want[first], worst);
+    } else {
+        std::printf("ok   %-44s n=%zu max|d| %.3g\n", what.c_str(), want.size(), worst);
+    }
+}
+
+static double maxabs(const std::vector<double>& v) { double m = 0; for (double x : v) m = std::max(m, std::fabs(x)); return m; }
+
+// ---- NF4 host side -------------------------------------------------------------------------------
+static const float NF4H[16] = NF4_TABLE;
+struct Nf4 {
+    int n, k; bool nested;
+    std::vector<u8> packed, codes; std::vector<float> absmax, code8; float offset = 0.3f;
+    float amax(long long blk) const { return nested ? code8[codes[blk]] * absmax[blk >> 8] + offset : absmax[blk]; }
+    float at(long long e) const { u8 b = packed[e >> 1]; return NF4H[(e & 1) ? (b & 15) : (b >> 4)] * amax(e >> 6); }
+};
+static Nf4 make_nf4(uint64_t seed, int n, int k, bool nested) {
+    Rng g{seed * 2654435761ULL + 1};
+    Nf4 w{n, k, nested};
+    long long numel = (long long)n * k, blocks = (numel + 63) / 64;
+    w.packed.resize((numel + 1) / 2 + 8);
+    for (auto& b : w.packed) b = (u8)g.next();
+    if (nested) {
+        w.codes.resize(blocks + 1); for (auto& c : w.codes) c = (u8)g.next();
+        w.absmax.resize((blocks + 255) / 256 + 1); for (auto& a : w.absmax) a = 0.05f + std::fabs(g.uni(0.1f));
+        w.code8.resize(256); for (int i = 0; i < 256; ++i) w.code8[i] = (i - 127.5f) / 128.0f;
+    } else {
+        w.absmax.resize(blocks + 1); for (auto& a : w.absmax) a = 0.01f + std::fabs(g.uni(0.5f));
+        w.code8.resize(1); w.codes.resize(1);
+    }
+    return w;
+}
+
+static void test_dequant() {
+    for (auto [n, k, nested] : {std::tuple{64, 64, true}, std::tuple{3, 37, false}, std::tuple{5, 200, true}}) {
+        Nf4 w = make_nf4(n + k, n, k, nested);
+        long long numel = (long long)n * k;
+        std::vector<float> out(numel, NAN);
+        std::vector<unsigned short> out16(numel, 0xffff);
+        std::vector<double> want(numel), want16(numel);
+        for (long long e = 0; e < numel; ++e) { want[e] = w.at(e); want16[e] = h_bf(w.at(e)); }
+        emu_launch(nf4_dequant_k, dim3{2}, dim3{256}, w.packed.data(), w.codes.data(), w.absmax.data(), w.code8.data(), w.offset, (int)nested, numel, (void*)out.data(), DT_F32);
+        emu_launch(nf4_dequant_k, dim3{2}, dim3{256}, w.packed.data(), w.codes.data(), w.absmax.data(), w.code8.data(), w.offset, (int)nested, numel, (void*)out16.data(), DT_BF16);
+        std::vector<float> o16(numel); for (long long e = 0; e < numel; ++e) o16[e] = emu_bf(out16[e]);
+        check("nf4_dequant f32 " + std::to_string(n) + "x" + std::to_string(k), out, want, 0, 0);
+        check("nf4_dequant bf16 " + std::to_string(n) + "x" + std::to_string(k), o16, want16, 0, 0);
+    }
+}
+
+// Y = X·W̃ᵀ + s·XA·Bᵀ in double; `bf` rounds the operands to bf16 first (the mma path).
+static std::vector<double> ref_xwt(const std::vector<float>& x, const Nf4& w, const std::vector<float>& xa, const std::vector<float>& lb, int m, int k, int n, int r, float s, bool bf) {
+    auto R = [&](float v) { return bf ? (double)h_bf(v) : (double)v; };
+    std::vector<double> y((size_t)m * n);
+    for (int i = 0; i < m; ++i)
+        for (int j = 0; j < n; ++j) {
+            double acc = 0;
+            for (int kk = 0; kk < k; ++kk) acc += R(x[(size_t)i * k + kk]) * R(w.at((long long)j * k + kk));
+            for (int q = 0; q < r; ++q) acc += (bf ? (double)h_bf(s * xa[(size_t)i * r + q]) * R(lb[(size_t)j * r + q]) : (double)s * xa[(size_t)i * r + q] * lb[(size_t)j * r + q]);
+            y[(size_t)i * n + j] = acc;
+        }
+    return y;
+}
+
+static void test_gemv_gemm() {
+    // GEMV: f32 throughout.
+    for (auto [m, k, n, r, nested] : {std::tuple{3, 128, 40, 4, true}, std::tuple{5, 45, 7, 0, false}, std::tuple{8, 64, 9, 2, false}}) {
+        Nf4 w = make_nf4(7 + m, n, k, nested);
+        Rng g{11u + m};
+        auto x = g.vec((size_t)m * k, 1), xa = g.vec((size_t)m * std::max(r, 1), 1), lb = g.vec((size_t)n * std::max(r, 1), 0.5);
+        std::vector<float> y((size_t)m * n, NAN);
+        int blocks = (n + 7) / 8;
+        emu_launch(nf4_gemv_k, dim3{(unsigned)blocks}, dim3{256}, (const void*)x.data(), DT_F32, w.packed.data(), w.codes.data(), w.absmax.data(), w.code8.data(), w.offset, (int)nested, (void*)y.data(), DT_F32, 0, m, n, k, (const void*)xa.data(), DT_F32, (const void*)lb.data(), DT_F32, r, 0.7f);
+        auto want = ref_xwt(x, w, xa, lb, m, k, n, r, 0.7f, false);
+        check("nf4_gemv M=" + std::to_string(m) + " K=" + std::to_string(k) + " N=" + std::to_string(n) + " R=" + std::to_string(r), y, want, 1e-4 * maxabs(want), 1e-5);
+    }
+    // GEMM xwt: bf16 operands, f32 accumulate; bf16 X to exercise the vector load path too.
+    for (auto [m, k, n, r, nested, xbf] : {std::tuple{130, 256, 136, 5, true, true}, std::tuple{20, 40, 20, 33, false, false}, std::tuple{9, 48, 129, 0, true, false}}) {
+        Nf4 w = make_nf4(3 + m, n, k, nested);
+        Rng g{5u + m};
+        auto x = g.vec((size_t)m * k, 1), xa = g.vec((size_t)m * std::max(r, 1), 1), lb = g.vec((size_t)n * std::max(r, 1), 0.5);
+        std::vector<unsigned short> x16(x.size()); for (size_t i = 0; i < x.size(); ++i) x16[i] = h_f2bf(x[i]);
+        std::vector<float> y((size_t)m * n, 1.0f);
+        dim3 grid{(unsigned)((n + 127) / 128), (unsigned)((m + 127) / 128)};
+        const void* xp = xbf ? (const void*)x16.data() : (const void*)x.data();
+        // acc_out = 1 over an all-ones Y checks the accumulate epilogue too.
+        emu_launch(nf4_gemm_xwt_k, grid, dim3{256}, xp, xbf ? DT_BF16 : DT_F32, w.packed.data(), w.codes.data(), w.absmax.data(), w.code8.data(), w.offset, (int)nested, (void*)y.data(), DT_F32, 1, m, n, k, (const void*)xa.data(), DT_F32, (const void*)lb.data(), DT_F32, r, 0.7f);
+        auto want = ref_xwt(x, w, xa, lb, m, k, n, r, 0.7f, true);
+        for (auto& v : want) v += 1.0;
+        check("nf4_gemm xwt M=" + std::to_string(m) + " K=" + std::to_string(k) + " N=" + std::to_string(n) + " R=" + std::to_string(r), y, want, 1e-5 * maxabs(want), 1e-5);
+    }
+    // GEMM dyw: dX[M,K] = dY[M,N]·W̃[N,K] + s·dYB[M,R]·A[R,K].
+    for (auto [m, n, k, r, nested] : {std::tuple{130, 136, 256, 5, true}, std::tuple{20, 40, 20, 33, false}, std::tuple{7, 33, 144, 0, true}}) {
+        Nf4 w = make_nf4(9 + m, n, k, nested);
+        Rng g{17u + m};
+        auto dy = g.vec((size_t)m * n, 1), dyb = g.vec((size_t)m * std::max(r, 1), 1), la = g.vec((size_t)std::max(r, 1) * k, 0.5);
+        std::vector<float> dx((size_t)m * k, NAN);
+        dim3 grid{(unsigned)((k + 127) / 128), (unsigned)((m + 127) / 128)};
+        emu_launch(nf4_gemm_dyw_k, grid, dim3{256}, (const void*)dy.data(), DT_F32, w.packed.data(), w.codes.data(), w.absmax.data(), w.code8.data(), w.offset, (int)nested, (void*)dx.data(), DT_F32, 0, m, n, k, (const void*)dyb.data(), DT_F32, (const void*)la.data(), DT_F32, r, 0.7f);
+        std::vector<double> want((size_t)m * k);
+        for (int i = 0; i < m; ++i)
+            for (int j = 0; j < k; ++j) {
+                double acc = 0;
+                for (int q = 0; q < n; ++q) acc += (double)h_bf(dy[(size_t)i * n + q]) * h_bf(w.at((long long)q * k + j));
+                for (int q = 0; q < r; ++q) acc += (double)h_bf(0.7f * dyb[(size_t)i * r + q]) * h_bf(la[(size_t)q * k + j]);
+                want[(size_t)i * k + j] = acc;
+            }
+        check("nf4_gemm dyw M=" + std::to_string(m) + " N=" + std::to_string(n) + " K=" + std::to_string(k) + " R=" + std::to_string(r), dx, want, 1e-5 * maxabs(want), 1e-5);
+    }
+}
+
+// ---- attention -------------------------------------------------------------------------------------
+struct AttnRef { std::vector<double> out, lse, dq, dk, dv; };
+static AttnRef ref_attn(const std::vector<float>& q, const std::vector<float>& k, const std::vector<float>& v, const std::vector<int>& seg, bool has_seg,
+                        const std::vector<float>& dout, int B, int T, int TK, int NH, int NKV, int D, float scale, float cap, int window) {
+    AttnRef r{std::vector<double>((size_t)B * T * NH * D), std::vector<double>((size_t)B * NH * T), std::vector<double>((size_t)B * T * NH * D),
+              std::vector<double>((size_t)B * TK * NKV * D), std::vector<double>((size_t)B * TK * NKV * D)};
+    for (int b = 0; b < B; ++b)
+        for (int h = 0; h < NH; ++h)
+            for (int i = 0; i < T; ++i) {
+                int kvh = h / (NH / NKV), qpos = TK - T + i;
+                std::vector<double> s(TK, -INFINITY), z(TK, 0);
+                double mx = -INFINITY;
+                for (int j = 0; j < TK; ++j) {
+                    bool vis = j <= qpos && (window <= 0 || qpos - j < window) && (!has_seg || seg[b * TK + j] == seg[b * TK + qpos]);
+                    if (!vis) continue;
+                    double dot = 0;
+                    for (int d = 0; d < D; ++d) dot += (double)q[(((size_t)b * T + i) * NH + h) * D + d] * k[(((size_t)b * TK + j) * NKV + kvh) * D + d];
+                    z[j] = dot * scale;
+                    s[j] = cap > 0 ? cap * std::tanh(z[j] / cap) : z[j];
+                    mx = std::max(mx, s[j]);
+                }
+                double sum = 0;
+                for (int j = 0; j < TK; ++j) if (s[j] > -INFINITY) sum += std::exp(s[j] - mx);
+                double lse = mx + std::log(sum);
+                r.lse[((size_t)b * NH + h) * T + i] = lse;
+                std::vector<double> p(TK, 0);
+                for (int j = 0; j < TK; ++j) if (s[j] > -INFINITY) p[j] = std::exp(s[j] - lse);
+                size_t qo = (((size_t)b * T + i) * NH + h) * D;
+                for (int d = 0; d < D; ++d) {
+                    double o = 0;
+                    for (int j = 0; j < TK; ++j) o += p[j] * v[(((size_t)b * TK + j) * NKV + kvh) * D + d];
+                    r.out[qo + d] = o;
+                }
+                if (dout.empty()) continue;
+                double delta = 0;
+                for (int d = 0; d < D; ++d) delta += (double)dout[qo + d] * r.out[qo + d];
+                for (int j = 0; j < TK; ++j) {
+                    if (p[j] == 0) continue;
+                    size_t ko = (((size_t)b * TK + j) * NKV + kvh) * D;
+                    double dp = 0;
+                    for (int d = 0; d < D; ++d) dp += (double)dout[qo + d] * v[ko + d];
+                    double dz = p[j] * (dp - delta);
+                    if (cap > 0) { double t = s[j] / cap; dz *= 1 - t * t; }
+                    for (int d = 0; d < D; ++d) {
+                        r.dq[qo + d] += dz * scale * k[ko + d];
+                        r.dk[ko + d] += dz * scale * q[qo + d];
+                        r.dv[ko + d] += p[j] * dout[qo + d];
+                    }
+                }
+            }
+    return r;
+}
+
+static void test_attention() {
+    struct C { int B, T, TK, NH, NKV, D; float cap; int window; bool seg; };
+    for (C c : {C{2, 9, 9, 4, 2, 40, 5.0f, 4, true}, C{1, 5, 12, 2, 1, 256, 0.0f, 0, false}, C{1, 11, 11, 2, 2, 64, 50.0f, 0, true}}) {
+        Rng g{(uint64_t)(c.T * 31 + c.D)};
+        size_t qn = (size_t)c.B * c.T * c.NH * c.D, kn = (size_t)c.B * c.TK * c.NKV * c.D;
+        auto q = g.vec(qn, 1), k = g.vec(kn, 1), v = g.vec(kn, 1), dout = g.vec(qn, 1);
+        std::vector<int> seg(c.B * c.TK);
+        for (int i = 0; i < c.B * c.TK; ++i) seg[i] = (i % c.TK) < c.TK / 2 ? 3 : 7;
+        float scale = 1.0f / std::sqrt((float)c.D);
+        bool bwd = c.T == c.TK;
+        auto ref = ref_attn(q, k, v, seg, c.seg, bwd ? dout : std::vector<float>{}, c.B, c.T, c.TK, c.NH, c.NKV, c.D, scale, c.cap, c.window);
+        std::vector<float> out(qn, NAN), lse((size_t)c.B * c.NH * c.T, NAN);
+        unsigned rows = c.B * c.T * c.NH;
+        emu_launch(attn_fwd_k, dim3{(rows + 3) / 4}, dim3{128}, (const void*)q.data(), DT_F32, (const void*)k.data(), DT_F32, (const void*)v.data(), DT_F32,
+                   (const int*)seg.data(), (int)c.seg, (void*)out.data(), DT_F32, (void*)lse.data(), DT_F32, c.B, c.T, c.TK, c.NH, c.NKV, c.D, scale, c.cap, c.window);
+        std::string tag = " T=" + std::to_string(c.T) + " TK=" + std::to_string(c.TK) + " D=" + std::to_string(c.D);
+        check("attn_fwd out" + tag, out, ref.out, 1e-5, 1e-4);
+        check("attn_fwd lse" + tag, lse, ref.lse, 1e-5, 1e-5);
+        if (!bwd) continue;
+        std::vector<float> delta((size_t)c.B * c.NH * c.T, NAN), dq(qn, NAN), dk(kn, NAN), dv(kn, NAN);
+        std::vector<float> outr(qn), lser(lse.size());
+        for (size_t i = 0; i < qn; ++i) outr[i] = (float)ref.out[i];
+        for (size_t i = 0; i < lse.size(); ++i) lser[i] = (float)ref.lse[i];
+        emu_launch(attn_bwd_delta_k, dim3{(rows + 3) / 4}, dim3{128}, (const void*)outr.data(), DT_F32, (const void*)dout.data(), DT_F32, delta.data(), c.B, c.T, c.NH, c.D);
+        emu_launch(attn_bwd_dq_k, dim3{(rows + 3) / 4}, dim3{128}, (const void*)q.data(), DT_F32, (const void*)k.data(), DT_F32, (const void*)v.data(), DT_F32,
+                   (const int*)seg.data(), (int)c.seg, (const void*)lser.data(), DT_F32, (const float*)delta.data(), (const void*)dout.data(), DT_F32, (void*)dq.data(), DT_F32,
+                   c.B, c.T, c.NH, c.NKV, c.D, scale, c.cap, c.window);
+        unsigned krows = c.B * c.T * c.NKV;
+        emu_launch(attn_bwd_dkv_k, dim3{(krows + 3) / 4}, dim3{128}, (const void*)q.data(), DT_F32, (const void*)k.data(), DT_F32, (const void*)v.data(), DT_F32,
+                   (const int*)seg.data(), (int)c.seg, (const void*)lser.data(), DT_F32, (const float*)delta.data(), (const void*)dout.data(), DT_F32, (void*)dk.data(), DT_F32,
+                   (void*)dv.data(), DT_F32, c.B, c.T, c.NH, c.NKV, c.D, scale, c.cap, c.window);
+        check("attn_bwd dq" + tag, dq, ref.dq, 1e-4, 1e-3);
+        check("attn_bwd dk" + tag, dk, ref.dk, 1e-4, 1e-3);
+        check("attn_bwd dv" + tag, dv, ref.dv, 1e-4, 1e-3);
+    }
+}
+
+static void test_cross_entropy() {
+    int n = 5, v = 300;
+    Rng g{99};
+    auto logits = g.vec((size_t)n * v, 8);
+    std::vector<int> labels = {3, -100, 299, 0, 150};
+    for (float cap : {0.0f, 30.0f}) {
+        std::vector<float> dl((size_t)n * v, NAN), loss(n, NAN);
+        emu_launch(ce_row_k, dim3{(unsigned)n}, dim3{256}, (const void*)logits.data(), DT_F32, (const int*)labels.data(), v, cap, 0.5f, (void*)dl.data(), DT_F32, 1, loss.data());
+        std::vector<double> wl(n), wd((size_t)n * v);
+        for (int i = 0; i < n; ++i) {
+            if (labels[i] == -100) continue;
+            std::vector<double> z(v); double mx = -INFINITY;
+            for (int j = 0; j < v; ++j) { double x = logits[(size_t)i * v + j]; z[j] = cap > 0 ? cap * std::tanh(x / cap) : x; mx = std::max(mx, z[j]); }
+            double sum = 0; for (int j = 0; j < v; ++j) sum += std::exp(z[j] - mx);
+            double lse = mx + std::log(sum);
+            wl[i] = lse - z[labels[i]];
+            for (int j = 0; j < v; ++j) {
+                double gr = std::exp(z[j] - lse) - (j == labels[i]);
+                if (cap > 0) { double t = z[j] / cap; gr *= 1 - t * t; }
+                wd[(size_t)i * v + j] = 0.5 * gr;
+            }
+        }
+        check("ce_row loss cap=" + std::to_string((int)cap), loss, wl, 1e-5, 1e-5);
+        check("ce_row dlogits cap=" + std::to_string((int)cap), dl, wd, 1e-6, 1e-4);
+    }
+}
+
+static void test_lora_and_gemm() {
+    int m = 7, k = 45, n = 19, r = 18;
+    Rng g{5};
+    auto x = g.vec((size_t)m * k, 1), a = g.vec((size_t)r * k, 1), b = g.vec((size_t)n * r, 1), dy = g.vec((size_t)m * n, 1);
+    std::vector<float> mask((size_t)m * k);
+    for (auto& v : mask) v = g.uni(1) < -0.5f ? 0.0f : 1.25f;
+    float s = 0.5f;
+    // xa = drop(X)·Aᵀ
+    std::vector<float> xa((size_t)m * r, NAN);
+    emu_launch(lora_proj_k, dim3{(unsigned)m, (unsigned)((r + 15) / 16)}, dim3{256}, (const void*)x.data(), DT_F32, (const void*)mask.data(), DT_F32, 1, (const void*)a.data(), DT_F32, (i64)k, (i64)1, (void*)xa.data(), DT_F32, k, r);
+    std::vector<double> wxa((size_t)m * r);
+    for (int i = 0; i < m; ++i) for (int j = 0; j < r; ++j) { double acc = 0; for (int q = 0; q < k; ++q) acc += (double)x[i * k + q] * mask[i * k + q] * a[j * k + q]; wxa[i * r + j] = acc; }
+    check("lora_proj xa", xa, wxa, 1e-5, 1e-5);
+    // dyb = dY·B (strided weight access)
+    std::vector<float> dyb((size_t)m * r, NAN);
+    emu_launch(lora_proj_k, dim3{(unsigned)m, (unsigned)((r + 15) / 16)}, dim3{256}, (const void*)dy.data(), DT_F32, (const void*)nullptr, DT_F32, 0, (const void*)b.data(), DT_F32, (i64)1, (i64)r, (void*)dyb.data(), DT_F32, n, r);
+    std::vector<double> wdyb((size_t)m * r);
+    for (int i = 0; i < m; ++i) for (int j = 0; j < r; ++j) { double acc = 0; for (int q = 0; q < n; ++q) acc += (double)dy[i * n + q] * b[q * r + j]; wdyb[i * r + j] = acc; }
+    check("lora_proj dyb", dyb, wdyb, 1e-5, 1e-5);
+    // da += s·dYBᵀ·drop(X); db += s·dYᵀ·XA; dx += s·(dYB·A)⊙mask; y += s·XA·Bᵀ
+    std::vector<float> da((size_t)r * k, 1.0f), db((size_t)n * r, 1.0f), dx((size_t)m * k, 1.0f), y((size_t)m * n, 1.0f);
+    emu_launch(lora_da_k, dim3{(unsigned)((k + 255) / 256), (unsigned)((r + 15) / 16)}, dim3{256}, (const void*)dyb.data(), DT_F32, (const void*)x.data(), DT_F32, (const void*)mask.data(), DT_F32, 1, (void*)da.data(), DT_F32, (i64)m, k, r, s);
+    emu_launch(lora_db_k, dim3{(unsigned)((n + 255) / 256), (unsigned)((r + 15) / 16)}, dim3{256}, (const void*)dy.data(), DT_F32, (const void*)xa.data(), DT_F32, (void*)db.data(), DT_F32, (i64)m, n, r, s);
+    emu_launch(lora_dx_k, dim3{1}, dim3{256}, (void*)dx.data(), DT_F32, (const void*)dyb.data(), DT_F32, (const void*)a.data(), DT_F32, (const void*)mask.data(), DT_F32, 1, (i64)m, k, r, s);
+    emu_launch(lora_add_k, dim3{1}, dim3{256}, (void*)y.data(), DT_F32, (const void*)xa.data(), DT_F32, (const void*)b.data(), DT_F32, (i64)m, n, r, s);
+    std::vector<double> wda((size_t)r * k, 1.0), wdb((size_t)n * r, 1.0), wdx((size_t)m * k, 1.0), wy((size_t)m * n, 1.0);
+    for (int j = 0; j < r; ++j) for (int q = 0; q < k; ++q) for (int i = 0; i < m; ++i) wda[j * k + q] += s * (double)dyb[i * r + j] * x[i * k + q] * mask[i * k + q];
+    for (int q = 0; q < n; ++q) for (int j = 0; j < r; ++j) for (int i = 0; i < m; ++i) wdb[q * r + j] += s * (double)dy[i * n + q] * xa[i * r + j];
+    for (int i = 0; i < m; ++i) for (int q = 0; q < k; ++q) { double acc = 0; for (int j = 0; j < r; ++j) acc += (double)dyb[i * r + j] * a[j * k + q]; wdx[i * k + q] += s * acc * mask[i * k + q]; }
+    for (int i = 0; i < m; ++i) for (int q = 0; q < n; ++q) { double acc = 0; for (int j = 0; j < r; ++j) acc += (double)xa[i * r + j] * b[q * r + j]; wy[i * n + q] += s * acc; }
+    check("lora_da", da, wda, 1e-5, 1e-5);
+    check("lora_db", db, wdb, 1e-5, 1e-5);
+    check("lora_dx", dx, wdx, 1e-5, 1e-5);
+    check("lora_add", y, wy, 1e-5, 1e-5);
+    // Fallback GEMM, all four transpose combinations: C[M,N] = 0.5·op(A)·op(B) + 2·C.
+    for (int ta = 0; ta < 2; ++ta)
+        for (int tb = 0; tb < 2; ++tb) {
+            int M = 17, N = 21, K = 35;
+            auto A = g.vec((size_t)M * K, 1), Bm = g.vec((size_t)K * N, 1), Cm = g.vec((size_t)M * N, 1);
+            std::vector<float> c = Cm;
+            emu_launch(gemm_fallback_k, dim3{(unsigned)((N + 15) / 16), (unsigned)((M + 15) / 16)}, dim3{16, 16}, (const void*)A.data(), DT_F32, (i64)(ta ? M : K), ta,
+                       (const void*)Bm.data(), DT_F32, (i64)(tb ? K : N), tb, (void*)c.data(), DT_F32, M, N, K, 0.5f, 2.0f);
+            std::vector<double> w((size_t)M * N);
+            for (int i = 0; i < M; ++i) for (int j = 0; j < N; ++j) {
+                double acc = 0;
+                for (int q = 0; q < K; ++q) acc += (double)(ta ? A[q * M + i] : A[i * K + q]) * (tb ? Bm[j * K + q] : Bm[q * N + j]);
+                w[i * N + j] = 0.5 * acc + 2.0 * Cm[i * N + j];
+            }
+            check("gemm_fallback ta=" + std::to_string(ta) + " tb=" + std::to_string(tb), c, w, 1e-5, 1e-5);
+        }
+}
+
+static void test_rmsnorm_reduce() {
+    int n = 3, h = 70;
+    Rng g{8};
+    auto x = g.vec((size_t)n * h, 2), w = g.vec(h, 0.5), dy = g.vec((size_t)n * h, 1);
+    std::vector<float> y((size_t)n * h, NAN), rstd(n, NAN), dx((size_t)n * h, NAN), dw(h, 1.0f);
+    emu_launch(rmsnorm_fwd_k, dim3{(unsigned)n}, dim3{96}, (const void*)x.data(), DT_F32, (const void*)w.data(), DT_F32, (void*)y.data(), DT_F32, (void*)rstd.data(), DT_F32, h, 1e-6f);
+    emu_launch(rmsnorm_bwd_k, dim3{(unsigned)n}, dim3{96}, (const void*)dy.data(), DT_F32, (const void*)x.data(), DT_F32, (const void*)w.data(), DT_F32, (const void*)rstd.data(), DT_F32, (void*)dx.data(), DT_F32, h);
+    emu_launch(rmsnorm_dw_k, dim3{1}, dim3{256}, (const void*)dy.data(), DT_F32, (const void*)x.data(), DT_F32, (const void*)rstd.data(), DT_F32, (void*)dw.data(), DT_F32, (i64)n, h);
+    std::vector<double> wy((size_t)n * h), wr(n), wdx((size_t)n * h), wdw(h, 1.0);
+    for (int i = 0; i < n; ++i) {
+        double ss = 0; for (int j = 0; j < h; ++j) ss += (double)x[i * h + j] * x[i * h + j];
+        double r = 1.0 / std::sqrt(ss / h + 1e-6); wr[i] = r;
+        double dot = 0; for (int j = 0; j < h; ++j) dot += (double)dy[i * h + j] * (1 + w[j]) * x[i * h + j];
+        for (int j = 0; j < h; ++j) {
+            wy[i * h + j] = x[i * h + j] * r * (1 + w[j]);
+            wdx[i * h + j] = r * dy[i * h + j] * (1 + w[j]) - r * r * r * x[i * h + j] * dot / h;
+            wdw[j] += (double)dy[i * h + j] * x[i * h + j] * r;
+        }
+    }
+    check("rmsnorm y", y, wy, 1e-5, 1e-5);
+    check("rmsnorm rstd", rstd, wr, 1e-6, 1e-5);
+    check("rmsnorm dx", dx, wdx, 1e-5, 1e-4);
+    check("rmsnorm dw", dw, wdw, 1e-5, 1e-5);
+    // Two-pass Σx² in f64.
+    std::vector<double> parts(3, NAN), out(1, NAN);
+    emu_launch(reduce_partial_k, dim3{3}, dim3{256}, (const void*)x.data(), DT_F32, (i64)(n * h), 0, parts.data());
+    emu_launch(reduce_final_k, dim3{1}, dim3{256}, (const double*)parts.data(), 3, out.data());
+    double want = 0; for (float v : x) want += (double)v * v;
+    check("reduce sum_squares", std::vector<float>{(float)out[0]}, {want}, 1e-4, 1e-6);
+}
+
+int main() {
+    test_dequant();
+    test_gemv_gemm();
+    test_attention();
+    test_cross_entropy();
+    test_lora_and_gemm();
+    test_rmsnorm_reduce();
+    if (failures) { std::printf("%d check(s) FAILED\n", failures); return 1; }
+    std::printf("all emulated kernel checks passed\n");
+    return 0;
+}

@@ -1,0 +1,152 @@
+// cuda_emu.h — a tiny CPU emulator for the subset of CUDA that kernels/*.cu use, so the real kernel
+// source runs on a machine without a GPU (kernels/emu/check.cpp, `cargo xtask kernels-check --emu`).
+//
+// Model: a launch runs its blocks one after another; within a block every CUDA thread is a std::thread.
+// __syncthreads is a block-wide std::barrier, warp shuffles and the mma.sync emulation use a per-warp
+// barrier and scratch. A thread that returns early drops out of both barriers (as an exited CUDA thread
+// does). __shared__ variables become function-level statics: shared by the threads of the one block
+// that runs at a time. This checks indexing, synchronization structure and arithmetic; it says nothing
+// about performance, and the mma.sync emulation encodes the PTX ISA fragment layout of
+// m16n8k16.row.col (A: a0,a1 = (g, 2t..2t+1), a2,a3 = (g+8, ·), a4..a7 = same with +8 columns;
+// B: b0,b1 = (k = 2t..2t+1, n = g), b2,b3 = k + 8; C: c0,c1 = (g, 2t..), c2,c3 = (g+8, ·)).
+#pragma once
+#include <algorithm>
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <math.h>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#define AFINAR_EMU 1
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+#define __launch_bounds__(...)
+#define __restrict__
+
+struct dim3 {
+    unsigned x = 1, y = 1, z = 1;
+};
+struct uint2 {
+    unsigned x, y;
+};
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
+};
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
+inline float4 make_float4(float a, float b, float c, float d) { return float4{a, b, c, d}; }
+
+inline thread_local dim3 threadIdx, blockIdx;
+inline dim3 blockDim, gridDim;
+
+struct EmuWarp {
+    std::barrier<> bar{32};
+    double buf[32];
+    unsigned a[32][4], b[32][2];
+};
+inline std::barrier<>* emu_block_bar = nullptr;
+inline std::vector<std::unique_ptr<EmuWarp>>* emu_warps = nullptr;
+
+inline int emu_tid() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z); }
+inline EmuWarp& emu_warp() { return *(*emu_warps)[emu_tid() / 32]; }
+inline void __syncthreads() { emu_block_bar->arrive_and_wait(); }
+
+template <class T>
+inline T __shfl_xor_sync(unsigned, T v, int o) {
+    EmuWarp& w = emu_warp();
+    int lane = emu_tid() & 31;
+    w.buf[lane] = (double)v;
+    w.bar.arrive_and_wait();
+    T r = (T)w.buf[lane ^ o];
+    w.bar.arrive_and_wait();
+    return r;
+}
+
+inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
+inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline float __int_as_float(int u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline void sincosf(float a, float* s, float* c) { *s = std::sin(a); *c = std::cos(a); }
+using std::max;
+using std::min;
+
+inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
+inline unsigned atomicCAS(unsigned* p, unsigned cmp, unsigned val) {
+    std::atomic_ref<unsigned>(*p).compare_exchange_strong(cmp, val);
+    return cmp;
+}
+inline int atomicMin(int* p, int v) {
+    std::atomic_ref<int> a(*p);
+    int old = a.load();
+    while (v < old && !a.compare_exchange_weak(old, v)) {
+    }
+    return old;
+}
+
+inline float emu_bf(unsigned short h) { return __uint_as_float(((unsigned)h) << 16); }
+
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32, warp-collective: c += A·B.
+inline void emu_mma_bf16_16816(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
+    EmuWarp& w = emu_warp();
+    int lane = emu_tid() & 31;
+    w.a[lane][0] = a0; w.a[lane][1] = a1; w.a[lane][2] = a2; w.a[lane][3] = a3;
+    w.b[lane][0] = b0; w.b[lane][1] = b1;
+    w.bar.arrive_and_wait();
+    auto A = [&](int r, int k) {
+        int g = r & 7, t = (k & 7) >> 1, reg = (r >> 3) + 2 * (k >> 3);
+        unsigned v = w.a[g * 4 + t][reg];
+        return emu_bf((k & 1) ? (unsigned short)(v >> 16) : (unsigned short)(v & 0xffffu));
+    };
+    auto B = [&](int k, int n) {
+        int t = (k & 7) >> 1, reg = k >> 3;
+        unsigned v = w.b[n * 4 + t][reg];
+        return emu_bf((k & 1) ? (unsigned short)(v >> 16) : (unsigned short)(v & 0xffffu));
+    };
+    int g = lane >> 2, t = lane & 3;
+    float d[4];
+    for (int q = 0; q < 4; ++q) {
+        int row = g + (q >> 1) * 8, col = 2 * t + (q & 1);
+        float s = c[q];
+        for (int k = 0; k < 16; ++k) s += A(row, k) * B(k, col);
+        d[q] = s;
+    }
+    w.bar.arrive_and_wait();
+    for (int q = 0; q < 4; ++q) c[q] = d[q];
+}
+
+// Runs `kernel(args...)` over grid × block.
+template <class F, class... Args>
+void emu_launch(F kernel, dim3 grid, dim3 block, Args... args) {
+    gridDim = grid;
+    blockDim = block;
+    int nthreads = block.x * block.y * block.z;
+    for (unsigned bz = 0; bz < grid.z; ++bz)
+        for (unsigned by = 0; by < grid.y; ++by)
+            for (unsigned bx = 0; bx < grid.x; ++bx) {
+                std::barrier<> bar(nthreads);
+                std::vector<std::unique_ptr<EmuWarp>> warps;
+                for (int i = 0; i < (nthreads + 31) / 32; ++i) warps.push_back(std::make_unique<EmuWarp>());
+                emu_block_bar = &bar;
+                emu_warps = &warps;
+                std::vector<std::thread> ts;
+                for (int i = 0; i < nthreads; ++i) {
+                    ts.emplace_back([&, i] {
+                        threadIdx = dim3{(unsigned)(i % block.x), (unsigned)((i / block.x) % block.y), (unsigned)(i / (block.x * block.y))};
+                        blockIdx = dim3{bx, by, bz};
+                        kernel(args...);
+                        emu_warp().bar.arrive_and_drop();
+                        emu_block_bar->arrive_and_drop();
+                    });
+                }
+                for (auto& t : ts) t.join();
+            }
+}

@@ -210,12 +210,10 @@ fn nf4_on_load_computes_with_dequantized_weights() {
 /// directly as NF4 (no dequantize-to-disk), each linear holds exactly the stored NF4 tensor, and the model
 /// computes with it.
 ///
-/// Not compared here against `logits_bnb` of that fixture: bitsandbytes 0.50.2's CPU `dequantize_4bit`
-/// (this venv) is wrong when the weight's last dimension is below the 64-element block: for a [48, 32]
-/// weight it applies block 0's absmax to every block (checked directly: `dequantize_4bit(quantize_4bit(x))`
-/// is off by up to 1.9 for randn(48, 32) but correct for randn(64, 64)). The fixture model has hidden 32,
-/// so its bitsandbytes reference is wrong for every linear except down_proj (in = 64); the textbook formula
-/// code·absmax[block], which `Nf4Tensor` implements, is what the GPU kernels compute.
+/// Parity with transformers + bitsandbytes' own logits for this checkpoint is tested in io_export.rs.
+/// (bitsandbytes 0.50.2's CPU `dequantize_4bit` is wrong when a weight's last dimension is below the
+/// 64-element block — it applies block 0's absmax to every block — which is why those fixtures use
+/// in_features that are multiples of 64.)
 #[test]
 fn prequantized_bnb_checkpoint_loads_as_nf4() {
     let dir = fixtures().join("gemma_io_bnb");

@@ -1,10 +1,10 @@
 // cuda_emu.h — a tiny CPU emulator for the subset of CUDA that kernels/*.cu use, so the real kernel
 // source runs on a machine without a GPU (kernels/emu/check.cpp, `cargo xtask kernels-check --emu`).
 //
-// Model: a launch runs its blocks one after another; within a block every CUDA thread is a std::thread.
-// __syncthreads is a block-wide std::barrier, warp shuffles and the mma.sync emulation use a per-warp
-// barrier and scratch. A thread that returns early drops out of both barriers (as an exited CUDA thread
-// does). __shared__ variables become function-level statics: shared by the threads of the one block
+// Model: a launch runs its blocks one after another; within a block every CUDA thread is a ucontext
+// fiber on one OS thread. __syncthreads is a block-wide barrier, warp shuffles and the mma.sync
+// emulation use a warp-wide barrier and scratch. A thread that returns early no longer counts for
+// either barrier (as an exited CUDA thread). __shared__ variables become function-level statics: shared by the threads of the one block
 // that runs at a time. This checks indexing, synchronization structure and arithmetic; it says nothing
 // about performance, and the mma.sync emulation encodes the PTX ISA fragment layout of
 // m16n8k16.row.col (A: a0,a1 = (g, 2t..2t+1), a2,a3 = (g+8, ·), a4..a7 = same with +8 columns;
@@ -12,7 +12,9 @@
 #pragma once
 #include <algorithm>
 #include <atomic>
-#include <barrier>
+#include <cstdio>
+#include <cstdlib>
+#include <ucontext.h>
 #include <cmath>
 #include <math.h>
 #include <cstdint>
@@ -45,29 +47,46 @@ struct alignas(16) float4 {
 };
 inline float4 make_float4(float a, float b, float c, float d) { return float4{a, b, c, d}; }
 
-inline thread_local dim3 threadIdx, blockIdx;
+inline dim3 threadIdx, blockIdx;
 inline dim3 blockDim, gridDim;
 
+// One emulated CUDA thread: a ucontext fiber. All threads of a block run cooperatively on one OS
+// thread; a fiber runs until it reaches a barrier (block or warp) or returns.
+enum EmuWait { EMU_RUN = 0, EMU_BLOCK = 1, EMU_WARP = 2 };
+struct EmuFiber {
+    ucontext_t ctx;
+    std::vector<char> stack;
+    dim3 idx;
+    int tid = 0;
+    bool done = false;
+    EmuWait wait = EMU_RUN;
+};
 struct EmuWarp {
-    std::barrier<> bar{32};
     double buf[32];
     unsigned a[32][4], b[32][2];
 };
-inline std::barrier<>* emu_block_bar = nullptr;
-inline std::vector<std::unique_ptr<EmuWarp>>* emu_warps = nullptr;
+inline ucontext_t emu_sched;
+inline EmuFiber* emu_cur = nullptr;
+inline std::vector<EmuWarp> emu_warps;
+inline std::function<void()> emu_body;
 
-inline int emu_tid() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z); }
-inline EmuWarp& emu_warp() { return *(*emu_warps)[emu_tid() / 32]; }
-inline void __syncthreads() { emu_block_bar->arrive_and_wait(); }
+inline int emu_tid() { return emu_cur->tid; }
+inline EmuWarp& emu_warp() { return emu_warps[emu_tid() / 32]; }
+inline void emu_yield(EmuWait w) {
+    emu_cur->wait = w;
+    swapcontext(&emu_cur->ctx, &emu_sched);
+}
+inline void __syncthreads() { emu_yield(EMU_BLOCK); }
+inline void emu_warp_sync() { emu_yield(EMU_WARP); }
 
 template <class T>
 inline T __shfl_xor_sync(unsigned, T v, int o) {
     EmuWarp& w = emu_warp();
     int lane = emu_tid() & 31;
     w.buf[lane] = (double)v;
-    w.bar.arrive_and_wait();
+    emu_warp_sync();
     T r = (T)w.buf[lane ^ o];
-    w.bar.arrive_and_wait();
+    emu_warp_sync();
     return r;
 }
 
@@ -100,7 +119,7 @@ inline void emu_mma_bf16_16816(float* c, unsigned a0, unsigned a1, unsigned a2, 
     int lane = emu_tid() & 31;
     w.a[lane][0] = a0; w.a[lane][1] = a1; w.a[lane][2] = a2; w.a[lane][3] = a3;
     w.b[lane][0] = b0; w.b[lane][1] = b1;
-    w.bar.arrive_and_wait();
+    emu_warp_sync();
     auto A = [&](int r, int k) {
         int g = r & 7, t = (k & 7) >> 1, reg = (r >> 3) + 2 * (k >> 3);
         unsigned v = w.a[g * 4 + t][reg];
@@ -119,34 +138,77 @@ inline void emu_mma_bf16_16816(float* c, unsigned a0, unsigned a1, unsigned a2, 
         for (int k = 0; k < 16; ++k) s += A(row, k) * B(k, col);
         d[q] = s;
     }
-    w.bar.arrive_and_wait();
+    emu_warp_sync();
     for (int q = 0; q < 4; ++q) c[q] = d[q];
 }
 
-// Runs `kernel(args...)` over grid × block.
+inline void emu_fiber_entry() {
+    emu_body();
+    emu_cur->done = true;
+    swapcontext(&emu_cur->ctx, &emu_sched);
+}
+
+// Runs `kernel(args...)` over grid × block: blocks one after another, the threads of a block as
+// fibers scheduled until each reaches a barrier; a barrier opens when every live thread of its scope
+// (the warp, or the block) waits on it. Mixed waits that can never open abort (a kernel bug).
 template <class F, class... Args>
 void emu_launch(F kernel, dim3 grid, dim3 block, Args... args) {
     gridDim = grid;
     blockDim = block;
     int nthreads = block.x * block.y * block.z;
+    int nwarps = (nthreads + 31) / 32;
+    std::vector<EmuFiber> fibers(nthreads);
+    for (auto& f : fibers) f.stack.resize(256 * 1024);
+    emu_warps.assign(nwarps, EmuWarp{});
+    emu_body = [&] { kernel(args...); };
     for (unsigned bz = 0; bz < grid.z; ++bz)
         for (unsigned by = 0; by < grid.y; ++by)
             for (unsigned bx = 0; bx < grid.x; ++bx) {
-                std::barrier<> bar(nthreads);
-                std::vector<std::unique_ptr<EmuWarp>> warps;
-                for (int i = 0; i < (nthreads + 31) / 32; ++i) warps.push_back(std::make_unique<EmuWarp>());
-                emu_block_bar = &bar;
-                emu_warps = &warps;
-                std::vector<std::thread> ts;
+                blockIdx = dim3{bx, by, bz};
                 for (int i = 0; i < nthreads; ++i) {
-                    ts.emplace_back([&, i] {
-                        threadIdx = dim3{(unsigned)(i % block.x), (unsigned)((i / block.x) % block.y), (unsigned)(i / (block.x * block.y))};
-                        blockIdx = dim3{bx, by, bz};
-                        kernel(args...);
-                        emu_warp().bar.arrive_and_drop();
-                        emu_block_bar->arrive_and_drop();
-                    });
+                    EmuFiber& f = fibers[i];
+                    f.tid = i;
+                    f.idx = dim3{(unsigned)(i % block.x), (unsigned)((i / block.x) % block.y), (unsigned)(i / (block.x * block.y))};
+                    f.done = false;
+                    f.wait = EMU_RUN;
+                    getcontext(&f.ctx);
+                    f.ctx.uc_stack.ss_sp = f.stack.data();
+                    f.ctx.uc_stack.ss_size = f.stack.size();
+                    f.ctx.uc_link = nullptr;
+                    makecontext(&f.ctx, emu_fiber_entry, 0);
                 }
-                for (auto& t : ts) t.join();
+                for (;;) {
+                    for (auto& f : fibers) {
+                        if (f.done || f.wait != EMU_RUN) continue;
+                        emu_cur = &f;
+                        threadIdx = f.idx;
+                        swapcontext(&emu_sched, &f.ctx);
+                    }
+                    bool any_live = false, released = false, all_block = true;
+                    for (int w = 0; w < nwarps; ++w) {
+                        bool live = false, all_warp = true;
+                        for (int i = w * 32; i < std::min(nthreads, w * 32 + 32); ++i) {
+                            if (fibers[i].done) continue;
+                            live = true;
+                            if (fibers[i].wait != EMU_WARP) all_warp = false;
+                            if (fibers[i].wait != EMU_BLOCK) all_block = false;
+                        }
+                        any_live |= live;
+                        if (live && all_warp) {
+                            for (int i = w * 32; i < std::min(nthreads, w * 32 + 32); ++i)
+                                if (!fibers[i].done) fibers[i].wait = EMU_RUN;
+                            released = true;
+                        }
+                    }
+                    if (!any_live) break;
+                    if (released) continue;
+                    if (all_block) {
+                        for (auto& f : fibers)
+                            if (!f.done) f.wait = EMU_RUN;
+                        continue;
+                    }
+                    std::fprintf(stderr, "cuda_emu: deadlock (threads wait on different barriers) in block (%u,%u,%u)\n", bx, by, bz);
+                    std::abort();
+                }
             }
 }

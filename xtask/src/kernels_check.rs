@@ -9,7 +9,13 @@
 //! dlopened by absolute path, libnvrtc-builtins first (NVRTC itself dlopens that by SONAME at compile
 //! time, which fails unless it is already loaded or on the loader path).
 //!
-//! Options: `--arch sm_XX` (repeatable) replaces the default pair; `--quiet` prints only failures.
+//! Then it runs the kernels themselves on the CPU: `kernels/emu/check.cpp` includes the real .cu files
+//! through a small CUDA emulator (`kernels/emu/cuda_emu.h`: fibers per thread, barriers, warp shuffles,
+//! mma.sync fragment emulation) and compares them with double-precision loops. That needs g++ with
+//! C++20 (`$CXX` to pick another compiler); without one it says so and skips that part.
+//!
+//! Options: `--arch sm_XX` (repeatable) replaces the default pair; `--quiet` prints only failures;
+//! `--no-emu` skips the emulated run; `--emu-only` runs only the emulated checks (no NVRTC needed).
 
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeSet;
@@ -201,6 +207,7 @@ fn compile(text: &str, name: &str, arch: &str, include: Option<&Path>) -> Result
 pub fn run(args: &[String]) -> Result<()> {
     let mut archs: Vec<String> = Vec::new();
     let mut quiet = false;
+    let (mut emu, mut emu_only) = (true, false);
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -210,8 +217,15 @@ pub fn run(args: &[String]) -> Result<()> {
                     .clone(),
             ),
             "--quiet" => quiet = true,
-            other => bail!("unknown argument `{other}` (expected --arch sm_XX, --quiet)"),
+            "--no-emu" => emu = false,
+            "--emu-only" => emu_only = true,
+            other => bail!(
+                "unknown argument `{other}` (expected --arch sm_XX, --quiet, --no-emu, --emu-only)"
+            ),
         }
+    }
+    if emu_only {
+        return run_emulated(&repo_root(), true);
     }
     if archs.is_empty() {
         archs = vec!["sm_80".into(), "sm_90".into()];
@@ -319,6 +333,46 @@ pub fn run(args: &[String]) -> Result<()> {
         bail!("kernels-check failed: {} problem(s)", failures.len());
     }
     println!("kernels-check: all kernels compiled; no spills in hot kernels");
+    if emu {
+        run_emulated(&root, false)?;
+    }
+    Ok(())
+}
+
+/// Compiles and runs kernels/emu/check.cpp. `required`: a missing compiler is an error rather than a skip.
+fn run_emulated(root: &Path, required: bool) -> Result<()> {
+    use std::process::Command;
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
+    let out_dir = root.join("target").join("kernels-emu");
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let exe = out_dir.join("check");
+    let src = root.join("kernels/emu/check.cpp");
+    println!(
+        "kernels-check: running the kernels on the CPU emulator ({cxx}, {})",
+        src.display()
+    );
+    let status = Command::new(&cxx)
+        .args(["-std=c++20", "-O1", "-pthread", "-I"])
+        .arg(root.join("kernels"))
+        .arg(&src)
+        .arg("-o")
+        .arg(&exe)
+        .status();
+    match status {
+        Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => {
+            println!("kernels-check: `{cxx}` not found; skipped the emulated kernel run (install g++ ≥ 12)");
+            return Ok(());
+        }
+        Err(e) => bail!("running {cxx}: {e}"),
+        Ok(s) if !s.success() => bail!("{cxx} failed to build kernels/emu/check.cpp"),
+        Ok(_) => {}
+    }
+    let run = Command::new(&exe)
+        .status()
+        .with_context(|| format!("running {}", exe.display()))?;
+    if !run.success() {
+        bail!("emulated kernel checks failed (see the FAIL lines above)");
+    }
     Ok(())
 }
 

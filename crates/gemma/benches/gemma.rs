@@ -13,7 +13,9 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
 
-use afinar_gemma::{Batch, Gemma2Config, Gemma2Model, Grads, LoadOptions, LoraConfig, Quantization};
+use afinar_gemma::{
+    Batch, Gemma2Config, Gemma2Model, Grads, LoadOptions, LoraConfig, Quantization,
+};
 use afinar_kernels::Cpu;
 
 const B: usize = 4;
@@ -21,7 +23,8 @@ const T: usize = 256;
 
 fn small_config() -> Gemma2Config {
     // window 128 < T so the sliding layers do mask.
-    let mut c = Gemma2Config::tiny(8192, 512, 2048, 8, 8, 4, 64, 128).expect("valid built-in config");
+    let mut c =
+        Gemma2Config::tiny(8192, 512, 2048, 8, 8, 4, 64, 128).expect("valid built-in config");
     c.query_pre_attn_scalar = 64.0;
     c
 }
@@ -36,29 +39,49 @@ fn peak_rss_mib() -> Option<f64> {
 /// One mode, in this process: prints `RESULT <tokens/s> <s/step> <peak MiB> <loss>`.
 fn child(checkpointing: bool, nf4: bool, steps: usize) {
     let opts = LoadOptions {
-        quantize: if nf4 { Quantization::Nf4 { double_quant: true } } else { Quantization::None },
-        lora: Some(LoraConfig::new(16, 32.0, 0.0, false, &["all-linear"]).expect("valid LoRA config")),
+        quantize: if nf4 {
+            Quantization::Nf4 { double_quant: true }
+        } else {
+            Quantization::None
+        },
+        lora: Some(
+            LoraConfig::new(16, 32.0, 0.0, false, &["all-linear"]).expect("valid LoRA config"),
+        ),
         seed: 1,
         ..Default::default()
     };
-    let mut model = Gemma2Model::random(Arc::new(Cpu::new()), small_config(), &opts).expect("model");
+    let mut model =
+        Gemma2Model::random(Arc::new(Cpu::new()), small_config(), &opts).expect("model");
     model.checkpointing = checkpointing;
     let n = B * T;
     let ids: Vec<i32> = (0..n).map(|i| ((i * 7919 + 13) % 8192) as i32).collect();
     let targets: Vec<i32> = (0..n).map(|i| ((i * 104_729 + 7) % 8192) as i32).collect();
     let batch = Batch::new(B, T, ids, targets);
     let mut grads = Grads::zeros(&model).expect("grads");
-    let (loss, count) = model.forward_backward(&batch, 1.0, &mut grads).expect("warm-up step");
+    let (loss, count) = model
+        .forward_backward(&batch, 1.0, &mut grads)
+        .expect("warm-up step");
     let t0 = Instant::now();
     for _ in 0..steps {
-        model.forward_backward(&batch, 1.0, &mut grads).expect("step");
+        model
+            .forward_backward(&batch, 1.0, &mut grads)
+            .expect("step");
     }
     let secs = t0.elapsed().as_secs_f64() / steps as f64;
-    println!("RESULT {} {} {} {}", n as f64 / secs, secs, peak_rss_mib().unwrap_or(f64::NAN), loss / count as f64);
+    println!(
+        "RESULT {} {} {} {}",
+        n as f64 / secs,
+        secs,
+        peak_rss_mib().unwrap_or(f64::NAN),
+        loss / count as f64
+    );
 }
 
 fn main() {
-    let steps: usize = std::env::var("AFINAR_BENCH_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let steps: usize = std::env::var("AFINAR_BENCH_STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
     if let Ok(mode) = std::env::var("AFINAR_BENCH_CHILD") {
         child(mode.contains("ckpt"), !mode.contains("dense"), steps);
         return;
@@ -69,7 +92,11 @@ fn main() {
         return;
     }
     let exe = std::env::current_exe().expect("current exe");
-    let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| std::thread::available_parallelism().map_or(1, |n| n.get()).to_string());
+    let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| {
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .to_string()
+    });
     let cfg = small_config();
     println!(
         "Gemma-2 small (H {} L {} NH {} NKV {} D {} I {} V {}), B={B} T={T}, LoRA r=16 all-linear, {threads} threads, {steps} steps",
@@ -77,15 +104,34 @@ fn main() {
     );
     println!("| base weights | checkpointing | tokens/s | s/step | peak RSS (MiB) | loss |");
     println!("|---|---|---|---|---|---|");
-    for (label, mode) in [("NF4 + DQ | off", "plain"), ("NF4 + DQ | on", "ckpt"), ("dense f32 | off", "dense")] {
-        let out = Command::new(&exe).env("AFINAR_BENCH_CHILD", mode).output().expect("spawn bench child");
+    for (label, mode) in [
+        ("NF4 + DQ | off", "plain"),
+        ("NF4 + DQ | on", "ckpt"),
+        ("dense f32 | off", "dense"),
+    ] {
+        let out = Command::new(&exe)
+            .env("AFINAR_BENCH_CHILD", mode)
+            .output()
+            .expect("spawn bench child");
         let stdout = String::from_utf8_lossy(&out.stdout);
         match stdout.lines().find_map(|l| l.strip_prefix("RESULT ")) {
             Some(r) => {
-                let v: Vec<f64> = r.split_whitespace().filter_map(|x| x.parse().ok()).collect();
-                println!("| {label} | {:.0} | {:.2} | {:.0} | {:.4} |", v[0], v[1], v[2], v[3]);
+                let v: Vec<f64> = r
+                    .split_whitespace()
+                    .filter_map(|x| x.parse().ok())
+                    .collect();
+                println!(
+                    "| {label} | {:.0} | {:.2} | {:.0} | {:.4} |",
+                    v[0], v[1], v[2], v[3]
+                );
             }
-            None => println!("| {label} | failed: {} |", String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")),
+            None => println!(
+                "| {label} | failed: {} |",
+                String::from_utf8_lossy(&out.stderr)
+                    .lines()
+                    .last()
+                    .unwrap_or("")
+            ),
         }
     }
 }

@@ -82,7 +82,11 @@ pub struct Gemma2Config {
 }
 
 fn cfg_err(path: &Path, key: &str, msg: impl Into<String>) -> GemmaError {
-    GemmaError::Config { path: path.to_path_buf(), key: key.to_string(), msg: msg.into() }
+    GemmaError::Config {
+        path: path.to_path_buf(),
+        key: key.to_string(),
+        msg: msg.into(),
+    }
 }
 
 /// Typed access to the keys of one JSON object, with the file path for errors.
@@ -106,7 +110,13 @@ impl<'a> Keys<'a> {
             Some((k, v)) => v
                 .as_u64()
                 .and_then(|x| usize::try_from(x).ok())
-                .ok_or_else(|| cfg_err(self.path, k, format!("expected a non-negative integer, found {v}"))),
+                .ok_or_else(|| {
+                    cfg_err(
+                        self.path,
+                        k,
+                        format!("expected a non-negative integer, found {v}"),
+                    )
+                }),
         }
     }
 
@@ -121,7 +131,9 @@ impl<'a> Keys<'a> {
     fn f64(&self, names: &[&str], default: f64) -> Result<f64> {
         match self.get(names) {
             None => Ok(default),
-            Some((k, v)) => v.as_f64().ok_or_else(|| cfg_err(self.path, k, format!("expected a number, found {v}"))),
+            Some((k, v)) => v
+                .as_f64()
+                .ok_or_else(|| cfg_err(self.path, k, format!("expected a number, found {v}"))),
         }
     }
 
@@ -130,7 +142,13 @@ impl<'a> Keys<'a> {
         match self.map.get(name) {
             None => Ok(default),
             Some(Value::Null) => Ok(None),
-            Some(v) => v.as_f64().map(Some).ok_or_else(|| cfg_err(self.path, name, format!("expected a number or null, found {v}"))),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| {
+                cfg_err(
+                    self.path,
+                    name,
+                    format!("expected a number or null, found {v}"),
+                )
+            }),
         }
     }
 
@@ -138,21 +156,32 @@ impl<'a> Keys<'a> {
         match self.map.get(name) {
             None => Ok(default),
             Some(Value::Null) => Ok(None),
-            Some(v) => v.as_i64().map(Some).ok_or_else(|| cfg_err(self.path, name, format!("expected an integer or null, found {v}"))),
+            Some(v) => v.as_i64().map(Some).ok_or_else(|| {
+                cfg_err(
+                    self.path,
+                    name,
+                    format!("expected an integer or null, found {v}"),
+                )
+            }),
         }
     }
 
     fn bool(&self, name: &str, default: bool) -> Result<bool> {
         match self.get(&[name]) {
             None => Ok(default),
-            Some((k, v)) => v.as_bool().ok_or_else(|| cfg_err(self.path, k, format!("expected true or false, found {v}"))),
+            Some((k, v)) => v
+                .as_bool()
+                .ok_or_else(|| cfg_err(self.path, k, format!("expected true or false, found {v}"))),
         }
     }
 
     fn string(&self, names: &[&str], default: &str) -> Result<String> {
         match self.get(names) {
             None => Ok(default.to_string()),
-            Some((k, v)) => v.as_str().map(str::to_string).ok_or_else(|| cfg_err(self.path, k, format!("expected a string, found {v}"))),
+            Some((k, v)) => v
+                .as_str()
+                .map(str::to_string)
+                .ok_or_else(|| cfg_err(self.path, k, format!("expected a string, found {v}"))),
         }
     }
 }
@@ -168,19 +197,31 @@ impl Gemma2Config {
     /// Parses config.json text; `path` is only used in error messages.
     pub fn from_json_str(text: &str, path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let raw: Value = serde_json::from_str(text).map_err(|e| GemmaError::Json { path: path.to_path_buf(), source: e })?;
+        let raw: Value = serde_json::from_str(text).map_err(|e| GemmaError::Json {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
         Self::from_value(raw, path)
     }
 
     /// Parses an already-decoded config.json.
     pub fn from_value(raw: Value, path: &Path) -> Result<Self> {
-        let map = raw.as_object().ok_or_else(|| cfg_err(path, "<root>", "config.json must hold a JSON object"))?;
+        let map = raw
+            .as_object()
+            .ok_or_else(|| cfg_err(path, "<root>", "config.json must hold a JSON object"))?;
         let k = Keys { path, map };
 
         let model_type = k.string(&["model_type"], "")?;
         if model_type != "gemma2" {
-            let found = if model_type.is_empty() { "<missing>".to_string() } else { model_type };
-            return Err(GemmaError::UnsupportedModelType { path: path.to_path_buf(), found });
+            let found = if model_type.is_empty() {
+                "<missing>".to_string()
+            } else {
+                model_type
+            };
+            return Err(GemmaError::UnsupportedModelType {
+                path: path.to_path_buf(),
+                found,
+            });
         }
 
         let vocab_size = k.positive(&["vocab_size"], 256_000)?;
@@ -198,16 +239,23 @@ impl Gemma2Config {
             ));
         }
         if head_dim % 2 != 0 {
-            return Err(cfg_err(path, "head_dim", format!("RoPE needs an even head_dim, found {head_dim}")));
+            return Err(cfg_err(
+                path,
+                "head_dim",
+                format!("RoPE needs an even head_dim, found {head_dim}"),
+            ));
         }
 
         // transformers uses `hidden_activation`; old configs also carry `hidden_act` (same value).
-        let hidden_activation = k.string(&["hidden_activation", "hidden_act"], "gelu_pytorch_tanh")?;
+        let hidden_activation =
+            k.string(&["hidden_activation", "hidden_act"], "gelu_pytorch_tanh")?;
         if hidden_activation != "gelu_pytorch_tanh" && hidden_activation != "gelu_tanh" {
             return Err(cfg_err(
                 path,
                 "hidden_activation",
-                format!("{hidden_activation:?} is not supported; Gemma-2 uses \"gelu_pytorch_tanh\""),
+                format!(
+                    "{hidden_activation:?} is not supported; Gemma-2 uses \"gelu_pytorch_tanh\""
+                ),
             ));
         }
 
@@ -229,12 +277,26 @@ impl Gemma2Config {
                 }
             }
             Some(Value::Null) | None => k.f64(&["rope_theta"], 10_000.0)?,
-            Some(v) => return Err(cfg_err(path, "rope_parameters", format!("expected an object, found {v}"))),
+            Some(v) => {
+                return Err(cfg_err(
+                    path,
+                    "rope_parameters",
+                    format!("expected an object, found {v}"),
+                ))
+            }
         };
         if let Some(Value::Object(rs)) = map.get("rope_scaling") {
-            let t = rs.get("rope_type").or_else(|| rs.get("type")).and_then(Value::as_str).unwrap_or("default");
+            let t = rs
+                .get("rope_type")
+                .or_else(|| rs.get("type"))
+                .and_then(Value::as_str)
+                .unwrap_or("default");
             if t != "default" {
-                return Err(cfg_err(path, "rope_scaling", format!("rope scaling {t:?} is not supported")));
+                return Err(cfg_err(
+                    path,
+                    "rope_scaling",
+                    format!("rope scaling {t:?} is not supported"),
+                ));
             }
         }
 
@@ -246,7 +308,10 @@ impl Gemma2Config {
                     return Err(cfg_err(
                         path,
                         "layer_types",
-                        format!("has {} entries but num_hidden_layers = {num_hidden_layers}", items.len()),
+                        format!(
+                            "has {} entries but num_hidden_layers = {num_hidden_layers}",
+                            items.len()
+                        ),
                     ));
                 }
                 items
@@ -258,12 +323,20 @@ impl Gemma2Config {
                         _ => Err(cfg_err(
                             path,
                             &format!("layer_types[{i}]"),
-                            format!("expected \"sliding_attention\" or \"full_attention\", found {v}"),
+                            format!(
+                                "expected \"sliding_attention\" or \"full_attention\", found {v}"
+                            ),
                         )),
                     })
                     .collect::<Result<Vec<_>>>()?
             }
-            Some(v) => return Err(cfg_err(path, "layer_types", format!("expected a list, found {v}"))),
+            Some(v) => {
+                return Err(cfg_err(
+                    path,
+                    "layer_types",
+                    format!("expected a list, found {v}"),
+                ))
+            }
         };
 
         let eos_token_ids = match map.get("eos_token_id") {
@@ -271,25 +344,55 @@ impl Gemma2Config {
             Some(Value::Null) => vec![],
             Some(Value::Array(items)) => items
                 .iter()
-                .map(|v| v.as_i64().ok_or_else(|| cfg_err(path, "eos_token_id", format!("expected integers, found {v}"))))
+                .map(|v| {
+                    v.as_i64().ok_or_else(|| {
+                        cfg_err(
+                            path,
+                            "eos_token_id",
+                            format!("expected integers, found {v}"),
+                        )
+                    })
+                })
                 .collect::<Result<Vec<_>>>()?,
-            Some(v) => vec![v.as_i64().ok_or_else(|| cfg_err(path, "eos_token_id", format!("expected an integer or a list, found {v}")))?],
+            Some(v) => vec![v.as_i64().ok_or_else(|| {
+                cfg_err(
+                    path,
+                    "eos_token_id",
+                    format!("expected an integer or a list, found {v}"),
+                )
+            })?],
         };
 
         let tie_word_embeddings = k.bool("tie_word_embeddings", true)?;
         if !tie_word_embeddings {
-            return Err(cfg_err(path, "tie_word_embeddings", "Gemma-2 ties the LM head to the embedding; false is not supported"));
+            return Err(cfg_err(
+                path,
+                "tie_word_embeddings",
+                "Gemma-2 ties the LM head to the embedding; false is not supported",
+            ));
         }
         if k.bool("use_bidirectional_attention", false)? {
-            return Err(cfg_err(path, "use_bidirectional_attention", "Gemma-2 causal LM attention is causal; true is not supported"));
+            return Err(cfg_err(
+                path,
+                "use_bidirectional_attention",
+                "Gemma-2 causal LM attention is causal; true is not supported",
+            ));
         }
         if k.bool("attention_bias", false)? {
-            return Err(cfg_err(path, "attention_bias", "Gemma-2 has no attention bias; true is not supported"));
+            return Err(cfg_err(
+                path,
+                "attention_bias",
+                "Gemma-2 has no attention bias; true is not supported",
+            ));
         }
 
         let torch_dtype = match k.get(&["dtype", "torch_dtype"]) {
             None => None,
-            Some((key, v)) => Some(v.as_str().map(str::to_string).ok_or_else(|| cfg_err(path, key, format!("expected a string, found {v}")))?),
+            Some((key, v)) => Some(
+                v.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| cfg_err(path, key, format!("expected a string, found {v}")))?,
+            ),
         };
 
         let quantization_config = match map.get("quantization_config") {
@@ -306,7 +409,13 @@ impl Gemma2Config {
                     raw: Value::Object(q.clone()),
                 })
             }
-            Some(v) => return Err(cfg_err(path, "quantization_config", format!("expected an object, found {v}"))),
+            Some(v) => {
+                return Err(cfg_err(
+                    path,
+                    "quantization_config",
+                    format!("expected an object, found {v}"),
+                ))
+            }
         };
 
         let cfg = Gemma2Config {
@@ -338,7 +447,10 @@ impl Gemma2Config {
         if cfg.query_pre_attn_scalar <= 0.0 {
             return Err(cfg_err(path, "query_pre_attn_scalar", "must be positive"));
         }
-        for (key, cap) in [("final_logit_softcapping", cfg.final_logit_softcapping), ("attn_logit_softcapping", cfg.attn_logit_softcapping)] {
+        for (key, cap) in [
+            ("final_logit_softcapping", cfg.final_logit_softcapping),
+            ("attn_logit_softcapping", cfg.attn_logit_softcapping),
+        ] {
             if cap.is_some_and(|c| c <= 0.0) {
                 return Err(cfg_err(path, key, "must be positive or null"));
             }
@@ -422,14 +534,23 @@ impl Gemma2Config {
     /// Parameter count of the base model (tied head counted once).
     pub fn num_parameters(&self) -> usize {
         let h = self.hidden_size;
-        let per_layer = 4 * h + h * self.q_dim() * 2 + 2 * h * self.kv_dim() + 3 * h * self.intermediate_size;
+        let per_layer =
+            4 * h + h * self.q_dim() * 2 + 2 * h * self.kv_dim() + 3 * h * self.intermediate_size;
         self.vocab_size * h + h + self.num_hidden_layers * per_layer
     }
 }
 
 /// transformers' default: `"sliding_attention" if (i + 1) % 2 else "full_attention"` (even layers slide).
 pub fn default_layer_types(n: usize) -> Vec<LayerType> {
-    (0..n).map(|i| if (i + 1) % 2 == 1 { LayerType::Sliding } else { LayerType::Full }).collect()
+    (0..n)
+        .map(|i| {
+            if (i + 1) % 2 == 1 {
+                LayerType::Sliding
+            } else {
+                LayerType::Full
+            }
+        })
+        .collect()
 }
 
 /// The path of config.json inside a model directory.

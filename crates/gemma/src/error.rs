@@ -24,7 +24,11 @@ pub enum GemmaError {
     },
     /// A config key with a wrong type or a value outside what Gemma-2 allows.
     #[error("{path}: config key `{key}`: {msg}")]
-    Config { path: PathBuf, key: String, msg: String },
+    Config {
+        path: PathBuf,
+        key: String,
+        msg: String,
+    },
     /// config.json describes another architecture.
     #[error("{path}: model_type is {found:?}, but afinar-gemma only runs \"gemma2\" (Gemma2ForCausalLM)")]
     UnsupportedModelType { path: PathBuf, found: String },
@@ -36,10 +40,19 @@ pub enum GemmaError {
     MissingTensor { name: String, files: Vec<PathBuf> },
     /// A tensor with the wrong shape.
     #[error("tensor `{name}`: expected shape {expected:?}, found {found:?}")]
-    ShapeMismatch { name: String, expected: Vec<usize>, found: Vec<usize> },
+    ShapeMismatch {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
     /// A tensor stored in a dtype this reader does not convert (e.g. I64 where floats are needed).
     #[error("tensor `{name}` in {path}: dtype {dtype} is not supported here ({hint})")]
-    Dtype { name: String, path: PathBuf, dtype: String, hint: String },
+    Dtype {
+        name: String,
+        path: PathBuf,
+        dtype: String,
+        hint: String,
+    },
     /// An unknown LoRA target module.
     #[error("unknown LoRA target module {name:?}; valid targets are {valid} or \"all-linear\"")]
     UnknownTarget { name: String, valid: String },
@@ -64,7 +77,11 @@ fn display_paths(files: &[PathBuf]) -> String {
     if files.is_empty() {
         return "no files".to_string();
     }
-    files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    files
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 pub type Result<T> = std::result::Result<T, GemmaError>;
@@ -72,6 +89,9 @@ pub type Result<T> = std::result::Result<T, GemmaError>;
 impl GemmaError {
     /// An I/O error on `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        GemmaError::Io { path: path.into(), source }
+        GemmaError::Io {
+            path: path.into(),
+            source,
+        }
     }
 }

@@ -90,27 +90,75 @@ pub(crate) struct LayerActs<B: Backend> {
 }
 
 /// y [N,out] = x [N,in]·Wᵀ (+ LoRA). Returns what the backward needs.
-fn linear_fwd<B: Backend>(ctx: &Ctx<'_, B>, lin: &Linear<B>, layer: usize, x: &B::Buf, y: &mut B::Buf) -> Result<LinSaved<B>> {
+fn linear_fwd<B: Backend>(
+    ctx: &Ctx<'_, B>,
+    lin: &Linear<B>,
+    layer: usize,
+    x: &B::Buf,
+    y: &mut B::Buf,
+) -> Result<LinSaved<B>> {
     let be = ctx.backend;
     let m = ctx.n();
     let Some(lo) = &lin.lora else {
-        be.lora_fwd(x, lin.weight(), None, y, None, m, lin.in_features, lin.out_features)?;
-        return Ok(LinSaved { xa: None, mask: None });
+        be.lora_fwd(
+            x,
+            lin.weight(),
+            None,
+            y,
+            None,
+            m,
+            lin.in_features,
+            lin.out_features,
+        )?;
+        return Ok(LinSaved {
+            xa: None,
+            mask: None,
+        });
     };
     let mask = if ctx.train && lo.dropout > 0.0 {
-        Some(be.from_host(&dropout_mask(ctx.dropout_seed, layer, lin.target, lo.dropout, m * lin.in_features))?)
+        Some(be.from_host(&dropout_mask(
+            ctx.dropout_seed,
+            layer,
+            lin.target,
+            lo.dropout,
+            m * lin.in_features,
+        ))?)
     } else {
         None
     };
     let mut xa = be.zeros(m * lo.r)?;
-    let lref = LoraRef { a: &lo.a, b: &lo.b, r: lo.r, scale: lo.scale, mask: mask.as_ref() };
-    be.lora_fwd(x, lin.weight(), Some(lref), y, Some(&mut xa), m, lin.in_features, lin.out_features)?;
+    let lref = LoraRef {
+        a: &lo.a,
+        b: &lo.b,
+        r: lo.r,
+        scale: lo.scale,
+        mask: mask.as_ref(),
+    };
+    be.lora_fwd(
+        x,
+        lin.weight(),
+        Some(lref),
+        y,
+        Some(&mut xa),
+        m,
+        lin.in_features,
+        lin.out_features,
+    )?;
     Ok(LinSaved { xa: Some(xa), mask })
 }
 
 /// Two distinct gradient buffers at once (LoRA A and B).
-fn two_mut<'g, B: Backend>(grads: &'g mut Grads<B>, a: ParamId, b: ParamId) -> Result<(&'g mut B::Buf, &'g mut B::Buf)> {
-    let missing = |id: ParamId| GemmaError::Invalid(format!("gradients have no slot for `{}` (made for another model?)", id.name()));
+fn two_mut<B: Backend>(
+    grads: &mut Grads<B>,
+    a: ParamId,
+    b: ParamId,
+) -> Result<(&mut B::Buf, &mut B::Buf)> {
+    let missing = |id: ParamId| {
+        GemmaError::Invalid(format!(
+            "gradients have no slot for `{}` (made for another model?)",
+            id.name()
+        ))
+    };
     let ia = grads.position(a).ok_or_else(|| missing(a))?;
     let ib = grads.position(b).ok_or_else(|| missing(b))?;
     let bufs = grads.bufs_mut();
@@ -121,7 +169,11 @@ fn two_mut<'g, B: Backend>(grads: &'g mut Grads<B>, a: ParamId, b: ParamId) -> R
         let (lo, hi) = bufs.split_at_mut(ia);
         Ok((&mut hi[0], &mut lo[ib]))
     } else {
-        Err(GemmaError::Invalid(format!("`{}` and `{}` share a gradient slot", a.name(), b.name())))
+        Err(GemmaError::Invalid(format!(
+            "`{}` and `{}` share a gradient slot",
+            a.name(),
+            b.name()
+        )))
     }
 }
 
@@ -144,21 +196,37 @@ fn linear_bwd<B: Backend>(
     let target = lin.target;
     match (&lin.lora, &saved.xa) {
         (Some(lo), Some(xa)) => {
-            let (da, db) = two_mut(grads, ParamId::LoraA { layer, target }, ParamId::LoraB { layer, target })?;
-            let g = LoraGradRef { a: &lo.a, b: &lo.b, r: lo.r, scale: lo.scale, mask: saved.mask.as_ref(), xa, da, db };
+            let (da, db) = two_mut(
+                grads,
+                ParamId::LoraA { layer, target },
+                ParamId::LoraB { layer, target },
+            )?;
+            let g = LoraGradRef {
+                a: &lo.a,
+                b: &lo.b,
+                r: lo.r,
+                scale: lo.scale,
+                mask: saved.mask.as_ref(),
+                xa,
+                da,
+                db,
+            };
             be.lora_bwd(dy, x, lin.weight(), Some(g), dx, dx_acc, m, k, n)?;
         }
         (None, _) => be.lora_bwd(dy, x, lin.weight(), None, dx, dx_acc, m, k, n)?,
         (Some(_), None) => {
-            return Err(GemmaError::Invalid(format!("{}: LoRA activation was not saved by the forward", target.module_path(layer))))
+            return Err(GemmaError::Invalid(format!(
+                "{}: LoRA activation was not saved by the forward",
+                target.module_path(layer)
+            )))
         }
     }
     if full {
         if let LinearBase::Dense(_) = lin.base {
             let id = ParamId::Weight { layer, target };
-            let dw = grads
-                .get_mut(id)
-                .ok_or_else(|| GemmaError::Invalid(format!("gradients have no slot for `{}`", id.name())))?;
+            let dw = grads.get_mut(id).ok_or_else(|| {
+                GemmaError::Invalid(format!("gradients have no slot for `{}`", id.name()))
+            })?;
             be.matmul_dytx(dy, x, dw, m, k, n, Accum::Add)?;
         }
     }
@@ -166,11 +234,22 @@ fn linear_bwd<B: Backend>(
 }
 
 /// Forward of layer `li` on x [N,H]; writes out [N,H] and returns the saved activations.
-pub(crate) fn layer_fwd<B: Backend>(ctx: &Ctx<'_, B>, layer: &Layer<B>, li: usize, x: &B::Buf, out: &mut B::Buf) -> Result<LayerActs<B>> {
+pub(crate) fn layer_fwd<B: Backend>(
+    ctx: &Ctx<'_, B>,
+    layer: &Layer<B>,
+    li: usize,
+    x: &B::Buf,
+    out: &mut B::Buf,
+) -> Result<LayerActs<B>> {
     let be = ctx.backend;
     let cfg = ctx.cfg;
     let n = ctx.n();
-    let (h, qd, kd, i) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
+    let (h, qd, kd, i) = (
+        cfg.hidden_size,
+        cfg.q_dim(),
+        cfg.kv_dim(),
+        cfg.intermediate_size,
+    );
     let eps = ctx.eps();
     let theta = cfg.rope_theta as f32;
     let lin = |t: Target| layer.linear(t);
@@ -178,15 +257,39 @@ pub(crate) fn layer_fwd<B: Backend>(ctx: &Ctx<'_, B>, layer: &Layer<B>, li: usiz
     // Attention block.
     let mut xn1 = be.zeros(n * h)?;
     let mut rstd1 = be.zeros(n)?;
-    be.rmsnorm_fwd(x, layer.norm(NormKind::Input), &mut xn1, &mut rstd1, n, h, eps)?;
+    be.rmsnorm_fwd(
+        x,
+        layer.norm(NormKind::Input),
+        &mut xn1,
+        &mut rstd1,
+        n,
+        h,
+        eps,
+    )?;
     let mut q = be.zeros(n * qd)?;
     let mut k = be.zeros(n * kd)?;
     let mut v = be.zeros(n * kd)?;
     let sq = linear_fwd(ctx, lin(Target::QProj), li, &xn1, &mut q)?;
     let sk = linear_fwd(ctx, lin(Target::KProj), li, &xn1, &mut k)?;
     let sv = linear_fwd(ctx, lin(Target::VProj), li, &xn1, &mut v)?;
-    be.rope(&mut q, ctx.pos, n, cfg.num_attention_heads, cfg.head_dim, theta, false)?;
-    be.rope(&mut k, ctx.pos, n, cfg.num_key_value_heads, cfg.head_dim, theta, false)?;
+    be.rope(
+        &mut q,
+        ctx.pos,
+        n,
+        cfg.num_attention_heads,
+        cfg.head_dim,
+        theta,
+        false,
+    )?;
+    be.rope(
+        &mut k,
+        ctx.pos,
+        n,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+        theta,
+        false,
+    )?;
     let shape = ctx.attn_shape(li);
     let mut ao = be.zeros(n * qd)?;
     let mut lse = be.zeros(ctx.b * cfg.num_attention_heads * ctx.t)?;
@@ -196,13 +299,29 @@ pub(crate) fn layer_fwd<B: Backend>(ctx: &Ctx<'_, B>, layer: &Layer<B>, li: usiz
     // h1 = x + post_attention_layernorm(o); `on` is reused as the buffer for h1.
     let mut h1 = be.zeros(n * h)?;
     let mut rstd2 = be.zeros(n)?;
-    be.rmsnorm_fwd(&o, layer.norm(NormKind::PostAttention), &mut h1, &mut rstd2, n, h, eps)?;
+    be.rmsnorm_fwd(
+        &o,
+        layer.norm(NormKind::PostAttention),
+        &mut h1,
+        &mut rstd2,
+        n,
+        h,
+        eps,
+    )?;
     be.axpy(1.0, x, &mut h1)?;
 
     // MLP block.
     let mut xn2 = be.zeros(n * h)?;
     let mut rstd3 = be.zeros(n)?;
-    be.rmsnorm_fwd(&h1, layer.norm(NormKind::PreFeedforward), &mut xn2, &mut rstd3, n, h, eps)?;
+    be.rmsnorm_fwd(
+        &h1,
+        layer.norm(NormKind::PreFeedforward),
+        &mut xn2,
+        &mut rstd3,
+        n,
+        h,
+        eps,
+    )?;
     let mut gate = be.zeros(n * i)?;
     let mut up = be.zeros(n * i)?;
     let sg = linear_fwd(ctx, lin(Target::GateProj), li, &xn2, &mut gate)?;
@@ -212,7 +331,15 @@ pub(crate) fn layer_fwd<B: Backend>(ctx: &Ctx<'_, B>, layer: &Layer<B>, li: usiz
     let mut d = be.zeros(n * h)?;
     let sd = linear_fwd(ctx, lin(Target::DownProj), li, &act, &mut d)?;
     let mut rstd4 = be.zeros(n)?;
-    be.rmsnorm_fwd(&d, layer.norm(NormKind::PostFeedforward), out, &mut rstd4, n, h, eps)?;
+    be.rmsnorm_fwd(
+        &d,
+        layer.norm(NormKind::PostFeedforward),
+        out,
+        &mut rstd4,
+        n,
+        h,
+        eps,
+    )?;
     be.axpy(1.0, &h1, out)?;
 
     Ok(LayerActs {
@@ -238,7 +365,11 @@ pub(crate) fn layer_fwd<B: Backend>(ctx: &Ctx<'_, B>, layer: &Layer<B>, li: usiz
 }
 
 /// Gradient sink of one norm: Some(buffer) in full fine-tuning, None for a frozen norm.
-fn norm_grad<B: Backend>(grads: &mut Grads<B>, id: ParamId, full: bool) -> Result<Option<&mut B::Buf>> {
+fn norm_grad<B: Backend>(
+    grads: &mut Grads<B>,
+    id: ParamId,
+    full: bool,
+) -> Result<Option<&mut B::Buf>> {
     if !full {
         return Ok(None);
     }
@@ -265,7 +396,12 @@ pub(crate) fn layer_bwd<B: Backend>(
     let be = ctx.backend;
     let cfg = ctx.cfg;
     let n = ctx.n();
-    let (h, qd, kd, i) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
+    let (h, qd, kd, i) = (
+        cfg.hidden_size,
+        cfg.q_dim(),
+        cfg.kv_dim(),
+        cfg.intermediate_size,
+    );
     let theta = cfg.rope_theta as f32;
     let lin = |t: Target| layer.linear(t);
     let nid = |kind: NormKind| ParamId::Norm { layer: li, kind };
@@ -283,15 +419,48 @@ pub(crate) fn layer_bwd<B: Backend>(
         h,
     )?;
     let mut dact = be.zeros(n * i)?;
-    linear_bwd(ctx, lin(Target::DownProj), li, &a.lin[6], &a.act, &dd, &mut dact, Accum::Overwrite, grads, full)?;
+    linear_bwd(
+        ctx,
+        lin(Target::DownProj),
+        li,
+        &a.lin[6],
+        &a.act,
+        &dd,
+        &mut dact,
+        Accum::Overwrite,
+        grads,
+        full,
+    )?;
     drop(dd);
     let mut dgate = be.zeros(n * i)?;
     let mut dup = be.zeros(n * i)?;
     be.geglu_bwd(&dact, &a.gate, &a.up, &mut dgate, &mut dup)?;
     drop(dact);
     let mut dxn2 = be.zeros(n * h)?;
-    linear_bwd(ctx, lin(Target::GateProj), li, &a.lin[4], &a.xn2, &dgate, &mut dxn2, Accum::Overwrite, grads, full)?;
-    linear_bwd(ctx, lin(Target::UpProj), li, &a.lin[5], &a.xn2, &dup, &mut dxn2, Accum::Add, grads, full)?;
+    linear_bwd(
+        ctx,
+        lin(Target::GateProj),
+        li,
+        &a.lin[4],
+        &a.xn2,
+        &dgate,
+        &mut dxn2,
+        Accum::Overwrite,
+        grads,
+        full,
+    )?;
+    linear_bwd(
+        ctx,
+        lin(Target::UpProj),
+        li,
+        &a.lin[5],
+        &a.xn2,
+        &dup,
+        &mut dxn2,
+        Accum::Add,
+        grads,
+        full,
+    )?;
     drop((dgate, dup));
     // dh1 = dout + preff_norm'(dxn2)
     let mut dh1 = be.zeros(n * h)?;
@@ -321,23 +490,104 @@ pub(crate) fn layer_bwd<B: Backend>(
         h,
     )?;
     let mut dao = be.zeros(n * qd)?;
-    linear_bwd(ctx, lin(Target::OProj), li, &a.lin[3], &a.ao, &d_o, &mut dao, Accum::Overwrite, grads, full)?;
+    linear_bwd(
+        ctx,
+        lin(Target::OProj),
+        li,
+        &a.lin[3],
+        &a.ao,
+        &d_o,
+        &mut dao,
+        Accum::Overwrite,
+        grads,
+        full,
+    )?;
     drop(d_o);
     let mut dq = be.zeros(n * qd)?;
     let mut dk = be.zeros(n * kd)?;
     let mut dv = be.zeros(n * kd)?;
-    be.attn_bwd(&a.q, &a.k, &a.v, ctx.seg, &a.ao, &a.lse, &dao, &mut dq, &mut dk, &mut dv, &ctx.attn_shape(li))?;
+    be.attn_bwd(
+        &a.q,
+        &a.k,
+        &a.v,
+        ctx.seg,
+        &a.ao,
+        &a.lse,
+        &dao,
+        &mut dq,
+        &mut dk,
+        &mut dv,
+        &ctx.attn_shape(li),
+    )?;
     drop(dao);
     // RoPE is an orthogonal rotation per (token, head): its backward rotates the gradient by −angle.
-    be.rope(&mut dq, ctx.pos, n, cfg.num_attention_heads, cfg.head_dim, theta, true)?;
-    be.rope(&mut dk, ctx.pos, n, cfg.num_key_value_heads, cfg.head_dim, theta, true)?;
+    be.rope(
+        &mut dq,
+        ctx.pos,
+        n,
+        cfg.num_attention_heads,
+        cfg.head_dim,
+        theta,
+        true,
+    )?;
+    be.rope(
+        &mut dk,
+        ctx.pos,
+        n,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+        theta,
+        true,
+    )?;
     let mut dxn1 = be.zeros(n * h)?;
-    linear_bwd(ctx, lin(Target::QProj), li, &a.lin[0], &a.xn1, &dq, &mut dxn1, Accum::Overwrite, grads, full)?;
-    linear_bwd(ctx, lin(Target::KProj), li, &a.lin[1], &a.xn1, &dk, &mut dxn1, Accum::Add, grads, full)?;
-    linear_bwd(ctx, lin(Target::VProj), li, &a.lin[2], &a.xn1, &dv, &mut dxn1, Accum::Add, grads, full)?;
+    linear_bwd(
+        ctx,
+        lin(Target::QProj),
+        li,
+        &a.lin[0],
+        &a.xn1,
+        &dq,
+        &mut dxn1,
+        Accum::Overwrite,
+        grads,
+        full,
+    )?;
+    linear_bwd(
+        ctx,
+        lin(Target::KProj),
+        li,
+        &a.lin[1],
+        &a.xn1,
+        &dk,
+        &mut dxn1,
+        Accum::Add,
+        grads,
+        full,
+    )?;
+    linear_bwd(
+        ctx,
+        lin(Target::VProj),
+        li,
+        &a.lin[2],
+        &a.xn1,
+        &dv,
+        &mut dxn1,
+        Accum::Add,
+        grads,
+        full,
+    )?;
     drop((dq, dk, dv));
     // dx = dh1 + input_norm'(dxn1)
-    be.rmsnorm_bwd(&dxn1, x, layer.norm(NormKind::Input), &a.rstd1, dx, norm_grad(grads, nid(NormKind::Input), full)?, n, h)?;
+    be.rmsnorm_bwd(
+        &dxn1,
+        x,
+        layer.norm(NormKind::Input),
+        &a.rstd1,
+        dx,
+        norm_grad(grads, nid(NormKind::Input), full)?,
+        n,
+        h,
+    )?;
     be.axpy(1.0, &dh1, dx)?;
     Ok(())
 }

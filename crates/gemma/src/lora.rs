@@ -24,8 +24,15 @@ pub enum Target {
 }
 
 impl Target {
-    pub const ALL: [Target; 7] =
-        [Target::QProj, Target::KProj, Target::VProj, Target::OProj, Target::GateProj, Target::UpProj, Target::DownProj];
+    pub const ALL: [Target; 7] = [
+        Target::QProj,
+        Target::KProj,
+        Target::VProj,
+        Target::OProj,
+        Target::GateProj,
+        Target::UpProj,
+        Target::DownProj,
+    ];
 
     /// The module name ("q_proj").
     pub fn name(self) -> &'static str {
@@ -56,10 +63,18 @@ impl Target {
     /// Parses a module name; also accepts a dotted suffix such as "self_attn.q_proj".
     pub fn parse(s: &str) -> Result<Target> {
         let last = s.rsplit('.').next().unwrap_or(s);
-        Target::ALL.iter().copied().find(|t| t.name() == last).ok_or_else(|| GemmaError::UnknownTarget {
-            name: s.to_string(),
-            valid: Target::ALL.iter().map(|t| t.name()).collect::<Vec<_>>().join(", "),
-        })
+        Target::ALL
+            .iter()
+            .copied()
+            .find(|t| t.name() == last)
+            .ok_or_else(|| GemmaError::UnknownTarget {
+                name: s.to_string(),
+                valid: Target::ALL
+                    .iter()
+                    .map(|t| t.name())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
     }
 
     /// (out, in) features for a config.
@@ -103,29 +118,55 @@ pub struct LoraConfig {
 
 impl LoraConfig {
     /// Validates and normalises. `targets` holds module names or the single entry "all-linear".
-    pub fn new<S: AsRef<str>>(r: usize, alpha: f64, dropout: f64, use_rslora: bool, targets: &[S]) -> Result<Self> {
+    pub fn new<S: AsRef<str>>(
+        r: usize,
+        alpha: f64,
+        dropout: f64,
+        use_rslora: bool,
+        targets: &[S],
+    ) -> Result<Self> {
         if r == 0 {
             return Err(GemmaError::LoraConfig("r must be at least 1".into()));
         }
         if !(0.0..1.0).contains(&dropout) {
-            return Err(GemmaError::LoraConfig(format!("lora_dropout must be in [0, 1), found {dropout}")));
+            return Err(GemmaError::LoraConfig(format!(
+                "lora_dropout must be in [0, 1), found {dropout}"
+            )));
         }
         if !alpha.is_finite() {
-            return Err(GemmaError::LoraConfig(format!("lora_alpha must be finite, found {alpha}")));
+            return Err(GemmaError::LoraConfig(format!(
+                "lora_alpha must be finite, found {alpha}"
+            )));
         }
         let targets = parse_targets(targets)?;
-        Ok(LoraConfig { r, alpha, dropout, use_rslora, targets })
+        Ok(LoraConfig {
+            r,
+            alpha,
+            dropout,
+            use_rslora,
+            targets,
+        })
     }
 
     /// peft's default for Gemma-2 would be q_proj + v_proj; QLoRA practice (and ours) is all-linear.
     pub fn all_linear(r: usize, alpha: f64) -> Self {
-        LoraConfig { r, alpha, dropout: 0.0, use_rslora: false, targets: Target::ALL.to_vec() }
+        LoraConfig {
+            r,
+            alpha,
+            dropout: 0.0,
+            use_rslora: false,
+            targets: Target::ALL.to_vec(),
+        }
     }
 
     /// s = α/R, or α/√R with rsLoRA (computed in f64 as peft does, then rounded to f32).
     pub fn scale(&self) -> f32 {
         let r = self.r as f64;
-        (if self.use_rslora { self.alpha / r.sqrt() } else { self.alpha / r }) as f32
+        (if self.use_rslora {
+            self.alpha / r.sqrt()
+        } else {
+            self.alpha / r
+        }) as f32
     }
 
     pub fn targets_contains(&self, t: Target) -> bool {
@@ -136,7 +177,9 @@ impl LoraConfig {
 /// Parses a target list: module names (any order, duplicates merged) or ["all-linear"].
 pub fn parse_targets<S: AsRef<str>>(targets: &[S]) -> Result<Vec<Target>> {
     if targets.is_empty() {
-        return Err(GemmaError::LoraConfig("target_modules is empty; name modules or use \"all-linear\"".into()));
+        return Err(GemmaError::LoraConfig(
+            "target_modules is empty; name modules or use \"all-linear\"".into(),
+        ));
     }
     let mut out = Vec::new();
     for t in targets {
@@ -158,7 +201,9 @@ pub fn parse_targets<S: AsRef<str>>(targets: &[S]) -> Result<Vec<Target>> {
 pub fn init_a(seed: u64, layer: usize, target: Target, r: usize, in_features: usize) -> Vec<f32> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ stream_key(layer, target));
     let bound = 1.0 / (in_features as f64).sqrt();
-    (0..r * in_features).map(|_| rng.random_range(-bound..bound) as f32).collect()
+    (0..r * in_features)
+        .map(|_| rng.random_range(-bound..bound) as f32)
+        .collect()
 }
 
 /// Distinct 64-bit key per (layer, target), mixed so nearby layers give unrelated streams.
@@ -177,7 +222,10 @@ pub(crate) fn splitmix64(mut z: u64) -> u64 {
 /// The inverted-dropout mask [M, K] for one LoRA input: each entry 0 with probability p, else 1/(1−p)
 /// (torch `nn.Dropout` semantics). Deterministic in (seed, layer, target).
 pub fn dropout_mask(seed: u64, layer: usize, target: Target, p: f64, len: usize) -> Vec<f32> {
-    let mut rng = ChaCha8Rng::seed_from_u64(splitmix64(seed) ^ stream_key(layer, target) ^ 0xD0D0_D0D0);
+    let mut rng =
+        ChaCha8Rng::seed_from_u64(splitmix64(seed) ^ stream_key(layer, target) ^ 0xD0D0_D0D0);
     let keep = (1.0 / (1.0 - p)) as f32;
-    (0..len).map(|_| if rng.random::<f64>() < p { 0.0 } else { keep }).collect()
+    (0..len)
+        .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
+        .collect()
 }

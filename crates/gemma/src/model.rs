@@ -72,7 +72,12 @@ pub enum NormKind {
 }
 
 impl NormKind {
-    pub const ALL: [NormKind; 4] = [NormKind::Input, NormKind::PostAttention, NormKind::PreFeedforward, NormKind::PostFeedforward];
+    pub const ALL: [NormKind; 4] = [
+        NormKind::Input,
+        NormKind::PostAttention,
+        NormKind::PreFeedforward,
+        NormKind::PostFeedforward,
+    ];
 
     /// HF module name ("input_layernorm", ...).
     pub fn name(self) -> &'static str {
@@ -133,8 +138,12 @@ impl ParamId {
             ParamId::FinalNorm => "model.norm.weight".into(),
             ParamId::Norm { layer, kind } => format!("model.layers.{layer}.{}.weight", kind.name()),
             ParamId::Weight { layer, target } => format!("{}.weight", target.module_path(layer)),
-            ParamId::LoraA { layer, target } => format!("{PEFT_PREFIX}{}.lora_A.weight", target.module_path(layer)),
-            ParamId::LoraB { layer, target } => format!("{PEFT_PREFIX}{}.lora_B.weight", target.module_path(layer)),
+            ParamId::LoraA { layer, target } => {
+                format!("{PEFT_PREFIX}{}.lora_A.weight", target.module_path(layer))
+            }
+            ParamId::LoraB { layer, target } => {
+                format!("{PEFT_PREFIX}{}.lora_B.weight", target.module_path(layer))
+            }
         }
     }
 
@@ -156,7 +165,10 @@ impl ParamId {
         }
         let (parent, rest) = rest.split_once('.')?;
         let (module, rest) = rest.split_once('.')?;
-        let target = Target::ALL.iter().copied().find(|t| t.name() == module && t.parent() == parent)?;
+        let target = Target::ALL
+            .iter()
+            .copied()
+            .find(|t| t.name() == module && t.parent() == parent)?;
         match rest {
             "weight" => Some(ParamId::Weight { layer, target }),
             "lora_A.weight" | "lora_A.default.weight" => Some(ParamId::LoraA { layer, target }),
@@ -214,7 +226,13 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { quantize: Quantization::None, lora: None, full_finetune: false, seed: 0, progress: false }
+        LoadOptions {
+            quantize: Quantization::None,
+            lora: None,
+            full_finetune: false,
+            seed: 0,
+            progress: false,
+        }
     }
 }
 
@@ -242,7 +260,15 @@ impl Batch {
     /// B rows of T tokens with positions 0..T per row, no packing. `targets` already shifted.
     pub fn new(b: usize, t: usize, input_ids: Vec<i32>, targets: Vec<i32>) -> Self {
         let positions = (0..b).flat_map(|_| 0..t as i32).collect();
-        Batch { b, t, input_ids, positions, segment_ids: None, targets, dropout_seed: 0 }
+        Batch {
+            b,
+            t,
+            input_ids,
+            positions,
+            segment_ids: None,
+            targets,
+            dropout_seed: 0,
+        }
     }
 
     /// Shifts HF-style labels (`labels[t]` scores the logits at t−1) into targets (`targets[t] = labels[t+1]`,
@@ -266,26 +292,55 @@ impl Batch {
     pub fn validate(&self, vocab: usize) -> Result<()> {
         let n = self.b * self.t;
         if n == 0 {
-            return Err(GemmaError::Batch(format!("empty batch (B = {}, T = {})", self.b, self.t)));
+            return Err(GemmaError::Batch(format!(
+                "empty batch (B = {}, T = {})",
+                self.b, self.t
+            )));
         }
-        for (name, len) in [("input_ids", self.input_ids.len()), ("positions", self.positions.len()), ("targets", self.targets.len())] {
+        for (name, len) in [
+            ("input_ids", self.input_ids.len()),
+            ("positions", self.positions.len()),
+            ("targets", self.targets.len()),
+        ] {
             if len != n {
-                return Err(GemmaError::Batch(format!("{name} has {len} entries, B·T = {}·{} = {n}", self.b, self.t)));
+                return Err(GemmaError::Batch(format!(
+                    "{name} has {len} entries, B·T = {}·{} = {n}",
+                    self.b, self.t
+                )));
             }
         }
         if let Some(s) = &self.segment_ids {
             if s.len() != n {
-                return Err(GemmaError::Batch(format!("segment_ids has {} entries, B·T = {n}", s.len())));
+                return Err(GemmaError::Batch(format!(
+                    "segment_ids has {} entries, B·T = {n}",
+                    s.len()
+                )));
             }
         }
-        if let Some((i, &id)) = self.input_ids.iter().enumerate().find(|(_, &id)| id < 0 || id as usize >= vocab) {
-            return Err(GemmaError::Batch(format!("input_ids[{i}] = {id} is outside the vocabulary [0, {vocab})")));
+        if let Some((i, &id)) = self
+            .input_ids
+            .iter()
+            .enumerate()
+            .find(|(_, &id)| id < 0 || id as usize >= vocab)
+        {
+            return Err(GemmaError::Batch(format!(
+                "input_ids[{i}] = {id} is outside the vocabulary [0, {vocab})"
+            )));
         }
-        if let Some((i, &id)) = self.targets.iter().enumerate().find(|(_, &id)| id != -100 && (id < 0 || id as usize >= vocab)) {
-            return Err(GemmaError::Batch(format!("targets[{i}] = {id} is neither −100 nor in [0, {vocab})")));
+        if let Some((i, &id)) = self
+            .targets
+            .iter()
+            .enumerate()
+            .find(|(_, &id)| id != -100 && (id < 0 || id as usize >= vocab))
+        {
+            return Err(GemmaError::Batch(format!(
+                "targets[{i}] = {id} is neither −100 nor in [0, {vocab})"
+            )));
         }
         if let Some((i, &p)) = self.positions.iter().enumerate().find(|(_, &p)| p < 0) {
-            return Err(GemmaError::Batch(format!("positions[{i}] = {p} is negative")));
+            return Err(GemmaError::Batch(format!(
+                "positions[{i}] = {p} is negative"
+            )));
         }
         Ok(())
     }
@@ -310,9 +365,17 @@ impl<B: Backend> Grads<B> {
         let r = model.lora.as_ref().map_or(0, |l| l.r);
         let bufs = ids
             .iter()
-            .map(|id| model.backend.zeros(id.shape(&model.config, r).iter().product()))
+            .map(|id| {
+                model
+                    .backend
+                    .zeros(id.shape(&model.config, r).iter().product())
+            })
             .collect::<afinar_kernels::Result<Vec<_>>>()?;
-        Ok(Grads { backend: model.backend.clone(), ids, bufs })
+        Ok(Grads {
+            backend: model.backend.clone(),
+            ids,
+            bufs,
+        })
     }
 
     /// Sets every gradient to 0.
@@ -352,7 +415,10 @@ impl<B: Backend> Grads<B> {
 
     /// The gradient of one parameter.
     pub fn get(&self, id: ParamId) -> Option<&B::Buf> {
-        self.ids.iter().position(|&i| i == id).map(|i| &self.bufs[i])
+        self.ids
+            .iter()
+            .position(|&i| i == id)
+            .map(|i| &self.bufs[i])
     }
 
     /// The gradient of a parameter by file name (`ParamId::name`).
@@ -361,7 +427,10 @@ impl<B: Backend> Grads<B> {
     }
 
     pub(crate) fn get_mut(&mut self, id: ParamId) -> Option<&mut B::Buf> {
-        self.ids.iter().position(|&i| i == id).map(move |i| &mut self.bufs[i])
+        self.ids
+            .iter()
+            .position(|&i| i == id)
+            .map(move |i| &mut self.bufs[i])
     }
 
     pub(crate) fn position(&self, id: ParamId) -> Option<usize> {
@@ -374,7 +443,9 @@ impl<B: Backend> Grads<B> {
 
     /// Copies one gradient to the host.
     pub fn to_host(&self, id: ParamId) -> Result<Vec<f32>> {
-        let b = self.get(id).ok_or_else(|| GemmaError::Invalid(format!("no gradient for `{}`", id.name())))?;
+        let b = self
+            .get(id)
+            .ok_or_else(|| GemmaError::Invalid(format!("no gradient for `{}`", id.name())))?;
         Ok(self.backend.to_host(b)?)
     }
 }
@@ -425,7 +496,11 @@ impl<B: Backend> Gemma2Model<B> {
         }
         for (layer, l) in self.layers.iter().enumerate() {
             if full {
-                ids.extend(NormKind::ALL.iter().map(|&kind| ParamId::Norm { layer, kind }));
+                ids.extend(
+                    NormKind::ALL
+                        .iter()
+                        .map(|&kind| ParamId::Norm { layer, kind }),
+                );
             }
             for lin in &l.linears {
                 let target = lin.target;
@@ -452,12 +527,18 @@ impl<B: Backend> Gemma2Model<B> {
     /// Number of trainable scalars.
     pub fn num_trainable(&self) -> usize {
         let r = self.lora.as_ref().map_or(0, |l| l.r);
-        self.trainable_ids().iter().map(|id| id.shape(&self.config, r).iter().product::<usize>()).sum()
+        self.trainable_ids()
+            .iter()
+            .map(|id| id.shape(&self.config, r).iter().product::<usize>())
+            .sum()
     }
 
     /// Every trainable parameter with its gradient, in `trainable_ids` order, for the optimizer step
     /// (the trainer keeps its AdamW moments in a Vec of the same order).
-    pub fn params_and_grads<'a>(&'a mut self, grads: &'a Grads<B>) -> Result<Vec<TrainableParam<'a, B>>> {
+    pub fn params_and_grads<'a>(
+        &'a mut self,
+        grads: &'a Grads<B>,
+    ) -> Result<Vec<TrainableParam<'a, B>>> {
         let ids = self.trainable_ids();
         if ids != grads.ids {
             return Err(GemmaError::Invalid(format!(
@@ -506,13 +587,28 @@ impl<B: Backend> Gemma2Model<B> {
         match id {
             ParamId::Embed => Some(&self.embed_tokens),
             ParamId::FinalNorm => Some(&self.norm),
-            ParamId::Norm { layer, kind } => self.layers.get(layer).map(|l| &l.norms[kind as usize]),
-            ParamId::Weight { layer, target } => match &self.layers.get(layer)?.linear(target).base {
+            ParamId::Norm { layer, kind } => {
+                self.layers.get(layer).map(|l| &l.norms[kind as usize])
+            }
+            ParamId::Weight { layer, target } => match &self.layers.get(layer)?.linear(target).base
+            {
                 LinearBase::Dense(w) => Some(w),
                 LinearBase::Nf4(_) => None,
             },
-            ParamId::LoraA { layer, target } => self.layers.get(layer)?.linear(target).lora.as_ref().map(|l| &l.a),
-            ParamId::LoraB { layer, target } => self.layers.get(layer)?.linear(target).lora.as_ref().map(|l| &l.b),
+            ParamId::LoraA { layer, target } => self
+                .layers
+                .get(layer)?
+                .linear(target)
+                .lora
+                .as_ref()
+                .map(|l| &l.a),
+            ParamId::LoraB { layer, target } => self
+                .layers
+                .get(layer)?
+                .linear(target)
+                .lora
+                .as_ref()
+                .map(|l| &l.b),
         }
     }
 
@@ -521,13 +617,30 @@ impl<B: Backend> Gemma2Model<B> {
         match id {
             ParamId::Embed => Some(&mut self.embed_tokens),
             ParamId::FinalNorm => Some(&mut self.norm),
-            ParamId::Norm { layer, kind } => self.layers.get_mut(layer).map(|l| &mut l.norms[kind as usize]),
-            ParamId::Weight { layer, target } => match &mut self.layers.get_mut(layer)?.linear_mut(target).base {
-                LinearBase::Dense(w) => Some(w),
-                LinearBase::Nf4(_) => None,
-            },
-            ParamId::LoraA { layer, target } => self.layers.get_mut(layer)?.linear_mut(target).lora.as_mut().map(|l| &mut l.a),
-            ParamId::LoraB { layer, target } => self.layers.get_mut(layer)?.linear_mut(target).lora.as_mut().map(|l| &mut l.b),
+            ParamId::Norm { layer, kind } => self
+                .layers
+                .get_mut(layer)
+                .map(|l| &mut l.norms[kind as usize]),
+            ParamId::Weight { layer, target } => {
+                match &mut self.layers.get_mut(layer)?.linear_mut(target).base {
+                    LinearBase::Dense(w) => Some(w),
+                    LinearBase::Nf4(_) => None,
+                }
+            }
+            ParamId::LoraA { layer, target } => self
+                .layers
+                .get_mut(layer)?
+                .linear_mut(target)
+                .lora
+                .as_mut()
+                .map(|l| &mut l.a),
+            ParamId::LoraB { layer, target } => self
+                .layers
+                .get_mut(layer)?
+                .linear_mut(target)
+                .lora
+                .as_mut()
+                .map(|l| &mut l.b),
         }
     }
 
@@ -542,8 +655,14 @@ impl<B: Backend> Gemma2Model<B> {
         for (layer, l) in self.layers.iter().enumerate() {
             for lin in &l.linears {
                 if lin.lora.is_some() {
-                    ids.push(ParamId::LoraA { layer, target: lin.target });
-                    ids.push(ParamId::LoraB { layer, target: lin.target });
+                    ids.push(ParamId::LoraA {
+                        layer,
+                        target: lin.target,
+                    });
+                    ids.push(ParamId::LoraB {
+                        layer,
+                        target: lin.target,
+                    });
                 }
             }
         }
@@ -552,20 +671,32 @@ impl<B: Backend> Gemma2Model<B> {
 
     /// Copies a parameter to the host, by name (HF name for base weights, peft name for LoRA).
     pub fn get_tensor(&self, name: &str) -> Result<Vec<f32>> {
-        let id = ParamId::parse(name).ok_or_else(|| GemmaError::Invalid(format!("`{name}` is not a Gemma-2 parameter name")))?;
-        let buf = self.param(id).ok_or_else(|| GemmaError::Invalid(format!("this model holds no dense tensor `{name}`")))?;
+        let id = ParamId::parse(name).ok_or_else(|| {
+            GemmaError::Invalid(format!("`{name}` is not a Gemma-2 parameter name"))
+        })?;
+        let buf = self.param(id).ok_or_else(|| {
+            GemmaError::Invalid(format!("this model holds no dense tensor `{name}`"))
+        })?;
         Ok(self.backend.to_host(buf)?)
     }
 
     /// Overwrites a parameter from host values, by name; the length must match its shape.
     pub fn set_tensor(&mut self, name: &str, values: &[f32]) -> Result<()> {
-        let id = ParamId::parse(name).ok_or_else(|| GemmaError::Invalid(format!("`{name}` is not a Gemma-2 parameter name")))?;
+        let id = ParamId::parse(name).ok_or_else(|| {
+            GemmaError::Invalid(format!("`{name}` is not a Gemma-2 parameter name"))
+        })?;
         let r = self.lora.as_ref().map_or(0, |l| l.r);
         let shape = id.shape(&self.config, r);
         let backend = self.backend.clone();
-        let buf = self.param_mut(id).ok_or_else(|| GemmaError::Invalid(format!("this model holds no dense tensor `{name}`")))?;
+        let buf = self.param_mut(id).ok_or_else(|| {
+            GemmaError::Invalid(format!("this model holds no dense tensor `{name}`"))
+        })?;
         if values.len() != shape.iter().product::<usize>() {
-            return Err(GemmaError::ShapeMismatch { name: name.to_string(), expected: shape, found: vec![values.len()] });
+            return Err(GemmaError::ShapeMismatch {
+                name: name.to_string(),
+                expected: shape,
+                found: vec![values.len()],
+            });
         }
         let src = backend.from_host(values)?;
         backend.copy(&src, buf)?;
@@ -574,7 +705,10 @@ impl<B: Backend> Gemma2Model<B> {
 
     /// The NF4 base weight of a linear, to the host (for exporting a bitsandbytes checkpoint).
     pub fn nf4_weight(&self, layer: usize, target: Target) -> Result<Option<Nf4Tensor>> {
-        let l = self.layers.get(layer).ok_or_else(|| GemmaError::Invalid(format!("no layer {layer}")))?;
+        let l = self
+            .layers
+            .get(layer)
+            .ok_or_else(|| GemmaError::Invalid(format!("no layer {layer}")))?;
         match &l.linear(target).base {
             LinearBase::Nf4(w) => Ok(Some(self.backend.nf4_to_host(w)?)),
             LinearBase::Dense(_) => Ok(None),
@@ -583,7 +717,10 @@ impl<B: Backend> Gemma2Model<B> {
 
     /// The base weight of a linear as dense f32 host values [out, in] (dequantized if NF4): for merging.
     pub fn dense_weight(&self, layer: usize, target: Target) -> Result<Vec<f32>> {
-        let l = self.layers.get(layer).ok_or_else(|| GemmaError::Invalid(format!("no layer {layer}")))?;
+        let l = self
+            .layers
+            .get(layer)
+            .ok_or_else(|| GemmaError::Invalid(format!("no layer {layer}")))?;
         let lin = l.linear(target);
         match &lin.base {
             LinearBase::Dense(w) => Ok(self.backend.to_host(w)?),
@@ -604,7 +741,10 @@ impl<B: Backend> Gemma2Model<B> {
 enum Source<'a> {
     Store(&'a TensorStore),
     /// Random init as transformers' `_init_weights`: N(0, std) for embedding and linears, 0 for norm offsets.
-    Random { seed: u64, std: f64 },
+    Random {
+        seed: u64,
+        std: f64,
+    },
 }
 
 /// Standard normal sample by Box–Muller (rand 0.9 has no normal distribution without rand_distr).
@@ -636,7 +776,9 @@ impl<'a> Source<'a> {
                     return Ok(vec![0.0; numel]);
                 }
                 // One independent stream per tensor name, so adding layers does not reshuffle the others.
-                let key = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+                let key = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                    (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+                });
                 let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ key);
                 Ok(normal_vec(&mut rng, numel, *std))
             }
@@ -658,18 +800,40 @@ impl<B: Backend> Gemma2Model<B> {
     }
 
     /// Builds the model from an open tensor store.
-    pub fn from_store(backend: Arc<B>, config: Gemma2Config, store: &TensorStore, opts: &LoadOptions) -> Result<Self> {
+    pub fn from_store(
+        backend: Arc<B>,
+        config: Gemma2Config,
+        store: &TensorStore,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
         Self::build(backend, config, Source::Store(store), opts)
     }
 
     /// A randomly initialised model (embedding and linears N(0, 0.02), norm offsets 0), for pretraining the
     /// demo model, tests and benchmarks. Deterministic in `opts.seed`.
     pub fn random(backend: Arc<B>, config: Gemma2Config, opts: &LoadOptions) -> Result<Self> {
-        let std = config.raw.get("initializer_range").and_then(serde_json::Value::as_f64).unwrap_or(0.02);
-        Self::build(backend, config, Source::Random { seed: opts.seed, std }, opts)
+        let std = config
+            .raw
+            .get("initializer_range")
+            .and_then(serde_json::Value::as_f64)
+            .unwrap_or(0.02);
+        Self::build(
+            backend,
+            config,
+            Source::Random {
+                seed: opts.seed,
+                std,
+            },
+            opts,
+        )
     }
 
-    fn build(backend: Arc<B>, config: Gemma2Config, src: Source<'_>, opts: &LoadOptions) -> Result<Self> {
+    fn build(
+        backend: Arc<B>,
+        config: Gemma2Config,
+        src: Source<'_>,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
         if opts.full_finetune && opts.quantize != Quantization::None {
             return Err(GemmaError::Invalid(
                 "full fine-tuning needs dense weights: use Quantization::None (NF4 bases are frozen)".into(),
@@ -680,7 +844,8 @@ impl<B: Backend> Gemma2Model<B> {
         let nl = cfg.num_hidden_layers;
         let bar = progress_bar(opts.progress, nl as u64 + 2);
 
-        let embed_tokens = backend.from_host(&src.fetch("model.embed_tokens.weight", &[cfg.vocab_size, h])?)?;
+        let embed_tokens =
+            backend.from_host(&src.fetch("model.embed_tokens.weight", &[cfg.vocab_size, h])?)?;
         bar.inc(1);
         let mut layers = Vec::with_capacity(nl);
         for li in 0..nl {
@@ -688,14 +853,19 @@ impl<B: Backend> Gemma2Model<B> {
                 let name = ParamId::Norm { layer: li, kind }.name();
                 Ok(backend.from_host(&src.fetch(&name, &[h])?)?)
             };
-            let norms = [norm(NormKind::Input)?, norm(NormKind::PostAttention)?, norm(NormKind::PreFeedforward)?, norm(NormKind::PostFeedforward)?];
+            let norms = [
+                norm(NormKind::Input)?,
+                norm(NormKind::PostAttention)?,
+                norm(NormKind::PreFeedforward)?,
+                norm(NormKind::PostFeedforward)?,
+            ];
             let mut lins = Vec::with_capacity(7);
             for target in Target::ALL {
                 lins.push(build_linear(&*backend, cfg, &src, opts, li, target)?);
             }
-            let linears: [Linear<B>; 7] = lins
-                .try_into()
-                .map_err(|_| GemmaError::Invalid("internal: a layer must have exactly seven linears".into()))?;
+            let linears: [Linear<B>; 7] = lins.try_into().map_err(|_| {
+                GemmaError::Invalid("internal: a layer must have exactly seven linears".into())
+            })?;
             layers.push(Layer { norms, linears });
             bar.inc(1);
         }
@@ -732,7 +902,9 @@ fn build_linear<B: Backend>(
     };
     let base = if prequant {
         let Source::Store(s) = src else {
-            return Err(GemmaError::Invalid("internal: pre-quantized weight without a store".into()));
+            return Err(GemmaError::Invalid(
+                "internal: pre-quantized weight without a store".into(),
+            ));
         };
         if opts.full_finetune {
             return Err(GemmaError::Invalid(format!(
@@ -761,7 +933,13 @@ fn build_linear<B: Backend>(
         }),
         _ => None,
     };
-    Ok(Linear { target, out_features: out_f, in_features: in_f, base, lora })
+    Ok(Linear {
+        target,
+        out_features: out_f,
+        in_features: in_f,
+        base,
+        lora,
+    })
 }
 
 /// A progress bar on stderr when asked for and stderr is a terminal; hidden otherwise.
@@ -769,7 +947,9 @@ fn progress_bar(enabled: bool, len: u64) -> indicatif::ProgressBar {
     use std::io::IsTerminal;
     if enabled && std::io::stderr().is_terminal() {
         let bar = indicatif::ProgressBar::new(len);
-        if let Ok(style) = indicatif::ProgressStyle::with_template("loading {bar:40} {pos}/{len} layers {elapsed}") {
+        if let Ok(style) =
+            indicatif::ProgressStyle::with_template("loading {bar:40} {pos}/{len} layers {elapsed}")
+        {
             bar.set_style(style);
         }
         bar
@@ -797,7 +977,11 @@ impl<B: Backend> Gemma2Model<B> {
         Ok(DeviceBatch {
             ids: be.ids_from_host(&batch.input_ids)?,
             pos: be.ids_from_host(&batch.positions)?,
-            seg: batch.segment_ids.as_ref().map(|s| be.ids_from_host(s)).transpose()?,
+            seg: batch
+                .segment_ids
+                .as_ref()
+                .map(|s| be.ids_from_host(s))
+                .transpose()?,
             targets: be.ids_from_host(&batch.targets)?,
         })
     }
@@ -822,14 +1006,29 @@ impl<B: Backend> Gemma2Model<B> {
         let ctx = self.ctx(batch, dev, false);
         let (n, h) = (batch.tokens(), self.config.hidden_size);
         let mut x = be.zeros(n * h)?;
-        be.embedding_fwd(&dev.ids, &self.embed_tokens, &mut x, self.config.vocab_size, h, self.config.embed_scale())?;
+        be.embedding_fwd(
+            &dev.ids,
+            &self.embed_tokens,
+            &mut x,
+            self.config.vocab_size,
+            h,
+            self.config.embed_scale(),
+        )?;
         let mut next = be.zeros(n * h)?;
         for (li, layer) in self.layers.iter().enumerate() {
             layer_fwd(&ctx, layer, li, &x, &mut next)?;
             std::mem::swap(&mut x, &mut next);
         }
         let mut rstd = be.zeros(n)?;
-        be.rmsnorm_fwd(&x, &self.norm, &mut next, &mut rstd, n, h, self.config.rms_norm_eps as f32)?;
+        be.rmsnorm_fwd(
+            &x,
+            &self.norm,
+            &mut next,
+            &mut rstd,
+            n,
+            h,
+            self.config.rms_norm_eps as f32,
+        )?;
         Ok(next)
     }
 
@@ -839,9 +1038,21 @@ impl<B: Backend> Gemma2Model<B> {
         let dev = self.upload(batch)?;
         let xf = self.final_hidden(batch, &dev)?;
         let be = &*self.backend;
-        let (n, h, v) = (batch.tokens(), self.config.hidden_size, self.config.vocab_size);
+        let (n, h, v) = (
+            batch.tokens(),
+            self.config.hidden_size,
+            self.config.vocab_size,
+        );
         let mut logits = be.zeros(n * v)?;
-        be.matmul_xwt(&xf, &self.embed_tokens, &mut logits, n, h, v, Accum::Overwrite)?;
+        be.matmul_xwt(
+            &xf,
+            &self.embed_tokens,
+            &mut logits,
+            n,
+            h,
+            v,
+            Accum::Overwrite,
+        )?;
         if let Some(c) = self.config.final_logit_softcapping {
             be.softcap_fwd(&mut logits, c as f32)?;
         }
@@ -853,9 +1064,24 @@ impl<B: Backend> Gemma2Model<B> {
     pub fn loss(&self, batch: &Batch) -> Result<(f64, usize)> {
         let dev = self.upload(batch)?;
         let xf = self.final_hidden(batch, &dev)?;
-        let (n, h, v) = (batch.tokens(), self.config.hidden_size, self.config.vocab_size);
+        let (n, h, v) = (
+            batch.tokens(),
+            self.config.hidden_size,
+            self.config.vocab_size,
+        );
         let cap = self.config.final_logit_softcapping.map(|c| c as f32);
-        Ok(self.backend.lm_head_ce(&xf, &self.embed_tokens, &dev.targets, n, h, v, cap, 1.0, None, None)?)
+        Ok(self.backend.lm_head_ce(
+            &xf,
+            &self.embed_tokens,
+            &dev.targets,
+            n,
+            h,
+            v,
+            cap,
+            1.0,
+            None,
+            None,
+        )?)
     }
 
     /// Forward and backward of one micro-batch in training mode (LoRA dropout on, masks from
@@ -864,7 +1090,12 @@ impl<B: Backend> Gemma2Model<B> {
     ///
     /// For "loss normalised by the trained tokens of the whole accumulation window", pass
     /// grad_scale = 1 / (tokens in the window).
-    pub fn forward_backward(&self, batch: &Batch, grad_scale: f32, grads: &mut Grads<B>) -> Result<(f64, usize)> {
+    pub fn forward_backward(
+        &self,
+        batch: &Batch,
+        grad_scale: f32,
+        grads: &mut Grads<B>,
+    ) -> Result<(f64, usize)> {
         if grads.ids != self.trainable_ids() {
             return Err(GemmaError::Invalid("gradients do not match this model's trainable parameters (made for another model?)".into()));
         }
@@ -880,9 +1111,20 @@ impl<B: Backend> Gemma2Model<B> {
         // activations of every layer are kept; with it they are dropped and recomputed in the backward.
         let mut xs: Vec<B::Buf> = Vec::with_capacity(self.layers.len() + 1);
         let mut x0 = be.zeros(n * h)?;
-        be.embedding_fwd(&dev.ids, &self.embed_tokens, &mut x0, v, h, cfg.embed_scale())?;
+        be.embedding_fwd(
+            &dev.ids,
+            &self.embed_tokens,
+            &mut x0,
+            v,
+            h,
+            cfg.embed_scale(),
+        )?;
         xs.push(x0);
-        let mut acts = Vec::with_capacity(if self.checkpointing { 0 } else { self.layers.len() });
+        let mut acts = Vec::with_capacity(if self.checkpointing {
+            0
+        } else {
+            self.layers.len()
+        });
         for (li, layer) in self.layers.iter().enumerate() {
             let mut out = be.zeros(n * h)?;
             let a = layer_fwd(&ctx, layer, li, &xs[li], &mut out)?;
@@ -900,13 +1142,32 @@ impl<B: Backend> Gemma2Model<B> {
         let cap = cfg.final_logit_softcapping.map(|c| c as f32);
         let mut dxf = be.zeros(n * h)?;
         let (sum, count) = {
-            let demb = if full { grads.get_mut(ParamId::Embed) } else { None };
-            be.lm_head_ce(&xf, &self.embed_tokens, &dev.targets, n, h, v, cap, grad_scale, Some(&mut dxf), demb)?
+            let demb = if full {
+                grads.get_mut(ParamId::Embed)
+            } else {
+                None
+            };
+            be.lm_head_ce(
+                &xf,
+                &self.embed_tokens,
+                &dev.targets,
+                n,
+                h,
+                v,
+                cap,
+                grad_scale,
+                Some(&mut dxf),
+                demb,
+            )?
         };
         drop(xf);
         let mut dh = be.zeros(n * h)?;
         {
-            let dw = if full { grads.get_mut(ParamId::FinalNorm) } else { None };
+            let dw = if full {
+                grads.get_mut(ParamId::FinalNorm)
+            } else {
+                None
+            };
             be.rmsnorm_bwd(&dxf, last, &self.norm, &rstdf, &mut dh, dw, n, h)?;
         }
         drop(dxf);
@@ -921,13 +1182,17 @@ impl<B: Backend> Gemma2Model<B> {
                 let a = layer_fwd(&ctx, layer, li, x, &mut scratch)?;
                 layer_bwd(&ctx, layer, li, x, &a, &dh, &mut dnext, grads, full)?;
             } else {
-                let a = acts.pop().ok_or_else(|| GemmaError::Invalid("internal: missing saved activations".into()))?;
+                let a = acts.pop().ok_or_else(|| {
+                    GemmaError::Invalid("internal: missing saved activations".into())
+                })?;
                 layer_bwd(&ctx, layer, li, x, &a, &dh, &mut dnext, grads, full)?;
             }
             std::mem::swap(&mut dh, &mut dnext);
         }
         if full {
-            let demb = grads.get_mut(ParamId::Embed).ok_or_else(|| GemmaError::Invalid("gradients have no slot for the embedding".into()))?;
+            let demb = grads.get_mut(ParamId::Embed).ok_or_else(|| {
+                GemmaError::Invalid("gradients have no slot for the embedding".into())
+            })?;
             be.embedding_bwd(&dev.ids, &dh, demb, v, h, cfg.embed_scale())?;
         }
         Ok((sum, count))

@@ -115,7 +115,10 @@ const INDEX_NAME: &str = "model.safetensors.index.json";
 const SINGLE_NAME: &str = "model.safetensors";
 
 fn corrupt(path: &Path, msg: impl Into<String>) -> GemmaError {
-    GemmaError::Safetensors { path: path.to_path_buf(), msg: msg.into() }
+    GemmaError::Safetensors {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
 }
 
 impl TensorStore {
@@ -143,7 +146,10 @@ impl TensorStore {
     /// Opens the shards listed by a `model.safetensors.index.json`.
     pub fn open_index(index: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(index).map_err(|e| GemmaError::io(index, e))?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| GemmaError::Json { path: index.to_path_buf(), source: e })?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| GemmaError::Json {
+            path: index.to_path_buf(),
+            source: e,
+        })?;
         let map = v
             .get("weight_map")
             .and_then(Value::as_object)
@@ -152,9 +158,14 @@ impl TensorStore {
         let mut shard_names: Vec<String> = Vec::new();
         let mut wanted: Vec<(String, String)> = Vec::new();
         for (name, file) in map {
-            let file = file.as_str().ok_or_else(|| corrupt(index, format!("weight_map[{name:?}] is not a file name")))?;
+            let file = file.as_str().ok_or_else(|| {
+                corrupt(index, format!("weight_map[{name:?}] is not a file name"))
+            })?;
             if file.contains('/') || file.contains('\\') || file.contains("..") {
-                return Err(corrupt(index, format!("weight_map[{name:?}] = {file:?} is not a plain file name")));
+                return Err(corrupt(
+                    index,
+                    format!("weight_map[{name:?}] = {file:?} is not a plain file name"),
+                ));
             }
             if !shard_names.iter().any(|s| s == file) {
                 shard_names.push(file.to_string());
@@ -186,13 +197,20 @@ impl TensorStore {
             let (file, infos) = open_one(path, fi)?;
             for (name, info) in infos {
                 if tensors.contains_key(&name) {
-                    return Err(corrupt(path, format!("tensor `{name}` is also stored in another shard")));
+                    return Err(corrupt(
+                        path,
+                        format!("tensor `{name}` is also stored in another shard"),
+                    ));
                 }
                 tensors.insert(name, info);
             }
             files.push(file);
         }
-        Ok(TensorStore { files, tensors, dangling: HashMap::new() })
+        Ok(TensorStore {
+            files,
+            tensors,
+            dangling: HashMap::new(),
+        })
     }
 
     /// The files of this store, in index order.
@@ -223,7 +241,10 @@ impl TensorStore {
                 Some(&fi) => vec![self.files[fi].path.clone()],
                 None => self.files(),
             };
-            GemmaError::MissingTensor { name: name.to_string(), files }
+            GemmaError::MissingTensor {
+                name: name.to_string(),
+                files,
+            }
         })
     }
 
@@ -256,7 +277,11 @@ impl TensorStore {
     pub fn check_shape(&self, name: &str, expected: &[usize]) -> Result<()> {
         let info = self.info(name)?;
         if info.shape != expected {
-            return Err(GemmaError::ShapeMismatch { name: name.to_string(), expected: expected.to_vec(), found: info.shape.clone() });
+            return Err(GemmaError::ShapeMismatch {
+                name: name.to_string(),
+                expected: expected.to_vec(),
+                found: info.shape.clone(),
+            });
         }
         Ok(())
     }
@@ -265,9 +290,18 @@ impl TensorStore {
 /// Decodes little-endian F32/F16/BF16/F64 bytes to f32; None for other dtypes.
 pub fn decode_f32(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
     Some(match dtype {
-        Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        Dtype::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect(),
-        Dtype::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect(),
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+            .collect(),
         Dtype::F64 => bytes
             .chunks_exact(8)
             .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
@@ -285,15 +319,29 @@ fn open_one(path: &Path, fi: usize) -> Result<(StFile, Vec<(String, TensorInfo)>
     let mmap = unsafe { Mmap::map(&file) }.map_err(|e| GemmaError::io(path, e))?;
     let len = mmap.len();
     if len < 8 {
-        return Err(corrupt(path, format!("file is {len} bytes, shorter than the 8-byte header length")));
+        return Err(corrupt(
+            path,
+            format!("file is {len} bytes, shorter than the 8-byte header length"),
+        ));
     }
-    let n = u64::from_le_bytes(mmap[..8].try_into().map_err(|_| corrupt(path, "unreadable header length"))?);
-    let n = usize::try_from(n).map_err(|_| corrupt(path, format!("header length {n} does not fit in memory")))?;
+    let n = u64::from_le_bytes(
+        mmap[..8]
+            .try_into()
+            .map_err(|_| corrupt(path, "unreadable header length"))?,
+    );
+    let n = usize::try_from(n)
+        .map_err(|_| corrupt(path, format!("header length {n} does not fit in memory")))?;
     if n > len - 8 {
-        return Err(corrupt(path, format!("header length {n} exceeds the file size {len} (truncated file?)")));
+        return Err(corrupt(
+            path,
+            format!("header length {n} exceeds the file size {len} (truncated file?)"),
+        ));
     }
-    let header: Value = serde_json::from_slice(&mmap[8..8 + n]).map_err(|e| corrupt(path, format!("header is not valid JSON: {e}")))?;
-    let obj = header.as_object().ok_or_else(|| corrupt(path, "header is not a JSON object"))?;
+    let header: Value = serde_json::from_slice(&mmap[8..8 + n])
+        .map_err(|e| corrupt(path, format!("header is not valid JSON: {e}")))?;
+    let obj = header
+        .as_object()
+        .ok_or_else(|| corrupt(path, "header is not a JSON object"))?;
     let data_start = 8 + n;
     let data_len = len - data_start;
     let mut metadata = BTreeMap::new();
@@ -302,38 +350,83 @@ fn open_one(path: &Path, fi: usize) -> Result<(StFile, Vec<(String, TensorInfo)>
         if name == "__metadata__" {
             if let Some(m) = v.as_object() {
                 for (k, val) in m {
-                    metadata.insert(k.clone(), val.as_str().map(str::to_string).unwrap_or_else(|| val.to_string()));
+                    metadata.insert(
+                        k.clone(),
+                        val.as_str()
+                            .map(str::to_string)
+                            .unwrap_or_else(|| val.to_string()),
+                    );
                 }
             }
             continue;
         }
         let bad = |msg: String| corrupt(path, format!("tensor `{name}`: {msg}"));
-        let dtype_s = v.get("dtype").and_then(Value::as_str).ok_or_else(|| bad("no dtype".into()))?;
-        let dtype = Dtype::parse(dtype_s).ok_or_else(|| bad(format!("unknown dtype {dtype_s:?}")))?;
+        let dtype_s = v
+            .get("dtype")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad("no dtype".into()))?;
+        let dtype =
+            Dtype::parse(dtype_s).ok_or_else(|| bad(format!("unknown dtype {dtype_s:?}")))?;
         let shape = v
             .get("shape")
             .and_then(Value::as_array)
             .ok_or_else(|| bad("no shape".into()))?
             .iter()
-            .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()).ok_or_else(|| bad(format!("bad dimension {d}"))))
+            .map(|d| {
+                d.as_u64()
+                    .and_then(|d| usize::try_from(d).ok())
+                    .ok_or_else(|| bad(format!("bad dimension {d}")))
+            })
             .collect::<Result<Vec<usize>>>()?;
-        let offs = v.get("data_offsets").and_then(Value::as_array).ok_or_else(|| bad("no data_offsets".into()))?;
+        let offs = v
+            .get("data_offsets")
+            .and_then(Value::as_array)
+            .ok_or_else(|| bad("no data_offsets".into()))?;
         if offs.len() != 2 {
             return Err(bad("data_offsets must have two entries".into()));
         }
-        let o = |i: usize| offs[i].as_u64().and_then(|x| usize::try_from(x).ok()).ok_or_else(|| bad("bad data_offsets".into()));
+        let o = |i: usize| {
+            offs[i]
+                .as_u64()
+                .and_then(|x| usize::try_from(x).ok())
+                .ok_or_else(|| bad("bad data_offsets".into()))
+        };
         let (b, e) = (o(0)?, o(1)?);
         if b > e || e > data_len {
             return Err(bad(format!("data_offsets [{b}, {e}] outside the data region of {data_len} bytes (truncated file?)")));
         }
-        let numel = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| bad("shape overflows".into()))?;
-        let need = numel.checked_mul(dtype.size()).ok_or_else(|| bad("shape overflows".into()))?;
+        let numel = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| bad("shape overflows".into()))?;
+        let need = numel
+            .checked_mul(dtype.size())
+            .ok_or_else(|| bad("shape overflows".into()))?;
         if e - b != need {
-            return Err(bad(format!("{} bytes stored but {dtype_s} {shape:?} needs {need}", e - b)));
+            return Err(bad(format!(
+                "{} bytes stored but {dtype_s} {shape:?} needs {need}",
+                e - b
+            )));
         }
-        infos.push((name.clone(), TensorInfo { dtype, shape, file: fi, begin: data_start + b, end: data_start + e }));
+        infos.push((
+            name.clone(),
+            TensorInfo {
+                dtype,
+                shape,
+                file: fi,
+                begin: data_start + b,
+                end: data_start + e,
+            },
+        ));
     }
-    Ok((StFile { path: path.to_path_buf(), mmap, metadata }, infos))
+    Ok((
+        StFile {
+            path: path.to_path_buf(),
+            mmap,
+            metadata,
+        },
+        infos,
+    ))
 }
 
 /// One tensor to write: name, dtype, shape and its little-endian bytes.
@@ -351,16 +444,28 @@ impl<'a> TensorOut<'a> {
         for v in values {
             data.extend_from_slice(&v.to_le_bytes());
         }
-        TensorOut { name: name.into(), dtype: Dtype::F32, shape, data: data.into() }
+        TensorOut {
+            name: name.into(),
+            dtype: Dtype::F32,
+            shape,
+            data: data.into(),
+        }
     }
 }
 
 /// Writes a safetensors file (tensors in the order given; header padded with spaces to 8 bytes, as the
 /// reference implementation does). Fails on a size that disagrees with dtype × shape.
-pub fn write_safetensors(path: &Path, tensors: &[TensorOut<'_>], metadata: Option<&BTreeMap<String, String>>) -> Result<()> {
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[TensorOut<'_>],
+    metadata: Option<&BTreeMap<String, String>>,
+) -> Result<()> {
     let mut header = serde_json::Map::new();
     if let Some(m) = metadata {
-        let mm: serde_json::Map<String, Value> = m.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
+        let mm: serde_json::Map<String, Value> = m
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect();
         header.insert("__metadata__".into(), Value::Object(mm));
     }
     let mut off = 0usize;
@@ -379,7 +484,10 @@ pub fn write_safetensors(path: &Path, tensors: &[TensorOut<'_>], metadata: Optio
         );
         off += need;
     }
-    let mut h = serde_json::to_vec(&Value::Object(header)).map_err(|e| GemmaError::Json { path: path.to_path_buf(), source: e })?;
+    let mut h = serde_json::to_vec(&Value::Object(header)).map_err(|e| GemmaError::Json {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
     while h.len() % 8 != 0 {
         h.push(b' ');
     }

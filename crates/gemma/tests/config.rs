@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use afinar_gemma::{Gemma2Config, GemmaError, LayerType, LoraConfig, Target};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 fn parse(json: &str) -> Result<Gemma2Config, GemmaError> {
@@ -27,7 +29,15 @@ fn check_common(c: &Gemma2Config) {
     // Even layers slide, odd layers are global.
     assert_eq!(c.layer_types.len(), c.num_hidden_layers);
     for (i, t) in c.layer_types.iter().enumerate() {
-        assert_eq!(*t, if i % 2 == 0 { LayerType::Sliding } else { LayerType::Full }, "layer {i}");
+        assert_eq!(
+            *t,
+            if i % 2 == 0 {
+                LayerType::Sliding
+            } else {
+                LayerType::Full
+            },
+            "layer {i}"
+        );
         assert_eq!(c.window(i), if i % 2 == 0 { Some(4096) } else { None });
     }
     assert_ne!(c.q_dim(), c.hidden_size, "no released Gemma-2 has NH·D = H");
@@ -37,8 +47,14 @@ fn check_common(c: &Gemma2Config) {
 fn gemma_2_2b() {
     let c = Gemma2Config::from_file(fixture("gemma-2-2b.json")).unwrap();
     check_common(&c);
-    assert_eq!((c.hidden_size, c.intermediate_size, c.num_hidden_layers), (2304, 9216, 26));
-    assert_eq!((c.num_attention_heads, c.num_key_value_heads, c.head_dim), (8, 4, 256));
+    assert_eq!(
+        (c.hidden_size, c.intermediate_size, c.num_hidden_layers),
+        (2304, 9216, 26)
+    );
+    assert_eq!(
+        (c.num_attention_heads, c.num_key_value_heads, c.head_dim),
+        (8, 4, 256)
+    );
     assert_eq!(c.attn_scale(), 0.0625);
     assert_eq!(c.embed_scale(), 48.0);
     assert_eq!(c.torch_dtype.as_deref(), Some("float32"));
@@ -50,8 +66,14 @@ fn gemma_2_2b() {
 fn gemma_2_9b_it() {
     let c = Gemma2Config::from_file(fixture("gemma-2-9b-it.json")).unwrap();
     check_common(&c);
-    assert_eq!((c.hidden_size, c.intermediate_size, c.num_hidden_layers), (3584, 14336, 42));
-    assert_eq!((c.num_attention_heads, c.num_key_value_heads, c.head_dim), (16, 8, 256));
+    assert_eq!(
+        (c.hidden_size, c.intermediate_size, c.num_hidden_layers),
+        (3584, 14336, 42)
+    );
+    assert_eq!(
+        (c.num_attention_heads, c.num_key_value_heads, c.head_dim),
+        (16, 8, 256)
+    );
     assert_eq!(c.query_pre_attn_scalar, 256.0);
     assert_eq!(c.embed_scale(), 59.866_52_f32);
     assert_eq!(c.torch_dtype.as_deref(), Some("bfloat16"));
@@ -61,8 +83,14 @@ fn gemma_2_9b_it() {
 fn gemma_2_27b() {
     let c = Gemma2Config::from_file(fixture("gemma-2-27b.json")).unwrap();
     check_common(&c);
-    assert_eq!((c.hidden_size, c.intermediate_size, c.num_hidden_layers), (4608, 36864, 46));
-    assert_eq!((c.num_attention_heads, c.num_key_value_heads, c.head_dim), (32, 16, 128));
+    assert_eq!(
+        (c.hidden_size, c.intermediate_size, c.num_hidden_layers),
+        (4608, 36864, 46)
+    );
+    assert_eq!(
+        (c.num_attention_heads, c.num_key_value_heads, c.head_dim),
+        (32, 16, 128)
+    );
     // The attention scale is query_pre_attn_scalar^-0.5 = 144^-0.5, not head_dim^-0.5.
     assert_eq!(c.query_pre_attn_scalar, 144.0);
     assert_eq!(c.attn_scale(), (1.0f64 / 12.0) as f32);
@@ -73,7 +101,11 @@ fn v5_spelling_matches_v4() {
     let v5 = Gemma2Config::from_file(fixture("gemma-2-2b-v5.json")).unwrap();
     let v4 = Gemma2Config::from_file(fixture("gemma-2-2b.json")).unwrap();
     check_common(&v5);
-    assert_eq!(v5.torch_dtype.as_deref(), Some("bfloat16"), "v5 `dtype` key");
+    assert_eq!(
+        v5.torch_dtype.as_deref(),
+        Some("bfloat16"),
+        "v5 `dtype` key"
+    );
     let strip = |mut c: Gemma2Config| {
         c.raw = serde_json::Value::Null;
         c.torch_dtype = None;
@@ -91,11 +123,18 @@ fn rope_parameters_and_explicit_layer_types() {
     )
     .unwrap();
     assert_eq!(c.rope_theta, 500.0);
-    assert_eq!(c.layer_types, vec![LayerType::Full, LayerType::Sliding, LayerType::Sliding]);
+    assert_eq!(
+        c.layer_types,
+        vec![LayerType::Full, LayerType::Sliding, LayerType::Sliding]
+    );
     assert_eq!(c.window(0), None);
     assert_eq!(c.window(2), Some(7));
     assert_eq!(c.final_logit_softcapping, None);
-    assert_eq!(c.attn_logit_softcapping, Some(50.0), "absent key takes the class default");
+    assert_eq!(
+        c.attn_logit_softcapping,
+        Some(50.0),
+        "absent key takes the class default"
+    );
     assert_eq!(c.eos_token_ids, vec![1, 107]);
 }
 
@@ -109,7 +148,10 @@ fn quantization_config_is_read() {
     .unwrap();
     let q = c.quantization_config.unwrap();
     assert!(q.load_in_4bit && !q.load_in_8bit && q.bnb_4bit_use_double_quant);
-    assert_eq!((q.quant_method.as_str(), q.bnb_4bit_quant_type.as_str()), ("bitsandbytes", "nf4"));
+    assert_eq!(
+        (q.quant_method.as_str(), q.bnb_4bit_quant_type.as_str()),
+        ("bitsandbytes", "nf4")
+    );
     assert_eq!(q.bnb_4bit_compute_dtype, "bfloat16");
 }
 
@@ -117,8 +159,14 @@ fn quantization_config_is_read() {
 fn other_model_type_is_refused() {
     let err = parse(r#"{"model_type": "llama", "hidden_size": 4096}"#).unwrap_err();
     let msg = err.to_string();
-    assert!(matches!(err, GemmaError::UnsupportedModelType { .. }), "{msg}");
-    assert!(msg.contains("\"llama\"") && msg.contains("gemma2") && msg.contains("test/config.json"), "{msg}");
+    assert!(
+        matches!(err, GemmaError::UnsupportedModelType { .. }),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("\"llama\"") && msg.contains("gemma2") && msg.contains("test/config.json"),
+        "{msg}"
+    );
     let err = parse(r#"{"hidden_size": 4096}"#).unwrap_err();
     assert!(err.to_string().contains("<missing>"), "{err}");
 }
@@ -126,16 +174,43 @@ fn other_model_type_is_refused() {
 #[test]
 fn bad_values_name_the_key() {
     let cases = [
-        (r#"{"model_type": "gemma2", "hidden_size": "big"}"#, "hidden_size"),
-        (r#"{"model_type": "gemma2", "num_attention_heads": 8, "num_key_value_heads": 3}"#, "num_key_value_heads"),
-        (r#"{"model_type": "gemma2", "num_hidden_layers": 2, "layer_types": ["sliding_attention"]}"#, "layer_types"),
-        (r#"{"model_type": "gemma2", "num_hidden_layers": 1, "layer_types": ["local"]}"#, "layer_types[0]"),
-        (r#"{"model_type": "gemma2", "hidden_activation": "relu"}"#, "hidden_activation"),
-        (r#"{"model_type": "gemma2", "rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0}}"#, "rope_parameters.rope_type"),
-        (r#"{"model_type": "gemma2", "tie_word_embeddings": false}"#, "tie_word_embeddings"),
+        (
+            r#"{"model_type": "gemma2", "hidden_size": "big"}"#,
+            "hidden_size",
+        ),
+        (
+            r#"{"model_type": "gemma2", "num_attention_heads": 8, "num_key_value_heads": 3}"#,
+            "num_key_value_heads",
+        ),
+        (
+            r#"{"model_type": "gemma2", "num_hidden_layers": 2, "layer_types": ["sliding_attention"]}"#,
+            "layer_types",
+        ),
+        (
+            r#"{"model_type": "gemma2", "num_hidden_layers": 1, "layer_types": ["local"]}"#,
+            "layer_types[0]",
+        ),
+        (
+            r#"{"model_type": "gemma2", "hidden_activation": "relu"}"#,
+            "hidden_activation",
+        ),
+        (
+            r#"{"model_type": "gemma2", "rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0}}"#,
+            "rope_parameters.rope_type",
+        ),
+        (
+            r#"{"model_type": "gemma2", "tie_word_embeddings": false}"#,
+            "tie_word_embeddings",
+        ),
         (r#"{"model_type": "gemma2", "head_dim": 0}"#, "head_dim"),
-        (r#"{"model_type": "gemma2", "final_logit_softcapping": -1}"#, "final_logit_softcapping"),
-        (r#"{"model_type": "gemma2", "use_bidirectional_attention": true}"#, "use_bidirectional_attention"),
+        (
+            r#"{"model_type": "gemma2", "final_logit_softcapping": -1}"#,
+            "final_logit_softcapping",
+        ),
+        (
+            r#"{"model_type": "gemma2", "use_bidirectional_attention": true}"#,
+            "use_bidirectional_attention",
+        ),
     ];
     for (json, key) in cases {
         let err = parse(json).unwrap_err();
@@ -153,12 +228,22 @@ fn lora_config_targets() {
     let l = LoraConfig::new(16, 32.0, 0.05, false, &["all-linear"]).unwrap();
     assert_eq!(l.targets, Target::ALL.to_vec());
     assert_eq!(l.scale(), 2.0);
-    let l = LoraConfig::new(16, 32.0, 0.0, true, &["v_proj", "self_attn.q_proj", "v_proj"]).unwrap();
+    let l = LoraConfig::new(
+        16,
+        32.0,
+        0.0,
+        true,
+        &["v_proj", "self_attn.q_proj", "v_proj"],
+    )
+    .unwrap();
     assert_eq!(l.targets, vec![Target::QProj, Target::VProj]);
     assert_eq!(l.scale(), 8.0, "rsLoRA: α/√r");
     let err = LoraConfig::new(8, 8.0, 0.0, false, &["q_proj", "qkv_proj"]).unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("qkv_proj") && msg.contains("gate_proj") && msg.contains("all-linear"), "{msg}");
+    assert!(
+        msg.contains("qkv_proj") && msg.contains("gate_proj") && msg.contains("all-linear"),
+        "{msg}"
+    );
     assert!(LoraConfig::new(0, 8.0, 0.0, false, &["q_proj"]).is_err());
     assert!(LoraConfig::new(8, 8.0, 1.0, false, &["q_proj"]).is_err());
     assert!(LoraConfig::new::<&str>(8, 8.0, 0.0, false, &[]).is_err());

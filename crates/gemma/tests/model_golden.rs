@@ -10,7 +10,9 @@ use afinar_gemma::{Batch, Gemma2Config, Gemma2Model, Grads, LoadOptions, LoraCon
 use afinar_kernels::{Cpu, Tolerance};
 
 fn fixture(tag: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/golden/fixtures").join(format!("gemma_tiny_{tag}"))
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/golden/fixtures")
+        .join(format!("gemma_tiny_{tag}"))
 }
 
 struct Cases {
@@ -19,7 +21,9 @@ struct Cases {
 
 impl Cases {
     fn open(tag: &str) -> Self {
-        Cases { store: TensorStore::open_files(&[fixture(tag).join("cases.safetensors")]).unwrap() }
+        Cases {
+            store: TensorStore::open_files(&[fixture(tag).join("cases.safetensors")]).unwrap(),
+        }
     }
     fn f32(&self, name: &str) -> Vec<f32> {
         self.store.read_f32(name).unwrap()
@@ -30,7 +34,10 @@ impl Cases {
     fn i32(&self, name: &str) -> Vec<i32> {
         let (bytes, info) = self.store.raw(name).unwrap();
         assert_eq!(info.dtype, Dtype::I64, "{name}");
-        bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as i32).collect()
+        bytes
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as i32)
+            .collect()
     }
     /// The batch of the fixture: B rows × T tokens, HF labels shifted into targets.
     fn batch(&self) -> Batch {
@@ -66,10 +73,21 @@ fn load(tag: &str, opts: &LoadOptions) -> Gemma2Model<Cpu> {
 
 /// The base model with the fixture's adapter loaded into its LoRA slots.
 fn load_with_adapter(tag: &str) -> Gemma2Model<Cpu> {
-    let mut m = load(tag, &LoadOptions { lora: Some(adapter_lora(tag)), ..Default::default() });
-    let ad = TensorStore::open_files(&[fixture(tag).join("adapter/adapter_model.safetensors")]).unwrap();
+    let mut m = load(
+        tag,
+        &LoadOptions {
+            lora: Some(adapter_lora(tag)),
+            ..Default::default()
+        },
+    );
+    let ad =
+        TensorStore::open_files(&[fixture(tag).join("adapter/adapter_model.safetensors")]).unwrap();
     let names = m.lora_names();
-    assert_eq!(names.len(), ad.names().len(), "adapter tensors vs model LoRA slots");
+    assert_eq!(
+        names.len(),
+        ad.names().len(),
+        "adapter tensors vs model LoRA slots"
+    );
     for name in names {
         m.set_tensor(&name, &ad.read_f32(&name).unwrap()).unwrap();
     }
@@ -105,17 +123,37 @@ fn parity_logits_and_loss(tag: &str) {
     let batch = cases.batch();
 
     let base = load(tag, &LoadOptions::default());
-    check_logits(&format!("{tag}/logits_base"), base.logits(&batch).unwrap(), cases.f32("logits_base"));
-    check_loss(&format!("{tag}/loss_base"), base.loss(&batch).unwrap(), cases.f32("loss_base")[0]);
+    check_logits(
+        &format!("{tag}/logits_base"),
+        base.logits(&batch).unwrap(),
+        cases.f32("logits_base"),
+    );
+    check_loss(
+        &format!("{tag}/loss_base"),
+        base.loss(&batch).unwrap(),
+        cases.f32("loss_base")[0],
+    );
 
     let m = load_with_adapter(tag);
-    check_logits(&format!("{tag}/logits"), m.logits(&batch).unwrap(), cases.f32("logits"));
-    check_loss(&format!("{tag}/loss"), m.loss(&batch).unwrap(), cases.f32("loss")[0]);
+    check_logits(
+        &format!("{tag}/logits"),
+        m.logits(&batch).unwrap(),
+        cases.f32("logits"),
+    );
+    check_loss(
+        &format!("{tag}/loss"),
+        m.loss(&batch).unwrap(),
+        cases.f32("loss")[0],
+    );
 
     // Restarting positions (as in a packed row).
     let mut pb = batch.clone();
     pb.positions = cases.i32("position_ids");
-    check_logits(&format!("{tag}/logits_pos"), m.logits(&pb).unwrap(), cases.f32("logits_pos"));
+    check_logits(
+        &format!("{tag}/logits_pos"),
+        m.logits(&pb).unwrap(),
+        cases.f32("logits_pos"),
+    );
 }
 
 fn parity_lora_grads(tag: &str) {
@@ -125,9 +163,15 @@ fn parity_lora_grads(tag: &str) {
     let mut grads = Grads::zeros(&m).unwrap();
     let (_, count) = m.loss(&batch).unwrap();
     // HF's loss is the mean over scored tokens: scale the Σ-loss gradients by 1/count.
-    let (sum, count2) = m.forward_backward(&batch, 1.0 / count as f32, &mut grads).unwrap();
+    let (sum, count2) = m
+        .forward_backward(&batch, 1.0 / count as f32, &mut grads)
+        .unwrap();
     assert_eq!(count, count2);
-    check_loss(&format!("{tag}/loss (train)"), (sum, count2), cases.f32("loss")[0]);
+    check_loss(
+        &format!("{tag}/loss (train)"),
+        (sum, count2),
+        cases.f32("loss")[0],
+    );
     let ids = m.trainable_ids();
     assert_eq!(ids.len(), m.lora_ids().len());
     for id in ids {
@@ -173,10 +217,17 @@ fn tiny_c_lora_grads() {
 fn tiny_a_full_finetune_grads() {
     let cases = Cases::open("a");
     let batch = cases.batch();
-    let m = load("a", &LoadOptions { full_finetune: true, ..Default::default() });
+    let m = load(
+        "a",
+        &LoadOptions {
+            full_finetune: true,
+            ..Default::default()
+        },
+    );
     let mut grads = Grads::zeros(&m).unwrap();
     let (_, count) = m.loss(&batch).unwrap();
-    m.forward_backward(&batch, 1.0 / count as f32, &mut grads).unwrap();
+    m.forward_backward(&batch, 1.0 / count as f32, &mut grads)
+        .unwrap();
     let cfg: &Gemma2Config = &m.config;
     // 1 embedding + 4 norms and 7 linears per layer + final norm.
     assert_eq!(m.trainable_ids().len(), 1 + cfg.num_hidden_layers * 11 + 1);
@@ -186,6 +237,11 @@ fn tiny_a_full_finetune_grads() {
         grad_tol(&reference).assert_close(&name, grads.to_host(id).unwrap(), reference);
     }
     // The hf names are what the fixture used.
-    assert!(m.trainable_names().contains(&"model.embed_tokens.weight".to_string()));
-    assert!(matches!(ParamId::parse("model.layers.3.mlp.down_proj.weight"), Some(ParamId::Weight { layer: 3, .. })));
+    assert!(m
+        .trainable_names()
+        .contains(&"model.embed_tokens.weight".to_string()));
+    assert!(matches!(
+        ParamId::parse("model.layers.3.mlp.down_proj.weight"),
+        Some(ParamId::Weight { layer: 3, .. })
+    ));
 }

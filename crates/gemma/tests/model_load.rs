@@ -22,14 +22,8 @@ fn cpu() -> Arc<Cpu> {
 }
 
 fn batch() -> Batch {
-    let ids: Vec<i32> = (0..16).map(|i| (i * 37 % 97 + 2) as i32).collect();
+    let ids: Vec<i32> = (0..16).map(|i| i * 37 % 97 + 2).collect();
     Batch::new(2, 8, ids, vec![-100; 16])
-}
-
-fn read_i64(store: &TensorStore, name: &str) -> Vec<i32> {
-    let (bytes, info) = store.raw(name).unwrap();
-    assert_eq!(info.dtype, Dtype::I64);
-    bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as i32).collect()
 }
 
 /// Copies tiny_a's config and re-writes its tensors into `n` shards (+ index) in dtype `dtype`.
@@ -50,17 +44,32 @@ fn write_sharded(dir: &Path, dtype: Dtype, n: usize, drop: Option<&str>) {
             }
             let data: Vec<u8> = match dtype {
                 Dtype::F32 => vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                Dtype::BF16 => vals.iter().flat_map(|&v| half::bf16::from_f32(v).to_bits().to_le_bytes()).collect(),
-                Dtype::F16 => vals.iter().flat_map(|&v| half::f16::from_f32(v).to_bits().to_le_bytes()).collect(),
+                Dtype::BF16 => vals
+                    .iter()
+                    .flat_map(|&v| half::bf16::from_f32(v).to_bits().to_le_bytes())
+                    .collect(),
+                Dtype::F16 => vals
+                    .iter()
+                    .flat_map(|&v| half::f16::from_f32(v).to_bits().to_le_bytes())
+                    .collect(),
                 other => panic!("{other:?}"),
             };
-            outs.push(TensorOut { name: name.clone(), dtype, shape, data: data.into() });
+            outs.push(TensorOut {
+                name: name.clone(),
+                dtype,
+                shape,
+                data: data.into(),
+            });
         }
         let meta: BTreeMap<String, String> = [("format".to_string(), "pt".to_string())].into();
         write_safetensors(&dir.join(&file), &outs, Some(&meta)).unwrap();
     }
     let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": weight_map});
-    std::fs::write(dir.join("model.safetensors.index.json"), serde_json::to_string_pretty(&index).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        serde_json::to_string_pretty(&index).unwrap(),
+    )
+    .unwrap();
 }
 
 #[test]
@@ -70,7 +79,11 @@ fn sharded_f32_equals_single_file() {
     let single = Gemma2Model::load(cpu(), tiny_a(), &LoadOptions::default()).unwrap();
     let sharded = Gemma2Model::load(cpu(), tmp.path(), &LoadOptions::default()).unwrap();
     assert_eq!(TensorStore::open_dir(tmp.path()).unwrap().files().len(), 3);
-    Tolerance::EXACT.assert_close("logits", sharded.logits(&batch()).unwrap(), single.logits(&batch()).unwrap());
+    Tolerance::EXACT.assert_close(
+        "logits",
+        sharded.logits(&batch()).unwrap(),
+        single.logits(&batch()).unwrap(),
+    );
 }
 
 #[test]
@@ -80,7 +93,11 @@ fn bf16_and_f16_are_widened_exactly() {
         write_sharded(tmp.path(), dtype, 2, None);
         let m = Gemma2Model::load(cpu(), tmp.path(), &LoadOptions::default()).unwrap();
         let src = TensorStore::open_dir(tiny_a()).unwrap();
-        for name in ["model.embed_tokens.weight", "model.layers.1.self_attn.o_proj.weight", "model.layers.2.post_feedforward_layernorm.weight"] {
+        for name in [
+            "model.embed_tokens.weight",
+            "model.layers.1.self_attn.o_proj.weight",
+            "model.layers.2.post_feedforward_layernorm.weight",
+        ] {
             let expected: Vec<f32> = src
                 .read_f32(name)
                 .unwrap()
@@ -100,7 +117,9 @@ fn missing_tensor_names_tensor_and_files() {
     let tmp = tempfile::tempdir().unwrap();
     let victim = "model.layers.2.mlp.up_proj.weight";
     write_sharded(tmp.path(), Dtype::F32, 2, Some(victim));
-    let err = Gemma2Model::<Cpu>::load(cpu(), tmp.path(), &LoadOptions::default()).err().unwrap();
+    let err = Gemma2Model::<Cpu>::load(cpu(), tmp.path(), &LoadOptions::default())
+        .err()
+        .unwrap();
     let msg = err.to_string();
     assert!(matches!(err, GemmaError::MissingTensor { .. }), "{msg}");
     assert!(msg.contains(victim) && msg.contains("model-0000"), "{msg}");
@@ -113,24 +132,49 @@ fn missing_tensor_names_tensor_and_files() {
         .names()
         .iter()
         .filter(|n| **n != "model.norm.weight")
-        .map(|n| TensorOut::f32(*n, src.info(n).unwrap().shape.clone(), &src.read_f32(n).unwrap()))
+        .map(|n| {
+            TensorOut::f32(
+                *n,
+                src.info(n).unwrap().shape.clone(),
+                &src.read_f32(n).unwrap(),
+            )
+        })
         .collect();
     write_safetensors(&tmp.path().join("model.safetensors"), &outs, None).unwrap();
-    let msg = Gemma2Model::<Cpu>::load(cpu(), tmp.path(), &LoadOptions::default()).err().unwrap().to_string();
-    assert!(msg.contains("model.norm.weight") && msg.contains("model.safetensors"), "{msg}");
+    let msg = Gemma2Model::<Cpu>::load(cpu(), tmp.path(), &LoadOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        msg.contains("model.norm.weight") && msg.contains("model.safetensors"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn shape_mismatch_names_tensor_and_shapes() {
     let tmp = tempfile::tempdir().unwrap();
-    std::fs::copy(tiny_a().join("model.safetensors"), tmp.path().join("model.safetensors")).unwrap();
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tiny_a().join("config.json")).unwrap()).unwrap();
+    std::fs::copy(
+        tiny_a().join("model.safetensors"),
+        tmp.path().join("model.safetensors"),
+    )
+    .unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tiny_a().join("config.json")).unwrap())
+            .unwrap();
     cfg["intermediate_size"] = serde_json::json!(50);
     std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
-    let err = Gemma2Model::<Cpu>::load(cpu(), tmp.path(), &LoadOptions::default()).err().unwrap();
+    let err = Gemma2Model::<Cpu>::load(cpu(), tmp.path(), &LoadOptions::default())
+        .err()
+        .unwrap();
     let msg = err.to_string();
     assert!(matches!(err, GemmaError::ShapeMismatch { .. }), "{msg}");
-    assert!(msg.contains("model.layers.0.mlp.gate_proj.weight") && msg.contains("[50, 32]") && msg.contains("[48, 32]"), "{msg}");
+    assert!(
+        msg.contains("model.layers.0.mlp.gate_proj.weight")
+            && msg.contains("[50, 32]")
+            && msg.contains("[48, 32]"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -153,9 +197,14 @@ fn truncated_and_corrupt_files_are_errors() {
     ];
     for (what, bytes) in cases {
         std::fs::write(&path, &bytes).unwrap();
-        let err = TensorStore::open_files(std::slice::from_ref(&path)).err().unwrap_or_else(|| panic!("{what}: opened"));
+        let err = TensorStore::open_files(std::slice::from_ref(&path))
+            .err()
+            .unwrap_or_else(|| panic!("{what}: opened"));
         let msg = err.to_string();
-        assert!(matches!(err, GemmaError::Safetensors { .. }), "{what}: {msg}");
+        assert!(
+            matches!(err, GemmaError::Safetensors { .. }),
+            "{what}: {msg}"
+        );
         assert!(msg.contains("model.safetensors"), "{what}: {msg}");
     }
     // A tensor whose byte size disagrees with its dtype × shape.
@@ -164,18 +213,34 @@ fn truncated_and_corrupt_files_are_errors() {
     bytes.extend_from_slice(hdr);
     bytes.extend_from_slice(&[0u8; 20]);
     std::fs::write(&path, &bytes).unwrap();
-    let msg = TensorStore::open_files(std::slice::from_ref(&path)).err().unwrap().to_string();
+    let msg = TensorStore::open_files(std::slice::from_ref(&path))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(msg.contains("`w`") && msg.contains("24"), "{msg}");
     // No checkpoint at all.
     let empty = tempfile::tempdir().unwrap();
-    assert!(matches!(TensorStore::open_dir(empty.path()), Err(GemmaError::Io { .. })));
+    assert!(matches!(
+        TensorStore::open_dir(empty.path()),
+        Err(GemmaError::Io { .. })
+    ));
 }
 
 #[test]
 fn wrong_dtype_is_an_error() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("x.safetensors");
-    write_safetensors(&path, &[TensorOut { name: "ids".into(), dtype: Dtype::I32, shape: vec![2], data: vec![0u8; 8].into() }], None).unwrap();
+    write_safetensors(
+        &path,
+        &[TensorOut {
+            name: "ids".into(),
+            dtype: Dtype::I32,
+            shape: vec![2],
+            data: vec![0u8; 8].into(),
+        }],
+        None,
+    )
+    .unwrap();
     let store = TensorStore::open_files(std::slice::from_ref(&path)).unwrap();
     let msg = store.read_f32("ids").unwrap_err().to_string();
     assert!(msg.contains("`ids`") && msg.contains("I32"), "{msg}");
@@ -186,7 +251,10 @@ fn wrong_dtype_is_an_error() {
 #[test]
 fn nf4_on_load_computes_with_dequantized_weights() {
     for double_quant in [false, true] {
-        let opts = LoadOptions { quantize: Quantization::Nf4 { double_quant }, ..Default::default() };
+        let opts = LoadOptions {
+            quantize: Quantization::Nf4 { double_quant },
+            ..Default::default()
+        };
         let q = Gemma2Model::load(cpu(), tiny_a(), &opts).unwrap();
         let mut dense = Gemma2Model::load(cpu(), tiny_a(), &LoadOptions::default()).unwrap();
         let original = dense.logits(&batch()).unwrap();
@@ -194,15 +262,26 @@ fn nf4_on_load_computes_with_dequantized_weights() {
             for t in Target::ALL {
                 assert!(q.layers[layer].linear(t).is_nf4());
                 let w = q.dense_weight(layer, t).unwrap();
-                dense.set_tensor(&ParamId::Weight { layer, target: t }.name(), &w).unwrap();
+                dense
+                    .set_tensor(&ParamId::Weight { layer, target: t }.name(), &w)
+                    .unwrap();
             }
         }
         let got = q.logits(&batch()).unwrap();
         Tolerance::F32.assert_close("nf4 logits", got.clone(), dense.logits(&batch()).unwrap());
-        assert!(Tolerance::F32.compare("nf4 vs original", got, original).is_err(), "quantization changed nothing");
+        assert!(
+            Tolerance::F32
+                .compare("nf4 vs original", got, original)
+                .is_err(),
+            "quantization changed nothing"
+        );
     }
     // Full fine-tuning needs dense weights.
-    let opts = LoadOptions { quantize: Quantization::Nf4 { double_quant: true }, full_finetune: true, ..Default::default() };
+    let opts = LoadOptions {
+        quantize: Quantization::Nf4 { double_quant: true },
+        full_finetune: true,
+        ..Default::default()
+    };
     assert!(Gemma2Model::<Cpu>::load(cpu(), tiny_a(), &opts).is_err());
 }
 
@@ -219,21 +298,62 @@ fn prequantized_bnb_checkpoint_loads_as_nf4() {
     let dir = fixtures().join("gemma_io_bnb");
     let store = TensorStore::open_dir(&dir).unwrap();
     let q = Gemma2Model::load(cpu(), &dir, &LoadOptions::default()).unwrap();
-    let mut dense = Gemma2Model::load(cpu(), fixtures().join("gemma_io_model"), &LoadOptions::default()).unwrap();
+    let mut dense = Gemma2Model::load(
+        cpu(),
+        fixtures().join("gemma_io_model"),
+        &LoadOptions::default(),
+    )
+    .unwrap();
     for layer in 0..q.config.num_hidden_layers {
         for t in Target::ALL {
             let name = ParamId::Weight { layer, target: t }.name();
             let (o, i) = t.dims(&q.config);
-            let stored = afinar_gemma::bnb::read_bnb_nf4(&store, &name, &[o, i]).unwrap().tensor;
-            assert_eq!(q.nf4_weight(layer, t).unwrap().as_ref(), Some(&stored), "{name}");
-            dense.set_tensor(&name, &stored.dequantize().unwrap()).unwrap();
+            let stored = afinar_gemma::bnb::read_bnb_nf4(&store, &name, &[o, i])
+                .unwrap()
+                .tensor;
+            assert_eq!(
+                q.nf4_weight(layer, t).unwrap().as_ref(),
+                Some(&stored),
+                "{name}"
+            );
+            dense
+                .set_tensor(&name, &stored.dequantize().unwrap())
+                .unwrap();
         }
     }
-    Tolerance::F32.assert_close("bnb logits", q.logits(&batch()).unwrap(), dense.logits(&batch()).unwrap());
+    Tolerance::F32.assert_close(
+        "bnb logits",
+        q.logits(&batch()).unwrap(),
+        dense.logits(&batch()).unwrap(),
+    );
     // Asking for NF4 again on a pre-quantized checkpoint keeps the stored codes.
-    let again = Gemma2Model::load(cpu(), &dir, &LoadOptions { quantize: Quantization::Nf4 { double_quant: true }, ..Default::default() }).unwrap();
-    assert_eq!(again.nf4_weight(0, Target::DownProj).unwrap(), q.nf4_weight(0, Target::DownProj).unwrap());
+    let again = Gemma2Model::load(
+        cpu(),
+        &dir,
+        &LoadOptions {
+            quantize: Quantization::Nf4 { double_quant: true },
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        again.nf4_weight(0, Target::DownProj).unwrap(),
+        q.nf4_weight(0, Target::DownProj).unwrap()
+    );
     // Full fine-tuning of a 4-bit checkpoint is refused with the tensor named.
-    let msg = Gemma2Model::<Cpu>::load(cpu(), &dir, &LoadOptions { full_finetune: true, ..Default::default() }).err().unwrap().to_string();
-    assert!(msg.contains("model.layers.0.self_attn.q_proj.weight"), "{msg}");
+    let msg = Gemma2Model::<Cpu>::load(
+        cpu(),
+        &dir,
+        &LoadOptions {
+            full_finetune: true,
+            ..Default::default()
+        },
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        msg.contains("model.layers.0.self_attn.q_proj.weight"),
+        "{msg}"
+    );
 }

@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
-use afinar_gemma::{Batch, Gemma2Config, Gemma2Model, GemmaError, Grads, LoadOptions, LoraConfig, ParamId, Target};
+use afinar_gemma::{
+    Batch, Gemma2Config, Gemma2Model, GemmaError, Grads, LoadOptions, LoraConfig, ParamId, Target,
+};
 use afinar_kernels::{Backend, Cpu, Tolerance};
 
 const V: usize = 67;
@@ -18,7 +20,12 @@ fn config() -> Gemma2Config {
 }
 
 fn model(lora: Option<LoraConfig>, full: bool, seed: u64) -> Gemma2Model<Cpu> {
-    let opts = LoadOptions { lora, full_finetune: full, seed, ..Default::default() };
+    let opts = LoadOptions {
+        lora,
+        full_finetune: full,
+        seed,
+        ..Default::default()
+    };
     let mut m = Gemma2Model::random(Arc::new(Cpu::new()), config(), &opts).unwrap();
     // Make the model non-trivial: larger weights, non-zero norm offsets and LoRA B.
     let mut ids = m.trainable_ids();
@@ -27,7 +34,9 @@ fn model(lora: Option<LoraConfig>, full: bool, seed: u64) -> Gemma2Model<Cpu> {
     ids.dedup();
     for id in ids {
         let name = id.name();
-        let Ok(mut w) = m.get_tensor(&name) else { continue };
+        let Ok(mut w) = m.get_tensor(&name) else {
+            continue;
+        };
         for (i, x) in w.iter_mut().enumerate() {
             let r = ((i as f32 * 0.618 + seed as f32 * 0.1).fract() - 0.5) * 0.6;
             *x = match id {
@@ -47,8 +56,12 @@ fn lora(dropout: f64) -> LoraConfig {
 }
 
 fn batch(b: usize, t: usize, salt: i32) -> Batch {
-    let ids: Vec<i32> = (0..(b * t) as i32).map(|i| (i * 29 + salt * 7 + 3) % V as i32).collect();
-    let mut targets: Vec<i32> = (0..(b * t) as i32).map(|i| (i * 13 + salt + 5) % V as i32).collect();
+    let ids: Vec<i32> = (0..(b * t) as i32)
+        .map(|i| (i * 29 + salt * 7 + 3) % V as i32)
+        .collect();
+    let mut targets: Vec<i32> = (0..(b * t) as i32)
+        .map(|i| (i * 13 + salt + 5) % V as i32)
+        .collect();
     targets[1] = -100;
     targets[b * t - 1] = -100;
     let mut batch = Batch::new(b, t, ids, targets);
@@ -56,11 +69,16 @@ fn batch(b: usize, t: usize, salt: i32) -> Batch {
     batch
 }
 
-fn grads_host(m: &Gemma2Model<Cpu>, g: &Grads<Cpu>) -> Vec<(String, Vec<f32>)> {
-    m.trainable_ids().into_iter().map(|id| (id.name(), g.to_host(id).unwrap())).collect()
+fn grads_host(m: &Gemma2Model<Cpu>, g: &Grads<Cpu>) -> NamedGrads {
+    m.trainable_ids()
+        .into_iter()
+        .map(|id| (id.name(), g.to_host(id).unwrap()))
+        .collect()
 }
 
-fn run(m: &Gemma2Model<Cpu>, b: &Batch, scale: f32) -> ((f64, usize), Vec<(String, Vec<f32>)>) {
+type NamedGrads = Vec<(String, Vec<f32>)>;
+
+fn run(m: &Gemma2Model<Cpu>, b: &Batch, scale: f32) -> ((f64, usize), NamedGrads) {
     let mut g = Grads::zeros(m).unwrap();
     let l = m.forward_backward(b, scale, &mut g).unwrap();
     (l, grads_host(m, &g))
@@ -87,28 +105,61 @@ fn checkpointing_gives_identical_gradients() {
 /// fine-tuning mode with LoRA (dropout off so that `loss` and `forward_backward` compute the same function).
 #[test]
 fn gradients_match_finite_differences() {
-    let mut m = model(Some(LoraConfig::new(2, 4.0, 0.0, false, &["q_proj", "down_proj", "v_proj"]).unwrap()), true, 2);
+    let mut m = model(
+        Some(LoraConfig::new(2, 4.0, 0.0, false, &["q_proj", "down_proj", "v_proj"]).unwrap()),
+        true,
+        2,
+    );
     let b = batch(2, 6, 1);
     let (_, grads) = run(&m, &b, 1.0);
     let ids = [
         ParamId::Embed,
         ParamId::FinalNorm,
-        ParamId::Norm { layer: 0, kind: afinar_gemma::NormKind::Input },
-        ParamId::Norm { layer: 1, kind: afinar_gemma::NormKind::PostFeedforward },
-        ParamId::Weight { layer: 0, target: Target::QProj },
-        ParamId::Weight { layer: 1, target: Target::KProj },
-        ParamId::Weight { layer: 2, target: Target::GateProj },
-        ParamId::Weight { layer: 2, target: Target::DownProj },
-        ParamId::LoraA { layer: 1, target: Target::VProj },
-        ParamId::LoraB { layer: 0, target: Target::DownProj },
-        ParamId::LoraA { layer: 2, target: Target::QProj },
+        ParamId::Norm {
+            layer: 0,
+            kind: afinar_gemma::NormKind::Input,
+        },
+        ParamId::Norm {
+            layer: 1,
+            kind: afinar_gemma::NormKind::PostFeedforward,
+        },
+        ParamId::Weight {
+            layer: 0,
+            target: Target::QProj,
+        },
+        ParamId::Weight {
+            layer: 1,
+            target: Target::KProj,
+        },
+        ParamId::Weight {
+            layer: 2,
+            target: Target::GateProj,
+        },
+        ParamId::Weight {
+            layer: 2,
+            target: Target::DownProj,
+        },
+        ParamId::LoraA {
+            layer: 1,
+            target: Target::VProj,
+        },
+        ParamId::LoraB {
+            layer: 0,
+            target: Target::DownProj,
+        },
+        ParamId::LoraA {
+            layer: 2,
+            target: Target::QProj,
+        },
     ];
     let eps = 3e-3f32;
     for id in ids {
         let name = id.name();
         let g = &grads.iter().find(|(n, _)| *n == name).unwrap().1;
         // Two entries: the largest |g| and one in the middle of the tensor.
-        let imax = (0..g.len()).max_by(|&a, &c| g[a].abs().total_cmp(&g[c].abs())).unwrap();
+        let imax = (0..g.len())
+            .max_by(|&a, &c| g[a].abs().total_cmp(&g[c].abs()))
+            .unwrap();
         for idx in [imax, g.len() / 2] {
             let w0 = m.get_tensor(&name).unwrap();
             let mut w = w0.clone();
@@ -121,7 +172,11 @@ fn gradients_match_finite_differences() {
             m.set_tensor(&name, &w0).unwrap();
             let fd = (lp - lm) / (2.0 * eps as f64);
             // f32 loss noise (~1e-5 absolute on Σ loss ≈ 40) over 2·eps ≈ 2e-3, plus O(eps²) curvature.
-            Tolerance::new(2e-3, 2e-2).assert_close(&format!("{name}[{idx}]"), [g[idx] as f64], [fd]);
+            Tolerance::new(2e-3, 2e-2).assert_close(
+                &format!("{name}[{idx}]"),
+                [g[idx] as f64],
+                [fd],
+            );
         }
     }
 }
@@ -147,7 +202,10 @@ fn gradients_accumulate_and_scale() {
         Tolerance::F32.assert_close(n, h.clone(), f.iter().map(|x| x * 0.5).collect::<Vec<_>>());
     }
     // sum_squares, scale, zero.
-    let host_ss: f64 = grads_host(&m, &acc).iter().flat_map(|(_, v)| v.iter().map(|&x| x as f64 * x as f64)).sum();
+    let host_ss: f64 = grads_host(&m, &acc)
+        .iter()
+        .flat_map(|(_, v)| v.iter().map(|&x| x as f64 * x as f64))
+        .sum();
     Tolerance::new(0.0, 1e-6).assert_close("sum_squares", [acc.sum_squares().unwrap()], [host_ss]);
     acc.scale(2.0).unwrap();
     Tolerance::new(0.0, 1e-6).assert_close("scaled", [acc.sum_squares().unwrap()], [4.0 * host_ss]);
@@ -188,7 +246,13 @@ fn packed_row_equals_separate_rows() {
     // Without segment ids the second sample would see the first: the logits differ.
     let mut leak = p.clone();
     leak.segment_ids = None;
-    assert!(Tolerance::F32.compare("leak", m.logits(&leak).unwrap()[t1 * V..].to_vec(), m.logits(&b).unwrap()).is_err());
+    assert!(Tolerance::F32
+        .compare(
+            "leak",
+            m.logits(&leak).unwrap()[t1 * V..].to_vec(),
+            m.logits(&b).unwrap()
+        )
+        .is_err());
 }
 
 #[test]
@@ -224,10 +288,22 @@ fn params_and_grads_drive_an_optimizer() {
     let b = batch(2, 6, 6);
     let names = m.trainable_names();
     assert_eq!(names.len(), 3 * 7 * 2);
-    assert_eq!(names[0], "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight");
-    assert_eq!(names[1], "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight");
-    assert_eq!(names.last().unwrap(), "base_model.model.model.layers.2.mlp.down_proj.lora_B.weight");
-    assert_eq!(m.num_trainable(), 3 * (3 * (12 + 16) + 3 * (12 + 8) * 2 + 3 * (16 + 12) + 3 * (12 + 20) * 2 + 3 * (20 + 12)));
+    assert_eq!(
+        names[0],
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    );
+    assert_eq!(
+        names[1],
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    );
+    assert_eq!(
+        names.last().unwrap(),
+        "base_model.model.model.layers.2.mlp.down_proj.lora_B.weight"
+    );
+    assert_eq!(
+        m.num_trainable(),
+        3 * (3 * (12 + 16) + 3 * (12 + 8) * 2 + 3 * (16 + 12) + 3 * (12 + 20) * 2 + 3 * (20 + 12))
+    );
     for id in m.trainable_ids() {
         assert_eq!(ParamId::parse(&id.name()), Some(id));
     }
@@ -238,7 +314,10 @@ fn params_and_grads_drive_an_optimizer() {
         g.zero().unwrap();
         m.forward_backward(&b, 1.0 / count as f32, &mut g).unwrap();
         let params = m.params_and_grads(&g).unwrap();
-        assert_eq!(params.iter().map(|p| p.id.name()).collect::<Vec<_>>(), names);
+        assert_eq!(
+            params.iter().map(|p| p.id.name()).collect::<Vec<_>>(),
+            names
+        );
         for p in params {
             backend.axpy(-0.5, p.grad, p.param).unwrap();
         }
@@ -248,7 +327,11 @@ fn params_and_grads_drive_an_optimizer() {
     assert!(last < first - 0.3, "{first} → {last}");
 
     // Gradients of another model are refused, not misapplied.
-    let other = model(Some(LoraConfig::new(3, 6.0, 0.0, false, &["q_proj"]).unwrap()), false, 6);
+    let other = model(
+        Some(LoraConfig::new(3, 6.0, 0.0, false, &["q_proj"]).unwrap()),
+        false,
+        6,
+    );
     let og = Grads::zeros(&other).unwrap();
     assert!(m.params_and_grads(&og).is_err());
     let mut og = og;
@@ -270,7 +353,10 @@ fn bad_batches_are_errors() {
     let mut b = batch(2, 4, 0);
     b.segment_ids = Some(vec![0; 3]);
     assert!(matches!(m.loss(&b), Err(GemmaError::Batch(_))));
-    assert!(matches!(m.loss(&Batch::default()), Err(GemmaError::Batch(_))));
+    assert!(matches!(
+        m.loss(&Batch::default()),
+        Err(GemmaError::Batch(_))
+    ));
     // A frozen model has nothing to train: empty gradients, the forward still runs.
     let mut g = Grads::zeros(&m).unwrap();
     assert!(g.ids().is_empty());
@@ -282,7 +368,10 @@ fn bad_batches_are_errors() {
 fn shift_labels_matches_transformers() {
     // HF pads labels with one −100 and drops the first: targets[t] = labels[t + 1].
     let labels = [5, 6, -100, 8, 1, 2, 3, 4];
-    assert_eq!(Batch::shift_labels(2, 4, &labels), vec![6, -100, 8, -100, 2, 3, 4, -100]);
+    assert_eq!(
+        Batch::shift_labels(2, 4, &labels),
+        vec![6, -100, 8, -100, 2, 3, 4, -100]
+    );
 }
 
 #[test]
@@ -292,7 +381,10 @@ fn full_weights_by_hf_name() {
     let w = m.get_tensor(name).unwrap();
     assert_eq!(w.len(), 20 * 12);
     let err = m.set_tensor(name, &w[1..]).unwrap_err();
-    assert!(err.to_string().contains(name) && err.to_string().contains("[20, 12]"), "{err}");
+    assert!(
+        err.to_string().contains(name) && err.to_string().contains("[20, 12]"),
+        "{err}"
+    );
     assert!(m.get_tensor("model.layers.9.mlp.up_proj.weight").is_err());
     assert!(m.get_tensor("lm_head.weight").is_err());
     let be = Cpu::new();

@@ -14,6 +14,11 @@
 #include "../lora.cu"
 #include "../attention.cu"
 #include "../gemm.cu"
+#include "../rope.cu"
+#include "../geglu.cu"
+#include "../softcap.cu"
+#include "../adamw.cu"
+#include "../embedding.cu"
 #include <cstdio>
 #include <string>
 
@@ -354,7 +359,115 @@ static void test_rmsnorm_reduce() {
     check("reduce sum_squares", std::vector<float>{(float)out[0]}, {want}, 1e-4, 1e-6);
 }
 
+// Pointwise kernels, read and written in bf16 where noted (checks the dtype-tagged access too).
+static void test_pointwise() {
+    Rng g{77};
+    int n = 1000;
+    auto a = g.vec(n, 3), b = g.vec(n, 1);
+    std::vector<unsigned short> a16(n), b16(n);
+    for (int i = 0; i < n; ++i) { a16[i] = h_f2bf(a[i]); b16[i] = h_f2bf(b[i]); a[i] = emu_bf(a16[i]); b[i] = emu_bf(b16[i]); }
+    auto unbf = [](const std::vector<unsigned short>& v) { std::vector<float> r(v.size()); for (size_t i = 0; i < v.size(); ++i) r[i] = emu_bf(v[i]); return r; };
+    auto rbf = [](std::vector<double> v) { for (auto& x : v) x = h_bf((float)x); return v; };
+    // geglu fwd (bf16 in, bf16 out) and bwd (f32 out).
+    std::vector<unsigned short> o16(n, 0xffff);
+    emu_launch(geglu_fwd_k, dim3{2}, dim3{256}, (const void*)a16.data(), DT_BF16, (const void*)b16.data(), DT_BF16, (void*)o16.data(), DT_BF16, (i64)n);
+    std::vector<double> w(n), wdg(n), wdu(n);
+    auto dout = g.vec(n, 1);
+    for (int i = 0; i < n; ++i) {
+        double x = a[i], t = std::tanh(0.7978845608028654 * (x + 0.044715 * x * x * x));
+        double gelu = 0.5 * x * (1 + t);
+        double dgelu = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * 0.7978845608028654 * (1 + 3 * 0.044715 * x * x);
+        w[i] = gelu * b[i];
+        wdg[i] = dout[i] * b[i] * dgelu;
+        wdu[i] = dout[i] * gelu;
+    }
+    check("geglu_fwd bf16", unbf(o16), rbf(w), 1e-6, 1e-6);
+    std::vector<float> dg(n, NAN), du(n, NAN);
+    emu_launch(geglu_bwd_k, dim3{2}, dim3{256}, (const void*)dout.data(), DT_F32, (const void*)a16.data(), DT_BF16, (const void*)b16.data(), DT_BF16, (void*)dg.data(), DT_F32, (void*)du.data(), DT_F32, (i64)n);
+    check("geglu_bwd dgate", dg, wdg, 1e-5, 1e-4);
+    check("geglu_bwd dup", du, wdu, 1e-5, 1e-4);
+    // softcap fwd/bwd in f32.
+    std::vector<float> x = a, dy = b;
+    emu_launch(softcap_fwd_k, dim3{1}, dim3{256}, (void*)x.data(), DT_F32, (i64)n, 2.0f);
+    std::vector<double> wx(n), wdy(n);
+    for (int i = 0; i < n; ++i) { wx[i] = 2.0 * std::tanh(a[i] / 2.0); double t = wx[i] / 2.0; wdy[i] = b[i] * (1 - t * t); }
+    check("softcap_fwd", x, wx, 1e-6, 1e-6);
+    emu_launch(softcap_bwd_k, dim3{1}, dim3{256}, (const void*)x.data(), DT_F32, (void*)dy.data(), DT_F32, (i64)n, 2.0f);
+    check("softcap_bwd", dy, wdy, 1e-6, 1e-5);
+    // axpy into bf16, mul, fill, copy with conversion.
+    std::vector<unsigned short> y16 = b16;
+    emu_launch(axpy_k, dim3{3}, dim3{256}, 0.5f, (const void*)a.data(), DT_F32, (void*)y16.data(), DT_BF16, (i64)n);
+    std::vector<double> wy(n); for (int i = 0; i < n; ++i) wy[i] = h_bf(b[i] + 0.5f * a[i]);
+    check("axpy f32 into bf16", unbf(y16), wy, 0, 0);
+    std::vector<float> cp(n, NAN);
+    emu_launch(copy_k, dim3{1}, dim3{256}, (const void*)a16.data(), DT_BF16, (void*)cp.data(), DT_F32, (i64)n);
+    check("copy bf16 to f32", cp, std::vector<double>(a.begin(), a.end()), 0, 0);
+    std::vector<float> mm = a;
+    emu_launch(mul_k, dim3{1}, dim3{256}, (const void*)mm.data(), DT_F32, (const void*)b.data(), DT_F32, (void*)mm.data(), DT_F32, (i64)n);
+    std::vector<double> wm(n); for (int i = 0; i < n; ++i) wm[i] = (double)a[i] * b[i];
+    check("mul in place", mm, wm, 1e-7, 1e-6);
+    emu_launch(fill_k, dim3{1}, dim3{256}, (void*)mm.data(), DT_F32, (i64)n, 3.5f);
+    check("fill", mm, std::vector<double>(n, 3.5), 0, 0);
+    // adamw, two steps.
+    auto p = g.vec(n, 1), gr = g.vec(n, 1);
+    std::vector<float> m(n, 0.1f), v(n, 0.2f);
+    std::vector<double> wp(n), wmm(n), wv(n);
+    float lr = 1e-2f, b1 = 0.9f, b2 = 0.999f, eps = 1e-8f, wd = 0.01f;
+    double bc1 = 1 - std::pow((double)b1, 3), bc2 = 1 - std::pow((double)b2, 3);
+    for (int i = 0; i < n; ++i) {
+        double pp = p[i] * (1 - (double)lr * wd);
+        double mi = b1 * 0.1 + (1 - b1) * (double)gr[i], vi = b2 * 0.2 + (1 - b2) * (double)gr[i] * gr[i];
+        wp[i] = pp - lr / bc1 * mi / (std::sqrt(vi) / std::sqrt(bc2) + eps);
+        wmm[i] = mi; wv[i] = vi;
+    }
+    emu_launch(adamw_k, dim3{1}, dim3{256}, (void*)p.data(), DT_F32, (const void*)gr.data(), DT_F32, (void*)m.data(), DT_F32, (void*)v.data(), DT_F32, (i64)n,
+               lr, b1, b2, eps, wd, (float)bc1, (float)std::sqrt(bc2));
+    check("adamw p", p, wp, 1e-6, 1e-5);
+    check("adamw m", m, wmm, 1e-7, 1e-5);
+    check("adamw v", v, wv, 1e-7, 1e-5);
+    // rope forward then inverse (= identity), against the formula.
+    int tokens = 3, heads = 2, d = 8;
+    auto xr = g.vec((size_t)tokens * heads * d, 1);
+    std::vector<int> pos = {0, 5, 17};
+    std::vector<float> xo = xr;
+    emu_launch(rope_k, dim3{1}, dim3{256}, (void*)xo.data(), DT_F32, (const int*)pos.data(), (i64)tokens, heads, d, 10000.0f, 0);
+    std::vector<double> wr(xr.size());
+    for (int t = 0; t < tokens; ++t) for (int h = 0; h < heads; ++h) for (int i = 0; i < d / 2; ++i) {
+        double ang = pos[t] / std::pow(10000.0, 2.0 * i / d);
+        size_t base = ((size_t)t * heads + h) * d;
+        wr[base + i] = xr[base + i] * std::cos(ang) - xr[base + i + d / 2] * std::sin(ang);
+        wr[base + i + d / 2] = xr[base + i + d / 2] * std::cos(ang) + xr[base + i] * std::sin(ang);
+    }
+    check("rope", xo, wr, 1e-5, 1e-5);
+    emu_launch(rope_k, dim3{1}, dim3{256}, (void*)xo.data(), DT_F32, (const int*)pos.data(), (i64)tokens, heads, d, 10000.0f, 1);
+    check("rope inverse", xo, std::vector<double>(xr.begin(), xr.end()), 1e-5, 1e-5);
+    // embedding fwd / bwd (repeated id → atomics into bf16) and the id checks.
+    int V = 6, H = 5;
+    auto table = g.vec((size_t)V * H, 1);
+    std::vector<int> ids = {2, 0, 2, 5};
+    std::vector<float> eo(ids.size() * H, NAN);
+    emu_launch(embedding_fwd_k, dim3{(unsigned)ids.size()}, dim3{32}, (const int*)ids.data(), (const void*)table.data(), DT_F32, (void*)eo.data(), DT_F32, H, 2.0f);
+    std::vector<double> we(eo.size());
+    for (size_t i = 0; i < ids.size(); ++i) for (int j = 0; j < H; ++j) we[i * H + j] = 2.0 * table[ids[i] * H + j];
+    check("embedding_fwd", eo, we, 0, 1e-7);
+    std::vector<unsigned short> dt16((size_t)V * H, h_f2bf(1.0f));
+    auto dout2 = g.vec(ids.size() * H, 1);
+    emu_launch(embedding_bwd_k, dim3{(unsigned)ids.size()}, dim3{32}, (const int*)ids.data(), (const void*)dout2.data(), DT_F32, (void*)dt16.data(), DT_BF16, H, 0.5f);
+    std::vector<double> wdt((size_t)V * H, 1.0);
+    for (size_t i = 0; i < ids.size(); ++i) for (int j = 0; j < H; ++j) wdt[ids[i] * H + j] += 0.5 * dout2[i * H + j];
+    check("embedding_bwd into bf16", unbf(dt16), wdt, 1e-2, 1e-2);
+    std::vector<int> bad = {0, 1, 6, -1};
+    int flag = 0x7fffffff;
+    emu_launch(ids_check_k, dim3{1}, dim3{32}, (const int*)bad.data(), (i64)4, V, &flag);
+    check("ids_check first bad index", std::vector<float>{(float)flag}, {2.0}, 0, 0);
+    std::vector<int> lab = {-100, 3, 7};
+    flag = 0x7fffffff;
+    emu_launch(labels_check_k, dim3{1}, dim3{32}, (const int*)lab.data(), (i64)3, V, &flag);
+    check("labels_check first bad index", std::vector<float>{(float)flag}, {2.0}, 0, 0);
+}
+
 int main() {
+    test_pointwise();
     test_dequant();
     test_gemv_gemm();
     test_attention();

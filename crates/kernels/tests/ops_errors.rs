@@ -115,6 +115,12 @@ fn check_shape_errors<B: Backend>(b: &B, _tol: Tolerance) {
         "lora_fwd",
         "w.packed",
     );
+    let mut deq = z(n * k);
+    expect_shape(
+        b.nf4_dequantize(&bad, &mut deq),
+        "nf4_dequantize",
+        "w.packed",
+    );
 
     let (mut yy, mut rstd) = (z(6), z(2));
     expect_shape(
@@ -368,5 +374,31 @@ fn check_invalid<B: Backend>(b: &B, _tol: Tolerance) {
         b.lora_fwd(&z(2 * 3), Weight::Nf4(&w), None, &mut y, None, 2, 3, 4),
         "lora_fwd",
         "w",
+    );
+}
+
+/// The public tile primitive rejects an inconsistent tensor instead of indexing out of bounds.
+#[test]
+fn cpu_dequantize_range_checks_layout() {
+    let bad = Nf4Tensor {
+        shape: vec![4, 32],
+        packed: vec![0; 64],
+        absmax: Absmax::Plain(vec![1.0]),
+    };
+    let mut out = vec![0.0; 10];
+    expect_shape(
+        afinar_kernels::cpu::dequant::dequantize_range(&bad, 100, &mut out),
+        "nf4_dequantize",
+        "w.absmax",
+    );
+    let ok = Nf4Tensor {
+        shape: vec![4, 32],
+        packed: vec![0; 64],
+        absmax: Absmax::Plain(vec![1.0; 2]),
+    };
+    expect_invalid(
+        afinar_kernels::cpu::dequant::dequantize_range(&ok, 120, &mut out),
+        "nf4_dequantize",
+        "range",
     );
 }

@@ -104,10 +104,15 @@ pub fn cross_entropy(
 ) -> Result<(f64, usize)> {
     const OP: &str = "cross_entropy";
     check(OP, n, v, logits.len(), labels, softcap)?;
+    if let Some(d) = dlogits.as_deref() {
+        check_len(OP, "dlogits", d.len(), n * v, || format!("[N={n}, V={v}]"))?;
+    }
+    if n == 0 {
+        return Ok((0.0, 0));
+    }
     let count = labels.iter().filter(|&&y| y != IGNORE_INDEX).count();
     let losses: Vec<f64> = match dlogits {
         Some(d) => {
-            check_len(OP, "dlogits", d.len(), n * v, || format!("[N={n}, V={v}]"))?;
             d.copy_from_slice(logits);
             d.par_chunks_mut(v)
                 .zip(labels.par_iter())

@@ -96,10 +96,17 @@ fn dequant_piece(w: &Nf4Tensor, start: usize, out: &mut [f32]) {
     }
 }
 
-/// Writes elements [start, start + out.len()) of the flattened weight. `w` must have passed
-/// `check_nf4`; the range is checked here.
+/// Writes elements [start, start + out.len()) of the flattened weight (layout and range checked).
 pub fn dequantize_range(w: &Nf4Tensor, start: usize, out: &mut [f32]) -> Result<()> {
-    let numel = w.numel();
+    let Some(numel) = w.shape.iter().try_fold(1usize, |a, &x| a.checked_mul(x)) else {
+        return Err(crate::KernelError::Invalid {
+            op: "nf4_dequantize",
+            arg: "w",
+            msg: format!("shape {:?} overflows", w.shape),
+        });
+    };
+    // O(1) length checks: keeps this public function panic-free on an inconsistent tensor.
+    check_layout("nf4_dequantize", w, numel)?;
     ensure(
         "nf4_dequantize",
         "range",

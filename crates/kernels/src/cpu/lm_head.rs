@@ -72,6 +72,7 @@ pub fn lm_head_ce_chunked(
 ) -> Result<(f64, usize)> {
     const OP: &str = "lm_head_ce";
     ensure(OP, "chunk", chunk > 0, || "chunk must be > 0".to_string())?;
+    ensure(OP, "h", h > 0, || "H must be > 0".to_string())?;
     ensure(
         OP,
         "v",

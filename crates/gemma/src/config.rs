@@ -231,6 +231,23 @@ impl Gemma2Config {
         let num_attention_heads = k.positive(&["num_attention_heads"], 8)?;
         let num_key_value_heads = k.positive(&["num_key_value_heads"], 4)?;
         let head_dim = k.positive(&["head_dim"], 256)?;
+        // Sanity bounds, so that a corrupt config fails here instead of in a huge allocation.
+        for (key, v, max) in [
+            ("vocab_size", vocab_size, 1usize << 24),
+            ("hidden_size", hidden_size, 1 << 20),
+            ("intermediate_size", intermediate_size, 1 << 22),
+            ("num_hidden_layers", num_hidden_layers, 1 << 12),
+            ("num_attention_heads", num_attention_heads, 1 << 12),
+            ("head_dim", head_dim, 1 << 14),
+        ] {
+            if v > max {
+                return Err(cfg_err(
+                    path,
+                    key,
+                    format!("{v} is implausibly large (limit {max})"),
+                ));
+            }
+        }
         if num_attention_heads % num_key_value_heads != 0 {
             return Err(cfg_err(
                 path,

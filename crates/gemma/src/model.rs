@@ -273,11 +273,12 @@ impl Batch {
 
     /// Shifts HF-style labels (`labels[t]` scores the logits at t−1) into targets (`targets[t] = labels[t+1]`,
     /// −100 at the end of each row): what transformers' `ForCausalLMLoss` does.
+    /// `labels` must hold B·T entries; missing entries (a short slice) are treated as −100.
     pub fn shift_labels(b: usize, t: usize, labels: &[i32]) -> Vec<i32> {
         let mut out = vec![-100; b * t];
         for r in 0..b {
             for i in 0..t.saturating_sub(1) {
-                out[r * t + i] = labels[r * t + i + 1];
+                out[r * t + i] = labels.get(r * t + i + 1).copied().unwrap_or(-100);
             }
         }
         out
@@ -290,7 +291,10 @@ impl Batch {
 
     /// Checks lengths and id ranges against a vocabulary size.
     pub fn validate(&self, vocab: usize) -> Result<()> {
-        let n = self.b * self.t;
+        let n = self
+            .b
+            .checked_mul(self.t)
+            .ok_or_else(|| GemmaError::Batch(format!("B·T = {}·{} overflows", self.b, self.t)))?;
         if n == 0 {
             return Err(GemmaError::Batch(format!(
                 "empty batch (B = {}, T = {})",
@@ -847,7 +851,9 @@ impl<B: Backend> Gemma2Model<B> {
         let embed_tokens =
             backend.from_host(&src.fetch("model.embed_tokens.weight", &[cfg.vocab_size, h])?)?;
         bar.inc(1);
-        let mut layers = Vec::with_capacity(nl);
+        // No reservation from the config's layer count: a corrupt config must fail on a missing
+        // tensor, not abort on a huge allocation.
+        let mut layers = Vec::new();
         for li in 0..nl {
             let norm = |kind: NormKind| -> Result<B::Buf> {
                 let name = ParamId::Norm { layer: li, kind }.name();

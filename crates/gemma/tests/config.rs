@@ -208,6 +208,10 @@ fn bad_values_name_the_key() {
             "final_logit_softcapping",
         ),
         (
+            r#"{"model_type": "gemma2", "num_hidden_layers": 1000000000000}"#,
+            "num_hidden_layers",
+        ),
+        (
             r#"{"model_type": "gemma2", "use_bidirectional_attention": true}"#,
             "use_bidirectional_attention",
         ),

@@ -7,6 +7,52 @@
 //!   hand-written backward → LoRA (and, in full fine-tuning, all) gradients, activation checkpointing.
 //!
 //! Semantics are Hugging Face transformers' eager Gemma-2; names mirror HF and peft exactly.
+//!
+//! A training step, as the trainer drives it (QLoRA: NF4 base, LoRA on every linear):
+//!
+//! ```
+//! use std::sync::Arc;
+//! use afinar_gemma::{Batch, Gemma2Config, Gemma2Model, Grads, LoadOptions, LoraConfig, Quantization};
+//! use afinar_kernels::{AdamW, Backend, Cpu};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // `Gemma2Model::load(backend, "/models/gemma-2-9b", &opts)` for a real checkpoint.
+//! let cfg = Gemma2Config::tiny(50, 64, 96, 2, 2, 1, 32, 4)?;
+//! let opts = LoadOptions {
+//!     quantize: Quantization::Nf4 { double_quant: true },
+//!     lora: Some(LoraConfig::new(4, 8.0, 0.05, false, &["all-linear"])?),
+//!     seed: 0,
+//!     ..Default::default()
+//! };
+//! let mut model = Gemma2Model::random(Arc::new(Cpu::new()), cfg, &opts)?;
+//! model.checkpointing = true;
+//!
+//! // Targets are already shifted: targets[t] is the token after position t, or −100.
+//! let ids = vec![2, 7, 9, 11, 3, 2, 5, 6];
+//! let targets = vec![7, 9, 11, 3, -100, 5, 6, -100];
+//! let mut batch = Batch::new(2, 4, ids, targets);
+//! batch.dropout_seed = 1; // e.g. hash(run seed, step, micro-step)
+//!
+//! let backend = model.backend().clone();
+//! let mut grads = Grads::zeros(&model)?;
+//! let (mut m, mut v) = (Vec::new(), Vec::new());
+//! for id in grads.ids() {
+//!     let n = id.shape(&model.config, 4).iter().product();
+//!     m.push(backend.zeros(n)?);
+//!     v.push(backend.zeros(n)?);
+//! }
+//! // Gradients accumulate over micro-batches; scale by 1 / (scored tokens in the whole window).
+//! let (sum, count) = model.forward_backward(&batch, 1.0 / 6.0, &mut grads)?;
+//! assert_eq!(count, 6);
+//! let h = AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, step: 1 };
+//! for (i, p) in model.params_and_grads(&grads)?.into_iter().enumerate() {
+//!     backend.adamw(p.param, p.grad, &mut m[i], &mut v[i], &h)?;
+//! }
+//! grads.zero()?;
+//! assert!((sum / count as f64).is_finite());
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod bnb;
 pub mod config;

@@ -277,3 +277,70 @@ fn check_elementwise<B: Backend>(b: &B, tol: Tolerance) {
     Tolerance::EXACT.assert_close("fill", down(b, &c), std::iter::repeat_n(0.5f32, n));
     assert_eq!(b.len(&c), n);
 }
+
+/// Cross-thread reductions (RMSNorm dw, Σx², per-row CE losses, attention dK/dV over a GQA group) are
+/// summed in a fixed order: 1 and 3 threads give bit-identical results.
+#[test]
+fn cpu_reductions_do_not_depend_on_thread_count() {
+    use afinar_kernels::cpu::{attention, cross_entropy, elementwise, rmsnorm};
+    use afinar_kernels::AttnShape;
+    let (n, h) = (300, 33);
+    let mut g = rng(16);
+    let x = uniform(&mut g, n * h, 1.0);
+    let w = uniform(&mut g, h, 0.5);
+    let dy = uniform(&mut g, n * h, 1.0);
+    let v = 50;
+    let logits = uniform(&mut g, 40 * v, 10.0);
+    let labels: Vec<i32> = (0..40)
+        .map(|i| if i % 7 == 0 { -100 } else { (i * 3) % v as i32 })
+        .collect();
+    let s = AttnShape {
+        b: 1,
+        t: 80,
+        tk: 80,
+        nh: 4,
+        nkv: 1,
+        d: 8,
+        scale: 0.3,
+        softcap: Some(5.0),
+        window: None,
+    };
+    let q = uniform(&mut g, 80 * 4 * 8, 1.0);
+    let kv = uniform(&mut g, 80 * 8, 1.0);
+    let dout = uniform(&mut g, q.len(), 1.0);
+    let run = || {
+        let (mut y, mut rstd, mut dx, mut dw) = (
+            vec![0.0; n * h],
+            vec![0.0; n],
+            vec![0.0; n * h],
+            vec![0.0; h],
+        );
+        rmsnorm::rmsnorm_fwd(&x, &w, &mut y, &mut rstd, n, h, 1e-6).unwrap();
+        rmsnorm::rmsnorm_bwd(&dy, &x, &w, &rstd, &mut dx, Some(&mut dw), n, h).unwrap();
+        let ss = elementwise::sum_squares(&dy).unwrap();
+        let (loss, _) =
+            cross_entropy::cross_entropy(&logits, &labels, 40, v, Some(30.0), 1.0, None).unwrap();
+        let (mut o, mut l) = (vec![0.0; q.len()], vec![0.0; 4 * 80]);
+        attention::attn_fwd(&q, &kv, &kv, None, &mut o, &mut l, &s).unwrap();
+        let (mut dq, mut dk, mut dv) =
+            (vec![0.0; q.len()], vec![0.0; kv.len()], vec![0.0; kv.len()]);
+        attention::attn_bwd(
+            &q, &kv, &kv, None, &o, &l, &dout, &mut dq, &mut dk, &mut dv, &s,
+        )
+        .unwrap();
+        (dw, ss, loss, dk, dv)
+    };
+    let pool = |t| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build()
+            .unwrap()
+    };
+    let a = pool(1).install(run);
+    let b = pool(3).install(run);
+    Tolerance::EXACT.assert_close("dw", b.0, a.0);
+    Tolerance::EXACT.assert_close("sum_squares", [b.1], [a.1]);
+    Tolerance::EXACT.assert_close("ce loss", [b.2], [a.2]);
+    Tolerance::EXACT.assert_close("dk", b.3, a.3);
+    Tolerance::EXACT.assert_close("dv", b.4, a.4);
+}

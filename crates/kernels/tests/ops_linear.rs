@@ -378,8 +378,15 @@ pub fn random_nf4(seed: u64, n: usize, k: usize, nested: bool) -> Nf4Tensor {
 fn check_lora_nf4<B: Backend>(b: &B, tol: Tolerance) {
     // numel = 71·45 = 3195: odd and not a multiple of 64 (a half-used last byte, a short last block).
     let (m, k, n, r) = (10, 45, 71, 4);
-    for nested in [false, true] {
-        let w = random_nf4(4 + nested as u64, n, k, nested);
+    // Hand-built tensors (plain and nested absmax) and one made by `nf4::quantize` from a dense weight.
+    let quantized =
+        afinar_kernels::nf4::quantize(&uniform(&mut rng(41), n * k, 0.2), &[n, k], true).unwrap();
+    let weights = [
+        random_nf4(4, n, k, false),
+        random_nf4(5, n, k, true),
+        quantized,
+    ];
+    for w in weights {
         let wd = w.dequantize().unwrap();
         let mut g = rng(40);
         let x = uniform(&mut g, m * k, 1.0);

@@ -226,3 +226,189 @@ extern "C" __global__ void attn_bwd_dkv_k(const void* q, int qdt, const void* k,
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------------
+// Tensor-core forward (mma.sync m16n8k16, bf16 operands, f32 accumulate and softmax), for head dims
+// D ∈ {16, 32, 64, 128, 256}; same semantics and outputs as attn_fwd_k (which stays the path for other
+// D and the reference in the checks).
+// Launch geometry (launch::plan_attention_mma): grid = (ceil(T/64), B·NH), 128 threads = 4 warps, warp w
+// owns queries i0 + 16w … i0 + 16w + 15 of one (b, h). Key tiles of 16 keys are staged in shared
+// memory, K then V through the same buffer: Q tile [64][D+8] + K/V tile [16][D+8] bf16 (42 KiB at
+// D = 256; rows padded by 8 so fragment loads are bank-conflict free). Per key tile a warp computes
+// S = Q·Kᵀ (16×16, two n8 tiles), applies scale, soft-cap and the masks, updates the online softmax
+// (row max/sum reduced over the 4 lanes of a quad), and accumulates O += P·V with P reused straight
+// from the S accumulators as the A operand. O lives in registers: D/8 n8 tiles × 4 f32 per thread.
+// Key tiles outside the block's causal/window range are skipped.
+
+#define FQ 64
+#define FK 16
+
+__device__ __forceinline__ void attn_mma(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
+#ifdef AFINAR_EMU
+    emu_mma_bf16_16816(c, a0, a1, a2, a3, b0, b1);
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+}
+
+// Copies `rows` rows of D elements (row r at src + row_off(r)) into smem [rows][D+8] as bf16; rows at or
+// beyond `valid` are zero. bf16 sources with D % 8 == 0 use 16-byte copies.
+template <int D>
+__device__ __forceinline__ void attn_stage(bf16_t* dst, const void* src, int sdt, i64 base, i64 row_stride, int rows, int valid) {
+    constexpr int DP = D + 8;
+    if (sdt == DT_BF16 && (D % 8) == 0) {
+        for (int idx = threadIdx.x; idx < rows * (D / 8); idx += blockDim.x) {
+            const int r = idx / (D / 8), c8 = (idx % (D / 8)) * 8;
+            uint4 v = {0u, 0u, 0u, 0u};
+            if (r < valid) v = *(const uint4*)(((const bf16_t*)src) + base + r * row_stride + c8);
+            *(uint4*)(dst + r * DP + c8) = v;
+        }
+    } else {
+        for (int idx = threadIdx.x; idx < rows * D; idx += blockDim.x) {
+            const int r = idx / D, c = idx % D;
+            dst[r * DP + c] = f2bf(r < valid ? ld(src, sdt, base + r * row_stride + c) : 0.0f);
+        }
+    }
+}
+
+template <int D>
+__device__ __forceinline__ void attn_fwd_mma_body(const void* q, int qdt, const void* k, int kdt, const void* v, int vdt,
+                                                  const int* seg, int has_seg, void* out, int odt, void* lse, int ldt, int t,
+                                                  int tk, int nh, int nkv, float scale, float cap, int window) {
+    constexpr int DP = D + 8;
+    constexpr int NT = D / 8;
+    __shared__ __align__(16) bf16_t Qs[FQ * DP];
+    __shared__ __align__(16) bf16_t KVs[FK * DP];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t4 = lane & 3;
+    const int bh = blockIdx.y, h = bh % nh, bi = bh / nh, kvh = h / (nh / nkv);
+    const int i0 = blockIdx.x * FQ;
+    const int off = tk - t;  // query i sits at absolute key position off + i
+    const i64 qrow_stride = (i64)nh * D, krow_stride = (i64)nkv * D;
+    attn_stage<D>(Qs, q, qdt, (((i64)bi * t + i0) * nh + h) * D, qrow_stride, FQ, t - i0);
+
+    int qi[2], qa[2], segq[2];
+    bool qvalid[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        qi[r] = i0 + warp * 16 + g + 8 * r;
+        qvalid[r] = qi[r] < t;
+        qa[r] = off + qi[r];
+        segq[r] = (has_seg && qvalid[r]) ? seg[(i64)bi * tk + qa[r]] : 0;
+    }
+    float o[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+    float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.0f, 0.0f};
+
+    const int qmin = off + i0, qmax = off + min(t, i0 + FQ) - 1;
+    int jlo = window > 0 ? max(0, qmin - window + 1) : 0;
+    jlo = (jlo / FK) * FK;
+    for (int j0 = jlo; j0 <= qmax; j0 += FK) {
+        __syncthreads();  // the previous tile's V reads are done (and, first time, Q is staged)
+        attn_stage<D>(KVs, k, kdt, (((i64)bi * tk + j0) * nkv + kvh) * D, krow_stride, FK, tk - j0);
+        __syncthreads();
+        float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+#pragma unroll
+        for (int kk = 0; kk < D; kk += 16) {
+            const bf16_t* pa = Qs + (warp * 16 + g) * DP + kk + 2 * t4;
+            const unsigned a0 = *(const unsigned*)pa, a1 = *(const unsigned*)(pa + 8 * DP);
+            const unsigned a2 = *(const unsigned*)(pa + 8), a3 = *(const unsigned*)(pa + 8 * DP + 8);
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt) {
+                const bf16_t* pb = KVs + (nt * 8 + g) * DP + kk + 2 * t4;
+                attn_mma(s[nt], a0, a1, a2, a3, *(const unsigned*)pb, *(const unsigned*)(pb + 8));
+            }
+        }
+        // Scores → probabilities with the online softmax; c index q = 2·r + e: row g + 8r, key 2·t4 + e.
+        float corr[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float mloc = -INFINITY;
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int j = j0 + nt * 8 + 2 * t4 + e;
+                    float z = s[nt][2 * r + e] * scale;
+                    z = cap > 0.0f ? cap * tanhf(z / cap) : z;
+                    const bool vis = qvalid[r] && j < tk && j <= qa[r] && (window <= 0 || qa[r] - j < window) &&
+                                     (!has_seg || seg[(i64)bi * tk + j] == segq[r]);
+                    s[nt][2 * r + e] = vis ? z : -INFINITY;
+                    mloc = fmaxf(mloc, s[nt][2 * r + e]);
+                }
+            mloc = fmaxf(mloc, __shfl_xor_sync(0xffffffffu, mloc, 1));
+            mloc = fmaxf(mloc, __shfl_xor_sync(0xffffffffu, mloc, 2));
+            const float mnew = fmaxf(mrow[r], mloc);
+            const float mu = mnew == -INFINITY ? 0.0f : mnew;  // nothing visible yet: keep everything 0
+            corr[r] = expf(mrow[r] - mu);
+            float lsum = 0.0f;
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const float p = expf(s[nt][2 * r + e] - mu);
+                    s[nt][2 * r + e] = p;
+                    lsum += p;
+                }
+            lsum += __shfl_xor_sync(0xffffffffu, lsum, 1);
+            lsum += __shfl_xor_sync(0xffffffffu, lsum, 2);
+            lrow[r] = lrow[r] * corr[r] + lsum;
+            mrow[r] = mnew;
+        }
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+            o[n][0] *= corr[0];
+            o[n][1] *= corr[0];
+            o[n][2] *= corr[1];
+            o[n][3] *= corr[1];
+        }
+        // P (16 queries × 16 keys) as the A operand: the S accumulators are already in A's layout.
+        const unsigned pa0 = pack_bf16x2(s[0][0], s[0][1]), pa1 = pack_bf16x2(s[0][2], s[0][3]);
+        const unsigned pa2 = pack_bf16x2(s[1][0], s[1][1]), pa3 = pack_bf16x2(s[1][2], s[1][3]);
+        __syncthreads();  // K reads done: the buffer takes V
+        attn_stage<D>(KVs, v, vdt, (((i64)bi * tk + j0) * nkv + kvh) * D, krow_stride, FK, tk - j0);
+        __syncthreads();
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+            const bf16_t* pv = KVs + (2 * t4) * DP + n * 8 + g;
+            const unsigned b0 = (unsigned)pv[0] | ((unsigned)pv[DP] << 16);
+            const unsigned b1 = (unsigned)pv[8 * DP] | ((unsigned)pv[9 * DP] << 16);
+            attn_mma(o[n], pa0, pa1, pa2, pa3, b0, b1);
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        if (!qvalid[r]) continue;
+        const float inv = 1.0f / lrow[r];
+        const i64 orow = (((i64)bi * t + qi[r]) * nh + h) * D;
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) st(out, odt, orow + n * 8 + 2 * t4 + e, o[n][2 * r + e] * inv);
+        if (t4 == 0) st(lse, ldt, ((i64)bi * nh + h) * t + qi[r], mrow[r] + logf(lrow[r]));
+    }
+}
+
+#define ATTN_FWD_MMA(DIM)                                                                                         \
+    extern "C" __global__ void __launch_bounds__(128) attn_fwd_mma_d##DIM##_k(                                     \
+        const void* q, int qdt, const void* k, int kdt, const void* v, int vdt, const int* seg, int has_seg,       \
+        void* out, int odt, void* lse, int ldt, int b, int t, int tk, int nh, int nkv, int d, float scale, float cap, \
+        int window) {                                                                                              \
+        attn_fwd_mma_body<DIM>(q, qdt, k, kdt, v, vdt, seg, has_seg, out, odt, lse, ldt, t, tk, nh, nkv, scale, cap, \
+                               window);                                                                            \
+    }
+
+// afinar:hot attn_fwd_mma_d16_k
+ATTN_FWD_MMA(16)
+// afinar:hot attn_fwd_mma_d32_k
+ATTN_FWD_MMA(32)
+// afinar:hot attn_fwd_mma_d64_k
+ATTN_FWD_MMA(64)
+// afinar:hot attn_fwd_mma_d128_k
+ATTN_FWD_MMA(128)
+// afinar:hot attn_fwd_mma_d256_k
+ATTN_FWD_MMA(256)

@@ -249,6 +249,43 @@ static void test_attention() {
     }
 }
 
+// The tensor-core forward against the same reference, on bf16-rounded inputs (P is rounded to bf16
+// inside the kernel, hence the looser output tolerance).
+template <int DIM>
+static void run_attn_mma(int B, int T, int TK, int NH, int NKV, float cap, int window, bool has_seg, bool bf16_in) {
+    Rng g{(uint64_t)(T * 131 + DIM)};
+    size_t qn = (size_t)B * T * NH * DIM, kn = (size_t)B * TK * NKV * DIM;
+    auto q = g.vec(qn, 1), k = g.vec(kn, 1), v = g.vec(kn, 1);
+    for (auto* x : {&q, &k, &v}) for (auto& e : *x) e = h_bf(e);
+    std::vector<int> seg(B * TK);
+    for (int i = 0; i < B * TK; ++i) seg[i] = (i % TK) < (2 * TK) / 3 ? 1 : 2;
+    float scale = 1.0f / std::sqrt((float)DIM);
+    auto ref = ref_attn(q, k, v, seg, has_seg, {}, B, T, TK, NH, NKV, DIM, scale, cap, window);
+    std::vector<unsigned short> q16(qn), k16(kn), v16(kn);
+    for (size_t i = 0; i < qn; ++i) q16[i] = h_f2bf(q[i]);
+    for (size_t i = 0; i < kn; ++i) { k16[i] = h_f2bf(k[i]); v16[i] = h_f2bf(v[i]); }
+    std::vector<float> out(qn, NAN), lse((size_t)B * NH * T, NAN);
+    dim3 grid{(unsigned)((T + 63) / 64), (unsigned)(B * NH)};
+    const void *qp = bf16_in ? (const void*)q16.data() : (const void*)q.data(), *kp = bf16_in ? (const void*)k16.data() : (const void*)k.data(),
+               *vp = bf16_in ? (const void*)v16.data() : (const void*)v.data();
+    int dt = bf16_in ? DT_BF16 : DT_F32;
+    void (*kern)(const void*, int, const void*, int, const void*, int, const int*, int, void*, int, void*, int, int, int, int, int, int, int, float, float, int) =
+        DIM == 16 ? attn_fwd_mma_d16_k : DIM == 32 ? attn_fwd_mma_d32_k : DIM == 64 ? attn_fwd_mma_d64_k : DIM == 128 ? attn_fwd_mma_d128_k : attn_fwd_mma_d256_k;
+    emu_launch(kern, grid, dim3{128}, qp, dt, kp, dt, vp, dt, (const int*)seg.data(), (int)has_seg, (void*)out.data(), DT_F32, (void*)lse.data(), DT_F32,
+               B, T, TK, NH, NKV, DIM, scale, cap, window);
+    std::string tag = " D=" + std::to_string(DIM) + " T=" + std::to_string(T) + " TK=" + std::to_string(TK) + (bf16_in ? " bf16" : " f32");
+    check("attn_fwd_mma out" + tag, out, ref.out, 1e-2, 1e-2);
+    check("attn_fwd_mma lse" + tag, lse, ref.lse, 1e-4, 1e-4);
+}
+
+static void test_attention_mma() {
+    run_attn_mma<256>(1, 5, 12, 2, 1, 0.0f, 0, false, true);
+    run_attn_mma<64>(2, 11, 11, 4, 2, 50.0f, 4, true, false);
+    run_attn_mma<32>(1, 70, 70, 2, 2, 5.0f, 20, true, true);  // two query blocks, a window, segments
+    run_attn_mma<16>(1, 130, 150, 1, 1, 0.0f, 0, false, false); // three query blocks, TK > T
+    run_attn_mma<128>(1, 17, 17, 2, 1, 30.0f, 0, false, true);
+}
+
 static void test_cross_entropy() {
     int n = 5, v = 300;
     Rng g{99};
@@ -471,6 +508,7 @@ int main() {
     test_dequant();
     test_gemv_gemm();
     test_attention();
+    test_attention_mma();
     test_cross_entropy();
     test_lora_and_gemm();
     test_rmsnorm_reduce();

@@ -87,13 +87,20 @@ pub fn program_text(common: &str, file_name: &str, src: &str) -> String {
     format!("{common}\n#line 1 \"{file_name}\"\n{src}")
 }
 
-/// Kernel names preceded by a `// afinar:hot` marker line.
+/// Kernel names marked hot: a `// afinar:hot` line right before the kernel's `__global__` line (comment
+/// lines in between are fine), or `// afinar:hot NAME` naming the kernel explicitly (for kernels that a
+/// macro defines).
 pub fn hot_kernels(src: &str) -> BTreeSet<String> {
     let mut hot = BTreeSet::new();
     let mut armed = false;
     for line in src.lines() {
-        if line.contains("afinar:hot") {
-            armed = true;
+        if let Some(rest) = line.split("afinar:hot").nth(1) {
+            match rest.split_whitespace().next() {
+                Some(name) => {
+                    hot.insert(name.to_string());
+                }
+                None => armed = true,
+            }
             continue;
         }
         if armed && line.contains("__global__") {
@@ -416,11 +423,13 @@ ptxas info    : Used 12 registers, used 1 barriers, 6272 bytes smem\n";
 
     #[test]
     fn finds_hot_markers() {
-        let src = "// afinar:hot\nextern \"C\" __global__ void a_k(int x) {}\n__global__ void cold_k() {}\n// afinar:hot\n// more words\nextern \"C\" __global__ void __launch_bounds__(256) b_k(int y) {}\n";
-        let hot = hot_kernels(src);
+        let src = "// afinar:hot\nextern \"C\" __global__ void a_k(int x) {}\n__global__ void cold_k() {}\n\
+                   // afinar:hot\n// more words\nextern \"C\" __global__ void __launch_bounds__(256) b_k(int y) {}\n\
+                   // afinar:hot c_k\nMACRO(c)\n";
+        let hot: Vec<String> = hot_kernels(src).into_iter().collect();
         assert_eq!(
-            hot.into_iter().collect::<Vec<_>>(),
-            vec!["a_k".to_string(), "b_k".to_string()]
+            hot,
+            vec!["a_k".to_string(), "b_k".to_string(), "c_k".to_string()]
         );
     }
 

@@ -71,7 +71,9 @@ mod bench {
             self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
         }
         fn f32s(&mut self, n: usize, s: f32) -> Vec<f32> {
-            (0..n).map(|_| ((self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * s).collect()
+            (0..n)
+                .map(|_| ((self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * s)
+                .collect()
         }
     }
 
@@ -109,38 +111,69 @@ mod bench {
     fn rel_err(c: &Cuda, got: &CudaBuf, want: &CudaBuf) -> R<f64> {
         let (g, w) = (c.to_host(got)?, c.to_host(want)?);
         let max = w.iter().fold(0.0f32, |a, &v| a.max(v.abs())) as f64;
-        let d = g.iter().zip(&w).fold(0.0f32, |a, (&x, &y)| a.max((x - y).abs())) as f64;
+        let d = g
+            .iter()
+            .zip(&w)
+            .fold(0.0f32, |a, (&x, &y)| a.max((x - y).abs())) as f64;
         Ok(if max > 0.0 { d / max } else { d })
     }
 
     pub fn run() -> R<()> {
         let quick = std::env::args().any(|a| a == "--quick");
-        let c = match Cuda::try_new_with(CudaOptions { alloc_dtype: Dtype::Bf16, ..CudaOptions::default() })? {
+        let c = match Cuda::try_new_with(CudaOptions {
+            alloc_dtype: Dtype::Bf16,
+            ..CudaOptions::default()
+        })? {
             Some(c) => c,
             None => return Err("no CUDA driver/device on this machine".into()),
         };
         let iters = if quick { 3 } else { 20 };
-        println!("device: {} ({}), dense GEMM: {}", c.device_name(), c.arch(), c.gemm_name());
+        println!(
+            "device: {} ({}), dense GEMM: {}",
+            c.device_name(),
+            c.arch(),
+            c.gemm_name()
+        );
         let mut rows: Vec<Row> = Vec::new();
 
         // ---- Ceilings: copy bandwidth and the bf16 GEMM rate.
         let bytes = 1usize << 30;
         let src = c.stream().alloc_zeros::<u8>(bytes)?;
         let mut dst = c.stream().alloc_zeros::<u8>(bytes)?;
-        let ms = time(&c, 2, iters, || Ok(c.stream().memcpy_dtod(&src, &mut dst)?))?;
+        let ms = time(&c, 2, iters, || {
+            Ok(c.stream().memcpy_dtod(&src, &mut dst)?)
+        })?;
         let copy_bw = 2.0 * bytes as f64 / (ms * 1e-3) / 1e9;
         drop((src, dst));
-        rows.push(Row { name: "copy (cuMemcpyDtoD)".into(), shape: "1 GiB".into(), ms, rate: format!("{copy_bw:.0} GB/s"), vs: "ceiling".into(), target: "-".into(), check: "-".into() });
+        rows.push(Row {
+            name: "copy (cuMemcpyDtoD)".into(),
+            shape: "1 GiB".into(),
+            ms,
+            rate: format!("{copy_bw:.0} GB/s"),
+            vs: "ceiling".into(),
+            target: "-".into(),
+            check: "-".into(),
+        });
 
         let g = 8192;
         let a = c.zeros_as(g * g, Dtype::Bf16)?;
         let b = c.zeros_as(g * g, Dtype::Bf16)?;
         let mut y = c.zeros_as(g * g, Dtype::Bf16)?;
         c.fill(&mut y, 0.0)?;
-        let ms = time(&c, 2, iters.min(10), || Ok(c.matmul_xwt(&a, &b, &mut y, g, g, g, Accum::Overwrite)?))?;
+        let ms = time(&c, 2, iters.min(10), || {
+            Ok(c.matmul_xwt(&a, &b, &mut y, g, g, g, Accum::Overwrite)?)
+        })?;
         let gemm_rate = 2.0 * (g as f64).powi(3) / (ms * 1e-3) / 1e12;
         drop((a, b, y));
-        rows.push(Row { name: format!("bf16 GEMM ({})", c.gemm_name()), shape: "8192³".into(), ms, rate: format!("{gemm_rate:.0} TFLOP/s"), vs: "ceiling".into(), target: "-".into(), check: "-".into() });
+        rows.push(Row {
+            name: format!("bf16 GEMM ({})", c.gemm_name()),
+            shape: "8192³".into(),
+            ms,
+            rate: format!("{gemm_rate:.0} TFLOP/s"),
+            vs: "ceiling".into(),
+            target: "-".into(),
+            check: "-".into(),
+        });
 
         // ---- NF4 dequantize.
         let (dn, dk) = (14336, 3584 * 4);
@@ -171,15 +204,23 @@ mod bench {
             c.matmul_xwt(&x, &wd, &mut y_ref, 1, k, n, Accum::Overwrite)?;
             c.lora_fwd(&x, Weight::Nf4(&w), None, &mut y, None, 1, k, n)?;
             let check = rel_err(&c, &y, &y_ref)?;
-            let ms = time(&c, 3, iters * 5, || Ok(c.lora_fwd(&x, Weight::Nf4(&w), None, &mut y, None, 1, k, n)?))?;
-            let ms_ref = time(&c, 3, iters * 5, || Ok(c.matmul_xwt(&x, &wd, &mut y_ref, 1, k, n, Accum::Overwrite)?))?;
+            let ms = time(&c, 3, iters * 5, || {
+                Ok(c.lora_fwd(&x, Weight::Nf4(&w), None, &mut y, None, 1, k, n)?)
+            })?;
+            let ms_ref = time(&c, 3, iters * 5, || {
+                Ok(c.matmul_xwt(&x, &wd, &mut y_ref, 1, k, n, Accum::Overwrite)?)
+            })?;
             let bw = (nf4_bytes(n * k) + 2.0 * k as f64 + 4.0 * n as f64) / (ms * 1e-3) / 1e9;
             rows.push(Row {
                 name: "NF4 GEMV M=1".into(),
                 shape: format!("N={n} K={k}"),
                 ms,
                 rate: format!("{bw:.0} GB/s"),
-                vs: format!("{:.0} % of copy; {:.2}× cuBLAS bf16 ({ms_ref:.4} ms)", 100.0 * bw / copy_bw, ms_ref / ms),
+                vs: format!(
+                    "{:.0} % of copy; {:.2}× cuBLAS bf16 ({ms_ref:.4} ms)",
+                    100.0 * bw / copy_bw,
+                    ms_ref / ms
+                ),
                 target: "≥ 70 %, ≥ 3×".into(),
                 check: format!("{check:.1e}"),
             });
@@ -187,8 +228,13 @@ mod bench {
 
         // ---- NF4 dequant-GEMM at M = 4096 on the Gemma-2-9B projections, fwd and bwd, vs cuBLAS bf16.
         let m = if quick { 1024 } else { 4096 };
-        let shapes: &[(&str, usize, usize)] =
-            &[("q_proj", 4096, 3584), ("k/v_proj", 2048, 3584), ("o_proj", 3584, 4096), ("gate/up_proj", 14336, 3584), ("down_proj", 3584, 14336)];
+        let shapes: &[(&str, usize, usize)] = &[
+            ("q_proj", 4096, 3584),
+            ("k/v_proj", 2048, 3584),
+            ("o_proj", 3584, 4096),
+            ("gate/up_proj", 14336, 3584),
+            ("down_proj", 3584, 14336),
+        ];
         for &(name, n, k) in shapes {
             let w = c.nf4_from_host(&nf4(4, n, k))?;
             let mut wd = c.zeros_as(n * k, Dtype::Bf16)?;
@@ -201,22 +247,55 @@ mod bench {
             let mut dx_ref = c.zeros_as(m * k, Dtype::Bf16)?;
             c.lora_fwd(&x, Weight::Nf4(&w), None, &mut y, None, m, k, n)?;
             c.matmul_xwt(&x, &wd, &mut y_ref, m, k, n, Accum::Overwrite)?;
-            c.lora_bwd(&dy, &x, Weight::Nf4(&w), None, &mut dx, Accum::Overwrite, m, k, n)?;
+            c.lora_bwd(
+                &dy,
+                &x,
+                Weight::Nf4(&w),
+                None,
+                &mut dx,
+                Accum::Overwrite,
+                m,
+                k,
+                n,
+            )?;
             c.matmul_dyw(&dy, &wd, &mut dx_ref, m, k, n, Accum::Overwrite)?;
             let (cf, cb) = (rel_err(&c, &y, &y_ref)?, rel_err(&c, &dx, &dx_ref)?);
             let flops = 2.0 * (m * n * k) as f64;
             let it = iters.min(10);
-            let ms_f = time(&c, 2, it, || Ok(c.lora_fwd(&x, Weight::Nf4(&w), None, &mut y, None, m, k, n)?))?;
-            let ms_fr = time(&c, 2, it, || Ok(c.matmul_xwt(&x, &wd, &mut y_ref, m, k, n, Accum::Overwrite)?))?;
-            let ms_b = time(&c, 2, it, || Ok(c.lora_bwd(&dy, &x, Weight::Nf4(&w), None, &mut dx, Accum::Overwrite, m, k, n)?))?;
-            let ms_br = time(&c, 2, it, || Ok(c.matmul_dyw(&dy, &wd, &mut dx_ref, m, k, n, Accum::Overwrite)?))?;
-            for (dir, ms, ms_ref, chk) in [("X·W̃ᵀ", ms_f, ms_fr, cf), ("dY·W̃", ms_b, ms_br, cb)] {
+            let ms_f = time(&c, 2, it, || {
+                Ok(c.lora_fwd(&x, Weight::Nf4(&w), None, &mut y, None, m, k, n)?)
+            })?;
+            let ms_fr = time(&c, 2, it, || {
+                Ok(c.matmul_xwt(&x, &wd, &mut y_ref, m, k, n, Accum::Overwrite)?)
+            })?;
+            let ms_b = time(&c, 2, it, || {
+                Ok(c.lora_bwd(
+                    &dy,
+                    &x,
+                    Weight::Nf4(&w),
+                    None,
+                    &mut dx,
+                    Accum::Overwrite,
+                    m,
+                    k,
+                    n,
+                )?)
+            })?;
+            let ms_br = time(&c, 2, it, || {
+                Ok(c.matmul_dyw(&dy, &wd, &mut dx_ref, m, k, n, Accum::Overwrite)?)
+            })?;
+            for (dir, ms, ms_ref, chk) in [("X·W̃ᵀ", ms_f, ms_fr, cf), ("dY·W̃", ms_b, ms_br, cb)]
+            {
                 rows.push(Row {
                     name: format!("NF4 GEMM {name} {dir}"),
                     shape: format!("M={m} N={n} K={k}"),
                     ms,
                     rate: format!("{:.0} TFLOP/s", flops / (ms * 1e-3) / 1e12),
-                    vs: format!("{:.2}× cuBLAS bf16 ({:.0} TFLOP/s)", ms_ref / ms, flops / (ms_ref * 1e-3) / 1e12),
+                    vs: format!(
+                        "{:.2}× cuBLAS bf16 ({:.0} TFLOP/s)",
+                        ms_ref / ms,
+                        flops / (ms_ref * 1e-3) / 1e12
+                    ),
                     target: "≥ 0.8×".into(),
                     check: format!("{chk:.1e}"),
                 });
@@ -224,7 +303,17 @@ mod bench {
         }
 
         // ---- Attention fwd + bwd.
-        let s = AttnShape { b: 1, t: 2048, tk: 2048, nh: 16, nkv: 8, d: 256, scale: 256f32.powf(-0.5), softcap: Some(50.0), window: None };
+        let s = AttnShape {
+            b: 1,
+            t: 2048,
+            tk: 2048,
+            nh: 16,
+            nkv: 8,
+            d: 256,
+            scale: 256f32.powf(-0.5),
+            softcap: Some(50.0),
+            window: None,
+        };
         let qn = s.b * s.t * s.nh * s.d;
         let kn = s.b * s.t * s.nkv * s.d;
         let mut g2 = Rng(7);
@@ -234,20 +323,69 @@ mod bench {
         let dout = c.from_host_as(&g2.f32s(qn, 1.0), Dtype::Bf16)?;
         let mut o = c.zeros_as(qn, Dtype::Bf16)?;
         let mut lse = c.zeros_as(s.b * s.nh * s.t, Dtype::F32)?;
-        let (mut dq, mut dk, mut dv) = (c.zeros_as(qn, Dtype::Bf16)?, c.zeros_as(kn, Dtype::Bf16)?, c.zeros_as(kn, Dtype::Bf16)?);
+        let (mut dq, mut dk, mut dv) = (
+            c.zeros_as(qn, Dtype::Bf16)?,
+            c.zeros_as(kn, Dtype::Bf16)?,
+            c.zeros_as(kn, Dtype::Bf16)?,
+        );
         let it = if quick { 1 } else { 5 };
-        let ms_f = time(&c, 1, it, || Ok(c.attn_fwd(&q, &k, &v, None, &mut o, &mut lse, &s)?))?;
-        let ms_b = time(&c, 1, it, || Ok(c.attn_bwd(&q, &k, &v, None, &o, &lse, &dout, &mut dq, &mut dk, &mut dv, &s)?))?;
+        let ms_f = time(&c, 1, it, || {
+            Ok(c.attn_fwd(&q, &k, &v, None, &mut o, &mut lse, &s)?)
+        })?;
+        let ms_b = time(&c, 1, it, || {
+            Ok(c.attn_bwd(
+                &q, &k, &v, None, &o, &lse, &dout, &mut dq, &mut dk, &mut dv, &s,
+            )?)
+        })?;
+        // Check the tensor-core forward against the CUDA-core one, and time both.
+        let simt = Cuda::try_new_with(CudaOptions {
+            alloc_dtype: Dtype::Bf16,
+            simt_attention: true,
+            ..CudaOptions::default()
+        })?
+        .ok_or("no CUDA device for the reference attention")?;
+        let (q2, k2, v2) = (
+            simt.from_host(&c.to_host(&q)?)?,
+            simt.from_host(&c.to_host(&k)?)?,
+            simt.from_host(&c.to_host(&v)?)?,
+        );
+        let mut o2 = simt.zeros_as(qn, Dtype::F32)?;
+        let mut lse2 = simt.zeros_as(s.b * s.nh * s.t, Dtype::F32)?;
+        let ms_simt = time(&simt, 0, 1, || {
+            Ok(simt.attn_fwd(&q2, &k2, &v2, None, &mut o2, &mut lse2, &s)?)
+        })?;
+        let (got, want) = (c.to_host(&o)?, simt.to_host(&o2)?);
+        let max = want.iter().fold(0.0f32, |a, &x| a.max(x.abs())) as f64;
+        let attn_check = got
+            .iter()
+            .zip(&want)
+            .fold(0.0f32, |a, (&x, &y)| a.max((x - y).abs())) as f64
+            / max.max(1e-30);
         // Causal: half of the 4·T²·D·NH multiply-adds of the forward; the backward is 2.5× the forward.
         let fwd_flops = 4.0 * (s.t * s.t * s.d * s.nh * s.b) as f64 / 2.0;
         let total = 3.5 * fwd_flops;
         let rate = total / ((ms_f + ms_b) * 1e-3) / 1e12;
         rows.push(Row {
+            name: "attention fwd (tensor cores)".into(),
+            shape: "B=1 T=2048 NH=16 NKV=8 D=256".into(),
+            ms: ms_f,
+            rate: format!("{:.1} TFLOP/s", fwd_flops / (ms_f * 1e-3) / 1e12),
+            vs: format!(
+                "{:.1} % of the GEMM rate; CUDA-core fwd {ms_simt:.2} ms",
+                100.0 * fwd_flops / (ms_f * 1e-3) / 1e12 / gemm_rate
+            ),
+            target: "-".into(),
+            check: format!("{attn_check:.1e}"),
+        });
+        rows.push(Row {
             name: "attention fwd+bwd (causal, softcap)".into(),
             shape: "B=1 T=2048 NH=16 NKV=8 D=256".into(),
             ms: ms_f + ms_b,
             rate: format!("{rate:.1} TFLOP/s"),
-            vs: format!("{:.1} % of the GEMM rate (fwd {ms_f:.2} ms, bwd {ms_b:.2} ms)", 100.0 * rate / gemm_rate),
+            vs: format!(
+                "{:.1} % of the GEMM rate (fwd {ms_f:.2} ms, bwd {ms_b:.2} ms)",
+                100.0 * rate / gemm_rate
+            ),
             target: "≥ 40 %".into(),
             check: "-".into(),
         });
@@ -255,7 +393,10 @@ mod bench {
         println!("\n| kernel | shape | ms | achieved | vs ceiling | target | check |");
         println!("|---|---|---:|---:|---|---|---|");
         for r in &rows {
-            println!("| {} | {} | {:.4} | {} | {} | {} | {} |", r.name, r.shape, r.ms, r.rate, r.vs, r.target, r.check);
+            println!(
+                "| {} | {} | {:.4} | {} | {} | {} | {} |",
+                r.name, r.shape, r.ms, r.rate, r.vs, r.target, r.check
+            );
         }
         Ok(())
     }

@@ -209,6 +209,40 @@ pub fn attention(rows: usize, d: usize) -> Result<Launch> {
     })
 }
 
+/// Queries per block of the tensor-core attention forward (`FQ` in attention.cu).
+pub const ATTN_MMA_QUERIES: u64 = 64;
+
+/// The tensor-core attention forward for head dim `d`, when there is one: (launch, kernel name).
+/// `None` means the CUDA-core kernel (`attention`) serves this D.
+pub fn attention_mma(
+    b: usize,
+    t: usize,
+    nh: usize,
+    d: usize,
+) -> Result<Option<(Launch, &'static str)>> {
+    let name = match d {
+        16 => "attn_fwd_mma_d16_k",
+        32 => "attn_fwd_mma_d32_k",
+        64 => "attn_fwd_mma_d64_k",
+        128 => "attn_fwd_mma_d128_k",
+        256 => "attn_fwd_mma_d256_k",
+        _ => return Ok(None),
+    };
+    let heads = (b as u64).saturating_mul(nh as u64);
+    Ok(Some((
+        Launch {
+            grid: (
+                grid_x("attention", "t", (t as u64).div_ceil(ATTN_MMA_QUERIES))?,
+                grid_yz("attention", "b·nh", heads)?,
+                1,
+            ),
+            block: (128, 1, 1),
+            shared_mem_bytes: 0,
+        },
+        name,
+    )))
+}
+
 /// `lora.cu` lora_proj_k: one block per row, rank chunks of 16 on grid.y.
 pub fn lora_proj(m: usize, r: usize) -> Result<Launch> {
     Ok(Launch {
@@ -306,6 +340,23 @@ mod tests {
         assert!(attention(4, 257).is_err());
         assert!(attention(4, 0).is_err());
         assert_eq!(attention(1, 64).unwrap().grid.0, 1);
+    }
+
+    #[test]
+    fn attention_mma_serves_multiples_of_16_up_to_256() {
+        let (l, name) = attention_mma(2, 2048, 16, 256).unwrap().unwrap();
+        assert_eq!(
+            (l.grid, l.block.0, name),
+            ((32, 32, 1), 128, "attn_fwd_mma_d256_k")
+        );
+        assert_eq!(
+            attention_mma(1, 65, 1, 16).unwrap().unwrap().0.grid,
+            (2, 1, 1)
+        );
+        assert!(attention_mma(1, 8, 1, 40).unwrap().is_none());
+        assert!(attention_mma(1, 8, 1, 512).unwrap().is_none());
+        // B·NH beyond grid.y.
+        assert!(attention_mma(65_536, 8, 1, 64).is_err());
     }
 
     #[test]

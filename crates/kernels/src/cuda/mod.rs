@@ -168,6 +168,9 @@ pub struct CudaOptions {
     pub alloc_dtype: Dtype,
     /// Use kernels/gemm.cu instead of cuBLAS for dense GEMMs.
     pub force_fallback_gemm: bool,
+    /// Use the CUDA-core attention forward even where a tensor-core one exists (D ∈ {16, 32, 64,
+    /// 128, 256}).
+    pub simt_attention: bool,
 }
 
 impl Default for CudaOptions {
@@ -176,6 +179,7 @@ impl Default for CudaOptions {
             ordinal: 0,
             alloc_dtype: Dtype::F32,
             force_fallback_gemm: false,
+            simt_attention: false,
         }
     }
 }
@@ -188,6 +192,7 @@ pub struct Cuda {
     arch: String,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     alloc_dtype: AtomicU8,
+    simt_attention: bool,
 }
 
 fn be<E: std::fmt::Debug>(what: &'static str) -> impl FnOnce(E) -> KernelError {
@@ -261,6 +266,7 @@ impl Cuda {
             arch: format!("sm_{major}{minor}"),
             modules: Mutex::new(HashMap::new()),
             alloc_dtype: AtomicU8::new(0),
+            simt_attention: opts.simt_attention,
         };
         cuda.set_alloc_dtype(opts.alloc_dtype);
         Ok(Some(cuda))

@@ -1170,11 +1170,16 @@ impl Backend for Cuda {
         if qn == 0 {
             return Ok(());
         }
-        let l = launch::attention(s.b * s.t * s.nh, s.d)?;
+        // Tensor cores for D ∈ {16, 32, 64, 128, 256} (Gemma-2: 256), CUDA cores otherwise; both take
+        // the same arguments.
+        let (l, kernel) = match launch::attention_mma(s.b, s.t, s.nh, s.d)? {
+            Some(plan) if !self.simt_attention => plan,
+            _ => (launch::attention(s.b * s.t * s.nh, s.d)?, "attn_fwd_k"),
+        };
         let (seg_a, has) = seg_arg;
         self.launch(
             "attention.cu",
-            "attn_fwd_k",
+            kernel,
             l,
             &[
                 Arg::Buf(q),

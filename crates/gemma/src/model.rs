@@ -848,8 +848,15 @@ impl<B: Backend> Gemma2Model<B> {
         let nl = cfg.num_hidden_layers;
         let bar = progress_bar(opts.progress, nl as u64 + 2);
 
-        let embed_tokens =
-            backend.from_host(&src.fetch("model.embed_tokens.weight", &[cfg.vocab_size, h])?)?;
+        let mut emb = src.fetch("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        if let (Source::Random { .. }, Some(pad)) = (&src, cfg.pad_token_id) {
+            // nn.Embedding(padding_idx=pad) starts with a zero row, as transformers' init leaves it.
+            if let Some(row) = usize::try_from(pad).ok().filter(|&p| p < cfg.vocab_size) {
+                emb[row * h..(row + 1) * h].fill(0.0);
+            }
+        }
+        let embed_tokens = backend.from_host(&emb)?;
+        drop(emb);
         bar.inc(1);
         // No reservation from the config's layer count: a corrupt config must fail on a missing
         // tensor, not abort on a huge allocation.

@@ -16,7 +16,7 @@ fn bench(c: &mut Criterion) {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let tok = TextTokenizer::from_model_dir(&root.join("tests/fixtures/tokenizer")).unwrap();
     let n = 2000;
-    let text = gen::generate(n);
+    let text = gen::generate(n, &gen::corpus_words());
     let path = PathBuf::from("bench.jsonl");
     let raw = parse_dataset(&path, &text, None).unwrap();
     let opts = EncodeOptions {

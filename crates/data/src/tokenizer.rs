@@ -345,6 +345,12 @@ impl TextTokenizer {
         let m = self.special_matcher.as_ref()?.find(text)?;
         Some(&self.specials[m.pattern().as_usize()])
     }
+    /// Turns the cached piece-wise encoder off (or back on, when the tokenizer is eligible);
+    /// for benchmarks and tests — the ids are the same either way.
+    pub fn set_piece_cache(&mut self, on: bool) {
+        self.fast =
+            (on && crate::fastpath::eligible(&self.tok)).then(crate::fastpath::PieceCache::new);
+    }
     /// Whether the cached piece-wise encoder is in use (byte-level BPE tokenizers).
     pub fn uses_piece_cache(&self) -> bool {
         self.fast.is_some()

@@ -412,3 +412,212 @@ ATTN_FWD_MMA(64)
 ATTN_FWD_MMA(128)
 // afinar:hot attn_fwd_mma_d256_k
 ATTN_FWD_MMA(256)
+
+// ---------------------------------------------------------------------------------------------------
+// Tensor-core backward (TK == T), three kernels so that no output needs atomics (deterministic):
+//   dq:  warp owns 16 queries; per key tile: S = Q·Kᵀ, dP = dO·Vᵀ, dS = P⊙(dP − Δ)⊙cap', dQ += dS·K
+//   dk:  warp owns 16 keys (of one kv head); per query head of its group and query tile:
+//        Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ, dSᵀ = Pᵀ⊙(dPᵀ − Δ)⊙cap', dK += dSᵀ·Q
+//   dv:  same loop, Sᵀ only: dV += Pᵀ·dO
+// (P = exp(s − lse) from the saved lse, Δ = Σ dO⊙O from attn_bwd_delta_k, cap' = 1 − (s/cap)²; dq and
+// dk are multiplied by the score scale at the end.) The S/dP products are recomputed per kernel: 8
+// tile products instead of FlashAttention-2's 5, traded for no atomics and a simple register budget.
+// Launch geometry (launch::plan_attention_mma_bwd): W warps per block (W = 1 for D = 256, else 4), each
+// owning 16 rows; grid = (ceil(T/16W), B·NH) for dq, (ceil(T/16W), B·NKV) for dk/dv. Shared memory
+// (static): two [16W][D+8] tiles of the warp-owned rows and two [16][D+8] tiles of the streamed rows,
+// bf16 (34 KiB at D = 256). Accumulators: D/8 n8 tiles × 4 f32 per thread.
+
+#define BWD_DQ 0
+#define BWD_DK 1
+#define BWD_DV 2
+
+template <int D>
+struct BwdWarps {
+    static constexpr int W = D >= 256 ? 1 : 4;
+};
+
+template <int D, int MODE>
+__device__ __forceinline__ void attn_bwd_mma_body(const void* q, int qdt, const void* k, int kdt, const void* v, int vdt,
+                                                  const int* seg, int has_seg, const void* lse, int ldt,
+                                                  const float* delta, const void* dout, int ddt, void* grad, int gdt,
+                                                  int t, int nh, int nkv, float scale, float cap, int window) {
+    constexpr int DP = D + 8, NT = D / 8, W = BwdWarps<D>::W, ROWS = 16 * W;
+    // Own rows (queries for dq, keys for dk/dv) and streamed rows (keys for dq, queries for dk/dv).
+    __shared__ __align__(16) bf16_t Own1[ROWS * DP];
+    __shared__ __align__(16) bf16_t Own2[ROWS * DP];
+    __shared__ __align__(16) bf16_t Str1[16 * DP];
+    __shared__ __align__(16) bf16_t Str2[16 * DP];
+    __shared__ float str_lse[16], str_delta[16];
+    __shared__ int str_seg[16];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t4 = lane & 3;
+    const int heads_here = MODE == BWD_DQ ? nh : nkv;
+    const int bh = blockIdx.y, hh = bh % heads_here, bi = bh / heads_here;
+    const int group = nh / nkv;
+    const int r0 = blockIdx.x * ROWS;  // first own row (a query for dq, a key for dk/dv)
+    const i64 qstride = (i64)nh * D, kstride = (i64)nkv * D;
+
+    // Own rows of this thread: r0 + 16·warp + g (+8).
+    int own[2], own_seg[2];
+    bool own_ok[2];
+    float own_lse[2] = {0.0f, 0.0f}, own_delta[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        own[r] = r0 + warp * 16 + g + 8 * r;
+        own_ok[r] = own[r] < t;
+        own_seg[r] = (has_seg && own_ok[r]) ? seg[(i64)bi * t + own[r]] : 0;
+        if (MODE == BWD_DQ && own_ok[r]) {
+            const i64 li = ((i64)bi * nh + hh) * t + own[r];
+            own_lse[r] = ld(lse, ldt, li);
+            own_delta[r] = delta[li];
+        }
+    }
+    if (MODE == BWD_DQ) {
+        attn_stage<D>(Own1, q, qdt, (((i64)bi * t + r0) * nh + hh) * D, qstride, ROWS, t - r0);
+        attn_stage<D>(Own2, dout, ddt, (((i64)bi * t + r0) * nh + hh) * D, qstride, ROWS, t - r0);
+    } else {
+        attn_stage<D>(Own1, k, kdt, (((i64)bi * t + r0) * nkv + hh) * D, kstride, ROWS, t - r0);
+        if (MODE == BWD_DK) attn_stage<D>(Own2, v, vdt, (((i64)bi * t + r0) * nkv + hh) * D, kstride, ROWS, t - r0);
+    }
+    float acc[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+
+    const int rmax = min(t, r0 + ROWS) - 1;
+    // Streamed range: dq sees keys [r0 − W + 1, rmax]; dk/dv are seen by queries [r0, rmax + W − 1].
+    int lo, hi;
+    if (MODE == BWD_DQ) {
+        lo = window > 0 ? max(0, r0 - window + 1) : 0;
+        hi = rmax;
+    } else {
+        lo = r0;
+        hi = window > 0 ? min(t - 1, rmax + window - 1) : t - 1;
+    }
+    lo = (lo / 16) * 16;
+    const int h_first = MODE == BWD_DQ ? hh : hh * group;
+    const int h_count = MODE == BWD_DQ ? 1 : group;
+    for (int hq = h_first; hq < h_first + h_count; ++hq) {
+        for (int s0 = lo; s0 <= hi; s0 += 16) {
+            __syncthreads();  // previous tile reads done (and own tiles staged)
+            if (MODE == BWD_DQ) {
+                attn_stage<D>(Str1, k, kdt, (((i64)bi * t + s0) * nkv + hh / group) * D, kstride, 16, t - s0);
+                attn_stage<D>(Str2, v, vdt, (((i64)bi * t + s0) * nkv + hh / group) * D, kstride, 16, t - s0);
+            } else {
+                attn_stage<D>(Str1, q, qdt, (((i64)bi * t + s0) * nh + hq) * D, qstride, 16, t - s0);
+                attn_stage<D>(Str2, dout, ddt, (((i64)bi * t + s0) * nh + hq) * D, qstride, 16, t - s0);
+                if (tid < 16) {
+                    const int i = s0 + tid;
+                    const i64 li = ((i64)bi * nh + hq) * t + i;
+                    str_lse[tid] = i < t ? ld(lse, ldt, li) : 0.0f;
+                    str_delta[tid] = i < t ? delta[li] : 0.0f;
+                    str_seg[tid] = (has_seg && i < t) ? seg[(i64)bi * t + i] : 0;
+                }
+            }
+            __syncthreads();
+            // First product: S (dq) or Sᵀ (dk, dv); own rows as A, streamed rows as B (k-contiguous).
+            float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+            float dp[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+#pragma unroll
+            for (int kk = 0; kk < D; kk += 16) {
+                const bf16_t* pa = Own1 + (warp * 16 + g) * DP + kk + 2 * t4;
+                const unsigned a0 = *(const unsigned*)pa, a1 = *(const unsigned*)(pa + 8 * DP);
+                const unsigned a2 = *(const unsigned*)(pa + 8), a3 = *(const unsigned*)(pa + 8 * DP + 8);
+#pragma unroll
+                for (int nt = 0; nt < 2; ++nt) {
+                    const bf16_t* pb = Str1 + (nt * 8 + g) * DP + kk + 2 * t4;
+                    attn_mma(s[nt], a0, a1, a2, a3, *(const unsigned*)pb, *(const unsigned*)(pb + 8));
+                }
+                if (MODE != BWD_DV) {
+                    // dP = dO·Vᵀ (dq: own dO × streamed V) or dPᵀ = V·dOᵀ (dk: own V × streamed dO).
+                    const bf16_t* pa2 = Own2 + (warp * 16 + g) * DP + kk + 2 * t4;
+                    const unsigned c0 = *(const unsigned*)pa2, c1 = *(const unsigned*)(pa2 + 8 * DP);
+                    const unsigned c2 = *(const unsigned*)(pa2 + 8), c3 = *(const unsigned*)(pa2 + 8 * DP + 8);
+#pragma unroll
+                    for (int nt = 0; nt < 2; ++nt) {
+                        const bf16_t* pb = Str2 + (nt * 8 + g) * DP + kk + 2 * t4;
+                        attn_mma(dp[nt], c0, c1, c2, c3, *(const unsigned*)pb, *(const unsigned*)(pb + 8));
+                    }
+                }
+            }
+            // Elementwise: c index 2r + e ↔ own row g + 8r, streamed column 2·t4 + e (+ 8·nt).
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                for (int r = 0; r < 2; ++r)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const int c = 2 * r + e, col = s0 + nt * 8 + 2 * t4 + e, sc = nt * 8 + 2 * t4 + e;
+                        const int qi = MODE == BWD_DQ ? own[r] : col;   // query
+                        const int kj = MODE == BWD_DQ ? col : own[r];   // key
+                        bool vis = own_ok[r] && col < t && kj <= qi && (window <= 0 || qi - kj < window);
+                        if (has_seg) vis = vis && (MODE == BWD_DQ ? seg[(i64)bi * t + kj] == own_seg[r] : str_seg[sc] == own_seg[r]);
+                        float z = s[nt][c] * scale;
+                        z = cap > 0.0f ? cap * tanhf(z / cap) : z;
+                        const float l_i = MODE == BWD_DQ ? own_lse[r] : str_lse[sc];
+                        const float p = vis ? expf(z - l_i) : 0.0f;
+                        float out = p;
+                        if (MODE != BWD_DV) {
+                            const float d_i = MODE == BWD_DQ ? own_delta[r] : str_delta[sc];
+                            out = p * (dp[nt][c] - d_i);
+                            if (cap > 0.0f) {
+                                const float tt = z / cap;
+                                out *= 1.0f - tt * tt;
+                            }
+                        }
+                        s[nt][c] = out;
+                    }
+            // Second product: (dS or Pᵀ or dSᵀ as A) · (streamed rows as B, row-major: 16-bit loads).
+            const unsigned pa0 = pack_bf16x2(s[0][0], s[0][1]), pa1 = pack_bf16x2(s[0][2], s[0][3]);
+            const unsigned pa2 = pack_bf16x2(s[1][0], s[1][1]), pa3 = pack_bf16x2(s[1][2], s[1][3]);
+            const bf16_t* B2 = MODE == BWD_DQ ? Str1 /* K */ : (MODE == BWD_DK ? Str1 /* Q */ : Str2 /* dO */);
+#pragma unroll
+            for (int n = 0; n < NT; ++n) {
+                const bf16_t* pv = B2 + (2 * t4) * DP + n * 8 + g;
+                const unsigned b0 = (unsigned)pv[0] | ((unsigned)pv[DP] << 16);
+                const unsigned b1 = (unsigned)pv[8 * DP] | ((unsigned)pv[9 * DP] << 16);
+                attn_mma(acc[n], pa0, pa1, pa2, pa3, b0, b1);
+            }
+        }
+    }
+    const float mul = MODE == BWD_DV ? 1.0f : scale;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        if (!own_ok[r]) continue;
+        const i64 row = MODE == BWD_DQ ? (((i64)bi * t + own[r]) * nh + hh) * D : (((i64)bi * t + own[r]) * nkv + hh) * D;
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) st(grad, gdt, row + n * 8 + 2 * t4 + e, acc[n][2 * r + e] * mul);
+    }
+}
+
+#define ATTN_BWD_MMA(DIM, MODE, NAME)                                                                                \
+    extern "C" __global__ void __launch_bounds__(32 * BwdWarps<DIM>::W) attn_bwd_##NAME##_mma_d##DIM##_k(             \
+        const void* q, int qdt, const void* k, int kdt, const void* v, int vdt, const int* seg, int has_seg,          \
+        const void* lse, int ldt, const float* delta, const void* dout, int ddt, void* grad, int gdt, int b, int t,   \
+        int nh, int nkv, int d, float scale, float cap, int window) {                                                 \
+        attn_bwd_mma_body<DIM, MODE>(q, qdt, k, kdt, v, vdt, seg, has_seg, lse, ldt, delta, dout, ddt, grad, gdt, t, \
+                                     nh, nkv, scale, cap, window);                                                    \
+    }
+
+// D ≤ 64 (not a Gemma-2 head dim) is not marked hot: ptxas spills a few bytes there on some archs.
+ATTN_BWD_MMA(64, BWD_DQ, dq)
+ATTN_BWD_MMA(64, BWD_DK, dk)
+ATTN_BWD_MMA(64, BWD_DV, dv)
+// afinar:hot attn_bwd_dq_mma_d128_k
+ATTN_BWD_MMA(128, BWD_DQ, dq)
+// afinar:hot attn_bwd_dk_mma_d128_k
+ATTN_BWD_MMA(128, BWD_DK, dk)
+// afinar:hot attn_bwd_dv_mma_d128_k
+ATTN_BWD_MMA(128, BWD_DV, dv)
+// afinar:hot attn_bwd_dq_mma_d256_k
+ATTN_BWD_MMA(256, BWD_DQ, dq)
+// afinar:hot attn_bwd_dk_mma_d256_k
+ATTN_BWD_MMA(256, BWD_DK, dk)
+// afinar:hot attn_bwd_dv_mma_d256_k
+ATTN_BWD_MMA(256, BWD_DV, dv)
+ATTN_BWD_MMA(16, BWD_DQ, dq)
+ATTN_BWD_MMA(16, BWD_DK, dk)
+ATTN_BWD_MMA(16, BWD_DV, dv)
+ATTN_BWD_MMA(32, BWD_DQ, dq)
+ATTN_BWD_MMA(32, BWD_DK, dk)
+ATTN_BWD_MMA(32, BWD_DV, dv)

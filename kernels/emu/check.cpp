@@ -286,6 +286,58 @@ static void test_attention_mma() {
     run_attn_mma<128>(1, 17, 17, 2, 1, 30.0f, 0, false, true);
 }
 
+template <int DIM>
+static void run_attn_bwd_mma(int B, int T, int NH, int NKV, float cap, int window, bool has_seg, bool bf16_in) {
+    Rng g{(uint64_t)(T * 977 + DIM)};
+    size_t qn = (size_t)B * T * NH * DIM, kn = (size_t)B * T * NKV * DIM;
+    auto q = g.vec(qn, 1), k = g.vec(kn, 1), v = g.vec(kn, 1), dout = g.vec(qn, 1);
+    for (auto* x : {&q, &k, &v, &dout}) for (auto& e : *x) e = h_bf(e);
+    std::vector<int> seg(B * T);
+    for (int i = 0; i < B * T; ++i) seg[i] = (i % T) < T / 2 ? 4 : 9;
+    float scale = 1.0f / std::sqrt((float)DIM);
+    auto ref = ref_attn(q, k, v, seg, has_seg, dout, B, T, T, NH, NKV, DIM, scale, cap, window);
+    std::vector<float> lse(ref.lse.begin(), ref.lse.end()), delta((size_t)B * NH * T);
+    for (int b = 0; b < B; ++b) for (int i = 0; i < T; ++i) for (int h = 0; h < NH; ++h) {
+        double d = 0; size_t o = (((size_t)b * T + i) * NH + h) * DIM;
+        for (int c = 0; c < DIM; ++c) d += (double)dout[o + c] * ref.out[o + c];
+        delta[((size_t)b * NH + h) * T + i] = (float)d;
+    }
+    std::vector<unsigned short> q16(qn), k16(kn), v16(kn), d16(qn);
+    for (size_t i = 0; i < qn; ++i) { q16[i] = h_f2bf(q[i]); d16[i] = h_f2bf(dout[i]); }
+    for (size_t i = 0; i < kn; ++i) { k16[i] = h_f2bf(k[i]); v16[i] = h_f2bf(v[i]); }
+    int dt = bf16_in ? DT_BF16 : DT_F32;
+    const void *qp = bf16_in ? (const void*)q16.data() : (const void*)q.data(), *kp = bf16_in ? (const void*)k16.data() : (const void*)k.data(),
+               *vp = bf16_in ? (const void*)v16.data() : (const void*)v.data(), *dp = bf16_in ? (const void*)d16.data() : (const void*)dout.data();
+    using K = void (*)(const void*, int, const void*, int, const void*, int, const int*, int, const void*, int, const float*, const void*, int, void*, int, int, int, int, int, int, float, float, int);
+    K kq, kk, kv;
+    if constexpr (DIM == 16) { kq = attn_bwd_dq_mma_d16_k; kk = attn_bwd_dk_mma_d16_k; kv = attn_bwd_dv_mma_d16_k; }
+    else if constexpr (DIM == 32) { kq = attn_bwd_dq_mma_d32_k; kk = attn_bwd_dk_mma_d32_k; kv = attn_bwd_dv_mma_d32_k; }
+    else if constexpr (DIM == 64) { kq = attn_bwd_dq_mma_d64_k; kk = attn_bwd_dk_mma_d64_k; kv = attn_bwd_dv_mma_d64_k; }
+    else if constexpr (DIM == 128) { kq = attn_bwd_dq_mma_d128_k; kk = attn_bwd_dk_mma_d128_k; kv = attn_bwd_dv_mma_d128_k; }
+    else { kq = attn_bwd_dq_mma_d256_k; kk = attn_bwd_dk_mma_d256_k; kv = attn_bwd_dv_mma_d256_k; }
+    constexpr int W = BwdWarps<DIM>::W;
+    unsigned gx = (unsigned)((T + 16 * W - 1) / (16 * W));
+    std::vector<float> dq(qn, NAN), dk(kn, NAN), dv(kn, NAN);
+    emu_launch(kq, dim3{gx, (unsigned)(B * NH)}, dim3{32u * W}, qp, dt, kp, dt, vp, dt, (const int*)seg.data(), (int)has_seg, (const void*)lse.data(), DT_F32,
+               (const float*)delta.data(), dp, dt, (void*)dq.data(), DT_F32, B, T, NH, NKV, DIM, scale, cap, window);
+    emu_launch(kk, dim3{gx, (unsigned)(B * NKV)}, dim3{32u * W}, qp, dt, kp, dt, vp, dt, (const int*)seg.data(), (int)has_seg, (const void*)lse.data(), DT_F32,
+               (const float*)delta.data(), dp, dt, (void*)dk.data(), DT_F32, B, T, NH, NKV, DIM, scale, cap, window);
+    emu_launch(kv, dim3{gx, (unsigned)(B * NKV)}, dim3{32u * W}, qp, dt, kp, dt, vp, dt, (const int*)seg.data(), (int)has_seg, (const void*)lse.data(), DT_F32,
+               (const float*)delta.data(), dp, dt, (void*)dv.data(), DT_F32, B, T, NH, NKV, DIM, scale, cap, window);
+    std::string tag = " D=" + std::to_string(DIM) + " T=" + std::to_string(T) + " NH/NKV=" + std::to_string(NH) + "/" + std::to_string(NKV);
+    check("attn_bwd_mma dq" + tag, dq, ref.dq, 1e-2 * maxabs(ref.dq), 1e-2);
+    check("attn_bwd_mma dk" + tag, dk, ref.dk, 1e-2 * maxabs(ref.dk), 1e-2);
+    check("attn_bwd_mma dv" + tag, dv, ref.dv, 1e-2 * maxabs(ref.dv), 1e-2);
+}
+
+static void test_attention_bwd_mma() {
+    run_attn_bwd_mma<64>(2, 70, 4, 2, 50.0f, 9, true, true);  // several blocks, GQA, window, segments
+    run_attn_bwd_mma<256>(1, 20, 2, 1, 0.0f, 0, false, false);
+    run_attn_bwd_mma<16>(1, 40, 2, 2, 5.0f, 0, true, false);
+    run_attn_bwd_mma<128>(1, 33, 2, 1, 30.0f, 7, false, true);
+    run_attn_bwd_mma<32>(1, 17, 3, 1, 0.0f, 0, false, true);
+}
+
 static void test_cross_entropy() {
     int n = 5, v = 300;
     Rng g{99};
@@ -509,6 +561,7 @@ int main() {
     test_gemv_gemm();
     test_attention();
     test_attention_mma();
+    test_attention_bwd_mma();
     test_cross_entropy();
     test_lora_and_gemm();
     test_rmsnorm_reduce();

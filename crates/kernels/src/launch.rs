@@ -243,6 +243,68 @@ pub fn attention_mma(
     )))
 }
 
+/// The tensor-core attention backward for head dim `d` (TK = T), when there is one: the launches of the
+/// dq kernel (grid over B·NH) and of the dk/dv kernels (grid over B·NKV), and the kernel names
+/// (dq, dk, dv). W warps of 16 rows per block: 1 for D = 256 (shared memory), 4 otherwise.
+pub fn attention_mma_bwd(
+    b: usize,
+    t: usize,
+    nh: usize,
+    nkv: usize,
+    d: usize,
+) -> Result<Option<(Launch, Launch, [&'static str; 3])>> {
+    let names = match d {
+        16 => [
+            "attn_bwd_dq_mma_d16_k",
+            "attn_bwd_dk_mma_d16_k",
+            "attn_bwd_dv_mma_d16_k",
+        ],
+        32 => [
+            "attn_bwd_dq_mma_d32_k",
+            "attn_bwd_dk_mma_d32_k",
+            "attn_bwd_dv_mma_d32_k",
+        ],
+        64 => [
+            "attn_bwd_dq_mma_d64_k",
+            "attn_bwd_dk_mma_d64_k",
+            "attn_bwd_dv_mma_d64_k",
+        ],
+        128 => [
+            "attn_bwd_dq_mma_d128_k",
+            "attn_bwd_dk_mma_d128_k",
+            "attn_bwd_dv_mma_d128_k",
+        ],
+        256 => [
+            "attn_bwd_dq_mma_d256_k",
+            "attn_bwd_dk_mma_d256_k",
+            "attn_bwd_dv_mma_d256_k",
+        ],
+        _ => return Ok(None),
+    };
+    let warps: u64 = if d >= 256 { 1 } else { 4 };
+    let gx = grid_x("attention", "t", (t as u64).div_ceil(16 * warps))?;
+    let block = (32 * warps as u32, 1, 1);
+    let dq = Launch {
+        grid: (
+            gx,
+            grid_yz("attention", "b·nh", (b as u64).saturating_mul(nh as u64))?,
+            1,
+        ),
+        block,
+        shared_mem_bytes: 0,
+    };
+    let dkv = Launch {
+        grid: (
+            gx,
+            grid_yz("attention", "b·nkv", (b as u64).saturating_mul(nkv as u64))?,
+            1,
+        ),
+        block,
+        shared_mem_bytes: 0,
+    };
+    Ok(Some((dq, dkv, names)))
+}
+
 /// `lora.cu` lora_proj_k: one block per row, rank chunks of 16 on grid.y.
 pub fn lora_proj(m: usize, r: usize) -> Result<Launch> {
     Ok(Launch {
@@ -357,6 +419,19 @@ mod tests {
         assert!(attention_mma(1, 8, 1, 512).unwrap().is_none());
         // B·NH beyond grid.y.
         assert!(attention_mma(65_536, 8, 1, 64).is_err());
+    }
+
+    #[test]
+    fn attention_mma_bwd_plans() {
+        let (dq, dkv, names) = attention_mma_bwd(1, 2048, 16, 8, 256).unwrap().unwrap();
+        assert_eq!(
+            (dq.grid, dkv.grid, dq.block.0),
+            ((128, 16, 1), (128, 8, 1), 32)
+        );
+        assert_eq!(names[2], "attn_bwd_dv_mma_d256_k");
+        let (dq, _, _) = attention_mma_bwd(2, 70, 4, 2, 64).unwrap().unwrap();
+        assert_eq!((dq.grid, dq.block.0), ((2, 8, 1), 128));
+        assert!(attention_mma_bwd(1, 8, 2, 1, 80).unwrap().is_none());
     }
 
     #[test]

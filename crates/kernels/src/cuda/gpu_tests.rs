@@ -396,7 +396,8 @@ fn attention_d256_matches_cpu() {
                     &s,
                 )
                 .unwrap();
-                let gtol = if dtype == Dtype::Bf16 {
+                // The tensor-core backward rounds P and dS to bf16 (and Q, K, V, dO in f32 storage).
+                let gtol = if dtype == Dtype::Bf16 || !simt {
                     Tolerance::new(3e-2, 3e-2)
                 } else {
                     Tolerance::new(1e-4, 1e-3)

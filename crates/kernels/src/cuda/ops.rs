@@ -1271,6 +1271,34 @@ impl Backend for Cuda {
                 Arg::I32(di),
             ],
         )?;
+        // Tensor cores for D ∈ {16, 32, 64, 128, 256}: dq, dk, dv each in its own kernel.
+        if let Some((ldq, ldkv, [kdq, kdk, kdv])) =
+            launch::attention_mma_bwd(s.b, s.t, s.nh, s.nkv, s.d)?
+        {
+            if !self.simt_attention {
+                let seg_c = || match seg {
+                    Some(sg) => Arg::I32s(&sg.data),
+                    None => Arg::Null,
+                };
+                for (kernel, l, out) in [(kdq, ldq, &*dq), (kdk, ldkv, &*dk), (kdv, ldkv, &*dv)] {
+                    let mut args = vec![
+                        Arg::Buf(q),
+                        Arg::Buf(k),
+                        Arg::Buf(v),
+                        seg_c(),
+                        Arg::I32(has),
+                        Arg::Buf(lse),
+                        Arg::F32s(&delta),
+                        Arg::Buf(dout),
+                        Arg::Buf(out),
+                    ];
+                    args.extend(dims.iter().map(clone_scalar));
+                    args.extend(tail.iter().map(clone_scalar));
+                    self.launch("attention.cu", kernel, l, &args)?;
+                }
+                return Ok(());
+            }
+        }
         let seg_b = match seg {
             Some(sg) => Arg::I32s(&sg.data),
             None => Arg::Null,

@@ -34,7 +34,10 @@ pub enum CheckpointError {
 type Result<T> = std::result::Result<T, CheckpointError>;
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
-    move |source| CheckpointError::Io { path: path.to_path_buf(), source }
+    move |source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// A ChaCha RNG position: seed, stream and 128-bit word position (as a decimal string in JSON).
@@ -47,12 +50,19 @@ pub struct RngState {
 
 impl RngState {
     pub fn capture(rng: &rand_chacha::ChaCha8Rng) -> Self {
-        Self { seed: rng.get_seed(), stream: rng.get_stream(), word_pos: rng.get_word_pos().to_string() }
+        Self {
+            seed: rng.get_seed(),
+            stream: rng.get_stream(),
+            word_pos: rng.get_word_pos().to_string(),
+        }
     }
 
     pub fn restore(&self) -> std::result::Result<rand_chacha::ChaCha8Rng, String> {
         use rand::SeedableRng;
-        let pos: u128 = self.word_pos.parse().map_err(|e| format!("rng.word_pos {:?}: {e}", self.word_pos))?;
+        let pos: u128 = self
+            .word_pos
+            .parse()
+            .map_err(|e| format!("rng.word_pos {:?}: {e}", self.word_pos))?;
         let mut rng = rand_chacha::ChaCha8Rng::from_seed(self.seed);
         rng.set_stream(self.stream);
         rng.set_word_pos(pos);
@@ -123,12 +133,20 @@ pub fn list(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
     let rd = match fs::read_dir(root) {
         Ok(rd) => rd,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-        Err(e) => return Err(CheckpointError::Io { path: root.into(), source: e }),
+        Err(e) => {
+            return Err(CheckpointError::Io {
+                path: root.into(),
+                source: e,
+            })
+        }
     };
     for entry in rd {
         let entry = entry.map_err(io(root))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if let Some(n) = name.strip_prefix("step-").and_then(|s| s.parse::<u64>().ok()) {
+        if let Some(n) = name
+            .strip_prefix("step-")
+            .and_then(|s| s.parse::<u64>().ok())
+        {
             if entry.path().join("trainer_state.json").is_file() {
                 out.push((n, entry.path()));
             }
@@ -140,7 +158,10 @@ pub fn list(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
 
 /// The newest complete checkpoint under `root`.
 pub fn latest(root: &Path) -> Result<PathBuf> {
-    list(root)?.pop().map(|(_, p)| p).ok_or_else(|| CheckpointError::NoCheckpoint(root.to_path_buf()))
+    list(root)?
+        .pop()
+        .map(|(_, p)| p)
+        .ok_or_else(|| CheckpointError::NoCheckpoint(root.to_path_buf()))
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -166,14 +187,30 @@ pub fn save(root: &Path, ckpt: &Checkpoint, keep: usize) -> Result<PathBuf> {
     for (n, t) in &ckpt.tensors {
         for (prefix, data) in [("param", &t.param), ("adam_m", &t.m), ("adam_v", &t.v)] {
             let bytes: &[u8] = bytemuck::cast_slice(data);
-            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, t.shape.clone(), bytes)
-                .map_err(|e| CheckpointError::Format { path: tmp.clone(), message: format!("tensor {prefix}/{n}: {e}") })?;
+            let view = safetensors::tensor::TensorView::new(
+                safetensors::Dtype::F32,
+                t.shape.clone(),
+                bytes,
+            )
+            .map_err(|e| CheckpointError::Format {
+                path: tmp.clone(),
+                message: format!("tensor {prefix}/{n}: {e}"),
+            })?;
             views.push((format!("{prefix}/{n}"), view));
         }
     }
     let tpath = tmp.join("tensors.safetensors");
-    let bytes = safetensors::tensor::serialize(views, Some(HashMap::from([("format".to_string(), "afinar-checkpoint".to_string())])))
-        .map_err(|e| CheckpointError::Format { path: tpath.clone(), message: e.to_string() })?;
+    let bytes = safetensors::tensor::serialize(
+        views,
+        Some(HashMap::from([(
+            "format".to_string(),
+            "afinar-checkpoint".to_string(),
+        )])),
+    )
+    .map_err(|e| CheckpointError::Format {
+        path: tpath.clone(),
+        message: e.to_string(),
+    })?;
     write_synced(&tpath, &bytes)?;
     let state = serde_json::to_vec_pretty(&ckpt.state).expect("trainer state serializes");
     write_synced(&tmp.join("trainer_state.json"), &state)?;
@@ -209,20 +246,36 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
     let spath = dir.join("trainer_state.json");
     let text = fs::read(&spath).map_err(io(&spath))?;
     let state: TrainerState =
-        serde_json::from_slice(&text).map_err(|e| CheckpointError::Format { path: spath.clone(), message: e.to_string() })?;
+        serde_json::from_slice(&text).map_err(|e| CheckpointError::Format {
+            path: spath.clone(),
+            message: e.to_string(),
+        })?;
     let cpath = dir.join("config.toml");
     let config_toml = fs::read_to_string(&cpath).map_err(io(&cpath))?;
     let tpath = dir.join("tensors.safetensors");
     let bytes = fs::read(&tpath).map_err(io(&tpath))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| CheckpointError::Format { path: tpath.clone(), message: e.to_string() })?;
-    let fmt = |m: String| CheckpointError::Format { path: tpath.clone(), message: m };
+    let st =
+        safetensors::SafeTensors::deserialize(&bytes).map_err(|e| CheckpointError::Format {
+            path: tpath.clone(),
+            message: e.to_string(),
+        })?;
+    let fmt = |m: String| CheckpointError::Format {
+        path: tpath.clone(),
+        message: m,
+    };
     let mut parts: BTreeMap<String, [Option<(Vec<usize>, Vec<f32>)>; 3]> = BTreeMap::new();
     for (name, view) in st.tensors() {
         if view.dtype() != safetensors::Dtype::F32 {
-            return Err(fmt(format!("tensor {name}: dtype {:?}, expected F32", view.dtype())));
+            return Err(fmt(format!(
+                "tensor {name}: dtype {:?}, expected F32",
+                view.dtype()
+            )));
         }
-        let (prefix, n) = name.split_once('/').ok_or_else(|| fmt(format!("tensor {name}: expected param/, adam_m/ or adam_v/ prefix")))?;
+        let (prefix, n) = name.split_once('/').ok_or_else(|| {
+            fmt(format!(
+                "tensor {name}: expected param/, adam_m/ or adam_v/ prefix"
+            ))
+        })?;
         let slot = match prefix {
             "param" => 0,
             "adam_m" => 1,
@@ -230,7 +283,11 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
             _ => return Err(fmt(format!("tensor {name}: unknown prefix {prefix}"))),
         };
         // Copy through a Vec<f32> (the mmap'd bytes need not be 4-byte aligned).
-        let data: Vec<f32> = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let data: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
         parts.entry(n.to_string()).or_default()[slot] = Some((view.shape().to_vec(), data));
     }
     let mut tensors = BTreeMap::new();
@@ -240,11 +297,17 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
         let (ms, m) = m.ok_or_else(|| missing("adam_m"))?;
         let (vs, v) = v.ok_or_else(|| missing("adam_v"))?;
         if ms != shape || vs != shape {
-            return Err(fmt(format!("tensor {n}: shapes differ: param {shape:?}, adam_m {ms:?}, adam_v {vs:?}")));
+            return Err(fmt(format!(
+                "tensor {n}: shapes differ: param {shape:?}, adam_m {ms:?}, adam_v {vs:?}"
+            )));
         }
         tensors.insert(n, TensorState { shape, param, m, v });
     }
-    Ok(Checkpoint { state, tensors, config_toml })
+    Ok(Checkpoint {
+        state,
+        tensors,
+        config_toml,
+    })
 }
 
 #[cfg(test)]
@@ -271,7 +334,11 @@ mod tests {
                 adam_t: step,
                 total_steps: 100,
                 warmup_steps: 3,
-                cursor: Cursor { epoch: 1, position: 17, fingerprint: u64::MAX },
+                cursor: Cursor {
+                    epoch: 1,
+                    position: 17,
+                    fingerprint: u64::MAX,
+                },
                 rng: RngState::capture(&rng),
                 nonfinite_in_row: 0,
                 tokens: 1234,
@@ -297,7 +364,10 @@ mod tests {
         let orig = ckpt(8);
         assert_eq!(back.state, orig.state);
         assert_eq!(back.config_toml, orig.config_toml);
-        let (a, b) = (&back.tensors["layers.0.q_proj.lora_A"], &orig.tensors["layers.0.q_proj.lora_A"]);
+        let (a, b) = (
+            &back.tensors["layers.0.q_proj.lora_A"],
+            &orig.tensors["layers.0.q_proj.lora_A"],
+        );
         assert_eq!(a.shape, b.shape);
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&a.param), bits(&b.param));
@@ -316,7 +386,10 @@ mod tests {
         let root = dir.path().join("checkpoints");
         fs::create_dir_all(root.join(".tmp-step-00000009-1")).unwrap();
         fs::create_dir_all(root.join("step-00000010")).unwrap(); // incomplete: no trainer_state.json
-        assert!(matches!(latest(&root), Err(CheckpointError::NoCheckpoint(_))));
+        assert!(matches!(
+            latest(&root),
+            Err(CheckpointError::NoCheckpoint(_))
+        ));
         save(&root, &ckpt(3), 3).unwrap();
         assert!(!root.join(".tmp-step-00000009-1").exists());
         assert_eq!(list(&root).unwrap().len(), 1);
@@ -331,6 +404,9 @@ mod tests {
         let e = load(&p).unwrap_err().to_string();
         assert!(e.contains("tensors.safetensors"), "{e}");
         fs::write(p.join("trainer_state.json"), b"{").unwrap();
-        assert!(load(&p).unwrap_err().to_string().contains("trainer_state.json"));
+        assert!(load(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("trainer_state.json"));
     }
 }

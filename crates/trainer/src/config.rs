@@ -26,15 +26,32 @@ pub enum ConfigError {
     #[error("{path}: TOML syntax error: {message}")]
     Syntax { path: String, message: String },
     #[error("{path}{line}: unknown key `{key}`{hint}", line = fmt_line(*.line), hint = fmt_hint(.suggestion))]
-    UnknownKey { path: String, key: String, line: Option<usize>, suggestion: Option<String> },
+    UnknownKey {
+        path: String,
+        key: String,
+        line: Option<usize>,
+        suggestion: Option<String>,
+    },
     #[error("{path}: `{key}` must be a table ([{key}]), found a {found}")]
-    NotATable { path: String, key: String, found: String },
+    NotATable {
+        path: String,
+        key: String,
+        found: String,
+    },
     #[error("{path}: bad value for `{key}`: {message}")]
-    Type { path: String, key: String, message: String },
+    Type {
+        path: String,
+        key: String,
+        message: String,
+    },
     #[error("--set {arg}: expected section.key=value (e.g. --set train.lr=1e-4)")]
     BadOverride { arg: String },
     #[error("invalid config value `{key}` = {value}: {reason}")]
-    Invalid { key: String, value: String, reason: String },
+    Invalid {
+        key: String,
+        value: String,
+        reason: String,
+    },
 }
 
 fn fmt_line(line: Option<usize>) -> String {
@@ -138,7 +155,15 @@ impl Default for ModelSection {
 }
 
 /// The seven Gemma-2 projections LoRA can target.
-pub const LORA_TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+pub const LORA_TARGETS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
 
 /// `[lora]`: the adapters (PEFT `LoraConfig`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -175,7 +200,11 @@ impl LoraSection {
         if self.targets.iter().any(|t| t == "all-linear") {
             return LORA_TARGETS.iter().map(|s| s.to_string()).collect();
         }
-        LORA_TARGETS.iter().filter(|t| self.targets.iter().any(|x| x == *t)).map(|s| s.to_string()).collect()
+        LORA_TARGETS
+            .iter()
+            .filter(|t| self.targets.iter().any(|x| x == *t))
+            .map(|s| s.to_string())
+            .collect()
     }
 }
 
@@ -304,7 +333,10 @@ pub struct OutputSection {
 
 impl Default for OutputSection {
     fn default() -> Self {
-        Self { dir: PathBuf::from("runs"), run_name: String::new() }
+        Self {
+            dir: PathBuf::from("runs"),
+            run_name: String::new(),
+        }
     }
 }
 
@@ -425,7 +457,8 @@ fn suggest(section: Option<&str>, key: &str) -> Option<String> {
         }
     }
     // Only suggest something plausibly related: at most about half the key edited.
-    best.filter(|(_, d, _)| *d <= key.len() / 2 + 1).map(|(_, _, k)| k)
+    best.filter(|(_, d, _)| *d <= key.len() / 2 + 1)
+        .map(|(_, _, k)| k)
 }
 
 /// The 1-based line of `key` in `[section]` of the TOML text, if it can be found (for messages only).
@@ -468,7 +501,11 @@ pub fn check_keys(table: &toml::Table, path: &str, text: &str) -> Result<(), Con
             });
         };
         let toml::Value::Table(inner) = value else {
-            return Err(ConfigError::NotATable { path: path.into(), key: sec.clone(), found: value.type_str().into() });
+            return Err(ConfigError::NotATable {
+                path: path.into(),
+                key: sec.clone(),
+                found: value.type_str().into(),
+            });
         };
         for key in inner.keys() {
             if !fields.contains(&key.as_str()) {
@@ -488,7 +525,9 @@ pub fn check_keys(table: &toml::Table, path: &str, text: &str) -> Result<(), Con
 /// string fields take the text verbatim; others parse it as a TOML value (`1e-4`, `true`,
 /// `["q_proj","v_proj"]`), falling back to a string so serde reports the type error by key.
 pub fn apply_override(table: &mut toml::Table, arg: &str) -> Result<(), ConfigError> {
-    let bad = || ConfigError::BadOverride { arg: arg.to_string() };
+    let bad = || ConfigError::BadOverride {
+        arg: arg.to_string(),
+    };
     let (lhs, raw) = arg.split_once('=').ok_or_else(bad)?;
     let (sec, key) = lhs.trim().split_once('.').ok_or_else(bad)?;
     let (sec, key, raw) = (sec.trim(), key.trim(), raw.trim());
@@ -505,25 +544,41 @@ pub fn apply_override(table: &mut toml::Table, arg: &str) -> Result<(), ConfigEr
         toml::Value::String(raw.trim_matches('"').to_string())
     } else {
         match format!("v = {raw}").parse::<toml::Table>() {
-            Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.into())),
+            Ok(mut t) => t
+                .remove("v")
+                .unwrap_or_else(|| toml::Value::String(raw.into())),
             Err(_) => toml::Value::String(raw.to_string()),
         }
     };
-    let section = table.entry(sec.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let section = table
+        .entry(sec.to_string())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
     match section {
         toml::Value::Table(t) => {
             t.insert(key.to_string(), value);
             Ok(())
         }
-        other => Err(ConfigError::NotATable { path: "--set".into(), key: sec.into(), found: other.type_str().into() }),
+        other => Err(ConfigError::NotATable {
+            path: "--set".into(),
+            key: sec.into(),
+            found: other.type_str().into(),
+        }),
     }
 }
 
 impl Config {
     /// Parses TOML text (named `path` in messages), applies the overrides, checks keys, deserializes.
-    pub fn from_toml_str(text: &str, path: &str, overrides: &[String]) -> Result<Config, ConfigError> {
+    pub fn from_toml_str(
+        text: &str,
+        path: &str,
+        overrides: &[String],
+    ) -> Result<Config, ConfigError> {
         let mut table: toml::Table =
-            text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax { path: path.into(), message: e.to_string() })?;
+            text.parse()
+                .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                    path: path.into(),
+                    message: e.to_string(),
+                })?;
         check_keys(&table, path, text)?;
         for o in overrides {
             apply_override(&mut table, o)?;
@@ -535,10 +590,16 @@ impl Config {
     /// Reads a config file and applies overrides. Relative model/data paths stay relative to the
     /// working directory (documented in the config files).
     pub fn load(path: &Path, overrides: &[String]) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.into(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.into(),
+            source,
+        })?;
         let mut cfg = Self::from_toml_str(&text, &path.display().to_string(), overrides)?;
         if cfg.output.run_name.is_empty() {
-            cfg.output.run_name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "run".into());
+            cfg.output.run_name = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "run".into());
         }
         Ok(cfg)
     }
@@ -551,7 +612,11 @@ impl Config {
                 let msg = e.message().to_string();
                 // serde's message names the field for missing/unknown fields; for type errors we find
                 // the key by trying each one alone.
-                ConfigError::Type { path: path.into(), key: format!("{sec}{}", locate_bad_key(&sec, &value)), message: msg }
+                ConfigError::Type {
+                    path: path.into(),
+                    key: format!("{sec}{}", locate_bad_key(&sec, &value)),
+                    message: msg,
+                }
             };
             match sec.as_str() {
                 "model" => cfg.model = value.clone().try_into().map_err(err)?,
@@ -588,7 +653,13 @@ impl Config {
     /// config that differs only in the other keys (output location, logging/saving cadence).
     pub fn is_resume_relevant(key: &str) -> bool {
         !(key.starts_with("output.")
-            || matches!(key, "train.log_every" | "train.save_every" | "train.keep_checkpoints" | "train.eval_every"))
+            || matches!(
+                key,
+                "train.log_every"
+                    | "train.save_every"
+                    | "train.keep_checkpoints"
+                    | "train.eval_every"
+            ))
     }
 
     /// The keys whose resume-relevant values differ between two configs, with both values.
@@ -600,7 +671,10 @@ impl Config {
         keys.into_iter()
             .filter(|k| Self::is_resume_relevant(k))
             .filter_map(|k| {
-                let (x, y) = (a.get(k).cloned().unwrap_or_default(), b.get(k).cloned().unwrap_or_default());
+                let (x, y) = (
+                    a.get(k).cloned().unwrap_or_default(),
+                    b.get(k).cloned().unwrap_or_default(),
+                );
                 (x != y).then(|| (k.clone(), x, y))
             })
             .collect()
@@ -608,7 +682,11 @@ impl Config {
 
     /// Value checks that need nothing but the config. Paths are checked for existence too.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let inv = |key: &str, value: String, reason: &str| ConfigError::Invalid { key: key.into(), value, reason: reason.into() };
+        let inv = |key: &str, value: String, reason: &str| ConfigError::Invalid {
+            key: key.into(),
+            value,
+            reason: reason.into(),
+        };
         let l = &self.lora;
         let t = &self.train;
         let d = &self.data;
@@ -616,13 +694,25 @@ impl Config {
             return Err(inv("model.path", "\"\"".into(), "required: a Hugging Face model directory (config.json, *.safetensors, tokenizer.json)"));
         }
         if !self.model.path.is_dir() {
-            return Err(inv("model.path", format!("{:?}", self.model.path), "no such directory"));
+            return Err(inv(
+                "model.path",
+                format!("{:?}", self.model.path),
+                "no such directory",
+            ));
         }
         if !self.model.path.join("config.json").is_file() {
-            return Err(inv("model.path", format!("{:?}", self.model.path), "the directory has no config.json"));
+            return Err(inv(
+                "model.path",
+                format!("{:?}", self.model.path),
+                "the directory has no config.json",
+            ));
         }
         if d.train.as_os_str().is_empty() {
-            return Err(inv("data.train", "\"\"".into(), "required: a JSON/JSONL training file"));
+            return Err(inv(
+                "data.train",
+                "\"\"".into(),
+                "required: a JSON/JSONL training file",
+            ));
         }
         if !d.train.is_file() {
             return Err(inv("data.train", format!("{:?}", d.train), "no such file"));
@@ -632,36 +722,81 @@ impl Config {
         }
         if !self.model.full_finetune {
             if l.r == 0 {
-                return Err(inv("lora.r", "0".into(), "the LoRA rank must be ≥ 1 (typical 8–64)"));
+                return Err(inv(
+                    "lora.r",
+                    "0".into(),
+                    "the LoRA rank must be ≥ 1 (typical 8–64)",
+                ));
             }
             if !(l.alpha.is_finite() && l.alpha > 0.0) {
-                return Err(inv("lora.alpha", l.alpha.to_string(), "must be a finite number > 0 (typical 2·r)"));
+                return Err(inv(
+                    "lora.alpha",
+                    l.alpha.to_string(),
+                    "must be a finite number > 0 (typical 2·r)",
+                ));
             }
             if !(0.0..1.0).contains(&l.dropout) {
-                return Err(inv("lora.dropout", l.dropout.to_string(), "must be in [0, 1)"));
+                return Err(inv(
+                    "lora.dropout",
+                    l.dropout.to_string(),
+                    "must be in [0, 1)",
+                ));
             }
             if l.targets.is_empty() {
-                return Err(inv("lora.targets", "[]".into(), "name at least one target module"));
+                return Err(inv(
+                    "lora.targets",
+                    "[]".into(),
+                    "name at least one target module",
+                ));
             }
             for tg in &l.targets {
                 if tg != "all-linear" && !LORA_TARGETS.contains(&tg.as_str()) {
-                    return Err(inv("lora.targets", format!("{tg:?}"), &format!("unknown module; valid: {} or \"all-linear\"", LORA_TARGETS.join(", "))));
+                    return Err(inv(
+                        "lora.targets",
+                        format!("{tg:?}"),
+                        &format!(
+                            "unknown module; valid: {} or \"all-linear\"",
+                            LORA_TARGETS.join(", ")
+                        ),
+                    ));
                 }
             }
         }
         if d.format != "auto" {
-            d.format.parse::<afinar_data::Format>().map_err(|e| inv("data.format", format!("{:?}", d.format), &format!("{e}; or \"auto\"")))?;
+            d.format.parse::<afinar_data::Format>().map_err(|e| {
+                inv(
+                    "data.format",
+                    format!("{:?}", d.format),
+                    &format!("{e}; or \"auto\""),
+                )
+            })?;
         }
-        d.template.parse::<afinar_data::TemplateKind>().map_err(|e| inv("data.template", format!("{:?}", d.template), &e.to_string()))?;
-        d.mask.parse::<afinar_data::MaskMode>().map_err(|e| inv("data.mask", format!("{:?}", d.mask), &e.to_string()))?;
+        d.template
+            .parse::<afinar_data::TemplateKind>()
+            .map_err(|e| inv("data.template", format!("{:?}", d.template), &e.to_string()))?;
+        d.mask
+            .parse::<afinar_data::MaskMode>()
+            .map_err(|e| inv("data.mask", format!("{:?}", d.mask), &e.to_string()))?;
         if d.max_seq_len < 2 {
-            return Err(inv("data.max_seq_len", d.max_seq_len.to_string(), "must be ≥ 2 tokens"));
+            return Err(inv(
+                "data.max_seq_len",
+                d.max_seq_len.to_string(),
+                "must be ≥ 2 tokens",
+            ));
         }
         if !(0.0..1.0).contains(&d.eval_fraction) {
-            return Err(inv("data.eval_fraction", d.eval_fraction.to_string(), "must be in [0, 1): a split of 1 leaves no training data"));
+            return Err(inv(
+                "data.eval_fraction",
+                d.eval_fraction.to_string(),
+                "must be in [0, 1): a split of 1 leaves no training data",
+            ));
         }
         if !(t.lr.is_finite() && t.lr > 0.0) {
-            return Err(inv("train.lr", t.lr.to_string(), "the learning rate must be > 0 (QLoRA typical 2e-4)"));
+            return Err(inv(
+                "train.lr",
+                t.lr.to_string(),
+                "the learning rate must be > 0 (QLoRA typical 2e-4)",
+            ));
         }
         if t.micro_batch_size == 0 {
             return Err(inv("train.micro_batch_size", "0".into(), "must be ≥ 1"));
@@ -670,39 +805,86 @@ impl Config {
             return Err(inv("train.grad_accum", "0".into(), "must be ≥ 1"));
         }
         if t.max_steps == 0 && !(t.epochs.is_finite() && t.epochs > 0.0) {
-            return Err(inv("train.epochs", t.epochs.to_string(), "must be > 0 when train.max_steps = 0"));
+            return Err(inv(
+                "train.epochs",
+                t.epochs.to_string(),
+                "must be > 0 when train.max_steps = 0",
+            ));
         }
         if !(0.0..1.0).contains(&t.warmup_ratio) {
-            return Err(inv("train.warmup_ratio", t.warmup_ratio.to_string(), "must be in [0, 1)"));
+            return Err(inv(
+                "train.warmup_ratio",
+                t.warmup_ratio.to_string(),
+                "must be in [0, 1)",
+            ));
         }
         if t.warmup_steps > 0 && t.warmup_ratio > 0.0 {
-            return Err(inv("train.warmup_steps", t.warmup_steps.to_string(), "set warmup_steps or warmup_ratio, not both"));
+            return Err(inv(
+                "train.warmup_steps",
+                t.warmup_steps.to_string(),
+                "set warmup_steps or warmup_ratio, not both",
+            ));
         }
-        if t.max_steps > 0 && t.warmup_steps >= t.max_steps && t.schedule != ScheduleKind::Constant {
-            return Err(inv("train.warmup_steps", t.warmup_steps.to_string(), &format!("warmup is longer than training (train.max_steps = {})", t.max_steps)));
+        if t.max_steps > 0 && t.warmup_steps >= t.max_steps && t.schedule != ScheduleKind::Constant
+        {
+            return Err(inv(
+                "train.warmup_steps",
+                t.warmup_steps.to_string(),
+                &format!(
+                    "warmup is longer than training (train.max_steps = {})",
+                    t.max_steps
+                ),
+            ));
         }
         for (i, b) in t.betas.iter().enumerate() {
             if !(0.0..1.0).contains(b) {
-                return Err(inv(&format!("train.betas[{i}]"), b.to_string(), "must be in [0, 1)"));
+                return Err(inv(
+                    &format!("train.betas[{i}]"),
+                    b.to_string(),
+                    "must be in [0, 1)",
+                ));
             }
         }
         if !(t.eps.is_finite() && t.eps > 0.0) {
-            return Err(inv("train.eps", t.eps.to_string(), "must be > 0 (typical 1e-8)"));
+            return Err(inv(
+                "train.eps",
+                t.eps.to_string(),
+                "must be > 0 (typical 1e-8)",
+            ));
         }
         if !(t.weight_decay.is_finite() && t.weight_decay >= 0.0) {
-            return Err(inv("train.weight_decay", t.weight_decay.to_string(), "must be ≥ 0"));
+            return Err(inv(
+                "train.weight_decay",
+                t.weight_decay.to_string(),
+                "must be ≥ 0",
+            ));
         }
         if !(t.max_grad_norm.is_finite() && t.max_grad_norm >= 0.0) {
-            return Err(inv("train.max_grad_norm", t.max_grad_norm.to_string(), "must be ≥ 0 (0 = no clipping)"));
+            return Err(inv(
+                "train.max_grad_norm",
+                t.max_grad_norm.to_string(),
+                "must be ≥ 0 (0 = no clipping)",
+            ));
         }
         if t.keep_checkpoints == 0 {
-            return Err(inv("train.keep_checkpoints", "0".into(), "must be ≥ 1 (resume needs one)"));
+            return Err(inv(
+                "train.keep_checkpoints",
+                "0".into(),
+                "must be ≥ 1 (resume needs one)",
+            ));
         }
         if t.log_every == 0 {
             return Err(inv("train.log_every", "0".into(), "must be ≥ 1"));
         }
-        if self.output.run_name.contains('/') || self.output.run_name.contains('\\') || self.output.run_name == ".." {
-            return Err(inv("output.run_name", format!("{:?}", self.output.run_name), "must be a plain directory name"));
+        if self.output.run_name.contains('/')
+            || self.output.run_name.contains('\\')
+            || self.output.run_name == ".."
+        {
+            return Err(inv(
+                "output.run_name",
+                format!("{:?}", self.output.run_name),
+                "must be a plain directory name",
+            ));
         }
         Ok(())
     }
@@ -711,7 +893,9 @@ impl Config {
 /// For a type error in a section, finds which key is at fault by deserializing the section with each
 /// key alone (cheap: a handful of keys). Returns ".key" or "" when it cannot tell.
 fn locate_bad_key(sec: &str, value: &toml::Value) -> String {
-    let Some(t) = value.as_table() else { return String::new() };
+    let Some(t) = value.as_table() else {
+        return String::new();
+    };
     for (k, v) in t {
         let mut one = toml::Table::new();
         one.insert(k.clone(), v.clone());
@@ -739,22 +923,44 @@ mod tests {
     fn field_names_come_from_serde() {
         let f = field_names::<TrainSection>();
         assert!(f.contains(&"lr") && f.contains(&"grad_accum") && f.contains(&"keep_checkpoints"));
-        assert_eq!(field_names::<Config>(), &["model", "lora", "data", "train", "output"]);
+        assert_eq!(
+            field_names::<Config>(),
+            &["model", "lora", "data", "train", "output"]
+        );
     }
 
     #[test]
     fn unknown_key_names_nearest() {
         let e = Config::from_toml_str("[train]\nlrr = 1e-4\n", "x.toml", &[]).unwrap_err();
         let msg = e.to_string();
-        assert!(msg.contains("`train.lrr`") && msg.contains("did you mean `train.lr`") && msg.contains("x.toml:2"), "{msg}");
-        let e = Config::from_toml_str("[lora]\nrank = 8\n", "x.toml", &[]).unwrap_err().to_string();
-        assert!(e.contains("lora.rank") && e.contains("did you mean `lora.r"), "{e}");
-        let e = Config::from_toml_str("[trian]\nlr = 1e-4\n", "x.toml", &[]).unwrap_err().to_string();
-        assert!(e.contains("`trian`") && e.contains("did you mean `train`"), "{e}");
+        assert!(
+            msg.contains("`train.lrr`")
+                && msg.contains("did you mean `train.lr`")
+                && msg.contains("x.toml:2"),
+            "{msg}"
+        );
+        let e = Config::from_toml_str("[lora]\nrank = 8\n", "x.toml", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("lora.rank") && e.contains("did you mean `lora.r"),
+            "{e}"
+        );
+        let e = Config::from_toml_str("[trian]\nlr = 1e-4\n", "x.toml", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`trian`") && e.contains("did you mean `train`"),
+            "{e}"
+        );
         // A key of another section is pointed there.
-        let e = Config::from_toml_str("[lora]\nlr = 1e-4\n", "x.toml", &[]).unwrap_err().to_string();
+        let e = Config::from_toml_str("[lora]\nlr = 1e-4\n", "x.toml", &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("did you mean `train.lr`"), "{e}");
-        let e = Config::from_toml_str("[train]\ngradient_accumulation = 4\n", "x.toml", &[]).unwrap_err().to_string();
+        let e = Config::from_toml_str("[train]\ngradient_accumulation = 4\n", "x.toml", &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("train.gradient_accumulation"), "{e}");
     }
 
@@ -763,23 +969,37 @@ mod tests {
         let c = Config::from_toml_str(
             "[train]\nlr = 1e-4\n",
             "x.toml",
-            &["train.lr=3e-4".into(), "model.path=/m/gemma".into(), "lora.targets=[\"q_proj\"]".into(), "output.run_name=123".into()],
+            &[
+                "train.lr=3e-4".into(),
+                "model.path=/m/gemma".into(),
+                "lora.targets=[\"q_proj\"]".into(),
+                "output.run_name=123".into(),
+            ],
         )
         .unwrap();
         assert_eq!(c.train.lr, 3e-4);
         assert_eq!(c.model.path, PathBuf::from("/m/gemma"));
         assert_eq!(c.lora.targets, vec!["q_proj"]);
         assert_eq!(c.output.run_name, "123");
-        let e = Config::from_toml_str("", "x.toml", &["train.lrate=1".into()]).unwrap_err().to_string();
+        let e = Config::from_toml_str("", "x.toml", &["train.lrate=1".into()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("did you mean `train.lr`"), "{e}");
-        let e = Config::from_toml_str("", "x.toml", &["train.lr=fast".into()]).unwrap_err().to_string();
+        let e = Config::from_toml_str("", "x.toml", &["train.lr=fast".into()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("train.lr"), "{e}");
-        assert!(matches!(Config::from_toml_str("", "x", &["nodot=1".into()]), Err(ConfigError::BadOverride { .. })));
+        assert!(matches!(
+            Config::from_toml_str("", "x", &["nodot=1".into()]),
+            Err(ConfigError::BadOverride { .. })
+        ));
     }
 
     #[test]
     fn type_error_names_key() {
-        let e = Config::from_toml_str("[train]\nlr = 1e-4\ngrad_accum = \"four\"\n", "x.toml", &[]).unwrap_err().to_string();
+        let e = Config::from_toml_str("[train]\nlr = 1e-4\ngrad_accum = \"four\"\n", "x.toml", &[])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("train.grad_accum"), "{e}");
     }
 
@@ -817,16 +1037,34 @@ mod tests {
             ("lora.r", Box::new(|c| c.lora.r = 0)),
             ("train.lr", Box::new(|c| c.train.lr = 0.0)),
             ("train.lr", Box::new(|c| c.train.lr = -1e-4)),
-            ("data.eval_fraction", Box::new(|c| c.data.eval_fraction = 1.0)),
-            ("train.warmup_steps", Box::new(|c| {
-                c.train.max_steps = 10;
-                c.train.warmup_steps = 10;
-            })),
-            ("model.path", Box::new(|c| c.model.path = "/nonexistent/model".into())),
-            ("data.train", Box::new(|c| c.data.train = "/nonexistent/train.jsonl".into())),
-            ("lora.targets", Box::new(|c| c.lora.targets = vec!["qkv".into()])),
+            (
+                "data.eval_fraction",
+                Box::new(|c| c.data.eval_fraction = 1.0),
+            ),
+            (
+                "train.warmup_steps",
+                Box::new(|c| {
+                    c.train.max_steps = 10;
+                    c.train.warmup_steps = 10;
+                }),
+            ),
+            (
+                "model.path",
+                Box::new(|c| c.model.path = "/nonexistent/model".into()),
+            ),
+            (
+                "data.train",
+                Box::new(|c| c.data.train = "/nonexistent/train.jsonl".into()),
+            ),
+            (
+                "lora.targets",
+                Box::new(|c| c.lora.targets = vec!["qkv".into()]),
+            ),
             ("train.betas[1]", Box::new(|c| c.train.betas = [0.9, 1.0])),
-            ("train.keep_checkpoints", Box::new(|c| c.train.keep_checkpoints = 0)),
+            (
+                "train.keep_checkpoints",
+                Box::new(|c| c.train.keep_checkpoints = 0),
+            ),
         ];
         for (key, f) in cases {
             let mut c = base.clone();

@@ -5,7 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use afinar_data::{Body, DataLoader, LoaderConfig, MaskMode, Message, Role, Template, TemplateKind, TextTokenizer};
+use afinar_data::{
+    Body, DataLoader, LoaderConfig, MaskMode, Message, Role, Template, TemplateKind, TextTokenizer,
+};
 use afinar_gemma::generate::{generate, GenerateOptions};
 use afinar_gemma::{Gemma2Model, LoadOptions, Quantization};
 use afinar_kernels::cpu::Cpu;
@@ -17,7 +19,11 @@ use crate::train::{evaluate, Result, TrainError};
 /// adapter in `adapter` (if any).
 pub fn load_model(model_dir: &Path, adapter: Option<&Path>, nf4: bool) -> Result<Gemma2Model<Cpu>> {
     let opts = LoadOptions {
-        quantize: if nf4 { Quantization::Nf4 { double_quant: true } } else { Quantization::None },
+        quantize: if nf4 {
+            Quantization::Nf4 { double_quant: true }
+        } else {
+            Quantization::None
+        },
         ..Default::default()
     };
     let mut model = Gemma2Model::load(Arc::new(Cpu::new()), model_dir, &opts)?;
@@ -47,27 +53,49 @@ pub struct EvalResult {
 }
 
 /// Scores a dataset file (every record, in file order) with the training masks.
-pub fn eval_file(model: &Gemma2Model<Cpu>, tok: &TextTokenizer, o: &EvalOptions) -> Result<EvalResult> {
+pub fn eval_file(
+    model: &Gemma2Model<Cpu>,
+    tok: &TextTokenizer,
+    o: &EvalOptions,
+) -> Result<EvalResult> {
     let mut dc = afinar_data::DataConfig::new(&o.data, o.template);
     dc.format = o.format;
     dc.max_seq_len = o.max_seq_len;
     let prepared = afinar_data::prepare(&dc, tok)?;
     let samples = prepared.train.samples.len();
-    let lc = LoaderConfig { batch_size: o.batch_size.max(1), packing: false, shuffle: false, seed: 0, drop_last: false };
+    let lc = LoaderConfig {
+        batch_size: o.batch_size.max(1),
+        packing: false,
+        shuffle: false,
+        seed: 0,
+        drop_last: false,
+    };
     let loader = DataLoader::new(prepared.train, o.max_seq_len, tok.pad_id(), lc)?;
     let (loss, tokens) = evaluate(model, &loader)?;
-    Ok(EvalResult { loss, perplexity: loss.exp(), tokens, samples })
+    Ok(EvalResult {
+        loss,
+        perplexity: loss.exp(),
+        tokens,
+        samples,
+    })
 }
 
 /// The token ids a model sees before its answer to `messages` (the last one a user turn), rendered
 /// and tokenized segment by segment exactly as in training: everything before the assistant content.
-pub fn prompt_ids(messages: &[Message], template: &Template, tok: &TextTokenizer) -> Result<Vec<i32>> {
+pub fn prompt_ids(
+    messages: &[Message],
+    template: &Template,
+    tok: &TextTokenizer,
+) -> Result<Vec<i32>> {
     let mut msgs = messages.to_vec();
     // A placeholder answer, cut off again below: the templates render whole exchanges.
     msgs.push(Message::new(Role::Assistant, "x"));
     let body = Body::Chat(msgs);
-    let enc = afinar_data::encode_record(&body, template, tok, MaskMode::LastTurn)
-        .map_err(|(field, problem)| TrainError::Unsupported(format!("cannot render the prompt ({field}): {problem}")))?;
+    let enc = afinar_data::encode_record(&body, template, tok, MaskMode::LastTurn).map_err(
+        |(field, problem)| {
+            TrainError::Unsupported(format!("cannot render the prompt ({field}): {problem}"))
+        },
+    )?;
     let start = enc
         .segments
         .iter()
@@ -80,7 +108,11 @@ pub fn prompt_ids(messages: &[Message], template: &Template, tok: &TextTokenizer
 
 /// The user turn for an instruction (+ optional input), as alpaca records become chats in afinar-data.
 pub fn user_message(instruction: &str, input: &str) -> Message {
-    let text = if input.is_empty() { instruction.to_string() } else { format!("{instruction}\n\n{input}") };
+    let text = if input.is_empty() {
+        instruction.to_string()
+    } else {
+        format!("{instruction}\n\n{input}")
+    };
     Message::new(Role::User, text)
 }
 
@@ -126,20 +158,36 @@ pub fn generate_answer(
     let g = generate(model, &ids, &opts)?;
     // Drop a trailing stop token from the text.
     let mut toks: Vec<u32> = g.tokens.iter().map(|&t| t as u32).collect();
-    if toks.last().is_some_and(|&t| opts.stop_token_ids.contains(&(t as i32)) || opts.eos_token_ids.contains(&(t as i32))) {
+    if toks.last().is_some_and(|&t| {
+        opts.stop_token_ids.contains(&(t as i32)) || opts.eos_token_ids.contains(&(t as i32))
+    }) {
         toks.pop();
     }
     let completion = tok.decode(&toks)?;
-    Ok(GenOutput { prompt: user.content.clone(), completion, tokens: g.tokens.len(), stop: format!("{:?}", g.stop) })
+    Ok(GenOutput {
+        prompt: user.content.clone(),
+        completion,
+        tokens: g.tokens.len(),
+        stop: format!("{:?}", g.stop),
+    })
 }
 
 /// `afinar merge`: W + s·B·A for every adapted linear, written as a dense Hugging Face checkpoint in bf16 or
 /// f32 (afinar-gemma's `export_merged`: sharded above 5 GB, atomic, tokenizer files copied).
-pub fn merge(model_dir: &Path, adapter: &Path, out: &Path, dtype: &str) -> Result<afinar_gemma::export::ExportSummary> {
+pub fn merge(
+    model_dir: &Path,
+    adapter: &Path,
+    out: &Path,
+    dtype: &str,
+) -> Result<afinar_gemma::export::ExportSummary> {
     use afinar_gemma::export::{export_merged, ExportDtype, ExportOptions};
     let model = load_model(model_dir, Some(adapter), false)?;
     let opts = ExportOptions {
-        dtype: if dtype == "f32" { ExportDtype::F32 } else { ExportDtype::BF16 },
+        dtype: if dtype == "f32" {
+            ExportDtype::F32
+        } else {
+            ExportDtype::BF16
+        },
         source_dir: Some(model_dir.to_path_buf()),
         ..Default::default()
     };
@@ -152,8 +200,56 @@ pub fn quantize(model_dir: &Path, out: &Path) -> Result<afinar_gemma::export::Ex
     use afinar_gemma::export::{export_nf4, ExportOptions, QuantizeOptions};
     let model = load_model(model_dir, None, false)?;
     let opts = QuantizeOptions {
-        export: ExportOptions { source_dir: Some(model_dir.to_path_buf()), ..Default::default() },
+        export: ExportOptions {
+            source_dir: Some(model_dir.to_path_buf()),
+            ..Default::default()
+        },
         ..Default::default()
     };
     Ok(export_nf4(&model, out, &opts)?)
+}
+
+/// Shape of a randomly initialised model (`afinar init`).
+#[derive(Clone, Debug)]
+pub struct InitShape {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub sliding_window: usize,
+    pub seed: u64,
+}
+
+/// `afinar init`: a randomly initialised Gemma-2 (embedding and linears N(0, 0.02), norm offsets 0) in the
+/// Hugging Face layout (f32), with the vocabulary of the tokenizer in `tokenizer_dir` (whose
+/// tokenizer.json / tokenizer_config.json are copied). The starting point for pretraining from scratch
+/// with `model.full_finetune = true`.
+pub fn init_model(tokenizer_dir: &Path, out: &Path, s: &InitShape) -> Result<()> {
+    use afinar_gemma::export::{export_merged, ExportDtype, ExportOptions};
+    let tok = TextTokenizer::from_model_dir(tokenizer_dir)?;
+    let vocab = tok.vocab_size();
+    let cfg = afinar_gemma::Gemma2Config::tiny(
+        vocab,
+        s.hidden,
+        s.intermediate,
+        s.layers,
+        s.heads,
+        s.kv_heads,
+        s.head_dim,
+        s.sliding_window,
+    )?;
+    let opts = LoadOptions {
+        seed: s.seed,
+        ..Default::default()
+    };
+    let model = Gemma2Model::random(Arc::new(Cpu::new()), cfg, &opts)?;
+    let e = ExportOptions {
+        dtype: ExportDtype::F32,
+        source_dir: Some(tokenizer_dir.to_path_buf()),
+        ..Default::default()
+    };
+    export_merged(&model, out, &e)?;
+    Ok(())
 }

@@ -11,5 +11,5 @@ pub mod signal;
 
 pub use config::{Config, ConfigError};
 pub use train::{train, train_with, Resume, TrainError, TrainOptions, TrainOutcome};
-pub mod train;
 pub mod infer;
+pub mod train;

@@ -17,7 +17,11 @@ use afinar_trainer::metrics::StopReason;
 use afinar_trainer::train::{self, Resume, TrainError, TrainOptions};
 
 #[derive(Parser)]
-#[command(name = "afinar", version, about = "LoRA/QLoRA fine-tuning of Gemma-2 (CPU reference backend)")]
+#[command(
+    name = "afinar",
+    version,
+    about = "LoRA/QLoRA fine-tuning of Gemma-2 (CPU reference backend)"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -35,6 +39,8 @@ enum Cmd {
     Merge(MergeArgs),
     /// Write a bitsandbytes NF4 (double-quant) checkpoint.
     Quantize(QuantizeArgs),
+    /// Create a randomly initialised Gemma-2 model directory (to pretrain from scratch).
+    Init(InitArgs),
     /// Dataset tools.
     Data {
         #[command(subcommand)]
@@ -148,6 +154,31 @@ struct QuantizeArgs {
     out: PathBuf,
 }
 
+#[derive(Args)]
+struct InitArgs {
+    /// Directory holding tokenizer.json (+ tokenizer_config.json); the vocabulary size comes from it.
+    #[arg(long)]
+    tokenizer: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 128)]
+    hidden: usize,
+    #[arg(long, default_value_t = 512)]
+    intermediate: usize,
+    #[arg(long, default_value_t = 4)]
+    layers: usize,
+    #[arg(long, default_value_t = 4)]
+    heads: usize,
+    #[arg(long, default_value_t = 2)]
+    kv_heads: usize,
+    #[arg(long, default_value_t = 32)]
+    head_dim: usize,
+    #[arg(long, default_value_t = 128)]
+    sliding_window: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
 #[derive(Subcommand)]
 enum DataCmd {
     /// Render samples with the trained tokens marked and print dataset statistics. Exits 1 if a sample
@@ -192,12 +223,18 @@ struct Failure {
 
 impl<E: Into<anyhow::Error>> From<E> for Failure {
     fn from(e: E) -> Self {
-        Failure { code: 1, err: e.into() }
+        Failure {
+            code: 1,
+            err: e.into(),
+        }
     }
 }
 
 fn usage(e: impl Into<anyhow::Error>) -> Failure {
-    Failure { code: 2, err: e.into() }
+    Failure {
+        code: 2,
+        err: e.into(),
+    }
 }
 
 fn main() -> ExitCode {
@@ -208,7 +245,10 @@ fn main() -> ExitCode {
         Cmd::Generate(a) => cmd_generate(a),
         Cmd::Merge(a) => cmd_merge(a),
         Cmd::Quantize(a) => cmd_quantize(a),
-        Cmd::Data { cmd: DataCmd::Inspect(a) } => cmd_inspect(a),
+        Cmd::Init(a) => cmd_init(a),
+        Cmd::Data {
+            cmd: DataCmd::Inspect(a),
+        } => cmd_inspect(a),
     };
     match r {
         Ok(code) => ExitCode::from(code),
@@ -220,7 +260,9 @@ fn main() -> ExitCode {
 }
 
 fn shell_quote(s: &str) -> String {
-    if s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@".contains(c)) {
+    if s.chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@".contains(c))
+    {
         s.to_string()
     } else {
         format!("'{}'", s.replace('\'', "'\\''"))
@@ -241,20 +283,38 @@ fn cmd_train(a: TrainArgs) -> Result<u8, Failure> {
         Some("auto") => Some(Resume::Auto),
         Some(p) => Some(Resume::Dir(PathBuf::from(p))),
     };
-    let opts = TrainOptions { config, resume, overwrite: a.overwrite, quiet: a.quiet, stop_after: None };
+    let opts = TrainOptions {
+        config,
+        resume,
+        overwrite: a.overwrite,
+        quiet: a.quiet,
+        stop_after: None,
+    };
     let out = match train::train(&opts) {
         Ok(o) => o,
         Err(e) => {
             let code = match e {
-                TrainError::Config(_) | TrainError::Invalid { .. } | TrainError::RunDirExists(_) | TrainError::ConfigMismatch { .. } => 2,
+                TrainError::Config(_)
+                | TrainError::Invalid { .. }
+                | TrainError::RunDirExists(_)
+                | TrainError::ConfigMismatch { .. } => 2,
                 _ => 1,
             };
-            return Err(Failure { code, err: e.into() });
+            return Err(Failure {
+                code,
+                err: e.into(),
+            });
         }
     };
     let s = &out.summary;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(s).expect("summary serializes"));
+        let mut v = serde_json::to_value(s).expect("summary serializes");
+        v["run_dir"] = out.run_dir.display().to_string().into();
+        v["checkpoint"] = out.checkpoint.display().to_string().into();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).expect("summary serializes")
+        );
     } else {
         let f = |x: Option<f64>| x.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
         println!(
@@ -273,12 +333,22 @@ fn cmd_train(a: TrainArgs) -> Result<u8, Failure> {
     match s.stop_reason {
         StopReason::Completed => Ok(0),
         StopReason::Interrupted => {
-            let mut cmd = format!("afinar train --config {}", shell_quote(&a.config.display().to_string()));
+            let mut cmd = format!(
+                "afinar train --config {}",
+                shell_quote(&a.config.display().to_string())
+            );
             for o in &a.set {
                 cmd.push_str(&format!(" --set {}", shell_quote(o)));
             }
-            cmd.push_str(&format!(" --resume {}", shell_quote(&out.run_dir.display().to_string())));
-            eprintln!("interrupted at step {}; checkpoint written to {}", s.steps, out.checkpoint.display());
+            cmd.push_str(&format!(
+                " --resume {}",
+                shell_quote(&out.run_dir.display().to_string())
+            ));
+            eprintln!(
+                "interrupted at step {}; checkpoint written to {}",
+                s.steps,
+                out.checkpoint.display()
+            );
             eprintln!("resume with: {cmd}");
             Ok(130)
         }
@@ -298,13 +368,18 @@ fn parse_quant(q: &str) -> Result<bool, Failure> {
     match q {
         "nf4" => Ok(true),
         "none" => Ok(false),
-        _ => Err(usage(anyhow::anyhow!("--quantization {q:?}: expected nf4 or none"))),
+        _ => Err(usage(anyhow::anyhow!(
+            "--quantization {q:?}: expected nf4 or none"
+        ))),
     }
 }
 
 fn check_model_dir(p: &Path) -> Result<(), Failure> {
     if !p.join("config.json").is_file() {
-        return Err(usage(anyhow::anyhow!("--model {}: not a model directory (no config.json)", p.display())));
+        return Err(usage(anyhow::anyhow!(
+            "--model {}: not a model directory (no config.json)",
+            p.display()
+        )));
     }
     Ok(())
 }
@@ -312,19 +387,36 @@ fn check_model_dir(p: &Path) -> Result<(), Failure> {
 fn cmd_eval(a: EvalArgs) -> Result<u8, Failure> {
     check_model_dir(&a.model)?;
     if !a.data.is_file() {
-        return Err(usage(anyhow::anyhow!("--data {}: no such file", a.data.display())));
+        return Err(usage(anyhow::anyhow!(
+            "--data {}: no such file",
+            a.data.display()
+        )));
     }
     let nf4 = parse_quant(&a.quantization)?;
-    let format = a.format.as_deref().map(str::parse).transpose().map_err(usage)?;
+    let format = a
+        .format
+        .as_deref()
+        .map(str::parse)
+        .transpose()
+        .map_err(usage)?;
     let template = a.template.parse().map_err(usage)?;
     let tok = afinar_data::TextTokenizer::from_model_dir(&a.model)?;
     let model = infer::load_model(&a.model, a.adapter.as_deref(), nf4)?;
-    let o = EvalOptions { data: a.data.clone(), format, template, max_seq_len: a.max_seq_len, batch_size: a.batch_size };
+    let o = EvalOptions {
+        data: a.data.clone(),
+        format,
+        template,
+        max_seq_len: a.max_seq_len,
+        batch_size: a.batch_size,
+    };
     let r = infer::eval_file(&model, &tok, &o)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r).expect("serializes"));
     } else {
-        println!("loss {:.4}  perplexity {:.3}  tokens {}  samples {}", r.loss, r.perplexity, r.tokens, r.samples);
+        println!(
+            "loss {:.4}  perplexity {:.3}  tokens {}  samples {}",
+            r.loss, r.perplexity, r.tokens, r.samples
+        );
     }
     Ok(0)
 }
@@ -340,9 +432,13 @@ fn read_prompts(p: &Path) -> anyhow::Result<Vec<afinar_data::Message>> {
             continue;
         }
         if line.starts_with('{') {
-            let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}:{}: invalid JSON", p.display(), i + 1))?;
+            let v: serde_json::Value = serde_json::from_str(line)
+                .with_context(|| format!("{}:{}: invalid JSON", p.display(), i + 1))?;
             if let Some(instr) = v.get("instruction").and_then(|x| x.as_str()) {
-                out.push(infer::user_message(instr, v.get("input").and_then(|x| x.as_str()).unwrap_or("")));
+                out.push(infer::user_message(
+                    instr,
+                    v.get("input").and_then(|x| x.as_str()).unwrap_or(""),
+                ));
             } else if let Some(msgs) = v.get("messages").and_then(|x| x.as_array()) {
                 let last = msgs
                     .iter()
@@ -353,10 +449,18 @@ fn read_prompts(p: &Path) -> anyhow::Result<Vec<afinar_data::Message>> {
                     Some(c) => out.push(infer::user_message(c, "")),
                     None => bail!("{}:{}: no user message", p.display(), i + 1),
                 }
-            } else if let Some(t) = v.get("prompt").or_else(|| v.get("text")).and_then(|x| x.as_str()) {
+            } else if let Some(t) = v
+                .get("prompt")
+                .or_else(|| v.get("text"))
+                .and_then(|x| x.as_str())
+            {
                 out.push(infer::user_message(t, ""));
             } else {
-                bail!("{}:{}: expected `instruction`, `messages`, `prompt` or `text`", p.display(), i + 1);
+                bail!(
+                    "{}:{}: expected `instruction`, `messages`, `prompt` or `text`",
+                    p.display(),
+                    i + 1
+                );
             }
         } else {
             out.push(infer::user_message(line, ""));
@@ -372,12 +476,22 @@ fn cmd_generate(a: GenerateArgs) -> Result<u8, Failure> {
     let prompts = match (&a.prompt, &a.prompts) {
         (Some(p), _) => vec![infer::user_message(p, "")],
         (None, Some(f)) => read_prompts(f).map_err(usage)?,
-        (None, None) => return Err(usage(anyhow::anyhow!("give --prompt TEXT or --prompts FILE"))),
+        (None, None) => {
+            return Err(usage(anyhow::anyhow!(
+                "give --prompt TEXT or --prompts FILE"
+            )))
+        }
     };
     let tok = afinar_data::TextTokenizer::from_model_dir(&a.model)?;
     let template = afinar_data::Template::new(template_kind, &tok)?;
     let model = infer::load_model(&a.model, a.adapter.as_deref(), nf4)?;
-    let s = SampleOptions { max_new_tokens: a.max_new_tokens, temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed };
+    let s = SampleOptions {
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+    };
     let mut outs = Vec::new();
     for p in &prompts {
         let g = infer::generate_answer(&model, &tok, &template, p, &s)?;
@@ -387,7 +501,10 @@ fn cmd_generate(a: GenerateArgs) -> Result<u8, Failure> {
         outs.push(g);
     }
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&outs).expect("serializes"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&outs).expect("serializes")
+        );
     }
     Ok(0)
 }
@@ -395,11 +512,18 @@ fn cmd_generate(a: GenerateArgs) -> Result<u8, Failure> {
 fn cmd_merge(a: MergeArgs) -> Result<u8, Failure> {
     check_model_dir(&a.model)?;
     if !a.adapter.join("adapter_config.json").is_file() {
-        return Err(usage(anyhow::anyhow!("--adapter {}: no adapter_config.json", a.adapter.display())));
+        return Err(usage(anyhow::anyhow!(
+            "--adapter {}: no adapter_config.json",
+            a.adapter.display()
+        )));
     }
     let dtype = match a.dtype.as_str() {
         "bf16" | "f32" => a.dtype.clone(),
-        d => return Err(usage(anyhow::anyhow!("--dtype {d:?}: expected bf16 or f32"))),
+        d => {
+            return Err(usage(anyhow::anyhow!(
+                "--dtype {d:?}: expected bf16 or f32"
+            )))
+        }
     };
     infer::merge(&a.model, &a.adapter, &a.out, &dtype)?;
     println!("merged model written to {}", a.out.display());
@@ -409,13 +533,47 @@ fn cmd_merge(a: MergeArgs) -> Result<u8, Failure> {
 fn cmd_quantize(a: QuantizeArgs) -> Result<u8, Failure> {
     check_model_dir(&a.model)?;
     infer::quantize(&a.model, &a.out)?;
-    println!("NF4 (double-quant) checkpoint written to {}", a.out.display());
+    println!(
+        "NF4 (double-quant) checkpoint written to {}",
+        a.out.display()
+    );
+    Ok(0)
+}
+
+fn cmd_init(a: InitArgs) -> Result<u8, Failure> {
+    if !a.tokenizer.join("tokenizer.json").is_file() {
+        return Err(usage(anyhow::anyhow!(
+            "--tokenizer {}: no tokenizer.json there",
+            a.tokenizer.display()
+        )));
+    }
+    if a.out.exists() {
+        return Err(usage(anyhow::anyhow!(
+            "--out {} already exists; nothing was changed",
+            a.out.display()
+        )));
+    }
+    let s = infer::InitShape {
+        hidden: a.hidden,
+        intermediate: a.intermediate,
+        layers: a.layers,
+        heads: a.heads,
+        kv_heads: a.kv_heads,
+        head_dim: a.head_dim,
+        sliding_window: a.sliding_window,
+        seed: a.seed,
+    };
+    infer::init_model(&a.tokenizer, &a.out, &s)?;
+    println!("random Gemma-2 written to {}", a.out.display());
     Ok(0)
 }
 
 fn cmd_inspect(a: InspectArgs) -> Result<u8, Failure> {
     if !a.data.is_file() {
-        return Err(usage(anyhow::anyhow!("--data {}: no such file", a.data.display())));
+        return Err(usage(anyhow::anyhow!(
+            "--data {}: no such file",
+            a.data.display()
+        )));
     }
     let tok = match (&a.tokenizer, &a.model) {
         (Some(t), _) => {
@@ -423,11 +581,20 @@ fn cmd_inspect(a: InspectArgs) -> Result<u8, Failure> {
             afinar_data::TextTokenizer::from_files(t, cfg.is_file().then_some(cfg.as_path()))?
         }
         (None, Some(m)) => afinar_data::TextTokenizer::from_model_dir(m)?,
-        (None, None) => return Err(usage(anyhow::anyhow!("give --tokenizer FILE or --model DIR"))),
+        (None, None) => {
+            return Err(usage(anyhow::anyhow!(
+                "give --tokenizer FILE or --model DIR"
+            )))
+        }
     };
     let opts = afinar_data::InspectOptions {
         data: a.data.clone(),
-        format: a.format.as_deref().map(str::parse).transpose().map_err(usage)?,
+        format: a
+            .format
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .map_err(usage)?,
         template: a.template.parse().map_err(usage)?,
         mask: a.mask.parse().map_err(usage)?,
         max_seq_len: a.max_seq_len,

@@ -16,7 +16,11 @@ pub enum MetricsError {
         source: std::io::Error,
     },
     #[error("{path}:{line}: bad metrics record: {message}")]
-    Parse { path: PathBuf, line: usize, message: String },
+    Parse {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
 }
 
 /// One optimizer step. Non-finite values are written as `null` (JSON has no NaN) and flagged `skipped`.
@@ -58,9 +62,13 @@ impl MetricsWriter {
     /// Opens for append. When `keep_up_to` is given (a resume), records after that step are dropped
     /// first: they belong to steps the resumed run will redo.
     pub fn open(path: &Path, keep_up_to: Option<u64>) -> Result<Self, MetricsError> {
-        let io = |source| MetricsError::Io { path: path.to_path_buf(), source };
+        let io = |source| MetricsError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
         if let Some(step) = keep_up_to {
-            let kept: Vec<StepRecord> = read(path)?.into_iter().filter(|r| r.step <= step).collect();
+            let kept: Vec<StepRecord> =
+                read(path)?.into_iter().filter(|r| r.step <= step).collect();
             let mut text = String::new();
             for r in &kept {
                 text.push_str(&serde_json::to_string(r).expect("record serializes"));
@@ -68,15 +76,30 @@ impl MetricsWriter {
             }
             fs::write(path, text).map_err(io)?;
         }
-        let file = fs::OpenOptions::new().create(true).append(true).open(path).map_err(io)?;
-        Ok(Self { path: path.to_path_buf(), file })
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(io)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+        })
     }
 
     pub fn write(&mut self, r: &StepRecord) -> Result<(), MetricsError> {
         let mut line = serde_json::to_string(r).expect("record serializes");
         line.push('\n');
-        self.file.write_all(line.as_bytes()).map_err(|source| MetricsError::Io { path: self.path.clone(), source })?;
-        self.file.flush().map_err(|source| MetricsError::Io { path: self.path.clone(), source })
+        self.file
+            .write_all(line.as_bytes())
+            .map_err(|source| MetricsError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        self.file.flush().map_err(|source| MetricsError::Io {
+            path: self.path.clone(),
+            source,
+        })
     }
 }
 
@@ -85,17 +108,28 @@ pub fn read(path: &Path) -> Result<Vec<StepRecord>, MetricsError> {
     let f = match fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => return Err(MetricsError::Io { path: path.into(), source }),
+        Err(source) => {
+            return Err(MetricsError::Io {
+                path: path.into(),
+                source,
+            })
+        }
     };
     let mut out = Vec::new();
     for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
-        let line = line.map_err(|source| MetricsError::Io { path: path.into(), source })?;
+        let line = line.map_err(|source| MetricsError::Io {
+            path: path.into(),
+            source,
+        })?;
         if line.trim().is_empty() {
             continue;
         }
         out.push(
-            serde_json::from_str(&line)
-                .map_err(|e| MetricsError::Parse { path: path.into(), line: i + 1, message: e.to_string() })?,
+            serde_json::from_str(&line).map_err(|e| MetricsError::Parse {
+                path: path.into(),
+                line: i + 1,
+                message: e.to_string(),
+            })?,
         );
     }
     Ok(out)
@@ -186,7 +220,8 @@ mod tests {
         let p = dir.path().join("metrics.jsonl");
         let mut w = MetricsWriter::open(&p, None).unwrap();
         for s in 1..=5 {
-            w.write(&rec(s, if s == 3 { None } else { Some(2.0 / s as f64) })).unwrap();
+            w.write(&rec(s, if s == 3 { None } else { Some(2.0 / s as f64) }))
+                .unwrap();
         }
         drop(w);
         let all = read(&p).unwrap();
@@ -198,7 +233,10 @@ mod tests {
         let mut w = MetricsWriter::open(&p, Some(3)).unwrap();
         w.write(&rec(4, Some(0.1))).unwrap();
         let all = read(&p).unwrap();
-        assert_eq!(all.iter().map(|r| r.step).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+        assert_eq!(
+            all.iter().map(|r| r.step).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4]
+        );
         assert_eq!(all[3].loss, Some(0.1));
     }
 

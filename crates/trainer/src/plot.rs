@@ -29,28 +29,57 @@ fn register_font() {
 }
 
 /// Writes `svg` and `png` loss curves from the metrics. Steps with a null loss are left out.
-pub fn plot_losses(records: &[StepRecord], title: &str, svg: &Path, png: &Path) -> Result<(), PlotError> {
+pub fn plot_losses(
+    records: &[StepRecord],
+    title: &str,
+    svg: &Path,
+    png: &Path,
+) -> Result<(), PlotError> {
     register_font();
     {
         let root = SVGBackend::new(svg, (900, 520)).into_drawing_area();
-        draw(&root, records, title).map_err(|m| PlotError { path: svg.display().to_string(), message: m })?;
-        root.present().map_err(|e| PlotError { path: svg.display().to_string(), message: e.to_string() })?;
+        draw(&root, records, title).map_err(|m| PlotError {
+            path: svg.display().to_string(),
+            message: m,
+        })?;
+        root.present().map_err(|e| PlotError {
+            path: svg.display().to_string(),
+            message: e.to_string(),
+        })?;
     }
     {
         let root = BitMapBackend::new(png, (900, 520)).into_drawing_area();
-        draw(&root, records, title).map_err(|m| PlotError { path: png.display().to_string(), message: m })?;
-        root.present().map_err(|e| PlotError { path: png.display().to_string(), message: e.to_string() })?;
+        draw(&root, records, title).map_err(|m| PlotError {
+            path: png.display().to_string(),
+            message: m,
+        })?;
+        root.present().map_err(|e| PlotError {
+            path: png.display().to_string(),
+            message: e.to_string(),
+        })?;
     }
     Ok(())
 }
 
-fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, records: &[StepRecord], title: &str) -> Result<(), String> {
+fn draw<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    records: &[StepRecord],
+    title: &str,
+) -> Result<(), String> {
     let e = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
     root.fill(&WHITE).map_err(e)?;
-    let train: Vec<(f64, f64)> =
-        records.iter().filter_map(|r| r.loss.filter(|l| l.is_finite()).map(|l| (r.step as f64, l))).collect();
-    let eval: Vec<(f64, f64)> =
-        records.iter().filter_map(|r| r.eval_loss.filter(|l| l.is_finite()).map(|l| (r.step as f64, l))).collect();
+    let train: Vec<(f64, f64)> = records
+        .iter()
+        .filter_map(|r| r.loss.filter(|l| l.is_finite()).map(|l| (r.step as f64, l)))
+        .collect();
+    let eval: Vec<(f64, f64)> = records
+        .iter()
+        .filter_map(|r| {
+            r.eval_loss
+                .filter(|l| l.is_finite())
+                .map(|l| (r.step as f64, l))
+        })
+        .collect();
     let all = train.iter().chain(eval.iter());
     let (mut x1, mut y0, mut y1) = (1.0f64, f64::INFINITY, f64::NEG_INFINITY);
     for &(x, y) in all {
@@ -69,7 +98,12 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, records: &[StepRecord
         .y_label_area_size(60)
         .build_cartesian_2d(0f64..x1.max(1.0), (y0 - pad)..(y1 + pad))
         .map_err(e)?;
-    chart.configure_mesh().x_desc("optimizer step").y_desc("loss (CE per trained token)").draw().map_err(e)?;
+    chart
+        .configure_mesh()
+        .x_desc("optimizer step")
+        .y_desc("loss (CE per trained token)")
+        .draw()
+        .map_err(e)?;
     chart
         .draw_series(LineSeries::new(train.iter().copied(), BLUE.stroke_width(2)))
         .map_err(e)?
@@ -81,9 +115,16 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, records: &[StepRecord
             .map_err(e)?
             .label("eval")
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2)));
-        chart.draw_series(eval.iter().map(|&p| Circle::new(p, 4, RED.filled()))).map_err(e)?;
+        chart
+            .draw_series(eval.iter().map(|&p| Circle::new(p, 4, RED.filled())))
+            .map_err(e)?;
     }
-    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(e)?;
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(e)?;
     Ok(())
 }
 
@@ -98,7 +139,11 @@ mod tests {
             .map(|s| StepRecord {
                 step: s,
                 epoch: s as f64 / 20.0,
-                loss: if s == 7 { None } else { Some(3.0 / (s as f64).sqrt()) },
+                loss: if s == 7 {
+                    None
+                } else {
+                    Some(3.0 / (s as f64).sqrt())
+                },
                 eval_loss: (s % 5 == 0).then(|| 2.5 / (s as f64).sqrt()),
                 lr: 1e-3,
                 grad_norm: Some(1.0),
@@ -112,7 +157,11 @@ mod tests {
         let (svg, png) = (dir.path().join("loss.svg"), dir.path().join("loss.png"));
         plot_losses(&recs, "demo", &svg, &png).unwrap();
         let s = std::fs::read_to_string(&svg).unwrap();
-        assert!(s.starts_with("<svg") && s.contains("polyline") && s.contains("eval"), "{}", &s[..200.min(s.len())]);
+        assert!(
+            s.starts_with("<svg") && s.contains("polyline") && s.contains("eval"),
+            "{}",
+            &s[..200.min(s.len())]
+        );
         let p = std::fs::read(&png).unwrap();
         assert_eq!(&p[..8], b"\x89PNG\r\n\x1a\n");
         // Empty metrics still give a (blank) chart rather than an error.

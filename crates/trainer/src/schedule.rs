@@ -72,8 +72,15 @@ mod tests {
     // num_training_steps=10); the linear ones are also written as fractions.
     #[test]
     fn matches_transformers_formulas() {
-        let mk = |kind| Schedule { kind, base_lr: 1.0, warmup: 3, total: 10 };
-        let lin: Vec<f64> = (0..12).map(|s| mk(ScheduleKind::Linear).lambda(s)).collect();
+        let mk = |kind| Schedule {
+            kind,
+            base_lr: 1.0,
+            warmup: 3,
+            total: 10,
+        };
+        let lin: Vec<f64> = (0..12)
+            .map(|s| mk(ScheduleKind::Linear).lambda(s))
+            .collect();
         let lin_ref = [
             0.0,
             1.0 / 3.0,
@@ -88,8 +95,12 @@ mod tests {
             0.0,
             0.0,
         ];
-        Tolerance::new(1e-15, 1e-12).compare("linear", lin, lin_ref).unwrap();
-        let cos: Vec<f64> = (0..12).map(|s| mk(ScheduleKind::Cosine).lambda(s)).collect();
+        Tolerance::new(1e-15, 1e-12)
+            .compare("linear", lin, lin_ref)
+            .unwrap();
+        let cos: Vec<f64> = (0..12)
+            .map(|s| mk(ScheduleKind::Cosine).lambda(s))
+            .collect();
         let cos_ref = [
             0.0,
             0.3333333333333333,
@@ -105,12 +116,23 @@ mod tests {
             // Past the end the HF cosine rises again (no clamp on progress); the loop never gets here.
             0.04951556604879043,
         ];
-        Tolerance::new(1e-15, 1e-12).compare("cosine", cos, cos_ref).unwrap();
-        let cww: Vec<f64> = (0..6).map(|s| mk(ScheduleKind::ConstantWithWarmup).lambda(s)).collect();
-        Tolerance::EXACT.compare("cww", cww, [0.0, 1.0 / 3.0, 2.0 / 3.0, 1.0, 1.0, 1.0]).unwrap();
+        Tolerance::new(1e-15, 1e-12)
+            .compare("cosine", cos, cos_ref)
+            .unwrap();
+        let cww: Vec<f64> = (0..6)
+            .map(|s| mk(ScheduleKind::ConstantWithWarmup).lambda(s))
+            .collect();
+        Tolerance::EXACT
+            .compare("cww", cww, [0.0, 1.0 / 3.0, 2.0 / 3.0, 1.0, 1.0, 1.0])
+            .unwrap();
         assert_eq!(mk(ScheduleKind::Constant).lambda(0), 1.0);
         // No warmup: the first update uses the full lr.
-        let nw = Schedule { kind: ScheduleKind::Cosine, base_lr: 2e-4, warmup: 0, total: 4 };
+        let nw = Schedule {
+            kind: ScheduleKind::Cosine,
+            base_lr: 2e-4,
+            warmup: 0,
+            total: 4,
+        };
         assert_eq!(nw.lr(0), 2e-4);
     }
 

@@ -30,7 +30,9 @@ use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sha2::{Digest, Sha256};
 
-use crate::checkpoint::{self, Checkpoint, CheckpointError, Cursor, RngState, TensorState, TrainerState};
+use crate::checkpoint::{
+    self, Checkpoint, CheckpointError, Cursor, RngState, TensorState, TrainerState,
+};
 use crate::config::{Config, ConfigError, Device, Quantization};
 use crate::metrics::{self, Ema, MetricsError, MetricsWriter, StepRecord, StopReason, Summary};
 use crate::plot::{self, PlotError};
@@ -82,7 +84,10 @@ pub enum TrainError {
 pub type Result<T> = std::result::Result<T, TrainError>;
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
-    move |source| TrainError::Io { path: path.to_path_buf(), source }
+    move |source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// `--resume`.
@@ -135,9 +140,19 @@ pub fn config_hash(cfg: &Config) -> String {
 /// The data-crate view of `[data]`.
 pub fn data_config(cfg: &Config) -> Result<DataConfig> {
     let d = &cfg.data;
-    let inv = |key: &str, e: afinar_data::DataError| TrainError::Invalid { key: key.into(), reason: e.to_string() };
-    let mut dc = DataConfig::new(&d.train, d.template.parse().map_err(|e| inv("data.template", e))?);
-    dc.format = if d.format == "auto" { None } else { Some(d.format.parse().map_err(|e| inv("data.format", e))?) };
+    let inv = |key: &str, e: afinar_data::DataError| TrainError::Invalid {
+        key: key.into(),
+        reason: e.to_string(),
+    };
+    let mut dc = DataConfig::new(
+        &d.train,
+        d.template.parse().map_err(|e| inv("data.template", e))?,
+    );
+    dc.format = if d.format == "auto" {
+        None
+    } else {
+        Some(d.format.parse().map_err(|e| inv("data.format", e))?)
+    };
     dc.mask = d.mask.parse().map_err(|e| inv("data.mask", e))?;
     dc.max_seq_len = d.max_seq_len;
     dc.overflow = match d.length_strategy {
@@ -157,8 +172,15 @@ pub fn data_config(cfg: &Config) -> Result<DataConfig> {
 /// The tokens a template spends on a minimal one-character exchange: `max_seq_len` must leave room for
 /// more than that.
 pub fn template_overhead(template: &afinar_data::Template, tok: &TextTokenizer) -> Option<usize> {
-    let body = afinar_data::Body::Instruction { system: None, instruction: "a".into(), input: String::new(), output: "a".into() };
-    afinar_data::encode_record(&body, template, tok, afinar_data::MaskMode::Assistant).ok().map(|e| e.ids.len())
+    let body = afinar_data::Body::Instruction {
+        system: None,
+        instruction: "a".into(),
+        input: String::new(),
+        output: "a".into(),
+    };
+    afinar_data::encode_record(&body, template, tok, afinar_data::MaskMode::Assistant)
+        .ok()
+        .map(|e| e.ids.len())
 }
 
 /// The LoRA config of the model section.
@@ -167,14 +189,22 @@ pub fn lora_config(cfg: &Config) -> Result<Option<LoraConfig>> {
         return Ok(None);
     }
     let l = &cfg.lora;
-    Ok(Some(LoraConfig::new(l.r, l.alpha as f64, l.dropout as f64, l.rslora, &l.resolved_targets())?))
+    Ok(Some(LoraConfig::new(
+        l.r,
+        l.alpha as f64,
+        l.dropout as f64,
+        l.rslora,
+        &l.resolved_targets(),
+    )?))
 }
 
 pub fn load_options(cfg: &Config) -> Result<LoadOptions> {
     Ok(LoadOptions {
         quantize: match cfg.model.quantization {
             Quantization::None => GQuant::None,
-            Quantization::Nf4 => GQuant::Nf4 { double_quant: cfg.model.double_quant },
+            Quantization::Nf4 => GQuant::Nf4 {
+                double_quant: cfg.model.double_quant,
+            },
         },
         lora: lora_config(cfg)?,
         full_finetune: cfg.model.full_finetune,
@@ -214,7 +244,8 @@ pub fn accumulate<B: Backend>(
         if b.num_trained == 0 {
             continue;
         }
-        let (s, _) = model.forward_backward(&model_batch(b, seed), 1.0 / count.max(1) as f32, grads)?;
+        let (s, _) =
+            model.forward_backward(&model_batch(b, seed), 1.0 / count.max(1) as f32, grads)?;
         loss_sum += s;
     }
     Ok((loss_sum, count))
@@ -231,7 +262,14 @@ pub fn evaluate<B: Backend>(model: &Gemma2Model<B>, loader: &DataLoader) -> Resu
         sum += s;
         count += n;
     }
-    Ok((if count > 0 { sum / count as f64 } else { f64::NAN }, count))
+    Ok((
+        if count > 0 {
+            sum / count as f64
+        } else {
+            f64::NAN
+        },
+        count,
+    ))
 }
 
 /// Everything prepared before the first step.
@@ -269,23 +307,38 @@ fn prepare_data(cfg: &Config) -> Result<Prepared> {
     let pad = tokenizer.pad_id();
     let train = DataLoader::new(prepared.train, cfg.data.max_seq_len, pad, loader_cfg(true))?;
     let eval = match prepared.eval {
-        Some(e) if !e.samples.is_empty() => Some(DataLoader::new(e, cfg.data.max_seq_len, pad, loader_cfg(false))?),
+        Some(e) if !e.samples.is_empty() => Some(DataLoader::new(
+            e,
+            cfg.data.max_seq_len,
+            pad,
+            loader_cfg(false),
+        )?),
         _ => None,
     };
     let per_epoch = train.batches_per_epoch();
     let total_steps = if t.max_steps > 0 {
         t.max_steps
     } else {
-        ((t.epochs * per_epoch as f64) / t.grad_accum as f64).ceil().max(1.0) as u64
+        ((t.epochs * per_epoch as f64) / t.grad_accum as f64)
+            .ceil()
+            .max(1.0) as u64
     };
     let warmup_steps = schedule::warmup_steps(total_steps, t.warmup_steps, t.warmup_ratio);
-    if warmup_steps >= total_steps && warmup_steps > 0 && t.schedule != crate::config::ScheduleKind::Constant {
+    if warmup_steps >= total_steps
+        && warmup_steps > 0
+        && t.schedule != crate::config::ScheduleKind::Constant
+    {
         return Err(TrainError::Invalid {
             key: if t.warmup_steps > 0 { "train.warmup_steps" } else { "train.warmup_ratio" }.into(),
             reason: format!("warmup of {warmup_steps} steps is not shorter than the {total_steps} training steps"),
         });
     }
-    Ok(Prepared { train, eval, total_steps, warmup_steps })
+    Ok(Prepared {
+        train,
+        eval,
+        total_steps,
+        warmup_steps,
+    })
 }
 
 /// Where a run's files go, and what to resume from.
@@ -296,10 +349,14 @@ fn resolve_run_dir(opts: &TrainOptions) -> Result<(PathBuf, Option<PathBuf>)> {
         Some(Resume::Dir(p)) => {
             // A checkpoint directory or a run directory.
             if p.join("trainer_state.json").is_file() {
-                let run = p.parent().and_then(Path::parent).map(Path::to_path_buf).ok_or_else(|| TrainError::BadCheckpoint {
-                    path: p.clone(),
-                    message: "a checkpoint must live in RUN/checkpoints/".into(),
-                })?;
+                let run = p
+                    .parent()
+                    .and_then(Path::parent)
+                    .map(Path::to_path_buf)
+                    .ok_or_else(|| TrainError::BadCheckpoint {
+                        path: p.clone(),
+                        message: "a checkpoint must live in RUN/checkpoints/".into(),
+                    })?;
                 Ok((run, Some(p.clone())))
             } else {
                 let ck = checkpoint::latest(&p.join("checkpoints"))?;
@@ -307,8 +364,14 @@ fn resolve_run_dir(opts: &TrainOptions) -> Result<(PathBuf, Option<PathBuf>)> {
             }
         }
         Some(Resume::Auto) => {
-            let ck = checkpoint::list(&default_dir.join("checkpoints"))?.pop().map(|(_, p)| p);
-            if ck.is_none() && default_dir.exists() && !opts.overwrite && dir_has_entries(&default_dir) {
+            let ck = checkpoint::list(&default_dir.join("checkpoints"))?
+                .pop()
+                .map(|(_, p)| p);
+            if ck.is_none()
+                && default_dir.exists()
+                && !opts.overwrite
+                && dir_has_entries(&default_dir)
+            {
                 return Err(TrainError::RunDirExists(default_dir));
             }
             Ok((default_dir, ck))
@@ -325,7 +388,9 @@ fn resolve_run_dir(opts: &TrainOptions) -> Result<(PathBuf, Option<PathBuf>)> {
 }
 
 fn dir_has_entries(p: &Path) -> bool {
-    fs::read_dir(p).map(|mut d| d.next().is_some()).unwrap_or(true)
+    fs::read_dir(p)
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(true)
 }
 
 /// Trains per `opts` on the CPU backend. See [`train_with`].
@@ -350,11 +415,21 @@ pub fn train_with<B: Backend>(backend: Arc<B>, opts: &TrainOptions) -> Result<Tr
     let resume_ckpt = match &resume_from {
         Some(p) => {
             let ck = checkpoint::load(p)?;
-            let saved = Config::from_toml_str(&ck.config_toml, &p.join("config.toml").display().to_string(), &[])?;
+            let saved = Config::from_toml_str(
+                &ck.config_toml,
+                &p.join("config.toml").display().to_string(),
+                &[],
+            )?;
             let diff = saved.resume_diff(cfg);
             if !diff.is_empty() {
-                let lines: Vec<String> = diff.iter().map(|(k, a, b)| format!("  {k}: {a} → {b}")).collect();
-                return Err(TrainError::ConfigMismatch { path: p.clone(), diff: lines.join("\n") });
+                let lines: Vec<String> = diff
+                    .iter()
+                    .map(|(k, a, b)| format!("  {k}: {a} → {b}"))
+                    .collect();
+                return Err(TrainError::ConfigMismatch {
+                    path: p.clone(),
+                    diff: lines.join("\n"),
+                });
             }
             Some(ck)
         }
@@ -366,7 +441,11 @@ pub fn train_with<B: Backend>(backend: Arc<B>, opts: &TrainOptions) -> Result<Tr
     let mut grads = afinar_gemma::Grads::zeros(&model)?;
     let names = model.trainable_names();
     let r = model.lora.as_ref().map_or(0, |l| l.r);
-    let shapes: Vec<Vec<usize>> = model.trainable_ids().iter().map(|id| id.shape(&model.config, r)).collect();
+    let shapes: Vec<Vec<usize>> = model
+        .trainable_ids()
+        .iter()
+        .map(|id| id.shape(&model.config, r))
+        .collect();
     let mut moments: Vec<(B::Buf, B::Buf)> = Vec::with_capacity(names.len());
     for s in &shapes {
         let n = s.iter().product();
@@ -388,7 +467,10 @@ pub fn train_with<B: Backend>(backend: Arc<B>, opts: &TrainOptions) -> Result<Tr
         last_eval_loss: None,
     };
     if let Some(ck) = &resume_ckpt {
-        let bad = |m: String| TrainError::BadCheckpoint { path: resume_from.clone().unwrap_or_default(), message: m };
+        let bad = |m: String| TrainError::BadCheckpoint {
+            path: resume_from.clone().unwrap_or_default(),
+            message: m,
+        };
         if ck.state.total_steps != prep.total_steps || ck.state.warmup_steps != prep.warmup_steps {
             return Err(bad(format!(
                 "it plans {} steps with {} warmup, the data now gives {} with {}: the dataset changed",
@@ -396,12 +478,22 @@ pub fn train_with<B: Backend>(backend: Arc<B>, opts: &TrainOptions) -> Result<Tr
             )));
         }
         if ck.tensors.len() != names.len() {
-            return Err(bad(format!("{} trainable tensors saved, the model has {}", ck.tensors.len(), names.len())));
+            return Err(bad(format!(
+                "{} trainable tensors saved, the model has {}",
+                ck.tensors.len(),
+                names.len()
+            )));
         }
         for (i, name) in names.iter().enumerate() {
-            let t = ck.tensors.get(name).ok_or_else(|| bad(format!("tensor `{name}` missing")))?;
+            let t = ck
+                .tensors
+                .get(name)
+                .ok_or_else(|| bad(format!("tensor `{name}` missing")))?;
             if t.shape != shapes[i] {
-                return Err(bad(format!("tensor `{name}`: shape {:?}, the model has {:?}", t.shape, shapes[i])));
+                return Err(bad(format!(
+                    "tensor `{name}`: shape {:?}, the model has {:?}",
+                    t.shape, shapes[i]
+                )));
             }
             model.set_tensor(name, &t.param)?;
             moments[i] = (backend.from_host(&t.m)?, backend.from_host(&t.v)?);
@@ -414,7 +506,10 @@ pub fn train_with<B: Backend>(backend: Arc<B>, opts: &TrainOptions) -> Result<Tr
         state = ck.state.clone();
         state.config_hash = hash.clone();
     }
-    let mut rng = state.rng.restore().map_err(|m| TrainError::BadCheckpoint { path: resume_from.clone().unwrap_or_default(), message: m })?;
+    let mut rng = state.rng.restore().map_err(|m| TrainError::BadCheckpoint {
+        path: resume_from.clone().unwrap_or_default(),
+        message: m,
+    })?;
 
     // The run directory.
     if resume_ckpt.is_none() && opts.overwrite && run_dir.exists() {
@@ -423,13 +518,26 @@ pub fn train_with<B: Backend>(backend: Arc<B>, opts: &TrainOptions) -> Result<Tr
     fs::create_dir_all(&run_dir).map_err(io(&run_dir))?;
     fs::write(run_dir.join("config.toml"), cfg.to_toml()).map_err(io(&run_dir))?;
     let metrics_path = run_dir.join("metrics.jsonl");
-    let mut mw = MetricsWriter::open(&metrics_path, resume_ckpt.as_ref().map(|c| c.state.step).or(Some(0)))?;
+    let mut mw = MetricsWriter::open(
+        &metrics_path,
+        resume_ckpt.as_ref().map(|c| c.state.step).or(Some(0)),
+    )?;
     if let Err(e) = signal::install() {
         eprintln!("warning: cannot install the Ctrl-C handler ({e}); an interrupt will stop without a checkpoint");
     }
 
-    let sched = Schedule { kind: cfg.train.schedule, base_lr: cfg.train.lr, warmup: state.warmup_steps, total: state.total_steps };
-    let progress = Progress::new(state.total_steps, state.step, cfg.train.log_every, opts.quiet);
+    let sched = Schedule {
+        kind: cfg.train.schedule,
+        base_lr: cfg.train.lr,
+        warmup: state.warmup_steps,
+        total: state.total_steps,
+    };
+    let progress = Progress::new(
+        state.total_steps,
+        state.step,
+        cfg.train.log_every,
+        opts.quiet,
+    );
     let say = |m: &str| progress.println(m);
     say(&format!(
         "afinar: {} trainable parameters ({} tensors), {} steps ({} warmup), {} train rows/epoch, run dir {}",
@@ -441,20 +549,32 @@ pub fn train_with<B: Backend>(backend: Arc<B>, opts: &TrainOptions) -> Result<Tr
         run_dir.display()
     ));
     if let Some(ck) = &resume_ckpt {
-        say(&format!("resuming from {} at step {}", resume_from.as_ref().map(|p| p.display().to_string()).unwrap_or_default(), ck.state.step));
+        say(&format!(
+            "resuming from {} at step {}",
+            resume_from
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            ck.state.step
+        ));
     }
 
     // Eval before training: the "base" loss.
     let initial_eval = match (&prep.eval, &resume_ckpt) {
         (Some(ev), None) => {
             let (l, n) = evaluate(&model, ev)?;
-            say(&format!("eval before training: loss {l:.4} over {n} tokens"));
+            say(&format!(
+                "eval before training: loss {l:.4} over {n} tokens"
+            ));
             Some(l)
         }
         _ => read_initial_eval(&run_dir),
     };
     if let Some(l) = initial_eval {
-        let _ = fs::write(run_dir.join("initial_eval.json"), serde_json::json!({ "eval_loss": l }).to_string());
+        let _ = fs::write(
+            run_dir.join("initial_eval.json"),
+            serde_json::json!({ "eval_loss": l }).to_string(),
+        );
     }
 
     let t = &cfg.train;
@@ -473,10 +593,15 @@ pub fn train_with<B: Backend>(backend: Arc<B>, opts: &TrainOptions) -> Result<Tr
         }
         let step_start = Instant::now();
         // 1. The window, counted before any backward.
-        let window: Vec<afinar_data::Batch> = (0..t.grad_accum).map(|_| prep.train.next_batch()).collect();
+        let window: Vec<afinar_data::Batch> =
+            (0..t.grad_accum).map(|_| prep.train.next_batch()).collect();
         // 2. Accumulate grad of (Σ CE)/count.
         let (loss_sum, count) = accumulate(&model, &mut grads, &window, &mut rng)?;
-        let loss = if count > 0 { loss_sum / count as f64 } else { f64::NAN };
+        let loss = if count > 0 {
+            loss_sum / count as f64
+        } else {
+            f64::NAN
+        };
         let grad_norm = grads.sum_squares()?.sqrt();
         let lr = sched.lr(state.step);
         let finite = loss.is_finite() && grad_norm.is_finite();
@@ -497,7 +622,11 @@ pub fn train_with<B: Backend>(backend: Arc<B>, opts: &TrainOptions) -> Result<Tr
                 step: state.adam_t,
             };
             let be = model.backend().clone();
-            for (p, (m, v)) in model.params_and_grads(&grads)?.into_iter().zip(moments.iter_mut()) {
+            for (p, (m, v)) in model
+                .params_and_grads(&grads)?
+                .into_iter()
+                .zip(moments.iter_mut())
+            {
                 be.adamw(p.param, p.grad, m, v, &hp)?;
             }
             ema.push(loss);
@@ -506,7 +635,11 @@ pub fn train_with<B: Backend>(backend: Arc<B>, opts: &TrainOptions) -> Result<Tr
             for b in &window {
                 for row in &b.sample_ids {
                     for &si in row {
-                        bad_samples.push(format!("{}:{}", train_ds_path.display(), prep.train.dataset().samples[si].line));
+                        bad_samples.push(format!(
+                            "{}:{}",
+                            train_ds_path.display(),
+                            prep.train.dataset().samples[si].line
+                        ));
                     }
                 }
             }
@@ -521,7 +654,11 @@ pub fn train_with<B: Backend>(backend: Arc<B>, opts: &TrainOptions) -> Result<Tr
         state.tokens += count as u64;
         steps_this_process += 1;
         let c = prep.train.cursor();
-        state.cursor = Cursor { epoch: c.epoch, position: c.position, fingerprint: c.fingerprint };
+        state.cursor = Cursor {
+            epoch: c.epoch,
+            position: c.position,
+            fingerprint: c.fingerprint,
+        };
         state.rng = RngState::capture(&rng);
         let dt = step_start.elapsed().as_secs_f64();
         let elapsed = elapsed_before + start.elapsed().as_secs_f64();
@@ -530,14 +667,17 @@ pub fn train_with<B: Backend>(backend: Arc<B>, opts: &TrainOptions) -> Result<Tr
         // Eval on schedule (the final eval runs after the loop).
         let mut eval_loss = None;
         if let Some(ev) = &prep.eval {
-            if t.eval_every > 0 && state.step % t.eval_every == 0 && state.step < state.total_steps {
+            if t.eval_every > 0 && state.step % t.eval_every == 0 && state.step < state.total_steps
+            {
                 let (l, _) = evaluate(&model, ev)?;
                 say(&format!("step {}: eval loss {l:.4}", state.step));
                 eval_loss = Some(l);
                 state.last_eval_loss = Some(l);
             }
         }
-        let epoch = (c.epoch as f64 + (c.position as f64 * t.micro_batch_size as f64).min(rows_per_epoch) / rows_per_epoch).max(0.0);
+        let epoch = (c.epoch as f64
+            + (c.position as f64 * t.micro_batch_size as f64).min(rows_per_epoch) / rows_per_epoch)
+            .max(0.0);
         let rec = StepRecord {
             step: state.step,
             epoch,
@@ -552,7 +692,8 @@ pub fn train_with<B: Backend>(backend: Arc<B>, opts: &TrainOptions) -> Result<Tr
             bad_samples,
         };
         mw.write(&rec)?;
-        let eta = (state.total_steps - state.step) as f64 * (elapsed - elapsed_before) / steps_this_process as f64;
+        let eta = (state.total_steps - state.step) as f64 * (elapsed - elapsed_before)
+            / steps_this_process as f64;
         progress.step(state.step, ema.get(), lr, rec.tokens_per_s, eta);
 
         if state.nonfinite_in_row >= MAX_NONFINITE_IN_ROW {
@@ -589,7 +730,12 @@ pub fn train_with<B: Backend>(backend: Arc<B>, opts: &TrainOptions) -> Result<Tr
         save_full_model(&model, &cfg.model.path, &run_dir.join("model"))?;
     }
     let records = metrics::read(&metrics_path)?;
-    plot::plot_losses(&records, &format!("afinar: {}", cfg.output.run_name), &run_dir.join("loss.svg"), &run_dir.join("loss.png"))?;
+    plot::plot_losses(
+        &records,
+        &format!("afinar: {}", cfg.output.run_name),
+        &run_dir.join("loss.svg"),
+        &run_dir.join("loss.png"),
+    )?;
     let finite: Vec<f64> = records.iter().filter_map(|r| r.loss).collect();
     let total_tokens: u64 = records.iter().map(|r| r.tokens).sum();
     let elapsed = state.elapsed_s;
@@ -604,19 +750,39 @@ pub fn train_with<B: Backend>(backend: Arc<B>, opts: &TrainOptions) -> Result<Tr
         final_eval_loss: final_eval,
         trained_tokens: total_tokens,
         elapsed_s: elapsed,
-        tokens_per_s: if elapsed > 0.0 { total_tokens as f64 / elapsed } else { 0.0 },
+        tokens_per_s: if elapsed > 0.0 {
+            total_tokens as f64 / elapsed
+        } else {
+            0.0
+        },
         skipped_steps: records.iter().filter(|r| r.skipped).count() as u64,
         peak_rss_mib: metrics::peak_rss_bytes().map(|b| b as f64 / (1024.0 * 1024.0)),
         trainable_parameters: model.num_trainable() as u64,
     };
-    fs::write(run_dir.join("summary.json"), serde_json::to_string_pretty(&summary).expect("summary serializes")).map_err(io(&run_dir))?;
-    fs::write(run_dir.join("report.md"), report_md(cfg, &summary, &run_dir)).map_err(io(&run_dir))?;
-    Ok(TrainOutcome { run_dir, summary, records, checkpoint: ck })
+    fs::write(
+        run_dir.join("summary.json"),
+        serde_json::to_string_pretty(&summary).expect("summary serializes"),
+    )
+    .map_err(io(&run_dir))?;
+    fs::write(
+        run_dir.join("report.md"),
+        report_md(cfg, &summary, &run_dir),
+    )
+    .map_err(io(&run_dir))?;
+    Ok(TrainOutcome {
+        run_dir,
+        summary,
+        records,
+        checkpoint: ck,
+    })
 }
 
 fn read_initial_eval(run_dir: &Path) -> Option<f64> {
     let s = fs::read_to_string(run_dir.join("initial_eval.json")).ok()?;
-    serde_json::from_str::<serde_json::Value>(&s).ok()?.get("eval_loss")?.as_f64()
+    serde_json::from_str::<serde_json::Value>(&s)
+        .ok()?
+        .get("eval_loss")?
+        .as_f64()
 }
 
 fn rewrite_last_eval(path: &Path, step: u64, eval: f64) -> Result<()> {
@@ -655,16 +821,32 @@ fn save_checkpoint<B: Backend>(
             },
         );
     }
-    let ck = Checkpoint { state: state.clone(), tensors, config_toml: cfg.to_toml() };
-    Ok(checkpoint::save(&run_dir.join("checkpoints"), &ck, cfg.train.keep_checkpoints)?)
+    let ck = Checkpoint {
+        state: state.clone(),
+        tensors,
+        config_toml: cfg.to_toml(),
+    };
+    Ok(checkpoint::save(
+        &run_dir.join("checkpoints"),
+        &ck,
+        cfg.train.keep_checkpoints,
+    )?)
 }
 
 /// Writes a full (dense, f32) model in the Hugging Face layout: config.json, model.safetensors (no
 /// lm_head: it is tied), and the tokenizer files copied from `base_dir` (afinar-gemma's `export_merged`;
 /// LoRA factors, if any, are merged).
-pub fn save_full_model<B: Backend>(model: &Gemma2Model<B>, base_dir: &Path, out: &Path) -> Result<()> {
+pub fn save_full_model<B: Backend>(
+    model: &Gemma2Model<B>,
+    base_dir: &Path,
+    out: &Path,
+) -> Result<()> {
     use afinar_gemma::export::{export_merged, ExportDtype, ExportOptions};
-    let opts = ExportOptions { dtype: ExportDtype::F32, source_dir: Some(base_dir.to_path_buf()), ..Default::default() };
+    let opts = ExportOptions {
+        dtype: ExportDtype::F32,
+        source_dir: Some(base_dir.to_path_buf()),
+        ..Default::default()
+    };
     export_merged(model, out, &opts)?;
     Ok(())
 }

@@ -31,17 +31,32 @@ fn config_file(dir: &Path, extra: &str) -> PathBuf {
 fn unknown_key_is_named_with_the_nearest_valid_one() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("bad.toml");
-    std::fs::write(&p, "[model]\npath = \"m\"\n\n[train]\nlearning_rate = 1e-4\n").unwrap();
+    std::fs::write(
+        &p,
+        "[model]\npath = \"m\"\n\n[train]\nlearning_rate = 1e-4\n",
+    )
+    .unwrap();
     let o = run(&["train", "--config", p.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2));
     let e = stderr(&o);
-    assert!(e.contains("unknown key `train.learning_rate`") && e.contains("bad.toml:5"), "{e}");
+    assert!(
+        e.contains("unknown key `train.learning_rate`") && e.contains("bad.toml:5"),
+        "{e}"
+    );
     // The nearest key by edit distance.
     std::fs::write(&p, "[lora]\nalpah = 16\n").unwrap();
     let e = stderr(&run(&["train", "--config", p.to_str().unwrap()]));
     assert!(e.contains("did you mean `lora.alpha`"), "{e}");
     std::fs::write(&p, "[lora]\nalpha = 16\n").unwrap();
-    let e = stderr(&run(&["train", "--config", p.to_str().unwrap(), "--set", "lora.alpha=1", "--set", "trian.lr=1"]));
+    let e = stderr(&run(&[
+        "train",
+        "--config",
+        p.to_str().unwrap(),
+        "--set",
+        "lora.alpha=1",
+        "--set",
+        "trian.lr=1",
+    ]));
     assert!(e.contains("unknown key `trian`"), "{e}");
 }
 
@@ -69,7 +84,15 @@ fn invalid_values_and_missing_paths_are_refused_before_work() {
     }
     // Warmup longer than training and max_seq_len below the template are found after reading the data,
     // still before anything is written.
-    let o = run(&["train", "--config", ps, "--set", "train.max_steps=4", "--set", "train.warmup_steps=9"]);
+    let o = run(&[
+        "train",
+        "--config",
+        ps,
+        "--set",
+        "train.max_steps=4",
+        "--set",
+        "train.warmup_steps=9",
+    ]);
     assert!(stderr(&o).contains("warmup"), "{}", stderr(&o));
     let o = run(&["train", "--config", ps, "--set", "data.max_seq_len=6"]);
     assert!(stderr(&o).contains("data.max_seq_len"), "{}", stderr(&o));
@@ -89,10 +112,21 @@ fn existing_run_dir_needs_resume_or_overwrite() {
     std::fs::write(run_dir.join("notes.txt"), "mine").unwrap();
     let o = run(&["train", "--config", p.to_str().unwrap(), "--quiet"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("already exists") && stderr(&o).contains("--overwrite"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("already exists") && stderr(&o).contains("--overwrite"),
+        "{}",
+        stderr(&o)
+    );
     assert_eq!(std::fs::read_dir(&run_dir).unwrap().count(), 1);
     // --overwrite replaces it and trains.
-    let o = run(&["train", "--config", p.to_str().unwrap(), "--quiet", "--overwrite", "--json"]);
+    let o = run(&[
+        "train",
+        "--config",
+        p.to_str().unwrap(),
+        "--quiet",
+        "--overwrite",
+        "--json",
+    ]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(s["stop_reason"], "completed");
@@ -110,10 +144,18 @@ fn metrics_lines(run_dir: &Path) -> Vec<serde_json::Value> {
 
 /// Starts a training child, waits until it has logged `min_steps` steps, sends SIGINT, returns its output.
 fn interrupt_after(args: &[&str], run_dir: &Path, min_steps: usize) -> Output {
-    let child = afinar().args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let child = afinar()
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let t0 = Instant::now();
     while metrics_lines(run_dir).len() < min_steps {
-        assert!(t0.elapsed() < Duration::from_secs(60), "the child logged no steps");
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the child logged no steps"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     // SAFETY: kill(2) with the pid of a child we spawned and still own (not yet waited for).
@@ -129,14 +171,29 @@ fn sigint_checkpoints_and_resume_continues() {
     let p = config_file(dir.path(), "");
     let ps = p.to_str().unwrap();
     let run_dir = dir.path().join("runs/t");
-    let args = ["train", "--config", ps, "--set", "train.max_steps=100000", "--set", "train.warmup_steps=0"];
+    let args = [
+        "train",
+        "--config",
+        ps,
+        "--set",
+        "train.max_steps=100000",
+        "--set",
+        "train.warmup_steps=0",
+    ];
     let o = interrupt_after(&args, &run_dir, 2);
     assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
     let e = stderr(&o);
-    assert!(e.contains("resume with: afinar train --config") && e.contains("--resume"), "{e}");
+    assert!(
+        e.contains("resume with: afinar train --config") && e.contains("--resume"),
+        "{e}"
+    );
     let steps = metrics_lines(&run_dir).len() as u64;
     let cks = afinar_trainer::checkpoint::list(&run_dir.join("checkpoints")).unwrap();
-    assert_eq!(cks.last().unwrap().0, steps, "the checkpoint is at the last finished step");
+    assert_eq!(
+        cks.last().unwrap().0,
+        steps,
+        "the checkpoint is at the last finished step"
+    );
 
     // Resume: continues at the next step, and a second interrupt checkpoints again.
     let mut rargs = args.to_vec();
@@ -146,10 +203,20 @@ fn sigint_checkpoints_and_resume_continues() {
     assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
     let m = metrics_lines(&run_dir);
     let ids: Vec<u64> = m.iter().map(|r| r["step"].as_u64().unwrap()).collect();
-    assert_eq!(ids, (1..=ids.len() as u64).collect::<Vec<_>>(), "steps continue without gaps or repeats");
+    assert_eq!(
+        ids,
+        (1..=ids.len() as u64).collect::<Vec<_>>(),
+        "steps continue without gaps or repeats"
+    );
     assert!(ids.len() as u64 > steps);
-    let out = String::from_utf8_lossy(&o.stdout);
-    let from = format!("resuming from {} at step {steps}", run_dir.join("checkpoints").join(format!("step-{steps:08}")).display());
+    let out = String::from_utf8_lossy(&o.stderr);
+    let from = format!(
+        "resuming from {} at step {steps}",
+        run_dir
+            .join("checkpoints")
+            .join(format!("step-{steps:08}"))
+            .display()
+    );
     assert!(out.contains(&from), "{out}");
 }
 
@@ -157,8 +224,20 @@ fn sigint_checkpoints_and_resume_continues() {
 fn eval_generate_inspect_json() {
     let dir = tempfile::tempdir().unwrap();
     let c = common::config(dir.path());
-    let (m, d) = (c.model.path.to_str().unwrap().to_string(), c.data.eval.to_str().unwrap().to_string());
-    let o = run(&["eval", "--model", &m, "--data", &d, "--max-seq-len", "128", "--json"]);
+    let (m, d) = (
+        c.model.path.to_str().unwrap().to_string(),
+        c.data.eval.to_str().unwrap().to_string(),
+    );
+    let o = run(&[
+        "eval",
+        "--model",
+        &m,
+        "--data",
+        &d,
+        "--max-seq-len",
+        "128",
+        "--json",
+    ]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let loss = v["loss"].as_f64().unwrap();
@@ -167,16 +246,44 @@ fn eval_generate_inspect_json() {
     assert!((v["perplexity"].as_f64().unwrap() - loss.exp()).abs() < 1e-6 * loss.exp());
     assert_eq!(v["samples"], 6);
 
-    let o = run(&["generate", "--model", &m, "--prompt", "¿Cuál es la capital de Perú?", "--max-new-tokens", "5", "--json"]);
+    let o = run(&[
+        "generate",
+        "--model",
+        &m,
+        "--prompt",
+        "¿Cuál es la capital de Perú?",
+        "--max-new-tokens",
+        "5",
+        "--json",
+    ]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v[0]["prompt"], "¿Cuál es la capital de Perú?");
     assert!(v[0]["tokens"].as_u64().unwrap() <= 5);
     // Greedy is deterministic.
-    let o2 = run(&["generate", "--model", &m, "--prompt", "¿Cuál es la capital de Perú?", "--max-new-tokens", "5", "--json"]);
+    let o2 = run(&[
+        "generate",
+        "--model",
+        &m,
+        "--prompt",
+        "¿Cuál es la capital de Perú?",
+        "--max-new-tokens",
+        "5",
+        "--json",
+    ]);
     assert_eq!(o.stdout, o2.stdout);
 
-    let o = run(&["data", "inspect", "--data", &d, "--model", &m, "--max-seq-len", "128", "--json"]);
+    let o = run(&[
+        "data",
+        "inspect",
+        "--data",
+        &d,
+        "--model",
+        &m,
+        "--max-seq-len",
+        "128",
+        "--json",
+    ]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["passed"], true);
@@ -195,7 +302,14 @@ fn eval_generate_inspect_json() {
 fn merge_and_quantize_produce_loadable_models() {
     let dir = tempfile::tempdir().unwrap();
     let p = config_file(dir.path(), "");
-    let o = run(&["train", "--config", p.to_str().unwrap(), "--quiet", "--set", "train.max_steps=3"]);
+    let o = run(&[
+        "train",
+        "--config",
+        p.to_str().unwrap(),
+        "--quiet",
+        "--set",
+        "train.max_steps=3",
+    ]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let c = common::config(dir.path());
     let m = c.model.path.to_str().unwrap().to_string();
@@ -203,28 +317,94 @@ fn merge_and_quantize_produce_loadable_models() {
     let adapter = dir.path().join("runs/t/adapter");
     let a = adapter.to_str().unwrap();
     let merged = dir.path().join("merged");
-    let o = run(&["merge", "--model", &m, "--adapter", a, "--out", merged.to_str().unwrap(), "--dtype", "f32"]);
+    let o = run(&[
+        "merge",
+        "--model",
+        &m,
+        "--adapter",
+        a,
+        "--out",
+        merged.to_str().unwrap(),
+        "--dtype",
+        "f32",
+    ]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(merged.join("tokenizer.json").is_file());
     let loss = |args: &[&str]| -> f64 {
         let o = run(args);
         assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["loss"].as_f64().unwrap()
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["loss"]
+            .as_f64()
+            .unwrap()
     };
-    let with_adapter = loss(&["eval", "--model", &m, "--adapter", a, "--data", &d, "--max-seq-len", "128", "--json"]);
-    let merged_loss = loss(&["eval", "--model", merged.to_str().unwrap(), "--data", &d, "--max-seq-len", "128", "--json"]);
-    afinar_kernels::Tolerance::new(1e-5, 1e-4).assert_close("merged eval loss", [merged_loss], [with_adapter]);
+    let with_adapter = loss(&[
+        "eval",
+        "--model",
+        &m,
+        "--adapter",
+        a,
+        "--data",
+        &d,
+        "--max-seq-len",
+        "128",
+        "--json",
+    ]);
+    let merged_loss = loss(&[
+        "eval",
+        "--model",
+        merged.to_str().unwrap(),
+        "--data",
+        &d,
+        "--max-seq-len",
+        "128",
+        "--json",
+    ]);
+    afinar_kernels::Tolerance::new(1e-5, 1e-4).assert_close(
+        "merged eval loss",
+        [merged_loss],
+        [with_adapter],
+    );
 
     let q = dir.path().join("q");
     let o = run(&["quantize", "--model", &m, "--out", q.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(q.join("config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(q.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["quantization_config"]["bnb_4bit_quant_type"], "nf4");
-    let ql = loss(&["eval", "--model", q.to_str().unwrap(), "--data", &d, "--max-seq-len", "128", "--json"]);
-    let base = loss(&["eval", "--model", &m, "--data", &d, "--max-seq-len", "128", "--json"]);
-    assert!(ql.is_finite() && (ql - base).abs() < 0.5, "nf4 {ql} vs dense {base}");
+    let ql = loss(&[
+        "eval",
+        "--model",
+        q.to_str().unwrap(),
+        "--data",
+        &d,
+        "--max-seq-len",
+        "128",
+        "--json",
+    ]);
+    let base = loss(&[
+        "eval",
+        "--model",
+        &m,
+        "--data",
+        &d,
+        "--max-seq-len",
+        "128",
+        "--json",
+    ]);
+    assert!(
+        ql.is_finite() && (ql - base).abs() < 0.5,
+        "nf4 {ql} vs dense {base}"
+    );
     // Bad adapter path.
-    let o = run(&["merge", "--model", &m, "--adapter", "/no/adapter", "--out", merged.to_str().unwrap()]);
+    let o = run(&[
+        "merge",
+        "--model",
+        &m,
+        "--adapter",
+        "/no/adapter",
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("/no/adapter"));
 }

@@ -14,7 +14,13 @@ use afinar_trainer::{Resume, TrainError, TrainOptions};
 use rand::SeedableRng;
 
 fn opts(c: afinar_trainer::Config) -> TrainOptions {
-    TrainOptions { config: c, resume: None, overwrite: false, quiet: true, stop_after: None }
+    TrainOptions {
+        config: c,
+        resume: None,
+        overwrite: false,
+        quiet: true,
+        stop_after: None,
+    }
 }
 
 #[test]
@@ -24,7 +30,13 @@ fn accumulation_4x1_equals_micro_batch_4() {
     let tok = TextTokenizer::from_model_dir(&cfg.model.path).unwrap();
     let data = afinar_data::prepare(&data_config(&cfg).unwrap(), &tok).unwrap();
     let mk = |bs| {
-        let lc = LoaderConfig { batch_size: bs, packing: false, shuffle: false, seed: 0, drop_last: false };
+        let lc = LoaderConfig {
+            batch_size: bs,
+            packing: false,
+            shuffle: false,
+            seed: 0,
+            drop_last: false,
+        };
         DataLoader::new(data.train.clone(), 128, tok.pad_id(), lc).unwrap()
     };
     let (mut l1, mut l4) = (mk(1), mk(4));
@@ -33,13 +45,20 @@ fn accumulation_4x1_equals_micro_batch_4() {
     assert_eq!(w4[0].b, 4);
     // Rows of different lengths: the micro-batch of 4 is padded, the singles are not.
     assert!(w1.iter().map(|b| b.t).min() != w1.iter().map(|b| b.t).max());
-    let model = Gemma2Model::load(Arc::new(Cpu::new()), &cfg.model.path, &load_options(&cfg).unwrap()).unwrap();
+    let model = Gemma2Model::load(
+        Arc::new(Cpu::new()),
+        &cfg.model.path,
+        &load_options(&cfg).unwrap(),
+    )
+    .unwrap();
     // B = 0 at init gives zero A-gradients; make B non-zero so every LoRA gradient is exercised.
     let mut model = model;
     for name in model.lora_names() {
         if name.contains("lora_B") {
             let n = model.get_tensor(&name).unwrap().len();
-            let v: Vec<f32> = (0..n).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.01).collect();
+            let v: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.01)
+                .collect();
             model.set_tensor(&name, &v).unwrap();
         }
     }
@@ -69,12 +88,27 @@ fn training_lowers_eval_loss_and_adapter_round_trips() {
     let out = train::train(&opts(cfg.clone())).unwrap();
     let s = &out.summary;
     let (e0, e1) = (s.initial_eval_loss.unwrap(), s.final_eval_loss.unwrap());
-    eprintln!("eval loss {e0} → {e1}; train {:?} → {:?}", s.first_train_loss, s.final_train_loss);
+    eprintln!(
+        "eval loss {e0} → {e1}; train {:?} → {:?}",
+        s.first_train_loss, s.final_train_loss
+    );
     assert!(e1 < e0 - 0.1, "eval loss {e0} → {e1}");
     assert_eq!(s.steps, 30);
     assert_eq!(out.records.len(), 30);
-    assert_eq!(out.records.iter().filter(|r| r.eval_loss.is_some()).count(), 3);
-    for f in ["config.toml", "metrics.jsonl", "loss.svg", "loss.png", "summary.json", "report.md", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"] {
+    assert_eq!(
+        out.records.iter().filter(|r| r.eval_loss.is_some()).count(),
+        3
+    );
+    for f in [
+        "config.toml",
+        "metrics.jsonl",
+        "loss.svg",
+        "loss.png",
+        "summary.json",
+        "report.md",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+    ] {
         assert!(out.run_dir.join(f).is_file(), "{f} missing");
     }
     let cks = afinar_trainer::checkpoint::list(&out.run_dir.join("checkpoints")).unwrap();
@@ -83,7 +117,8 @@ fn training_lowers_eval_loss_and_adapter_round_trips() {
     // The adapter reproduces the trained model's logits: base + adapter vs base + checkpoint tensors.
     let ck = afinar_trainer::checkpoint::load(&out.checkpoint).unwrap();
     let be = Arc::new(Cpu::new());
-    let mut a = Gemma2Model::load(be.clone(), &cfg.model.path, &load_options(&cfg).unwrap()).unwrap();
+    let mut a =
+        Gemma2Model::load(be.clone(), &cfg.model.path, &load_options(&cfg).unwrap()).unwrap();
     for (name, t) in &ck.tensors {
         a.set_tensor(name, &t.param).unwrap();
     }
@@ -92,7 +127,11 @@ fn training_lowers_eval_loss_and_adapter_round_trips() {
     let mut b = Gemma2Model::load(be, &cfg.model.path, &plain).unwrap();
     afinar_gemma::peft::load_adapter(&mut b, out.run_dir.join("adapter")).unwrap();
     let batch = afinar_gemma::Batch::new(1, 6, vec![2, 40, 41, 42, 43, 44], vec![-100; 6]);
-    Tolerance::EXACT.assert_close("logits", b.logits(&batch).unwrap(), a.logits(&batch).unwrap());
+    Tolerance::EXACT.assert_close(
+        "logits",
+        b.logits(&batch).unwrap(),
+        a.logits(&batch).unwrap(),
+    );
 }
 
 #[test]
@@ -109,19 +148,39 @@ fn resume_is_bit_identical() {
     o.stop_after = Some(3);
     let part = train::train(&o).unwrap();
     assert_eq!(part.summary.steps, 3);
-    assert_eq!(part.summary.stop_reason, afinar_trainer::metrics::StopReason::Interrupted);
+    assert_eq!(
+        part.summary.stop_reason,
+        afinar_trainer::metrics::StopReason::Interrupted
+    );
     let mut o = opts(cfg.clone());
     o.resume = Some(Resume::Auto);
     let b = train::train(&o).unwrap();
     assert_eq!(b.summary.steps, 6);
-    let la: Vec<u64> = a.records.iter().map(|r| r.loss.unwrap().to_bits()).collect();
-    let lb: Vec<u64> = b.records.iter().map(|r| r.loss.unwrap().to_bits()).collect();
+    let la: Vec<u64> = a
+        .records
+        .iter()
+        .map(|r| r.loss.unwrap().to_bits())
+        .collect();
+    let lb: Vec<u64> = b
+        .records
+        .iter()
+        .map(|r| r.loss.unwrap().to_bits())
+        .collect();
     assert_eq!(la, lb, "losses differ after resume");
-    let gn = |o: &afinar_trainer::TrainOutcome| o.records.iter().map(|r| r.grad_norm.unwrap().to_bits()).collect::<Vec<_>>();
+    let gn = |o: &afinar_trainer::TrainOutcome| {
+        o.records
+            .iter()
+            .map(|r| r.grad_norm.unwrap().to_bits())
+            .collect::<Vec<_>>()
+    };
     assert_eq!(gn(&a), gn(&b));
-    let read = |p: &std::path::Path| std::fs::read(p.join("adapter/adapter_model.safetensors")).unwrap();
+    let read =
+        |p: &std::path::Path| std::fs::read(p.join("adapter/adapter_model.safetensors")).unwrap();
     assert_eq!(read(&a.run_dir), read(&b.run_dir), "adapters differ");
-    assert_eq!(a.summary.final_eval_loss.map(f64::to_bits), b.summary.final_eval_loss.map(f64::to_bits));
+    assert_eq!(
+        a.summary.final_eval_loss.map(f64::to_bits),
+        b.summary.final_eval_loss.map(f64::to_bits)
+    );
 
     // A different config is refused, naming the keys.
     let mut c2 = cfg.clone();
@@ -130,8 +189,14 @@ fn resume_is_bit_identical() {
     let mut o = opts(c2);
     o.resume = Some(Resume::Dir(b.run_dir.clone()));
     match train::train(&o) {
-        Err(TrainError::ConfigMismatch { diff, .. }) => assert!(diff.contains("lora.r") && diff.contains("train.lr"), "{diff}"),
-        other => panic!("expected ConfigMismatch, got {:?}", other.map(|o| o.run_dir)),
+        Err(TrainError::ConfigMismatch { diff, .. }) => assert!(
+            diff.contains("lora.r") && diff.contains("train.lr"),
+            "{diff}"
+        ),
+        other => panic!(
+            "expected ConfigMismatch, got {:?}",
+            other.map(|o| o.run_dir)
+        ),
     }
 }
 
@@ -146,7 +211,10 @@ fn existing_run_dir_is_refused_untouched() {
         Err(e @ TrainError::RunDirExists(_)) => assert!(e.to_string().contains("--resume"), "{e}"),
         other => panic!("expected RunDirExists, got {:?}", other.map(|o| o.run_dir)),
     }
-    assert_eq!(std::fs::read_to_string(run.join("precious.txt")).unwrap(), "keep me");
+    assert_eq!(
+        std::fs::read_to_string(run.join("precious.txt")).unwrap(),
+        "keep me"
+    );
     assert_eq!(std::fs::read_dir(&run).unwrap().count(), 1);
 }
 
@@ -158,10 +226,61 @@ fn warmup_longer_than_training_and_template_length_are_refused() {
     cfg.train.epochs = 1.0;
     cfg.train.warmup_steps = 1000;
     let e = train::train(&opts(cfg.clone())).unwrap_err().to_string();
-    assert!(e.contains("train.warmup_steps") && e.contains("not shorter"), "{e}");
+    assert!(
+        e.contains("train.warmup_steps") && e.contains("not shorter"),
+        "{e}"
+    );
     cfg.train.warmup_steps = 0;
     cfg.data.max_seq_len = 8;
     let e = train::train(&opts(cfg)).unwrap_err().to_string();
-    assert!(e.contains("data.max_seq_len") && e.contains("template"), "{e}");
-    assert!(!dir.path().join("runs/t").exists(), "nothing may be written before validation");
+    assert!(
+        e.contains("data.max_seq_len") && e.contains("template"),
+        "{e}"
+    );
+    assert!(
+        !dir.path().join("runs/t").exists(),
+        "nothing may be written before validation"
+    );
+}
+
+#[test]
+fn non_finite_steps_are_skipped_logged_and_stop_after_five() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::config(dir.path());
+    // Poison the base model: a NaN final-norm offset makes every logit, loss and gradient NaN.
+    let be = Arc::new(Cpu::new());
+    let mut m =
+        Gemma2Model::load(be, &cfg.model.path, &afinar_gemma::LoadOptions::default()).unwrap();
+    let h = m.config.hidden_size;
+    m.set_tensor("model.norm.weight", &vec![f32::NAN; h])
+        .unwrap();
+    let poisoned = dir.path().join("poisoned");
+    train::save_full_model(&m, &cfg.model.path, &poisoned).unwrap();
+    cfg.model.path = poisoned;
+    cfg.data.eval = Default::default();
+    cfg.data.eval_fraction = 0.0;
+    cfg.train.max_steps = 20;
+    let out = train::train(&opts(cfg)).unwrap();
+    assert_eq!(
+        out.summary.stop_reason,
+        afinar_trainer::metrics::StopReason::NonFinite
+    );
+    assert_eq!(out.summary.steps, train::MAX_NONFINITE_IN_ROW as u64);
+    assert_eq!(out.summary.skipped_steps, 5);
+    for r in &out.records {
+        assert!(r.skipped && r.loss.is_none());
+        assert!(
+            !r.bad_samples.is_empty() && r.bad_samples.iter().all(|s| s.contains("train.jsonl:")),
+            "{:?}",
+            r.bad_samples
+        );
+    }
+    // No update was applied: the adapter's B factors are still zero.
+    let ck = afinar_trainer::checkpoint::load(&out.checkpoint).unwrap();
+    assert!(ck
+        .tensors
+        .iter()
+        .filter(|(n, _)| n.contains("lora_B"))
+        .all(|(_, t)| t.param.iter().all(|&x| x == 0.0)));
+    assert_eq!(ck.state.adam_t, 0);
 }

@@ -37,11 +37,20 @@ pub fn records(n: usize, offset: usize) -> Vec<String> {
         .map(|i| {
             let (p, c) = PAISES[(i + offset) % PAISES.len()];
             let (instr, out) = if (i + offset) % 3 == 0 {
-                (format!("¿Cuál es la capital de {p}?"), format!("La capital de {p} es {c}."))
+                (
+                    format!("¿Cuál es la capital de {p}?"),
+                    format!("La capital de {p} es {c}."),
+                )
             } else if (i + offset) % 3 == 1 {
-                (format!("Dime la capital de {p}."), format!("La capital de {p} es {c}."))
+                (
+                    format!("Dime la capital de {p}."),
+                    format!("La capital de {p} es {c}."),
+                )
             } else {
-                (format!("¿Quién escribió el libro inventado «{p} en {c}»?"), "No lo sé: ese libro no existe en mis fuentes.".to_string())
+                (
+                    format!("¿Quién escribió el libro inventado «{p} en {c}»?"),
+                    "No lo sé: ese libro no existe en mis fuentes.".to_string(),
+                )
             };
             serde_json::json!({ "instruction": instr, "input": "", "output": out }).to_string()
         })
@@ -64,23 +73,42 @@ pub fn tiny_config() -> Gemma2Config {
 /// A random tiny Gemma-2 in the Hugging Face layout under `dir/model`.
 pub fn write_model(dir: &Path) -> PathBuf {
     let m = dir.join("model");
-    let opts = LoadOptions { seed: 1234, ..Default::default() };
+    let opts = LoadOptions {
+        seed: 1234,
+        ..Default::default()
+    };
     let model = Gemma2Model::random(Arc::new(Cpu::new()), tiny_config(), &opts).unwrap();
     // Writes config.json + model.safetensors (the directory is replaced atomically, so the tokenizer
     // files are written after it).
     afinar_trainer::train::save_full_model(&model, Path::new("/nonexistent"), &m).unwrap();
     let mut texts: Vec<String> = records(48, 0);
-    texts.extend(["<start_of_turn>user\n".to_string(), "<end_of_turn>\n<start_of_turn>model\n".to_string()]);
-    let tok = afinar_data::train_tokenizer(&texts, VOCAB, &afinar_data::PROJECT_SPECIAL_TOKENS).unwrap();
+    texts.extend([
+        "<start_of_turn>user\n".to_string(),
+        "<end_of_turn>\n<start_of_turn>model\n".to_string(),
+    ]);
+    let tok =
+        afinar_data::train_tokenizer(&texts, VOCAB, &afinar_data::PROJECT_SPECIAL_TOKENS).unwrap();
     tok.save(m.join("tokenizer.json"), false).unwrap();
-    std::fs::write(m.join("tokenizer_config.json"), afinar_data::project_tokenizer_config().to_string()).unwrap();
+    std::fs::write(
+        m.join("tokenizer_config.json"),
+        afinar_data::project_tokenizer_config().to_string(),
+    )
+    .unwrap();
     m
 }
 
 /// A ready-to-run config for the fixtures in `dir` (model, data, output under `dir`).
 pub fn config(dir: &Path) -> Config {
-    let model = if dir.join("model/config.json").is_file() { dir.join("model") } else { write_model(dir) };
-    let (t, e) = if dir.join("train.jsonl").is_file() { (dir.join("train.jsonl"), dir.join("eval.jsonl")) } else { write_data(dir, 24, 6) };
+    let model = if dir.join("model/config.json").is_file() {
+        dir.join("model")
+    } else {
+        write_model(dir)
+    };
+    let (t, e) = if dir.join("train.jsonl").is_file() {
+        (dir.join("train.jsonl"), dir.join("eval.jsonl"))
+    } else {
+        write_data(dir, 24, 6)
+    };
     let mut c = Config::default();
     c.model.path = model;
     c.data.train = t;

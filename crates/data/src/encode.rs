@@ -89,7 +89,7 @@ pub struct EncodeOptions {
 #[derive(Clone, Debug)]
 pub struct Encoded {
     pub ids: Vec<u32>,
-    /// trained[i]: token i is a training target.
+    /// `trained[i]`: token i is a training target.
     pub trained: Vec<bool>,
     /// Token range [start, end) of each assistant turn (content + end-of-turn markup).
     pub turn_spans: Vec<(usize, usize)>,

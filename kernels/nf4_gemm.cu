@@ -15,12 +15,15 @@
 // dyw): f32/bf16 by tag, row-major.
 // Launch geometry (launch::plan_nf4_gemm): block tile 128×128 (M×NC), reduction step 32, 256 threads =
 // 8 warps as 2 (M) × 4 (NC), warp tile 64×32 = 4×4 mma tiles (64 f32 accumulators per thread).
-// grid = (ceil(NC/128), ceil(M/128)). Shared memory (static, 20 KiB): A tile [128][40] bf16 (rows padded
-// by 8 so fragment loads are bank-conflict free); B tile as [128 cols][40] (xwt, k contiguous) or
-// [32][136] (dyw, cols contiguous).
+// grid = (ceil(NC/128), ceil(M/128)). Shared memory (static, 40 KiB): two stages of an A tile [128][40]
+// bf16 (rows padded by 8 so fragment loads are bank-conflict free) and a B tile as [128 cols][40] (xwt,
+// k contiguous) or [32][136] (dyw, cols contiguous).
+// Pipeline: while the warps run the mma of step k, each thread's global loads for step k+1 (16 bf16 of
+// A, 8 packed NF4 bytes and their absmax) are already in flight into registers; after the mma they are
+// dequantized/converted into the other stage; one barrier per step.
 // Fast paths: 16-element NF4 chunks with one uint2 load and one absmax decode when K % 16 == 0 (every
-// Gemma-2 shape); other shapes use a per-element path with bounds checks. Single-buffered: no cp.async
-// pipeline yet (the next step, then wgmma on sm_90a).
+// Gemma-2 shape), bf16 A with 16-byte loads; other shapes use a per-element path with bounds checks.
+// Next steps: ldmatrix fragment loads, cp.async, then wgmma on sm_90a.
 
 #define BM 128
 #define BN 128
@@ -69,22 +72,135 @@ __device__ __forceinline__ void store16_bf16(bf16_t* dst, const float* v) {
     ((uint4*)dst)[1] = o1;
 }
 
+// Global → register part of one reduction step's tile loads (the fast paths only), issued before the
+// tensor-core work on the previous step so the loads are in flight meanwhile; `commit` converts and
+// stores them (or runs the generic per-element path) into a shared-memory stage.
+struct Nf4GemmPrefetch {
+    uint4 a0, a1;  // 16 bf16 of X / dY (fast A path)
+    uint2 q;       // 16 NF4 codes (fast B path)
+    float amax;    // their block's absmax
+    bool a_fast, b_fast;
+};
+
+template <int DYW>
+__device__ __forceinline__ void nf4_gemm_issue(Nf4GemmPrefetch& pf, const void* a, int adt, const Nf4Args& w, int m, int nc,
+                                               int kr, i64 m0, i64 n0, i64 k0, bool lora) {
+    const int tid = threadIdx.x;
+    {
+        const int row = tid >> 1, kc = (tid & 1) * 16;
+        const i64 gm = m0 + row;
+        pf.a_fast = !lora && adt == DT_BF16 && (kr & 7) == 0 && gm < m && k0 + kc + 16 <= kr;
+        if (pf.a_fast) {
+            const uint4* p = (const uint4*)(((const bf16_t*)a) + gm * kr + k0 + kc);
+            pf.a0 = p[0];
+            pf.a1 = p[1];
+        }
+    }
+    i64 e0 = 0;
+    if (!DYW) {
+        const int j = tid >> 1, kc = (tid & 1) * 16;
+        const i64 gj = n0 + j;
+        pf.b_fast = !lora && (kr & 15) == 0 && gj < nc && k0 + kc + 16 <= kr;
+        e0 = gj * kr + k0 + kc;
+    } else {
+        const int i = tid >> 3, jc = (tid & 7) * 16;
+        const i64 gi = k0 + i, gj = n0 + jc;
+        pf.b_fast = !lora && (nc & 15) == 0 && gi < kr && gj + 16 <= nc;
+        e0 = gi * nc + gj;
+    }
+    if (pf.b_fast) {
+        pf.q = *(const uint2*)(w.packed + (e0 >> 1));
+        pf.amax = nf4_absmax(w, e0 >> 6);
+    }
+}
+
+template <int DYW>
+__device__ __forceinline__ void nf4_gemm_commit(const Nf4GemmPrefetch& pf, bf16_t* As, bf16_t* Bs, const float* lut, const void* a,
+                                                int adt, const Nf4Args& w, int m, int nc, int kr, i64 m0, i64 n0, i64 k0,
+                                                bool lora, const void* xa, int xadt, const void* lora_b, int lbdt, int r,
+                                                float lscale) {
+    const int tid = threadIdx.x;
+    const i64 klim = lora ? r : kr;
+    const i64 wk = DYW ? nc : kr;
+    // ---- A tile: rows m0..m0+127, reduction k0..k0+31; thread = (row tid/2, 16 elements).
+    {
+        const int row = tid >> 1, kc = (tid & 1) * 16;
+        const i64 gm = m0 + row;
+        if (pf.a_fast) {
+            uint4* dst = (uint4*)(As + row * APAD + kc);
+            dst[0] = pf.a0;
+            dst[1] = pf.a1;
+        } else {
+            const void* src = lora ? xa : a;
+            const int sdt = lora ? xadt : adt;
+            const i64 lds = lora ? r : kr;
+            const float sc = lora ? lscale : 1.0f;
+            float v[16];
+#pragma unroll
+            for (int u = 0; u < 16; ++u) {
+                const i64 kk = k0 + kc + u;
+                v[u] = (gm < m && kk < klim) ? sc * ld(src, sdt, gm * lds + kk) : 0.0f;
+            }
+            store16_bf16(As + row * APAD + kc, v);
+        }
+    }
+    // ---- B tile.
+    float v[16];
+    if (pf.b_fast) {
+        const unsigned words[2] = {pf.q.x, pf.q.y};
+#pragma unroll
+        for (int b = 0; b < 8; ++b) {
+            const unsigned byte = (words[b >> 2] >> ((b & 3) * 8)) & 0xffu;
+            v[2 * b] = lut[byte >> 4] * pf.amax;
+            v[2 * b + 1] = lut[byte & 15u] * pf.amax;
+        }
+    }
+    if (!DYW) {
+        // Bs[j][k] = Bop[k0 + k, n0 + j]: xwt row j of W̃ (or of lora B [N, R]), 16 k per thread.
+        const int j = tid >> 1, kc = (tid & 1) * 16;
+        const i64 gj = n0 + j;
+        if (!pf.b_fast) {
+#pragma unroll
+            for (int u = 0; u < 16; ++u) {
+                const i64 kk = k0 + kc + u;
+                float x = 0.0f;
+                if (gj < nc && kk < klim) x = lora ? ld(lora_b, lbdt, gj * r + kk) : nf4_elem(w, lut, gj * wk + kk);
+                v[u] = x;
+            }
+        }
+        store16_bf16(Bs + j * APAD + kc, v);
+    } else {
+        // Bs[i][j] = Bop[k0 + i, n0 + j]: dyw row (k0 + i) of W̃ (or of lora A [R, K]), 16 j per thread.
+        const int i = tid >> 3, jc = (tid & 7) * 16;
+        const i64 gi = k0 + i, gj = n0 + jc;
+        if (!pf.b_fast) {
+#pragma unroll
+            for (int u = 0; u < 16; ++u) {
+                float x = 0.0f;
+                if (gi < klim && gj + u < nc) x = lora ? ld(lora_b, lbdt, gi * nc + gj + u) : nf4_elem(w, lut, gi * wk + gj + u);
+                v[u] = x;
+            }
+        }
+        store16_bf16(Bs + i * BPAD_T + jc, v);
+    }
+}
+
 template <int DYW>
 __device__ __forceinline__ void nf4_gemm_body(const void* a, int adt, const Nf4Args& w, void* c, int cdt, int acc_out,
                                               int m, int nc, int kr, const void* xa, int xadt, const void* lora_b,
                                               int lbdt, int r, float lscale) {
-    __shared__ __align__(16) bf16_t As[BM * APAD];
-    __shared__ __align__(16) bf16_t Bs[BN * APAD > BK * BPAD_T ? BN * APAD : BK * BPAD_T];
+    constexpr int BSZ = BN * APAD > BK * BPAD_T ? BN * APAD : BK * BPAD_T;
+    __shared__ __align__(16) bf16_t As[2][BM * APAD];
+    __shared__ __align__(16) bf16_t Bs[2][BSZ];
     __shared__ float lut[16];
     const float table[16] = NF4_TABLE;
     if (threadIdx.x < 16) lut[threadIdx.x] = table[threadIdx.x];
+    __syncthreads();
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = warp >> 2, wn = warp & 3;  // warp tile origin: rows wm*64, cols wn*32
     const int g = lane >> 2, t4 = lane & 3;
     const i64 m0 = (i64)blockIdx.y * BM, n0 = (i64)blockIdx.x * BN;
-    // Weight row length in elements: K of W̃ [N, K] (xwt: the reduction kr; dyw: the output width nc).
-    const i64 wk = DYW ? nc : kr;
 
     float acc[4][4][4];
 #pragma unroll
@@ -96,80 +212,29 @@ __device__ __forceinline__ void nf4_gemm_body(const void* a, int adt, const Nf4A
 
     const int base_tiles = (kr + BK - 1) / BK;
     const int lora_tiles = r > 0 ? (r + BK - 1) / BK : 0;
-    for (int kt = 0; kt < base_tiles + lora_tiles; ++kt) {
-        const bool lora = kt >= base_tiles;
-        const i64 k0 = lora ? (i64)(kt - base_tiles) * BK : (i64)kt * BK;
-        const i64 klim = lora ? r : kr;
-        __syncthreads();  // the previous step's fragment reads are done (and lut is visible)
-
-        // ---- A tile: rows m0..m0+127, reduction k0..k0+31; thread = (row tid/2, 16 elements).
-        {
-            const int row = tid >> 1, kc = (tid & 1) * 16;
-            const i64 gm = m0 + row;
-            float v[16];
-            const void* src = lora ? xa : a;
-            const int sdt = lora ? xadt : adt;
-            const i64 lds = lora ? r : kr;
-            const float sc = lora ? lscale : 1.0f;
-            if (!lora && sdt == DT_BF16 && (kr & 7) == 0 && gm < m && k0 + kc + 16 <= kr) {
-                const uint4* p = (const uint4*)(((const bf16_t*)a) + gm * kr + k0 + kc);
-                uint4 u0 = p[0], u1 = p[1];
-                uint4* dst = (uint4*)(As + row * APAD + kc);
-                dst[0] = u0;
-                dst[1] = u1;
-            } else {
-#pragma unroll
-                for (int u = 0; u < 16; ++u) {
-                    const i64 kk = k0 + kc + u;
-                    v[u] = (gm < m && kk < klim) ? sc * ld(src, sdt, gm * lds + kk) : 0.0f;
-                }
-                store16_bf16(As + row * APAD + kc, v);
-            }
-        }
-        // ---- B tile.
-        if (!DYW) {
-            // Bs[j][k] = Bop[k0 + k, n0 + j]: xwt row j of W̃ (or of lora B [N, R]), 16 k per thread.
-            const int j = tid >> 1, kc = (tid & 1) * 16;
-            const i64 gj = n0 + j;
-            float v[16];
-            if (!lora && (kr & 15) == 0 && gj < nc && k0 + kc + 16 <= kr) {
-                nf4_chunk16(w, lut, gj * wk + k0 + kc, v);
-            } else {
-#pragma unroll
-                for (int u = 0; u < 16; ++u) {
-                    const i64 kk = k0 + kc + u;
-                    float x = 0.0f;
-                    if (gj < nc && kk < klim) x = lora ? ld(lora_b, lbdt, gj * r + kk) : nf4_elem(w, lut, gj * wk + kk);
-                    v[u] = x;
-                }
-            }
-            store16_bf16(Bs + j * APAD + kc, v);
-        } else {
-            // Bs[i][j] = Bop[k0 + i, n0 + j]: dyw row (k0 + i) of W̃ (or of lora A [R, K]), 16 j per thread.
-            const int i = tid >> 3, jc = (tid & 7) * 16;
-            const i64 gi = k0 + i, gj = n0 + jc;
-            float v[16];
-            if (!lora && (nc & 15) == 0 && gi < kr && gj + 16 <= nc) {
-                nf4_chunk16(w, lut, gi * wk + gj, v);
-            } else {
-#pragma unroll
-                for (int u = 0; u < 16; ++u) {
-                    float x = 0.0f;
-                    if (gi < klim && gj + u < nc) x = lora ? ld(lora_b, lbdt, gi * nc + gj + u) : nf4_elem(w, lut, gi * wk + gj + u);
-                    v[u] = x;
-                }
-            }
-            store16_bf16(Bs + i * BPAD_T + jc, v);
-        }
-        __syncthreads();
-
+    const int total = base_tiles + lora_tiles;
+    // Step kt reduces over k0 = kt·32 of the base product, then over the LoRA rank.
+    auto k0_of = [&](int kt) -> i64 { return kt >= base_tiles ? (i64)(kt - base_tiles) * BK : (i64)kt * BK; };
+    Nf4GemmPrefetch pf;
+    if (total > 0) {
+        nf4_gemm_issue<DYW>(pf, a, adt, w, m, nc, kr, m0, n0, k0_of(0), 0 >= base_tiles);
+        nf4_gemm_commit<DYW>(pf, As[0], Bs[0], lut, a, adt, w, m, nc, kr, m0, n0, k0_of(0), 0 >= base_tiles, xa, xadt, lora_b, lbdt,
+                             r, lscale);
+    }
+    __syncthreads();
+    for (int kt = 0; kt < total; ++kt) {
+        const int cur = kt & 1;
+        const bool more = kt + 1 < total;
+        if (more) nf4_gemm_issue<DYW>(pf, a, adt, w, m, nc, kr, m0, n0, k0_of(kt + 1), kt + 1 >= base_tiles);
+        const bf16_t* A = As[cur];
+        const bf16_t* B = Bs[cur];
         // ---- Two k16 steps of 4×4 mma tiles per warp.
 #pragma unroll
         for (int ks = 0; ks < BK; ks += 16) {
             unsigned af[4][4];
 #pragma unroll
             for (int mi = 0; mi < 4; ++mi) {
-                const bf16_t* p = As + (wm * 64 + mi * 16 + g) * APAD + ks + 2 * t4;
+                const bf16_t* p = A + (wm * 64 + mi * 16 + g) * APAD + ks + 2 * t4;
                 af[mi][0] = *(const unsigned*)(p);
                 af[mi][1] = *(const unsigned*)(p + 8 * APAD);
                 af[mi][2] = *(const unsigned*)(p + 8);
@@ -180,11 +245,11 @@ __device__ __forceinline__ void nf4_gemm_body(const void* a, int adt, const Nf4A
                 const int col = wn * 32 + ni * 8 + g;
                 unsigned b0, b1;
                 if (!DYW) {
-                    const bf16_t* p = Bs + col * APAD + ks + 2 * t4;
+                    const bf16_t* p = B + col * APAD + ks + 2 * t4;
                     b0 = *(const unsigned*)(p);
                     b1 = *(const unsigned*)(p + 8);
                 } else {
-                    const bf16_t* p = Bs + (ks + 2 * t4) * BPAD_T + col;
+                    const bf16_t* p = B + (ks + 2 * t4) * BPAD_T + col;
                     b0 = (unsigned)p[0] | ((unsigned)p[BPAD_T] << 16);
                     b1 = (unsigned)p[8 * BPAD_T] | ((unsigned)p[9 * BPAD_T] << 16);
                 }
@@ -192,6 +257,12 @@ __device__ __forceinline__ void nf4_gemm_body(const void* a, int adt, const Nf4A
                 for (int mi = 0; mi < 4; ++mi) mma_bf16_16816(acc[mi][ni], af[mi][0], af[mi][1], af[mi][2], af[mi][3], b0, b1);
             }
         }
+        // The other stage was last read in step kt − 1, which every thread finished before the
+        // barrier that ended it; write step kt + 1 into it now.
+        if (more)
+            nf4_gemm_commit<DYW>(pf, As[cur ^ 1], Bs[cur ^ 1], lut, a, adt, w, m, nc, kr, m0, n0, k0_of(kt + 1), kt + 1 >= base_tiles, xa,
+                                 xadt, lora_b, lbdt, r, lscale);
+        __syncthreads();
     }
 
     // ---- Epilogue: c0,c1 at (row g, cols 2t, 2t+1); c2,c3 at (row g+8, same cols).

@@ -625,3 +625,56 @@ fn trained_tokenizer_has_fixed_special_ids() {
     assert_eq!(p.token_id("<start_of_turn>"), Some(4));
     assert_eq!(p.token_id("<end_of_turn>"), Some(5));
 }
+
+#[test]
+fn sharegpt_roles_and_config_parsing() {
+    let (_d, p) = write_jsonl(&[
+        r#"{"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}"#,
+        r#"{"conversations": [{"from": "human", "value": "a"}, {"from": "bot", "value": "b"}]}"#,
+        r#"{"conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "b"}]}"#,
+    ]);
+    let msg = read_dataset(&p, None).unwrap_err().to_string();
+    let f = p.display().to_string();
+    assert!(msg.contains(&format!("{f}:2: field `conversations[1].from`: unknown role `bot` (expected system, human, user, gpt or assistant)")), "{msg}");
+    assert!(
+        msg.contains(&format!(
+            "{f}:3: field `conversations[0].value`: expected a string, found a number"
+        )),
+        "{msg}"
+    );
+    assert!(!msg.contains(&format!("{f}:1:")), "{msg}");
+
+    // The config section as the trainer's TOML/JSON gives it; unknown keys are refused.
+    let cfg: DataConfig = serde_json::from_str(
+        r#"{"path": "d.jsonl", "format": "sharegpt", "template": "chatml", "mask": "last-turn", "overflow": "drop", "eval_fraction": 0.1}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        (cfg.format, cfg.template, cfg.mask, cfg.overflow),
+        (
+            Some(Format::ShareGpt),
+            TemplateKind::ChatMl,
+            MaskMode::LastTurn,
+            Overflow::Drop
+        )
+    );
+    assert_eq!(cfg.max_seq_len, 1024);
+    assert!(
+        serde_json::from_str::<DataConfig>(r#"{"path": "d.jsonl", "templte": "gemma"}"#).is_err()
+    );
+    assert_eq!("last-turn".parse::<MaskMode>().unwrap(), MaskMode::LastTurn);
+    assert_eq!(
+        "llama3".parse::<TemplateKind>().unwrap(),
+        TemplateKind::Llama3
+    );
+    assert!("vicuna".parse::<TemplateKind>().is_err());
+    let lc: LoaderConfig = serde_json::from_str(r#"{"batch_size": 4}"#).unwrap();
+    assert!(lc.shuffle && !lc.packing && !lc.drop_last);
+
+    // eval_path and eval_fraction are exclusive.
+    let tok = common::project_tokenizer();
+    let mut cfg = DataConfig::new(&p, TemplateKind::ChatMl);
+    cfg.eval_path = Some(p.clone());
+    cfg.eval_fraction = Some(0.5);
+    assert!(matches!(prepare(&cfg, &tok), Err(DataError::Option { .. })));
+}

@@ -33,6 +33,22 @@ pub enum MaskMode {
     LastTurn,
 }
 
+impl MaskMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            MaskMode::Assistant => "assistant",
+            MaskMode::All => "all",
+            MaskMode::LastTurn => "last-turn",
+        }
+    }
+}
+
+impl std::fmt::Display for MaskMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl std::str::FromStr for MaskMode {
     type Err = DataError;
     fn from_str(s: &str) -> Result<Self> {
@@ -61,6 +77,22 @@ pub enum Overflow {
     Drop,
     /// Report the sample as an invalid record (path:line) and refuse the dataset.
     Error,
+}
+
+impl Overflow {
+    pub fn name(self) -> &'static str {
+        match self {
+            Overflow::Truncate => "truncate",
+            Overflow::Drop => "drop",
+            Overflow::Error => "error",
+        }
+    }
+}
+
+impl std::fmt::Display for Overflow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 impl std::str::FromStr for Overflow {
@@ -203,7 +235,8 @@ pub fn encode_record(
 /// One training sample: unshifted labels (see the module docs).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Sample {
-    /// Index of the record in its dataset file.
+    /// Index of the record in the `RawDataset` it was encoded from (after a fraction split: within
+    /// its split); `line` locates it in the file.
     pub record: usize,
     /// 1-based line of the record in its file.
     pub line: usize,

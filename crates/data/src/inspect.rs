@@ -74,7 +74,9 @@ pub struct InspectReport {
     pub stats: EncodeStats,
     /// Lengths before length handling.
     pub histogram: Vec<HistBin>,
+    /// Mean and maximum length before length handling.
     pub mean_len: f64,
+    pub longest: usize,
     pub samples: Vec<SampleView>,
     /// The first 20 problems; `problem_count` counts all.
     pub problems: Vec<Problem>,
@@ -233,6 +235,7 @@ pub fn inspect(opts: &InspectOptions, tok: &TextTokenizer) -> Result<InspectRepo
         stats: ds.stats,
         histogram: histogram(&lengths, max),
         mean_len,
+        longest: lengths.iter().copied().max().unwrap_or(0),
         samples,
         problems: problems
             .errors
@@ -257,7 +260,7 @@ pub fn render_report(r: &InspectReport, w: &mut dyn Write, color: bool) -> io::R
     let paint = |code: &'static str| if color { code } else { "" };
     writeln!(
         w,
-        "dataset {} (format {}, template {}, mask {:?}, max_seq_len {}, overflow {:?})",
+        "dataset {} (format {}, template {}, mask {}, max_seq_len {}, overflow {})",
         r.path.display(),
         r.format,
         r.template,
@@ -306,14 +309,8 @@ pub fn render_report(r: &InspectReport, w: &mut dyn Write, color: bool) -> io::R
     writeln!(w, "  truncated                   {}", st.truncated)?;
     writeln!(w, "  dropped (too long)          {}", st.dropped_too_long)?;
     writeln!(w, "  dropped (no trained token)  {}", st.dropped_untrained)?;
-    writeln!(
-        w,
-        "  length min / mean / max     {} / {:.1} / {} (before length handling: max {})",
-        st.min_len,
-        r.mean_len,
-        st.max_len,
-        r.histogram.last().map_or(0, |b| b.hi)
-    )?;
+    writeln!(w, "  length min / max (kept)     {} / {}", st.min_len, st.max_len)?;
+    writeln!(w, "  length mean / max (before)  {:.1} / {}", r.mean_len, r.longest)?;
     writeln!(w, "\nlength histogram (tokens, before length handling)")?;
     let top = r
         .histogram

@@ -12,8 +12,6 @@
 //! next (true of gemma, chatml, llama3 and most templates); a template that rewrites earlier turns
 //! (e.g. strips reasoning from all but the last turn) is reported as an error on the record.
 
-use std::collections::BTreeMap;
-
 use minijinja::{Environment, ErrorKind, Value};
 
 use crate::error::{DataError, Result};
@@ -96,10 +94,21 @@ fn tojson(v: Value) -> std::result::Result<Value, minijinja::Error> {
     ))
 }
 
+/// A message as transformers passes it: a dict with keys in the order role, content (the order
+/// `tojson` prints them in).
+#[derive(serde::Serialize)]
+struct JinjaMessage<'a> {
+    role: &'a str,
+    content: &'a str,
+}
+
 fn message_value(messages: &[Message]) -> Value {
-    let list: Vec<BTreeMap<&str, &str>> = messages
+    let list: Vec<JinjaMessage<'_>> = messages
         .iter()
-        .map(|m| BTreeMap::from([("role", m.role.name()), ("content", m.content.as_str())]))
+        .map(|m| JinjaMessage {
+            role: m.role.name(),
+            content: &m.content,
+        })
         .collect();
     Value::from_serialize(&list)
 }
@@ -268,7 +277,29 @@ impl ChatTemplate {
 
 #[cfg(test)]
 mod tests {
-    use super::strip_generation_tags;
+    use super::{strip_generation_tags, ChatTemplate};
+    use crate::record::{Message, Role};
+
+    #[test]
+    fn tojson_matches_python_json_dumps() {
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/tokenizer");
+        let tok = crate::tokenizer::TextTokenizer::from_model_dir(&dir).unwrap();
+        let t = ChatTemplate::new(
+            "{{ messages | tojson }}|{{ {'a': [1, 2.5, none, true]} | tojson }}",
+            "test",
+            &tok,
+        )
+        .unwrap();
+        let out = t
+            .render(&[Message::new(Role::User, "a \"b\" ñ\n<x>")], false)
+            .unwrap();
+        // Python: json.dumps(x, ensure_ascii=False) (transformers' tojson).
+        assert_eq!(
+            out,
+            r#"[{"role": "user", "content": "a \"b\" ñ\n<x>"}]|{"a": [1, 2.5, null, true]}"#
+        );
+    }
 
     #[test]
     fn generation_tags_become_no_op_blocks() {

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use rayon::prelude::*;
 
 use crate::error::{DataError, ErrorList, Loc, RecordError, Result};
-use crate::record::{Body, RawDataset, Record};
+use crate::record::{Body, Format, RawDataset, Record};
 use crate::template::{SegKind, Template};
 use crate::tokenizer::TextTokenizer;
 
@@ -309,9 +309,22 @@ enum Outcome {
     Invalid(RecordError),
 }
 
+/// Field names as the file spells them: templates speak of `messages[i].role/content`; a
+/// sharegpt file has `conversations[i].from/value`.
+pub(crate) fn file_field(format: Format, field: String) -> String {
+    if format != Format::ShareGpt || !field.starts_with("messages") {
+        return field;
+    }
+    field
+        .replacen("messages", "conversations", 1)
+        .replace(".role", ".from")
+        .replace(".content", ".value")
+}
+
 fn encode_one(
     i: usize,
     r: &Record,
+    format: Format,
     template: &Template,
     tok: &TextTokenizer,
     opts: &EncodeOptions,
@@ -321,7 +334,7 @@ fn encode_one(
         Err((field, problem)) => {
             return Outcome::Invalid(RecordError {
                 loc: r.loc.clone(),
-                field,
+                field: file_field(format, field),
                 problem,
             })
         }
@@ -385,7 +398,7 @@ pub fn encode_dataset(
         .records
         .par_iter()
         .enumerate()
-        .map(|(i, r)| encode_one(i, r, template, tok, opts))
+        .map(|(i, r)| encode_one(i, r, raw.format, template, tok, opts))
         .collect();
     let mut errs = ErrorList::default();
     let mut stats = EncodeStats {

@@ -678,3 +678,21 @@ fn sharegpt_roles_and_config_parsing() {
     cfg.eval_fraction = Some(0.5);
     assert!(matches!(prepare(&cfg, &tok), Err(DataError::Option { .. })));
 }
+
+#[test]
+fn sharegpt_template_errors_use_the_file_field_names() {
+    let tok = common::project_tokenizer();
+    let (_d, p) = write_jsonl(&[
+        r#"{"conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}, {"from": "gpt", "value": "c"}]}"#,
+    ]);
+    let msg = prepare(&DataConfig::new(&p, TemplateKind::Gemma), &tok)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains(&format!(
+            "{}:1: field `conversations[1].from`: roles must alternate",
+            p.display()
+        )),
+        "{msg}"
+    );
+}

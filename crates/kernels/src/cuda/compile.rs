@@ -177,7 +177,8 @@ pub(crate) fn compile_cubin(file: &str, arch: &str) -> Result<Vec<u8>> {
 }
 
 /// The CUBIN for `file` on `arch`, from the disk cache or freshly compiled (and then cached).
-pub(crate) fn cubin(file: &str, arch: &str) -> Result<Vec<u8>> {
+/// `fresh` skips the cache read (used when a cached CUBIN failed to load: it is then replaced).
+pub(crate) fn cubin(file: &str, arch: &str, fresh: bool) -> Result<Vec<u8>> {
     let (maj, min) = nvrtc_version()?;
     let text = program_text(file)?;
     let opts = options(arch).join(" ");
@@ -196,7 +197,7 @@ pub(crate) fn cubin(file: &str, arch: &str) -> Result<Vec<u8>> {
             d,
         )
     });
-    if let Some((path, _)) = &entry {
+    if let (Some((path, _)), false) = (&entry, fresh) {
         if let Ok(bytes) = std::fs::read(path) {
             if !bytes.is_empty() {
                 return Ok(bytes);
@@ -207,8 +208,12 @@ pub(crate) fn cubin(file: &str, arch: &str) -> Result<Vec<u8>> {
     if let Some((path, dir)) = entry {
         // Best effort: a read-only or full disk only means the next run compiles again.
         if std::fs::create_dir_all(&dir).is_ok() {
+            // Unique per process and call: concurrent compiles (e.g. parallel tests) never share a
+            // temporary file, and the rename makes the final file appear whole or not at all.
+            static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let tmp = dir.join(format!(
-                ".{}.{}.tmp",
+                ".{}.{}.{seq}.tmp",
                 path.file_name().and_then(|n| n.to_str()).unwrap_or("k"),
                 std::process::id()
             ));

@@ -365,11 +365,18 @@ impl Cuda {
             match modules.get(file) {
                 Some(m) => m.clone(),
                 None => {
-                    let cubin = compile::cubin(file, &self.arch)?;
-                    let m = self
-                        .ctx
-                        .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
-                        .map_err(be("loading a compiled kernel module"))?;
+                    let load = |fresh: bool| -> Result<Arc<CudaModule>> {
+                        let cubin = compile::cubin(file, &self.arch, fresh)?;
+                        self.ctx
+                            .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
+                            .map_err(be("loading a compiled kernel module"))
+                    };
+                    // A cached CUBIN that does not load (truncated, or from an incompatible driver)
+                    // is recompiled and replaced.
+                    let m = match load(false) {
+                        Ok(m) => m,
+                        Err(_) => load(true)?,
+                    };
                     modules.insert(file, m.clone());
                     m
                 }

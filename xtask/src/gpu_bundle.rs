@@ -266,6 +266,20 @@ for lib in libnvrtc.so.13 libcublas.so.13 libcublasLt.so.13; do
   fi
 done
 
+# Tests that read fixtures use paths fixed at build time (built_root in BUILD_INFO). When the bundle sits
+# in a copy of the repo at another path, point built_root at that copy (best effort).
+BUILT_ROOT="$(sed -n 's/^built_root=//p' "$HERE/BUILD_INFO")"
+ROOT_NOTE="built_root $BUILT_ROOT exists"
+if [ -n "$BUILT_ROOT" ] && [ ! -e "$BUILT_ROOT" ] && [ -d "$HERE/../crates" ]; then
+  if mkdir -p "$(dirname "$BUILT_ROOT")" 2>/dev/null && ln -s "$(cd "$HERE/.." && pwd)" "$BUILT_ROOT" 2>/dev/null; then
+    ROOT_NOTE="linked $BUILT_ROOT -> $(cd "$HERE/.." && pwd)"
+  else
+    ROOT_NOTE="built_root $BUILT_ROOT missing and could not be linked: fixture-reading tests may fail"
+  fi
+elif [ ! -e "$BUILT_ROOT" ]; then
+  ROOT_NOTE="built_root $BUILT_ROOT missing: fixture-reading tests may fail"
+fi
+
 {{
   echo "# Afinar GPU run"
   echo
@@ -274,6 +288,7 @@ done
   sed 's/^/- build: /' "$HERE/BUILD_INFO"
   echo "- GPU: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo 'nvidia-smi not available')"
   echo "- LD_LIBRARY_PATH: $LD_LIBRARY_PATH"
+  echo "- source tree: $ROOT_NOTE"
   for lib in libcuda.so.1 libnvrtc.so.13 libcublas.so.13; do
     echo "- $lib: $( (ldconfig -p 2>/dev/null | grep -m1 "$lib" | awk '{{print $NF}}') || true ) $(for d in ${{LD_LIBRARY_PATH//:/ }}; do [ -e "$d/$lib" ] && echo "$d/$lib"; done | head -1)"
   done

@@ -28,9 +28,11 @@ fn register_font() {
     });
 }
 
-/// Writes `svg` and `png` loss curves from the metrics. Steps with a null loss are left out.
+/// Writes `svg` and `png` loss curves from the metrics. Steps with a null loss are left out;
+/// `initial_eval` (the eval loss before training) is drawn at step 0.
 pub fn plot_losses(
     records: &[StepRecord],
+    initial_eval: Option<f64>,
     title: &str,
     svg: &Path,
     png: &Path,
@@ -38,7 +40,7 @@ pub fn plot_losses(
     register_font();
     {
         let root = SVGBackend::new(svg, (900, 520)).into_drawing_area();
-        draw(&root, records, title).map_err(|m| PlotError {
+        draw(&root, records, initial_eval, title).map_err(|m| PlotError {
             path: svg.display().to_string(),
             message: m,
         })?;
@@ -49,7 +51,7 @@ pub fn plot_losses(
     }
     {
         let root = BitMapBackend::new(png, (900, 520)).into_drawing_area();
-        draw(&root, records, title).map_err(|m| PlotError {
+        draw(&root, records, initial_eval, title).map_err(|m| PlotError {
             path: png.display().to_string(),
             message: m,
         })?;
@@ -64,6 +66,7 @@ pub fn plot_losses(
 fn draw<DB: DrawingBackend>(
     root: &DrawingArea<DB, Shift>,
     records: &[StepRecord],
+    initial_eval: Option<f64>,
     title: &str,
 ) -> Result<(), String> {
     let e = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
@@ -72,13 +75,15 @@ fn draw<DB: DrawingBackend>(
         .iter()
         .filter_map(|r| r.loss.filter(|l| l.is_finite()).map(|l| (r.step as f64, l)))
         .collect();
-    let eval: Vec<(f64, f64)> = records
-        .iter()
-        .filter_map(|r| {
+    let eval: Vec<(f64, f64)> = initial_eval
+        .filter(|l| l.is_finite())
+        .map(|l| (0.0, l))
+        .into_iter()
+        .chain(records.iter().filter_map(|r| {
             r.eval_loss
                 .filter(|l| l.is_finite())
                 .map(|l| (r.step as f64, l))
-        })
+        }))
         .collect();
     let all = train.iter().chain(eval.iter());
     let (mut x1, mut y0, mut y1) = (1.0f64, f64::INFINITY, f64::NEG_INFINITY);
@@ -155,7 +160,7 @@ mod tests {
             })
             .collect();
         let (svg, png) = (dir.path().join("loss.svg"), dir.path().join("loss.png"));
-        plot_losses(&recs, "demo", &svg, &png).unwrap();
+        plot_losses(&recs, Some(3.5), "demo", &svg, &png).unwrap();
         let s = std::fs::read_to_string(&svg).unwrap();
         assert!(
             s.starts_with("<svg") && s.contains("polyline") && s.contains("eval"),
@@ -165,6 +170,6 @@ mod tests {
         let p = std::fs::read(&png).unwrap();
         assert_eq!(&p[..8], b"\x89PNG\r\n\x1a\n");
         // Empty metrics still give a (blank) chart rather than an error.
-        plot_losses(&[], "empty", &svg, &png).unwrap();
+        plot_losses(&[], None, "empty", &svg, &png).unwrap();
     }
 }

@@ -548,6 +548,12 @@ pub fn train_with<B: Backend>(backend: Arc<B>, opts: &TrainOptions) -> Result<Tr
         prep.train.rows().len(),
         run_dir.display()
     ));
+    if cfg.model.dtype != crate::config::Dtype::F32 && backend.name() == "cpu" {
+        say(&format!(
+            "note: model.dtype = {:?}: the CPU backend computes and stores in f32",
+            cfg.model.dtype
+        ));
+    }
     if let Some(ck) = &resume_ckpt {
         say(&format!(
             "resuming from {} at step {}",
@@ -732,6 +738,7 @@ pub fn train_with<B: Backend>(backend: Arc<B>, opts: &TrainOptions) -> Result<Tr
     let records = metrics::read(&metrics_path)?;
     plot::plot_losses(
         &records,
+        initial_eval,
         &format!("afinar: {}", cfg.output.run_name),
         &run_dir.join("loss.svg"),
         &run_dir.join("loss.png"),

@@ -8,7 +8,8 @@
 // nf4_dequant.cu. r == 0 means no LoRA (xa/lb are then not read).
 // Launch geometry (launch::plan_nf4_gemv): one warp per output column n, 8 warps (256 threads) per
 // block, grid.x = ceil(N/8). Fast path (K % 16 == 0): lane ℓ handles 16-element chunks ℓ, ℓ+32, …
-// of row n (one uint2 load of 8 packed bytes and one absmax decode per chunk); each lane keeps M
+// of row n (one uint2 load of 8 packed bytes and one absmax decode per chunk, X read with 16-byte
+// loads); each lane keeps M
 // partial sums in registers, reduced across the warp with shuffles. Other K: per-element path.
 
 // afinar:hot
@@ -45,10 +46,33 @@ extern "C" __global__ void nf4_gemv_k(const void* x, int xdt, const u8* packed, 
 #pragma unroll
             for (int i = 0; i < 8; ++i) {
                 if (i < m) {
-                    i64 xb = (i64)i * k + (i64)c * 16;
+                    // 16 consecutive X values of row i: two 16-byte loads (bf16) or four (f32);
+                    // k % 16 == 0 keeps them aligned.
+                    const i64 xb = (i64)i * k + (i64)c * 16;
+                    float xv[16];
+                    if (xdt == DT_BF16) {
+                        const uint4* p = (const uint4*)(((const bf16_t*)x) + xb);
+                        const uint4 u0 = p[0], u1 = p[1];
+                        const unsigned words[8] = {u0.x, u0.y, u0.z, u0.w, u1.x, u1.y, u1.z, u1.w};
+#pragma unroll
+                        for (int j = 0; j < 8; ++j) {
+                            xv[2 * j] = bf2f((bf16_t)(words[j] & 0xffffu));
+                            xv[2 * j + 1] = bf2f((bf16_t)(words[j] >> 16));
+                        }
+                    } else {
+                        const float4* p = (const float4*)(((const float*)x) + xb);
+#pragma unroll
+                        for (int j = 0; j < 4; ++j) {
+                            const float4 f = p[j];
+                            xv[4 * j] = f.x;
+                            xv[4 * j + 1] = f.y;
+                            xv[4 * j + 2] = f.z;
+                            xv[4 * j + 3] = f.w;
+                        }
+                    }
                     float s = 0.0f;
 #pragma unroll
-                    for (int j = 0; j < 16; ++j) s += ld(x, xdt, xb + j) * wv[j];
+                    for (int j = 0; j < 16; ++j) s += xv[j] * wv[j];
                     acc[i] += s;
                 }
             }

@@ -123,6 +123,14 @@ static void test_gemv_gemm() {
         emu_launch(nf4_gemv_k, dim3{(unsigned)blocks}, dim3{256}, (const void*)x.data(), DT_F32, w.packed.data(), w.codes.data(), w.absmax.data(), w.code8.data(), w.offset, (int)nested, (void*)y.data(), DT_F32, 0, m, n, k, (const void*)xa.data(), DT_F32, (const void*)lb.data(), DT_F32, r, 0.7f);
         auto want = ref_xwt(x, w, xa, lb, m, k, n, r, 0.7f, false);
         check("nf4_gemv M=" + std::to_string(m) + " K=" + std::to_string(k) + " N=" + std::to_string(n) + " R=" + std::to_string(r), y, want, 1e-4 * maxabs(want), 1e-5);
+        // Same with X in bf16 (the 16-byte load path when K % 16 == 0).
+        std::vector<unsigned short> x16(x.size());
+        std::vector<float> xr(x.size());
+        for (size_t i = 0; i < x.size(); ++i) { x16[i] = h_f2bf(x[i]); xr[i] = emu_bf(x16[i]); }
+        std::vector<float> y16((size_t)m * n, NAN);
+        emu_launch(nf4_gemv_k, dim3{(unsigned)blocks}, dim3{256}, (const void*)x16.data(), DT_BF16, w.packed.data(), w.codes.data(), w.absmax.data(), w.code8.data(), w.offset, (int)nested, (void*)y16.data(), DT_F32, 0, m, n, k, (const void*)xa.data(), DT_F32, (const void*)lb.data(), DT_F32, r, 0.7f);
+        auto want16 = ref_xwt(xr, w, xa, lb, m, k, n, r, 0.7f, false);
+        check("nf4_gemv bf16 X M=" + std::to_string(m) + " K=" + std::to_string(k), y16, want16, 1e-4 * maxabs(want16), 1e-5);
     }
     // GEMM xwt: bf16 operands, f32 accumulate; bf16 X to exercise the vector load path too.
     for (auto [m, k, n, r, nested, xbf] : {std::tuple{130, 256, 136, 5, true, true}, std::tuple{20, 40, 20, 33, false, false}, std::tuple{9, 48, 129, 0, true, false}}) {

@@ -318,7 +318,8 @@ fn cmd_train(a: TrainArgs) -> Result<u8, Failure> {
     } else {
         let f = |x: Option<f64>| x.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
         println!(
-            "done: {}/{} steps, train loss {} → {}, eval loss {} → {}, {:.0} tokens/s, {:.1} s; run dir {}",
+            "{}: {}/{} steps, train loss {} → {}, eval loss {} → {}, {:.0} tokens/s, {:.1} s; run dir {}",
+            if s.stop_reason == StopReason::Completed { "done" } else { "stopped" },
             s.steps,
             s.total_steps,
             f(s.first_train_loss),

@@ -297,7 +297,8 @@ fn cmd_train(a: TrainArgs) -> Result<u8, Failure> {
                 TrainError::Config(_)
                 | TrainError::Invalid { .. }
                 | TrainError::RunDirExists(_)
-                | TrainError::ConfigMismatch { .. } => 2,
+                | TrainError::ConfigMismatch { .. }
+                | TrainError::Unsupported(_) => 2,
                 _ => 1,
             };
             return Err(Failure {

@@ -397,12 +397,30 @@ fn dir_has_entries(p: &Path) -> bool {
 pub fn train(opts: &TrainOptions) -> Result<TrainOutcome> {
     match opts.config.model.device {
         Device::Cpu => train_with(Arc::new(afinar_kernels::cpu::Cpu::new()), opts),
-        Device::Cuda => Err(TrainError::Unsupported(
-            "model.device = \"cuda\": this build of afinar runs the CPU backend only (the CUDA backend is \
-             behind the kernels crate's `cuda` feature); use --set model.device=cpu"
-                .into(),
+        Device::Cuda => train_cuda(opts),
+    }
+}
+
+/// `model.device = "cuda"`: the CUDA backend, every buffer in f32 (the trait has no per-buffer dtype, and
+/// LoRA weights and AdamW state must stay f32; the bf16 frozen-weight layout needs the loader to switch
+/// the backend's allocation dtype, which afinar-gemma does not do yet).
+#[cfg(feature = "cuda")]
+fn train_cuda(opts: &TrainOptions) -> Result<TrainOutcome> {
+    match afinar_kernels::cuda::Cuda::try_new()? {
+        Some(c) => train_with(Arc::new(c), opts),
+        None => Err(TrainError::Unsupported(
+            "model.device = \"cuda\": no CUDA driver or device found on this machine; use --set model.device=cpu".into(),
         )),
     }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn train_cuda(_opts: &TrainOptions) -> Result<TrainOutcome> {
+    Err(TrainError::Unsupported(
+        "model.device = \"cuda\": this afinar was built without the CUDA backend; rebuild with \
+         `cargo build --release -p afinar-trainer --features cuda`, or use --set model.device=cpu"
+            .into(),
+    ))
 }
 
 /// The loop, on any backend.

@@ -97,6 +97,12 @@ fn invalid_values_and_missing_paths_are_refused_before_work() {
     let o = run(&["train", "--config", ps, "--set", "data.max_seq_len=6"]);
     assert!(stderr(&o).contains("data.max_seq_len"), "{}", stderr(&o));
     assert!(!dir.path().join("runs").exists());
+    // The CUDA device in a CPU-only build.
+    if !cfg!(feature = "cuda") {
+        let o = run(&["train", "--config", ps, "--set", "model.device=cuda"]);
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+        assert!(stderr(&o).contains("--features cuda"), "{}", stderr(&o));
+    }
     // A missing config file.
     let o = run(&["train", "--config", "/no/such.toml"]);
     assert_eq!(o.status.code(), Some(2));

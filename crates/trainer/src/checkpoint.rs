@@ -263,7 +263,9 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
         path: tpath.clone(),
         message: m,
     };
-    let mut parts: BTreeMap<String, [Option<(Vec<usize>, Vec<f32>)>; 3]> = BTreeMap::new();
+    // Per tensor name: (shape, values) of param, adam_m, adam_v as they are found.
+    type Slot = Option<(Vec<usize>, Vec<f32>)>;
+    let mut parts: BTreeMap<String, [Slot; 3]> = BTreeMap::new();
     for (name, view) in st.tensors() {
         if view.dtype() != safetensors::Dtype::F32 {
             return Err(fmt(format!(

@@ -1033,7 +1033,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let base = valid(dir.path());
         base.validate().unwrap();
-        let cases: Vec<(&str, Box<dyn Fn(&mut Config)>)> = vec![
+        type Case = (&'static str, Box<dyn Fn(&mut Config)>);
+        let cases: Vec<Case> = vec![
             ("lora.r", Box::new(|c| c.lora.r = 0)),
             ("train.lr", Box::new(|c| c.train.lr = 0.0)),
             ("train.lr", Box::new(|c| c.train.lr = -1e-4)),

@@ -55,7 +55,7 @@ impl Progress {
                 pb.set_position(step);
             }
             Progress::Plain { total, log_every } => {
-                if step % log_every == 0 || step == *total {
+                if step.is_multiple_of(*log_every) || step == *total {
                     eprintln!("step {step}/{total} loss {loss} lr {lr:.3e} tok/s {tokens_per_s:.0} eta {eta_s:.0}s");
                 }
             }

@@ -377,10 +377,8 @@ fn resolve_run_dir(opts: &TrainOptions) -> Result<(PathBuf, Option<PathBuf>)> {
             Ok((default_dir, ck))
         }
         None => {
-            if default_dir.exists() && dir_has_entries(&default_dir) {
-                if !opts.overwrite {
-                    return Err(TrainError::RunDirExists(default_dir));
-                }
+            if default_dir.exists() && dir_has_entries(&default_dir) && !opts.overwrite {
+                return Err(TrainError::RunDirExists(default_dir));
             }
             Ok((default_dir, None))
         }
@@ -691,7 +689,9 @@ pub fn train_with<B: Backend>(backend: Arc<B>, opts: &TrainOptions) -> Result<Tr
         // Eval on schedule (the final eval runs after the loop).
         let mut eval_loss = None;
         if let Some(ev) = &prep.eval {
-            if t.eval_every > 0 && state.step % t.eval_every == 0 && state.step < state.total_steps
+            if t.eval_every > 0
+                && state.step.is_multiple_of(t.eval_every)
+                && state.step < state.total_steps
             {
                 let (l, _) = evaluate(&model, ev)?;
                 say(&format!("step {}: eval loss {l:.4}", state.step));
@@ -724,7 +724,10 @@ pub fn train_with<B: Backend>(backend: Arc<B>, opts: &TrainOptions) -> Result<Tr
             stop = StopReason::NonFinite;
             break;
         }
-        if t.save_every > 0 && state.step % t.save_every == 0 && state.step < state.total_steps {
+        if t.save_every > 0
+            && state.step.is_multiple_of(t.save_every)
+            && state.step < state.total_steps
+        {
             save_checkpoint(&model, &moments, &names, &shapes, &state, cfg, &run_dir)?;
         }
     }

@@ -36,7 +36,7 @@ pub fn records(n: usize, offset: usize) -> Vec<String> {
     (0..n)
         .map(|i| {
             let (p, c) = PAISES[(i + offset) % PAISES.len()];
-            let (instr, out) = if (i + offset) % 3 == 0 {
+            let (instr, out) = if (i + offset).is_multiple_of(3) {
                 (
                     format!("¿Cuál es la capital de {p}?"),
                     format!("La capital de {p} es {c}."),

@@ -381,6 +381,25 @@ pub fn pretrain_demo(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-pub fn bench(_args: &[String]) -> Result<()> {
-    bail!("`cargo xtask bench` is not implemented; use `cargo bench -p afinar-kernels` and `cargo bench -p afinar-gemma` (results in docs/benchmarks.md)")
+/// `cargo xtask bench [criterion args]`: the criterion benches of the op set and of the model
+/// (`cargo bench -p afinar-kernels` then `cargo bench -p afinar-gemma`), then where to record them.
+pub fn bench(args: &[String]) -> Result<()> {
+    for pkg in ["afinar-kernels", "afinar-gemma"] {
+        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.current_dir(root()).args(["bench", "-p", pkg]);
+        if !args.is_empty() {
+            cmd.arg("--").args(args);
+        }
+        let status = cmd
+            .status()
+            .with_context(|| format!("running cargo bench -p {pkg}"))?;
+        if !status.success() {
+            bail!("cargo bench -p {pkg} failed");
+        }
+    }
+    println!(
+        "Record the results with date, machine, commit and load in docs/benchmarks.md (the trainer's \
+         end-to-end numbers come from `cargo xtask pretrain-demo` / `cargo xtask train`: see summary.json)."
+    );
+    Ok(())
 }

@@ -30,6 +30,7 @@ use rayon::prelude::*;
 
 use crate::backend::Accum;
 use crate::backend::AttnShape;
+use crate::cpu::fastmath::{self, simd_fn};
 use crate::cpu::gemm::{gemm, MatMut, MatRef};
 use crate::cpu::softcap::softcap;
 use crate::error::{check_len, ensure, KernelError, Result};
@@ -159,6 +160,12 @@ impl Block {
     fn rows(&self) -> usize {
         self.i1 - self.i0
     }
+    /// The keys row r (query i0 + r) may see before the segment test, as the columns [a, b) of the
+    /// block's scores: lo(p)..=p. lo(p) ≥ lo(p0) = klo and p ≤ p1, so 0 ≤ a < b ≤ nk.
+    fn visible(&self, s: &AttnShape, r: usize) -> (usize, usize) {
+        let p = s.tk - s.t + self.i0 + r;
+        (key_range(s, p) - self.klo, p + 1 - self.klo)
+    }
     /// Q (or out, dout) rows of this block: [rows, D] with row stride NH·D.
     fn q_view<'a>(&self, s: &AttnShape, q: &'a [f32]) -> MatRef<'a> {
         let start = ((self.b * s.t + self.i0) * s.nh + self.h) * s.d;
@@ -190,25 +197,102 @@ impl Block {
             s.scale,
             Accum::Overwrite,
         )?;
+        let level = fastmath::detected();
         for (r, row) in sc.chunks_mut(nk).enumerate() {
-            let p = s.tk - s.t + self.i0 + r;
-            let lo = key_range(s, p);
-            let seg_p = seg.map(|sg| sg[self.b * s.tk + p]);
-            for (jj, x) in row.iter_mut().enumerate() {
-                let j = self.klo + jj;
-                let visible = j >= lo
-                    && j <= p
-                    && seg_p.is_none_or(|sp| seg.is_some_and(|sg| sg[self.b * s.tk + j] == sp));
-                *x = if !visible {
-                    f32::NEG_INFINITY
-                } else if let Some(c) = s.softcap {
-                    softcap(*x, c)
-                } else {
-                    *x
-                };
+            let (a, b) = self.visible(s, r);
+            mask_cap_row(level, row, a, b, s.softcap);
+            if let Some(sg) = seg {
+                let base = self.b * s.tk;
+                let sp = sg[base + s.tk - s.t + self.i0 + r];
+                let sj = &sg[base + self.klo + a..base + self.klo + b];
+                for (x, &sj) in row[a..b].iter_mut().zip(sj) {
+                    if sj != sp {
+                        *x = f32::NEG_INFINITY;
+                    }
+                }
             }
         }
         Ok(())
+    }
+}
+
+simd_fn! {
+    /// One score row: −∞ outside the visible columns [a, b), soft-capped inside (vectorized tanh).
+    fn mask_cap_row(level: Simd, row: &mut [f32], a: usize, b: usize, cap: Option<f32>) {
+        row[..a].fill(f32::NEG_INFINITY);
+        row[b..].fill(f32::NEG_INFINITY);
+        if let Some(c) = cap {
+            for x in row[a..b].iter_mut() {
+                *x = softcap(*x, c);
+            }
+        }
+    }
+}
+
+simd_fn! {
+    /// Softmax of one masked score row in place (visible columns [a, b); −∞ inside it are
+    /// segment-masked keys and become 0); returns lse = max + ln Σ exp. A row with no visible key
+    /// becomes all 0 with lse = −∞.
+    fn softmax_row(level: Simd, row: &mut [f32], a: usize, b: usize) -> f32 {
+        let max = fastmath::max_body(&row[a..b]);
+        if max == f32::NEG_INFINITY {
+            row.fill(0.0);
+            return f32::NEG_INFINITY;
+        }
+        row[..a].fill(0.0);
+        row[b..].fill(0.0);
+        let v = &mut row[a..b];
+        let sum = fastmath::exp_shift_sum_body(v, max);
+        let inv = 1.0 / sum;
+        for x in v.iter_mut() {
+            *x *= inv;
+        }
+        max + sum.ln()
+    }
+}
+
+simd_fn! {
+    /// The backward's pointwise step on one row: given the masked, capped scores s (prow) and
+    /// dP = dout_i·v_j (dprow), writes P_j = exp(s_j − lse) into prow and
+    /// dS_j = P_j·(dP_j − D_i)·(1 − (s_j/c)²)·scale into dprow; 0 for masked keys (s_j = −∞).
+    #[allow(clippy::too_many_arguments)]
+    fn bwd_row(
+        level: Simd,
+        prow: &mut [f32],
+        dprow: &mut [f32],
+        a: usize,
+        b: usize,
+        lse: f32,
+        di: f32,
+        cap: Option<f32>,
+        scale: f32,
+    ) {
+        prow[..a].fill(0.0);
+        prow[b..].fill(0.0);
+        dprow[..a].fill(0.0);
+        dprow[b..].fill(0.0);
+        let (pv, gv) = (&mut prow[a..b], &mut dprow[a..b]);
+        match cap {
+            Some(c) => {
+                for (x, g) in pv.iter_mut().zip(gv.iter_mut()) {
+                    let sj = *x;
+                    let pj = fastmath::exp(sj - lse); // exp(−∞) = 0
+                    let r = sj / c;
+                    let ds = pj * (*g - di) * (1.0 - r * r) * scale;
+                    *g = if sj == f32::NEG_INFINITY { 0.0 } else { ds }; // 0·∞ would be NaN
+                    *x = pj;
+                }
+            }
+            None => {
+                for (x, g) in pv.iter_mut().zip(gv.iter_mut()) {
+                    let sj = *x;
+                    let pj = fastmath::exp(sj - lse);
+                    let ds = pj * (*g - di) * scale;
+                    *g = if sj == f32::NEG_INFINITY { 0.0 } else { ds };
+                    *x = pj;
+                }
+            }
+        }
     }
 }
 
@@ -246,21 +330,10 @@ pub fn attn_fwd(
                 let (rows, nk) = (blk.rows(), blk.nk);
                 blk.scores(OP, s, q, k, seg, sc)?;
                 let mut l = vec![0.0f32; rows];
-                for (row, l) in sc[..rows * nk].chunks_mut(nk).zip(l.iter_mut()) {
-                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    if max == f32::NEG_INFINITY {
-                        row.fill(0.0); // no visible key: zero output, lse = −∞
-                        *l = f32::NEG_INFINITY;
-                        continue;
-                    }
-                    let mut sum = 0.0f32;
-                    for x in row.iter_mut() {
-                        *x = (*x - max).exp(); // exp(−∞) = 0 for masked keys
-                        sum += *x;
-                    }
-                    let inv = 1.0 / sum;
-                    row.iter_mut().for_each(|x| *x *= inv);
-                    *l = max + sum.ln();
+                let level = fastmath::detected();
+                for (r, (row, l)) in sc[..rows * nk].chunks_mut(nk).zip(l.iter_mut()).enumerate() {
+                    let (a, b) = blk.visible(s, r);
+                    *l = softmax_row(level, row, a, b);
                 }
                 let mut o = vec![0.0f32; rows * d];
                 // O_blk [rows, D] = P [rows, nk] · V_range [nk, D]
@@ -349,6 +422,7 @@ pub fn attn_bwd(
                     1.0,
                     Accum::Overwrite,
                 )?;
+                let level = fastmath::detected();
                 for r in 0..rows {
                     let i = i0 + r;
                     let l = lse[(b * nh + h) * t + i];
@@ -361,23 +435,8 @@ pub fn attn_bwd(
                     }
                     let base = (b * t + i) * qrow + h * d;
                     let di = dot(&dout[base..base + d], &out[base..base + d]);
-                    for (x, g) in prow.iter_mut().zip(dprow.iter_mut()) {
-                        if *x == f32::NEG_INFINITY {
-                            *x = 0.0;
-                            *g = 0.0;
-                            continue;
-                        }
-                        let dcap = match s.softcap {
-                            Some(c) => {
-                                let r = *x / c;
-                                1.0 - r * r
-                            }
-                            None => 1.0,
-                        };
-                        let pj = (*x - l).exp();
-                        *x = pj;
-                        *g = pj * (*g - di) * dcap * s.scale; // dS
-                    }
+                    let (ka, kb) = blk.visible(s, r);
+                    bwd_row(level, prow, dprow, ka, kb, l, di, s.softcap, s.scale);
                 }
                 let (pm, dsm) = (
                     MatRef::new(&p[..rows * nk], rows, nk),

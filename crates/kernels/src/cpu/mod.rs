@@ -17,6 +17,7 @@ pub mod cross_entropy;
 pub mod dequant;
 pub mod elementwise;
 pub mod embedding;
+pub mod fastmath;
 pub mod geglu;
 pub mod gemm;
 pub mod lm_head;

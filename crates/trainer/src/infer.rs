@@ -80,22 +80,70 @@ pub fn eval_file(
     })
 }
 
-/// The token ids a model sees before its answer to `messages` (the last one a user turn), rendered
-/// and tokenized segment by segment exactly as in training: everything before the assistant content.
-pub fn prompt_ids(
-    messages: &[Message],
-    template: &Template,
-    tok: &TextTokenizer,
-) -> Result<Vec<i32>> {
-    let mut msgs = messages.to_vec();
-    // A placeholder answer, cut off again below: the templates render whole exchanges.
-    msgs.push(Message::new(Role::Assistant, "x"));
-    let body = Body::Chat(msgs);
-    let enc = afinar_data::encode_record(&body, template, tok, MaskMode::LastTurn).map_err(
-        |(field, problem)| {
+/// What a model answers: an instruction (alpaca fields) or a conversation ending with a user turn.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Prompt {
+    Instruction {
+        system: Option<String>,
+        instruction: String,
+        input: String,
+    },
+    Chat(Vec<Message>),
+}
+
+impl Prompt {
+    /// A plain instruction with no input.
+    pub fn text(instruction: &str) -> Prompt {
+        Prompt::Instruction {
+            system: None,
+            instruction: instruction.into(),
+            input: String::new(),
+        }
+    }
+
+    /// The prompt as a one-line description (for reports).
+    pub fn display(&self) -> String {
+        match self {
+            Prompt::Instruction {
+                instruction, input, ..
+            } if input.is_empty() => instruction.clone(),
+            Prompt::Instruction {
+                instruction, input, ..
+            } => format!("{instruction}\n\n{input}"),
+            Prompt::Chat(m) => m.last().map(|m| m.content.clone()).unwrap_or_default(),
+        }
+    }
+
+    /// The record training would see, with a placeholder answer (cut off again by `prompt_ids`).
+    fn body(&self) -> Body {
+        match self {
+            Prompt::Instruction {
+                system,
+                instruction,
+                input,
+            } => Body::Instruction {
+                system: system.clone(),
+                instruction: instruction.clone(),
+                input: input.clone(),
+                output: "x".into(),
+            },
+            Prompt::Chat(m) => {
+                let mut m = m.clone();
+                m.push(Message::new(Role::Assistant, "x"));
+                Body::Chat(m)
+            }
+        }
+    }
+}
+
+/// The token ids a model sees before its answer, rendered and tokenized segment by segment exactly as
+/// in training (an alpaca record keeps its `### Input:` section): everything before the content of
+/// the last assistant turn.
+pub fn prompt_ids(prompt: &Prompt, template: &Template, tok: &TextTokenizer) -> Result<Vec<i32>> {
+    let enc = afinar_data::encode_record(&prompt.body(), template, tok, MaskMode::LastTurn)
+        .map_err(|(field, problem)| {
             TrainError::Unsupported(format!("cannot render the prompt ({field}): {problem}"))
-        },
-    )?;
+        })?;
     let start = enc
         .segments
         .iter()
@@ -104,16 +152,6 @@ pub fn prompt_ids(
         .map(|(s, _, _)| *s)
         .ok_or_else(|| TrainError::Unsupported("the template rendered no assistant turn".into()))?;
     Ok(enc.ids[..start].iter().map(|&i| i as i32).collect())
-}
-
-/// The user turn for an instruction (+ optional input), as alpaca records become chats in afinar-data.
-pub fn user_message(instruction: &str, input: &str) -> Message {
-    let text = if input.is_empty() {
-        instruction.to_string()
-    } else {
-        format!("{instruction}\n\n{input}")
-    };
-    Message::new(Role::User, text)
 }
 
 /// Sampling settings of `afinar generate`.
@@ -135,15 +173,15 @@ pub struct GenOutput {
     pub stop: String,
 }
 
-/// Generates an answer to one user message. Stops on EOS and on the template's end-of-turn token.
+/// Generates an answer to one prompt. Stops on EOS and on the template's end-of-turn token.
 pub fn generate_answer(
     model: &Gemma2Model<Cpu>,
     tok: &TextTokenizer,
     template: &Template,
-    user: &Message,
+    prompt: &Prompt,
     s: &SampleOptions,
 ) -> Result<GenOutput> {
-    let ids = prompt_ids(std::slice::from_ref(user), template, tok)?;
+    let ids = prompt_ids(prompt, template, tok)?;
     let mut opts = GenerateOptions::greedy_for(model, s.max_new_tokens);
     opts.temperature = s.temperature;
     opts.top_k = s.top_k;
@@ -165,7 +203,7 @@ pub fn generate_answer(
     }
     let completion = tok.decode(&toks)?;
     Ok(GenOutput {
-        prompt: user.content.clone(),
+        prompt: prompt.display(),
         completion,
         tokens: g.tokens.len(),
         stop: format!("{:?}", g.stop),

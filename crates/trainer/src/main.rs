@@ -423,9 +423,10 @@ fn cmd_eval(a: EvalArgs) -> Result<u8, Failure> {
     Ok(0)
 }
 
-/// Prompts from a file: JSONL records (alpaca instruction/input, messages' last user turn, or text) or
-/// plain lines.
-fn read_prompts(p: &Path) -> anyhow::Result<Vec<afinar_data::Message>> {
+/// Prompts from a file: JSONL records (alpaca `instruction`/`input`/`system`; `messages` up to the last user
+/// turn; `prompt` or `text`) or plain lines.
+fn read_prompts(p: &Path) -> anyhow::Result<Vec<infer::Prompt>> {
+    use afinar_data::{Message, Role};
     let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -433,39 +434,45 @@ fn read_prompts(p: &Path) -> anyhow::Result<Vec<afinar_data::Message>> {
         if line.is_empty() {
             continue;
         }
-        if line.starts_with('{') {
-            let v: serde_json::Value = serde_json::from_str(line)
-                .with_context(|| format!("{}:{}: invalid JSON", p.display(), i + 1))?;
-            if let Some(instr) = v.get("instruction").and_then(|x| x.as_str()) {
-                out.push(infer::user_message(
-                    instr,
-                    v.get("input").and_then(|x| x.as_str()).unwrap_or(""),
-                ));
-            } else if let Some(msgs) = v.get("messages").and_then(|x| x.as_array()) {
-                let last = msgs
-                    .iter()
-                    .rev()
-                    .find(|m| m.get("role").and_then(|r| r.as_str()) == Some("user"))
-                    .and_then(|m| m.get("content").and_then(|c| c.as_str()));
-                match last {
-                    Some(c) => out.push(infer::user_message(c, "")),
-                    None => bail!("{}:{}: no user message", p.display(), i + 1),
-                }
-            } else if let Some(t) = v
-                .get("prompt")
-                .or_else(|| v.get("text"))
-                .and_then(|x| x.as_str())
-            {
-                out.push(infer::user_message(t, ""));
-            } else {
-                bail!(
-                    "{}:{}: expected `instruction`, `messages`, `prompt` or `text`",
-                    p.display(),
-                    i + 1
-                );
+        let at = || format!("{}:{}", p.display(), i + 1);
+        if !line.starts_with('{') {
+            out.push(infer::Prompt::text(line));
+            continue;
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("{}: invalid JSON", at()))?;
+        let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+        if let Some(instruction) = s("instruction") {
+            out.push(infer::Prompt::Instruction {
+                system: s("system").filter(|x| !x.is_empty()),
+                instruction,
+                input: s("input").unwrap_or_default(),
+            });
+        } else if let Some(msgs) = v.get("messages").and_then(|x| x.as_array()) {
+            let mut chat = Vec::new();
+            for m in msgs {
+                let content = m.get("content").and_then(|c| c.as_str()).unwrap_or("");
+                let role = match m.get("role").and_then(|r| r.as_str()) {
+                    Some("system") => Role::System,
+                    Some("user") => Role::User,
+                    Some("assistant") => Role::Assistant,
+                    other => bail!("{}: unknown role {other:?}", at()),
+                };
+                chat.push(Message::new(role, content));
             }
+            // Up to and including the last user turn.
+            let Some(last_user) = chat.iter().rposition(|m| m.role == Role::User) else {
+                bail!("{}: no user message", at());
+            };
+            chat.truncate(last_user + 1);
+            out.push(infer::Prompt::Chat(chat));
+        } else if let Some(t) = s("prompt").or_else(|| s("text")) {
+            out.push(infer::Prompt::text(&t));
         } else {
-            out.push(infer::user_message(line, ""));
+            bail!(
+                "{}: expected `instruction`, `messages`, `prompt` or `text`",
+                at()
+            );
         }
     }
     Ok(out)
@@ -476,7 +483,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<u8, Failure> {
     let nf4 = parse_quant(&a.quantization)?;
     let template_kind: afinar_data::TemplateKind = a.template.parse().map_err(usage)?;
     let prompts = match (&a.prompt, &a.prompts) {
-        (Some(p), _) => vec![infer::user_message(p, "")],
+        (Some(p), _) => vec![infer::Prompt::text(p)],
         (None, Some(f)) => read_prompts(f).map_err(usage)?,
         (None, None) => {
             return Err(usage(anyhow::anyhow!(

@@ -1,0 +1,70 @@
+//! Prompt rendering for generation: exactly the training rendering, cut before the answer.
+
+use std::path::Path;
+
+use afinar_data::{Template, TemplateKind, TextTokenizer};
+use afinar_trainer::infer::{prompt_ids, Prompt};
+
+fn project_tokenizer() -> TextTokenizer {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tokenizer");
+    TextTokenizer::from_model_dir(&dir).unwrap()
+}
+
+#[test]
+fn gemma_prompt_ends_with_the_model_turn_header() {
+    let tok = project_tokenizer();
+    let t = Template::new(TemplateKind::Gemma, &tok).unwrap();
+    let ids = prompt_ids(&Prompt::text("¿Qué es un átomo?"), &t, &tok).unwrap();
+    let text = tok
+        .decode(&ids.iter().map(|&i| i as u32).collect::<Vec<_>>())
+        .unwrap();
+    assert_eq!(
+        text,
+        "<bos><start_of_turn>user\n¿Qué es un átomo?<end_of_turn>\n<start_of_turn>model\n"
+    );
+    assert_eq!(
+        ids.iter().filter(|&&i| i == 2).count(),
+        1,
+        "exactly one BOS"
+    );
+}
+
+#[test]
+fn alpaca_prompt_with_input_ends_with_response_header() {
+    let tok = project_tokenizer();
+    let t = Template::new(TemplateKind::Alpaca, &tok).unwrap();
+    let p = Prompt::Instruction {
+        system: None,
+        instruction: "Resume el texto.".into(),
+        input: "Texto: hola.".into(),
+    };
+    let ids = prompt_ids(&p, &t, &tok).unwrap();
+    let text = tok
+        .decode(&ids.iter().map(|&i| i as u32).collect::<Vec<_>>())
+        .unwrap();
+    // Exactly the Stanford text with input (and the data crate's "### Response:\n" choice).
+    let expected = afinar_data::alpaca_prompt("Resume el texto.", "Texto: hola.", None);
+    assert_eq!(text, format!("<bos>{expected}"));
+    assert!(text.contains("### Input:\nTexto: hola."), "{text:?}");
+}
+
+#[test]
+fn chat_prompt_keeps_earlier_turns() {
+    use afinar_data::{Message, Role};
+    let tok = project_tokenizer();
+    let t = Template::new(TemplateKind::Gemma, &tok).unwrap();
+    let p = Prompt::Chat(vec![
+        Message::new(Role::User, "Hola"),
+        Message::new(Role::Assistant, "Hola, ¿en qué te ayudo?"),
+        Message::new(Role::User, "¿Qué es un mol?"),
+    ]);
+    let ids = prompt_ids(&p, &t, &tok).unwrap();
+    let text = tok
+        .decode(&ids.iter().map(|&i| i as u32).collect::<Vec<_>>())
+        .unwrap();
+    assert_eq!(
+        text,
+        "<bos><start_of_turn>user\nHola<end_of_turn>\n<start_of_turn>model\nHola, ¿en qué te ayudo?<end_of_turn>\n\
+         <start_of_turn>user\n¿Qué es un mol?<end_of_turn>\n<start_of_turn>model\n"
+    );
+}

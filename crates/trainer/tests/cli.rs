@@ -148,8 +148,8 @@ fn metrics_lines(run_dir: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// Starts a training child, waits until it has logged `min_steps` steps, sends SIGINT, returns its output.
-fn interrupt_after(args: &[&str], run_dir: &Path, min_steps: usize) -> Output {
+/// Starts a training child, waits until it has logged `min_steps` steps, sends `sig`, returns its output.
+fn interrupt_after(args: &[&str], run_dir: &Path, min_steps: usize, sig: libc::c_int) -> Output {
     let child = afinar()
         .args(args)
         .stdout(Stdio::piped())
@@ -165,7 +165,7 @@ fn interrupt_after(args: &[&str], run_dir: &Path, min_steps: usize) -> Output {
         std::thread::sleep(Duration::from_millis(20));
     }
     // SAFETY: kill(2) with the pid of a child we spawned and still own (not yet waited for).
-    let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let rc = unsafe { libc::kill(child.id() as libc::pid_t, sig) };
     assert_eq!(rc, 0);
     child.wait_with_output().unwrap()
 }
@@ -186,7 +186,7 @@ fn sigint_checkpoints_and_resume_continues() {
         "--set",
         "train.warmup_steps=0",
     ];
-    let o = interrupt_after(&args, &run_dir, 2);
+    let o = interrupt_after(&args, &run_dir, 2, libc::SIGINT);
     assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
     let e = stderr(&o);
     assert!(
@@ -201,11 +201,11 @@ fn sigint_checkpoints_and_resume_continues() {
         "the checkpoint is at the last finished step"
     );
 
-    // Resume: continues at the next step, and a second interrupt checkpoints again.
+    // Resume: continues at the next step, and a SIGTERM checkpoints like SIGINT.
     let mut rargs = args.to_vec();
     let rd = run_dir.to_str().unwrap().to_string();
     rargs.extend(["--resume", &rd]);
-    let o = interrupt_after(&rargs, &run_dir, steps as usize + 2);
+    let o = interrupt_after(&rargs, &run_dir, steps as usize + 2, libc::SIGTERM);
     assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
     let m = metrics_lines(&run_dir);
     let ids: Vec<u64> = m.iter().map(|r| r["step"].as_u64().unwrap()).collect();

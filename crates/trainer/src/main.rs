@@ -297,6 +297,7 @@ fn cmd_train(a: TrainArgs) -> Result<u8, Failure> {
                 TrainError::Config(_)
                 | TrainError::Invalid { .. }
                 | TrainError::RunDirExists(_)
+                | TrainError::NothingToResume(_)
                 | TrainError::ConfigMismatch { .. }
                 | TrainError::Unsupported(_) => 2,
                 _ => 1,

@@ -71,6 +71,12 @@ pub enum TrainError {
         .0.display(), .0.display()
     )]
     RunDirExists(PathBuf),
+    #[error(
+        "run directory {} exists but holds no checkpoint to resume (the run stopped before its first save); \
+         nothing was changed. Start over with `--overwrite`, or pick another `--run-name`",
+        .0.display()
+    )]
+    NothingToResume(PathBuf),
     #[error("checkpoint {} was written with a different config; differing keys (checkpoint → now):\n{diff}", .path.display())]
     ConfigMismatch { path: PathBuf, diff: String },
     #[error("checkpoint {}: {message}", .path.display())]
@@ -372,7 +378,7 @@ fn resolve_run_dir(opts: &TrainOptions) -> Result<(PathBuf, Option<PathBuf>)> {
                 && !opts.overwrite
                 && dir_has_entries(&default_dir)
             {
-                return Err(TrainError::RunDirExists(default_dir));
+                return Err(TrainError::NothingToResume(default_dir));
             }
             Ok((default_dir, ck))
         }

@@ -522,8 +522,9 @@ pub fn check_keys(table: &toml::Table, path: &str, text: &str) -> Result<(), Con
 }
 
 /// Applies one `section.key=value` override to the table. The value is typed by the target field:
-/// string fields take the text verbatim; others parse it as a TOML value (`1e-4`, `true`,
-/// `["q_proj","v_proj"]`), falling back to a string so serde reports the type error by key.
+/// string fields take the text verbatim; string lists also take `a,b,c`; others parse it as a TOML
+/// value (`1e-4`, `true`, `["q_proj","v_proj"]`), falling back to a string so serde reports the type
+/// error by key.
 pub fn apply_override(table: &mut toml::Table, arg: &str) -> Result<(), ConfigError> {
     let bad = || ConfigError::BadOverride {
         arg: arg.to_string(),
@@ -535,13 +536,24 @@ pub fn apply_override(table: &mut toml::Table, arg: &str) -> Result<(), ConfigEr
         return Err(bad());
     }
     let defaults = toml::Table::try_from(Config::default()).expect("the default config serializes");
-    let is_string_field = defaults
+    let default = defaults
         .get(sec)
         .and_then(|s| s.as_table())
-        .and_then(|s| s.get(key))
-        .is_some_and(|v| v.is_str());
+        .and_then(|s| s.get(key));
+    let is_string_field = default.is_some_and(|v| v.is_str());
+    // A list of strings (lora.targets) also takes the plain form `q_proj,v_proj`.
+    let is_string_list = default
+        .and_then(|v| v.as_array())
+        .is_some_and(|a| a.iter().all(|x| x.is_str()));
     let value = if is_string_field {
         toml::Value::String(raw.trim_matches('"').to_string())
+    } else if is_string_list && !raw.starts_with('[') {
+        toml::Value::Array(
+            raw.split(',')
+                .map(|x| toml::Value::String(x.trim().trim_matches('"').to_string()))
+                .filter(|x| x.as_str() != Some(""))
+                .collect(),
+        )
     } else {
         match format!("v = {raw}").parse::<toml::Table>() {
             Ok(mut t) => t
@@ -981,6 +993,11 @@ mod tests {
         assert_eq!(c.model.path, PathBuf::from("/m/gemma"));
         assert_eq!(c.lora.targets, vec!["q_proj"]);
         assert_eq!(c.output.run_name, "123");
+        let c =
+            Config::from_toml_str("", "x.toml", &["lora.targets=q_proj, v_proj".into()]).unwrap();
+        assert_eq!(c.lora.targets, vec!["q_proj", "v_proj"]);
+        let c = Config::from_toml_str("", "x.toml", &["lora.targets=all-linear".into()]).unwrap();
+        assert_eq!(c.lora.resolved_targets().len(), 7);
         let e = Config::from_toml_str("", "x.toml", &["train.lrate=1".into()])
             .unwrap_err()
             .to_string();

@@ -139,7 +139,28 @@ pub fn run(args: &[String]) -> Result<()> {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let benches = cargo_executables(&root, &bench_args, false)?;
+    let mut benches = cargo_executables(&root, &bench_args, false)?;
+    // The `afinar` CLI with the CUDA backend, for run.sh's end-to-end train steps (CPU vs GPU loss).
+    if pkgs.iter().any(|p| p == "afinar-trainer") {
+        let cli_args: Vec<String> = [
+            "build",
+            "--release",
+            "-p",
+            "afinar-trainer",
+            "--features",
+            "cuda",
+            "--bin",
+            "afinar",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        for (_, exe) in cargo_executables(&root, &cli_args, false)? {
+            if exe.file_name().is_some_and(|n| n == "afinar") {
+                benches.push(("afinar".to_string(), exe));
+            }
+        }
+    }
     if tests.is_empty() || benches.is_empty() {
         bail!("cargo produced no test binaries or no gpu_bench executable");
     }
@@ -151,7 +172,14 @@ pub fn run(args: &[String]) -> Result<()> {
     let bin = out_dir.join("bin");
     std::fs::create_dir_all(&bin)?;
     let mut names = Vec::new();
+    let mut left_out = Vec::new();
     for (name, exe) in tests.iter().chain(benches.iter()) {
+        let is_test = !name.ends_with("-gpu_bench") && name != "afinar";
+        // A test binary with no test the bundle's filter selects would only cost bundle size.
+        if is_test && !all_tests && count_tests(exe, "cuda")? == 0 {
+            left_out.push(name.clone());
+            continue;
+        }
         let dst = bin.join(name);
         std::fs::copy(exe, &dst).with_context(|| format!("copying {}", exe.display()))?;
         // Debug info is most of a release test binary (profile.release has debug = 1); the bundle
@@ -165,9 +193,15 @@ pub fn run(args: &[String]) -> Result<()> {
         }
         names.push(name.clone());
     }
+    if !left_out.is_empty() {
+        println!(
+            "gpu-bundle: left out (no test matches `cuda`): {}",
+            left_out.join(", ")
+        );
+    }
     let test_names: Vec<&String> = names
         .iter()
-        .filter(|n| !n.ends_with("-gpu_bench"))
+        .filter(|n| !n.ends_with("-gpu_bench") && n.as_str() != "afinar")
         .collect();
     let commit = Command::new("git")
         .current_dir(&root)
@@ -232,6 +266,21 @@ pub fn run(args: &[String]) -> Result<()> {
         out_dir.display()
     );
     Ok(())
+}
+
+/// How many tests of a libtest binary match `filter` (`--list` prints one `name: test` line each).
+fn count_tests(exe: &Path, filter: &str) -> Result<usize> {
+    let out = Command::new(exe)
+        .args([filter, "--list"])
+        .output()
+        .with_context(|| format!("listing the tests of {}", exe.display()))?;
+    if !out.status.success() {
+        bail!("`{} {filter} --list` failed", exe.display());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.ends_with(": test"))
+        .count())
 }
 
 /// The script run on the GPU machine. Kept dependency-free (bash, coreutils, grep, awk).
@@ -327,6 +376,18 @@ BENCH_ARGS=""
 brc=$?
 cat "$OUT/logs/gpu_bench.log" >> "$OUT/summary.md"
 echo "gpu_bench exit: $brc" >> "$OUT/summary.md"
+# End-to-end: two optimizer steps of the shipped demo config on the CPU and on the GPU, when the CLI
+# and a repo copy (configs/, models/, datasets/) are next to the bundle. Compare the losses by eye.
+REPO="$(cd "$HERE/.." && pwd)"
+if [ -x "$HERE/bin/afinar" ] && [ -f "$REPO/configs/default.toml" ]; then
+  {{ echo; echo "## End-to-end train steps (configs/default.toml, train.max_steps=2)"; echo; }} >> "$OUT/summary.md"
+  for dev in cpu cuda; do
+    (cd "$REPO" && timeout 600 "$HERE/bin/afinar" train --config configs/default.toml --set model.device=$dev \
+        --set train.max_steps=2 --output "$OUT/runs" --run-name "e2e-$dev" --overwrite --quiet --json) \
+        > "$OUT/logs/e2e-$dev.log" 2>&1
+    echo "- $dev: exit $?; $(tail -c 600 "$OUT/logs/e2e-$dev.log" | tr '\n' ' ')" >> "$OUT/summary.md"
+  done
+fi
 cat "$OUT/summary.md"
 if [ "$TOTAL_FAIL" -ne 0 ] || [ "$brc" -ne 0 ]; then exit 1; fi
 "####,

@@ -86,6 +86,13 @@ fn bf16_gemm_tol(reference: &[f32]) -> Tolerance {
     Tolerance::new(0.02 * max.max(1e-3), 0.02)
 }
 
+/// f32 sums in a different order than the CPU's: rounding grows with the length of the sum and the
+/// size of its terms, so the absolute bound is relative to the largest reference value.
+fn f32_sum_tol(reference: &[f32]) -> Tolerance {
+    let max = reference.iter().fold(0.0f32, |a, &v| a.max(v.abs())) as f64;
+    Tolerance::new(2e-5 * max.max(1e-3), 1e-4)
+}
+
 fn poisoned(c: &Cuda, n: usize) -> super::CudaBuf {
     c.from_host(&vec![f32::NAN; n]).unwrap()
 }
@@ -203,7 +210,7 @@ fn nf4_lora_paths_match_cpu() {
             )
             .unwrap();
             let (y, xa_g) = (c.to_host(&y).unwrap(), c.to_host(&xa).unwrap());
-            Tolerance::F32.assert_close(
+            f32_sum_tol(&xa_h).assert_close(
                 &format!("{tag}: xa"),
                 xa_g.iter().copied(),
                 xa_h.iter().copied(),
@@ -245,12 +252,12 @@ fn nf4_lora_paths_match_cpu() {
                 c.to_host(&dx).unwrap(),
                 dx_h.iter().copied(),
             );
-            Tolerance::new(1e-4, 1e-4).assert_close(
+            f32_sum_tol(&da_h).assert_close(
                 &format!("{tag}: da"),
                 c.to_host(&da).unwrap(),
                 da_h.iter().copied(),
             );
-            Tolerance::new(1e-4, 1e-4).assert_close(
+            f32_sum_tol(&db_h).assert_close(
                 &format!("{tag}: db"),
                 c.to_host(&db).unwrap(),
                 db_h.iter().copied(),

@@ -176,9 +176,31 @@ pub(crate) fn compile_cubin(file: &str, arch: &str) -> Result<Vec<u8>> {
     out
 }
 
-/// The CUBIN for `file` on `arch`, from the disk cache or freshly compiled (and then cached).
-/// `fresh` skips the cache read (used when a cached CUBIN failed to load: it is then replaced).
+/// CUBINs already produced in this process, by (file, arch): several backends (e.g. parallel tests)
+/// then compile each module once, and a second compile of the same module waits for the first.
+static MEMORY: std::sync::Mutex<Option<std::collections::HashMap<(String, String), Vec<u8>>>> =
+    std::sync::Mutex::new(None);
+
+/// The CUBIN for `file` on `arch`: from this process's memory, the disk cache, or freshly compiled (and
+/// then cached in both). `fresh` skips both caches (used when a cached CUBIN failed to load: it is then
+/// replaced).
 pub(crate) fn cubin(file: &str, arch: &str, fresh: bool) -> Result<Vec<u8>> {
+    // A poisoned lock only means another thread panicked while compiling: the map is still usable.
+    let mut memory = MEMORY.lock().unwrap_or_else(|p| p.into_inner());
+    let key = (file.to_string(), arch.to_string());
+    if !fresh {
+        if let Some(bytes) = memory.as_ref().and_then(|m| m.get(&key)) {
+            return Ok(bytes.clone());
+        }
+    }
+    let bytes = cubin_from_disk_or_nvrtc(file, arch, fresh)?;
+    memory
+        .get_or_insert_with(Default::default)
+        .insert(key, bytes.clone());
+    Ok(bytes)
+}
+
+fn cubin_from_disk_or_nvrtc(file: &str, arch: &str, fresh: bool) -> Result<Vec<u8>> {
     let (maj, min) = nvrtc_version()?;
     let text = program_text(file)?;
     let opts = options(arch).join(" ");

@@ -279,17 +279,22 @@ fn lane_sum(a: [f32; LANES]) -> f32 {
 /// max over x, NaNs ignored (as `fold(−∞, f32::max)`); −∞ for an empty slice.
 #[inline(always)]
 pub fn max_body(x: &[f32]) -> f32 {
-    let mut acc = [f32::NEG_INFINITY; LANES];
-    let chunks = x.chunks_exact(LANES);
-    let rem = chunks.remainder();
-    for c in chunks {
+    #[inline(always)]
+    fn step(acc: &mut [f32; LANES], c: &[f32; LANES]) {
         for l in 0..LANES {
             acc[l] = if c[l] > acc[l] { c[l] } else { acc[l] };
         }
     }
-    for (l, &v) in rem.iter().enumerate() {
-        acc[l] = if v > acc[l] { v } else { acc[l] };
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rem = chunks.remainder();
+    for c in chunks {
+        step(&mut acc, c.try_into().expect("chunks_exact gives LANES"));
     }
+    // The tail, padded with −∞ (which never wins), as one more full chunk.
+    let mut pad = [f32::NEG_INFINITY; LANES];
+    pad[..rem.len()].copy_from_slice(rem);
+    step(&mut acc, &pad);
     let mut n = LANES;
     while n > 1 {
         n /= 2;

@@ -24,8 +24,10 @@ mod gemm;
 #[cfg(test)]
 mod gpu_tests;
 mod ops;
+mod paged;
 
 pub use gemm::GemmBackend;
+pub use paged::PagedAdamState;
 
 use crate::error::{KernelError, Result};
 use crate::launch::Launch;

@@ -20,7 +20,7 @@ use afinar_trainer::train::{self, Resume, TrainError, TrainOptions};
 #[command(
     name = "afinar",
     version,
-    about = "LoRA/QLoRA fine-tuning of Gemma-2 (CPU reference backend)"
+    about = "LoRA/QLoRA fine-tuning of Gemma-2: train, eval, generate, merge, quantize"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -79,13 +79,16 @@ struct TrainArgs {
 
 #[derive(Args)]
 struct EvalArgs {
+    /// Hugging Face model directory (config.json, safetensors, tokenizer.json).
     #[arg(long)]
     model: PathBuf,
+    /// PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
     #[arg(long)]
     adapter: Option<PathBuf>,
     /// nf4 | none
     #[arg(long, default_value = "none")]
     quantization: String,
+    /// Dataset file (JSON/JSONL); every record is scored with the training masks.
     #[arg(long)]
     data: PathBuf,
     /// alpaca | messages | sharegpt | text (default: detect).
@@ -103,8 +106,10 @@ struct EvalArgs {
 
 #[derive(Args)]
 struct GenerateArgs {
+    /// Hugging Face model directory.
     #[arg(long)]
     model: PathBuf,
+    /// PEFT adapter directory.
     #[arg(long)]
     adapter: Option<PathBuf>,
     /// nf4 | none
@@ -135,10 +140,13 @@ struct GenerateArgs {
 
 #[derive(Args)]
 struct MergeArgs {
+    /// Base model directory.
     #[arg(long)]
     model: PathBuf,
+    /// PEFT adapter directory.
     #[arg(long)]
     adapter: PathBuf,
+    /// Output directory (written atomically; tokenizer files copied).
     #[arg(long)]
     out: PathBuf,
     /// bf16 | f32
@@ -148,8 +156,10 @@ struct MergeArgs {
 
 #[derive(Args)]
 struct QuantizeArgs {
+    /// Dense model directory.
     #[arg(long)]
     model: PathBuf,
+    /// Output directory for the NF4 checkpoint.
     #[arg(long)]
     out: PathBuf,
 }

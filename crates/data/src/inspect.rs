@@ -309,8 +309,16 @@ pub fn render_report(r: &InspectReport, w: &mut dyn Write, color: bool) -> io::R
     writeln!(w, "  truncated                   {}", st.truncated)?;
     writeln!(w, "  dropped (too long)          {}", st.dropped_too_long)?;
     writeln!(w, "  dropped (no trained token)  {}", st.dropped_untrained)?;
-    writeln!(w, "  length min / max (kept)     {} / {}", st.min_len, st.max_len)?;
-    writeln!(w, "  length mean / max (before)  {:.1} / {}", r.mean_len, r.longest)?;
+    writeln!(
+        w,
+        "  length min / max (kept)     {} / {}",
+        st.min_len, st.max_len
+    )?;
+    writeln!(
+        w,
+        "  length mean / max (before)  {:.1} / {}",
+        r.mean_len, r.longest
+    )?;
     writeln!(w, "\nlength histogram (tokens, before length handling)")?;
     let top = r
         .histogram

@@ -68,5 +68,8 @@ pub mod safetensors_io;
 pub use config::{Gemma2Config, LayerType, QuantizationConfig};
 pub use error::{GemmaError, Result};
 pub use lora::{LoraConfig, Target};
-pub use model::{Batch, Gemma2Model, Grads, Layer, Linear, LinearBase, LoadOptions, LoraWeights, NormKind, ParamId, Quantization, TrainableParam};
+pub use model::{
+    Batch, Gemma2Model, Grads, Layer, Linear, LinearBase, LoadOptions, LoraWeights, NormKind,
+    ParamId, Quantization, TrainableParam,
+};
 pub use safetensors_io::{Dtype, TensorInfo, TensorStore};

@@ -100,11 +100,38 @@ pub trait Backend: Send + Sync + Sized {
 
     // ---- linear GEMMs: X [M,K], W [N,K], Y [M,N] ----------------------------------------------
     /// Y (= or +=) X·Wᵀ.
-    fn matmul_xwt(&self, x: &Self::Buf, w: &Self::Buf, y: &mut Self::Buf, m: usize, k: usize, n: usize, acc: Accum) -> Result<()>;
+    fn matmul_xwt(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        y: &mut Self::Buf,
+        m: usize,
+        k: usize,
+        n: usize,
+        acc: Accum,
+    ) -> Result<()>;
     /// dX (= or +=) dY·W.
-    fn matmul_dyw(&self, dy: &Self::Buf, w: &Self::Buf, dx: &mut Self::Buf, m: usize, k: usize, n: usize, acc: Accum) -> Result<()>;
+    fn matmul_dyw(
+        &self,
+        dy: &Self::Buf,
+        w: &Self::Buf,
+        dx: &mut Self::Buf,
+        m: usize,
+        k: usize,
+        n: usize,
+        acc: Accum,
+    ) -> Result<()>;
     /// dW (= or +=) dYᵀ·X.
-    fn matmul_dytx(&self, dy: &Self::Buf, x: &Self::Buf, dw: &mut Self::Buf, m: usize, k: usize, n: usize, acc: Accum) -> Result<()>;
+    fn matmul_dytx(
+        &self,
+        dy: &Self::Buf,
+        x: &Self::Buf,
+        dw: &mut Self::Buf,
+        m: usize,
+        k: usize,
+        n: usize,
+        acc: Accum,
+    ) -> Result<()>;
 
     // ---- LoRA linear: Y = X·W̃ᵀ + s·(drop(X)·Aᵀ)·Bᵀ ------------------------------------------
     /// x [M,K], a [R,K], b [N,R], dropout mask [M,K] (None = no dropout). Writes y [M,N] and the saved
@@ -142,17 +169,52 @@ pub trait Backend: Send + Sync + Sized {
 
     // ---- norms and pointwise -------------------------------------------------------------------
     /// Gemma RMSNorm over rows x [N,H]: y = x·rsqrt(mean(x²)+eps)·(1+w). Writes y [N,H], rstd [N].
-    fn rmsnorm_fwd(&self, x: &Self::Buf, w: &Self::Buf, y: &mut Self::Buf, rstd: &mut Self::Buf, n: usize, h: usize, eps: f32) -> Result<()>;
+    fn rmsnorm_fwd(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        y: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+        n: usize,
+        h: usize,
+        eps: f32,
+    ) -> Result<()>;
     /// Writes dx [N,H]; adds into dw [H] when given (None for a frozen norm).
     #[allow(clippy::too_many_arguments)]
-    fn rmsnorm_bwd(&self, dy: &Self::Buf, x: &Self::Buf, w: &Self::Buf, rstd: &Self::Buf, dx: &mut Self::Buf, dw: Option<&mut Self::Buf>, n: usize, h: usize) -> Result<()>;
+    fn rmsnorm_bwd(
+        &self,
+        dy: &Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        rstd: &Self::Buf,
+        dx: &mut Self::Buf,
+        dw: Option<&mut Self::Buf>,
+        n: usize,
+        h: usize,
+    ) -> Result<()>;
     /// RoPE in place on x [N, heads, D], split-halves (NeoX) convention, angle = pos·theta^(−2i/D),
     /// positions [N] per token (packing restarts them). `inverse` rotates by −angle (the backward).
-    fn rope(&self, x: &mut Self::Buf, pos: &Self::Ids, n: usize, heads: usize, d: usize, theta: f32, inverse: bool) -> Result<()>;
+    fn rope(
+        &self,
+        x: &mut Self::Buf,
+        pos: &Self::Ids,
+        n: usize,
+        heads: usize,
+        d: usize,
+        theta: f32,
+        inverse: bool,
+    ) -> Result<()>;
     /// out = gelu_tanh(gate)·up, all [N]-element buffers (any shape). Writes out.
     fn geglu_fwd(&self, gate: &Self::Buf, up: &Self::Buf, out: &mut Self::Buf) -> Result<()>;
     /// Writes dgate, dup.
-    fn geglu_bwd(&self, dout: &Self::Buf, gate: &Self::Buf, up: &Self::Buf, dgate: &mut Self::Buf, dup: &mut Self::Buf) -> Result<()>;
+    fn geglu_bwd(
+        &self,
+        dout: &Self::Buf,
+        gate: &Self::Buf,
+        up: &Self::Buf,
+        dgate: &mut Self::Buf,
+        dup: &mut Self::Buf,
+    ) -> Result<()>;
     /// x ← c·tanh(x/c) in place.
     fn softcap_fwd(&self, x: &mut Self::Buf, cap: f32) -> Result<()>;
     /// dy ← dy·(1 − (y/c)²) in place, given the capped output y.
@@ -163,7 +225,16 @@ pub trait Backend: Send + Sync + Sized {
     /// the last T of them; None = one segment per row) forbid attention across packed samples.
     /// Writes out [B,T,NH,D] and lse [B,NH,T] (log-sum-exp of the masked scores, saved for the backward).
     #[allow(clippy::too_many_arguments)]
-    fn attn_fwd(&self, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, seg: Option<&Self::Ids>, out: &mut Self::Buf, lse: &mut Self::Buf, s: &AttnShape) -> Result<()>;
+    fn attn_fwd(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        seg: Option<&Self::Ids>,
+        out: &mut Self::Buf,
+        lse: &mut Self::Buf,
+        s: &AttnShape,
+    ) -> Result<()>;
     /// Writes dq, dk, dv.
     #[allow(clippy::too_many_arguments)]
     fn attn_bwd(
@@ -183,14 +254,39 @@ pub trait Backend: Send + Sync + Sized {
 
     // ---- embedding and loss --------------------------------------------------------------------
     /// out [N,H] = table[ids]·scale (table [V,H]). An id outside [0,V) is an `Invalid` error.
-    fn embedding_fwd(&self, ids: &Self::Ids, table: &Self::Buf, out: &mut Self::Buf, v: usize, h: usize, scale: f32) -> Result<()>;
+    fn embedding_fwd(
+        &self,
+        ids: &Self::Ids,
+        table: &Self::Buf,
+        out: &mut Self::Buf,
+        v: usize,
+        h: usize,
+        scale: f32,
+    ) -> Result<()>;
     /// Adds scale·dout[i] into dtable[ids[i]].
-    fn embedding_bwd(&self, ids: &Self::Ids, dout: &Self::Buf, dtable: &mut Self::Buf, v: usize, h: usize, scale: f32) -> Result<()>;
+    fn embedding_bwd(
+        &self,
+        ids: &Self::Ids,
+        dout: &Self::Buf,
+        dtable: &mut Self::Buf,
+        v: usize,
+        h: usize,
+        scale: f32,
+    ) -> Result<()>;
     /// Cross-entropy over logits [N,V] with an optional final soft-cap applied first, labels [N]
     /// (−100 = ignored; the caller has already shifted them). Returns (Σ loss, count of scored rows).
     /// When `dlogits` is given it writes grad_scale·∂(Σ loss)/∂logits (pre-cap logits), zero on ignored rows.
     #[allow(clippy::too_many_arguments)]
-    fn cross_entropy(&self, logits: &Self::Buf, labels: &Self::Ids, n: usize, v: usize, softcap: Option<f32>, grad_scale: f32, dlogits: Option<&mut Self::Buf>) -> Result<(f64, usize)>;
+    fn cross_entropy(
+        &self,
+        logits: &Self::Buf,
+        labels: &Self::Ids,
+        n: usize,
+        v: usize,
+        softcap: Option<f32>,
+        grad_scale: f32,
+        dlogits: Option<&mut Self::Buf>,
+    ) -> Result<(f64, usize)>;
     /// Fused tied LM head + cross-entropy: logits = hidden [N,H] · embᵀ (emb [V,H]), soft-capped, scored
     /// against labels [N], processed `chunk` rows at a time so the [N,V] logits never exist at once.
     /// Adds grad_scale·∂/∂hidden into dhidden [N,H] and, when given, into demb [V,H].
@@ -212,7 +308,14 @@ pub trait Backend: Send + Sync + Sized {
     // ---- optimizer ------------------------------------------------------------------------------
     /// One torch-AdamW step on param/grad/m/v (same length): p ← p·(1 − lr·wd); m, v updated;
     /// p ← p − lr/(1−β1^t) · m / (sqrt(v)/sqrt(1−β2^t) + eps).
-    fn adamw(&self, p: &mut Self::Buf, g: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, h: &AdamW) -> Result<()>;
+    fn adamw(
+        &self,
+        p: &mut Self::Buf,
+        g: &Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+        h: &AdamW,
+    ) -> Result<()>;
 }
 
 /// LoRA factors for the forward: a [R,K], b [N,R], s = α/R (or α/√R), optional dropout mask [M,K].

@@ -38,15 +38,30 @@ pub fn check_len(
     if found == expected {
         Ok(())
     } else {
-        Err(KernelError::Shape { op, arg, shape: shape(), expected, found })
+        Err(KernelError::Shape {
+            op,
+            arg,
+            shape: shape(),
+            expected,
+            found,
+        })
     }
 }
 
 /// Returns an `Invalid` error unless `cond` holds.
-pub fn ensure(op: &'static str, arg: &'static str, cond: bool, msg: impl FnOnce() -> String) -> Result<()> {
+pub fn ensure(
+    op: &'static str,
+    arg: &'static str,
+    cond: bool,
+    msg: impl FnOnce() -> String,
+) -> Result<()> {
     if cond {
         Ok(())
     } else {
-        Err(KernelError::Invalid { op, arg, msg: msg() })
+        Err(KernelError::Invalid {
+            op,
+            arg,
+            msg: msg(),
+        })
     }
 }

@@ -12,8 +12,8 @@ pub mod launch;
 pub mod nf4;
 pub mod tolerance;
 
-pub use cpu::Cpu;
 pub use backend::{clip_coef, Accum, AdamW, AttnShape, Backend, LoraGradRef, LoraRef, Weight};
+pub use cpu::Cpu;
 pub use error::{KernelError, Result};
 pub use nf4::{Absmax, Nf4Tensor};
 pub use tolerance::{Mismatch, Tolerance};

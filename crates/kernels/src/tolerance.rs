@@ -56,11 +56,20 @@ impl Tolerance {
         Self { atol, rtol }
     }
     /// Bit-for-bit equality (NaNs compare equal to NaNs).
-    pub const EXACT: Tolerance = Tolerance { atol: 0.0, rtol: 0.0 };
+    pub const EXACT: Tolerance = Tolerance {
+        atol: 0.0,
+        rtol: 0.0,
+    };
     /// f32 op against an f64 loop.
-    pub const F32: Tolerance = Tolerance { atol: 1e-5, rtol: 1e-4 };
+    pub const F32: Tolerance = Tolerance {
+        atol: 1e-5,
+        rtol: 1e-4,
+    };
     /// bf16 storage against an f32 reference.
-    pub const BF16: Tolerance = Tolerance { atol: 1e-2, rtol: 2e-2 };
+    pub const BF16: Tolerance = Tolerance {
+        atol: 1e-2,
+        rtol: 2e-2,
+    };
 
     /// Whether one pair of values is within tolerance. NaN matches only NaN; ±inf matches the same inf.
     pub fn accepts(&self, got: f64, expected: f64) -> bool {
@@ -153,9 +162,17 @@ mod tests {
 
     #[test]
     fn names_tensor_index_and_values() {
-        let err = Tolerance::new(1e-6, 1e-6).compare("dq", [1.0f32, 2.0, 3.0], [1.0f32, 2.5, 3.0]).unwrap_err();
+        let err = Tolerance::new(1e-6, 1e-6)
+            .compare("dq", [1.0f32, 2.0, 3.0], [1.0f32, 2.5, 3.0])
+            .unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("`dq`") && msg.contains("[1]") && msg.contains("2.5e0") && msg.contains("2e0"), "{msg}");
+        assert!(
+            msg.contains("`dq`")
+                && msg.contains("[1]")
+                && msg.contains("2.5e0")
+                && msg.contains("2e0"),
+            "{msg}"
+        );
         assert_eq!(err.failures, 1);
     }
 
@@ -166,6 +183,8 @@ mod tests {
         assert!(!t.accepts(0.0, f64::NAN));
         assert!(!t.accepts(f64::INFINITY, 1e300));
         assert!(t.accepts(f64::NEG_INFINITY, f64::NEG_INFINITY));
-        assert!(Tolerance::EXACT.compare("x", [1.0f32], [1.0f32, 2.0]).is_err());
+        assert!(Tolerance::EXACT
+            .compare("x", [1.0f32], [1.0f32, 2.0])
+            .is_err());
     }
 }

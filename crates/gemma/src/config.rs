@@ -461,6 +461,21 @@ impl Gemma2Config {
             quantization_config,
             raw,
         };
+        // Checked here too (the kernels refuse them later), so that the error names file and key.
+        if !(cfg.rms_norm_eps.is_finite() && cfg.rms_norm_eps >= 0.0) {
+            return Err(cfg_err(
+                path,
+                "rms_norm_eps",
+                format!("must be finite and ≥ 0, found {}", cfg.rms_norm_eps),
+            ));
+        }
+        if !(cfg.rope_theta.is_finite() && cfg.rope_theta > 0.0) {
+            return Err(cfg_err(
+                path,
+                "rope_theta",
+                format!("must be finite and > 0, found {}", cfg.rope_theta),
+            ));
+        }
         if cfg.query_pre_attn_scalar <= 0.0 {
             return Err(cfg_err(path, "query_pre_attn_scalar", "must be positive"));
         }

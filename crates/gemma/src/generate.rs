@@ -524,6 +524,20 @@ pub fn generate<B: Backend>(
             "generate: the prompt is empty (it needs at least a BOS token)".into(),
         ));
     }
+    // Positions past max_position_embeddings are outside what the model was trained for, and a huge
+    // prompt or max_new_tokens would otherwise run (quadratic prefill) or allocate without bound.
+    let max_pos = model.config.max_position_embeddings;
+    match prompt.len().checked_add(opts.max_new_tokens) {
+        Some(total) if total <= max_pos => {}
+        _ => {
+            return Err(GemmaError::Invalid(format!(
+                "generate: the prompt ({} tokens) + max_new_tokens ({}) exceeds the model's \
+                 max_position_embeddings = {max_pos}",
+                prompt.len(),
+                opts.max_new_tokens
+            )))
+        }
+    }
     let mut dec = Decoder::new(model);
     let mut tokens = Vec::with_capacity(opts.max_new_tokens);
     if opts.max_new_tokens == 0 {

@@ -844,6 +844,21 @@ impl<B: Backend> Gemma2Model<B> {
             ));
         }
         let cfg = &config;
+        if let Some(lc) = &opts.lora {
+            // ΔW = B·A of an [out, in] linear has rank ≤ min(out, in): a larger r only adds parameters,
+            // and an absurd r (a typo, 10^11) would otherwise abort in the allocation of A.
+            for &t in &lc.targets {
+                let (out_f, in_f) = t.dims(cfg);
+                if lc.r > out_f.min(in_f) {
+                    return Err(GemmaError::LoraConfig(format!(
+                        "r = {} exceeds min(out, in) = {} of {t} ([{out_f}, {in_f}]); ΔW cannot have a \
+                         rank above that",
+                        lc.r,
+                        out_f.min(in_f)
+                    )));
+                }
+            }
+        }
         let h = cfg.hidden_size;
         let nl = cfg.num_hidden_layers;
         let bar = progress_bar(opts.progress, nl as u64 + 2);

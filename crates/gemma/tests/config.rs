@@ -215,6 +215,19 @@ fn bad_values_name_the_key() {
             r#"{"model_type": "gemma2", "use_bidirectional_attention": true}"#,
             "use_bidirectional_attention",
         ),
+        (
+            r#"{"model_type": "gemma2", "rms_norm_eps": -1}"#,
+            "rms_norm_eps",
+        ),
+        (r#"{"model_type": "gemma2", "rope_theta": 0}"#, "rope_theta"),
+        (
+            r#"{"model_type": "gemma2", "rope_parameters": {"rope_theta": -5}}"#,
+            "rope_theta",
+        ),
+        (
+            r#"{"model_type": "gemma2", "vocab_size": 1000000000000}"#,
+            "vocab_size",
+        ),
     ];
     for (json, key) in cases {
         let err = parse(json).unwrap_err();

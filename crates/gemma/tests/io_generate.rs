@@ -183,6 +183,22 @@ fn bad_input_is_an_error() {
         .unwrap_err()
         .to_string()
         .contains("temperature"));
+    // An absurd max_new_tokens (or a prompt longer than the model's positions) is an error up front,
+    // not a huge allocation or an endless decode.
+    let max_pos = model.config.max_position_embeddings;
+    for (prompt, max_new) in [
+        (vec![2], usize::MAX),
+        (vec![2], 100_000_000_000),
+        (vec![2; 3], max_pos - 2),
+    ] {
+        let err = generate(&model, &prompt, &GenerateOptions::greedy(max_new))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("max_position_embeddings") && err.contains(&max_pos.to_string()),
+            "{err}"
+        );
+    }
     // A failed feed leaves the decoder usable and unchanged.
     let mut dec = Decoder::new(&model);
     dec.feed(&[2, 5]).unwrap();

@@ -357,3 +357,35 @@ fn prequantized_bnb_checkpoint_loads_as_nf4() {
         "{msg}"
     );
 }
+
+#[test]
+fn absurd_lora_rank_is_an_error_not_an_allocation() {
+    use afinar_gemma::LoraConfig;
+    let cfg = afinar_gemma::Gemma2Config::from_file(tiny_a().join("config.json")).unwrap();
+    let (out_f, in_f) = Target::QProj.dims(&cfg);
+    let min = out_f.min(in_f);
+    for r in [min + 1, 100_000_000_000] {
+        let lora = LoraConfig::new(r, 16.0, 0.0, false, &["q_proj"]).unwrap();
+        let opts = LoadOptions {
+            lora: Some(lora),
+            ..LoadOptions::default()
+        };
+        let err = match Gemma2Model::load(cpu(), tiny_a(), &opts) {
+            Ok(_) => panic!("r = {r} was accepted"),
+            Err(e) => e,
+        };
+        assert!(matches!(err, GemmaError::LoraConfig(_)), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&format!("r = {r}")) && msg.contains("q_proj"),
+            "{msg}"
+        );
+    }
+    // The largest meaningful rank still loads.
+    let lora = LoraConfig::new(min, 16.0, 0.0, false, &["q_proj"]).unwrap();
+    let opts = LoadOptions {
+        lora: Some(lora),
+        ..LoadOptions::default()
+    };
+    Gemma2Model::load(cpu(), tiny_a(), &opts).unwrap();
+}

@@ -253,6 +253,10 @@ impl Default for DataSection {
     }
 }
 
+/// Largest accepted `train.grad_accum`. The loop builds a step's whole window of micro-batches before
+/// the first backward (to count its trained tokens), so an absurd value would abort in that allocation.
+pub const MAX_GRAD_ACCUM: usize = 4096;
+
 /// `[train]`: optimizer, schedule and loop.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -264,7 +268,8 @@ pub struct TrainSection {
     /// Rows per forward/backward. Typical 1–8; default 1.
     pub micro_batch_size: usize,
     /// Micro-batches per optimizer step; the loss is normalized by the trained-token count of the
-    /// whole window. Typical 1–16; default 1.
+    /// whole window. Typical 1–16; default 1; at most `MAX_GRAD_ACCUM` (the window's batches are held in
+    /// memory together).
     pub grad_accum: usize,
     /// Peak learning rate (> 0). QLoRA typical 2e-4; default 2e-4.
     pub lr: f64,
@@ -816,6 +821,16 @@ impl Config {
         if t.grad_accum == 0 {
             return Err(inv("train.grad_accum", "0".into(), "must be ≥ 1"));
         }
+        if t.grad_accum > MAX_GRAD_ACCUM {
+            return Err(inv(
+                "train.grad_accum",
+                t.grad_accum.to_string(),
+                &format!(
+                    "must be ≤ {MAX_GRAD_ACCUM}: the window's micro-batches are held in memory together \
+                     (raise train.micro_batch_size instead)"
+                ),
+            ));
+        }
         if t.max_steps == 0 && !(t.epochs.is_finite() && t.epochs > 0.0) {
             return Err(inv(
                 "train.epochs",
@@ -1079,6 +1094,10 @@ mod tests {
                 Box::new(|c| c.lora.targets = vec!["qkv".into()]),
             ),
             ("train.betas[1]", Box::new(|c| c.train.betas = [0.9, 1.0])),
+            (
+                "train.grad_accum",
+                Box::new(|c| c.train.grad_accum = 100_000_000_000),
+            ),
             (
                 "train.keep_checkpoints",
                 Box::new(|c| c.train.keep_checkpoints = 0),

@@ -58,6 +58,15 @@ pub fn eval_file(
     tok: &TextTokenizer,
     o: &EvalOptions,
 ) -> Result<EvalResult> {
+    if o.max_seq_len > model.config.max_position_embeddings {
+        return Err(TrainError::Invalid {
+            key: "--max-seq-len".into(),
+            reason: format!(
+                "{} exceeds the model's max_position_embeddings = {}",
+                o.max_seq_len, model.config.max_position_embeddings
+            ),
+        });
+    }
     let mut dc = afinar_data::DataConfig::new(&o.data, o.template);
     dc.format = o.format;
     dc.max_seq_len = o.max_seq_len;

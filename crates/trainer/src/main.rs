@@ -263,10 +263,24 @@ fn main() -> ExitCode {
     match r {
         Ok(code) => ExitCode::from(code),
         Err(f) => {
-            eprintln!("error: {:#}", f.err);
+            eprintln!("error: {}", render_error(&f.err));
             ExitCode::from(f.code)
         }
     }
+}
+
+/// The error and its causes, "a: b: c", skipping a cause whose text the message already holds (most
+/// library errors print their source themselves, and `{:#}` would repeat it).
+fn render_error(err: &anyhow::Error) -> String {
+    let mut msg = err.to_string();
+    for cause in err.chain().skip(1) {
+        let c = cause.to_string();
+        if !msg.contains(&c) {
+            msg.push_str(": ");
+            msg.push_str(&c);
+        }
+    }
+    msg
 }
 
 fn shell_quote(s: &str) -> String {

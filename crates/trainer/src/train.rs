@@ -287,6 +287,21 @@ struct Prepared {
 }
 
 fn prepare_data(cfg: &Config) -> Result<Prepared> {
+    // A row longer than the model's positions is outside what it was trained for, and with packing a
+    // huge max_seq_len would be allocated as is for every batch.
+    let model_cfg =
+        afinar_gemma::Gemma2Config::from_file(afinar_gemma::config::config_path(&cfg.model.path))?;
+    if cfg.data.max_seq_len > model_cfg.max_position_embeddings {
+        return Err(TrainError::Invalid {
+            key: "data.max_seq_len".into(),
+            reason: format!(
+                "{} exceeds the model's max_position_embeddings = {} ({})",
+                cfg.data.max_seq_len,
+                model_cfg.max_position_embeddings,
+                afinar_gemma::config::config_path(&cfg.model.path).display()
+            ),
+        });
+    }
     let tokenizer = TextTokenizer::from_model_dir(&cfg.model.path)?;
     let dc = data_config(cfg)?;
     let template = afinar_data::Template::new(dc.template, &tokenizer)?;

@@ -96,6 +96,28 @@ fn invalid_values_and_missing_paths_are_refused_before_work() {
     assert!(stderr(&o).contains("warmup"), "{}", stderr(&o));
     let o = run(&["train", "--config", ps, "--set", "data.max_seq_len=6"]);
     assert!(stderr(&o).contains("data.max_seq_len"), "{}", stderr(&o));
+    // Absurd sizes are errors naming the key, not allocation aborts (exit 134) or hangs.
+    for (sets, needle, code) in [
+        (
+            &["data.packing=true", "data.max_seq_len=100000000000"][..],
+            "max_position_embeddings",
+            2,
+        ),
+        (
+            &["train.grad_accum=100000000000"][..],
+            "train.grad_accum",
+            2,
+        ),
+        (&["lora.r=100000000000"][..], "r = 100000000000", 1),
+    ] {
+        let mut args = vec!["train", "--config", ps];
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        let o = run(&args);
+        assert_eq!(o.status.code(), Some(code), "{sets:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(needle), "{sets:?}: {}", stderr(&o));
+    }
     assert!(!dir.path().join("runs").exists());
     // The CUDA device in a CPU-only build.
     if !cfg!(feature = "cuda") {
@@ -251,6 +273,50 @@ fn eval_generate_inspect_json() {
     assert!((loss - (common::VOCAB as f64).ln()).abs() < 1.0, "{v}");
     assert!((v["perplexity"].as_f64().unwrap() - loss.exp()).abs() < 1e-6 * loss.exp());
     assert_eq!(v["samples"], 6);
+    // A max_seq_len beyond the model's positions, and a max_new_tokens that could not fit.
+    let o = run(&[
+        "eval",
+        "--model",
+        &m,
+        "--data",
+        &d,
+        "--max-seq-len",
+        "100000000000",
+    ]);
+    assert_ne!(o.status.code(), Some(0));
+    assert!(
+        stderr(&o).contains("max_position_embeddings"),
+        "{}",
+        stderr(&o)
+    );
+    let o = run(&[
+        "generate",
+        "--model",
+        &m,
+        "--prompt",
+        "hola",
+        "--max-new-tokens",
+        "100000000000",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("max_position_embeddings"),
+        "{}",
+        stderr(&o)
+    );
+    // An I/O error is printed once, not once per level of the error chain.
+    let o = run(&[
+        "eval",
+        "--model",
+        &m,
+        "--data",
+        &d,
+        "--adapter",
+        "/no/such/adapter",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert_eq!(e.matches("No such file").count(), 1, "{e}");
 
     let o = run(&[
         "generate",

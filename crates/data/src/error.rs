@@ -115,6 +115,20 @@ pub enum DataError {
     #[error("{path}: the dataset has no records")]
     EmptyDataset { path: PathBuf },
 
+    /// Every record was valid but dropped by the length handling, so nothing is left.
+    #[error(
+        "{path}: all {records} record(s) were dropped at max_seq_len = {max_seq_len}: {too_long} longer \
+         than that (overflow = drop), {untrained} left with no trained token after truncation; raise \
+         max_seq_len or shorten the records"
+    )]
+    AllDropped {
+        path: PathBuf,
+        records: usize,
+        too_long: usize,
+        untrained: usize,
+        max_seq_len: usize,
+    },
+
     #[error("tokenizer {path}: {message}")]
     Tokenizer { path: PathBuf, message: String },
 

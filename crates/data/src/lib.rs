@@ -167,8 +167,13 @@ pub fn prepare(cfg: &DataConfig, tok: &TextTokenizer) -> Result<PreparedData> {
         });
     };
     if train.samples.is_empty() {
-        return Err(DataError::EmptyDataset {
+        // parse_dataset refuses a file without records, so here every record was dropped for length.
+        return Err(DataError::AllDropped {
             path: cfg.path.clone(),
+            records: train.stats.records,
+            too_long: train.stats.dropped_too_long,
+            untrained: train.stats.dropped_untrained,
+            max_seq_len: opts.max_seq_len,
         });
     }
     Ok(PreparedData {

@@ -159,7 +159,32 @@ pub struct RawDataset {
 
 /// Reads and validates a dataset file. `format = None` detects it from the first JSON object.
 pub fn read_dataset(path: &Path, format: Option<Format>) -> Result<RawDataset> {
-    let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
+    let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        // Name the line (and byte column) of the first invalid byte, as for any other bad record.
+        let bad = e.utf8_error().valid_up_to();
+        let before = &e.as_bytes()[..bad];
+        let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+        let column = bad
+            - before
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |p| p + 1)
+            + 1;
+        DataError::InvalidRecords {
+            what: path.display().to_string(),
+            errors: vec![RecordError {
+                loc: Loc {
+                    path: path.to_path_buf(),
+                    line,
+                    column: Some(column),
+                },
+                field: "-".into(),
+                problem: "invalid UTF-8 (the file must be UTF-8 text)".into(),
+            }],
+            total: 1,
+        }
+    })?;
     parse_dataset(path, &text, format)
 }
 
@@ -505,7 +530,21 @@ pub fn parse_dataset(path: &Path, text: &str, format: Option<Format>) -> Result<
                     ),
                 })?,
                 None => {
-                    // Only syntax errors (or no records at all): report those first.
+                    // Only syntax errors, values that are not objects, or no records at all.
+                    for it in &items {
+                        errs.push(RecordError {
+                            loc: Loc {
+                                path: path.to_path_buf(),
+                                line: it.line,
+                                column: None,
+                            },
+                            field: "-".into(),
+                            problem: format!(
+                                "expected a JSON object, found {}",
+                                type_name(&it.value)
+                            ),
+                        });
+                    }
                     errs.into_result(&path.display().to_string())?;
                     return Err(DataError::EmptyDataset { path: path.to_path_buf() });
                 }

@@ -696,3 +696,52 @@ fn sharegpt_template_errors_use_the_file_field_names() {
         "{msg}"
     );
 }
+
+#[test]
+fn unreadable_or_fully_dropped_data_says_why() {
+    // Invalid UTF-8: the line and byte column of the first bad byte.
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bad.jsonl");
+    std::fs::write(
+        &p,
+        b"{\"instruction\": \"a\", \"output\": \"b\"}\n{\"instruction\": \"x\xff\", \"output\": \"b\"}\n",
+    )
+    .unwrap();
+    let msg = read_dataset(&p, None).unwrap_err().to_string();
+    assert!(
+        msg.contains(&format!("{}:2:19: invalid UTF-8", p.display())),
+        "{msg}"
+    );
+    // Values that are not objects, with the format to detect: each one named, not "no records".
+    let (_d, p) = write_jsonl(&["7", "[\"x\"]"]);
+    let err = read_dataset(&p, None).unwrap_err();
+    let msg = err.to_string();
+    let f = p.display().to_string();
+    assert!(
+        msg.contains(&format!("{f}:1: expected a JSON object, found a number"))
+            && msg.contains(&format!("{f}:2: expected a JSON object, found an array")),
+        "{msg}"
+    );
+    // Every record dropped by the length handling: the counts and the limit, not "no records".
+    let tok = common::project_tokenizer();
+    let long_prompt = "palabra ".repeat(60);
+    let (_d, p) = write_jsonl(&[&format!(
+        r#"{{"instruction": "{long_prompt}", "output": "sí"}}"#
+    )]);
+    let mut cfg = DataConfig::new(&p, TemplateKind::Gemma);
+    cfg.max_seq_len = 32;
+    let err = prepare(&cfg, &tok).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            DataError::AllDropped {
+                records: 1,
+                too_long: 0,
+                untrained: 1,
+                max_seq_len: 32,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}

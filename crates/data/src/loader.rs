@@ -311,6 +311,12 @@ impl DataLoader {
                 ),
             });
         }
+        if c.epoch == u64::MAX {
+            // next_batch would overflow when this epoch ends.
+            return Err(DataError::CursorMismatch {
+                problem: format!("epoch {} is out of range", c.epoch),
+            });
+        }
         self.epoch = c.epoch;
         self.position = c.position;
         Ok(())

@@ -514,6 +514,35 @@ pub fn train_with<B: Backend>(backend: Arc<B>, opts: &TrainOptions) -> Result<Tr
                 ck.state.total_steps, ck.state.warmup_steps, prep.total_steps, prep.warmup_steps
             )));
         }
+        // The saved counters must be ones this loop could have written: step ≤ total, AdamW's t ≤ step
+        // (skipped steps do not count), and the data cursor exactly step·grad_accum batches in (the
+        // cursor rolls over lazily, so a finished epoch reads as position = batches per epoch).
+        let st = &ck.state;
+        if st.step > st.total_steps {
+            return Err(bad(format!(
+                "step {} is beyond its {} planned steps",
+                st.step, st.total_steps
+            )));
+        }
+        if st.adam_t > st.step {
+            return Err(bad(format!(
+                "adam_t {} exceeds step {}",
+                st.adam_t, st.step
+            )));
+        }
+        let per_epoch = prep.train.batches_per_epoch();
+        let consumed = st.step.checked_mul(cfg.train.grad_accum as u64);
+        let at = st
+            .cursor
+            .epoch
+            .checked_mul(per_epoch)
+            .and_then(|x| x.checked_add(st.cursor.position));
+        if consumed.is_none() || consumed != at || (st.step > 0 && st.cursor.position == 0) {
+            return Err(bad(format!(
+                "data cursor (epoch {}, position {}) does not match step {} × grad_accum {} with {per_epoch} batches per epoch",
+                st.cursor.epoch, st.cursor.position, st.step, cfg.train.grad_accum
+            )));
+        }
         if ck.tensors.len() != names.len() {
             return Err(bad(format!(
                 "{} trainable tensors saved, the model has {}",

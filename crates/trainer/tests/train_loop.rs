@@ -182,6 +182,54 @@ fn resume_is_bit_identical() {
         b.summary.final_eval_loss.map(f64::to_bits)
     );
 
+    // Counters edited into impossible values are refused (they overflowed before: adam_t + 1, and the
+    // loader's epoch + 1 at the next rollover).
+    let ck_src = std::fs::read_dir(b.run_dir.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("step-")
+        })
+        .max()
+        .unwrap();
+    for (key, sub, value) in [
+        ("adam_t", None, u64::MAX),
+        ("step", None, u64::MAX),
+        ("cursor", Some("epoch"), u64::MAX),
+        ("cursor", Some("position"), 0),
+    ] {
+        let ck = dir
+            .path()
+            .join(format!("edited-{key}-{}", sub.unwrap_or("")));
+        std::fs::create_dir_all(&ck).unwrap();
+        for f in ["config.toml", "tensors.safetensors", "trainer_state.json"] {
+            std::fs::copy(ck_src.join(f), ck.join(f)).unwrap();
+        }
+        let sp = ck.join("trainer_state.json");
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&sp).unwrap()).unwrap();
+        match sub {
+            None => v[key] = value.into(),
+            Some(s) => v[key][s] = value.into(),
+        }
+        std::fs::write(&sp, serde_json::to_vec(&v).unwrap()).unwrap();
+        let mut o = opts(cfg.clone());
+        o.resume = Some(Resume::Dir(ck));
+        match train::train(&o) {
+            Err(e @ TrainError::BadCheckpoint { .. }) => {
+                assert!(e.to_string().contains(sub.unwrap_or(key)), "{key}: {e}")
+            }
+            other => panic!(
+                "{key}: expected BadCheckpoint, got {:?}",
+                other.map(|o| o.run_dir)
+            ),
+        }
+    }
+
     // A different config is refused, naming the keys.
     let mut c2 = cfg.clone();
     c2.lora.r = 8;

@@ -113,10 +113,18 @@ fn message_value(messages: &[Message]) -> Value {
     Value::from_serialize(&list)
 }
 
+/// Instruction budget of one render. A real chat template spends a few dozen instructions per message;
+/// the budget stops a template from tokenizer_config.json that loops (nearly) forever.
+pub const TEMPLATE_FUEL: u64 = 20_000_000;
+
 /// A readable message for a render error (the `raise_exception` text when that is what failed).
 fn describe(e: &minijinja::Error) -> String {
     match (e.kind(), e.detail()) {
         (ErrorKind::InvalidOperation, Some(d)) => format!("the chat template raised: {d}"),
+        (ErrorKind::OutOfFuel, _) => format!(
+            "the chat template ran more than {TEMPLATE_FUEL} instructions for one conversation \
+             (an endless or huge loop?)"
+        ),
         _ => format!("chat template error: {e}"),
     }
 }
@@ -127,6 +135,7 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_keep_trailing_newline(false);
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function(
             "raise_exception",

@@ -266,11 +266,17 @@ impl Template {
                 (Some(e), None)
             }
             TemplateKind::Tokenizer => {
+                // The template is the `chat_template` key of tokenizer_config.json, next to tokenizer.json.
+                let source = tok
+                    .path()
+                    .with_file_name("tokenizer_config.json")
+                    .display()
+                    .to_string();
                 let src = tok.chat_template().ok_or_else(|| DataError::ChatTemplate {
-                    source_name: tok.path().display().to_string(),
+                    source_name: source.clone(),
                     message: "the tokenizer has no chat_template (tokenizer_config.json); pick a built-in template".into(),
                 })?;
-                let j = ChatTemplate::new(src, &tok.path().display().to_string(), tok)?;
+                let j = ChatTemplate::new(src, &source, tok)?;
                 let eot = j.probe_end_of_turn(tok)?;
                 (eot, Some(j))
             }

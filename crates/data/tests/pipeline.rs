@@ -568,6 +568,22 @@ fn jinja_template_that_emits_bos_twice_is_rejected() {
 }
 
 #[test]
+fn endless_jinja_template_is_stopped_and_named() {
+    // 10^12 loop iterations: without an instruction budget this never returns.
+    let tok = common::tokenizer_with_template(
+        "{% for i in range(10000) %}{% for j in range(10000) %}{% for k in range(10000) %}{% endfor %}{% endfor %}{% endfor %}",
+    );
+    let msg = match Template::new(TemplateKind::Tokenizer, &tok) {
+        Ok(_) => panic!("an endless template was accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        msg.contains("tokenizer_config.json") && msg.contains("instructions"),
+        "{msg}"
+    );
+}
+
+#[test]
 fn shipped_dataset_loads_with_zero_errors() {
     let dir = common::repo_root().join("datasets/academico-riguroso");
     let tok = common::project_tokenizer();

@@ -269,6 +269,9 @@ pub struct InitShape {
     pub seed: u64,
 }
 
+/// Largest model `afinar init` creates: 2^36 ≈ 69e9 parameters (256 GiB of f32).
+pub const MAX_INIT_PARAMETERS: usize = 1 << 36;
+
 /// `afinar init`: a randomly initialised Gemma-2 (embedding and linears N(0, 0.02), norm offsets 0) in the
 /// Hugging Face layout (f32), with the vocabulary of the tokenizer in `tokenizer_dir` (whose
 /// tokenizer.json / tokenizer_config.json are copied). The starting point for pretraining from scratch
@@ -287,6 +290,18 @@ pub fn init_model(tokenizer_dir: &Path, out: &Path, s: &InitShape) -> Result<()>
         s.head_dim,
         s.sliding_window,
     )?;
+    // Every parameter is drawn in host memory: refuse sizes no machine holds instead of aborting in
+    // (or thrashing through) the allocation. The limit is far above any released Gemma-2 (27B).
+    let params = cfg.num_parameters();
+    if params > MAX_INIT_PARAMETERS {
+        return Err(TrainError::Invalid {
+            key: "--hidden/--intermediate/--layers".into(),
+            reason: format!(
+                "the model would have {params} parameters ({:.0} GiB in f32), above the {MAX_INIT_PARAMETERS} that init accepts",
+                params as f64 * 4.0 / (1u64 << 30) as f64
+            ),
+        });
+    }
     let opts = LoadOptions {
         seed: s.seed,
         ..Default::default()

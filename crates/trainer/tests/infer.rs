@@ -68,3 +68,23 @@ fn chat_prompt_keeps_earlier_turns() {
          <start_of_turn>user\n¿Qué es un mol?<end_of_turn>\n<start_of_turn>model\n"
     );
 }
+
+#[test]
+fn init_refuses_an_absurd_model_size_before_allocating() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tokenizer");
+    let out = tempfile::tempdir().unwrap();
+    let shape = afinar_trainer::infer::InitShape {
+        hidden: 1 << 20,
+        intermediate: 1 << 22,
+        layers: 4096,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 32,
+        sliding_window: 128,
+        seed: 0,
+    };
+    let target = out.path().join("m");
+    let err = afinar_trainer::infer::init_model(&dir, &target, &shape).unwrap_err();
+    assert!(err.to_string().contains("parameters"), "{err}");
+    assert!(!target.exists());
+}

@@ -543,6 +543,23 @@ fn cmd_generate(a: GenerateArgs) -> Result<u8, Failure> {
     Ok(0)
 }
 
+/// `--out` of merge/quantize must not hold anything yet: the export replaces its target directory
+/// wholesale, so `--out .` or `--out runs` would otherwise delete what was there.
+fn check_out_dir(out: &Path) -> Result<(), Failure> {
+    let in_use = match std::fs::read_dir(out) {
+        Ok(mut entries) => entries.next().is_some(),
+        Err(_) => out.exists(),
+    };
+    if in_use {
+        return Err(usage(anyhow::anyhow!(
+            "--out {} already exists and is not an empty directory; nothing was changed \
+             (remove it or pick another directory)",
+            out.display()
+        )));
+    }
+    Ok(())
+}
+
 fn cmd_merge(a: MergeArgs) -> Result<u8, Failure> {
     check_model_dir(&a.model)?;
     if !a.adapter.join("adapter_config.json").is_file() {
@@ -559,6 +576,7 @@ fn cmd_merge(a: MergeArgs) -> Result<u8, Failure> {
             )))
         }
     };
+    check_out_dir(&a.out)?;
     infer::merge(&a.model, &a.adapter, &a.out, &dtype)?;
     println!("merged model written to {}", a.out.display());
     Ok(0)
@@ -566,6 +584,7 @@ fn cmd_merge(a: MergeArgs) -> Result<u8, Failure> {
 
 fn cmd_quantize(a: QuantizeArgs) -> Result<u8, Failure> {
     check_model_dir(&a.model)?;
+    check_out_dir(&a.out)?;
     infer::quantize(&a.model, &a.out)?;
     println!(
         "NF4 (double-quant) checkpoint written to {}",

@@ -443,6 +443,34 @@ fn merge_and_quantize_produce_loadable_models() {
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(q.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["quantization_config"]["bnb_4bit_quant_type"], "nf4");
+    // A non-empty --out is refused untouched (the export replaces its target directory wholesale).
+    let keep = dir.path().join("keep");
+    std::fs::create_dir_all(&keep).unwrap();
+    std::fs::write(keep.join("notes.txt"), "mine").unwrap();
+    for args in [
+        vec!["quantize", "--model", &m, "--out", keep.to_str().unwrap()],
+        vec![
+            "merge",
+            "--model",
+            &m,
+            "--adapter",
+            a,
+            "--out",
+            keep.to_str().unwrap(),
+        ],
+    ] {
+        let o = run(&args);
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains("not an empty directory"),
+            "{}",
+            stderr(&o)
+        );
+        assert_eq!(
+            std::fs::read_to_string(keep.join("notes.txt")).unwrap(),
+            "mine"
+        );
+    }
     let ql = loss(&[
         "eval",
         "--model",

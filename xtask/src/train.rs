@@ -112,6 +112,9 @@ fn toml_value(text: &str, section: &str, key: &str) -> Option<String> {
 /// `cargo xtask train [afinar train args]`: trains the embedded demo (configs/default.toml unless
 /// `--config` is given), then prints and appends to report.md a base-vs-tuned comparison: eval loss
 /// before/after and greedy generations for the first eval prompts from the base model and the tuned one.
+/// The generations use transformers' repetition penalty [`COMPARE_REPETITION_PENALTY`] (tiny demo models
+/// otherwise loop on one phrase); the environment variable `AFINAR_COMPARE_REPETITION_PENALTY` overrides
+/// it (1 = off).
 pub fn train(args: &[String]) -> Result<()> {
     let mut a: Vec<String> = vec![s("train")];
     if !has_flag(args, "--config") {
@@ -154,8 +157,29 @@ pub fn train(args: &[String]) -> Result<()> {
     compare(&run_dir, &summary)
 }
 
+/// `repetition_penalty` of the base-vs-tuned generations.
+pub const COMPARE_REPETITION_PENALTY: f32 = 1.3;
+
+/// The repetition penalty of the comparison: `AFINAR_COMPARE_REPETITION_PENALTY` if set, else
+/// [`COMPARE_REPETITION_PENALTY`].
+fn compare_repetition_penalty() -> Result<f32> {
+    match std::env::var("AFINAR_COMPARE_REPETITION_PENALTY") {
+        Ok(v) => {
+            let p: f32 = v.trim().parse().with_context(|| {
+                format!("AFINAR_COMPARE_REPETITION_PENALTY={v:?} is not a number")
+            })?;
+            if !(p > 0.0 && p.is_finite()) {
+                bail!("AFINAR_COMPARE_REPETITION_PENALTY must be finite and > 0, found {p}");
+            }
+            Ok(p)
+        }
+        Err(_) => Ok(COMPARE_REPETITION_PENALTY),
+    }
+}
+
 /// The base-vs-tuned section.
 fn compare(run_dir: &Path, summary: &Value) -> Result<()> {
+    let rp = compare_repetition_penalty()?;
     let cfg = std::fs::read_to_string(run_dir.join("config.toml"))
         .context("reading the run's config.toml")?;
     let model = toml_value(&cfg, "model", "path").context("model.path in config.toml")?;
@@ -194,6 +218,8 @@ fn compare(run_dir: &Path, summary: &Value) -> Result<()> {
             template.clone(),
             s("--max-new-tokens"),
             s("96"),
+            s("--repetition-penalty"),
+            rp.to_string(),
             s("--json"),
         ];
         if let Some(a) = adapter {
@@ -225,6 +251,10 @@ fn compare(run_dir: &Path, summary: &Value) -> Result<()> {
         f(&summary["final_eval_loss"]),
         summary["steps"],
         summary["elapsed_s"].as_f64().unwrap_or(0.0)
+    ));
+    md.push_str(&format!(
+        "Generations: greedy, up to 96 new tokens, repetition_penalty = {rp} (transformers' \
+         `RepetitionPenaltyLogitsProcessor`; set AFINAR_COMPARE_REPETITION_PENALTY to change it, 1 = off).\n\n"
     ));
     for (i, p) in picked.iter().enumerate() {
         let q = p.get("instruction").and_then(Value::as_str).unwrap_or("");

@@ -15,7 +15,10 @@
 //! `Backend` trait has whole-buffer ops only (no append/slice), so this costs one copy of the cache per
 //! layer and step, the same order as the attention itself. A backend-side append op would remove it.
 //!
-//! Sampling follows transformers' `generate`: greedy when `temperature == 0` (`do_sample=False`, argmax,
+//! Sampling follows transformers' `generate`. First the repetition penalty (transformers'
+//! `RepetitionPenaltyLogitsProcessor`, `repetition_penalty` ≠ 1): every id already in the sequence
+//! (prompt + generated so far, each id once) has its soft-capped logit divided by p if positive, multiplied
+//! by p otherwise. Then greedy when `temperature == 0` (`do_sample=False`, argmax,
 //! first index on ties); otherwise logits / temperature, then top-k, then top-p (nucleus), then a draw
 //! from a ChaCha8 stream seeded by `seed`. Generation stops after `max_new_tokens`, or when an EOS id or
 //! an extra stop id (e.g. Gemma's `<end_of_turn>` = 107) is produced; like transformers, the stop token is
@@ -354,6 +357,10 @@ pub struct GenerateOptions {
     pub eos_token_ids: Vec<i32>,
     /// Extra stop ids, e.g. a chat template's end-of-turn token (Gemma `<end_of_turn>` = 107).
     pub stop_token_ids: Vec<i32>,
+    /// transformers' `repetition_penalty` (1 = off, > 1 discourages repeats): applied to the soft-capped
+    /// logits of every id already in the prompt or the output, before temperature/top-k/top-p/argmax.
+    /// Must be finite and > 0.
+    pub repetition_penalty: f32,
 }
 
 impl GenerateOptions {
@@ -367,6 +374,7 @@ impl GenerateOptions {
             seed: 0,
             eos_token_ids: Vec::new(),
             stop_token_ids: Vec::new(),
+            repetition_penalty: 1.0,
         }
     }
 
@@ -397,6 +405,12 @@ impl GenerateOptions {
                 self.top_p
             )));
         }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            return Err(GemmaError::Invalid(format!(
+                "generate: repetition_penalty must be finite and > 0 (1 = off), found {}",
+                self.repetition_penalty
+            )));
+        }
         Ok(())
     }
 }
@@ -425,6 +439,10 @@ pub struct Sampler {
     temperature: f32,
     top_k: usize,
     top_p: f32,
+    repetition_penalty: f32,
+    /// seen[id] = id occurs in the sequence so far (prompt + sampled tokens); only kept when the
+    /// repetition penalty is on. Grown on demand, so it needs no vocabulary size up front.
+    seen: Vec<bool>,
     rng: ChaCha8Rng,
 }
 
@@ -435,11 +453,43 @@ impl Sampler {
             temperature: opts.temperature,
             top_k: opts.top_k,
             top_p: opts.top_p,
+            repetition_penalty: opts.repetition_penalty,
+            seen: Vec::new(),
             rng: ChaCha8Rng::seed_from_u64(opts.seed),
         })
     }
 
-    /// The next token id for logits [V].
+    /// Records ids that are now part of the sequence (the prompt, then each produced token), for the
+    /// repetition penalty. Negative ids are ignored (they cannot index logits).
+    pub fn observe(&mut self, ids: &[i32]) {
+        if self.repetition_penalty == 1.0 {
+            return;
+        }
+        for &id in ids {
+            if let Ok(i) = usize::try_from(id) {
+                if i >= self.seen.len() {
+                    self.seen.resize(i + 1, false);
+                }
+                self.seen[i] = true;
+            }
+        }
+    }
+
+    /// The next token id for logits [V], after the repetition penalty over the ids observed so far. The
+    /// chosen id is observed too (it becomes part of the sequence).
+    pub fn next(&mut self, logits: &[f32]) -> Result<i32> {
+        let id = if self.repetition_penalty == 1.0 {
+            self.sample(logits)?
+        } else {
+            let mut l = logits.to_vec();
+            apply_repetition_penalty(&mut l, &self.seen, self.repetition_penalty);
+            self.sample(&l)?
+        };
+        self.observe(&[id]);
+        Ok(id)
+    }
+
+    /// The next token id for logits [V] (no repetition penalty; see [`Sampler::next`]).
     pub fn sample(&mut self, logits: &[f32]) -> Result<i32> {
         if logits.is_empty() {
             return Err(GemmaError::Invalid("generate: empty logits".into()));
@@ -490,6 +540,15 @@ impl Sampler {
         }
         // Rounding left u ≥ Σp: the last kept token.
         Ok(*idx.last().unwrap_or(&0) as i32)
+    }
+}
+
+/// transformers' `RepetitionPenaltyLogitsProcessor` on logits [V]: for each id with `seen[id]` (each id
+/// once, however often it occurred), logit / p if logit > 0, else logit · p. Ids ≥ `seen.len()` were
+/// never seen; seen ids ≥ V are ignored.
+pub fn apply_repetition_penalty(logits: &mut [f32], seen: &[bool], p: f32) {
+    for (x, _) in logits.iter_mut().zip(seen).filter(|(_, &s)| s) {
+        *x = if *x > 0.0 { *x / p } else { *x * p };
     }
 }
 
@@ -547,8 +606,9 @@ pub fn generate<B: Backend>(
         });
     }
     let mut logits = dec.feed(prompt)?;
+    sampler.observe(prompt);
     loop {
-        let next = sampler.sample(&logits)?;
+        let next = sampler.next(&logits)?;
         tokens.push(next);
         if opts.eos_token_ids.contains(&next) {
             return Ok(Generation {
@@ -575,6 +635,7 @@ pub fn generate<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use afinar_kernels::Tolerance;
 
     fn opts(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> GenerateOptions {
         GenerateOptions {
@@ -638,7 +699,66 @@ mod tests {
     }
 
     #[test]
+    fn repetition_penalty_matches_hand_computed_values() {
+        // Ids 0, 2, 3 seen (3 twice: still penalized once); ids 1 and 4 untouched.
+        let mut s = Sampler::new(&GenerateOptions {
+            repetition_penalty: 2.0,
+            ..GenerateOptions::greedy(1)
+        })
+        .unwrap();
+        s.observe(&[3, 0, 3, 2, 3]);
+        let mut l = vec![4.0f32, 1.5, -1.0, 3.0, 0.0];
+        apply_repetition_penalty(&mut l, &s.seen, 2.0);
+        // 4/2, untouched, −1·2, 3/2, untouched.
+        Tolerance::F32.assert_close(
+            "penalized",
+            l.iter().copied(),
+            [2.0f32, 1.5, -2.0, 1.5, 0.0],
+        );
+        // Greedy picks from the penalized logits: raw argmax is id 0 (4.0), penalized it is 2.0 > 1.5.
+        assert_eq!(s.next(&[4.0, 1.5, -1.0, 3.0, 0.0]).unwrap(), 0);
+        // A fresh sampler with p = 1.3 and id 3 seen: 3.0 → 2.3077 vs id 1 = 2.5 → id 1 wins.
+        let mut s = Sampler::new(&GenerateOptions {
+            repetition_penalty: 1.3,
+            ..GenerateOptions::greedy(1)
+        })
+        .unwrap();
+        s.observe(&[3]);
+        assert_eq!(s.next(&[0.0, 2.5, -5.0, 3.0]).unwrap(), 1);
+        // Now 1 and 3 are seen: 2.5/1.3 = 1.923, 3/1.3 = 2.308; ids 0 and 2 (−5) were not seen.
+        let mut l = vec![0.0f32, 2.5, -5.0, 3.0];
+        apply_repetition_penalty(&mut l, &s.seen, 1.3);
+        Tolerance::F32.assert_close(
+            "penalized 1.3",
+            l.iter().copied(),
+            [0.0f32, 2.5 / 1.3, -5.0, 3.0 / 1.3],
+        );
+        // p < 1 rewards repeats: a negative seen logit shrinks toward 0.
+        let mut l = vec![-2.0f32, -1.0];
+        apply_repetition_penalty(&mut l, &[true], 0.5);
+        assert_eq!(l, vec![-1.0, -1.0]);
+    }
+
+    #[test]
+    fn repetition_penalty_one_is_off() {
+        let logits = [0.5f32, 3.0, 3.0, -1.0, 2.9];
+        let mut s = Sampler::new(&GenerateOptions::greedy(1)).unwrap();
+        s.observe(&[1, 2]);
+        assert!(s.seen.is_empty(), "p = 1 keeps no state");
+        assert_eq!(s.next(&logits).unwrap(), 1);
+    }
+
+    #[test]
     fn bad_options_are_errors() {
+        for p in [0.0f32, -1.3, f32::NAN, f32::INFINITY] {
+            let err = Sampler::new(&GenerateOptions {
+                repetition_penalty: p,
+                ..GenerateOptions::greedy(1)
+            })
+            .unwrap_err();
+            assert!(matches!(err, GemmaError::Invalid(_)), "{err:?}");
+            assert!(err.to_string().contains("repetition_penalty"), "{err}");
+        }
         assert!(Sampler::new(&opts(-1.0, 0, 1.0, 0))
             .unwrap_err()
             .to_string()

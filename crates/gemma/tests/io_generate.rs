@@ -211,3 +211,39 @@ fn bad_input_is_an_error() {
         full_last_logits(&model, &[2, 5, 7]),
     );
 }
+
+#[test]
+fn repetition_penalty_greedy_matches_a_full_recompute() {
+    // Reference: recompute the logits of the whole sequence each step, penalize every id of the
+    // sequence so far (prompt + generated, each once) as transformers does, take the argmax.
+    let model = load_model(&LoadOptions::default());
+    let c = cases();
+    let prompt = ints(&c, "gen_prompt_0");
+    let p = 1.3f32;
+    let opts = GenerateOptions {
+        repetition_penalty: p,
+        ..GenerateOptions::greedy(12)
+    };
+    let got = generate(&model, &prompt, &opts).unwrap().tokens;
+    let mut seq = prompt.clone();
+    for _ in 0..12 {
+        let mut l = full_last_logits(&model, &seq);
+        let mut seen = vec![false; l.len()];
+        for &t in &seq {
+            seen[t as usize] = true;
+        }
+        for (x, s) in l.iter_mut().zip(&seen) {
+            if *s {
+                *x = if *x > 0.0 { *x / p } else { *x * p };
+            }
+        }
+        let next = l
+            .iter()
+            .enumerate()
+            .fold(0, |b, (i, &x)| if x > l[b] { i } else { b }) as i32;
+        seq.push(next);
+    }
+    assert_eq!(got, seq[prompt.len()..].to_vec());
+    // The penalty changes the greedy output of this prompt (else the test would not test it).
+    assert_ne!(got, ints(&c, "gen_tokens_0")[..12].to_vec());
+}

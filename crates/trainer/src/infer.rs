@@ -171,6 +171,8 @@ pub struct SampleOptions {
     pub top_k: usize,
     pub top_p: f32,
     pub seed: u64,
+    /// transformers' `repetition_penalty` (1 = off).
+    pub repetition_penalty: f32,
 }
 
 /// One generation.
@@ -196,6 +198,7 @@ pub fn generate_answer(
     opts.top_k = s.top_k;
     opts.top_p = s.top_p;
     opts.seed = s.seed;
+    opts.repetition_penalty = s.repetition_penalty;
     if let Some(eos) = tok.eos() {
         opts.eos_token_ids.push(eos.id as i32);
     }

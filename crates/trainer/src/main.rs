@@ -134,6 +134,10 @@ struct GenerateArgs {
     top_p: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// transformers' repetition_penalty: logits of ids already in the prompt or output are divided by it
+    /// (multiplied if negative). 1 = off; must be > 0.
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
     #[arg(long)]
     json: bool,
 }
@@ -504,6 +508,13 @@ fn read_prompts(p: &Path) -> anyhow::Result<Vec<infer::Prompt>> {
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<u8, Failure> {
+    // Checked before loading the model (afinar-gemma checks it again when generating).
+    if !(a.repetition_penalty > 0.0 && a.repetition_penalty.is_finite()) {
+        return Err(usage(anyhow::anyhow!(
+            "--repetition-penalty must be finite and > 0 (1 = off), found {}",
+            a.repetition_penalty
+        )));
+    }
     check_model_dir(&a.model)?;
     let nf4 = parse_quant(&a.quantization)?;
     let template_kind: afinar_data::TemplateKind = a.template.parse().map_err(usage)?;
@@ -525,6 +536,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<u8, Failure> {
         top_k: a.top_k,
         top_p: a.top_p,
         seed: a.seed,
+        repetition_penalty: a.repetition_penalty,
     };
     let mut outs = Vec::new();
     for p in &prompts {

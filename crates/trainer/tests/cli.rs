@@ -344,6 +344,34 @@ fn eval_generate_inspect_json() {
         "--json",
     ]);
     assert_eq!(o.stdout, o2.stdout);
+    // --repetition-penalty 1 is off: the same greedy output; an invalid value is a usage error.
+    let gen_rp = |p: &str| {
+        run(&[
+            "generate",
+            "--model",
+            &m,
+            "--prompt",
+            "¿Cuál es la capital de Perú?",
+            "--max-new-tokens",
+            "5",
+            "--json",
+            &format!("--repetition-penalty={p}"),
+        ])
+    };
+    let o3 = gen_rp("1");
+    assert_eq!(o3.status.code(), Some(0), "{}", stderr(&o3));
+    assert_eq!(o.stdout, o3.stdout);
+    let o3 = gen_rp("1.3");
+    assert_eq!(o3.status.code(), Some(0), "{}", stderr(&o3));
+    for bad in ["0", "-1.3", "NaN", "inf"] {
+        let o3 = gen_rp(bad);
+        assert_eq!(o3.status.code(), Some(2), "{bad}: {}", stderr(&o3));
+        assert!(
+            stderr(&o3).contains("--repetition-penalty"),
+            "{}",
+            stderr(&o3)
+        );
+    }
 
     let o = run(&[
         "data",

@@ -247,3 +247,25 @@ fn repetition_penalty_greedy_matches_a_full_recompute() {
     // The penalty changes the greedy output of this prompt (else the test would not test it).
     assert_ne!(got, ints(&c, "gen_tokens_0")[..12].to_vec());
 }
+
+#[test]
+fn repetition_penalty_matches_transformers_generate() {
+    // tests/golden/make_gemma_io_rp.py: generate(do_sample=False, repetition_penalty=1.3) on the fixture.
+    let golden =
+        afinar_gemma::TensorStore::open_files(&[fixtures().join("gemma_io_rp.safetensors")])
+            .expect("open gemma_io_rp.safetensors");
+    let model = load_model(&LoadOptions::default());
+    let c = cases();
+    for i in 0..2 {
+        let opts = GenerateOptions {
+            repetition_penalty: 1.3,
+            ..GenerateOptions::greedy(20)
+        };
+        let got = generate(&model, &ints(&c, &format!("gen_prompt_{i}")), &opts).unwrap();
+        assert_eq!(
+            got.tokens,
+            ints(&golden, &format!("gen_tokens_rp_{i}")),
+            "prompt {i}"
+        );
+    }
+}

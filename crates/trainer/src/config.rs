@@ -677,6 +677,8 @@ impl Config {
     /// Keys whose values change the numbers a run computes. A checkpoint may be resumed under a
     /// config that differs only in the other keys (output location, logging/saving cadence).
     pub fn is_resume_relevant(key: &str) -> bool {
+        // The run's length may change on resume (to extend a finished run): the trainer checks the new
+        // total against the saved step and recomputes the schedule, see `train_with`.
         !(key.starts_with("output.")
             || matches!(
                 key,
@@ -684,6 +686,8 @@ impl Config {
                     | "train.save_every"
                     | "train.keep_checkpoints"
                     | "train.eval_every"
+                    | "train.max_steps"
+                    | "train.epochs"
                     // Where the AdamW moments live changes no number (the same kernel runs on either).
                     | "train.paged_optimizer"
             ))

@@ -449,6 +449,10 @@ pub fn train_with<B: Backend>(backend: Arc<B>, opts: &TrainOptions) -> Result<Tr
     let (run_dir, resume_from) = resolve_run_dir(opts)?;
 
     // Everything that can fail on user input happens before the run directory is touched.
+    // `length_changed`: the resumed run asks for a different train.max_steps / train.epochs than the
+    // checkpoint's (extending or shortening it), so its planned total may differ from the saved one.
+    let mut length_changed = false;
+    let mut plan_note = None;
     let resume_ckpt = match &resume_from {
         Some(p) => {
             let ck = checkpoint::load(p)?;
@@ -457,6 +461,8 @@ pub fn train_with<B: Backend>(backend: Arc<B>, opts: &TrainOptions) -> Result<Tr
                 &p.join("config.toml").display().to_string(),
                 &[],
             )?;
+            length_changed = saved.train.max_steps != cfg.train.max_steps
+                || saved.train.epochs.to_bits() != cfg.train.epochs.to_bits();
             let diff = saved.resume_diff(cfg);
             if !diff.is_empty() {
                 let lines: Vec<String> = diff
@@ -508,7 +514,27 @@ pub fn train_with<B: Backend>(backend: Arc<B>, opts: &TrainOptions) -> Result<Tr
             path: resume_from.clone().unwrap_or_default(),
             message: m,
         };
-        if ck.state.total_steps != prep.total_steps || ck.state.warmup_steps != prep.warmup_steps {
+        let plan_changed =
+            ck.state.total_steps != prep.total_steps || ck.state.warmup_steps != prep.warmup_steps;
+        if plan_changed && length_changed {
+            // Extending (or shortening) a run: the schedule is rebuilt for the new total, as
+            // transformers' Trainer does when resumed with a larger max_steps; the steps already taken
+            // keep the learning rates they had.
+            let key = if cfg.train.max_steps > 0 {
+                "train.max_steps"
+            } else {
+                "train.epochs"
+            };
+            if prep.total_steps < ck.state.step {
+                return Err(TrainError::Invalid {
+                    key: key.into(),
+                    reason: format!(
+                        "the new plan has {} steps but the checkpoint is already at step {}",
+                        prep.total_steps, ck.state.step
+                    ),
+                });
+            }
+        } else if plan_changed {
             return Err(bad(format!(
                 "it plans {} steps with {} warmup, the data now gives {} with {}: the dataset changed",
                 ck.state.total_steps, ck.state.warmup_steps, prep.total_steps, prep.warmup_steps
@@ -571,6 +597,30 @@ pub fn train_with<B: Backend>(backend: Arc<B>, opts: &TrainOptions) -> Result<Tr
         })?;
         state = ck.state.clone();
         state.config_hash = hash.clone();
+        if plan_changed {
+            let at = |total: u64, warmup: u64| {
+                Schedule {
+                    kind: cfg.train.schedule,
+                    base_lr: cfg.train.lr,
+                    warmup,
+                    total,
+                }
+                .lr(state.step)
+            };
+            plan_note = Some(format!(
+                "resume: the run now plans {} steps ({} warmup) instead of {} ({} warmup); the schedule is \
+                 recomputed: lr at step {} is {:.3e} (it was {:.3e} under the old plan)",
+                prep.total_steps,
+                prep.warmup_steps,
+                ck.state.total_steps,
+                ck.state.warmup_steps,
+                state.step + 1,
+                at(prep.total_steps, prep.warmup_steps),
+                at(ck.state.total_steps, ck.state.warmup_steps),
+            ));
+            state.total_steps = prep.total_steps;
+            state.warmup_steps = prep.warmup_steps;
+        }
     }
     let mut rng = state.rng.restore().map_err(|m| TrainError::BadCheckpoint {
         path: resume_from.clone().unwrap_or_default(),
@@ -605,6 +655,9 @@ pub fn train_with<B: Backend>(backend: Arc<B>, opts: &TrainOptions) -> Result<Tr
         opts.quiet,
     );
     let say = |m: &str| progress.println(m);
+    if let Some(n) = &plan_note {
+        say(n);
+    }
     say(&format!(
         "afinar: {} trainable parameters ({} tensors), {} steps ({} warmup), {} train rows/epoch, run dir {}",
         model.num_trainable(),

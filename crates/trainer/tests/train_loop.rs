@@ -332,3 +332,77 @@ fn non_finite_steps_are_skipped_logged_and_stop_after_five() {
         .all(|(_, t)| t.param.iter().all(|&x| x == 0.0)));
     assert_eq!(ck.state.adam_t, 0);
 }
+
+/// A finished run resumed with a larger `train.max_steps` continues where it stopped. Under a schedule
+/// that does not depend on the total (constant with warmup), 3 steps + extend to 6 equals 6 straight,
+/// bit for bit; under cosine the rest of the run follows the schedule rebuilt for the new total; a
+/// total below the saved step is refused by key.
+#[test]
+fn max_steps_can_be_raised_on_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::config(dir.path());
+    cfg.train.schedule = afinar_trainer::config::ScheduleKind::ConstantWithWarmup;
+    cfg.train.max_steps = 6;
+    cfg.output.run_name = "straight".into();
+    let a = train::train(&opts(cfg.clone())).unwrap();
+
+    cfg.output.run_name = "extended".into();
+    cfg.train.max_steps = 3;
+    let first = train::train(&opts(cfg.clone())).unwrap();
+    assert_eq!(first.summary.steps, 3);
+    cfg.train.max_steps = 6;
+    let mut o = opts(cfg.clone());
+    o.resume = Some(Resume::Auto);
+    let b = train::train(&o).unwrap();
+    assert_eq!(b.summary.steps, 6);
+    let bits = |o: &afinar_trainer::TrainOutcome| {
+        o.records
+            .iter()
+            .map(|r| (r.step, r.loss.unwrap().to_bits(), r.lr.to_bits()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(bits(&a), bits(&b), "losses or lrs differ after extending");
+    let read =
+        |p: &std::path::Path| std::fs::read(p.join("adapter/adapter_model.safetensors")).unwrap();
+    assert_eq!(read(&a.run_dir), read(&b.run_dir), "adapters differ");
+
+    // Cosine: the extension follows the schedule of the new total from the resume step on.
+    cfg.train.schedule = afinar_trainer::config::ScheduleKind::Cosine;
+    cfg.output.run_name = "cosine".into();
+    cfg.train.max_steps = 3;
+    train::train(&opts(cfg.clone())).unwrap();
+    cfg.train.max_steps = 5;
+    let mut o = opts(cfg.clone());
+    o.resume = Some(Resume::Auto);
+    let c = train::train(&o).unwrap();
+    assert_eq!(c.summary.steps, 5);
+    let sched = afinar_trainer::schedule::Schedule {
+        kind: afinar_trainer::config::ScheduleKind::Cosine,
+        base_lr: cfg.train.lr,
+        warmup: 1,
+        total: 5,
+    };
+    let lrs: Vec<f64> = c.records.iter().map(|r| r.lr).collect();
+    assert_eq!(lrs.len(), 5);
+    for (i, lr) in lrs.iter().enumerate().skip(3) {
+        assert_eq!(
+            lr.to_bits(),
+            sched.lr(i as u64).to_bits(),
+            "lr of step {}",
+            i + 1
+        );
+    }
+    // Under the old 3-step plan the run had ended at lr 0; the extension must not reuse it.
+    assert!(lrs[3] > 0.0);
+
+    // Shortening below where the checkpoint stands is refused, naming the key.
+    cfg.train.max_steps = 2;
+    let mut o = opts(cfg.clone());
+    o.resume = Some(Resume::Auto);
+    let err = train::train(&o).unwrap_err();
+    assert!(
+        matches!(&err, TrainError::Invalid { key, .. } if key == "train.max_steps"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("already at step 5"), "{err}");
+}

@@ -67,13 +67,19 @@ pub fn eval_file(
             ),
         });
     }
+    if o.batch_size == 0 {
+        return Err(TrainError::Invalid {
+            key: "--batch-size".into(),
+            reason: "0: a batch holds at least one sequence".into(),
+        });
+    }
     let mut dc = afinar_data::DataConfig::new(&o.data, o.template);
     dc.format = o.format;
     dc.max_seq_len = o.max_seq_len;
     let prepared = afinar_data::prepare(&dc, tok)?;
     let samples = prepared.train.samples.len();
     let lc = LoaderConfig {
-        batch_size: o.batch_size.max(1),
+        batch_size: o.batch_size,
         packing: false,
         shuffle: false,
         seed: 0,

@@ -289,6 +289,10 @@ fn eval_generate_inspect_json() {
         "{}",
         stderr(&o)
     );
+    // No batch of zero sequences (it used to be read as 1).
+    let o = run(&["eval", "--model", &m, "--data", &d, "--batch-size", "0"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--batch-size"), "{}", stderr(&o));
     let o = run(&[
         "generate",
         "--model",

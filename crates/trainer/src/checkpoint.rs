@@ -102,6 +102,11 @@ pub struct TrainerState {
     pub config_hash: String,
     /// The last eval loss, if any.
     pub last_eval_loss: Option<f64>,
+    /// Dynamic loss scaler (scale, growth tracker) when the run scales its loss (`train.loss_scaling`);
+    /// absent in checkpoints of runs without scaling and in those written before the field existed
+    /// (such a run resumes at the initial scale).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<crate::loss_scale::LossScalerState>,
 }
 
 /// One trainable tensor with its AdamW moments (all f32, same length).
@@ -347,6 +352,10 @@ mod tests {
                 elapsed_s: 1.5,
                 config_hash: "abc".into(),
                 last_eval_loss: Some(2.0),
+                loss_scale: Some(crate::loss_scale::LossScalerState {
+                    scale: 16384.0,
+                    growth_tracker: 17,
+                }),
             },
             tensors,
             config_toml: "[train]\nlr = 0.1\n".into(),
@@ -380,6 +389,18 @@ mod tests {
         let mut r0 = rand_chacha::ChaCha8Rng::seed_from_u64(7);
         let _ = r0.next_u64();
         assert_eq!(r1.next_u64(), r0.next_u64());
+    }
+
+    /// A trainer_state.json written before `loss_scale` existed still loads (as "no scaler state"),
+    /// and a state without a scaler writes no `loss_scale` key.
+    #[test]
+    fn state_without_loss_scale_loads() {
+        let mut st = ckpt(1).state;
+        st.loss_scale = None;
+        let json = serde_json::to_string(&st).unwrap();
+        assert!(!json.contains("loss_scale"), "{json}");
+        let back: TrainerState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, st);
     }
 
     #[test]

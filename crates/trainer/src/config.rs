@@ -298,6 +298,12 @@ pub struct TrainSection {
     /// already lives in host memory and the switch changes nothing. Typical: true for QLoRA on a GPU
     /// that is short of memory. Default false.
     pub paged_optimizer: bool,
+    /// Loss scaling for fp16: "auto" (dynamic iff model.dtype = "f16"), "dynamic" or "none". Dynamic
+    /// follows torch's GradScaler: the loss is multiplied by S (starts at 2^16) before the backward,
+    /// the gradients are divided by S before the norm, clipping and update; a step whose gradients
+    /// overflow is skipped and S halves (never below 1); S doubles after 2000 finite steps in a row.
+    /// Default "auto".
+    pub loss_scaling: crate::loss_scale::LossScaling,
     /// Evaluate every N optimizer steps (and always at the end); 0 = only at the end. Default 0.
     pub eval_every: u64,
     /// Checkpoint every N optimizer steps (and always at the end); 0 = only at the end. Default 0.
@@ -326,6 +332,7 @@ impl Default for TrainSection {
             seed: 42,
             gradient_checkpointing: false,
             paged_optimizer: false,
+            loss_scaling: crate::loss_scale::LossScaling::Auto,
             eval_every: 0,
             save_every: 0,
             keep_checkpoints: 3,

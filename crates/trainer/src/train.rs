@@ -9,6 +9,10 @@
 //! 3. loss = Σ CE / count; grad_norm = ‖g‖₂ over all trainable tensors (f64);
 //! 4. non-finite loss or norm: skip the update (the schedule still advances; AdamW's t does not), log the
 //!    samples of the window; after [`MAX_NONFINITE_IN_ROW`] in a row, stop;
+//!    With dynamic loss scaling (`train.loss_scaling`, crate::loss_scale) the backward runs with
+//!    grad_scale = S/count, the gradients are divided by S before the norm, and a step whose gradients
+//!    alone are not finite is an overflow: skipped, S halves, and it does not count toward the stop
+//!    unless S is already at its floor of 1;
 //! 5. clip with torch's `clip_grad_norm_` (g ·= min(1, max/(norm+1e-6)), always multiplied), then AdamW
 //!    (torch semantics, f32 state) with lr = base · lambda(step) (transformers schedules: the first update
 //!    uses lambda(0)).
@@ -26,6 +30,8 @@ use std::time::Instant;
 use afinar_data::{DataConfig, DataLoader, LoaderConfig, TextTokenizer};
 use afinar_gemma::{Gemma2Model, LoadOptions, LoraConfig, Quantization as GQuant};
 use afinar_kernels::{clip_coef, AdamW, Backend};
+
+use crate::loss_scale::DynamicLossScaler;
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sha2::{Digest, Sha256};
@@ -232,15 +238,27 @@ pub fn model_batch(b: &afinar_data::Batch, dropout_seed: u64) -> afinar_gemma::B
     }
 }
 
-/// Zeroes `grads`, then accumulates the gradient of (Σ CE over the window) / (trained targets of the
-/// whole window) over the micro-batches of `window`. Returns (Σ CE, count). One dropout seed is drawn
-/// from `rng` per micro-batch (also for a batch with nothing to train, so the RNG stream does not depend
-/// on the data).
+/// [`accumulate_scaled`] with loss scale 1.
 pub fn accumulate<B: Backend>(
     model: &Gemma2Model<B>,
     grads: &mut afinar_gemma::Grads<B>,
     window: &[afinar_data::Batch],
     rng: &mut ChaCha8Rng,
+) -> Result<(f64, usize)> {
+    accumulate_scaled(model, grads, window, rng, 1.0)
+}
+
+/// Zeroes `grads`, then accumulates the gradient of (Σ CE over the window) / (trained targets of the
+/// whole window) over the micro-batches of `window`. Returns (Σ CE, count). One dropout seed is drawn
+/// from `rng` per micro-batch (also for a batch with nothing to train, so the RNG stream does not depend
+/// on the data). `loss_scale` multiplies the gradients (not the returned loss): grad_scale =
+/// loss_scale / count; with a power-of-two scale, S/count is exactly S·(1/count) in f32.
+pub fn accumulate_scaled<B: Backend>(
+    model: &Gemma2Model<B>,
+    grads: &mut afinar_gemma::Grads<B>,
+    window: &[afinar_data::Batch],
+    rng: &mut ChaCha8Rng,
+    loss_scale: f32,
 ) -> Result<(f64, usize)> {
     let count: usize = window.iter().map(|b| b.num_trained).sum();
     grads.zero()?;
@@ -250,8 +268,11 @@ pub fn accumulate<B: Backend>(
         if b.num_trained == 0 {
             continue;
         }
-        let (s, _) =
-            model.forward_backward(&model_batch(b, seed), 1.0 / count.max(1) as f32, grads)?;
+        let (s, _) = model.forward_backward(
+            &model_batch(b, seed),
+            loss_scale / count.max(1) as f32,
+            grads,
+        )?;
         loss_sum += s;
     }
     Ok((loss_sum, count))
@@ -444,6 +465,24 @@ fn train_cuda(_opts: &TrainOptions) -> Result<TrainOutcome> {
 
 /// The loop, on any backend.
 pub fn train_with<B: Backend>(backend: Arc<B>, opts: &TrainOptions) -> Result<TrainOutcome> {
+    train_with_faults(backend, opts, &Faults::default())
+}
+
+/// Faults injected into [`train_with_faults`] by tests, to exercise paths that healthy f32 runs on the
+/// CPU never take.
+#[derive(Clone, Debug, Default)]
+pub struct Faults {
+    /// Optimizer steps (1-based, as logged) whose (scaled) gradients are multiplied by +inf right
+    /// after the backward, as an fp16 overflow in the backward would leave them.
+    pub grad_overflow_at_steps: Vec<u64>,
+}
+
+/// [`train_with`] with injected [`Faults`].
+pub fn train_with_faults<B: Backend>(
+    backend: Arc<B>,
+    opts: &TrainOptions,
+    faults: &Faults,
+) -> Result<TrainOutcome> {
     let cfg = &opts.config;
     cfg.validate()?;
     let (run_dir, resume_from) = resolve_run_dir(opts)?;
@@ -508,7 +547,14 @@ pub fn train_with<B: Backend>(backend: Arc<B>, opts: &TrainOptions) -> Result<Tr
         elapsed_s: 0.0,
         config_hash: hash.clone(),
         last_eval_loss: None,
+        loss_scale: None,
     };
+    let mut scaler = cfg
+        .train
+        .loss_scaling
+        .is_dynamic(cfg.model.dtype)
+        .then(DynamicLossScaler::new);
+    let mut scaler_note = None;
     if let Some(ck) = &resume_ckpt {
         let bad = |m: String| TrainError::BadCheckpoint {
             path: resume_from.clone().unwrap_or_default(),
@@ -597,6 +643,18 @@ pub fn train_with<B: Backend>(backend: Arc<B>, opts: &TrainOptions) -> Result<Tr
         })?;
         state = ck.state.clone();
         state.config_hash = hash.clone();
+        match (scaler.as_mut(), ck.state.loss_scale) {
+            (Some(s), Some(st)) => s.restore(st).map_err(|e| bad(e.to_string()))?,
+            (Some(s), None) => {
+                let at = s.scale();
+                scaler_note = Some(format!(
+                    "resume: the checkpoint holds no loss-scaler state; the loss scale restarts at {at}"
+                ));
+            }
+            // The saved state of a scaler this config no longer uses is dropped (the keys that decide
+            // it are resume-relevant, so this only happens when "auto" resolves the same way).
+            (None, _) => {}
+        }
         if plan_changed {
             let at = |total: u64, warmup: u64| {
                 Schedule {
@@ -656,6 +714,9 @@ pub fn train_with<B: Backend>(backend: Arc<B>, opts: &TrainOptions) -> Result<Tr
     );
     let say = |m: &str| progress.println(m);
     if let Some(n) = &plan_note {
+        say(n);
+    }
+    if let Some(n) = &scaler_note {
         say(n);
     }
     say(&format!(
@@ -721,7 +782,16 @@ pub fn train_with<B: Backend>(backend: Arc<B>, opts: &TrainOptions) -> Result<Tr
         let window: Vec<afinar_data::Batch> =
             (0..t.grad_accum).map(|_| prep.train.next_batch()).collect();
         // 2. Accumulate grad of (Σ CE)/count.
-        let (loss_sum, count) = accumulate(&model, &mut grads, &window, &mut rng)?;
+        // With loss scaling the gradients come out multiplied by S and are divided by S (exact for a
+        // power of two) before the norm, so everything after this point sees unscaled gradients.
+        let ls = scaler.as_ref().map_or(1.0, |s| s.scale());
+        let (loss_sum, count) = accumulate_scaled(&model, &mut grads, &window, &mut rng, ls)?;
+        if faults.grad_overflow_at_steps.contains(&(state.step + 1)) {
+            grads.scale(f32::INFINITY)?;
+        }
+        if ls != 1.0 {
+            grads.scale(1.0 / ls)?;
+        }
         let loss = if count > 0 {
             loss_sum / count as f64
         } else {
@@ -730,8 +800,26 @@ pub fn train_with<B: Backend>(backend: Arc<B>, opts: &TrainOptions) -> Result<Tr
         let grad_norm = grads.sum_squares()?.sqrt();
         let lr = sched.lr(state.step);
         let finite = loss.is_finite() && grad_norm.is_finite();
+        // An overflow of the scaled gradients (the loss itself finite) is the scaler's feedback, not a
+        // data or model problem, unless the scale is already at its floor.
+        let overflow =
+            !finite && loss.is_finite() && scaler.as_ref().is_some_and(|s| !s.at_floor());
+        let scale_update = scaler.as_mut().map(|s| s.update(!finite));
         let mut bad_samples = Vec::new();
-        if finite {
+        if overflow {
+            let to = scaler.as_ref().map_or(ls, |s| s.scale());
+            say(&format!(
+                "step {}: gradient overflow at loss scale {ls}; update skipped, loss scale now {to}",
+                state.step + 1
+            ));
+        } else if finite {
+            if let Some(crate::loss_scale::ScaleUpdate::Grew { from, to }) = scale_update {
+                say(&format!(
+                    "step {}: {} finite steps in a row; loss scale {from} → {to}",
+                    state.step + 1,
+                    crate::loss_scale::GROWTH_INTERVAL
+                ));
+            }
             state.nonfinite_in_row = 0;
             // 3. Clip (torch multiplies even when the coefficient is clamped to 1) and update.
             if t.max_grad_norm > 0.0 {
@@ -775,6 +863,7 @@ pub fn train_with<B: Backend>(backend: Arc<B>, opts: &TrainOptions) -> Result<Tr
                 bad_samples.join(", ")
             ));
         }
+        state.loss_scale = scaler.as_ref().map(|s| s.state());
         state.step += 1;
         state.tokens += count as u64;
         steps_this_process += 1;

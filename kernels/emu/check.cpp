@@ -505,23 +505,6 @@ static void test_pointwise() {
     check("mul in place", mm, wm, 1e-7, 1e-6);
     emu_launch(fill_k, dim3{1}, dim3{256}, (void*)mm.data(), DT_F32, (i64)n, 3.5f);
     check("fill", mm, std::vector<double>(n, 3.5), 0, 0);
-    // adamw, two steps.
-    auto p = g.vec(n, 1), gr = g.vec(n, 1);
-    std::vector<float> m(n, 0.1f), v(n, 0.2f);
-    std::vector<double> wp(n), wmm(n), wv(n);
-    float lr = 1e-2f, b1 = 0.9f, b2 = 0.999f, eps = 1e-8f, wd = 0.01f;
-    double bc1 = 1 - std::pow((double)b1, 3), bc2 = 1 - std::pow((double)b2, 3);
-    for (int i = 0; i < n; ++i) {
-        double pp = p[i] * (1 - (double)lr * wd);
-        double mi = b1 * 0.1 + (1 - b1) * (double)gr[i], vi = b2 * 0.2 + (1 - b2) * (double)gr[i] * gr[i];
-        wp[i] = pp - lr / bc1 * mi / (std::sqrt(vi) / std::sqrt(bc2) + eps);
-        wmm[i] = mi; wv[i] = vi;
-    }
-    emu_launch(adamw_k, dim3{1}, dim3{256}, (void*)p.data(), DT_F32, (const void*)gr.data(), DT_F32, (void*)m.data(), DT_F32, (void*)v.data(), DT_F32, (i64)n,
-               lr, b1, b2, eps, wd, (float)bc1, (float)std::sqrt(bc2));
-    check("adamw p", p, wp, 1e-6, 1e-5);
-    check("adamw m", m, wmm, 1e-7, 1e-5);
-    check("adamw v", v, wv, 1e-7, 1e-5);
     // rope forward then inverse (= identity), against the formula.
     int tokens = 3, heads = 2, d = 8;
     auto xr = g.vec((size_t)tokens * heads * d, 1);
@@ -563,7 +546,395 @@ static void test_pointwise() {
     check("labels_check first bad index", std::vector<float>{(float)flag}, {2.0}, 0, 0);
 }
 
+// ---- AdamW: bit-exact against a C++ transcription of the CPU reference ----------------------------
+// The CPU op (crates/kernels/src/cpu/adamw.rs, AdamScalars::update), line by line with explicit f32
+// roundings: std::fma for Rust's f32::mul_add, one f32 operation per expression (check.cpp is built
+// with -std=c++20, so GCC does not contract a*b+c into an FMA).
+struct AdamSc { bool has_decay; float decay; bool w1_small; float w1, w1m1, b2, omb2, neg_step, bc2_sqrt, eps; };
+
+static AdamSc adam_scalars(double lr, double b1, double b2, double eps, double wd, double t) {
+    AdamSc s;
+    s.has_decay = wd != 0.0;
+    s.decay = (float)(1.0 - lr * wd);
+    s.w1 = (float)(1.0 - b1);
+    s.w1_small = std::fabs(s.w1) < 0.5f;
+    s.w1m1 = s.w1 - 1.0f;
+    s.b2 = (float)b2;
+    s.omb2 = (float)(1.0 - b2);
+    s.neg_step = (float)(-(lr / (1.0 - std::pow(b1, t))));
+    s.bc2_sqrt = (float)std::pow(1.0 - std::pow(b2, t), 0.5);
+    s.eps = (float)eps;
+    return s;
+}
+
+static void cpu_adam_update(const AdamSc& s, float& p, float g, float& m, float& v) {
+    if (s.has_decay) p = p * s.decay;
+    float diff = g - m;
+    m = s.w1_small ? std::fma(s.w1, diff, m) : std::fma(s.w1m1, diff, g);
+    float og = s.omb2 * g;
+    float vb = v * s.b2;
+    v = std::fma(og, g, vb);
+    float sq = std::sqrt(v);
+    float q = sq / s.bc2_sqrt;
+    float denom = q + s.eps;
+    float num = s.neg_step * m;
+    p = p + num / denom;
+}
+
+static void check_bits(const std::string& what, const std::vector<float>& got, const std::vector<float>& want) {
+    size_t bad = 0, first = 0;
+    for (size_t i = 0; i < want.size(); ++i)
+        if (std::memcmp(&got[i], &want[i], 4) != 0) { if (!bad) first = i; ++bad; }
+    if (bad) {
+        ++failures;
+        std::printf("FAIL %-44s %zu/%zu not bit-identical; first [%zu] got %.9g want %.9g\n", what.c_str(), bad, want.size(), first, got[first], want[first]);
+    } else {
+        std::printf("ok   %-44s n=%zu bit-identical\n", what.c_str(), want.size());
+    }
+}
+
+static void test_adamw() {
+    Rng g{0xADA3};
+    const int n = 1000;  // ragged against the 256-thread block
+    // (lr, beta1, beta2, eps, wd): torch defaults with decay; no decay; beta1 < 0.5 (the other lerp
+    // branch); a large eps and tiny lr.
+    const double hps[4][5] = {{1e-3, 0.9, 0.999, 1e-8, 0.01}, {2e-4, 0.9, 0.95, 1e-8, 0.0}, {1e-2, 0.3, 0.99, 1e-6, 0.1}, {1e-6, 0.99, 0.9999, 1e-3, 0.0}};
+    for (int hi = 0; hi < 4; ++hi) {
+        const double* h = hps[hi];
+        auto p = g.vec(n, 1);
+        // Include magnitudes the moments really see: tiny and large gradients, exact zeros, subnormals.
+        std::vector<float> m(n, 0.0f), v(n, 0.0f);
+        auto pc = p; auto mc = m; auto vc = v;
+        for (int step = 1; step <= 3; ++step) {
+            auto gr = g.vec(n, 1);
+            for (int i = 0; i < n; i += 7) gr[i] *= 1e-20f;
+            for (int i = 3; i < n; i += 11) gr[i] = 0.0f;
+            for (int i = 5; i < n; i += 13) gr[i] *= 1e4f;
+            gr[1] = 1e-40f;  // subnormal
+            AdamSc s = adam_scalars(h[0], h[1], h[2], h[3], h[4], step);
+            for (int i = 0; i < n; ++i) cpu_adam_update(s, pc[i], gr[i], mc[i], vc[i]);
+            emu_launch(adamw_k, dim3{2}, dim3{256}, (void*)p.data(), DT_F32, (const void*)gr.data(), DT_F32, (void*)m.data(), DT_F32,
+                       (void*)v.data(), DT_F32, (i64)n, (int)s.has_decay, s.decay, (int)s.w1_small, s.w1, s.w1m1, s.b2, s.omb2, s.neg_step,
+                       s.bc2_sqrt, s.eps);
+        }
+        std::string tag = "adamw hp" + std::to_string(hi) + " ";
+        check_bits(tag + "p (3 steps)", p, pc);
+        check_bits(tag + "m (3 steps)", m, mc);
+        check_bits(tag + "v (3 steps)", v, vc);
+    }
+    // Against a plain double loop as well (the transcription itself must be AdamW).
+    auto p = g.vec(n, 1), gr = g.vec(n, 1);
+    std::vector<float> m(n, 0.1f), v(n, 0.2f);
+    std::vector<double> wp(n), wm(n), wv(n);
+    double lr = 1e-2, b1 = 0.9, b2 = 0.999, eps = 1e-8, wd = 0.01;
+    double bc1 = 1 - std::pow(b1, 3), bc2 = 1 - std::pow(b2, 3);
+    for (int i = 0; i < n; ++i) {
+        double pp = p[i] * (1 - lr * wd);
+        double mi = b1 * 0.1f + (1 - b1) * (double)gr[i], vi = b2 * 0.2f + (1 - b2) * (double)gr[i] * gr[i];
+        wp[i] = pp - lr / bc1 * mi / (std::sqrt(vi) / std::sqrt(bc2) + eps);
+        wm[i] = mi; wv[i] = vi;
+    }
+    AdamSc s = adam_scalars(lr, b1, b2, eps, wd, 3);
+    emu_launch(adamw_k, dim3{1}, dim3{256}, (void*)p.data(), DT_F32, (const void*)gr.data(), DT_F32, (void*)m.data(), DT_F32, (void*)v.data(), DT_F32,
+               (i64)n, (int)s.has_decay, s.decay, (int)s.w1_small, s.w1, s.w1m1, s.b2, s.omb2, s.neg_step, s.bc2_sqrt, s.eps);
+    check("adamw p vs f64", p, wp, 1e-6, 1e-5);
+    check("adamw m vs f64", m, wm, 1e-7, 1e-5);
+    check("adamw v vs f64", v, wv, 1e-7, 1e-5);
+}
+
+// ---- f16 storage (DT_F16) ------------------------------------------------------------------------
+// Reference conversions written independently of common.cuh's bit routines: arithmetic in double with
+// nearbyint (ties to even under the default rounding mode).
+static unsigned short ref_f2h(float f) {
+    unsigned u; std::memcpy(&u, &f, 4);
+    unsigned short sign = (unsigned short)((u >> 16) & 0x8000u);
+    if (std::isnan(f)) return (unsigned short)(sign | 0x7e00u | ((u >> 13) & 0x3ffu));
+    double a = std::fabs((double)f);
+    if (a >= 65520.0) return (unsigned short)(sign | 0x7c00u);
+    if (a < std::ldexp(1.0, -14)) return (unsigned short)(sign | (unsigned)std::nearbyint(std::ldexp(a, 24)));  // 1024 = 2^-14
+    int e; double m = std::frexp(a, &e);  // a = m·2^e, m in [0.5, 1)
+    double q = std::nearbyint(std::ldexp(m, 11));  // in [1024, 2048]
+    int ex = e - 1;
+    if (q == 2048.0) { q = 1024.0; ++ex; }
+    if (ex + 15 >= 31) return (unsigned short)(sign | 0x7c00u);
+    return (unsigned short)(sign | ((unsigned)(ex + 15) << 10) | ((unsigned)q - 1024u));
+}
+static double ref_h2f(unsigned short h) {
+    int e = (h >> 10) & 31, m = h & 1023;
+    double s = (h & 0x8000) ? -1.0 : 1.0;
+    if (e == 31) return m ? NAN : s * INFINITY;
+    return e == 0 ? s * std::ldexp((double)m, -24) : s * std::ldexp(1024.0 + m, e - 25);
+}
+static float hr(float x) { return (float)ref_h2f(ref_f2h(x)); }  // round to f16 and back
+static std::vector<unsigned short> to_h(const std::vector<float>& v) { std::vector<unsigned short> r(v.size()); for (size_t i = 0; i < v.size(); ++i) r[i] = ref_f2h(v[i]); return r; }
+static std::vector<float> from_h(const std::vector<unsigned short>& v) { std::vector<float> r(v.size()); for (size_t i = 0; i < v.size(); ++i) r[i] = (float)ref_h2f(v[i]); return r; }
+static std::vector<double> round_h(std::vector<double> v) { for (auto& x : v) x = hr((float)x); return v; }
+static std::vector<float> round_hv(std::vector<float> v) { for (auto& x : v) x = hr(x); return v; }
+
+static void test_f16_convert() {
+    // f16 -> f32: all 65536 patterns (NaNs by class), and f32 -> f16 -> f32 gives every non-NaN back.
+    size_t bad = 0;
+    for (unsigned h = 0; h < 65536; ++h) {
+        float got = h2f((f16_t)h);
+        double want = ref_h2f((unsigned short)h);
+        bool ok = std::isnan(want) ? std::isnan(got) : (double)got == want && std::signbit(got) == std::signbit(want);
+        if (std::isnan(want)) ok = ok && f2h(got) == (h | 0x200u);  // quiet NaN, payload kept
+        else ok = ok && f2h(got) == h;
+        if (!ok && bad++ < 5) std::printf("  h2f/f2h 0x%04x: got %.9g (back 0x%04x) want %.9g\n", h, got, f2h(got), want);
+    }
+    if (bad) { ++failures; std::printf("FAIL %-44s %zu/65536 bad\n", "f16 -> f32 exhaustive (+ round trip)", bad); }
+    else std::printf("ok   %-44s n=65536 exact\n", "f16 -> f32 exhaustive (+ round trip)");
+    // f32 -> f16: every sign/exponent/top-7-mantissa prefix × 60 low-16-bit patterns (ties and their
+    // neighbours at every rounding position: normal (13 dropped bits) and subnormal (14..24)), plus
+    // 8M random patterns. Covers ±0, subnormal outputs, 65504/65520/inf, NaN.
+    std::vector<unsigned> lows = {0u, 1u, 0xffffu, 0x8000u, 0x7fffu, 0x8001u};
+    for (int k = 0; k < 16; ++k) for (unsigned d : {0u, 1u, 0xffffffffu}) lows.push_back(((1u << k) + d) & 0xffffu);
+    std::sort(lows.begin(), lows.end()); lows.erase(std::unique(lows.begin(), lows.end()), lows.end());
+    size_t n = 0; bad = 0;
+    auto one = [&](unsigned u) {
+        float f; std::memcpy(&f, &u, 4);
+        unsigned short got = f2h(f), want = ref_f2h(f);
+        ++n;
+        if (got != want && bad++ < 5) std::printf("  f2h 0x%08x (%.9g): got 0x%04x want 0x%04x\n", u, f, got, want);
+    };
+    for (unsigned hi = 0; hi < 65536; ++hi) for (unsigned lo : lows) one((hi << 16) | lo);
+    Rng g{0xf16};
+    for (int i = 0; i < (1 << 23); ++i) one((unsigned)(g.next() >> 32));
+    for (float f : {65504.0f, 65519.99f, 65520.0f, 65536.0f, 1e30f, 5.9604645e-8f, 2.9802322e-8f, 2.9802326e-8f, 6.1035156e-5f, 6.1035152e-5f, 0.0f, -0.0f, INFINITY, -INFINITY})
+        { unsigned u; std::memcpy(&u, &f, 4); one(u); }
+    if (bad) { ++failures; std::printf("FAIL %-44s %zu/%zu bad\n", "f32 -> f16 dense (RNE, subnormals, inf)", bad, n); }
+    else std::printf("ok   %-44s n=%zu exact\n", "f32 -> f16 dense (RNE, subnormals, inf)", n);
+    // Spot values that must hold whatever the reference says.
+    bool spot = f2h(65504.0f) == 0x7bff && f2h(65520.0f) == 0x7c00 && f2h(65519.0f) == 0x7bff && f2h(-1e9f) == 0xfc00 &&
+                f2h(5.9604645e-8f) == 0x0001 && f2h(2.9802322e-8f) == 0x0000 && f2h(2.9802326e-8f) == 0x0001 && f2h(1.0f + 1.0f / 2048) == 0x3c00 &&
+                f2h(1.0f + 3.0f / 2048) == 0x3c02 && f2h(-0.0f) == 0x8000 && f2h(6.1035156e-5f) == 0x0400;
+    if (!spot) { ++failures; std::printf("FAIL f16 spot values (65504, 65520 -> inf, 2^-24, ties to even)\n"); }
+    else std::printf("ok   %-44s\n", "f16 spot values");
+}
+
+// Kernels reading and writing f16 storage against double loops on f16-rounded inputs, outputs rounded to
+// f16 (atol/rtol ≈ one f16 ulp plus the f32 arithmetic).
+static void test_f16_kernels() {
+    Rng g{1616};
+    const double HU = 1.0 / 1024;  // f16 relative ulp (10 stored bits)
+    // Pointwise: geglu fwd (f16 in/out), axpy into f16, copy both ways, softcap in place, mul.
+    int n = 777;
+    auto a = round_hv(g.vec(n, 3)), b = round_hv(g.vec(n, 1));
+    auto a16 = to_h(a), b16 = to_h(b);
+    std::vector<unsigned short> o16(n, 0xffff);
+    emu_launch(geglu_fwd_k, dim3{2}, dim3{256}, (const void*)a16.data(), DT_F16, (const void*)b16.data(), DT_F16, (void*)o16.data(), DT_F16, (i64)n);
+    std::vector<double> w(n);
+    for (int i = 0; i < n; ++i) { double x = a[i], t = std::tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)); w[i] = 0.5 * x * (1 + t) * b[i]; }
+    check("f16 geglu_fwd", from_h(o16), round_h(w), 1e-6, HU);
+    std::vector<unsigned short> y16 = b16;
+    emu_launch(axpy_k, dim3{3}, dim3{256}, 0.5f, (const void*)a.data(), DT_F32, (void*)y16.data(), DT_F16, (i64)n);
+    std::vector<double> wy(n); for (int i = 0; i < n; ++i) wy[i] = hr(b[i] + 0.5f * a[i]);
+    check("f16 axpy f32 into f16 (exact rounding)", from_h(y16), wy, 0, 0);
+    std::vector<float> big = g.vec(n, 70000.0f);  // beyond 65504: overflow to inf must be kept
+    std::vector<unsigned short> c16(n, 0);
+    emu_launch(copy_k, dim3{1}, dim3{256}, (const void*)big.data(), DT_F32, (void*)c16.data(), DT_F16, (i64)n);
+    size_t cbad = 0;
+    for (int i = 0; i < n; ++i) cbad += c16[i] != ref_f2h(big[i]);
+    if (cbad) { ++failures; std::printf("FAIL %-44s %zu/%d differ from ref_f2h\n", "f16 copy f32 -> f16 (incl. overflow)", cbad, n); }
+    else std::printf("ok   %-44s n=%d bit-exact\n", "f16 copy f32 -> f16 (incl. overflow)", n);
+    std::vector<float> cf(n, NAN);
+    emu_launch(copy_k, dim3{1}, dim3{256}, (const void*)a16.data(), DT_F16, (void*)cf.data(), DT_F32, (i64)n);
+    check("f16 copy f16 -> f32", cf, std::vector<double>(a.begin(), a.end()), 0, 0);
+    std::vector<unsigned short> bb16(n);  // bf16 <- f16 conversion through the tags
+    emu_launch(copy_k, dim3{1}, dim3{256}, (const void*)a16.data(), DT_F16, (void*)bb16.data(), DT_BF16, (i64)n);
+    std::vector<float> bbf(n); std::vector<double> wbb(n);
+    for (int i = 0; i < n; ++i) { bbf[i] = emu_bf(bb16[i]); wbb[i] = h_bf(a[i]); }
+    check("f16 copy f16 -> bf16", bbf, wbb, 0, 0);
+    std::vector<unsigned short> s16 = a16;
+    emu_launch(softcap_fwd_k, dim3{1}, dim3{256}, (void*)s16.data(), DT_F16, (i64)n, 2.0f);
+    std::vector<double> ws(n); for (int i = 0; i < n; ++i) ws[i] = 2.0 * std::tanh(a[i] / 2.0);
+    check("f16 softcap_fwd in place", from_h(s16), round_h(ws), 1e-6, HU);
+    // Embedding backward into an f16 table (16-bit atomic CAS path, repeated ids).
+    int V = 5, H = 7;
+    std::vector<int> ids = {1, 4, 1, 1, 0};
+    auto dout = g.vec(ids.size() * H, 1);
+    std::vector<unsigned short> dt16((size_t)V * H, ref_f2h(0.25f));
+    emu_launch(embedding_bwd_k, dim3{(unsigned)ids.size()}, dim3{32}, (const int*)ids.data(), (const void*)dout.data(), DT_F32, (void*)dt16.data(), DT_F16, H, 0.5f);
+    std::vector<double> wdt((size_t)V * H, 0.25);
+    for (size_t i = 0; i < ids.size(); ++i) for (int j = 0; j < H; ++j) wdt[ids[i] * H + j] += 0.5 * dout[i * H + j];
+    check("f16 embedding_bwd (atomic CAS)", from_h(dt16), wdt, 4e-3, 4 * HU);
+    // RMSNorm forward f16 in / f16 out, rstd f32; backward dx into f16.
+    {
+        int rows = 3, h = 70;
+        auto x = round_hv(g.vec((size_t)rows * h, 2)), wn = g.vec(h, 0.5), dy = round_hv(g.vec((size_t)rows * h, 1));
+        auto x16 = to_h(x), dy16 = to_h(dy);
+        std::vector<unsigned short> y16((size_t)rows * h, 0xffff), dx16((size_t)rows * h, 0xffff);
+        std::vector<float> rstd(rows, NAN);
+        emu_launch(rmsnorm_fwd_k, dim3{(unsigned)rows}, dim3{96}, (const void*)x16.data(), DT_F16, (const void*)wn.data(), DT_F32, (void*)y16.data(), DT_F16, (void*)rstd.data(), DT_F32, h, 1e-6f);
+        emu_launch(rmsnorm_bwd_k, dim3{(unsigned)rows}, dim3{96}, (const void*)dy16.data(), DT_F16, (const void*)x16.data(), DT_F16, (const void*)wn.data(), DT_F32, (const void*)rstd.data(), DT_F32, (void*)dx16.data(), DT_F16, h);
+        std::vector<double> wyv((size_t)rows * h), wdx((size_t)rows * h);
+        for (int i = 0; i < rows; ++i) {
+            double ss = 0; for (int j = 0; j < h; ++j) ss += (double)x[i * h + j] * x[i * h + j];
+            double r = 1.0 / std::sqrt(ss / h + 1e-6), dot = 0;
+            for (int j = 0; j < h; ++j) dot += (double)dy[i * h + j] * (1 + wn[j]) * x[i * h + j];
+            for (int j = 0; j < h; ++j) {
+                wyv[i * h + j] = x[i * h + j] * r * (1 + wn[j]);
+                wdx[i * h + j] = r * dy[i * h + j] * (1 + wn[j]) - r * r * r * x[i * h + j] * dot / h;
+            }
+        }
+        check("f16 rmsnorm y", from_h(y16), round_h(wyv), 1e-5, HU);
+        check("f16 rmsnorm dx", from_h(dx16), round_h(wdx), 1e-4, 2 * HU);
+    }
+    // Rope in place on f16.
+    {
+        int tokens = 3, heads = 2, d = 8;
+        auto xr = round_hv(g.vec((size_t)tokens * heads * d, 1));
+        auto x16 = to_h(xr);
+        std::vector<int> pos = {0, 5, 17};
+        emu_launch(rope_k, dim3{1}, dim3{256}, (void*)x16.data(), DT_F16, (const int*)pos.data(), (i64)tokens, heads, d, 10000.0f, 0);
+        std::vector<double> wr(xr.size());
+        for (int t = 0; t < tokens; ++t) for (int h = 0; h < heads; ++h) for (int i = 0; i < d / 2; ++i) {
+            double ang = pos[t] / std::pow(10000.0, 2.0 * i / d);
+            size_t base = ((size_t)t * heads + h) * d;
+            wr[base + i] = xr[base + i] * std::cos(ang) - xr[base + i + d / 2] * std::sin(ang);
+            wr[base + i + d / 2] = xr[base + i + d / 2] * std::cos(ang) + xr[base + i] * std::sin(ang);
+        }
+        check("f16 rope", from_h(x16), round_h(wr), 1e-5, HU);
+    }
+    // Cross-entropy: f16 logits, f16 dlogits written in place over the logits (aliasing allowed).
+    {
+        int rows = 4, v = 300;
+        auto logits = round_hv(g.vec((size_t)rows * v, 8));
+        auto l16 = to_h(logits);
+        std::vector<int> labels = {3, -100, 299, 0};
+        std::vector<float> loss(rows, NAN);
+        emu_launch(ce_row_k, dim3{(unsigned)rows}, dim3{256}, (const void*)l16.data(), DT_F16, (const int*)labels.data(), v, 30.0f, 0.5f, (void*)l16.data(), DT_F16, 1, loss.data());
+        std::vector<double> wl(rows), wd((size_t)rows * v);
+        for (int i = 0; i < rows; ++i) {
+            if (labels[i] == -100) continue;
+            std::vector<double> z(v); double mx = -INFINITY;
+            for (int j = 0; j < v; ++j) { z[j] = 30.0 * std::tanh(logits[(size_t)i * v + j] / 30.0); mx = std::max(mx, z[j]); }
+            double sum = 0; for (int j = 0; j < v; ++j) sum += std::exp(z[j] - mx);
+            double lse = mx + std::log(sum);
+            wl[i] = lse - z[labels[i]];
+            for (int j = 0; j < v; ++j) { double t = z[j] / 30.0; wd[(size_t)i * v + j] = 0.5 * (std::exp(z[j] - lse) - (j == labels[i])) * (1 - t * t); }
+        }
+        check("f16 ce_row loss", loss, wl, 1e-5, 1e-5);
+        // Rows with label -100 are not written (their logits stay): compare only trained rows.
+        std::vector<float> got; std::vector<double> want;
+        for (int i = 0; i < rows; ++i) if (labels[i] != -100) for (int j = 0; j < v; ++j) { got.push_back((float)ref_h2f(l16[(size_t)i * v + j])); want.push_back(hr((float)wd[(size_t)i * v + j])); }
+        check("f16 ce_row dlogits (in place)", got, want, 1e-7, HU);
+    }
+    // NF4 dequant to f16: the 16-byte vector path and the ragged tail.
+    for (auto [nr, k, nested] : {std::tuple{5, 200, true}, std::tuple{3, 37, false}}) {
+        Nf4 wq = make_nf4(nr * 7 + k, nr, k, nested);
+        long long numel = (long long)nr * k;
+        std::vector<unsigned short> out16(numel, 0xffff);
+        emu_launch(nf4_dequant_k, dim3{2}, dim3{256}, wq.packed.data(), wq.codes.data(), wq.absmax.data(), wq.code8.data(), wq.offset, (int)nested, numel, (void*)out16.data(), DT_F16);
+        std::vector<double> want(numel); for (long long e = 0; e < numel; ++e) want[e] = hr(wq.at(e));
+        check("f16 nf4_dequant " + std::to_string(nr) + "x" + std::to_string(k), from_h(out16), want, 0, 0);
+    }
+    // NF4 GEMV with f16 X (16-byte load path, K % 16 == 0) and f16 Y.
+    {
+        int m = 3, k = 128, nn = 40, r = 4;
+        Nf4 wq = make_nf4(77, nn, k, true);
+        auto x = round_hv(g.vec((size_t)m * k, 1)), xa = g.vec((size_t)m * r, 1), lb = g.vec((size_t)nn * r, 0.5);
+        auto x16 = to_h(x);
+        std::vector<unsigned short> y16((size_t)m * nn, 0xffff);
+        emu_launch(nf4_gemv_k, dim3{(unsigned)((nn + 7) / 8)}, dim3{256}, (const void*)x16.data(), DT_F16, wq.packed.data(), wq.codes.data(), wq.absmax.data(), wq.code8.data(), wq.offset, 1, (void*)y16.data(), DT_F16, 0, m, nn, k, (const void*)xa.data(), DT_F32, (const void*)lb.data(), DT_F32, r, 0.7f);
+        auto want = ref_xwt(x, wq, xa, lb, m, k, nn, r, 0.7f, false);
+        check("f16 nf4_gemv X/Y f16", from_h(y16), round_h(want), 1e-4 * maxabs(want), HU);
+    }
+    // NF4 GEMM (tensor-core kernel) with f16 X: converted to bf16 fragments through ld() — the kernel
+    // never reinterprets f16 bits as bf16. Reference: bf16(f16 value) operands.
+    {
+        int m = 20, k = 64, nn = 24, r = 3;
+        Nf4 wq = make_nf4(91, nn, k, false);
+        auto x = round_hv(g.vec((size_t)m * k, 1)), xa = g.vec((size_t)m * r, 1), lb = g.vec((size_t)nn * r, 0.5);
+        auto x16 = to_h(x);
+        std::vector<float> y((size_t)m * nn, NAN);
+        emu_launch(nf4_gemm_xwt_k, dim3{1, 1}, dim3{256}, (const void*)x16.data(), DT_F16, wq.packed.data(), wq.codes.data(), wq.absmax.data(), wq.code8.data(), wq.offset, 0, (void*)y.data(), DT_F32, 0, m, nn, k, (const void*)xa.data(), DT_F32, (const void*)lb.data(), DT_F32, r, 0.7f);
+        auto want = ref_xwt(x, wq, xa, lb, m, k, nn, r, 0.7f, true);
+        check("f16 X into nf4_gemm_xwt (bf16 mma)", y, want, 1e-5 * maxabs(want), 1e-5);
+    }
+    // LoRA halves with f16 activations (X, dY, Y, dX in f16; A, B, xa, dyb, dA, dB in f32).
+    {
+        int m = 6, k = 45, nn = 19, r = 5;
+        auto x = round_hv(g.vec((size_t)m * k, 1)), la = g.vec((size_t)r * k, 1), lb = g.vec((size_t)nn * r, 1), dy = round_hv(g.vec((size_t)m * nn, 1));
+        auto x16 = to_h(x), dy16 = to_h(dy);
+        std::vector<float> xa((size_t)m * r, NAN), da((size_t)r * k, 0.0f);
+        emu_launch(lora_proj_k, dim3{(unsigned)m, 1}, dim3{256}, (const void*)x16.data(), DT_F16, (const void*)nullptr, DT_F32, 0, (const void*)la.data(), DT_F32, (i64)k, (i64)1, (void*)xa.data(), DT_F32, k, r);
+        std::vector<double> wxa((size_t)m * r);
+        for (int i = 0; i < m; ++i) for (int j = 0; j < r; ++j) { double acc = 0; for (int q = 0; q < k; ++q) acc += (double)x[i * k + q] * la[j * k + q]; wxa[i * r + j] = acc; }
+        check("f16 lora_proj xa (X f16)", xa, wxa, 1e-5, 1e-5);
+        std::vector<unsigned short> y16((size_t)m * nn, ref_f2h(1.0f));
+        emu_launch(lora_add_k, dim3{1}, dim3{256}, (void*)y16.data(), DT_F16, (const void*)xa.data(), DT_F32, (const void*)lb.data(), DT_F32, (i64)m, nn, r, 0.5f);
+        std::vector<double> wy2((size_t)m * nn);
+        for (int i = 0; i < m; ++i) for (int q = 0; q < nn; ++q) { double acc = 0; for (int j = 0; j < r; ++j) acc += (double)xa[i * r + j] * lb[q * r + j]; wy2[i * nn + q] = hr(1.0f + (float)(0.5 * acc)); }
+        check("f16 lora_add into f16 Y", from_h(y16), wy2, 1e-5, HU);
+        emu_launch(lora_da_k, dim3{1, 1}, dim3{256}, (const void*)xa.data(), DT_F32, (const void*)x16.data(), DT_F16, (const void*)nullptr, DT_F32, 0, (void*)da.data(), DT_F32, (i64)m, k, r, 0.5f);
+        std::vector<double> wda((size_t)r * k, 0.0);
+        for (int j = 0; j < r; ++j) for (int q = 0; q < k; ++q) for (int i = 0; i < m; ++i) wda[j * k + q] += 0.5 * (double)xa[i * r + j] * x[i * k + q];
+        check("f16 lora_da (X f16)", da, wda, 1e-5, 1e-5);
+    }
+    // Fallback GEMM with f16 A, B and C: C = 0.5·A·Bᵀ + 2·C.
+    {
+        int M = 17, N = 21, K = 35;
+        auto A = round_hv(g.vec((size_t)M * K, 1)), Bm = round_hv(g.vec((size_t)N * K, 1)), Cm = round_hv(g.vec((size_t)M * N, 1));
+        auto A16 = to_h(A), B16 = to_h(Bm), C16 = to_h(Cm);
+        emu_launch(gemm_fallback_k, dim3{(unsigned)((N + 15) / 16), (unsigned)((M + 15) / 16)}, dim3{16, 16}, (const void*)A16.data(), DT_F16, (i64)K, 0,
+                   (const void*)B16.data(), DT_F16, (i64)K, 1, (void*)C16.data(), DT_F16, M, N, K, 0.5f, 2.0f);
+        std::vector<double> wc((size_t)M * N);
+        for (int i = 0; i < M; ++i) for (int j = 0; j < N; ++j) { double acc = 0; for (int q = 0; q < K; ++q) acc += (double)A[i * K + q] * Bm[j * K + q]; wc[i * N + j] = 0.5 * acc + 2.0 * Cm[i * N + j]; }
+        check("f16 gemm_fallback A/B/C f16", from_h(C16), round_h(wc), 1e-5, HU);
+    }
+    // Attention on CUDA cores (the path fp16-only GPUs take) with f16 q/k/v/out/dout/dq/dk/dv.
+    {
+        int B = 1, T = 9, NH = 2, NKV = 1, D = 40; float cap = 50.0f; int window = 5;
+        size_t qn = (size_t)B * T * NH * D, kn = (size_t)B * T * NKV * D;
+        auto q = round_hv(g.vec(qn, 1)), k = round_hv(g.vec(kn, 1)), v = round_hv(g.vec(kn, 1)), dout = round_hv(g.vec(qn, 1));
+        std::vector<int> seg(T, 0);
+        float scale = 1.0f / std::sqrt((float)D);
+        auto ref = ref_attn(q, k, v, seg, false, dout, B, T, T, NH, NKV, D, scale, cap, window);
+        auto q16 = to_h(q), k16 = to_h(k), v16 = to_h(v), d16 = to_h(dout);
+        std::vector<unsigned short> out16(qn, 0xffff), dq16(qn, 0xffff), dk16(kn, 0xffff), dv16(kn, 0xffff);
+        std::vector<float> lse((size_t)B * NH * T, NAN), delta((size_t)B * NH * T, NAN);
+        unsigned rows = B * T * NH;
+        emu_launch(attn_fwd_k, dim3{(rows + 3) / 4}, dim3{128}, (const void*)q16.data(), DT_F16, (const void*)k16.data(), DT_F16, (const void*)v16.data(), DT_F16,
+                   (const int*)seg.data(), 0, (void*)out16.data(), DT_F16, (void*)lse.data(), DT_F32, B, T, T, NH, NKV, D, scale, cap, window);
+        check("f16 attn_fwd out", from_h(out16), round_h(ref.out), 1e-4, 2 * HU);
+        check("f16 attn_fwd lse", lse, ref.lse, 1e-5, 1e-5);
+        emu_launch(attn_bwd_delta_k, dim3{(rows + 3) / 4}, dim3{128}, (const void*)out16.data(), DT_F16, (const void*)d16.data(), DT_F16, delta.data(), B, T, NH, D);
+        emu_launch(attn_bwd_dq_k, dim3{(rows + 3) / 4}, dim3{128}, (const void*)q16.data(), DT_F16, (const void*)k16.data(), DT_F16, (const void*)v16.data(), DT_F16,
+                   (const int*)seg.data(), 0, (const void*)lse.data(), DT_F32, (const float*)delta.data(), (const void*)d16.data(), DT_F16, (void*)dq16.data(), DT_F16,
+                   B, T, NH, NKV, D, scale, cap, window);
+        unsigned krows = B * T * NKV;
+        emu_launch(attn_bwd_dkv_k, dim3{(krows + 3) / 4}, dim3{128}, (const void*)q16.data(), DT_F16, (const void*)k16.data(), DT_F16, (const void*)v16.data(), DT_F16,
+                   (const int*)seg.data(), 0, (const void*)lse.data(), DT_F32, (const float*)delta.data(), (const void*)d16.data(), DT_F16, (void*)dk16.data(), DT_F16,
+                   (void*)dv16.data(), DT_F16, B, T, NH, NKV, D, scale, cap, window);
+        // delta comes from the f16-rounded out, so the gradients carry ~1 f16 ulp of out on top.
+        check("f16 attn_bwd dq", from_h(dq16), ref.dq, 2e-3 * maxabs(ref.dq), 4 * HU);
+        check("f16 attn_bwd dk", from_h(dk16), ref.dk, 2e-3 * maxabs(ref.dk), 4 * HU);
+        check("f16 attn_bwd dv", from_h(dv16), ref.dv, 2e-3 * maxabs(ref.dv), 4 * HU);
+    }
+    // The tensor-core attention forward with f16 inputs: staged to bf16 through ld() (sm_80+ only).
+    {
+        constexpr int DIM = 32;
+        int B = 1, T = 20, NH = 2, NKV = 1;
+        size_t qn = (size_t)B * T * NH * DIM, kn = (size_t)B * T * NKV * DIM;
+        auto q = round_hv(g.vec(qn, 1)), k = round_hv(g.vec(kn, 1)), v = round_hv(g.vec(kn, 1));
+        std::vector<float> qb = q, kb = k, vb = v;
+        for (auto* x : {&qb, &kb, &vb}) for (auto& e : *x) e = h_bf(e);
+        std::vector<int> seg(T, 0);
+        float scale = 1.0f / std::sqrt((float)DIM);
+        auto ref = ref_attn(qb, kb, vb, seg, false, {}, B, T, T, NH, NKV, DIM, scale, 0.0f, 0);
+        auto q16 = to_h(q), k16 = to_h(k), v16 = to_h(v);
+        std::vector<float> out(qn, NAN), lse((size_t)B * NH * T, NAN);
+        emu_launch(attn_fwd_mma_d32_k, dim3{1, (unsigned)(B * NH)}, dim3{128}, (const void*)q16.data(), DT_F16, (const void*)k16.data(), DT_F16, (const void*)v16.data(), DT_F16,
+                   (const int*)seg.data(), 0, (void*)out.data(), DT_F32, (void*)lse.data(), DT_F32, B, T, T, NH, NKV, DIM, scale, 0.0f, 0);
+        check("f16 in attn_fwd_mma (staged as bf16) out", out, ref.out, 1e-2, 1e-2);
+        check("f16 in attn_fwd_mma (staged as bf16) lse", lse, ref.lse, 1e-4, 1e-4);
+    }
+}
+
 int main() {
+    test_f16_convert();
+    test_f16_kernels();
     test_pointwise();
     test_dequant();
     test_gemv_gemm();
@@ -573,6 +944,7 @@ int main() {
     test_cross_entropy();
     test_lora_and_gemm();
     test_rmsnorm_reduce();
+    test_adamw();
     if (failures) { std::printf("%d check(s) FAILED\n", failures); return 1; }
     std::printf("all emulated kernel checks passed\n");
     return 0;

@@ -10,10 +10,46 @@
 //! - A length that does not match the dims returns `KernelError::Shape` naming the op and argument;
 //!   inconsistent dims return `KernelError::Invalid`. No method panics on well-typed input.
 //! - `Self::Buf` holds f32 values logically; a backend may store them in a narrower type (the CUDA
-//!   backend keeps activations in bf16), which is why tolerances are per backend.
+//!   backend keeps activations in bf16), which is why tolerances are per backend. Who decides: the
+//!   [`Storage`] intent given when the buffer is allocated (see there for which buffers are which).
+//! - Ops accept any mix of storages on their arguments (e.g. X in bf16 with LoRA A in f32) and compute
+//!   in f32; a backend that cannot take a combination converts it or refuses it with a `KernelError`,
+//!   never reinterprets it.
 
 use crate::error::Result;
 use crate::nf4::Nf4Tensor;
+
+/// What a buffer is for, which decides how a backend stores it. The CPU backend keeps everything in f32
+/// and ignores the intent; the CUDA backend stores `Activation` buffers in its activation dtype (bf16
+/// when so configured) and `Master` buffers in f32 always.
+///
+/// - **Master** (f32): whatever an optimizer updates or a long sum accumulates into, where bf16's 8-bit
+///   mantissa would lose the update or the sum: LoRA A and B and their gradients; in full fine-tuning
+///   every trainable parameter (embedding, norms, dense linears) and its gradient; AdamW m and v; RMSNorm
+///   `rstd` and attention `lse` (per-row statistics the backward divides by or exponentiates); LoRA
+///   dropout masks (their 1/(1−p) is not a bf16 number) and the saved xa = drop(X)·Aᵀ (peft computes the
+///   adapter path in the adapter's f32); loss accumulators and evaluation logits.
+/// - **Activation** (bf16 on a bf16 GPU run): everything activation-sized that the reference
+///   implementation (transformers with bf16 weights) also keeps in bf16: hidden states and the residual
+///   stream, norm outputs, projections, attention outputs, MLP intermediates, their gradients; and the
+///   frozen weights (dense linears, embedding, norm offsets when not trained).
+///
+/// Why the split is per buffer and not per backend: QLoRA's memory budget needs bf16 activations and
+/// frozen weights, while its optimizer needs f32 parameters, gradients and moments (an f32 update of
+/// size ~lr·|p| vanishes when rounded to bf16).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Storage {
+    Activation,
+    Master,
+}
+
+/// AdamW's first and second moments of one parameter tensor, held as two backend buffers. The state
+/// type of a backend that keeps moments in its ordinary memory (the CPU backend's `AdamState`; the CUDA
+/// backend's device-resident variant).
+pub struct AdamMoments<Buf> {
+    pub m: Buf,
+    pub v: Buf,
+}
 
 /// Whether an op overwrites its output or accumulates into it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,12 +109,33 @@ pub trait Backend: Send + Sync + Sized {
     type Ids: Send + Sync;
     /// An NF4 weight resident on this backend (packed codes + double-quantized absmax).
     type Nf4: Send + Sync;
+    /// AdamW moments (m, v; f32) of one parameter tensor, wherever this backend keeps them: its own
+    /// memory, or, for a paged optimizer, pinned host memory streamed through the device at each step.
+    /// Opaque to the trainer, which only creates, steps, saves and restores it (see `adam_state`).
+    type AdamState: Send + Sync;
 
     fn name(&self) -> &'static str;
 
     // ---- memory -------------------------------------------------------------------------------
+    /// `n` zeros in `Storage::Activation` storage (= `zeros_for(n, Storage::Activation)`).
     fn zeros(&self, n: usize) -> Result<Self::Buf>;
+    /// `data` in `Storage::Activation` storage (= `from_host_for(data, Storage::Activation)`).
     fn from_host(&self, data: &[f32]) -> Result<Self::Buf>;
+    /// `n` zeros stored as `storage` asks (see [`Storage`]). Default: the backend has one storage.
+    fn zeros_for(&self, n: usize, storage: Storage) -> Result<Self::Buf> {
+        let _ = storage;
+        self.zeros(n)
+    }
+    /// `data` stored as `storage` asks. Default: the backend has one storage.
+    fn from_host_for(&self, data: &[f32], storage: Storage) -> Result<Self::Buf> {
+        let _ = storage;
+        self.from_host(data)
+    }
+    /// Like `from_host_for`, taking ownership: a backend whose buffers are host vectors keeps the
+    /// allocation instead of copying it (loading a [V,H] embedding then needs one host copy, not two).
+    fn from_vec_for(&self, data: Vec<f32>, storage: Storage) -> Result<Self::Buf> {
+        self.from_host_for(&data, storage)
+    }
     fn to_host(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
     fn len(&self, buf: &Self::Buf) -> usize;
     fn ids_from_host(&self, ids: &[i32]) -> Result<Self::Ids>;
@@ -309,6 +366,26 @@ pub trait Backend: Send + Sync + Sized {
     ) -> Result<(f64, usize)>;
 
     // ---- optimizer ------------------------------------------------------------------------------
+    /// Zeroed AdamW state for a parameter tensor of `n` elements. `paged` asks for a paged optimizer:
+    /// the moments live in (pinned) host memory and are streamed through the device at each step, so
+    /// they take no device memory between steps. A backend whose memory is host memory already (the
+    /// CPU) ignores it.
+    fn adam_state(&self, n: usize, paged: bool) -> Result<Self::AdamState>;
+    /// AdamW state from host moments (a checkpoint), same placement rules as `adam_state`. m and v
+    /// must have the same length.
+    fn adam_state_from_host(&self, m: &[f32], v: &[f32], paged: bool) -> Result<Self::AdamState>;
+    /// The moments back on the host, (m, v), bit-exact (they are f32 everywhere).
+    fn adam_state_to_host(&self, s: &Self::AdamState) -> Result<(Vec<f32>, Vec<f32>)>;
+    /// One torch-AdamW step (as `adamw`) on param `p` with gradient `g` and the moments in `s`
+    /// (lengths must match). A paged state gives bit-identical results to a resident one.
+    fn adamw_step(
+        &self,
+        p: &mut Self::Buf,
+        g: &Self::Buf,
+        s: &mut Self::AdamState,
+        h: &AdamW,
+    ) -> Result<()>;
+
     /// One torch-AdamW step on param/grad/m/v (same length): p ← p·(1 − lr·wd); m, v updated;
     /// p ← p − lr/(1−β1^t) · m / (sqrt(v)/sqrt(1−β2^t) + eps).
     fn adamw(
@@ -348,4 +425,106 @@ pub struct LoraGradRef<'a, B: Backend> {
 /// Gradient clipping coefficient, torch `clip_grad_norm_`: min(1, max_norm / (norm + 1e-6)).
 pub fn clip_coef(total_norm: f64, max_norm: f64) -> f64 {
     (max_norm / (total_norm + 1e-6)).min(1.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Cpu;
+
+    fn hp(step: u64) -> AdamW {
+        AdamW {
+            lr: 1e-2,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            step,
+        }
+    }
+
+    /// The CPU backend keeps every intent in f32: the intent methods give the same values as the
+    /// plain ones, and `from_vec_for` keeps the caller's allocation (no second copy).
+    #[test]
+    fn cpu_storage_intents_are_f32_and_from_vec_does_not_copy() {
+        let be = Cpu::new();
+        let data: Vec<f32> = vec![1.0, -2.5, 1.0e-30, 3.0e38];
+        for s in [Storage::Activation, Storage::Master] {
+            assert_eq!(be.zeros_for(3, s).unwrap(), vec![0.0; 3]);
+            assert_eq!(be.from_host_for(&data, s).unwrap(), data);
+            let v = data.clone();
+            let ptr = v.as_ptr();
+            let b = be.from_vec_for(v, s).unwrap();
+            assert_eq!(b, data);
+            assert_eq!(b.as_ptr(), ptr, "from_vec_for copied the buffer");
+        }
+    }
+
+    /// `adamw_step` on an `AdamState` is `adamw` on the moments, bit for bit, paged or not, and the
+    /// state survives a host round trip exactly (what a checkpoint does between steps).
+    #[test]
+    fn cpu_adam_state_steps_and_round_trips_exactly() {
+        let be = Cpu::new();
+        let n = 37;
+        let p0: Vec<f32> = (0..n).map(|i| (i as f32 - 18.0) / 7.0).collect();
+        let grad = |step: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| (((i * 13 + step * 5) % 17) as f32 - 8.0) / 9.0)
+                .collect()
+        };
+        // Reference: the plain op on four buffers.
+        let (mut p_ref, mut m_ref, mut v_ref) = (p0.clone(), vec![0.0; n], vec![0.0; n]);
+        for step in 1..=3 {
+            be.adamw(
+                &mut p_ref,
+                &grad(step),
+                &mut m_ref,
+                &mut v_ref,
+                &hp(step as u64),
+            )
+            .unwrap();
+        }
+        for paged in [false, true] {
+            let mut p = p0.clone();
+            let mut s = be.adam_state(n, paged).unwrap();
+            for step in 1..=3 {
+                be.adamw_step(&mut p, &grad(step), &mut s, &hp(step as u64))
+                    .unwrap();
+                // Save and restore between steps, as a resumed run does.
+                let (m, v) = be.adam_state_to_host(&s).unwrap();
+                s = be.adam_state_from_host(&m, &v, paged).unwrap();
+            }
+            let (m, v) = be.adam_state_to_host(&s).unwrap();
+            let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&p), bits(&p_ref), "paged = {paged}: p");
+            assert_eq!(bits(&m), bits(&m_ref), "paged = {paged}: m");
+            assert_eq!(bits(&v), bits(&v_ref), "paged = {paged}: v");
+        }
+    }
+
+    #[test]
+    fn cpu_adam_state_errors_are_typed() {
+        let be = Cpu::new();
+        let e = be
+            .adam_state_from_host(&[0.0; 3], &[0.0; 2], false)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("adam_state_from_host") && e.contains("`v`"),
+            "{e}"
+        );
+        let mut s = be.adam_state(4, true).unwrap();
+        let e = be
+            .adamw_step(&mut vec![0.0; 3], &vec![0.0; 3], &mut s, &hp(1))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("adamw") && e.contains("`m`"), "{e}");
+        let mut p = vec![0.0; 4];
+        let e = be
+            .adamw_step(&mut p, &vec![0.0; 4], &mut s, &hp(0))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("step"), "{e}");
+    }
 }

@@ -12,7 +12,9 @@ pub mod launch;
 pub mod nf4;
 pub mod tolerance;
 
-pub use backend::{clip_coef, Accum, AdamW, AttnShape, Backend, LoraGradRef, LoraRef, Weight};
+pub use backend::{
+    clip_coef, Accum, AdamMoments, AdamW, AttnShape, Backend, LoraGradRef, LoraRef, Storage, Weight,
+};
 pub use cpu::Cpu;
 pub use error::{KernelError, Result};
 pub use nf4::{Absmax, Nf4Tensor};

@@ -38,6 +38,94 @@ fn as_decimal_f64(x: f32) -> f64 {
     format!("{x}").parse::<f64>().unwrap_or(x as f64)
 }
 
+/// The per-step f32 scalars of the update (see the module doc), computed once on the host in torch's
+/// f64 order. Shared with the CUDA backend, whose `adamw_k` runs the same per-element f32 operations on
+/// these same scalars, so the two backends agree bit for bit wherever `sqrt` and division are correctly
+/// rounded (they are on both).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamScalars {
+    /// f32(1 − lr·wd); None when wd == 0 (torch skips the multiply).
+    pub decay: Option<f32>,
+    /// f32(1 − β1), the lerp weight.
+    pub w1: f32,
+    /// |w1| < 0.5: torch's lerp takes the `fma(w, g − m, m)` branch, else `fma(w − 1, g − m, g)`.
+    pub w1_small: bool,
+    /// w1 − 1 in f32 (the weight of the second lerp branch).
+    pub w1_minus_1: f32,
+    /// f32(β2).
+    pub b2: f32,
+    /// f32(1 − β2).
+    pub one_minus_b2: f32,
+    /// f32(−lr/(1 − β1^t)).
+    pub neg_step_size: f32,
+    /// f32((1 − β2^t)^0.5).
+    pub bc2_sqrt: f32,
+    /// f32(eps).
+    pub eps: f32,
+}
+
+impl AdamScalars {
+    /// Validates the hyper-parameters (typed errors naming `op` and the argument) and computes the
+    /// scalars.
+    pub fn new(op: &'static str, h: &crate::AdamW) -> Result<AdamScalars> {
+        ensure(op, "step", h.step >= 1, || {
+            "step is 1-based; got 0".to_string()
+        })?;
+        let finite_nonneg = |x: f32| x.is_finite() && x >= 0.0;
+        ensure(op, "lr", finite_nonneg(h.lr), || {
+            format!("lr must be finite and >= 0, got {}", h.lr)
+        })?;
+        ensure(op, "eps", finite_nonneg(h.eps), || {
+            format!("eps must be finite and >= 0, got {}", h.eps)
+        })?;
+        ensure(op, "weight_decay", finite_nonneg(h.weight_decay), || {
+            format!(
+                "weight_decay must be finite and >= 0, got {}",
+                h.weight_decay
+            )
+        })?;
+        for (name, b) in [("beta1", h.beta1), ("beta2", h.beta2)] {
+            ensure(op, name, (0.0..1.0).contains(&b), || {
+                format!("{name} must be in [0, 1), got {b}")
+            })?;
+        }
+        let lr = as_decimal_f64(h.lr);
+        let b1 = as_decimal_f64(h.beta1);
+        let b2 = as_decimal_f64(h.beta2);
+        let wd = as_decimal_f64(h.weight_decay);
+        // torch keeps `step` in an f32 tensor and reads it back with .item(): exact for t < 2^24.
+        let t = h.step as f32 as f64;
+        let w1 = (1.0 - b1) as f32;
+        Ok(AdamScalars {
+            decay: (wd != 0.0).then_some((1.0 - lr * wd) as f32),
+            w1,
+            w1_small: w1.abs() < 0.5,
+            w1_minus_1: w1 - 1.0,
+            b2: b2 as f32,
+            one_minus_b2: (1.0 - b2) as f32,
+            neg_step_size: (-(lr / (1.0 - b1.powf(t)))) as f32,
+            bc2_sqrt: (1.0 - b2.powf(t)).powf(0.5) as f32,
+            eps: as_decimal_f64(h.eps) as f32,
+        })
+    }
+
+    /// The update of one element, in torch's f32 operation order (the CUDA kernel transcribes this).
+    #[inline(always)]
+    pub fn update(&self, p: &mut f32, g: f32, m: &mut f32, v: &mut f32) {
+        if let Some(d) = self.decay {
+            *p *= d;
+        }
+        *m = if self.w1_small {
+            self.w1.mul_add(g - *m, *m)
+        } else {
+            self.w1_minus_1.mul_add(g - *m, g)
+        };
+        *v = (self.one_minus_b2 * g).mul_add(g, *v * self.b2);
+        let denom = v.sqrt() / self.bc2_sqrt + self.eps;
+        *p += (self.neg_step_size * *m) / denom;
+    }
+}
+
 /// One torch-AdamW step on `p` with gradient `g` and moment buffers `m`, `v` (see the module doc).
 ///
 /// Errors: length mismatch (naming the buffer), `step == 0`, or hyper-parameters torch would refuse
@@ -54,62 +142,13 @@ pub fn adamw_step(
     check_len(OP, "g", g.len(), p.len(), shape)?;
     check_len(OP, "m", m.len(), p.len(), shape)?;
     check_len(OP, "v", v.len(), p.len(), shape)?;
-    ensure(OP, "step", h.step >= 1, || {
-        "step is 1-based; got 0".to_string()
-    })?;
-    let finite_nonneg = |x: f32| x.is_finite() && x >= 0.0;
-    ensure(OP, "lr", finite_nonneg(h.lr), || {
-        format!("lr must be finite and >= 0, got {}", h.lr)
-    })?;
-    ensure(OP, "eps", finite_nonneg(h.eps), || {
-        format!("eps must be finite and >= 0, got {}", h.eps)
-    })?;
-    ensure(OP, "weight_decay", finite_nonneg(h.weight_decay), || {
-        format!(
-            "weight_decay must be finite and >= 0, got {}",
-            h.weight_decay
-        )
-    })?;
-    for (name, b) in [("beta1", h.beta1), ("beta2", h.beta2)] {
-        ensure(OP, name, (0.0..1.0).contains(&b), || {
-            format!("{name} must be in [0, 1), got {b}")
-        })?;
-    }
-
-    let lr = as_decimal_f64(h.lr);
-    let b1 = as_decimal_f64(h.beta1);
-    let b2 = as_decimal_f64(h.beta2);
-    let eps = as_decimal_f64(h.eps) as f32;
-    let wd = as_decimal_f64(h.weight_decay);
-    // torch keeps `step` in an f32 tensor and reads it back with .item(): exact for t < 2^24.
-    let t = h.step as f32 as f64;
-
-    let decay = (wd != 0.0).then_some((1.0 - lr * wd) as f32);
-    let w1 = (1.0 - b1) as f32;
-    let w1_small = w1.abs() < 0.5;
-    let b2_f = b2 as f32;
-    let one_minus_b2 = (1.0 - b2) as f32;
-    let bias_correction1 = 1.0 - b1.powf(t);
-    let bias_correction2 = 1.0 - b2.powf(t);
-    let neg_step_size = (-(lr / bias_correction1)) as f32;
-    let bc2_sqrt = bias_correction2.powf(0.5) as f32;
-
+    let sc = AdamScalars::new(OP, h)?;
     p.par_chunks_mut(CHUNK)
         .zip(g.par_chunks(CHUNK))
         .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
         .for_each(|((p, g), (m, v))| {
             for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-                if let Some(d) = decay {
-                    *p *= d;
-                }
-                *m = if w1_small {
-                    w1.mul_add(g - *m, *m)
-                } else {
-                    (w1 - 1.0).mul_add(g - *m, g)
-                };
-                *v = (one_minus_b2 * g).mul_add(g, *v * b2_f);
-                let denom = v.sqrt() / bc2_sqrt + eps;
-                *p += (neg_step_size * *m) / denom;
+                sc.update(p, g, m, v);
             }
         });
     Ok(())

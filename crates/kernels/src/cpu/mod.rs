@@ -28,8 +28,10 @@ pub mod softcap;
 
 pub use lora::{LoraFactors, LoraGrads, WeightRef};
 
-use crate::backend::{Accum, AdamW, AttnShape, Backend, LoraGradRef, LoraRef, Weight};
-use crate::error::Result;
+use crate::backend::{
+    Accum, AdamMoments, AdamW, AttnShape, Backend, LoraGradRef, LoraRef, Storage, Weight,
+};
+use crate::error::{check_len, Result};
 use crate::nf4::Nf4Tensor;
 
 /// The CPU backend. Stateless: the rayon global pool provides the threads (set `RAYON_NUM_THREADS`
@@ -54,9 +56,16 @@ impl Backend for Cpu {
     type Buf = Vec<f32>;
     type Ids = Vec<i32>;
     type Nf4 = Nf4Tensor;
+    /// Moments in ordinary host memory: a paged optimizer has nothing to page.
+    type AdamState = AdamMoments<Vec<f32>>;
 
     fn name(&self) -> &'static str {
         "cpu"
+    }
+
+    /// Everything is f32 on the CPU: the storage intent is accepted and ignored.
+    fn from_vec_for(&self, data: Vec<f32>, _storage: Storage) -> Result<Vec<f32>> {
+        Ok(data)
     }
 
     fn zeros(&self, n: usize) -> Result<Vec<f32>> {
@@ -370,5 +379,41 @@ impl Backend for Cpu {
         h: &AdamW,
     ) -> Result<()> {
         adamw::adamw_step(p, g, m, v, h)
+    }
+
+    fn adam_state(&self, n: usize, _paged: bool) -> Result<AdamMoments<Vec<f32>>> {
+        Ok(AdamMoments {
+            m: vec![0.0; n],
+            v: vec![0.0; n],
+        })
+    }
+
+    fn adam_state_from_host(
+        &self,
+        m: &[f32],
+        v: &[f32],
+        _paged: bool,
+    ) -> Result<AdamMoments<Vec<f32>>> {
+        check_len("adam_state_from_host", "v", v.len(), m.len(), || {
+            format!("[len(m)={}]", m.len())
+        })?;
+        Ok(AdamMoments {
+            m: m.to_vec(),
+            v: v.to_vec(),
+        })
+    }
+
+    fn adam_state_to_host(&self, s: &AdamMoments<Vec<f32>>) -> Result<(Vec<f32>, Vec<f32>)> {
+        Ok((s.m.clone(), s.v.clone()))
+    }
+
+    fn adamw_step(
+        &self,
+        p: &mut Vec<f32>,
+        g: &Vec<f32>,
+        s: &mut AdamMoments<Vec<f32>>,
+        h: &AdamW,
+    ) -> Result<()> {
+        adamw::adamw_step(p, g, &mut s.m, &mut s.v, h)
     }
 }

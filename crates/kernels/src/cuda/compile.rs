@@ -178,8 +178,10 @@ pub(crate) fn compile_cubin(file: &str, arch: &str) -> Result<Vec<u8>> {
 
 /// CUBINs already produced in this process, by (file, arch): several backends (e.g. parallel tests)
 /// then compile each module once, and a second compile of the same module waits for the first.
-static MEMORY: std::sync::Mutex<Option<std::collections::HashMap<(String, String), Vec<u8>>>> =
-    std::sync::Mutex::new(None);
+static MEMORY: std::sync::Mutex<Option<CubinMap>> = std::sync::Mutex::new(None);
+
+/// (file, arch) → CUBIN.
+type CubinMap = std::collections::HashMap<(String, String), Vec<u8>>;
 
 /// The CUBIN for `file` on `arch`: from this process's memory, the disk cache, or freshly compiled (and
 /// then cached in both). `fresh` skips both caches (used when a cached CUBIN failed to load: it is then

@@ -139,8 +139,9 @@ impl Cuda {
                 }
                 if !both_f32 {
                     // Bring both inputs to bf16 (only the ones that are not bf16 are copied).
-                    let a_rows = if a.trans { k * m } else { m * k };
-                    let b_rows = if b.trans { n * k } else { k * n };
+                    // Element counts of the stored operands (the same whether transposed or not).
+                    let a_rows = m * k;
+                    let b_rows = k * n;
                     let a16;
                     let a = if a.buf.dtype() == Dtype::F32 {
                         a16 = self.slice_copy(a.buf, a.off, a_rows, Dtype::Bf16)?;

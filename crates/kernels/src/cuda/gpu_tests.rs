@@ -651,3 +651,141 @@ fn paged_adamw_equals_device_adamw() {
         Tolerance::EXACT.assert_close("paged v", sv, c.to_host(&v).unwrap());
     });
 }
+
+fn bits(x: &[f32]) -> Vec<u32> {
+    x.iter().map(|f| f.to_bits()).collect()
+}
+
+/// `adamw_k` runs the CPU reference's f32 operation order on the CPU's scalars (`AdamScalars`): with
+/// f32 storage the GPU step equals the CPU step bit for bit (both round sqrt and division correctly),
+/// for both lerp branches, with and without weight decay, over three steps, on ragged magnitudes.
+#[test]
+fn adamw_is_bit_exact_with_cpu() {
+    cuda_f32(|c| {
+        let cpu = Cpu::new();
+        let n = 5000;
+        for (beta1, wd) in [(0.9f32, 0.01f32), (0.3, 0.0)] {
+            let mut g = Rng::new(77);
+            let p0 = g.uniform(n, 1.0);
+            let (mut pc, mut mc, mut vc) = (p0.clone(), vec![0.0f32; n], vec![0.0f32; n]);
+            let mut pd = c.from_host_as(&p0, Dtype::F32).unwrap();
+            let mut md = c.zeros_as(n, Dtype::F32).unwrap();
+            let mut vd = c.zeros_as(n, Dtype::F32).unwrap();
+            for step in 1..=3u64 {
+                let mut gr = g.uniform(n, 1.0);
+                for (i, x) in gr.iter_mut().enumerate() {
+                    match i % 5 {
+                        0 => *x *= 1e-20,
+                        1 => *x *= 1e4,
+                        2 => *x = 0.0,
+                        _ => {}
+                    }
+                }
+                let h = crate::backend::AdamW {
+                    lr: 1e-3,
+                    beta1,
+                    beta2: 0.999,
+                    eps: 1e-8,
+                    weight_decay: wd,
+                    step,
+                };
+                cpu.adamw(&mut pc, &gr, &mut mc, &mut vc, &h).unwrap();
+                let gd = c.from_host_as(&gr, Dtype::F32).unwrap();
+                c.adamw(&mut pd, &gd, &mut md, &mut vd, &h).unwrap();
+            }
+            assert_eq!(
+                bits(&c.to_host(&pd).unwrap()),
+                bits(&pc),
+                "p, beta1 {beta1}"
+            );
+            assert_eq!(
+                bits(&c.to_host(&md).unwrap()),
+                bits(&mc),
+                "m, beta1 {beta1}"
+            );
+            assert_eq!(
+                bits(&c.to_host(&vd).unwrap()),
+                bits(&vc),
+                "v, beta1 {beta1}"
+            );
+        }
+    });
+}
+
+/// Storage intents on a bf16 backend: Master is f32, Activation (and plain zeros/from_host) bf16;
+/// AdamW state is f32 on the device, or paged in host memory.
+#[test]
+fn storage_intents_pick_dtypes() {
+    with_cuda(
+        CudaOptions {
+            alloc_dtype: Dtype::Bf16,
+            ..CudaOptions::default()
+        },
+        |c| {
+            use crate::backend::Storage;
+            assert_eq!(c.zeros_for(5, Storage::Master).unwrap().dtype(), Dtype::F32);
+            assert_eq!(
+                c.zeros_for(5, Storage::Activation).unwrap().dtype(),
+                Dtype::Bf16
+            );
+            assert_eq!(c.zeros(5).unwrap().dtype(), Dtype::Bf16);
+            let x = [1.0f32 + 1.0 / 1024.0, -3.0];
+            let m = c.from_host_for(&x, Storage::Master).unwrap();
+            assert_eq!(m.dtype(), Dtype::F32);
+            assert_eq!(c.to_host(&m).unwrap(), x, "Master keeps f32 values exactly");
+            let a = c.from_vec_for(x.to_vec(), Storage::Activation).unwrap();
+            assert_eq!(a.dtype(), Dtype::Bf16);
+            assert_eq!(
+                c.to_host(&a).unwrap(),
+                [1.0, -3.0],
+                "Activation rounds to bf16"
+            );
+            let s = c.adam_state(7, false).unwrap();
+            assert_eq!(s.device_dtypes(), Some((Dtype::F32, Dtype::F32)));
+            assert!(c.adam_state(7, true).unwrap().is_paged());
+        },
+    );
+}
+
+/// Through the trait: a paged state and a resident one give bit-identical parameters and moments over
+/// two steps (across a paging chunk boundary), and both survive a host round trip between the steps
+/// (a checkpoint), including a switch from resident to paged.
+#[test]
+fn trait_adam_state_paged_equals_resident_with_checkpoint() {
+    cuda_f32(|c| {
+        let n = (1 << 22) + 333;
+        let mut g = Rng::new(5);
+        let p0 = g.uniform(n, 1.0);
+        let grads = [g.uniform(n, 1.0), g.uniform(n, 1.0)];
+        let mut pa = c.from_host_as(&p0, Dtype::F32).unwrap();
+        let mut pb = c.from_host_as(&p0, Dtype::F32).unwrap();
+        let mut sa = c.adam_state(n, false).unwrap();
+        let mut sb = c.adam_state(n, false).unwrap();
+        for (i, gr) in grads.iter().enumerate() {
+            let h = crate::backend::AdamW {
+                lr: 2e-4,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.0,
+                step: i as u64 + 1,
+            };
+            let gd = c.from_host_as(gr, Dtype::F32).unwrap();
+            c.adamw_step(&mut pa, &gd, &mut sa, &h).unwrap();
+            c.adamw_step(&mut pb, &gd, &mut sb, &h).unwrap();
+            // "Checkpoint" b and restore it paged.
+            let (m, v) = c.adam_state_to_host(&sb).unwrap();
+            sb = c.adam_state_from_host(&m, &v, true).unwrap();
+            assert!(sb.is_paged());
+        }
+        let (ma, va) = c.adam_state_to_host(&sa).unwrap();
+        let (mb, vb) = c.adam_state_to_host(&sb).unwrap();
+        assert_eq!(
+            bits(&c.to_host(&pb).unwrap()),
+            bits(&c.to_host(&pa).unwrap()),
+            "p"
+        );
+        assert_eq!(bits(&mb), bits(&ma), "m");
+        assert_eq!(bits(&vb), bits(&va), "v");
+    });
+}

@@ -8,13 +8,17 @@
 //!
 //! Storage and precision. A [`CudaBuf`] carries its dtype: f32 or bf16. Every kernel reads and writes
 //! either (the dtype tag travels with each pointer; see kernels/README.md) and computes in f32 (f64
-//! for global sums), so buffers of different dtypes mix freely in one op. The intended setup for
-//! QLoRA is bf16 activations and frozen weights, f32 LoRA weights, gradients, optimizer state and loss.
-//! The `Backend` trait has no dtype argument, so new buffers take the backend's *allocation dtype*:
-//! f32 by default (every op then matches the CPU reference to f32 rounding); a caller that knows what
-//! it is allocating switches it with [`Cuda::set_alloc_dtype`] (e.g. bf16 while loading frozen weights
-//! and creating activation buffers, f32 for LoRA parameters and AdamW state), or allocates with
-//! [`Cuda::zeros_as`] / [`Cuda::from_host_as`].
+//! for global sums), so buffers of different dtypes mix freely in one op; dense GEMMs with one bf16 and
+//! one f32 operand convert the f32 one to bf16 first (cuBLAS has no mixed-input combination), as
+//! autocast does. Which dtype a buffer gets is the caller's [`Storage`] intent: `Storage::Master`
+//! buffers are always f32 (LoRA weights, gradients, optimizer state, per-row statistics), and
+//! `Storage::Activation` buffers take the backend's *activation dtype* ([`CudaOptions::alloc_dtype`]:
+//! f32 by default, so every op matches the CPU reference to f32 rounding; bf16 for QLoRA). Plain
+//! `zeros` / `from_host` are `Storage::Activation`. [`Cuda::zeros_as`] / [`Cuda::from_host_as`] take an
+//! explicit [`Dtype`] (tests, benchmarks).
+//!
+//! AdamW state: [`CudaAdamState`], either two f32 device buffers or, for the paged optimizer, a
+//! [`PagedAdamState`] in pinned host memory (paged.rs).
 //!
 //! Streams: everything runs in order on the context's default stream; `to_host` and the ops that
 //! return host values synchronize.
@@ -29,6 +33,7 @@ mod paged;
 pub use gemm::GemmBackend;
 pub use paged::PagedAdamState;
 
+use crate::backend::{AdamMoments, Storage};
 use crate::error::{KernelError, Result};
 use crate::launch::Launch;
 use cudarc::driver::{
@@ -36,7 +41,6 @@ use cudarc::driver::{
 };
 use half::bf16;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Element type of a device buffer.
@@ -91,6 +95,41 @@ impl CudaBuf {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+}
+
+/// AdamW moments of one parameter tensor on the CUDA backend (`Backend::AdamState`).
+pub enum CudaAdamState {
+    /// m and v as f32 device buffers.
+    Device(AdamMoments<CudaBuf>),
+    /// m and v in pinned host memory, streamed through the device at each step (paged optimizer).
+    Paged(PagedAdamState),
+}
+
+impl CudaAdamState {
+    /// Number of parameters the state is for.
+    pub fn len(&self) -> usize {
+        match self {
+            CudaAdamState::Device(d) => d.m.len,
+            CudaAdamState::Paged(p) => p.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether the moments live in host memory.
+    pub fn is_paged(&self) -> bool {
+        matches!(self, CudaAdamState::Paged(_))
+    }
+
+    /// The dtypes of (m, v) on the device; None when paged.
+    pub fn device_dtypes(&self) -> Option<(Dtype, Dtype)> {
+        match self {
+            CudaAdamState::Device(d) => Some((d.m.dtype(), d.v.dtype())),
+            CudaAdamState::Paged(_) => None,
+        }
     }
 }
 
@@ -166,7 +205,8 @@ pub(crate) enum Arg<'a> {
 pub struct CudaOptions {
     /// Device ordinal.
     pub ordinal: usize,
-    /// The dtype `zeros` / `from_host` allocate (see the module docs).
+    /// The activation dtype: what `Storage::Activation` buffers (and plain `zeros` / `from_host`)
+    /// are stored as (see the module docs). `Storage::Master` buffers are f32 whatever this is.
     pub alloc_dtype: Dtype,
     /// Use kernels/gemm.cu instead of cuBLAS for dense GEMMs.
     pub force_fallback_gemm: bool,
@@ -193,7 +233,8 @@ pub struct Cuda {
     gemm: GemmBackend,
     arch: String,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
-    alloc_dtype: AtomicU8,
+    /// The dtype of `Storage::Activation` buffers (fixed at construction).
+    alloc_dtype: Dtype,
     simt_attention: bool,
 }
 
@@ -261,17 +302,15 @@ impl Cuda {
         } else {
             GemmBackend::new(&stream)?
         };
-        let cuda = Cuda {
+        Ok(Some(Cuda {
             ctx,
             stream,
             gemm,
             arch: format!("sm_{major}{minor}"),
             modules: Mutex::new(HashMap::new()),
-            alloc_dtype: AtomicU8::new(0),
+            alloc_dtype: opts.alloc_dtype,
             simt_attention: opts.simt_attention,
-        };
-        cuda.set_alloc_dtype(opts.alloc_dtype);
-        Ok(Some(cuda))
+        }))
     }
 
     /// The device's architecture, e.g. "sm_90".
@@ -300,19 +339,17 @@ impl Cuda {
         self.stream.synchronize().map_err(be("synchronize"))
     }
 
-    /// The dtype `zeros` and `from_host` allocate.
+    /// The activation dtype (what `Storage::Activation` buffers are stored as).
     pub fn alloc_dtype(&self) -> Dtype {
-        if self.alloc_dtype.load(Ordering::Relaxed) == 1 {
-            Dtype::Bf16
-        } else {
-            Dtype::F32
-        }
+        self.alloc_dtype
     }
 
-    /// Sets the dtype `zeros` and `from_host` allocate from now on (see the module docs).
-    pub fn set_alloc_dtype(&self, dtype: Dtype) {
-        self.alloc_dtype
-            .store(if dtype == Dtype::Bf16 { 1 } else { 0 }, Ordering::Relaxed);
+    /// The dtype a buffer with intent `storage` is stored as.
+    pub fn dtype_for(&self, storage: Storage) -> Dtype {
+        match storage {
+            Storage::Activation => self.alloc_dtype,
+            Storage::Master => Dtype::F32,
+        }
     }
 
     /// A zeroed buffer of `n` elements of `dtype`.

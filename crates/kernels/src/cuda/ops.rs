@@ -2,8 +2,11 @@
 //! launches. Each op's contract is in backend.rs; each kernel's layout and geometry in its .cu file.
 
 use super::gemm::op;
-use super::{be, Arg, Cuda, CudaBuf, CudaIds, CudaNf4, Data, Dtype, Nf4Scales};
-use crate::backend::{Accum, AdamW, AttnShape, Backend, LoraGradRef, LoraRef, Weight};
+use super::{be, Arg, Cuda, CudaAdamState, CudaBuf, CudaIds, CudaNf4, Data, Dtype, Nf4Scales};
+use crate::backend::{
+    Accum, AdamMoments, AdamW, AttnShape, Backend, LoraGradRef, LoraRef, Storage, Weight,
+};
+use crate::cpu::adamw::AdamScalars;
 use crate::error::{check_len, ensure, KernelError, Result};
 use crate::launch::{self, to_i32};
 use crate::nf4::{Absmax, Nf4Tensor, BLOCK, NESTED_BLOCK};
@@ -329,6 +332,7 @@ impl Backend for Cuda {
     type Buf = CudaBuf;
     type Ids = CudaIds;
     type Nf4 = CudaNf4;
+    type AdamState = CudaAdamState;
 
     fn name(&self) -> &'static str {
         "cuda"
@@ -341,6 +345,14 @@ impl Backend for Cuda {
 
     fn from_host(&self, data: &[f32]) -> Result<CudaBuf> {
         self.from_host_as(data, self.alloc_dtype())
+    }
+
+    fn zeros_for(&self, n: usize, storage: Storage) -> Result<CudaBuf> {
+        self.zeros_as(n, self.dtype_for(storage))
+    }
+
+    fn from_host_for(&self, data: &[f32], storage: Storage) -> Result<CudaBuf> {
+        self.from_host_as(data, self.dtype_for(storage))
     }
 
     fn to_host(&self, buf: &CudaBuf) -> Result<Vec<f32>> {
@@ -1024,7 +1036,7 @@ impl Backend for Cuda {
         inverse: bool,
     ) -> Result<()> {
         // Same checks, in the same order, as the CPU backend.
-        ensure("rope", "d", d > 0 && d % 2 == 0, || {
+        ensure("rope", "d", d > 0 && d.is_multiple_of(2), || {
             format!("head dim D must be even and > 0, got {d}")
         })?;
         ensure("rope", "heads", heads > 0, || {
@@ -1357,9 +1369,12 @@ impl Backend for Cuda {
         check_len("embedding_fwd", "table", table.len, v * h, || {
             format!("[V={v}, H={h}]")
         })?;
-        ensure("embedding_fwd", "out", h > 0 && out.len % h == 0, || {
-            format!("out has {} elements, not a multiple of H = {h}", out.len)
-        })?;
+        ensure(
+            "embedding_fwd",
+            "out",
+            h > 0 && out.len.is_multiple_of(h),
+            || format!("out has {} elements, not a multiple of H = {h}", out.len),
+        )?;
         let n = out.len / h;
         if n == 0 {
             return Ok(());
@@ -1406,9 +1421,12 @@ impl Backend for Cuda {
         check_len("embedding_bwd", "dtable", dtable.len, v * h, || {
             format!("[V={v}, H={h}]")
         })?;
-        ensure("embedding_bwd", "dout", h > 0 && dout.len % h == 0, || {
-            format!("dout has {} elements, not a multiple of H = {h}", dout.len)
-        })?;
+        ensure(
+            "embedding_bwd",
+            "dout",
+            h > 0 && dout.len.is_multiple_of(h),
+            || format!("dout has {} elements, not a multiple of H = {h}", dout.len),
+        )?;
         let n = dout.len / h;
         if n == 0 {
             return Ok(());
@@ -1535,6 +1553,19 @@ impl Backend for Cuda {
         let logits = self.zeros_as(rows * v, Dtype::F32)?;
         let row_loss = self.zeros_as(rows, Dtype::F32)?;
         let vi = to_i32("lm_head_ce", "v", v)?;
+        // A narrow hidden against an f32 embedding (a trained, Master-stored table in full
+        // fine-tuning): cuBLAS has no mixed-input GEMM, so `gemm` would convert the whole [V,H] table
+        // in every chunk, twice. Convert it once for the two GEMMs that read it.
+        let emb_narrow;
+        let emb: &CudaBuf = if matches!(self.gemm, super::GemmBackend::Cublas(_))
+            && hidden.dtype() != Dtype::F32
+            && emb.dtype() == Dtype::F32
+        {
+            emb_narrow = self.slice_copy(emb, 0, v * h, hidden.dtype())?;
+            &emb_narrow
+        } else {
+            emb
+        };
         let mut total = 0.0f64;
         let mut r0 = 0usize;
         while r0 < n {
@@ -1615,29 +1646,91 @@ impl Backend for Cuda {
         check_len("adamw", "g", g.len, n, || format!("[{n}]"))?;
         check_len("adamw", "m", m.len, n, || format!("[{n}]"))?;
         check_len("adamw", "v", v.len, n, || format!("[{n}]"))?;
-        ensure("adamw", "step", h.step >= 1, || {
-            "AdamW step is 1-based".into()
+        let sc = AdamScalars::new("adamw", h)?;
+        self.launch_adamw(Arg::Buf(p), Arg::Buf(g), Arg::Buf(m), Arg::Buf(v), n, &sc)
+    }
+
+    fn adam_state(&self, n: usize, paged: bool) -> Result<CudaAdamState> {
+        Ok(if paged {
+            CudaAdamState::Paged(self.paged_adam_state(n)?)
+        } else {
+            CudaAdamState::Device(AdamMoments {
+                m: self.zeros_as(n, Dtype::F32)?,
+                v: self.zeros_as(n, Dtype::F32)?,
+            })
+        })
+    }
+
+    fn adam_state_from_host(&self, m: &[f32], v: &[f32], paged: bool) -> Result<CudaAdamState> {
+        check_len("adam_state_from_host", "v", v.len(), m.len(), || {
+            format!("[len(m)={}]", m.len())
         })?;
-        let t = h.step.min(i32::MAX as u64) as i32;
-        let bc1 = 1.0 - (h.beta1 as f64).powi(t);
-        let bc2 = 1.0 - (h.beta2 as f64).powi(t);
+        Ok(if paged {
+            CudaAdamState::Paged(self.paged_adam_state_from_host(m, v)?)
+        } else {
+            CudaAdamState::Device(AdamMoments {
+                m: self.from_host_as(m, Dtype::F32)?,
+                v: self.from_host_as(v, Dtype::F32)?,
+            })
+        })
+    }
+
+    fn adam_state_to_host(&self, s: &CudaAdamState) -> Result<(Vec<f32>, Vec<f32>)> {
+        match s {
+            CudaAdamState::Device(d) => Ok((self.to_host(&d.m)?, self.to_host(&d.v)?)),
+            CudaAdamState::Paged(p) => p.to_vecs(),
+        }
+    }
+
+    fn adamw_step(
+        &self,
+        p: &mut CudaBuf,
+        g: &CudaBuf,
+        s: &mut CudaAdamState,
+        h: &AdamW,
+    ) -> Result<()> {
+        match s {
+            CudaAdamState::Device(d) => self.adamw(p, g, &mut d.m, &mut d.v, h),
+            CudaAdamState::Paged(st) => self.adamw_paged(p, g, st, h),
+        }
+    }
+}
+
+impl Cuda {
+    /// Launches `adamw_k` over n elements of (p, g, m, v) with the host-computed scalars `sc` (the
+    /// CPU reference's, so both backends run the same f32 operations; see kernels/adamw.cu).
+    pub(crate) fn launch_adamw(
+        &self,
+        p: Arg<'_>,
+        g: Arg<'_>,
+        m: Arg<'_>,
+        v: Arg<'_>,
+        n: usize,
+        sc: &AdamScalars,
+    ) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
         self.launch(
             "adamw.cu",
             "adamw_k",
             launch::elementwise(n),
             &[
-                Arg::Buf(p),
-                Arg::Buf(g),
-                Arg::Buf(m),
-                Arg::Buf(v),
+                p,
+                g,
+                m,
+                v,
                 n64(n),
-                Arg::F32(h.lr),
-                Arg::F32(h.beta1),
-                Arg::F32(h.beta2),
-                Arg::F32(h.eps),
-                Arg::F32(h.weight_decay),
-                Arg::F32(bc1 as f32),
-                Arg::F32(bc2.sqrt() as f32),
+                Arg::I32(sc.decay.is_some() as i32),
+                Arg::F32(sc.decay.unwrap_or(1.0)),
+                Arg::I32(sc.w1_small as i32),
+                Arg::F32(sc.w1),
+                Arg::F32(sc.w1_minus_1),
+                Arg::F32(sc.b2),
+                Arg::F32(sc.one_minus_b2),
+                Arg::F32(sc.neg_step_size),
+                Arg::F32(sc.bc2_sqrt),
+                Arg::F32(sc.eps),
             ],
         )
     }
@@ -1711,7 +1804,7 @@ fn check_cap(op: &'static str, cap: Option<f32>) -> Result<f32> {
 }
 
 fn check_attn(op: &'static str, s: &AttnShape) -> Result<()> {
-    ensure(op, "nkv", s.nkv > 0 && s.nh % s.nkv == 0, || {
+    ensure(op, "nkv", s.nkv > 0 && s.nh.is_multiple_of(s.nkv), || {
         format!("NH = {} is not a multiple of NKV = {}", s.nh, s.nkv)
     })?;
     ensure(op, "tk", s.tk >= s.t, || {

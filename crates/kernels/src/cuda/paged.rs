@@ -3,13 +3,15 @@
 //! device memory from activations. Costs two PCIe transfers of the state per step (2·8 bytes per
 //! parameter); for LoRA-sized parameter counts that is milliseconds.
 //!
-//! Not part of the `Backend` trait (which has no notion of host-resident state): a trainer that runs on
-//! `Cuda` calls [`Cuda::adamw_paged`] instead of `Backend::adamw` when the switch is on.
+//! Reached through the `Backend` trait: `adam_state(n, paged = true)` gives a
+//! `CudaAdamState::Paged`, and `adamw_step` on it calls [`Cuda::adamw_paged`]. The kernel and the
+//! scalars are the resident step's (`adamw_k`, `AdamScalars`), so paged and resident give
+//! bit-identical parameters and moments.
 
 use super::{be, Arg, Cuda, CudaBuf, Data, Dtype};
 use crate::backend::AdamW;
-use crate::error::{check_len, ensure, KernelError, Result};
-use crate::launch;
+use crate::cpu::adamw::AdamScalars;
+use crate::error::{check_len, KernelError, Result};
 use cudarc::driver::PinnedHostSlice;
 
 /// Elements of m (and of v) on the device at once: 16 MiB each.
@@ -42,21 +44,37 @@ impl PagedAdamState {
 impl Cuda {
     /// Zeroed paged AdamW state for `len` parameters.
     pub fn paged_adam_state(&self, len: usize) -> Result<PagedAdamState> {
-        let alloc = || -> Result<PinnedHostSlice<f32>> {
-            // SAFETY: flags 0 = plain page-locked memory (not write-combined, so the host may read it);
-            // every element is initialised right below, before any read.
-            let mut s = unsafe { self.ctx.alloc_pinned_with_flags::<f32>(len.max(1), 0) }
-                .map_err(be("allocating pinned host memory"))?;
-            s.as_mut_slice()
-                .map_err(be("writing pinned state"))?
-                .fill(0.0);
-            Ok(s)
-        };
         Ok(PagedAdamState {
-            m: alloc()?,
-            v: alloc()?,
+            m: self.pinned_from(len, None)?,
+            v: self.pinned_from(len, None)?,
             len,
         })
+    }
+
+    /// Paged AdamW state holding the given moments (a checkpoint's), bit for bit.
+    pub fn paged_adam_state_from_host(&self, m: &[f32], v: &[f32]) -> Result<PagedAdamState> {
+        check_len("paged_adam_state_from_host", "v", v.len(), m.len(), || {
+            format!("[len(m)={}]", m.len())
+        })?;
+        Ok(PagedAdamState {
+            m: self.pinned_from(m.len(), Some(m))?,
+            v: self.pinned_from(v.len(), Some(v))?,
+            len: m.len(),
+        })
+    }
+
+    /// `len` f32 of pinned host memory holding `init` (zeros when None).
+    fn pinned_from(&self, len: usize, init: Option<&[f32]>) -> Result<PinnedHostSlice<f32>> {
+        // SAFETY: flags 0 = plain page-locked memory (not write-combined, so the host may read it);
+        // every element is initialised right below, before any read.
+        let mut s = unsafe { self.ctx.alloc_pinned_with_flags::<f32>(len.max(1), 0) }
+            .map_err(be("allocating pinned host memory"))?;
+        let dst = s.as_mut_slice().map_err(be("writing pinned state"))?;
+        dst.fill(0.0);
+        if let Some(src) = init {
+            dst[..src.len()].copy_from_slice(src);
+        }
+        Ok(s)
     }
 
     /// One torch-AdamW step like `Backend::adamw`, with m and v in `state` (host); p and g on the
@@ -71,15 +89,10 @@ impl Cuda {
         let n = p.len;
         check_len("adamw_paged", "g", g.len, n, || format!("[{n}]"))?;
         check_len("adamw_paged", "state", state.len, n, || format!("[{n}]"))?;
-        ensure("adamw_paged", "step", h.step >= 1, || {
-            "AdamW step is 1-based".into()
-        })?;
+        let sc = AdamScalars::new("adamw_paged", h)?;
         if n == 0 {
             return Ok(());
         }
-        let t = h.step.min(i32::MAX as u64) as i32;
-        let bc1 = 1.0 - (h.beta1 as f64).powi(t);
-        let bc2 = 1.0 - (h.beta2 as f64).powi(t);
         let chunk = CHUNK.min(n);
         let mut dm = self.zeros_as(chunk, Dtype::F32)?;
         let mut dv = self.zeros_as(chunk, Dtype::F32)?;
@@ -103,24 +116,13 @@ impl Cuda {
                     .memcpy_htod(hv, &mut vs.slice_mut(0..c))
                     .map_err(be("state host to device"))?;
             }
-            self.launch(
-                "adamw.cu",
-                "adamw_k",
-                launch::elementwise(c),
-                &[
-                    Arg::BufAt(p, off),
-                    Arg::BufAt(g, off),
-                    Arg::Buf(&dm),
-                    Arg::Buf(&dv),
-                    Arg::I64(c as i64),
-                    Arg::F32(h.lr),
-                    Arg::F32(h.beta1),
-                    Arg::F32(h.beta2),
-                    Arg::F32(h.eps),
-                    Arg::F32(h.weight_decay),
-                    Arg::F32(bc1 as f32),
-                    Arg::F32(bc2.sqrt() as f32),
-                ],
+            self.launch_adamw(
+                Arg::BufAt(p, off),
+                Arg::BufAt(g, off),
+                Arg::Buf(&dm),
+                Arg::Buf(&dv),
+                c,
+                &sc,
             )?;
             {
                 let (Data::F32(ms), Data::F32(vs)) = (&dm.data, &dv.data) else {

@@ -26,7 +26,10 @@
 
 use std::collections::BTreeMap;
 
-use afinar_kernels::nf4::{Absmax, Nf4Tensor, BLOCK, NESTED_BLOCK, NF4_CODE};
+use std::path::Path;
+
+use afinar_kernels::nf4::{Absmax, BnbAbsmax, Nf4Tensor, BLOCK, NESTED_BLOCK, NF4_CODE};
+use afinar_kernels::KernelError;
 use serde_json::Value;
 
 use crate::error::{GemmaError, Result};
@@ -60,6 +63,22 @@ pub struct BnbWeight {
     pub dtype: String,
 }
 
+/// An error about part `tensor` of a bitsandbytes weight, naming the file that holds it (or, for a part
+/// that is absent, the file of `fallback`, the weight's own tensor).
+fn bad_in(store: &TensorStore, tensor: &str, fallback: &str, msg: impl Into<String>) -> GemmaError {
+    let path = store
+        .path_of(tensor)
+        .or_else(|| store.path_of(fallback))
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| store.files().first().cloned().unwrap_or_default());
+    GemmaError::Bnb {
+        tensor: tensor.to_string(),
+        path,
+        msg: msg.into(),
+    }
+}
+
+/// An error about a tensor that is not (yet) tied to a store, e.g. while parsing a quant-state blob.
 fn bad(name: &str, msg: impl Into<String>) -> GemmaError {
     GemmaError::Invalid(format!(
         "bitsandbytes 4-bit tensor `{name}`: {}",
@@ -77,32 +96,27 @@ pub fn is_bnb_4bit(store: &TensorStore, weight_name: &str) -> bool {
 
 /// Parses the quant-state JSON blob of tensor `name` (the blob's own tensor name, for errors).
 pub fn parse_quant_state(name: &str, bytes: &[u8]) -> Result<QuantStateJson> {
+    quant_state_from_json(bytes).map_err(|msg| bad(name, msg))
+}
+
+/// `parse_quant_state` with the reason as a plain message (the caller names the tensor and file).
+fn quant_state_from_json(bytes: &[u8]) -> std::result::Result<QuantStateJson, String> {
     let v: Value = serde_json::from_slice(bytes)
-        .map_err(|e| bad(name, format!("the quant state is not valid JSON: {e}")))?;
+        .map_err(|e| format!("the quant state is not valid JSON: {e}"))?;
     let obj = v
         .as_object()
-        .ok_or_else(|| bad(name, "the quant state is not a JSON object"))?;
-    let str_key = |k: &str| -> Result<String> {
+        .ok_or_else(|| "the quant state is not a JSON object".to_string())?;
+    let str_key = |k: &str| -> std::result::Result<String, String> {
         obj.get(k)
             .and_then(Value::as_str)
             .map(str::to_string)
-            .ok_or_else(|| {
-                bad(
-                    name,
-                    format!("quant state key `{k}` missing or not a string"),
-                )
-            })
+            .ok_or_else(|| format!("quant state key `{k}` missing or not a string"))
     };
-    let usize_key = |k: &str| -> Result<usize> {
+    let usize_key = |k: &str| -> std::result::Result<usize, String> {
         obj.get(k)
             .and_then(Value::as_u64)
             .and_then(|x| usize::try_from(x).ok())
-            .ok_or_else(|| {
-                bad(
-                    name,
-                    format!("quant state key `{k}` missing or not a non-negative integer"),
-                )
-            })
+            .ok_or_else(|| format!("quant state key `{k}` missing or not a non-negative integer"))
     };
     let quant_type = str_key("quant_type")?;
     let blocksize = usize_key("blocksize")?;
@@ -110,24 +124,19 @@ pub fn parse_quant_state(name: &str, bytes: &[u8]) -> Result<QuantStateJson> {
     let shape = obj
         .get("shape")
         .and_then(Value::as_array)
-        .ok_or_else(|| bad(name, "quant state key `shape` missing or not a list"))?
+        .ok_or_else(|| "quant state key `shape` missing or not a list".to_string())?
         .iter()
         .map(|d| {
             d.as_u64()
                 .and_then(|x| usize::try_from(x).ok())
-                .ok_or_else(|| bad(name, format!("bad dimension {d} in `shape`")))
+                .ok_or_else(|| format!("bad dimension {d} in `shape`"))
         })
-        .collect::<Result<Vec<_>>>()?;
+        .collect::<std::result::Result<Vec<_>, String>>()?;
     let nested = if obj.contains_key("nested_offset") || obj.contains_key("nested_blocksize") {
         let off = obj
             .get("nested_offset")
             .and_then(Value::as_f64)
-            .ok_or_else(|| {
-                bad(
-                    name,
-                    "quant state key `nested_offset` missing or not a number",
-                )
-            })?;
+            .ok_or_else(|| "quant state key `nested_offset` missing or not a number".to_string())?;
         Some((
             usize_key("nested_blocksize")?,
             str_key("nested_dtype")?,
@@ -145,34 +154,98 @@ pub fn parse_quant_state(name: &str, bytes: &[u8]) -> Result<QuantStateJson> {
     })
 }
 
-/// Reads the parts of one tensor as f32 with a dtype check (the parts are small; no mmap alignment is
-/// assumed).
-fn read_f32_exact(store: &TensorStore, name: &str, len: usize) -> Result<Vec<f32>> {
+/// The values of an F32 part (`.quant_map`, `.nested_absmax`, ...), any length: lengths are checked by
+/// `Nf4Tensor::from_bnb_parts`. The parts are small, so they are copied (no mmap alignment is assumed).
+fn read_f32_part(store: &TensorStore, name: &str, weight_name: &str) -> Result<Vec<f32>> {
     let (bytes, info) = store.raw(name)?;
     if info.dtype != Dtype::F32 {
-        return Err(bad(
+        return Err(bad_in(
+            store,
             name,
+            weight_name,
             format!(
                 "dtype {} where bitsandbytes stores F32",
                 info.dtype.as_str()
             ),
         ));
     }
-    if info.numel() != len {
-        return Err(GemmaError::ShapeMismatch {
-            name: name.to_string(),
-            expected: vec![len],
-            found: info.shape.clone(),
-        });
+    decode_f32(bytes, Dtype::F32)
+        .ok_or_else(|| bad_in(store, name, weight_name, "undecodable F32 data"))
+}
+
+/// The checkpoint tensor that argument `arg` of `Nf4Tensor::from_bnb_parts` was read from: `weight
+/// (packed)` is the weight itself, `weight.<part>` is `<weight_name>.<part>`, and the JSON-only values
+/// (`nested_offset`, `shape`) live in the quant-state blob `qs_name`.
+fn part_tensor(arg: &str, weight_name: &str, qs_name: &str) -> String {
+    if arg.starts_with("weight (") || arg == "weight" {
+        weight_name.to_string()
+    } else if let Some(part) = arg.strip_prefix("weight.") {
+        format!("{weight_name}.{part}")
+    } else {
+        qs_name.to_string()
     }
-    decode_f32(bytes, Dtype::F32).ok_or_else(|| bad(name, "undecodable F32 data"))
+}
+
+/// Maps a validation error of `Nf4Tensor::from_bnb_parts` onto the checkpoint: the full tensor name and
+/// its file, with the stored shape next to the count the quant-state shape needs.
+fn map_kernel_error(
+    store: &TensorStore,
+    weight_name: &str,
+    qs_name: &str,
+    qs_shape: &[usize],
+    e: KernelError,
+) -> GemmaError {
+    match e {
+        KernelError::Shape {
+            arg,
+            shape,
+            expected,
+            found,
+            ..
+        } => {
+            let tensor = part_tensor(arg, weight_name, qs_name);
+            let stored = store
+                .info(&tensor)
+                .map(|i| format!("{} {:?}", i.dtype.as_str(), i.shape))
+                .unwrap_or_else(|_| "absent".into());
+            let unit = if tensor == weight_name {
+                "bytes of packed codes"
+            } else {
+                "entries"
+            };
+            // Fixed-size parts (quant_map [16], nested_quant_map [256]) do not depend on the shape.
+            let need = if shape == format!("[{expected}]") {
+                format!("bitsandbytes stores [{expected}]")
+            } else {
+                format!("the quant-state shape {qs_shape:?} needs [{expected}] ({shape})")
+            };
+            bad_in(
+                store,
+                &tensor,
+                weight_name,
+                format!("{found} {unit} (stored as {stored}) but {need}"),
+            )
+        }
+        KernelError::Invalid { arg, msg, .. } => {
+            let tensor = part_tensor(arg, weight_name, qs_name);
+            let what = if tensor == qs_name {
+                format!("`{arg}`: {msg}")
+            } else {
+                msg
+            };
+            bad_in(store, &tensor, weight_name, what)
+        }
+        other => GemmaError::Kernel(other),
+    }
 }
 
 /// Reads the pre-quantized bitsandbytes 4-bit weight `weight_name` (e.g.
-/// `model.layers.3.self_attn.o_proj.weight`) into an [`Nf4Tensor`], checking every part against the
-/// quant state and against `expected_shape` ([out, in] from the model config). Each error names the tensor
-/// at fault. FP4 checkpoints and block sizes other than 64 (and nested 256) are refused: they are not the
-/// QLoRA layout and the kernels do not implement them.
+/// `model.layers.3.self_attn.o_proj.weight`) into an [`Nf4Tensor`]. The quant-state JSON is checked here
+/// (type, block sizes, shape = `expected_shape` ([out, in] from the model config)); the tensor parts
+/// (packed length, quant_map = the NF4 code, absmax / nested lengths, finite values, offset) are checked
+/// by `Nf4Tensor::from_bnb_parts`, whose errors are mapped onto the checkpoint tensor and file at fault.
+/// FP4 checkpoints and block sizes other than 64 (and nested 256) are refused: they are not the QLoRA
+/// layout and the kernels do not implement them.
 pub fn read_bnb_nf4(
     store: &TensorStore,
     weight_name: &str,
@@ -187,7 +260,8 @@ pub fn read_bnb_nf4(
     }
     let qs_name = format!("{weight_name}.{QUANT_STATE_NF4}");
     let (qs_bytes, _) = store.raw(&qs_name)?;
-    let qs = parse_quant_state(&qs_name, qs_bytes)?;
+    let qs =
+        quant_state_from_json(qs_bytes).map_err(|m| bad_in(store, &qs_name, weight_name, m))?;
     if qs.quant_type != "nf4" {
         return Err(GemmaError::NotSupported {
             what: format!("`{qs_name}`: quant_type {:?}", qs.quant_type),
@@ -201,114 +275,85 @@ pub fn read_bnb_nf4(
         });
     }
     if qs.shape != expected_shape {
-        return Err(GemmaError::ShapeMismatch {
+        return Err(GemmaError::StoredShapeMismatch {
+            path: store
+                .path_of(&qs_name)
+                .map(Path::to_path_buf)
+                .unwrap_or_default(),
             name: qs_name,
             expected: expected_shape.to_vec(),
             found: qs.shape,
         });
     }
-    let numel: usize = qs.shape.iter().product();
-    let blocks = numel.div_ceil(BLOCK);
-
-    // Packed codes: any storage dtype, ceil(numel/2) bytes.
-    let (wbytes, winfo) = store.raw(weight_name)?;
-    if wbytes.len() != numel.div_ceil(2) {
-        return Err(bad(
-            weight_name,
-            format!(
-                "{} bytes of packed codes ({} {:?}) but the quant-state shape {:?} needs {}",
-                wbytes.len(),
-                winfo.dtype.as_str(),
-                winfo.shape,
-                qs.shape,
-                numel.div_ceil(2)
-            ),
-        ));
-    }
-    let packed = wbytes.to_vec();
-
-    let qm_name = format!("{weight_name}.quant_map");
-    let qm = read_f32_exact(store, &qm_name, 16)?;
-    if let Some(i) = (0..16).find(|&i| qm[i].to_bits() != NF4_CODE[i].to_bits()) {
-        return Err(bad(
-            &qm_name,
-            format!(
-                "entry {i} is {:e}, not the NF4 code value {:e}",
-                qm[i], NF4_CODE[i]
-            ),
-        ));
-    }
-
-    let abs_name = format!("{weight_name}.absmax");
-    let absmax = match &qs.nested {
-        None => {
-            if store.contains(&format!("{weight_name}.nested_absmax")) {
-                return Err(bad(
-                    &qs_name,
-                    "nested_absmax is stored but the quant state has no nested_offset",
-                ));
-            }
-            Absmax::Plain(read_f32_exact(store, &abs_name, blocks)?)
+    if let Some((nb, ndtype, _)) = &qs.nested {
+        if *nb != NESTED_BLOCK {
+            return Err(GemmaError::NotSupported {
+                what: format!("`{qs_name}`: nested_blocksize {nb}"),
+                hint: format!("bitsandbytes always uses {NESTED_BLOCK}"),
+            });
         }
-        Some((nb, ndtype, offset)) => {
-            if *nb != NESTED_BLOCK {
-                return Err(GemmaError::NotSupported {
-                    what: format!("`{qs_name}`: nested_blocksize {nb}"),
-                    hint: format!("bitsandbytes always uses {NESTED_BLOCK}"),
-                });
-            }
-            if ndtype != "float32" {
-                return Err(bad(
-                    &qs_name,
-                    format!("nested_dtype {ndtype:?}, expected \"float32\""),
-                ));
-            }
-            if !offset.is_finite() {
-                return Err(bad(
-                    &qs_name,
-                    format!("nested_offset {offset} is not finite"),
-                ));
-            }
-            let (abytes, ainfo) = store.raw(&abs_name)?;
-            if ainfo.dtype != Dtype::U8 {
-                return Err(bad(
-                    &abs_name,
-                    format!(
-                        "dtype {} where double quantization stores U8 codes",
-                        ainfo.dtype.as_str()
-                    ),
-                ));
-            }
-            if ainfo.numel() != blocks {
-                return Err(GemmaError::ShapeMismatch {
-                    name: abs_name,
-                    expected: vec![blocks],
-                    found: ainfo.shape.clone(),
-                });
-            }
-            let nested_absmax = read_f32_exact(
+        if ndtype != "float32" {
+            return Err(bad_in(
                 store,
-                &format!("{weight_name}.nested_absmax"),
-                blocks.div_ceil(NESTED_BLOCK),
-            )?;
-            let map = read_f32_exact(store, &format!("{weight_name}.nested_quant_map"), 256)?;
-            let mut code8 = Box::new([0f32; 256]);
-            code8.copy_from_slice(&map);
-            // The offset is a torch float32 scalar printed as a Python double: the cast back is exact.
-            Absmax::Nested {
-                codes: abytes.to_vec(),
-                nested_absmax,
-                offset: *offset as f32,
-                code8,
-            }
+                &qs_name,
+                weight_name,
+                format!("nested_dtype {ndtype:?}, expected \"float32\""),
+            ));
+        }
+    }
+
+    // Packed codes: any storage dtype (bnb_4bit_quant_storage), the bytes are what counts.
+    let (packed, _) = store.raw(weight_name)?;
+    let quant_map = read_f32_part(store, &format!("{weight_name}.quant_map"), weight_name)?;
+    let abs_name = format!("{weight_name}.absmax");
+    let (abytes, ainfo) = store.raw(&abs_name)?;
+    let nested_name = format!("{weight_name}.nested_absmax");
+    let nmap_name = format!("{weight_name}.nested_quant_map");
+    // The absmax dtype says whether the weight is double-quantized (U8 codes) or not (F32). The nested
+    // parts are read when the checkpoint has them, so that `from_bnb_parts` can refuse a mix (nested parts
+    // with an F32 absmax, or U8 codes without them).
+    let read_opt = |name: &str| -> Result<Option<Vec<f32>>> {
+        if store.contains(name) || ainfo.dtype == Dtype::U8 {
+            read_f32_part(store, name, weight_name).map(Some)
+        } else {
+            Ok(None)
         }
     };
+    let nested_absmax = read_opt(&nested_name)?;
+    let nested_quant_map = read_opt(&nmap_name)?;
+    // The offset is a torch float32 scalar printed as a Python double: the cast back is exact.
+    let offset = qs.nested.as_ref().map(|(_, _, off)| *off as f32);
+    let absmax_f32;
+    let absmax = match ainfo.dtype {
+        Dtype::U8 => BnbAbsmax::U8(abytes),
+        Dtype::F32 => {
+            absmax_f32 = read_f32_part(store, &abs_name, weight_name)?;
+            BnbAbsmax::F32(&absmax_f32)
+        }
+        other => {
+            return Err(bad_in(
+                store,
+                &abs_name,
+                weight_name,
+                format!(
+                    "dtype {} where bitsandbytes stores F32 (or U8 codes when double-quantized)",
+                    other.as_str()
+                ),
+            ))
+        }
+    };
+    let tensor = Nf4Tensor::from_bnb_parts(
+        &qs.shape,
+        packed,
+        absmax,
+        &quant_map,
+        nested_absmax.as_deref(),
+        nested_quant_map.as_deref(),
+        offset,
+    )
+    .map_err(|e| map_kernel_error(store, weight_name, &qs_name, &qs.shape, e))?;
     Ok(BnbWeight {
-        tensor: Nf4Tensor {
-            shape: qs.shape,
-            packed,
-            absmax,
-        },
+        tensor,
         dtype: qs.dtype,
     })
 }

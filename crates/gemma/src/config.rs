@@ -73,6 +73,11 @@ pub struct Gemma2Config {
     /// Gemma-2 instruct configs list several EOS ids ([1, 107]).
     pub eos_token_ids: Vec<i64>,
     pub tie_word_embeddings: bool,
+    /// Dropout on the attention probabilities in training (transformers' eager attention:
+    /// `dropout(softmax(scores), p, training)`). Every released Gemma-2 config has 0.0; afinar does not
+    /// implement a non-zero value and refuses it for training (see [`Gemma2Config::check_trainable`]). In
+    /// evaluation and generation it has no effect, so inference loads such a config. Parsed as a
+    /// probability in [0, 1].
     pub attention_dropout: f64,
     /// `torch_dtype` (v4) or `dtype` (v5) of the stored weights, e.g. "bfloat16"; None when absent.
     pub torch_dtype: Option<String>,
@@ -476,6 +481,16 @@ impl Gemma2Config {
                 format!("must be finite and > 0, found {}", cfg.rope_theta),
             ));
         }
+        if !(0.0..=1.0).contains(&cfg.attention_dropout) {
+            return Err(cfg_err(
+                path,
+                "attention_dropout",
+                format!(
+                    "must be a probability in [0, 1], found {}",
+                    cfg.attention_dropout
+                ),
+            ));
+        }
         if cfg.query_pre_attn_scalar <= 0.0 {
             return Err(cfg_err(path, "query_pre_attn_scalar", "must be positive"));
         }
@@ -528,6 +543,28 @@ impl Gemma2Config {
             "torch_dtype": "float32",
         });
         Self::from_value(v, Path::new("<built-in config>"))
+    }
+
+    /// Refuses a config that training would not reproduce faithfully, naming the key and the config file
+    /// `path` (the caller's config.json). Today that is `attention_dropout` ≠ 0: transformers applies it
+    /// to the attention probabilities while training (eager attention), afinar's attention kernels have
+    /// no dropout, and training without it would silently optimize a different objective. Evaluation and
+    /// generation are unaffected by attention dropout (transformers skips it outside training), so only
+    /// the training entry points call this.
+    pub fn check_trainable(&self, path: &Path) -> Result<()> {
+        if self.attention_dropout != 0.0 {
+            return Err(cfg_err(
+                path,
+                "attention_dropout",
+                format!(
+                    "{} is not supported for training (afinar's attention has no dropout; released \
+                     Gemma-2 configs have 0.0). Set it to 0.0 to train; evaluation and generation \
+                     ignore it",
+                    self.attention_dropout
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// The config as JSON (the `raw` object read from disk, or the one built by `tiny`).

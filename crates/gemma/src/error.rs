@@ -38,12 +38,30 @@ pub enum GemmaError {
     /// A tensor the model needs is in none of the checkpoint files.
     #[error("tensor `{name}` not found; searched {}", display_paths(files))]
     MissingTensor { name: String, files: Vec<PathBuf> },
-    /// A tensor with the wrong shape.
+    /// A tensor with the wrong shape (in memory: values handed in by a caller; a tensor read from a file
+    /// is a `StoredShapeMismatch`, which also names the file).
     #[error("tensor `{name}`: expected shape {expected:?}, found {found:?}")]
     ShapeMismatch {
         name: String,
         expected: Vec<usize>,
         found: Vec<usize>,
+    },
+    /// A stored tensor whose shape disagrees with what the config (or its companion tensors) require:
+    /// names the tensor and the (shard) file that holds it.
+    #[error("tensor `{name}` in {path}: expected shape {expected:?}, found {found:?}")]
+    StoredShapeMismatch {
+        name: String,
+        path: PathBuf,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    /// A part of a bitsandbytes 4-bit weight (`….weight`, `.absmax`, `.quant_map`, `.nested_*`, the
+    /// quant-state blob) that is inconsistent with the others: names the checkpoint tensor and its file.
+    #[error("{path}: bitsandbytes 4-bit tensor `{tensor}`: {msg}")]
+    Bnb {
+        tensor: String,
+        path: PathBuf,
+        msg: String,
     },
     /// A tensor stored in a dtype this reader does not convert (e.g. I64 where floats are needed).
     #[error("tensor `{name}` in {path}: dtype {dtype} is not supported here ({hint})")]

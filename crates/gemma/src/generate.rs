@@ -18,7 +18,10 @@
 //! Sampling follows transformers' `generate`. First the repetition penalty (transformers'
 //! `RepetitionPenaltyLogitsProcessor`, `repetition_penalty` ≠ 1): every id already in the sequence
 //! (prompt + generated so far, each id once) has its soft-capped logit divided by p if positive, multiplied
-//! by p otherwise. Then greedy when `temperature == 0` (`do_sample=False`, argmax,
+//! by p otherwise. Then the n-gram ban (transformers' `NoRepeatNGramLogitsProcessor`,
+//! `no_repeat_ngram_size` = n > 0): every id that would complete an n-gram already present in the sequence
+//! (prompt included) gets logit −∞, i.e. for each earlier window of n tokens whose first n − 1 equal the
+//! last n − 1 tokens of the sequence, the window's last token is banned. Then greedy when `temperature == 0` (`do_sample=False`, argmax,
 //! first index on ties); otherwise logits / temperature, then top-k, then top-p (nucleus), then a draw
 //! from a ChaCha8 stream seeded by `seed`. Generation stops after `max_new_tokens`, or when an EOS id or
 //! an extra stop id (e.g. Gemma's `<end_of_turn>` = 107) is produced; like transformers, the stop token is
@@ -361,6 +364,9 @@ pub struct GenerateOptions {
     /// logits of every id already in the prompt or the output, before temperature/top-k/top-p/argmax.
     /// Must be finite and > 0.
     pub repetition_penalty: f32,
+    /// transformers' `no_repeat_ngram_size` (0 = off): no n-gram of this size occurs twice in the sequence
+    /// (prompt + output). Applied after the repetition penalty, before temperature/top-k/top-p/argmax.
+    pub no_repeat_ngram_size: usize,
 }
 
 impl GenerateOptions {
@@ -375,6 +381,7 @@ impl GenerateOptions {
             eos_token_ids: Vec::new(),
             stop_token_ids: Vec::new(),
             repetition_penalty: 1.0,
+            no_repeat_ngram_size: 0,
         }
     }
 
@@ -443,6 +450,10 @@ pub struct Sampler {
     /// seen[id] = id occurs in the sequence so far (prompt + sampled tokens); only kept when the
     /// repetition penalty is on. Grown on demand, so it needs no vocabulary size up front.
     seen: Vec<bool>,
+    /// n of the n-gram ban (0 = off).
+    no_repeat_ngram_size: usize,
+    /// The whole sequence so far (prompt + sampled tokens); only kept when the n-gram ban is on.
+    history: Vec<i32>,
     rng: ChaCha8Rng,
 }
 
@@ -455,13 +466,18 @@ impl Sampler {
             top_p: opts.top_p,
             repetition_penalty: opts.repetition_penalty,
             seen: Vec::new(),
+            no_repeat_ngram_size: opts.no_repeat_ngram_size,
+            history: Vec::new(),
             rng: ChaCha8Rng::seed_from_u64(opts.seed),
         })
     }
 
     /// Records ids that are now part of the sequence (the prompt, then each produced token), for the
-    /// repetition penalty. Negative ids are ignored (they cannot index logits).
+    /// repetition penalty and the n-gram ban. Negative ids are never penalized (they cannot index logits).
     pub fn observe(&mut self, ids: &[i32]) {
+        if self.no_repeat_ngram_size > 0 {
+            self.history.extend_from_slice(ids);
+        }
         if self.repetition_penalty == 1.0 {
             return;
         }
@@ -475,14 +491,20 @@ impl Sampler {
         }
     }
 
-    /// The next token id for logits [V], after the repetition penalty over the ids observed so far. The
-    /// chosen id is observed too (it becomes part of the sequence).
+    /// The next token id for logits [V], after the repetition penalty and the n-gram ban over the ids
+    /// observed so far (transformers' processor order). The chosen id is observed too (it becomes part of
+    /// the sequence).
     pub fn next(&mut self, logits: &[f32]) -> Result<i32> {
-        let id = if self.repetition_penalty == 1.0 {
+        let id = if self.repetition_penalty == 1.0 && self.no_repeat_ngram_size == 0 {
             self.sample(logits)?
         } else {
             let mut l = logits.to_vec();
-            apply_repetition_penalty(&mut l, &self.seen, self.repetition_penalty);
+            if self.repetition_penalty != 1.0 {
+                apply_repetition_penalty(&mut l, &self.seen, self.repetition_penalty);
+            }
+            if self.no_repeat_ngram_size > 0 {
+                ban_repeated_ngrams(&mut l, &self.history, self.no_repeat_ngram_size);
+            }
             self.sample(&l)?
         };
         self.observe(&[id]);
@@ -528,7 +550,18 @@ impl Sampler {
                 }
             }
         }
-        let idx: Vec<usize> = (0..scores.len()).filter(|&i| keep[i]).collect();
+        // Banned (−∞) tokens get probability 0; with every token banned there is nothing to draw from
+        // (transformers' multinomial fails on the NaN probabilities there).
+        let idx: Vec<usize> = (0..scores.len())
+            .filter(|&i| keep[i] && scores[i] > f64::NEG_INFINITY)
+            .collect();
+        if idx.is_empty() {
+            return Err(GemmaError::Invalid(
+                "generate: every token has logit −inf (all banned by no_repeat_ngram_size?); \
+                 nothing to sample"
+                    .into(),
+            ));
+        }
         let probs = softmax(&idx.iter().map(|&i| scores[i]).collect::<Vec<_>>());
         let u: f64 = self.rng.random::<f64>();
         let mut cum = 0.0;
@@ -549,6 +582,29 @@ impl Sampler {
 pub fn apply_repetition_penalty(logits: &mut [f32], seen: &[bool], p: f32) {
     for (x, _) in logits.iter_mut().zip(seen).filter(|(_, &s)| s) {
         *x = if *x > 0.0 { *x / p } else { *x * p };
+    }
+}
+
+/// transformers' `NoRepeatNGramLogitsProcessor` on logits [V] given the sequence so far `seq` (prompt +
+/// generated): with n-1 = the length of the suffix, every window `seq[j..j+n]` (j + n ≤ len) whose first
+/// n − 1 ids equal the last n − 1 ids of `seq` bans its last id (logit −∞). Nothing is banned while
+/// `seq` is shorter than n. With n = 1 the suffix is empty and every id of `seq` is banned. Ids outside
+/// [0, V) are skipped (they cannot be produced). O(len · n) per call.
+pub fn ban_repeated_ngrams(logits: &mut [f32], seq: &[i32], n: usize) {
+    let len = seq.len();
+    if n == 0 || len < n {
+        return;
+    }
+    let suffix = &seq[len + 1 - n..];
+    for w in seq.windows(n) {
+        if w[..n - 1] == *suffix {
+            if let Some(x) = usize::try_from(w[n - 1])
+                .ok()
+                .and_then(|id| logits.get_mut(id))
+            {
+                *x = f32::NEG_INFINITY;
+            }
+        }
     }
 }
 
@@ -746,6 +802,79 @@ mod tests {
         s.observe(&[1, 2]);
         assert!(s.seen.is_empty(), "p = 1 keeps no state");
         assert_eq!(s.next(&logits).unwrap(), 1);
+    }
+
+    #[test]
+    fn ngram_ban_matches_hand_computed_windows() {
+        let inf = f32::NEG_INFINITY;
+        // n = 2, sequence 1 2 3 1 2 1: suffix [1]; the windows starting with 1 are (1,2), (1,2) → ban 2.
+        let mut l = vec![0.5f32; 5];
+        ban_repeated_ngrams(&mut l, &[1, 2, 3, 1, 2, 1], 2);
+        assert_eq!(l, vec![0.5, 0.5, inf, 0.5, 0.5]);
+        // n = 3, sequence 4 0 3 4 0 2 4 0: suffix [4, 0]; windows (4,0,3), (4,0,2) → ban 3 and 2. The
+        // suffix itself has no successor yet, so nothing else.
+        let mut l = vec![1.0f32; 6];
+        ban_repeated_ngrams(&mut l, &[4, 0, 3, 4, 0, 2, 4, 0], 3);
+        assert_eq!(l, vec![1.0, 1.0, inf, inf, 1.0, 1.0]);
+        // n = 1: every id of the sequence; ids outside [0, V) are skipped.
+        let mut l = vec![1.0f32; 4];
+        ban_repeated_ngrams(&mut l, &[3, 0, 9, -1, 3], 1);
+        assert_eq!(l, vec![inf, 1.0, 1.0, inf]);
+        // Shorter than n, or n = 0: nothing.
+        let mut l = vec![1.0f32; 3];
+        ban_repeated_ngrams(&mut l, &[1, 1], 3);
+        ban_repeated_ngrams(&mut l, &[1, 1, 1], 0);
+        assert_eq!(l, vec![1.0; 3]);
+        // A run of one id: with n = 2 the last window (1,1) matches its own prefix → 1 is banned.
+        let mut l = vec![1.0f32; 3];
+        ban_repeated_ngrams(&mut l, &[0, 1, 1], 2);
+        assert_eq!(l, vec![1.0, inf, 1.0]);
+    }
+
+    #[test]
+    fn sampler_applies_penalty_then_ngram_ban() {
+        // Prompt 2 0 2; n = 2 bans 0 (the window (2,0)). Greedy would pick 0 (5.0), then 1 (4.0).
+        let mut s = Sampler::new(&GenerateOptions {
+            no_repeat_ngram_size: 2,
+            ..GenerateOptions::greedy(1)
+        })
+        .unwrap();
+        s.observe(&[2, 0, 2]);
+        assert_eq!(s.next(&[5.0, 4.0, 1.0]).unwrap(), 1);
+        // Sequence 2 0 2 1: suffix [1] has no earlier window → nothing banned, 0 wins again.
+        assert_eq!(s.next(&[5.0, 4.0, 1.0]).unwrap(), 0);
+        // With the penalty 2 on top: seen {0, 1, 2}, logits halved, then (2,0) banned → 1 (2.0 > 1.5).
+        let mut s = Sampler::new(&GenerateOptions {
+            no_repeat_ngram_size: 2,
+            repetition_penalty: 2.0,
+            ..GenerateOptions::greedy(1)
+        })
+        .unwrap();
+        s.observe(&[2, 0, 1, 2]);
+        assert_eq!(s.next(&[5.0, 4.0, 3.0]).unwrap(), 1);
+        // Sampling never draws a banned id (ids 0 and 2 are 9 nats more likely but banned), and fails
+        // cleanly when every id is banned.
+        for seed in 0..20 {
+            let mut s = Sampler::new(&GenerateOptions {
+                no_repeat_ngram_size: 1,
+                temperature: 1.0,
+                seed,
+                ..GenerateOptions::greedy(1)
+            })
+            .unwrap();
+            s.observe(&[0, 2]);
+            let id = s.next(&[9.0, 0.0, 9.0, 0.0]).unwrap();
+            assert!(id == 1 || id == 3, "{id}");
+        }
+        let mut s = Sampler::new(&GenerateOptions {
+            no_repeat_ngram_size: 1,
+            temperature: 1.0,
+            ..GenerateOptions::greedy(1)
+        })
+        .unwrap();
+        s.observe(&[0, 1]);
+        let err = s.next(&[1.0, 2.0]).unwrap_err();
+        assert!(err.to_string().contains("no_repeat_ngram_size"), "{err}");
     }
 
     #[test]

@@ -12,9 +12,11 @@
 //! or without the `base_model.model.` prefix, F32/BF16/F16 tensors, `target_modules` as module names, dotted
 //! module paths (`self_attn.q_proj`, `model.layers.0.self_attn.q_proj`) or a string ("all-linear" or a
 //! regex). The tensors present are authoritative for which linears are adapted; a `target_modules` list
-//! that disagrees with them is an error. Features that change the math and that afinar does not implement
-//! (DoRA, LoRA bias, rank/alpha patterns, fan_in_fan_out, modules_to_save, per-layer subsets) are refused
-//! with an error naming the key, never silently ignored.
+//! that disagrees with them is an error. Every `LoraConfig` key of peft 0.21.2 that changes which modules
+//! get LoRA or what they compute, and that afinar does not implement (layer subsets `layers_to_transform`
+//! / `layers_pattern`, `exclude_modules`, DoRA and the other variants, LoRA bias, rank/alpha patterns,
+//! fan_in_fan_out, modules_to_save, base-rewriting initializations such as PiSSA), is refused with an
+//! error naming the key, never silently ignored: see `refuse_unsupported_keys` for the whole list.
 //!
 //! Both directories are written atomically: into a temporary sibling directory, then renamed.
 
@@ -234,38 +236,7 @@ impl AdapterConfig {
                 ))
             }
         };
-        // Features that change the math and that afinar does not implement: refuse them by name.
-        let flag = |k: &str| get(k).and_then(Value::as_bool).unwrap_or(false);
-        for k in ["use_dora", "lora_bias", "fan_in_fan_out", "use_qalora"] {
-            if flag(k) {
-                return Err(unsupported(path, k, "true"));
-            }
-        }
-        if let Some(b) = get("bias").and_then(Value::as_str) {
-            if b != "none" {
-                return Err(unsupported(path, "bias", &format!("{b:?}")));
-            }
-        }
-        for k in ["rank_pattern", "alpha_pattern"] {
-            if get(k)
-                .and_then(Value::as_object)
-                .is_some_and(|m| !m.is_empty())
-            {
-                return Err(unsupported(path, k, "a non-empty pattern"));
-            }
-        }
-        for k in [
-            "modules_to_save",
-            "layer_replication",
-            "trainable_token_indices",
-            "target_parameters",
-        ] {
-            match get(k) {
-                None => {}
-                Some(Value::Array(a)) if a.is_empty() => {}
-                Some(v) => return Err(unsupported(path, k, &v.to_string())),
-            }
-        }
+        refuse_unsupported_keys(obj, path)?;
         let base_model_name_or_path = get("base_model_name_or_path")
             .and_then(Value::as_str)
             .map(str::to_string);
@@ -280,6 +251,120 @@ impl AdapterConfig {
     }
 }
 
+/// Refuses every key of peft 0.21.2's `LoraConfig` that changes which modules get LoRA or what they
+/// compute, when it is set to something afinar does not implement (the error names the key and says why).
+///
+/// The full field list (`inspect.signature(peft.LoraConfig)`) and what happens to each:
+/// - handled: `peft_type`, `task_type`, `r`, `lora_alpha`, `lora_dropout`, `use_rslora`, `target_modules`
+///   (checked against the tensors by `check_targets`);
+/// - metadata, no effect on the math: `peft_version`, `base_model_name_or_path`, `revision`,
+///   `auto_mapping`, `inference_mode`, `runtime_config` (never saved);
+/// - initialization that the stored A and B replace: `init_lora_weights` true / false / "gaussian" /
+///   "eva" / "orthogonal", and the configs only those refused below read (`eva_config`, `loftq_config`,
+///   `corda_config`, `lora_ga_config`);
+/// - inert for the seven Gemma-2 linears: `megatron_config` / `megatron_core` (Megatron parallel layers
+///   only), `ensure_weight_tying` (tied modules in `modules_to_save` / embedding targets, both refused),
+///   `qalora_group_size` (only with `use_qalora`);
+/// - refused when set: the module selection keys `layers_to_transform`, `layers_pattern` (peft adapts
+///   only the listed layer indices; afinar adapts every layer) and `exclude_modules`; `rank_pattern`,
+///   `alpha_pattern`; `modules_to_save`, `layer_replication`, `trainable_token_indices`,
+///   `target_parameters`; `bias` ≠ "none", `lora_bias`, `fan_in_fan_out`; the LoRA variants `use_dora`,
+///   `use_qalora`, `use_bdlora`, `arrow_config`, `alora_invocation_tokens`, `velora_config`,
+///   `monteclora_config`, `kasa_config`; and the `init_lora_weights` values that peft re-runs when it
+///   loads the adapter and that rewrite the base weights ("pissa…", "corda", "olora", "loftq",
+///   "lora_ga") or select a variant ("mica", which trains A only).
+///
+/// "Set" follows peft: null, false, an empty list, an empty string and an empty object are unset (peft
+/// tests these keys for truthiness, and treats `layers_to_transform = []` as "every layer").
+fn refuse_unsupported_keys(obj: &Map<String, Value>, path: &Path) -> Result<()> {
+    let is_set = |v: &Value| match v {
+        Value::Null => false,
+        Value::Bool(b) => *b,
+        Value::String(s) => !s.is_empty(),
+        Value::Array(a) => !a.is_empty(),
+        Value::Object(o) => !o.is_empty(),
+        Value::Number(_) => true,
+    };
+    let why_layers =
+        "peft adapts only the listed layers; afinar adapts the same modules in every layer";
+    let why_variant = "a LoRA variant that computes something else than W·x + s·B·A·x";
+    let table: [(&str, &str); 21] = [
+        ("layers_to_transform", why_layers),
+        ("layers_pattern", why_layers),
+        (
+            "exclude_modules",
+            "it removes modules from the targets; afinar has no exclusion list",
+        ),
+        ("rank_pattern", "per-module ranks"),
+        ("alpha_pattern", "per-module alphas"),
+        ("modules_to_save", "fully trained extra modules"),
+        ("layer_replication", "replicated layers"),
+        ("trainable_token_indices", "trainable embedding rows"),
+        ("target_parameters", "LoRA on parameters instead of modules"),
+        ("lora_bias", "a trained bias on lora_B"),
+        ("fan_in_fan_out", "transposed (Conv1D) weights"),
+        ("use_dora", why_variant),
+        ("use_qalora", why_variant),
+        ("use_bdlora", why_variant),
+        ("arrow_config", why_variant),
+        ("alora_invocation_tokens", why_variant),
+        ("velora_config", why_variant),
+        ("monteclora_config", why_variant),
+        ("kasa_config", why_variant),
+        ("bias", "trained biases"),
+        ("init_lora_weights", ""),
+    ];
+    for (key, why) in table {
+        let Some(v) = obj.get(key) else { continue };
+        match key {
+            "bias" => match v {
+                Value::Null => {}
+                Value::String(b) if b == "none" => {}
+                _ => return Err(unsupported(path, key, &v.to_string(), why)),
+            },
+            "init_lora_weights" => match v {
+                Value::Null | Value::Bool(_) => {}
+                Value::String(s) => {
+                    let l = s.to_lowercase();
+                    if l.starts_with("pissa")
+                        || l.starts_with("corda")
+                        || ["olora", "loftq", "lora_ga"].contains(&l.as_str())
+                    {
+                        return Err(unsupported(
+                            path,
+                            key,
+                            &v.to_string(),
+                            "peft re-runs this initialization when it loads the adapter, which \
+                             rewrites the base weights (W − s·B₀·A₀ or a quantized residual); afinar \
+                             loads the base checkpoint as is (convert the adapter to plain LoRA with \
+                             peft's path_initial_model_for_weight_conversion)",
+                        ));
+                    }
+                    if l == "mica" {
+                        return Err(unsupported(path, key, &v.to_string(), why_variant));
+                    }
+                    if !["gaussian", "eva", "orthogonal"].contains(&l.as_str()) {
+                        return Err(cfg_err(path, key, format!("unknown initialization {s:?}")));
+                    }
+                }
+                _ => {
+                    return Err(cfg_err(
+                        path,
+                        key,
+                        format!("expected a boolean or a string, found {v}"),
+                    ))
+                }
+            },
+            _ => {
+                if is_set(v) {
+                    return Err(unsupported(path, key, &v.to_string(), why));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 fn cfg_err(path: &Path, key: &str, msg: impl Into<String>) -> GemmaError {
     GemmaError::Config {
         path: path.to_path_buf(),
@@ -288,11 +373,12 @@ fn cfg_err(path: &Path, key: &str, msg: impl Into<String>) -> GemmaError {
     }
 }
 
-fn unsupported(path: &Path, key: &str, value: &str) -> GemmaError {
+fn unsupported(path: &Path, key: &str, value: &str, why: &str) -> GemmaError {
     GemmaError::NotSupported {
-        what: format!("{}: `{key}` = {value}", path.display()),
+        what: format!("{}: `{key}` = {value} ({why})", path.display()),
         hint:
-            "afinar implements plain LoRA (and rsLoRA) on the seven Gemma-2 linears of every layer"
+            "afinar implements plain LoRA (and rsLoRA) on the same Gemma-2 linears of every layer; \
+             refused rather than ignored"
                 .into(),
     }
 }
@@ -373,8 +459,9 @@ impl PeftAdapter {
                 })?;
             let info = store.info(name)?;
             if info.shape.len() != 2 {
-                return Err(GemmaError::ShapeMismatch {
+                return Err(GemmaError::StoredShapeMismatch {
                     name: name.to_string(),
+                    path: w_path.clone(),
                     expected: vec![0, 0],
                     found: info.shape.clone(),
                 });
@@ -409,15 +496,17 @@ impl PeftAdapter {
                     files: vec![w_path.clone()],
                 })?;
             if a_shape[0] != r {
-                return Err(GemmaError::ShapeMismatch {
+                return Err(GemmaError::StoredShapeMismatch {
                     name: ParamId::LoraA { layer, target }.name(),
+                    path: w_path.clone(),
                     expected: vec![r, a_shape[1]],
                     found: a_shape,
                 });
             }
             if b_shape[1] != r {
-                return Err(GemmaError::ShapeMismatch {
+                return Err(GemmaError::StoredShapeMismatch {
                     name: ParamId::LoraB { layer, target }.name(),
+                    path: w_path.clone(),
                     expected: vec![b_shape[0], r],
                     found: b_shape,
                 });
@@ -773,13 +862,72 @@ mod tests {
             ("fan_in_fan_out", Value::Bool(true)),
             ("rank_pattern", serde_json::json!({"q_proj": 8})),
             ("modules_to_save", serde_json::json!(["lm_head"])),
+            // Module selection that peft honours and afinar does not implement.
+            ("layers_to_transform", serde_json::json!([0, 1])),
+            ("layers_to_transform", serde_json::json!(3)),
+            ("layers_pattern", serde_json::json!("layers")),
+            (
+                "exclude_modules",
+                serde_json::json!(["model.layers.0.self_attn.q_proj"]),
+            ),
+            ("exclude_modules", serde_json::json!(".*q_proj")),
+            // LoRA variants.
+            (
+                "use_bdlora",
+                serde_json::json!({"lora_a_is_blockdiagonal": true}),
+            ),
+            ("arrow_config", serde_json::json!({"top_k": 3})),
+            ("alora_invocation_tokens", serde_json::json!([107])),
+            ("velora_config", serde_json::json!({"num_groups": 2})),
+            ("monteclora_config", serde_json::json!({"n_experts": 4})),
+            ("kasa_config", serde_json::json!({"beta": 0.0001})),
+            ("use_qalora", Value::Bool(true)),
+            ("lora_bias", Value::Bool(true)),
+            // Initializations that peft re-runs on load and that rewrite the base weights, or a variant.
+            ("init_lora_weights", Value::String("pissa".into())),
+            ("init_lora_weights", Value::String("pissa_niter_4".into())),
+            ("init_lora_weights", Value::String("olora".into())),
+            ("init_lora_weights", Value::String("loftq".into())),
+            ("init_lora_weights", Value::String("corda".into())),
+            ("init_lora_weights", Value::String("lora_ga".into())),
+            ("init_lora_weights", Value::String("mica".into())),
+            ("init_lora_weights", Value::String("bogus".into())),
         ] {
             let mut o = base.clone();
-            o[k] = v;
+            o[k] = v.clone();
             let err =
                 AdapterConfig::from_json_str(&o.to_string(), Path::new("x/adapter_config.json"))
                     .unwrap_err();
-            assert!(err.to_string().contains(k), "{k}: {err}");
+            let msg = err.to_string();
+            assert!(
+                msg.contains(k) && msg.contains("x/adapter_config.json"),
+                "{k} = {v}: {msg}"
+            );
+        }
+        // Values that are unset for peft, or that only steer an initialization the stored A and B
+        // replace, or that are inert for the seven linears, load.
+        for (k, v) in [
+            ("layers_to_transform", serde_json::json!([])),
+            ("layers_pattern", serde_json::json!([])),
+            ("layers_pattern", Value::String(String::new())),
+            ("exclude_modules", serde_json::json!([])),
+            ("init_lora_weights", Value::Bool(false)),
+            ("init_lora_weights", Value::String("gaussian".into())),
+            ("init_lora_weights", Value::String("eva".into())),
+            ("init_lora_weights", Value::String("orthogonal".into())),
+            ("eva_config", serde_json::json!({"rho": 2.0})),
+            ("loftq_config", serde_json::json!({"loftq_bits": 4})),
+            ("megatron_config", serde_json::json!({"x": 1})),
+            ("ensure_weight_tying", Value::Bool(true)),
+            ("trainable_token_indices", serde_json::json!({})),
+            ("use_bdlora", Value::Null),
+        ] {
+            let mut o = base.clone();
+            o[k] = v.clone();
+            assert!(
+                AdapterConfig::from_json_str(&o.to_string(), Path::new("c.json")).is_ok(),
+                "{k} = {v}"
+            );
         }
         let mut o = base.clone();
         o["peft_type"] = Value::String("IA3".into());

@@ -6,9 +6,14 @@
 //!
 //! File format (safetensors): u64 little-endian header length N, N bytes of JSON
 //! `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {..}}`, then the data region;
-//! offsets are relative to the data region. Every header is validated when the file is opened (offsets
-//! inside the file, sizes consistent with dtype × shape), so a truncated or corrupt file is an error at
-//! open time and later reads cannot go out of bounds.
+//! offsets are relative to the data region. Every header is validated when the file is opened, so a
+//! truncated or corrupt file is an error at open time and later reads cannot go out of bounds. The checks
+//! are those of the reference `safetensors` crate's `SafeTensors::read_metadata` (this reader does not go
+//! through it, because it maps files itself and wants errors that name the file and the tensors):
+//! - the header is at most 100 MB of JSON (`MAX_HEADER_SIZE`);
+//! - each tensor's byte size is dtype size × Π shape, and its range lies inside the data region;
+//! - the ranges, sorted by offset, tile the data region exactly: no two tensors overlap (an overlap would
+//!   let two names alias the same bytes), no byte lies between two tensors or after the last one.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -110,6 +115,9 @@ pub struct TensorStore {
     /// Tensors the index names but whose shard does not hold them: kept to produce a precise error.
     dangling: HashMap<String, usize>,
 }
+
+/// Largest header accepted, in bytes (the reference `safetensors` crate's `MAX_HEADER_SIZE`).
+pub const MAX_HEADER_SIZE: usize = 100_000_000;
 
 const INDEX_NAME: &str = "model.safetensors.index.json";
 const SINGLE_NAME: &str = "model.safetensors";
@@ -248,6 +256,13 @@ impl TensorStore {
         })
     }
 
+    /// The file that holds `name` (None when no file does).
+    pub fn path_of(&self, name: &str) -> Option<&Path> {
+        self.tensors
+            .get(name)
+            .map(|info| self.files[info.file].path.as_path())
+    }
+
     /// Raw little-endian bytes of `name` (for U8 NF4 payloads and the quant-state JSON blob).
     pub fn raw(&self, name: &str) -> Result<(&[u8], &TensorInfo)> {
         let info = self.info(name)?;
@@ -273,12 +288,13 @@ impl TensorStore {
         self.read_f32(name)
     }
 
-    /// `ShapeMismatch` unless `name` has shape `expected`.
+    /// `StoredShapeMismatch` (naming the tensor and its file) unless `name` has shape `expected`.
     pub fn check_shape(&self, name: &str, expected: &[usize]) -> Result<()> {
         let info = self.info(name)?;
         if info.shape != expected {
-            return Err(GemmaError::ShapeMismatch {
+            return Err(GemmaError::StoredShapeMismatch {
                 name: name.to_string(),
+                path: self.files[info.file].path.clone(),
                 expected: expected.to_vec(),
                 found: info.shape.clone(),
             });
@@ -331,6 +347,12 @@ fn open_one(path: &Path, fi: usize) -> Result<(StFile, Vec<(String, TensorInfo)>
     );
     let n = usize::try_from(n)
         .map_err(|_| corrupt(path, format!("header length {n} does not fit in memory")))?;
+    if n > MAX_HEADER_SIZE {
+        return Err(corrupt(
+            path,
+            format!("header length {n} exceeds the safetensors limit of {MAX_HEADER_SIZE} bytes"),
+        ));
+    }
     if n > len - 8 {
         return Err(corrupt(
             path,
@@ -419,6 +441,7 @@ fn open_one(path: &Path, fi: usize) -> Result<(StFile, Vec<(String, TensorInfo)>
             },
         ));
     }
+    check_tiling(path, data_start, data_len, &infos)?;
     Ok((
         StFile {
             path: path.to_path_buf(),
@@ -427,6 +450,73 @@ fn open_one(path: &Path, fi: usize) -> Result<(StFile, Vec<(String, TensorInfo)>
         },
         infos,
     ))
+}
+
+/// The byte ranges of one file's tensors, sorted by offset, must cover its data region
+/// [`data_start`, `data_start + data_len`) exactly once (the reference crate's `Metadata::validate` and its
+/// `MetadataIncompleteBuffer` check). Errors name the file, the tensors involved and their `data_offsets`
+/// (relative to the data region, as the header writes them). A zero-size tensor occupies no bytes and may
+/// sit at any boundary between tensors.
+fn check_tiling(
+    path: &Path,
+    data_start: usize,
+    data_len: usize,
+    infos: &[(String, TensorInfo)],
+) -> Result<()> {
+    // Sorted by (begin, end), as the reference crate sorts by `data_offsets`: zero-size tensors at a
+    // boundary come before the tensor that starts there.
+    let mut order: Vec<(usize, usize, &str)> = infos
+        .iter()
+        .map(|(name, i)| (i.begin - data_start, i.end - data_start, name.as_str()))
+        .collect();
+    order.sort_unstable();
+    // `covered` = bytes [0, covered) are owned by the tensors seen so far; `owner` = the last non-empty
+    // one, which ends at `covered`.
+    let mut covered = 0usize;
+    let mut owner: Option<(usize, usize, &str)> = None;
+    for &(b, e, name) in &order {
+        if b < covered {
+            let (ob, oe, oname) = owner.unwrap_or((0, covered, "?"));
+            return Err(corrupt(
+                path,
+                format!(
+                    "tensors `{oname}` (data_offsets [{ob}, {oe}]) and `{name}` ([{b}, {e}]) overlap; \
+                     safetensors gives every tensor its own bytes"
+                ),
+            ));
+        }
+        if b > covered {
+            let after = owner.map_or("the start of the data region".to_string(), |o| {
+                format!("tensor `{}` (data_offsets [{}, {}])", o.2, o.0, o.1)
+            });
+            return Err(corrupt(
+                path,
+                format!(
+                    "bytes [{covered}, {b}) of the data region belong to no tensor (a hole between \
+                     {after} and tensor `{name}` ([{b}, {e}]))"
+                ),
+            ));
+        }
+        if e > b {
+            owner = Some((b, e, name));
+            covered = e;
+        }
+    }
+    if covered != data_len {
+        let after = owner.map_or("a header that lists no non-empty tensor".to_string(), |o| {
+            format!(
+                "the last tensor `{}` (data_offsets [{}, {}])",
+                o.2, o.0, o.1
+            )
+        });
+        return Err(corrupt(
+            path,
+            format!(
+                "bytes [{covered}, {data_len}) of the data region belong to no tensor (they follow {after})"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// One tensor to write: name, dtype, shape and its little-endian bytes.

@@ -281,3 +281,33 @@ fn lora_init_matches_peft_distribution() {
     assert_ne!(a, afinar_gemma::lora::init_a(7, 2, Target::UpProj, 8, 256));
     assert_ne!(a, afinar_gemma::lora::init_a(8, 3, Target::UpProj, 8, 256));
 }
+
+#[test]
+fn attention_dropout_is_refused_for_training_only() {
+    // Released configs have 0.0: trainable.
+    let c = Gemma2Config::from_file(fixture("gemma-2-2b.json")).unwrap();
+    assert_eq!(c.attention_dropout, 0.0);
+    c.check_trainable(Path::new("m/config.json")).unwrap();
+    // A non-zero value parses (evaluation and generation ignore it, as transformers does outside
+    // training) but training refuses it, naming the key and the file.
+    let c = parse(r#"{"model_type": "gemma2", "attention_dropout": 0.1}"#).unwrap();
+    assert_eq!(c.attention_dropout, 0.1);
+    let err = c.check_trainable(Path::new("m/config.json")).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(&err, GemmaError::Config { key, .. } if key == "attention_dropout"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("m/config.json") && msg.contains("0.1"),
+        "{msg}"
+    );
+    // Not a probability: refused when the config is read, as torch's dropout would refuse it.
+    for bad in ["-0.1", "1.5"] {
+        let err = parse(&format!(
+            r#"{{"model_type": "gemma2", "attention_dropout": {bad}}}"#
+        ))
+        .unwrap_err();
+        assert!(err.to_string().contains("attention_dropout"), "{err}");
+    }
+}

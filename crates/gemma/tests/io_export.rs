@@ -555,6 +555,9 @@ fn broken_bnb_checkpoints_name_the_tensor() {
         err.contains(&format!("{p}.quant_map")) && err.contains("entry 0"),
         "{err}"
     );
+    // Every message below names the file too (the part checks are `Nf4Tensor::from_bnb_parts`').
+    let file = d.join("model.safetensors").display().to_string();
+    assert!(err.contains(&file), "{err}");
 
     // absmax codes of the wrong length.
     let d = tmp.path().join("absmax");
@@ -564,6 +567,56 @@ fn broken_bnb_checkpoints_name_the_tensor() {
     let err = load(&d);
     assert!(
         err.contains(&format!("{p}.absmax")) && err.contains("[128]") && err.contains("[127]"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&d.join("model.safetensors").display().to_string()),
+        "{err}"
+    );
+
+    // A nested_quant_map of the wrong length, and a non-finite nested absmax.
+    let d = tmp.path().join("nmap");
+    corrupt_bnb(&d, &format!("{p}.nested_quant_map"), |b, dt, _| {
+        Some((dt, vec![255], b[4..].to_vec()))
+    });
+    let err = load(&d);
+    assert!(
+        err.contains(&format!("{p}.nested_quant_map"))
+            && err.contains("[255]")
+            && err.contains("[256]")
+            && err.contains(&d.join("model.safetensors").display().to_string()),
+        "{err}"
+    );
+    let d = tmp.path().join("nan");
+    corrupt_bnb(&d, &format!("{p}.nested_absmax"), |b, dt, s| {
+        let mut b = b.to_vec();
+        b[0..4].copy_from_slice(&f32::NAN.to_le_bytes());
+        Some((dt, s.to_vec(), b))
+    });
+    let err = load(&d);
+    assert!(
+        err.contains(&format!("{p}.nested_absmax")) && err.contains("NaN"),
+        "{err}"
+    );
+
+    // Double-quant parts next to a plain F32 absmax: refused, naming the part.
+    let d = tmp.path().join("mixed");
+    rewrite_bnb(&d, |ts| {
+        let i = ts
+            .iter()
+            .position(|t| t.0 == format!("{p}.absmax"))
+            .unwrap();
+        let n = ts[i].3.len();
+        ts[i] = (
+            format!("{p}.absmax"),
+            Dtype::F32,
+            vec![n],
+            1.0f32.to_le_bytes().repeat(n),
+        );
+    });
+    let err = load(&d);
+    assert!(
+        err.contains(&format!("{p}.nested_absmax")) && err.contains("F32"),
         "{err}"
     );
 
@@ -581,7 +634,10 @@ fn broken_bnb_checkpoints_name_the_tensor() {
     );
     let err = load(&d);
     assert!(
-        err.contains("quant_state") && err.contains("[128, 64]") && err.contains("[64, 128]"),
+        err.contains("quant_state")
+            && err.contains("[128, 64]")
+            && err.contains("[64, 128]")
+            && err.contains(&d.join("model.safetensors").display().to_string()),
         "{err}"
     );
 
@@ -591,7 +647,12 @@ fn broken_bnb_checkpoints_name_the_tensor() {
         Some((dt, vec![b.len() - 2, 1], b[2..].to_vec()))
     });
     let err = load(&d);
-    assert!(err.contains(p) && err.contains("packed"), "{err}");
+    assert!(
+        err.contains(p)
+            && err.contains("packed")
+            && err.contains(&d.join("model.safetensors").display().to_string()),
+        "{err}"
+    );
 
     // A missing nested_absmax names itself and the file searched.
     let d = tmp.path().join("nested");

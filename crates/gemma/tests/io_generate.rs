@@ -269,3 +269,46 @@ fn repetition_penalty_matches_transformers_generate() {
         );
     }
 }
+
+#[test]
+fn no_repeat_ngram_size_matches_transformers_generate() {
+    // tests/golden/make_generate_ngram.py: generate(do_sample=False, no_repeat_ngram_size=n) on the
+    // fixture, n = 1, 2, 3, and n = 2 with repetition_penalty=1.3 (the ban applied after the penalty).
+    let golden =
+        afinar_gemma::TensorStore::open_files(&[fixtures().join("generate_ngram.safetensors")])
+            .expect("open generate_ngram.safetensors");
+    let model = load_model(&LoadOptions::default());
+    let c = cases();
+    for i in 0..2 {
+        let prompt = ints(&c, &format!("gen_prompt_{i}"));
+        let run = |n: usize, rp: f32| {
+            let opts = GenerateOptions {
+                no_repeat_ngram_size: n,
+                repetition_penalty: rp,
+                ..GenerateOptions::greedy(20)
+            };
+            generate(&model, &prompt, &opts).unwrap().tokens
+        };
+        for n in 1..=3 {
+            let got = run(n, 1.0);
+            assert_eq!(
+                got,
+                ints(&golden, &format!("gen_tokens_ng{n}_{i}")),
+                "prompt {i}, n = {n}"
+            );
+            // The ban changes this output (else the comparison would not test it).
+            assert_ne!(
+                got,
+                ints(&c, &format!("gen_tokens_{i}")),
+                "prompt {i}, n = {n}"
+            );
+        }
+        let got = run(2, 1.3);
+        assert_eq!(
+            got,
+            ints(&golden, &format!("gen_tokens_ng2_rp_{i}")),
+            "prompt {i}, n = 2, repetition_penalty 1.3"
+        );
+        assert_ne!(got, ints(&golden, &format!("gen_tokens_ng2_{i}")));
+    }
+}

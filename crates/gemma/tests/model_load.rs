@@ -168,13 +168,106 @@ fn shape_mismatch_names_tensor_and_shapes() {
         .err()
         .unwrap();
     let msg = err.to_string();
-    assert!(matches!(err, GemmaError::ShapeMismatch { .. }), "{msg}");
+    assert!(
+        matches!(&err, GemmaError::StoredShapeMismatch { path, .. } if path.ends_with("model.safetensors")),
+        "{msg}"
+    );
     assert!(
         msg.contains("model.layers.0.mlp.gate_proj.weight")
             && msg.contains("[50, 32]")
-            && msg.contains("[48, 32]"),
+            && msg.contains("[48, 32]")
+            && msg.contains("model.safetensors"),
         "{msg}"
     );
+
+    // Sharded: the error names the shard that holds the tensor (not just the directory or the index).
+    let tmp = tempfile::tempdir().unwrap();
+    write_sharded(tmp.path(), Dtype::F32, 3, None);
+    std::fs::write(tmp.path().join("config.json"), cfg.to_string()).unwrap();
+    let store = TensorStore::open_dir(tmp.path()).unwrap();
+    let shard = store
+        .path_of("model.layers.0.mlp.gate_proj.weight")
+        .unwrap()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let msg = Gemma2Model::<Cpu>::load(cpu(), tmp.path(), &LoadOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        msg.contains("model.layers.0.mlp.gate_proj.weight") && msg.contains(&shard),
+        "{shard}: {msg}"
+    );
+}
+
+/// A safetensors file from a header (JSON) and a data region of `data_len` zero bytes.
+fn raw_safetensors(path: &Path, header: &str, data_len: usize) {
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend(std::iter::repeat_n(0u8, data_len));
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn overlapping_holey_or_padded_data_ranges_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("model.safetensors");
+    let open = |header: &str, data_len: usize| {
+        raw_safetensors(&path, header, data_len);
+        TensorStore::open_files(std::slice::from_ref(&path))
+            .err()
+            .map(|e| (matches!(e, GemmaError::Safetensors { .. }), e.to_string()))
+    };
+    // Two tensors sharing bytes [8, 16): the format gives every tensor its own bytes.
+    let (typed, msg) = open(
+        r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"b":{"dtype":"F32","shape":[4],"data_offsets":[8,24]}}"#,
+        24,
+    )
+    .expect("overlap accepted");
+    assert!(typed, "{msg}");
+    assert!(
+        msg.contains("model.safetensors")
+            && msg.contains("`a`")
+            && msg.contains("`b`")
+            && msg.contains("overlap"),
+        "{msg}"
+    );
+    // Exact aliasing (same range under two names) is an overlap too.
+    let (_, msg) = open(
+        r#"{"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"y":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
+        8,
+    )
+    .expect("aliasing accepted");
+    assert!(
+        msg.contains("`x`") && msg.contains("`y`") && msg.contains("overlap"),
+        "{msg}"
+    );
+    // A hole between two tensors, and bytes after the last one.
+    let (_, msg) = open(
+        r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[12,20]}}"#,
+        20,
+    )
+    .expect("hole accepted");
+    assert!(
+        msg.contains("[8, 12)") && msg.contains("`a`") && msg.contains("`b`"),
+        "{msg}"
+    );
+    let (_, msg) = open(
+        r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
+        12,
+    )
+    .expect("trailing bytes accepted");
+    assert!(msg.contains("[8, 12)") && msg.contains("`a`"), "{msg}");
+    // Tiling in any header order, with a zero-size tensor at a boundary, is fine.
+    raw_safetensors(
+        &path,
+        r#"{"b":{"dtype":"F32","shape":[2],"data_offsets":[8,16]},"e":{"dtype":"F32","shape":[0],"data_offsets":[8,8]},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
+        16,
+    );
+    let store = TensorStore::open_files(std::slice::from_ref(&path)).unwrap();
+    assert_eq!(store.names(), vec!["a", "b", "e"]);
 }
 
 #[test]

@@ -179,6 +179,8 @@ pub struct SampleOptions {
     pub seed: u64,
     /// transformers' `repetition_penalty` (1 = off).
     pub repetition_penalty: f32,
+    /// transformers' `no_repeat_ngram_size` (0 = off): no n-gram of this size occurs twice in prompt + output.
+    pub no_repeat_ngram_size: usize,
 }
 
 /// One generation.
@@ -205,6 +207,7 @@ pub fn generate_answer(
     opts.top_p = s.top_p;
     opts.seed = s.seed;
     opts.repetition_penalty = s.repetition_penalty;
+    opts.no_repeat_ngram_size = s.no_repeat_ngram_size;
     if let Some(eos) = tok.eos() {
         opts.eos_token_ids.push(eos.id as i32);
     }

@@ -138,6 +138,10 @@ struct GenerateArgs {
     /// (multiplied if negative). 1 = off; must be > 0.
     #[arg(long, default_value_t = 1.0)]
     repetition_penalty: f32,
+    /// transformers' no_repeat_ngram_size: a token that would complete an n-gram already present in the
+    /// prompt or output is never produced (applied after --repetition-penalty). 0 = off.
+    #[arg(long, default_value_t = 0)]
+    no_repeat_ngram_size: usize,
     #[arg(long)]
     json: bool,
 }
@@ -537,6 +541,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<u8, Failure> {
         top_p: a.top_p,
         seed: a.seed,
         repetition_penalty: a.repetition_penalty,
+        no_repeat_ngram_size: a.no_repeat_ngram_size,
     };
     let mut outs = Vec::new();
     for p in &prompts {

@@ -376,6 +376,29 @@ fn eval_generate_inspect_json() {
             stderr(&o3)
         );
     }
+    // --no-repeat-ngram-size: 0 is off (the same greedy output), 1 bans every id already in the prompt
+    // or the output (a different answer on this model), a negative size is a usage error.
+    let gen_ng = |n: &str| {
+        run(&[
+            "generate",
+            "--model",
+            &m,
+            "--prompt",
+            "¿Cuál es la capital de Perú?",
+            "--max-new-tokens",
+            "5",
+            "--json",
+            &format!("--no-repeat-ngram-size={n}"),
+        ])
+    };
+    let o3 = gen_ng("0");
+    assert_eq!(o3.status.code(), Some(0), "{}", stderr(&o3));
+    assert_eq!(o.stdout, o3.stdout);
+    let o3 = gen_ng("1");
+    assert_eq!(o3.status.code(), Some(0), "{}", stderr(&o3));
+    assert_ne!(o.stdout, o3.stdout);
+    let o3 = gen_ng("-2");
+    assert_eq!(o3.status.code(), Some(2), "{}", stderr(&o3));
 
     let o = run(&[
         "data",

@@ -10,7 +10,7 @@
 //   ds = p·(dp − Δ_i); dz = ds·(1 − (s/cap)²) (cap > 0); dq_i += dz·scale·k_j; dk_j += dz·scale·q_i.
 //
 // Layouts: q, out, dout, dq [B, T, NH, D]; k, v, dk, dv [B, TK, NKV, D]; lse, delta [B, NH, T];
-// seg [B·TK] i32 (has_seg = 0: not read). f32/bf16 by tag; D ≤ 256.
+// seg [B·TK] i32 (has_seg = 0: not read). f32/bf16/f16 by tag; D ≤ 256.
 // Launch geometry (launch::plan_attention): one warp per (b, query, head) row — or per (b, key, kv head)
 // for dk/dv — 4 warps per block, grid.x = ceil(rows/4). Lane ℓ owns dims ℓ, ℓ+32, … (≤ 8 registers);
 // each q·k is a 5-step shuffle reduction. Outputs are written once, no atomics, deterministic.
@@ -246,12 +246,16 @@ extern "C" __global__ void attn_bwd_dkv_k(const void* q, int qdt, const void* k,
 __device__ __forceinline__ void attn_mma(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
 #ifdef AFINAR_EMU
     emu_mma_bf16_16816(c, a0, a1, a2, a3, b0, b1);
-#else
+#elif __CUDA_ARCH__ >= 800
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+    // bf16 mma.sync needs sm_80. Below (sm_75, fp16-only GPUs) the file still compiles so the rest of
+    // its kernels load; the launch code never selects a tensor-core kernel there (Cuda::bf16_mma).
+    asm volatile("trap;");
 #endif
 }
 

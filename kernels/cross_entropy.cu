@@ -7,7 +7,7 @@
 //   loss_row = lse − z_label   (0 and not counted when label == −100),
 //   dlogits_j = grad_scale·(softmax(z)_j − [j == label])·(1 − (z_j/cap)²)   (0 on ignored rows).
 //
-// Layouts: logits, dlogits [N, V] f32/bf16 (dlogits may alias logits: each element is read before it
+// Layouts: logits, dlogits [N, V] f32/bf16/f16 (dlogits may alias logits: each element is read before it
 // is overwritten by the same thread); labels [N] i32; row_loss [N] f32 (written for every row).
 // Launch geometry (launch::plan_rows): one block per row (grid.x = N), 256…1024 threads striding over V.
 

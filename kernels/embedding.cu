@@ -4,7 +4,7 @@
 //   check: bad[0] = min{i : ids[i] ∉ [0, v)} (bad[0] starts at INT_MAX; the host turns it into an error
 //   before the lookup runs).
 //
-// Layouts: ids [N] i32; table, dtable [V, H]; out, dout [N, H]; f32/bf16.
+// Layouts: ids [N] i32; table, dtable [V, H]; out, dout [N, H]; f32/bf16/f16.
 // Launch geometry: fwd/bwd one block per token row (grid.x = N), 256 threads striding over H;
 // check: 1-D grid-stride over N, 256 threads.
 

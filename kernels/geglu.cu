@@ -3,7 +3,7 @@
 // Backward: dgate = dout·up·gelu'(g), dup = dout·gelu(g), with
 //   gelu'(g) = 0.5·(1 + t) + 0.5·g·(1 − t²)·√(2/π)·(1 + 3·0.044715·g²),  t = tanh(…).
 //
-// Layouts: gate, up, out, dout, dgate, dup flat [n] (any shape), f32/bf16; outputs overwritten.
+// Layouts: gate, up, out, dout, dgate, dup flat [n] (any shape), f32/bf16/f16; outputs overwritten.
 // Launch geometry: 1-D grid-stride, 256 threads (launch::plan_elementwise).
 
 #define GELU_K0 0.7978845608028654f

@@ -4,7 +4,7 @@
 //   op(A)[m, k] = ta ? a[k·lda + m] : a[m·lda + k];  op(B)[k, n] = tb ? b[n·ldb + k] : b[k·ldb + n].
 // beta == 0 overwrites (C is not read, so poisoned/NaN contents do not leak in).
 //
-// Layouts: a, b, c f32/bf16 by tag. Launch geometry (launch::plan_gemm_fallback): 16×16 threads, one
+// Layouts: a, b, c f32/bf16/f16 by tag. Launch geometry (launch::plan_gemm_fallback): 16×16 threads, one
 // output each, grid = (ceil(N/16), ceil(M/16)); shared tiles 16×17 f32 (padded against bank conflicts).
 
 extern "C" __global__ void gemm_fallback_k(const void* a, int adt, i64 lda, int ta, const void* b, int bdt, i64 ldb, int tb,

@@ -7,7 +7,7 @@
 //   dA += s·dYBᵀ·drop(X)    [R, K]   (lora_da_k)
 //   dB += s·dYᵀ·XA          [N, R]   (lora_db_k)
 //
-// Layouts: row-major, f32/bf16 by tag. A [R, K], B [N, R], mask [M, K] (0 or 1/(1−p); has_mask = 0
+// Layouts: row-major, f32/bf16/f16 by tag. A [R, K], B [N, R], mask [M, K] (0 or 1/(1−p); has_mask = 0
 // means no dropout and the mask pointer is not read). lora_proj_k reads its weight as
 // w[j·sj + k·sk] so the same kernel computes X·Aᵀ (sj = K, sk = 1) and dY·B (sj = 1, sk = R).
 // Launch geometry (launch::plan_lora): proj: one 256-thread block per row m, grid = (M, ceil(R/16)),

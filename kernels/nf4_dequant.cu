@@ -1,9 +1,9 @@
 // nf4_dequant.cu — NF4 (bitsandbytes layout, blocksize 64, optional double-quantized absmax) to dense
-// f32/bf16: w[e] = NF4[q(e)]·absmax[e/64], q(e) = high nibble of packed[e/2] for even e, low for odd.
+// f32/bf16/f16: w[e] = NF4[q(e)]·absmax[e/64], q(e) = high nibble of packed[e/2] for even e, low for odd.
 // A fallback and the reference for the fused NF4 GEMM/GEMV; training never dequantizes a whole weight.
 //
 // Layouts: packed [ceil(numel/2)] u8; codes [blocks] u8 and absmax [ceil(blocks/256)] f32 (nested), or
-// absmax [blocks] f32 (plain); code8 [256] f32; out [numel] f32/bf16 (row-major [N, K] when 2-D).
+// absmax [blocks] f32 (plain); code8 [256] f32; out [numel] f32/bf16/f16 (row-major [N, K] when 2-D).
 // Launch geometry (launch::plan_nf4_dequant): each thread owns one 16-element chunk (8 packed bytes,
 // one uint2 load; 16 | 64 so a chunk never straddles an absmax block) and writes it with 16-byte
 // stores; 256 threads per block, 1-D grid-stride over ceil(numel/16) chunks. A ragged last chunk
@@ -31,12 +31,12 @@ extern "C" __global__ void nf4_dequant_k(const u8* packed, const u8* codes, cons
                 v[2 * b] = lut[byte >> 4] * a;
                 v[2 * b + 1] = lut[byte & 15u] * a;
             }
-            if (odt == DT_BF16) {
+            if (odt != DT_F32) {  // bf16 or f16: 16 values = two 16-byte stores
                 uint4 o0, o1;
-                o0.x = pack_bf16x2(v[0], v[1]);   o0.y = pack_bf16x2(v[2], v[3]);
-                o0.z = pack_bf16x2(v[4], v[5]);   o0.w = pack_bf16x2(v[6], v[7]);
-                o1.x = pack_bf16x2(v[8], v[9]);   o1.y = pack_bf16x2(v[10], v[11]);
-                o1.z = pack_bf16x2(v[12], v[13]); o1.w = pack_bf16x2(v[14], v[15]);
+                o0.x = pack_h16x2(v[0], v[1], odt);   o0.y = pack_h16x2(v[2], v[3], odt);
+                o0.z = pack_h16x2(v[4], v[5], odt);   o0.w = pack_h16x2(v[6], v[7], odt);
+                o1.x = pack_h16x2(v[8], v[9], odt);   o1.y = pack_h16x2(v[10], v[11], odt);
+                o1.z = pack_h16x2(v[12], v[13], odt); o1.w = pack_h16x2(v[14], v[15], odt);
                 uint4* dst = (uint4*)(((bf16_t*)out) + e0);  // 32-byte aligned
                 dst[0] = o0;
                 dst[1] = o1;

@@ -12,7 +12,7 @@
 // r == 0 disables it.
 //
 // Layouts: a (X or dY) [M, KR], c (Y or dX) [M, NC], xa [M, R], lora_b (B [N, R] for xwt, A [R, K] for
-// dyw): f32/bf16 by tag, row-major.
+// dyw): f32/bf16/f16 by tag, row-major.
 // Launch geometry (launch::plan_nf4_gemm): block tile 128×128 (M×NC), reduction step 32, 256 threads =
 // 8 warps as 2 (M) × 4 (NC), warp tile 64×32 = 4×4 mma tiles (64 f32 accumulators per thread).
 // grid = (ceil(NC/128), ceil(M/128)). Shared memory (static, 40 KiB): two stages of an A tile [128][40]
@@ -35,12 +35,16 @@ __device__ __forceinline__ void mma_bf16_16816(float* c, unsigned a0, unsigned a
                                                unsigned b1) {
 #ifdef AFINAR_EMU
     emu_mma_bf16_16816(c, a0, a1, a2, a3, b0, b1);  // kernels/emu: CPU emulation for the checks
-#else
+#elif __CUDA_ARCH__ >= 800
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+    // bf16 mma.sync needs sm_80. Below (sm_75, fp16-only GPUs) the file still compiles so the rest of
+    // its kernels load; the launch code never selects a tensor-core kernel there (Cuda::bf16_mma).
+    asm volatile("trap;");
 #endif
 }
 

@@ -4,7 +4,7 @@
 // is computed beforehand (lora.cu) and B [N, R] is the LoRA up-projection. The LoRA term is added in
 // the same pass, so Y is written exactly once.
 //
-// Layouts: x [M, K], y [M, N], xa [M, R], lb [N, R]: f32/bf16 (dtype tags); NF4 arrays as in
+// Layouts: x [M, K], y [M, N], xa [M, R], lb [N, R]: f32/bf16/f16 (dtype tags); NF4 arrays as in
 // nf4_dequant.cu. r == 0 means no LoRA (xa/lb are then not read).
 // Launch geometry (launch::plan_nf4_gemv): one warp per output column n, 8 warps (256 threads) per
 // block, grid.x = ceil(N/8). Fast path (K % 16 == 0): lane ℓ handles 16-element chunks ℓ, ℓ+32, …
@@ -46,18 +46,18 @@ extern "C" __global__ void nf4_gemv_k(const void* x, int xdt, const u8* packed, 
 #pragma unroll
             for (int i = 0; i < 8; ++i) {
                 if (i < m) {
-                    // 16 consecutive X values of row i: two 16-byte loads (bf16) or four (f32);
+                    // 16 consecutive X values of row i: two 16-byte loads (bf16/f16) or four (f32);
                     // k % 16 == 0 keeps them aligned.
                     const i64 xb = (i64)i * k + (i64)c * 16;
                     float xv[16];
-                    if (xdt == DT_BF16) {
-                        const uint4* p = (const uint4*)(((const bf16_t*)x) + xb);
+                    if (xdt != DT_F32) {  // bf16 or f16
+                        const uint4* p = (const uint4*)(((const unsigned short*)x) + xb);
                         const uint4 u0 = p[0], u1 = p[1];
                         const unsigned words[8] = {u0.x, u0.y, u0.z, u0.w, u1.x, u1.y, u1.z, u1.w};
 #pragma unroll
                         for (int j = 0; j < 8; ++j) {
-                            xv[2 * j] = bf2f((bf16_t)(words[j] & 0xffffu));
-                            xv[2 * j + 1] = bf2f((bf16_t)(words[j] >> 16));
+                            xv[2 * j] = h16_to_f((unsigned short)(words[j] & 0xffffu), xdt);
+                            xv[2 * j + 1] = h16_to_f((unsigned short)(words[j] >> 16), xdt);
                         }
                     } else {
                         const float4* p = (const float4*)(((const float*)x) + xb);

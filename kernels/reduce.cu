@@ -1,6 +1,6 @@
 // reduce.cu — Σ x² in f64 (a piece of the global gradient norm) and a plain Σ x over f32 partials.
 //
-// Layouts: x flat [n] f32/bf16; partial [grid] f64; out [1] f64.
+// Layouts: x flat [n] f32/bf16/f16; partial [grid] f64; out [1] f64.
 // Launch geometry (launch::plan_reduce): pass 1 = grid-stride, 256 threads, grid ≤ 1024 blocks, each
 // block writes one f64 partial; pass 2 = one block of 256 threads sums the partials in a fixed order,
 // so the result is deterministic for a given n and grid.

@@ -1,7 +1,7 @@
 // rmsnorm.cu — Gemma RMSNorm over rows: y = x·r·(1 + w), r = rsqrt(mean(x²) + eps), in f32.
 // Backward (g = dy⊙(1 + w)):  dx = r·g − r³·x·(Σ_j g_j·x_j)/H;   dw_j += Σ_rows dy_j·x_j·r.
 //
-// Layouts: x, y, dy, dx [N, H]; w, dw [H]; rstd [N] (saved by the forward). f32/bf16 each.
+// Layouts: x, y, dy, dx [N, H]; w, dw [H]; rstd [N] (saved by the forward). f32/bf16/f16 each.
 // Launch geometry (launch::plan_rows): fwd/bwd one block per row (grid.x = N, ≤ 2^31−1), block =
 // min(1024, round_up(H, 32)) threads striding over the row; dw: one thread per column j
 // (grid = ceil(H/256), 256 threads) looping over the N rows, so no atomics and a deterministic sum.

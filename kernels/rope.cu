@@ -3,7 +3,7 @@
 //   x[i]       ← x[i]·cos − x[i + D/2]·sin
 //   x[i + D/2] ← x[i + D/2]·cos + x[i]·sin
 //
-// Layouts: x [N, heads, D] f32/bf16; pos [N] i32 (per token; packing restarts positions).
+// Layouts: x [N, heads, D] f32/bf16/f16; pos [N] i32 (per token; packing restarts positions).
 // Launch geometry (launch::plan_elementwise over N·heads·D/2 pairs): 1-D grid-stride, 256 threads.
 // The angle is computed in f64-free f32 as pos·exp2(−(2i/D)·log2(theta)), like the CPU reference's
 // inverse frequencies (f32), then sincosf with full precision (no fast math).

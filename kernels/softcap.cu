@@ -1,6 +1,6 @@
 // softcap.cu — Gemma-2 logit soft-capping, y = c·tanh(x/c), and its backward dy ← dy·(1 − (y/c)²).
 //
-// Layouts: flat [n] f32/bf16, in place. Launch geometry: 1-D grid-stride, 256 threads
+// Layouts: flat [n] f32/bf16/f16, in place. Launch geometry: 1-D grid-stride, 256 threads
 // (launch::plan_elementwise).
 
 extern "C" __global__ void softcap_fwd_k(void* x, int xdt, i64 n, float cap) {

@@ -1,4 +1,4 @@
-//! `cargo xtask kernels-check`: compiles every `kernels/*.cu` with NVRTC for sm_80 and sm_90 (exactly the
+//! `cargo xtask kernels-check`: compiles every `kernels/*.cu` with NVRTC for sm_75, sm_80 and sm_90 (exactly the
 //! text the CUDA backend compiles at run time: `kernels/common.cuh` prepended to the file), with
 //! `--ptxas-options=-v`, and prints one row per kernel and arch: registers, shared memory, stack frame,
 //! spill stores/loads. It fails on any compile error, and on spills in kernels marked hot (a line
@@ -14,7 +14,11 @@
 //! mma.sync fragment emulation) and compares them with double-precision loops. That needs g++ with
 //! C++20 (`$CXX` to pick another compiler); without one it says so and skips that part.
 //!
-//! Options: `--arch sm_XX` (repeatable) replaces the default pair; `--quiet` prints only failures;
+//! sm_75 (Turing: T4, the fp16-only GPUs) has no bf16 mma.sync: there the tensor-core helpers compile to
+//! a trap (`#if __CUDA_ARCH__ >= 800`) and the backend's launch code must not select those kernels; the
+//! row is checked so that every other kernel of those files keeps compiling for it.
+//!
+//! Options: `--arch sm_XX` (repeatable) replaces the default set; `--quiet` prints only failures;
 //! `--no-emu` skips the emulated run; `--emu-only` runs only the emulated checks (no NVRTC needed).
 
 use anyhow::{bail, Context, Result};
@@ -235,7 +239,7 @@ pub fn run(args: &[String]) -> Result<()> {
         return run_emulated(&repo_root(), true);
     }
     if archs.is_empty() {
-        archs = vec!["sm_80".into(), "sm_90".into()];
+        archs = vec!["sm_75".into(), "sm_80".into(), "sm_90".into()];
     }
     let root = repo_root();
     let dir = load_nvrtc(&root)?;

@@ -29,7 +29,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use afinar_kernels::{Accum, Backend};
+use afinar_kernels::{Accum, Backend, Storage};
 use serde_json::Value;
 
 use crate::bnb;
@@ -271,7 +271,7 @@ pub fn merged_weight<B: Backend>(
     let w = match &lin.base {
         LinearBase::Dense(w) => be.to_host(w)?,
         LinearBase::Nf4(w) => {
-            let mut d = be.zeros(out_f * in_f)?;
+            let mut d = be.zeros_for(out_f * in_f, Storage::Master)?;
             be.nf4_dequantize(w, &mut d)?;
             be.to_host(&d)?
         }
@@ -286,11 +286,12 @@ pub fn merged_weight<B: Backend>(
             at[i * r + k] = a[k * in_f + i];
         }
     }
-    let at = be.from_host(&at)?;
-    let mut delta = be.zeros(out_f * in_f)?;
+    // Master (f32) throughout: the merge must not round through the activation dtype.
+    let at = be.from_vec_for(at, Storage::Master)?;
+    let mut delta = be.zeros_for(out_f * in_f, Storage::Master)?;
     be.matmul_xwt(&lo.b, &at, &mut delta, out_f, r, in_f, Accum::Overwrite)?;
     be.scale(&mut delta, lo.scale)?;
-    let wb = be.from_host(&w)?;
+    let wb = be.from_vec_for(w, Storage::Master)?;
     be.axpy(1.0, &wb, &mut delta)?;
     Ok(be.to_host(&delta)?)
 }

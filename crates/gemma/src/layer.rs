@@ -11,8 +11,13 @@
 //! ```
 //! The backward runs the same graph in reverse. Residual gradients are summed with `axpy`; LoRA gradients
 //! (and, in full fine-tuning, norm and dense-weight gradients) ACCUMULATE into `Grads`.
+//!
+//! Storage (see `afinar_kernels::Storage`): activations and their gradients are `zeros` (the
+//! backend's activation dtype, bf16 on a bf16 GPU run); the per-row statistics the backward divides by
+//! or exponentiates (RMSNorm rstd, attention lse), the LoRA dropout mask and the saved xa are f32
+//! (`Storage::Master`).
 
-use afinar_kernels::{Accum, AttnShape, Backend, LoraGradRef, LoraRef};
+use afinar_kernels::{Accum, AttnShape, Backend, LoraGradRef, LoraRef, Storage};
 
 use crate::config::Gemma2Config;
 use crate::error::{GemmaError, Result};
@@ -115,18 +120,23 @@ fn linear_fwd<B: Backend>(
             mask: None,
         });
     };
+    // The mask holds 0 or 1/(1−p), which bf16 cannot represent (p = 0.1: 1.111… → 1.109): f32. The
+    // adapter path runs in f32 as in peft (x is cast to the adapter's dtype), so xa is f32 too.
     let mask = if ctx.train && lo.dropout > 0.0 {
-        Some(be.from_host(&dropout_mask(
-            ctx.dropout_seed,
-            layer,
-            lin.target,
-            lo.dropout,
-            m * lin.in_features,
-        ))?)
+        Some(be.from_vec_for(
+            dropout_mask(
+                ctx.dropout_seed,
+                layer,
+                lin.target,
+                lo.dropout,
+                m * lin.in_features,
+            ),
+            Storage::Master,
+        )?)
     } else {
         None
     };
-    let mut xa = be.zeros(m * lo.r)?;
+    let mut xa = be.zeros_for(m * lo.r, Storage::Master)?;
     let lref = LoraRef {
         a: &lo.a,
         b: &lo.b,
@@ -256,7 +266,7 @@ pub(crate) fn layer_fwd<B: Backend>(
 
     // Attention block.
     let mut xn1 = be.zeros(n * h)?;
-    let mut rstd1 = be.zeros(n)?;
+    let mut rstd1 = be.zeros_for(n, Storage::Master)?;
     be.rmsnorm_fwd(
         x,
         layer.norm(NormKind::Input),
@@ -292,13 +302,13 @@ pub(crate) fn layer_fwd<B: Backend>(
     )?;
     let shape = ctx.attn_shape(li);
     let mut ao = be.zeros(n * qd)?;
-    let mut lse = be.zeros(ctx.b * cfg.num_attention_heads * ctx.t)?;
+    let mut lse = be.zeros_for(ctx.b * cfg.num_attention_heads * ctx.t, Storage::Master)?;
     be.attn_fwd(&q, &k, &v, ctx.seg, &mut ao, &mut lse, &shape)?;
     let mut o = be.zeros(n * h)?;
     let so = linear_fwd(ctx, lin(Target::OProj), li, &ao, &mut o)?;
     // h1 = x + post_attention_layernorm(o); `on` is reused as the buffer for h1.
     let mut h1 = be.zeros(n * h)?;
-    let mut rstd2 = be.zeros(n)?;
+    let mut rstd2 = be.zeros_for(n, Storage::Master)?;
     be.rmsnorm_fwd(
         &o,
         layer.norm(NormKind::PostAttention),
@@ -312,7 +322,7 @@ pub(crate) fn layer_fwd<B: Backend>(
 
     // MLP block.
     let mut xn2 = be.zeros(n * h)?;
-    let mut rstd3 = be.zeros(n)?;
+    let mut rstd3 = be.zeros_for(n, Storage::Master)?;
     be.rmsnorm_fwd(
         &h1,
         layer.norm(NormKind::PreFeedforward),
@@ -330,7 +340,7 @@ pub(crate) fn layer_fwd<B: Backend>(
     be.geglu_fwd(&gate, &up, &mut act)?;
     let mut d = be.zeros(n * h)?;
     let sd = linear_fwd(ctx, lin(Target::DownProj), li, &act, &mut d)?;
-    let mut rstd4 = be.zeros(n)?;
+    let mut rstd4 = be.zeros_for(n, Storage::Master)?;
     be.rmsnorm_fwd(
         &d,
         layer.norm(NormKind::PostFeedforward),

@@ -35,18 +35,17 @@
 //!
 //! let backend = model.backend().clone();
 //! let mut grads = Grads::zeros(&model)?;
-//! let (mut m, mut v) = (Vec::new(), Vec::new());
+//! // AdamW moments per trainable tensor (`true` would page them to host memory on a GPU).
+//! let mut state = Vec::new();
 //! for id in grads.ids() {
-//!     let n = id.shape(&model.config, 4).iter().product();
-//!     m.push(backend.zeros(n)?);
-//!     v.push(backend.zeros(n)?);
+//!     state.push(backend.adam_state(id.shape(&model.config, 4).iter().product(), false)?);
 //! }
 //! // Gradients accumulate over micro-batches; scale by 1 / (scored tokens in the whole window).
 //! let (sum, count) = model.forward_backward(&batch, 1.0 / 6.0, &mut grads)?;
 //! assert_eq!(count, 6);
 //! let h = AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, step: 1 };
 //! for (i, p) in model.params_and_grads(&grads)?.into_iter().enumerate() {
-//!     backend.adamw(p.param, p.grad, &mut m[i], &mut v[i], &h)?;
+//!     backend.adamw_step(p.param, p.grad, &mut state[i], &h)?;
 //! }
 //! grads.zero()?;
 //! assert!((sum / count as f64).is_finite());

@@ -11,7 +11,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use afinar_kernels::{Accum, Backend, Nf4Tensor};
+use afinar_kernels::{Accum, Backend, Nf4Tensor, Storage};
 
 use crate::config::Gemma2Config;
 use crate::error::{GemmaError, Result};
@@ -363,7 +363,8 @@ pub struct Grads<B: Backend> {
 }
 
 impl<B: Backend> Grads<B> {
-    /// Zeroed gradients for the trainable parameters of `model`.
+    /// Zeroed gradients for the trainable parameters of `model`, in `Storage::Master` (f32): they
+    /// accumulate over micro-batches and feed the optimizer.
     pub fn zeros(model: &Gemma2Model<B>) -> Result<Self> {
         let ids = model.trainable_ids();
         let r = model.lora.as_ref().map_or(0, |l| l.r);
@@ -372,7 +373,7 @@ impl<B: Backend> Grads<B> {
             .map(|id| {
                 model
                     .backend
-                    .zeros(id.shape(&model.config, r).iter().product())
+                    .zeros_for(id.shape(&model.config, r).iter().product(), Storage::Master)
             })
             .collect::<afinar_kernels::Result<Vec<_>>>()?;
         Ok(Grads {
@@ -702,7 +703,9 @@ impl<B: Backend> Gemma2Model<B> {
                 found: vec![values.len()],
             });
         }
-        let src = backend.from_host(values)?;
+        // Master: the values reach `buf` unrounded (a checkpoint restore must be exact); `copy`
+        // converts to the parameter's own storage.
+        let src = backend.from_host_for(values, Storage::Master)?;
         backend.copy(&src, buf)?;
         Ok(())
     }
@@ -729,7 +732,10 @@ impl<B: Backend> Gemma2Model<B> {
         match &lin.base {
             LinearBase::Dense(w) => Ok(self.backend.to_host(w)?),
             LinearBase::Nf4(w) => {
-                let mut out = self.backend.zeros(lin.out_features * lin.in_features)?;
+                // Master: the dequantized values reach the host unrounded.
+                let mut out = self
+                    .backend
+                    .zeros_for(lin.out_features * lin.in_features, Storage::Master)?;
                 self.backend.nf4_dequantize(w, &mut out)?;
                 Ok(self.backend.to_host(&out)?)
             }
@@ -862,6 +868,13 @@ impl<B: Backend> Gemma2Model<B> {
         let h = cfg.hidden_size;
         let nl = cfg.num_hidden_layers;
         let bar = progress_bar(opts.progress, nl as u64 + 2);
+        // Trained base tensors (full fine-tuning) are optimizer parameters: f32 master storage.
+        // Frozen ones are stored like activations (bf16 on a bf16 GPU run), as transformers holds them.
+        let base = if opts.full_finetune {
+            Storage::Master
+        } else {
+            Storage::Activation
+        };
 
         let mut emb = src.fetch("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
         if let (Source::Random { .. }, Some(pad)) = (&src, cfg.pad_token_id) {
@@ -870,8 +883,9 @@ impl<B: Backend> Gemma2Model<B> {
                 emb[row * h..(row + 1) * h].fill(0.0);
             }
         }
-        let embed_tokens = backend.from_host(&emb)?;
-        drop(emb);
+        // Handed over, not copied: on the CPU the fetched f32 table becomes the buffer itself, so the
+        // [V,H] embedding (3.7 GB in f32 for Gemma-2-9B) exists once on the host, not twice.
+        let embed_tokens = backend.from_vec_for(emb, base)?;
         bar.inc(1);
         // No reservation from the config's layer count: a corrupt config must fail on a missing
         // tensor, not abort on a huge allocation.
@@ -879,7 +893,7 @@ impl<B: Backend> Gemma2Model<B> {
         for li in 0..nl {
             let norm = |kind: NormKind| -> Result<B::Buf> {
                 let name = ParamId::Norm { layer: li, kind }.name();
-                Ok(backend.from_host(&src.fetch(&name, &[h])?)?)
+                Ok(backend.from_vec_for(src.fetch(&name, &[h])?, base)?)
             };
             let norms = [
                 norm(NormKind::Input)?,
@@ -897,7 +911,7 @@ impl<B: Backend> Gemma2Model<B> {
             layers.push(Layer { norms, linears });
             bar.inc(1);
         }
-        let norm = backend.from_host(&src.fetch("model.norm.weight", &[h])?)?;
+        let norm = backend.from_vec_for(src.fetch("model.norm.weight", &[h])?, base)?;
         bar.inc(1);
         bar.finish_and_clear();
         Ok(Gemma2Model {
@@ -944,7 +958,14 @@ fn build_linear<B: Backend>(
     } else {
         let data = src.fetch(&name, &[out_f, in_f])?;
         match opts.quantize {
-            Quantization::None => LinearBase::Dense(backend.from_host(&data)?),
+            Quantization::None => {
+                let storage = if opts.full_finetune {
+                    Storage::Master
+                } else {
+                    Storage::Activation
+                };
+                LinearBase::Dense(backend.from_vec_for(data, storage)?)
+            }
             Quantization::Nf4 { double_quant } => {
                 let q = afinar_kernels::nf4::quantize(&data, &[out_f, in_f], double_quant)?;
                 LinearBase::Nf4(backend.nf4_from_host(&q)?)
@@ -952,9 +973,14 @@ fn build_linear<B: Backend>(
         }
     };
     let lora = match &opts.lora {
+        // LoRA factors are what the optimizer updates: f32 master storage (peft keeps adapters in f32
+        // over a bf16 base, too).
         Some(lc) if lc.targets_contains(target) => Some(LoraWeights {
-            a: backend.from_host(&crate::lora::init_a(opts.seed, layer, target, lc.r, in_f))?,
-            b: backend.zeros(out_f * lc.r)?,
+            a: backend.from_vec_for(
+                crate::lora::init_a(opts.seed, layer, target, lc.r, in_f),
+                Storage::Master,
+            )?,
+            b: backend.zeros_for(out_f * lc.r, Storage::Master)?,
             r: lc.r,
             scale: lc.scale(),
             dropout: lc.dropout,
@@ -1040,14 +1066,14 @@ impl<B: Backend> Gemma2Model<B> {
             &mut x,
             self.config.vocab_size,
             h,
-            self.config.embed_scale(),
+            be.round_activation(self.config.embed_scale()),
         )?;
         let mut next = be.zeros(n * h)?;
         for (li, layer) in self.layers.iter().enumerate() {
             layer_fwd(&ctx, layer, li, &x, &mut next)?;
             std::mem::swap(&mut x, &mut next);
         }
-        let mut rstd = be.zeros(n)?;
+        let mut rstd = be.zeros_for(n, Storage::Master)?;
         be.rmsnorm_fwd(
             &x,
             &self.norm,
@@ -1071,7 +1097,8 @@ impl<B: Backend> Gemma2Model<B> {
             self.config.hidden_size,
             self.config.vocab_size,
         );
-        let mut logits = be.zeros(n * v)?;
+        // Evaluation logits in f32 (small batches only; see above).
+        let mut logits = be.zeros_for(n * v, Storage::Master)?;
         be.matmul_xwt(
             &xf,
             &self.embed_tokens,
@@ -1145,7 +1172,7 @@ impl<B: Backend> Gemma2Model<B> {
             &mut x0,
             v,
             h,
-            cfg.embed_scale(),
+            be.round_activation(cfg.embed_scale()),
         )?;
         xs.push(x0);
         let mut acts = Vec::with_capacity(if self.checkpointing {
@@ -1163,7 +1190,7 @@ impl<B: Backend> Gemma2Model<B> {
         }
         let last = &xs[self.layers.len()];
         let mut xf = be.zeros(n * h)?;
-        let mut rstdf = be.zeros(n)?;
+        let mut rstdf = be.zeros_for(n, Storage::Master)?;
         be.rmsnorm_fwd(last, &self.norm, &mut xf, &mut rstdf, n, h, eps)?;
 
         // Fused LM head + soft-capped cross-entropy: ∂/∂xf, and ∂/∂emb (tied head) in full fine-tuning.
@@ -1221,7 +1248,14 @@ impl<B: Backend> Gemma2Model<B> {
             let demb = grads.get_mut(ParamId::Embed).ok_or_else(|| {
                 GemmaError::Invalid("gradients have no slot for the embedding".into())
             })?;
-            be.embedding_bwd(&dev.ids, &dh, demb, v, h, cfg.embed_scale())?;
+            be.embedding_bwd(
+                &dev.ids,
+                &dh,
+                demb,
+                v,
+                h,
+                be.round_activation(cfg.embed_scale()),
+            )?;
         }
         Ok((sum, count))
     }

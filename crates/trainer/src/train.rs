@@ -441,12 +441,30 @@ pub fn train(opts: &TrainOptions) -> Result<TrainOutcome> {
     }
 }
 
-/// `model.device = "cuda"`: the CUDA backend, every buffer in f32 (the trait has no per-buffer dtype, and
-/// LoRA weights and AdamW state must stay f32; the bf16 frozen-weight layout needs the loader to switch
-/// the backend's allocation dtype, which afinar-gemma does not do yet).
+/// `model.device = "cuda"`: the CUDA backend with `model.dtype` as its activation dtype: frozen weights
+/// and activations in bf16 for "bf16" (f32 for "f32"), while LoRA weights, gradients, AdamW state and
+/// the per-row statistics stay f32 (afinar-gemma allocates them as `Storage::Master`).
+/// `AFINAR_NO_CUBLAS=1` forces the fallback GEMM, as for `Cuda::try_new`.
 #[cfg(feature = "cuda")]
 fn train_cuda(opts: &TrainOptions) -> Result<TrainOutcome> {
-    match afinar_kernels::cuda::Cuda::try_new()? {
+    use afinar_kernels::cuda::{Cuda, CudaOptions, Dtype as CudaDtype};
+    let alloc_dtype =
+        match opts.config.model.dtype {
+            crate::config::Dtype::F32 => CudaDtype::F32,
+            crate::config::Dtype::Bf16 => CudaDtype::Bf16,
+            crate::config::Dtype::F16 => return Err(TrainError::Unsupported(
+                "model.dtype = \"f16\" on CUDA: f16 activation storage is not wired into the CUDA \
+                 backend yet; use \"bf16\" (sm_80 and newer) or \"f32\""
+                    .into(),
+            )),
+        };
+    let force_fallback_gemm = std::env::var("AFINAR_NO_CUBLAS").is_ok_and(|v| v == "1");
+    let cuda = Cuda::try_new_with(CudaOptions {
+        alloc_dtype,
+        force_fallback_gemm,
+        ..CudaOptions::default()
+    })?;
+    match cuda {
         Some(c) => train_with(Arc::new(c), opts),
         None => Err(TrainError::Unsupported(
             "model.device = \"cuda\": no CUDA driver or device found on this machine; use --set model.device=cpu".into(),
@@ -528,10 +546,11 @@ pub fn train_with_faults<B: Backend>(
         .iter()
         .map(|id| id.shape(&model.config, r))
         .collect();
-    let mut moments: Vec<(B::Buf, B::Buf)> = Vec::with_capacity(names.len());
+    // AdamW m, v per trainable tensor (f32; in pinned host memory with train.paged_optimizer on CUDA).
+    let paged = cfg.train.paged_optimizer;
+    let mut moments: Vec<B::AdamState> = Vec::with_capacity(names.len());
     for s in &shapes {
-        let n = s.iter().product();
-        moments.push((backend.zeros(n)?, backend.zeros(n)?));
+        moments.push(backend.adam_state(s.iter().product(), paged)?);
     }
 
     let hash = config_hash(cfg);
@@ -634,7 +653,7 @@ pub fn train_with_faults<B: Backend>(
                 )));
             }
             model.set_tensor(name, &t.param)?;
-            moments[i] = (backend.from_host(&t.m)?, backend.from_host(&t.v)?);
+            moments[i] = backend.adam_state_from_host(&t.m, &t.v, paged)?;
         }
         prep.train.restore(&afinar_data::LoaderCursor {
             epoch: ck.state.cursor.epoch,
@@ -733,6 +752,9 @@ pub fn train_with_faults<B: Backend>(
             "note: model.dtype = {:?}: the CPU backend computes and stores in f32",
             cfg.model.dtype
         ));
+    }
+    if paged && backend.name() == "cpu" {
+        say("note: train.paged_optimizer = true: on the CPU the AdamW state already lives in host memory; nothing to page");
     }
     if let Some(ck) = &resume_ckpt {
         say(&format!(
@@ -835,12 +857,12 @@ pub fn train_with_faults<B: Backend>(
                 step: state.adam_t,
             };
             let be = model.backend().clone();
-            for (p, (m, v)) in model
+            for (p, st) in model
                 .params_and_grads(&grads)?
                 .into_iter()
                 .zip(moments.iter_mut())
             {
-                be.adamw(p.param, p.grad, m, v, &hp)?;
+                be.adamw_step(p.param, p.grad, st, &hp)?;
             }
             ema.push(loss);
         } else {
@@ -1021,7 +1043,7 @@ fn rewrite_last_eval(path: &Path, step: u64, eval: f64) -> Result<()> {
 #[allow(clippy::too_many_arguments)]
 fn save_checkpoint<B: Backend>(
     model: &Gemma2Model<B>,
-    moments: &[(B::Buf, B::Buf)],
+    moments: &[B::AdamState],
     names: &[String],
     shapes: &[Vec<usize>],
     state: &TrainerState,
@@ -1031,13 +1053,15 @@ fn save_checkpoint<B: Backend>(
     let be = model.backend();
     let mut tensors = BTreeMap::new();
     for (i, name) in names.iter().enumerate() {
+        // Paged or resident, the moments come back as the same f32 values.
+        let (m, v) = be.adam_state_to_host(&moments[i])?;
         tensors.insert(
             name.clone(),
             TensorState {
                 shape: shapes[i].clone(),
                 param: model.get_tensor(name)?,
-                m: be.to_host(&moments[i].0)?,
-                v: be.to_host(&moments[i].1)?,
+                m,
+                v,
             },
         );
     }

@@ -131,6 +131,12 @@ pub trait Backend: Send + Sync + Sized {
         let _ = storage;
         self.from_host(data)
     }
+    /// `x` rounded as an activation of this backend is stored (bf16 on a bf16 backend; identity when
+    /// activations are f32). For scalars the reference keeps in the activation dtype, e.g. Gemma's
+    /// embedding normalizer sqrt(H), which transformers builds as a tensor of the hidden states' dtype.
+    fn round_activation(&self, x: f32) -> f32 {
+        x
+    }
     /// Like `from_host_for`, taking ownership: a backend whose buffers are host vectors keeps the
     /// allocation instead of copying it (loading a [V,H] embedding then needs one host copy, not two).
     fn from_vec_for(&self, data: Vec<f32>, storage: Storage) -> Result<Self::Buf> {

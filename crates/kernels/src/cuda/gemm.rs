@@ -4,9 +4,11 @@
 //! B's storage is passed as cuBLAS's first operand. For row-major storage, "not transposed" in our
 //! terms is also "not transposed" for cuBLAS with the leading dimension = the stored row length.
 //!
-//! Dtypes: `cublasGemmEx` with CUBLAS_COMPUTE_32F accepts (bf16, bf16 → bf16 or f32) and
-//! (f32, f32 → f32). Mixed inputs are cast to bf16 first (the bf16 operand already limits precision);
-//! f32 inputs with a bf16 output go through an f32 temporary. The fallback kernel takes any mix.
+//! Dtypes: `cublasGemmEx` with CUBLAS_COMPUTE_32F accepts (bf16, bf16 → bf16 or f32), (f16, f16 → f16
+//! or f32: CUDA_R_16F) and (f32, f32 → f32). An f32 operand next to a 16-bit one is cast to that type
+//! first (the 16-bit operand already limits precision, as under autocast); bf16 next to f16 goes
+//! through f32 ([`cublas_input_dtype`]). An output of another type than the inputs' (or a 16-bit output
+//! from f32 inputs) goes through an f32 temporary. The fallback kernel takes any mix.
 
 use super::{be, Arg, Cuda, CudaBuf, Data, Dtype};
 use crate::error::{KernelError, Result};
@@ -120,54 +122,31 @@ impl Cuda {
                     launch::to_i32("gemm", "lda", lda)?,
                     launch::to_i32("gemm", "ldb", ldb)?,
                 );
-                let both_f32 = a.buf.dtype() == Dtype::F32 && b.buf.dtype() == Dtype::F32;
-                if both_f32 && c.dtype() == Dtype::Bf16 {
-                    // (f32, f32 → bf16) is not a cuBLAS combination: compute in an f32 copy of C.
+                let inp = cublas_input_dtype(a.buf.dtype(), b.buf.dtype());
+                if c.dtype() != Dtype::F32 && c.dtype() != inp {
+                    // cuBLAS writes the input type or f32 (f32 only, from f32 inputs): compute into
+                    // an f32 copy of C, then convert back.
                     let tmp = self.slice_copy(c, c_off, m * n, Dtype::F32)?;
-                    self.cublas(
-                        blas,
-                        a,
-                        b,
-                        &tmp,
-                        0,
-                        (mi, ni, ki),
-                        (lda_i, ldb_i),
-                        alpha,
-                        beta,
-                    )?;
+                    self.gemm(a, b, &tmp, 0, m, n, k, alpha, beta)?;
                     return self.copy_into(&tmp, c, c_off);
                 }
-                if !both_f32 {
-                    // Bring both inputs to bf16 (only the ones that are not bf16 are copied).
-                    // Element counts of the stored operands (the same whether transposed or not).
-                    let a_rows = m * k;
-                    let b_rows = k * n;
-                    let a16;
-                    let a = if a.buf.dtype() == Dtype::F32 {
-                        a16 = self.slice_copy(a.buf, a.off, a_rows, Dtype::Bf16)?;
-                        op(&a16, 0, a.trans)
-                    } else {
-                        a
-                    };
-                    let b16;
-                    let b = if b.buf.dtype() == Dtype::F32 {
-                        b16 = self.slice_copy(b.buf, b.off, b_rows, Dtype::Bf16)?;
-                        op(&b16, 0, b.trans)
-                    } else {
-                        b
-                    };
-                    return self.cublas(
-                        blas,
-                        a,
-                        b,
-                        c,
-                        c_off,
-                        (mi, ni, ki),
-                        (lda_i, ldb_i),
-                        alpha,
-                        beta,
-                    );
-                }
+                // Bring the inputs that are not `inp` to it (only those are copied).
+                let a_len = if a.trans { k * m } else { m * k };
+                let b_len = if b.trans { n * k } else { k * n };
+                let a_conv;
+                let a = if a.buf.dtype() != inp {
+                    a_conv = self.slice_copy(a.buf, a.off, a_len, inp)?;
+                    op(&a_conv, 0, a.trans)
+                } else {
+                    a
+                };
+                let b_conv;
+                let b = if b.buf.dtype() != inp {
+                    b_conv = self.slice_copy(b.buf, b.off, b_len, inp)?;
+                    op(&b_conv, 0, b.trans)
+                } else {
+                    b
+                };
                 self.cublas(
                     blas,
                     a,
@@ -200,6 +179,7 @@ impl Cuda {
             match d {
                 Dtype::F32 => sys::cudaDataType::CUDA_R_32F,
                 Dtype::Bf16 => sys::cudaDataType::CUDA_R_16BF,
+                Dtype::F16 => sys::cudaDataType::CUDA_R_16F,
             }
         }
         let s = &self.stream;
@@ -288,5 +268,46 @@ fn dev_ptr<'a>(b: &'a CudaBuf, s: &'a CudaStream) -> (u64, cudarc::driver::SyncO
     match &b.data {
         Data::F32(x) => x.device_ptr(s),
         Data::Bf16(x) => x.device_ptr(s),
+        Data::F16(x) => x.device_ptr(s),
+    }
+}
+
+/// The one input type cuBLAS multiplies in for operands stored as `a` and `b`: an f32 operand joins the
+/// 16-bit one (that operand already limits the precision, as under autocast); bf16 with f16 (no common
+/// 16-bit type without losing range or mantissa) goes through f32.
+pub(crate) fn cublas_input_dtype(a: Dtype, b: Dtype) -> Dtype {
+    match (a, b) {
+        (Dtype::F32, Dtype::F32) => Dtype::F32,
+        (Dtype::Bf16, Dtype::Bf16) | (Dtype::Bf16, Dtype::F32) | (Dtype::F32, Dtype::Bf16) => {
+            Dtype::Bf16
+        }
+        (Dtype::F16, Dtype::F16) | (Dtype::F16, Dtype::F32) | (Dtype::F32, Dtype::F16) => {
+            Dtype::F16
+        }
+        (Dtype::Bf16, Dtype::F16) | (Dtype::F16, Dtype::Bf16) => Dtype::F32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cublas_input_dtypes() {
+        use Dtype::*;
+        let all = [F32, Bf16, F16];
+        for a in all {
+            for b in all {
+                let t = cublas_input_dtype(a, b);
+                assert_eq!(t, cublas_input_dtype(b, a), "{a:?} {b:?}");
+                // f32 only when both are f32 or the two 16-bit types meet; else the 16-bit one.
+                let want = match (a, b) {
+                    (F32, F32) | (Bf16, F16) | (F16, Bf16) => F32,
+                    (x, F32) | (F32, x) => x,
+                    (x, _) => x,
+                };
+                assert_eq!(t, want, "{a:?} {b:?}");
+            }
+        }
     }
 }

@@ -39,7 +39,7 @@ use crate::launch::Launch;
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
 };
-use half::bf16;
+use half::{bf16, f16};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -48,23 +48,38 @@ use std::sync::{Arc, Mutex};
 pub enum Dtype {
     F32,
     Bf16,
+    /// IEEE binary16: the activation dtype for GPUs without bf16 (sm_75), trained with dynamic loss
+    /// scaling (afinar-trainer's loss_scale). Kernels convert f32 -> f16 with round to nearest even;
+    /// values beyond ±65504 become ±inf (which the loss scaler detects).
+    F16,
 }
 
 impl Dtype {
-    /// The tag the kernels take next to each pointer (DT_F32 / DT_BF16 in common.cuh).
+    /// The tag the kernels take next to each pointer (DT_F32 / DT_BF16 / DT_F16 in common.cuh).
     fn tag(self) -> &'static i32 {
         static F32_TAG: i32 = 0;
         static BF16_TAG: i32 = 1;
+        static F16_TAG: i32 = 2;
         match self {
             Dtype::F32 => &F32_TAG,
             Dtype::Bf16 => &BF16_TAG,
+            Dtype::F16 => &F16_TAG,
         }
     }
 
     pub fn size(self) -> usize {
         match self {
             Dtype::F32 => 4,
-            Dtype::Bf16 => 2,
+            Dtype::Bf16 | Dtype::F16 => 2,
+        }
+    }
+
+    /// `x` rounded to this dtype and back (round to nearest even, as the kernels' f2bf / f2h).
+    pub fn round(self, x: f32) -> f32 {
+        match self {
+            Dtype::F32 => x,
+            Dtype::Bf16 => bf16::from_f32(x).to_f32(),
+            Dtype::F16 => f16::from_f32(x).to_f32(),
         }
     }
 }
@@ -72,6 +87,7 @@ impl Dtype {
 pub(crate) enum Data {
     F32(CudaSlice<f32>),
     Bf16(CudaSlice<bf16>),
+    F16(CudaSlice<f16>),
 }
 
 /// A device buffer of `len` logical f32 values stored as f32 or bf16. The allocation holds at least
@@ -86,6 +102,7 @@ impl CudaBuf {
         match self.data {
             Data::F32(_) => Dtype::F32,
             Data::Bf16(_) => Dtype::Bf16,
+            Data::F16(_) => Dtype::F16,
         }
     }
 
@@ -358,11 +375,12 @@ impl Cuda {
         let data = match dtype {
             Dtype::F32 => Data::F32(self.stream.alloc_zeros::<f32>(cap).map_err(be("alloc"))?),
             Dtype::Bf16 => Data::Bf16(self.stream.alloc_zeros::<bf16>(cap).map_err(be("alloc"))?),
+            Dtype::F16 => Data::F16(self.stream.alloc_zeros::<f16>(cap).map_err(be("alloc"))?),
         };
         Ok(CudaBuf { data, len: n })
     }
 
-    /// Uploads `data` as `dtype` (bf16: round to nearest even).
+    /// Uploads `data` as `dtype` (bf16, f16: round to nearest even; f16 overflows to ±inf).
     pub fn from_host_as(&self, data: &[f32], dtype: Dtype) -> Result<CudaBuf> {
         if data.is_empty() {
             return self.zeros_as(0, dtype);
@@ -376,6 +394,14 @@ impl Cuda {
             Dtype::Bf16 => {
                 let h: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
                 Data::Bf16(
+                    self.stream
+                        .clone_htod(&h)
+                        .map_err(be("host to device copy"))?,
+                )
+            }
+            Dtype::F16 => {
+                let h: Vec<f16> = data.iter().map(|&x| f16::from_f32(x)).collect();
+                Data::F16(
                     self.stream
                         .clone_htod(&h)
                         .map_err(be("host to device copy"))?,
@@ -446,6 +472,7 @@ impl Cuda {
                 Arg::BufAt(buf, off) => views.push(match &buf.data {
                     Data::F32(s) => ViewAt::F32(s.slice(*off..)),
                     Data::Bf16(s) => ViewAt::Bf16(s.slice(*off..)),
+                    Data::F16(s) => ViewAt::F16(s.slice(*off..)),
                 }),
                 Arg::I32sAt(s, off) => id_views.push(s.slice(*off..)),
                 _ => {}
@@ -459,6 +486,7 @@ impl Cuda {
                     match &buf.data {
                         Data::F32(s) => b.arg(s),
                         Data::Bf16(s) => b.arg(s),
+                        Data::F16(s) => b.arg(s),
                     };
                     b.arg(buf.dtype().tag());
                 }
@@ -466,6 +494,7 @@ impl Cuda {
                     match &views[vi] {
                         ViewAt::F32(v) => b.arg(v),
                         ViewAt::Bf16(v) => b.arg(v),
+                        ViewAt::F16(v) => b.arg(v),
                     };
                     vi += 1;
                     b.arg(buf.dtype().tag());
@@ -524,6 +553,7 @@ impl Cuda {
 enum ViewAt<'a> {
     F32(cudarc::driver::CudaView<'a, f32>),
     Bf16(cudarc::driver::CudaView<'a, bf16>),
+    F16(cudarc::driver::CudaView<'a, f16>),
 }
 
 #[cfg(test)]
@@ -549,9 +579,11 @@ mod tests {
     fn dtype_tags_match_common_cuh() {
         assert_eq!(*Dtype::F32.tag(), 0);
         assert_eq!(*Dtype::Bf16.tag(), 1);
+        assert_eq!(*Dtype::F16.tag(), 2);
         assert!(
             compile::COMMON.contains("#define DT_F32 0")
                 && compile::COMMON.contains("#define DT_BF16 1")
+                && compile::COMMON.contains("#define DT_F16 2")
         );
     }
 }

@@ -368,6 +368,13 @@ impl Backend for Cuda {
                 .into_iter()
                 .map(|h| h.to_f32())
                 .collect(),
+            Data::F16(s) => self
+                .stream
+                .clone_dtoh(s)
+                .map_err(be("device to host copy"))?
+                .into_iter()
+                .map(|h| h.to_f32())
+                .collect(),
         };
         v.truncate(buf.len);
         Ok(v)
@@ -1784,7 +1791,7 @@ fn clone_scalar<'a>(a: &Arg<'a>) -> Arg<'a> {
 fn f32_slice(b: &CudaBuf) -> Result<&CudaSlice<f32>> {
     match &b.data {
         Data::F32(s) => Ok(s),
-        Data::Bf16(_) => Err(KernelError::Backend {
+        Data::Bf16(_) | Data::F16(_) => Err(KernelError::Backend {
             backend: "cuda",
             msg: "internal: expected an f32 scratch buffer".into(),
         }),

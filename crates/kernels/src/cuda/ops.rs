@@ -347,6 +347,11 @@ impl Backend for Cuda {
         self.from_host_as(data, self.alloc_dtype())
     }
 
+    fn round_activation(&self, x: f32) -> f32 {
+        // Round to nearest even, as the kernels' f2bf / f2h and torch do.
+        self.alloc_dtype().round(x)
+    }
+
     fn zeros_for(&self, n: usize, storage: Storage) -> Result<CudaBuf> {
         self.zeros_as(n, self.dtype_for(storage))
     }

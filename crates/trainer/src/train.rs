@@ -442,22 +442,18 @@ pub fn train(opts: &TrainOptions) -> Result<TrainOutcome> {
 }
 
 /// `model.device = "cuda"`: the CUDA backend with `model.dtype` as its activation dtype: frozen weights
-/// and activations in bf16 for "bf16" (f32 for "f32"), while LoRA weights, gradients, AdamW state and
-/// the per-row statistics stay f32 (afinar-gemma allocates them as `Storage::Master`).
+/// and activations in bf16 for "bf16" (f16 for "f16", f32 for "f32"), while LoRA weights, gradients,
+/// AdamW state and the per-row statistics stay f32 (afinar-gemma allocates them as `Storage::Master`).
 /// `AFINAR_NO_CUBLAS=1` forces the fallback GEMM, as for `Cuda::try_new`.
 #[cfg(feature = "cuda")]
 fn train_cuda(opts: &TrainOptions) -> Result<TrainOutcome> {
     use afinar_kernels::cuda::{Cuda, CudaOptions, Dtype as CudaDtype};
-    let alloc_dtype =
-        match opts.config.model.dtype {
-            crate::config::Dtype::F32 => CudaDtype::F32,
-            crate::config::Dtype::Bf16 => CudaDtype::Bf16,
-            crate::config::Dtype::F16 => return Err(TrainError::Unsupported(
-                "model.dtype = \"f16\" on CUDA: f16 activation storage is not wired into the CUDA \
-                 backend yet; use \"bf16\" (sm_80 and newer) or \"f32\""
-                    .into(),
-            )),
-        };
+    let alloc_dtype = match opts.config.model.dtype {
+        crate::config::Dtype::F32 => CudaDtype::F32,
+        crate::config::Dtype::Bf16 => CudaDtype::Bf16,
+        // fp16 for GPUs without bf16 (sm_75); train.loss_scaling = "auto" scales the loss.
+        crate::config::Dtype::F16 => CudaDtype::F16,
+    };
     let force_fallback_gemm = std::env::var("AFINAR_NO_CUBLAS").is_ok_and(|v| v == "1");
     let cuda = Cuda::try_new_with(CudaOptions {
         alloc_dtype,

@@ -131,8 +131,8 @@ impl Cuda {
                     return self.copy_into(&tmp, c, c_off);
                 }
                 // Bring the inputs that are not `inp` to it (only those are copied).
-                let a_len = if a.trans { k * m } else { m * k };
-                let b_len = if b.trans { n * k } else { k * n };
+                // Stored extents (the same count whether or not the operand is transposed).
+                let (a_len, b_len) = (m * k, k * n);
                 let a_conv;
                 let a = if a.buf.dtype() != inp {
                     a_conv = self.slice_copy(a.buf, a.off, a_len, inp)?;
@@ -288,6 +288,96 @@ pub(crate) fn cublas_input_dtype(a: Dtype, b: Dtype) -> Dtype {
     }
 }
 
+/// Whether `arch` ("sm_XY", optionally with a suffix such as "sm_90a") has bf16 `mma.sync` (sm_80 and
+/// newer). sm_75 (Turing: T4, the GPUs without bf16) compiles the tensor-core helpers to a trap.
+pub(crate) fn arch_has_bf16_mma(arch: &str) -> bool {
+    arch.strip_prefix("sm_")
+        .map(|d| d.trim_end_matches(|c: char| c.is_ascii_alphabetic()))
+        .and_then(|d| d.parse::<u32>().ok())
+        .is_some_and(|v| v >= 80)
+}
+
+/// `AFINAR_NO_MMA=1`: take the sm_75 paths (no tensor-core kernels) on any GPU, so they can be
+/// validated on an sm_80+ machine. Read once per process.
+fn mma_disabled_by_env() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| std::env::var("AFINAR_NO_MMA").is_ok_and(|v| v == "1"))
+}
+
+impl Cuda {
+    /// Whether the bf16 tensor-core kernels (nf4_gemm.cu, attention.cu's `*_mma_*`) may run here:
+    /// sm_80 or newer and not disabled by `AFINAR_NO_MMA=1`. Otherwise attention takes its CUDA-core
+    /// kernels and the NF4 training-shape GEMMs take [`Cuda::nf4_dense_forward`] /
+    /// [`Cuda::nf4_dense_backward`].
+    pub(crate) fn bf16_mma(&self) -> bool {
+        arch_has_bf16_mma(self.arch()) && !mma_disabled_by_env()
+    }
+
+    /// The NF4 linear Y (= or +=) X·W̃ᵀ + s·XA·Bᵀ without tensor-core kernels (sm_75, M > 8): W̃ [N, K]
+    /// is dequantized whole into a temporary of the activation dtype (N·K·2 bytes for f16: 98 MiB
+    /// for Gemma-2-9B's largest projection, freed on return), then two cuBLAS GEMMs. `lora` = (xa
+    /// [M,R], B [N,R], R, s). The caller has checked every length.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn nf4_dense_forward(
+        &self,
+        x: &CudaBuf,
+        w: &super::CudaNf4,
+        y: &CudaBuf,
+        acc: bool,
+        lora: Option<(&CudaBuf, &CudaBuf, usize, f32)>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        let mut wt = self.zeros_as(n * k, self.alloc_dtype())?;
+        crate::backend::Backend::nf4_dequantize(self, w, &mut wt)?;
+        let beta = if acc { 1.0 } else { 0.0 };
+        self.gemm(op(x, 0, false), op(&wt, 0, true), y, 0, m, n, k, 1.0, beta)?;
+        match lora {
+            Some((xa, b, r, s)) if r > 0 => {
+                self.gemm(op(xa, 0, false), op(b, 0, true), y, 0, m, n, r, s, 1.0)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The NF4 linear's dX (= or +=) dY·W̃ + s·dYB·A without tensor-core kernels (sm_75); as
+    /// [`Cuda::nf4_dense_forward`]. `lora` = (dyb [M,R], A [R,K], R, s).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn nf4_dense_backward(
+        &self,
+        dy: &CudaBuf,
+        w: &super::CudaNf4,
+        dx: &CudaBuf,
+        acc: bool,
+        lora: Option<(&CudaBuf, &CudaBuf, usize, f32)>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        let mut wt = self.zeros_as(n * k, self.alloc_dtype())?;
+        crate::backend::Backend::nf4_dequantize(self, w, &mut wt)?;
+        let beta = if acc { 1.0 } else { 0.0 };
+        self.gemm(
+            op(dy, 0, false),
+            op(&wt, 0, false),
+            dx,
+            0,
+            m,
+            k,
+            n,
+            1.0,
+            beta,
+        )?;
+        match lora {
+            Some((dyb, a, r, s)) if r > 0 => {
+                self.gemm(op(dyb, 0, false), op(a, 0, false), dx, 0, m, k, r, s, 1.0)
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -308,6 +398,23 @@ mod tests {
                 };
                 assert_eq!(t, want, "{a:?} {b:?}");
             }
+        }
+    }
+    #[test]
+    fn bf16_mma_archs() {
+        for (arch, yes) in [
+            ("sm_75", false),
+            ("sm_70", false),
+            ("sm_80", true),
+            ("sm_86", true),
+            ("sm_90", true),
+            ("sm_90a", true),
+            ("sm_100", true),
+            ("sm_120", true),
+            ("compute_80", false),
+            ("sm_", false),
+        ] {
+            assert_eq!(arch_has_bf16_mma(arch), yes, "{arch}");
         }
     }
 }

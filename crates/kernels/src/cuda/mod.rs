@@ -1,7 +1,9 @@
 //! The CUDA backend (feature `cuda`): the whole `Backend` op set on an NVIDIA GPU through `cudarc`.
 //!
 //! - Kernels: `kernels/*.cu`, embedded, compiled at first use by NVRTC for the device's compute
-//!   capability (sm_80 and newer) and cached on disk (see `compile.rs`).
+//!   capability (sm_75 and newer) and cached on disk (see `compile.rs`). The bf16 tensor-core kernels
+//!   need sm_80; on sm_75 (no bf16: f16 activations) attention takes its CUDA-core kernels and NF4
+//!   training-shape GEMMs dequantize to a temporary and use cuBLAS (gemm.rs, `Cuda::bf16_mma`).
 //! - Dense GEMMs: cuBLAS (`cublasGemmEx`, bf16 or f32 in, f32 compute) when libcublas can be loaded,
 //!   otherwise the SIMT kernel in `kernels/gemm.cu` (also forced with `AFINAR_NO_CUBLAS=1`).
 //! - Launch geometry: the pure planners in `crate::launch`.
@@ -303,10 +305,17 @@ impl Cuda {
         let (major, minor) = ctx
             .compute_capability()
             .map_err(be("reading the compute capability"))?;
-        if major < 8 {
+        if (major, minor) < (7, 5) {
             return Err(KernelError::Backend {
                 backend: "cuda",
-                msg: format!("device {} has compute capability {major}.{minor}; the kernels need sm_80 or newer (bf16 mma)", opts.ordinal),
+                msg: format!("device {} has compute capability {major}.{minor}; the kernels need sm_75 or newer", opts.ordinal),
+            });
+        }
+        if major < 8 && opts.alloc_dtype == Dtype::Bf16 {
+            // sm_75 has no bf16 arithmetic in cuBLAS and no bf16 mma.sync; f16 storage works there.
+            return Err(KernelError::Backend {
+                backend: "cuda",
+                msg: format!("device {} (sm_{major}{minor}) has no bf16 support; use f16 activations (model.dtype = \"f16\") or f32", opts.ordinal),
             });
         }
         // SAFETY: the backend issues all work on one stream (the default stream), so cudarc's

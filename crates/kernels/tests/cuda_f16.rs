@@ -1,6 +1,7 @@
 //! The CUDA backend with f16 activations (`CudaOptions::alloc_dtype = Dtype::F16`, the setting of
 //! `model.dtype = "f16"` for GPUs without bf16) against the CPU reference on f16-rounded inputs.
-//! Without a driver every test prints `skipped: no CUDA driver` and passes.
+//! Without a driver every test prints `skipped: no CUDA driver` and passes. Test names contain "cuda"
+//! so the GPU bundle (filter `cuda`) runs them.
 //!
 //! On sm_80+ the NF4 training GEMM and attention run on bf16 tensor cores (f16 data staged as bf16);
 //! run with `AFINAR_NO_MMA=1` to take the sm_75 paths instead (CUDA-core attention, NF4 dequantized
@@ -38,7 +39,7 @@ fn h(x: &[f32]) -> Vec<f32> {
 }
 
 #[test]
-fn storage_rounds_to_nearest_even_and_overflows_to_inf() {
+fn cuda_f16_storage_rounds_to_nearest_even_and_overflows_to_inf() {
     let Some(c) = cuda_f16() else { return };
     let x = [
         1.0,
@@ -78,7 +79,7 @@ fn storage_rounds_to_nearest_even_and_overflows_to_inf() {
 }
 
 #[test]
-fn cublas_gemms_in_f16() {
+fn cuda_f16_cublas_gemms_in_f16() {
     let Some(c) = cuda_f16() else { return };
     let (m, k, n) = (33, 64, 40);
     let mut g = rng(16);
@@ -101,7 +102,7 @@ fn cublas_gemms_in_f16() {
 }
 
 #[test]
-fn nf4_lora_linear_at_training_shapes() {
+fn cuda_f16_nf4_lora_linear_at_training_shapes() {
     let Some(c) = cuda_f16() else { return };
     // M > 8: the tensor-core GEMM on sm_80+, dequantize + cuBLAS without it.
     let (m, k, n, r, s) = (40, 128, 64, 4, 0.5f32);
@@ -218,7 +219,7 @@ fn nf4_lora_linear_at_training_shapes() {
 }
 
 #[test]
-fn attention_forward_backward_in_f16() {
+fn cuda_f16_attention_forward_backward_in_f16() {
     let Some(c) = cuda_f16() else { return };
     let s = AttnShape {
         b: 1,
@@ -283,7 +284,7 @@ fn attention_forward_backward_in_f16() {
 }
 
 #[test]
-fn bf16_activations_are_refused_below_sm_80_and_f16_is_accepted() {
+fn cuda_f16_bf16_activations_are_refused_below_sm_80_and_f16_is_accepted() {
     let Some(c) = cuda_f16() else { return };
     let arch: u32 = c
         .arch()

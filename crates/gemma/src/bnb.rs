@@ -25,7 +25,6 @@
 //! (e.g. BF16 [n/4, 1]); the bytes are the same, so the reader only checks the byte count.
 
 use std::collections::BTreeMap;
-
 use std::path::Path;
 
 use afinar_kernels::nf4::{Absmax, BnbAbsmax, Nf4Tensor, BLOCK, NESTED_BLOCK, NF4_CODE};

@@ -223,3 +223,64 @@ fn scaler_state_resumes_exactly() {
     let e = train::train(&o).unwrap_err().to_string();
     assert!(e.contains("loss_scale.scale"), "{e}");
 }
+
+#[test]
+fn loss_scaling_key_parses_and_is_resume_relevant() {
+    use afinar_trainer::Config;
+    assert_eq!(Config::default().train.loss_scaling, LossScaling::Auto);
+    for (text, want) in [
+        ("auto", LossScaling::Auto),
+        ("dynamic", LossScaling::Dynamic),
+        ("none", LossScaling::None),
+    ] {
+        let c = Config::from_toml_str(
+            &format!("[train]\nloss_scaling = \"{text}\"\n"),
+            "x.toml",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.train.loss_scaling, want);
+        let c =
+            Config::from_toml_str("", "x.toml", &[format!("train.loss_scaling={text}")]).unwrap();
+        assert_eq!(c.train.loss_scaling, want);
+    }
+    let e = Config::from_toml_str("[train]\nloss_scaling = \"static\"\n", "x.toml", &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("train.loss_scaling"), "{e}");
+    // It changes the numbers of a run that overflows: a resume may not switch it.
+    assert!(Config::is_resume_relevant("train.loss_scaling"));
+}
+
+/// model.dtype = "f16" on the GPU: f16 activations with dynamic loss scaling ("auto") train the tiny
+/// model to completion; the first step's loss matches the CPU's f32 loss within f16/bf16 rounding.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_f16_training_with_dynamic_loss_scaling() {
+    match afinar_kernels::cuda::Cuda::try_new() {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            eprintln!("skipped: no CUDA driver");
+            return;
+        }
+        Err(e) => panic!("the CUDA backend failed to start: {e}"),
+    }
+    use afinar_trainer::config::{Device, Dtype};
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = base(dir.path());
+    cfg.output.run_name = "cpu".into();
+    let cpu = train::train(&opts(cfg.clone())).unwrap();
+    cfg.model.device = Device::Cuda;
+    cfg.model.dtype = Dtype::F16;
+    cfg.output.run_name = "cuda-f16".into();
+    let gpu = train::train(&opts(cfg)).unwrap();
+    assert_eq!(gpu.summary.stop_reason, StopReason::Completed);
+    assert_eq!(gpu.summary.steps, 6);
+    // Overflows (if any) were skipped and backed the scale off; most steps applied an update.
+    let st = scaler_state(&gpu).expect("f16 scales the loss under \"auto\"");
+    let skipped = gpu.summary.skipped_steps;
+    assert!(skipped <= 3, "{skipped} of 6 steps skipped");
+    assert_eq!(st.scale, 65536.0 / 2f32.powi(skipped as i32));
+    let (a, b) = (cpu.records[0].loss.unwrap(), gpu.records[0].loss.unwrap());
+    afinar_kernels::Tolerance::new(1e-2, 2e-2).assert_close("first loss", [b], [a]);
+}

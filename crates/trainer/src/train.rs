@@ -695,6 +695,8 @@ pub fn train_with_faults<B: Backend>(
             state.warmup_steps = prep.warmup_steps;
         }
     }
+    // Even a checkpoint taken before the first step carries the scaler (fresh or restored).
+    state.loss_scale = scaler.as_ref().map(|s| s.state());
     let mut rng = state.rng.restore().map_err(|m| TrainError::BadCheckpoint {
         path: resume_from.clone().unwrap_or_default(),
         message: m,

@@ -3,9 +3,8 @@
 //! Without a driver every test prints `skipped: no CUDA driver` and passes. Test names contain "cuda"
 //! so the GPU bundle (filter `cuda`) runs them.
 //!
-//! On sm_80+ the NF4 training GEMM and attention run on bf16 tensor cores (f16 data staged as bf16);
-//! run with `AFINAR_NO_MMA=1` to take the sm_75 paths instead (CUDA-core attention, NF4 dequantized
-//! to f16 + cuBLAS CUDA_R_16F) — the tolerances below hold for both.
+//! f16 data never enters the bf16 tensor-core kernels: on every GPU, attention runs on CUDA cores and
+//! NF4 training-shape linears dequantize to f16 + cuBLAS CUDA_R_16F (the paths sm_75 has).
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -104,7 +103,7 @@ fn cuda_f16_cublas_gemms_in_f16() {
 #[test]
 fn cuda_f16_nf4_lora_linear_at_training_shapes() {
     let Some(c) = cuda_f16() else { return };
-    // M > 8: the tensor-core GEMM on sm_80+, dequantize + cuBLAS without it.
+    // M > 8: the training-shape path (dequantize to f16 + cuBLAS for f16 activations).
     let (m, k, n, r, s) = (40, 128, 64, 4, 0.5f32);
     let mut g = rng(61);
     let wd = uniform(&mut g, n * k, 0.2);
@@ -184,7 +183,7 @@ fn cuda_f16_nf4_lora_linear_at_training_shapes() {
         n,
     )
     .unwrap();
-    // bf16 tensor-core operands on sm_80+ bound the error (f16 on the sm_75 path is tighter).
+    // Loose bound (not yet measured on a GPU): f16 W̃ and X, f32 accumulation, f16 Y.
     Tolerance::BF16.assert_close("nf4 lora_fwd y", down(&c, &gy), cy);
     Tolerance::new(1e-4, 1e-3).assert_close("nf4 lora_fwd xa", down(&c, &gxa), cxa);
 

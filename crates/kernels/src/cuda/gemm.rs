@@ -313,10 +313,17 @@ impl Cuda {
         arch_has_bf16_mma(self.arch()) && !mma_disabled_by_env()
     }
 
-    /// The NF4 linear Y (= or +=) X·W̃ᵀ + s·XA·Bᵀ without tensor-core kernels (sm_75, M > 8): W̃ [N, K]
-    /// is dequantized whole into a temporary of the activation dtype (N·K·2 bytes for f16: 98 MiB
-    /// for Gemma-2-9B's largest projection, freed on return), then two cuBLAS GEMMs. `lora` = (xa
-    /// [M,R], B [N,R], R, s). The caller has checked every length.
+    /// Whether a tensor-core kernel may take these operands: [`Cuda::bf16_mma`] and none of them is
+    /// f16. The bf16 kernels would round f16 data to bf16's 8-bit mantissa; the other paths keep f16
+    /// precision and are the ones sm_75 runs, so f16 training computes the same way on every GPU.
+    pub(crate) fn mma_for(&self, bufs: &[&CudaBuf]) -> bool {
+        self.bf16_mma() && bufs.iter().all(|b| b.dtype() != Dtype::F16)
+    }
+
+    /// The NF4 linear Y (= or +=) X·W̃ᵀ + s·XA·Bᵀ without tensor-core kernels (sm_75 or f16 data,
+    /// M > 8): W̃ [N, K] is dequantized whole into a temporary of the activation dtype (N·K·2 bytes
+    /// for f16: 98 MiB for Gemma-2-9B's largest projection, freed on return), then two cuBLAS GEMMs.
+    /// `lora` = (xa [M,R], B [N,R], R, s). The caller has checked every length.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn nf4_dense_forward(
         &self,

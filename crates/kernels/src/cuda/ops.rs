@@ -185,8 +185,8 @@ impl Cuda {
         k: usize,
         n: usize,
     ) -> Result<()> {
-        if !self.bf16_mma() && matches!(launch::nf4_path(m), launch::Nf4Path::Gemm) {
-            // sm_75: no bf16 tensor cores (see gemm.rs).
+        if !self.mma_for(&[x]) && matches!(launch::nf4_path(m), launch::Nf4Path::Gemm) {
+            // sm_75 or f16 activations: no bf16 tensor cores (see gemm.rs).
             return self.nf4_dense_forward(x, w, y, acc, lora, m, k, n);
         }
         let (mi, ni, ki) = (
@@ -243,8 +243,8 @@ impl Cuda {
         k: usize,
         n: usize,
     ) -> Result<()> {
-        if !self.bf16_mma() {
-            // sm_75: no bf16 tensor cores (see gemm.rs).
+        if !self.mma_for(&[dy]) {
+            // sm_75 or f16 activations: no bf16 tensor cores (see gemm.rs).
             return self.nf4_dense_backward(dy, w, dx, acc, lora, m, k, n);
         }
         let (mi, ni, ki) = (
@@ -1205,7 +1205,7 @@ impl Backend for Cuda {
         // Tensor cores for D ∈ {16, 32, 64, 128, 256} (Gemma-2: 256), CUDA cores otherwise; both take
         // the same arguments.
         let (l, kernel) = match launch::attention_mma(s.b, s.t, s.nh, s.d)? {
-            Some(plan) if !self.simt_attention && self.bf16_mma() => plan,
+            Some(plan) if !self.simt_attention && self.mma_for(&[q, k, v]) => plan,
             _ => (launch::attention(s.b * s.t * s.nh, s.d)?, "attn_fwd_k"),
         };
         let (seg_a, has) = seg_arg;
@@ -1307,7 +1307,7 @@ impl Backend for Cuda {
         if let Some((ldq, ldkv, [kdq, kdk, kdv])) =
             launch::attention_mma_bwd(s.b, s.t, s.nh, s.nkv, s.d)?
         {
-            if !self.simt_attention && self.bf16_mma() {
+            if !self.simt_attention && self.mma_for(&[q, k, v, dout]) {
                 let seg_c = || match seg {
                     Some(sg) => Arg::I32s(&sg.data),
                     None => Arg::Null,

@@ -157,7 +157,7 @@ impl<'m, B: Backend> Decoder<'m, B> {
             &mut x,
             v,
             h,
-            cfg.embed_scale(),
+            be.round_activation(cfg.embed_scale()),
         )?;
         // The new keys/values are appended to the cache in place; if any op fails, every layer is cut
         // back to its previous length, so an error leaves the cache unchanged.

@@ -531,6 +531,9 @@ pub fn train_with_faults<B: Backend>(
         }
         None => None,
     };
+    // Settings of config.json that training would not reproduce are refused before the (large) load.
+    let config_json = afinar_gemma::config::config_path(&cfg.model.path);
+    afinar_gemma::Gemma2Config::from_file(&config_json)?.check_trainable(&config_json)?;
     let mut prep = prepare_data(cfg)?;
     let mut model = Gemma2Model::load(backend.clone(), &cfg.model.path, &load_options(cfg)?)?;
     model.checkpointing = cfg.train.gradient_checkpointing;

@@ -406,3 +406,20 @@ fn max_steps_can_be_raised_on_resume() {
     );
     assert!(err.to_string().contains("already at step 5"), "{err}");
 }
+
+/// `attention_dropout` ≠ 0 in config.json is refused by name before anything is loaded or written:
+/// transformers would apply it while training, afinar's attention has none.
+#[test]
+fn attention_dropout_is_refused_for_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = common::config(dir.path());
+    let cj = cfg.model.path.join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cj).unwrap()).unwrap();
+    v["attention_dropout"] = serde_json::json!(0.1);
+    std::fs::write(&cj, v.to_string()).unwrap();
+    let err = train::train(&opts(cfg.clone())).unwrap_err().to_string();
+    assert!(err.contains("attention_dropout"), "{err}");
+    assert!(err.contains("config.json"), "{err}");
+    assert!(!cfg.output.dir.exists(), "nothing may be written");
+}

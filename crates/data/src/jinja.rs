@@ -407,6 +407,53 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
+/// `YYYY-MM-DD` or `YYYY-MM-DDTHH:MM:SS` (a run config's `data.template_date`).
+impl std::str::FromStr for TemplateDate {
+    type Err = String;
+
+    fn from_str(text: &str) -> std::result::Result<Self, String> {
+        let bad = || format!("{text:?}: expected YYYY-MM-DD or YYYY-MM-DDTHH:MM:SS");
+        let (date, time) = match text.split_once('T') {
+            Some((d, t)) => (d, Some(t)),
+            None => (text, None),
+        };
+        let num = |s: &str, len: usize| -> std::result::Result<u32, String> {
+            if s.len() == len && s.bytes().all(|b| b.is_ascii_digit()) {
+                s.parse().map_err(|_| bad())
+            } else {
+                Err(bad())
+            }
+        };
+        let d: Vec<&str> = date.split('-').collect();
+        let [y, mo, da] = d[..] else {
+            return Err(bad());
+        };
+        let (h, mi, se) = match time {
+            None => (0, 0, 0),
+            Some(t) => {
+                let t: Vec<&str> = t.split(':').collect();
+                let [h, mi, se] = t[..] else {
+                    return Err(bad());
+                };
+                (num(h, 2)?, num(mi, 2)?, num(se, 2)?)
+            }
+        };
+        TemplateDate::new(num(y, 4)? as i32, num(mo, 2)?, num(da, 2)?, h, mi, se)
+            .ok_or_else(|| format!("{text:?}: no such date or time"))
+    }
+}
+
+/// The `FromStr` form, to the second (`%f` is not kept).
+impl std::fmt::Display for TemplateDate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
+            self.year, self.month, self.day, self.hour, self.minute, self.second
+        )
+    }
+}
+
 impl TemplateDate {
     /// A date and time; None outside Python's `datetime` range or for an impossible date/time.
     pub fn new(
@@ -901,5 +948,28 @@ mod tests {
             strip_generation_tags(s),
             "{% for m in messages %}{%- if true -%}{{ m.content }}{% endif %}{% endfor %}"
         );
+    }
+
+    #[test]
+    fn template_date_parses_and_prints_the_config_form() {
+        let d: TemplateDate = "2026-11-29".parse().unwrap();
+        assert_eq!(d.to_string(), "2026-11-29T00:00:00");
+        let d: TemplateDate = "2024-02-29T23:59:58".parse().unwrap();
+        assert_eq!(d.to_string(), "2024-02-29T23:59:58");
+        assert_eq!(d.to_string().parse::<TemplateDate>().unwrap(), d);
+        for bad in [
+            "",
+            "2026-11",
+            "2026-13-01",
+            "2023-02-29",
+            "26-11-29",
+            "2026-11-29T24:00:00",
+            "2026-11-29T1:2:3",
+            "2026-11-29 10:00:00",
+            "+026-11-29",
+        ] {
+            let e = bad.parse::<TemplateDate>().unwrap_err();
+            assert!(e.contains(&format!("{bad:?}")), "{bad}: {e}");
+        }
     }
 }

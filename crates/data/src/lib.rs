@@ -69,6 +69,9 @@ pub struct DataConfig {
     /// Seed of the fraction split.
     #[serde(default)]
     pub split_seed: u64,
+    /// The date `strftime_now` renders in a `tokenizer` chat template; None = now.
+    #[serde(skip)]
+    pub template_date: Option<jinja::TemplateDate>,
 }
 
 fn default_template() -> TemplateKind {
@@ -90,6 +93,7 @@ impl DataConfig {
             eval_path: None,
             eval_fraction: None,
             split_seed: 0,
+            template_date: None,
         }
     }
     pub fn encode_options(&self) -> EncodeOptions {
@@ -130,7 +134,7 @@ pub fn prepare(cfg: &DataConfig, tok: &TextTokenizer) -> Result<PreparedData> {
             problem: "set either eval_path or eval_fraction, not both".into(),
         });
     }
-    let template = Template::new(cfg.template, tok)?;
+    let template = Template::with_date(cfg.template, tok, cfg.template_date)?;
     let opts = cfg.encode_options();
     let mut errs = ErrorList::default();
     let train_raw = collect(read_dataset(&cfg.path, cfg.format), &mut errs)?;

@@ -178,7 +178,19 @@ fn py_trim(s: &str) -> &str {
 
 impl Template {
     /// Binds `kind` to `tok`; fails when a token the template needs is missing or not a single token.
+    /// A `tokenizer` template's `strftime_now` formats the local time read now.
     pub fn new(kind: TemplateKind, tok: &TextTokenizer) -> Result<Self> {
+        Self::with_date(kind, tok, None)
+    }
+
+    /// Like [`Template::new`], with the date a `tokenizer` template's `strftime_now` formats fixed to
+    /// `date` (None = now). A training run pins it so that a resume on another day renders, and so
+    /// tokenizes, its samples exactly as the first day did.
+    pub fn with_date(
+        kind: TemplateKind,
+        tok: &TextTokenizer,
+        date: Option<crate::jinja::TemplateDate>,
+    ) -> Result<Self> {
         let bos = if tok.adds_bos() {
             tok.bos().map(|t| t.text.clone()).unwrap_or_default()
         } else {
@@ -276,7 +288,12 @@ impl Template {
                     source_name: source.clone(),
                     message: "the tokenizer has no chat_template (tokenizer_config.json); pick a built-in template".into(),
                 })?;
-                let j = ChatTemplate::new(src, &source, tok)?;
+                let j = ChatTemplate::with_date(
+                    src,
+                    &source,
+                    tok,
+                    date.unwrap_or_else(crate::jinja::TemplateDate::now_local),
+                )?;
                 let eot = j.probe_end_of_turn(tok)?;
                 (eot, Some(j))
             }

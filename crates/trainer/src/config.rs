@@ -234,6 +234,11 @@ pub struct DataSection {
     pub eval_fraction: f64,
     /// Seed of the train/eval split and of the per-epoch shuffle. Default 42.
     pub seed: u64,
+    /// The date and time `strftime_now` renders in a `tokenizer` chat template (Llama-3.x templates
+    /// print "Today Date: …"): "YYYY-MM-DD" or "YYYY-MM-DDTHH:MM:SS". Empty = the local time when the
+    /// run starts; the trainer writes the value it used into the run's config.toml, and a resumed run
+    /// reuses it, so samples tokenize the same on any day. Ignored by the built-in templates.
+    pub template_date: String,
 }
 
 impl Default for DataSection {
@@ -249,6 +254,7 @@ impl Default for DataSection {
             packing: false,
             eval_fraction: 0.05,
             seed: 42,
+            template_date: String::new(),
         }
     }
 }
@@ -828,6 +834,11 @@ impl Config {
                 d.eval_fraction.to_string(),
                 "must be in [0, 1): a split of 1 leaves no training data",
             ));
+        }
+        if !d.template_date.is_empty() {
+            if let Err(e) = d.template_date.parse::<afinar_data::jinja::TemplateDate>() {
+                return Err(inv("data.template_date", d.template_date.clone(), &e));
+            }
         }
         if !(t.lr.is_finite() && t.lr > 0.0) {
             return Err(inv(

@@ -166,6 +166,17 @@ pub fn data_config(cfg: &Config) -> Result<DataConfig> {
         Some(d.format.parse().map_err(|e| inv("data.format", e))?)
     };
     dc.mask = d.mask.parse().map_err(|e| inv("data.mask", e))?;
+    if !d.template_date.is_empty() {
+        dc.template_date =
+            Some(
+                d.template_date
+                    .parse()
+                    .map_err(|e: String| TrainError::Invalid {
+                        key: "data.template_date".into(),
+                        reason: e,
+                    })?,
+            );
+    }
     dc.max_seq_len = d.max_seq_len;
     dc.overflow = match d.length_strategy {
         crate::config::LengthStrategy::Truncate => afinar_data::Overflow::Truncate,
@@ -433,6 +444,25 @@ fn dir_has_entries(p: &Path) -> bool {
         .unwrap_or(true)
 }
 
+/// The config with `data.template_date` pinned for a `tokenizer` template: the value given, else the
+/// one of the run being resumed (its checkpoint's config.toml), else the local time now. Pinned, the
+/// date is written into the run's config.toml, so every later resume renders the same text.
+fn pin_template_date(cfg: &Config, resume_from: Option<&Path>) -> Config {
+    let mut out = cfg.clone();
+    if !cfg.data.template_date.is_empty() || cfg.data.template != "tokenizer" {
+        return out;
+    }
+    let saved = resume_from.and_then(|p| {
+        let path = p.join("config.toml");
+        let text = fs::read_to_string(&path).ok()?;
+        let saved = Config::from_toml_str(&text, &path.display().to_string(), &[]).ok()?;
+        (!saved.data.template_date.is_empty()).then_some(saved.data.template_date)
+    });
+    out.data.template_date =
+        saved.unwrap_or_else(|| afinar_data::jinja::TemplateDate::now_local().to_string());
+    out
+}
+
 /// Trains per `opts` on the CPU backend. See [`train_with`].
 pub fn train(opts: &TrainOptions) -> Result<TrainOutcome> {
     match opts.config.model.device {
@@ -497,9 +527,10 @@ pub fn train_with_faults<B: Backend>(
     opts: &TrainOptions,
     faults: &Faults,
 ) -> Result<TrainOutcome> {
-    let cfg = &opts.config;
-    cfg.validate()?;
+    opts.config.validate()?;
     let (run_dir, resume_from) = resolve_run_dir(opts)?;
+    let resolved = pin_template_date(&opts.config, resume_from.as_deref());
+    let cfg = &resolved;
 
     // Everything that can fail on user input happens before the run directory is touched.
     // `length_changed`: the resumed run asks for a different train.max_steps / train.epochs than the

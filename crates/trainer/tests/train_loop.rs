@@ -423,3 +423,78 @@ fn attention_dropout_is_refused_for_training() {
     assert!(err.contains("config.json"), "{err}");
     assert!(!cfg.output.dir.exists(), "nothing may be written");
 }
+
+/// A `tokenizer` chat template that prints the date (`strftime_now`, as Llama-3.x templates do) makes
+/// token ids depend on the day: the run pins `data.template_date` in its config.toml and a resume without
+/// one reuses it (here: a run pinned to 2020-01-01 resumes today), so the data fingerprint still matches;
+/// a different explicit date is refused by key.
+#[test]
+fn template_date_is_pinned_across_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::config(dir.path());
+    let tc = cfg.model.path.join("tokenizer_config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&tc).unwrap()).unwrap();
+    let gemma = v["chat_template"].as_str().unwrap().to_string();
+    assert!(gemma.starts_with("{{ bos_token }}"), "{gemma}");
+    v["chat_template"] = serde_json::json!(gemma.replacen(
+        "{{ bos_token }}",
+        "{{ bos_token }}{{ strftime_now('%d %b %Y') }}\n",
+        1
+    ));
+    std::fs::write(&tc, v.to_string()).unwrap();
+    cfg.data.template = "tokenizer".into();
+    cfg.data.template_date = "2020-01-01".into();
+    let mut o = opts(cfg.clone());
+    o.stop_after = Some(2);
+    let part = train::train(&o).unwrap();
+    assert_eq!(part.summary.steps, 2);
+    let saved = std::fs::read_to_string(part.run_dir.join("config.toml")).unwrap();
+    assert!(
+        saved.contains("template_date = \"2020-01-01T00:00:00\"")
+            || saved.contains("template_date = \"2020-01-01\""),
+        "{saved}"
+    );
+
+    // Resumed with the date left empty: the saved one is used, and the run completes.
+    cfg.data.template_date = String::new();
+    let mut o = opts(cfg.clone());
+    o.resume = Some(Resume::Auto);
+    let done = train::train(&o).unwrap();
+    assert_eq!(done.summary.steps, cfg.train.max_steps);
+
+    // An explicit other date changes the data: refused, naming the key.
+    cfg.data.template_date = "2021-06-30".into();
+    cfg.train.max_steps += 2;
+    let mut o = opts(cfg.clone());
+    o.resume = Some(Resume::Auto);
+    let err = train::train(&o).unwrap_err().to_string();
+    assert!(err.contains("data.template_date"), "{err}");
+
+    // A fresh run without a date pins the local time it started at.
+    cfg.data.template_date = String::new();
+    cfg.output.run_name = "fresh".into();
+    let mut o = opts(cfg.clone());
+    o.stop_after = Some(1);
+    let fresh = train::train(&o).unwrap();
+    let c = afinar_trainer::Config::from_toml_str(
+        &std::fs::read_to_string(fresh.run_dir.join("config.toml")).unwrap(),
+        "config.toml",
+        &[],
+    )
+    .unwrap();
+    assert!(
+        c.data
+            .template_date
+            .parse::<afinar_data::jinja::TemplateDate>()
+            .is_ok(),
+        "{:?}",
+        c.data.template_date
+    );
+
+    // A malformed date is refused by key before any work.
+    cfg.data.template_date = "2021-02-30".into();
+    cfg.output.run_name = "bad".into();
+    let err = train::train(&opts(cfg.clone())).unwrap_err().to_string();
+    assert!(err.contains("data.template_date"), "{err}");
+}

@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::opts;
+
 use std::sync::Arc;
 
 use afinar_kernels::cpu::Cpu;
@@ -13,16 +15,6 @@ use afinar_trainer::loss_scale::{LossScalerState, LossScaling};
 use afinar_trainer::metrics::StopReason;
 use afinar_trainer::train::{self, Faults};
 use afinar_trainer::{Resume, TrainOptions, TrainOutcome};
-
-fn opts(c: afinar_trainer::Config) -> TrainOptions {
-    TrainOptions {
-        config: c,
-        resume: None,
-        overwrite: false,
-        quiet: true,
-        stop_after: None,
-    }
-}
 
 fn run(o: &TrainOptions, overflow_at: &[u64]) -> TrainOutcome {
     let faults = Faults {

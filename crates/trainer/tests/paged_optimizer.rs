@@ -6,19 +6,11 @@
 
 mod common;
 
+use common::opts;
+
 use afinar_trainer::config::{Device, Dtype};
 use afinar_trainer::train;
-use afinar_trainer::{Resume, TrainOptions};
-
-fn opts(c: afinar_trainer::Config) -> TrainOptions {
-    TrainOptions {
-        config: c,
-        resume: None,
-        overwrite: false,
-        quiet: true,
-        stop_after: None,
-    }
-}
+use afinar_trainer::Resume;
 
 fn adapter(o: &afinar_trainer::TrainOutcome) -> Vec<u8> {
     std::fs::read(o.run_dir.join("adapter/adapter_model.safetensors")).unwrap()

@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::opts;
+
 use std::sync::Arc;
 
 use afinar_data::{DataLoader, LoaderConfig, TextTokenizer};
@@ -10,18 +12,8 @@ use afinar_gemma::{Gemma2Model, Grads};
 use afinar_kernels::cpu::Cpu;
 use afinar_kernels::Tolerance;
 use afinar_trainer::train::{self, accumulate, data_config, load_options};
-use afinar_trainer::{Resume, TrainError, TrainOptions};
+use afinar_trainer::{Resume, TrainError};
 use rand::SeedableRng;
-
-fn opts(c: afinar_trainer::Config) -> TrainOptions {
-    TrainOptions {
-        config: c,
-        resume: None,
-        overwrite: false,
-        quiet: true,
-        stop_after: None,
-    }
-}
 
 #[test]
 fn accumulation_4x1_equals_micro_batch_4() {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use afinar_gemma::{Gemma2Config, Gemma2Model, LoadOptions};
 use afinar_kernels::cpu::Cpu;
-use afinar_trainer::Config;
+use afinar_trainer::{Config, TrainOptions};
 
 pub const VOCAB: usize = 320;
 
@@ -124,4 +124,15 @@ pub fn config(dir: &Path) -> Config {
     c.output.dir = dir.join("runs");
     c.output.run_name = "t".into();
     c
+}
+
+/// Options of a quiet, fresh run of `c` (no resume, no overwrite, no interruption).
+pub fn opts(c: Config) -> TrainOptions {
+    TrainOptions {
+        config: c,
+        resume: None,
+        overwrite: false,
+        quiet: true,
+        stop_after: None,
+    }
 }

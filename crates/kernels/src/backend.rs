@@ -153,6 +153,25 @@ pub trait Backend: Send + Sync + Sized {
     fn copy(&self, src: &Self::Buf, dst: &mut Self::Buf) -> Result<()>;
     /// Sets every element to `value`.
     fn fill(&self, buf: &mut Self::Buf, value: f32) -> Result<()>;
+    /// dst[dst_off..dst_off+n] ← src[src_off..src_off+n], converting between storages as `copy` does;
+    /// the rest of dst is untouched. A range outside its buffer (offset + n > len, or an overflowing
+    /// sum) is `KernelError::Invalid` naming `src_off` or `dst_off`. On a device backend this is a
+    /// device-side copy with no host round trip: generation grows its KV cache with it.
+    fn copy_range(
+        &self,
+        src: &Self::Buf,
+        src_off: usize,
+        dst: &mut Self::Buf,
+        dst_off: usize,
+        n: usize,
+    ) -> Result<()>;
+    /// Fills `out` with an inverted-dropout mask: element i is 0 with probability p, else
+    /// f32(1/(1−p)), decided by a counter-based hash of (seed, stream, i) — see `cpu::dropout` for the
+    /// exact integer formula. Every backend gives the same bits (store it in `Storage::Master`: 1/(1−p)
+    /// is not a bf16 number), the same (seed, stream) always gives the same mask, and a mask of
+    /// length n is the first n elements of any longer mask of the same (seed, stream). p outside
+    /// [0, 1) (or not finite) is `KernelError::Invalid` naming `p`.
+    fn dropout_mask(&self, out: &mut Self::Buf, p: f64, seed: u64, stream: u64) -> Result<()>;
 
     // ---- elementwise --------------------------------------------------------------------------
     /// y += alpha · x (same length).

@@ -6,12 +6,14 @@
 //! - `mul`:   x ← x ⊙ m               (in place; m is a dropout mask of 0 or 1/(1−p))
 //! - `sum_squares`: Σ x² in f64       (a piece of the global gradient norm)
 //! - `fill`, `copy`                    (overwrite)
+//! - `copy_range`: dst[dst_off..dst_off+n] ← src[src_off..src_off+n] (overwrite; both ranges must lie
+//!   inside their buffers, checked without overflow; the rest of dst is untouched)
 //!
 //! `sum_squares` is deterministic: fixed-size chunks are reduced in order, whatever the thread count.
 
 use rayon::prelude::*;
 
-use crate::error::{check_len, Result};
+use crate::error::{check_len, KernelError, Result};
 
 /// Elements per parallel task: large enough that rayon's overhead vanishes.
 const CHUNK: usize = 1 << 14;
@@ -74,5 +76,38 @@ pub fn copy(src: &[f32], dst: &mut [f32]) -> Result<()> {
         format!("[len={}]", src.len())
     })?;
     dst.copy_from_slice(src);
+    Ok(())
+}
+
+/// Checks that [off, off + n) lies inside a buffer of `len` elements (no overflow), naming the
+/// offset argument `arg` of `op`. Shared by every backend's `copy_range`.
+pub fn check_range(
+    op: &'static str,
+    arg: &'static str,
+    off: usize,
+    n: usize,
+    len: usize,
+) -> Result<()> {
+    match off.checked_add(n) {
+        Some(end) if end <= len => Ok(()),
+        _ => Err(KernelError::Invalid {
+            op,
+            arg,
+            msg: format!("range [{off}, {off} + {n}) is outside a buffer of {len} elements"),
+        }),
+    }
+}
+
+/// dst[dst_off..dst_off + n] ← src[src_off..src_off + n]; the rest of dst is untouched.
+pub fn copy_range(
+    src: &[f32],
+    src_off: usize,
+    dst: &mut [f32],
+    dst_off: usize,
+    n: usize,
+) -> Result<()> {
+    check_range("copy_range", "src_off", src_off, n, src.len())?;
+    check_range("copy_range", "dst_off", dst_off, n, dst.len())?;
+    dst[dst_off..dst_off + n].copy_from_slice(&src[src_off..src_off + n]);
     Ok(())
 }

@@ -6,7 +6,8 @@
 //!
 //! Files: gemm (the three linear GEMMs + a strided `gemm`), lora (dense/NF4 LoRA linear, tiled NF4),
 //! dequant (NF4 tile dequantization), rmsnorm, rope, geglu, softcap, attention, cross_entropy, lm_head
-//! (chunked tied head + CE), embedding, elementwise, adamw.
+//! (chunked tied head + CE), embedding, elementwise (incl. `copy_range`), dropout (counter-based
+//! dropout masks), adamw.
 //!
 //! Determinism: every reduction across threads goes through fixed-size pieces summed in order, so a
 //! result does not depend on the number of rayon threads (the `gemm` crate's own blocking aside).
@@ -15,6 +16,7 @@ pub mod adamw;
 pub mod attention;
 pub mod cross_entropy;
 pub mod dequant;
+pub mod dropout;
 pub mod elementwise;
 pub mod embedding;
 pub mod fastmath;
@@ -97,6 +99,19 @@ impl Backend for Cpu {
     }
     fn fill(&self, buf: &mut Vec<f32>, value: f32) -> Result<()> {
         elementwise::fill(buf, value)
+    }
+    fn copy_range(
+        &self,
+        src: &Vec<f32>,
+        src_off: usize,
+        dst: &mut Vec<f32>,
+        dst_off: usize,
+        n: usize,
+    ) -> Result<()> {
+        elementwise::copy_range(src, src_off, dst, dst_off, n)
+    }
+    fn dropout_mask(&self, out: &mut Vec<f32>, p: f64, seed: u64, stream: u64) -> Result<()> {
+        dropout::dropout_mask(out, p, seed, stream)
     }
 
     fn axpy(&self, alpha: f32, x: &Vec<f32>, y: &mut Vec<f32>) -> Result<()> {

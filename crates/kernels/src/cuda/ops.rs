@@ -7,6 +7,8 @@ use crate::backend::{
     Accum, AdamMoments, AdamW, AttnShape, Backend, LoraGradRef, LoraRef, Storage, Weight,
 };
 use crate::cpu::adamw::AdamScalars;
+use crate::cpu::dropout::{check_p, keep_value, mask_key, threshold};
+use crate::cpu::elementwise::check_range;
 use crate::error::{check_len, ensure, KernelError, Result};
 use crate::launch::{self, to_i32};
 use crate::nf4::{Absmax, Nf4Tensor, BLOCK, NESTED_BLOCK};
@@ -546,6 +548,54 @@ impl Backend for Cuda {
             "fill_k",
             launch::elementwise(buf.len),
             &[Arg::Buf(buf), n64(buf.len), Arg::F32(value)],
+        )
+    }
+
+    fn copy_range(
+        &self,
+        src: &CudaBuf,
+        src_off: usize,
+        dst: &mut CudaBuf,
+        dst_off: usize,
+        n: usize,
+    ) -> Result<()> {
+        check_range("copy_range", "src_off", src_off, n, src.len)?;
+        check_range("copy_range", "dst_off", dst_off, n, dst.len)?;
+        if n == 0 {
+            return Ok(());
+        }
+        // copy_k on views that start at the offsets (device to device, converting dtypes as `copy`
+        // does); both ranges were checked to lie inside the buffers' logical lengths, which never
+        // exceed their allocations.
+        let dst: &CudaBuf = dst;
+        self.launch(
+            "elementwise.cu",
+            "copy_k",
+            launch::elementwise(n),
+            &[Arg::BufAt(src, src_off), Arg::BufAt(dst, dst_off), n64(n)],
+        )
+    }
+
+    fn dropout_mask(&self, out: &mut CudaBuf, p: f64, seed: u64, stream: u64) -> Result<()> {
+        check_p("dropout_mask", p)?;
+        if out.len == 0 {
+            return Ok(());
+        }
+        // key, threshold and keep value computed on the host by the CPU reference's functions; the
+        // kernel only hashes indices (identical integer arithmetic), so the bits match the CPU's.
+        let (key, thr, keep) = (mask_key(seed, stream), threshold(p), keep_value(p));
+        let out: &CudaBuf = out;
+        self.launch(
+            "elementwise.cu",
+            "dropout_mask_k",
+            launch::elementwise(out.len),
+            &[
+                Arg::Buf(out),
+                n64(out.len),
+                Arg::I64(key as i64),
+                Arg::I64(thr as i64),
+                Arg::F32(keep),
+            ],
         )
     }
 

@@ -11,9 +11,23 @@
 //! bounded by W whatever the generation length. Dropping older keys does not change the result: the
 //! window is measured in relative key indices and the kept keys are the most recent, contiguous ones.
 //!
-//! The cache lives on the host (`Vec<f32>` [len, NKV·D] per layer) and is uploaded for each step: the
-//! `Backend` trait has whole-buffer ops only (no append/slice), so this costs one copy of the cache per
-//! layer and step, the same order as the attention itself. A backend-side append op would remove it.
+//! The cache lives on the backend (on a GPU: device memory) and grows without visiting the host. The
+//! attention op checks that k and v hold exactly [TK, NKV·D] (no views in the trait), so a step builds
+//! one buffer of the TK = L + T rows it attends to with two device-side `copy_range`s, the L cached rows
+//! then the T new ones, and that buffer becomes the layer's cache. The copy moves as many bytes as the
+//! attention then reads, on the device; the host sees only the final logits [V] (needed for sampling).
+//!
+//! A layer's cache is a buffer plus a logical row range [start, start + len). Sliding layers trim by
+//! moving `start` (no copy): after a step they keep their last W rows, so the next step attends to
+//! L ≤ W cached rows + T new ones, exactly the keys the old host cache gave it, and the buffer holds at
+//! most W + T rows (W + 1 when decoding). Positions stay right because the op places the T queries at
+//! relative key indices TK − T .. TK − 1 and measures the window in relative indices over contiguous
+//! keys, while RoPE already encoded each key's absolute position when it was cached.
+//!
+//! Errors: layer i's new buffer replaces its old one right after its attention (so at most one layer
+//! holds two copies at a time), and its first L rows are the old cache. If any op of the step fails, every
+//! layer already advanced is cut back to those first L rows by resetting its range (no allocation, so
+//! the restore itself cannot fail), and the cache is exactly as before the call.
 //!
 //! Sampling follows transformers' `generate`. First the repetition penalty (transformers'
 //! `RepetitionPenaltyLogitsProcessor`, `repetition_penalty` ≠ 1): every id already in the sequence
@@ -35,26 +49,27 @@ use crate::error::{GemmaError, Result};
 use crate::lora::Target;
 use crate::model::{Gemma2Model, Linear, NormKind};
 
-/// One layer's cache: keys (after RoPE) and values, [len, NKV·D] row-major.
-#[derive(Clone, Debug, Default)]
-struct LayerCache {
-    k: Vec<f32>,
-    v: Vec<f32>,
+/// One layer's cache: keys (after RoPE) and values, the rows [start, start + len) of two [rows, NKV·D]
+/// row-major backend buffers (None while empty).
+struct LayerCache<B: Backend> {
+    k: Option<B::Buf>,
+    v: Option<B::Buf>,
+    /// First cached row of the buffers.
+    start: usize,
+    /// Cached rows (≤ W on sliding layers between steps).
+    len: usize,
     /// Entries kept at most (Some(W) on sliding layers).
     keep: Option<usize>,
 }
 
-/// The KV cache of one sequence.
-#[derive(Clone, Debug)]
-pub struct KvCache {
-    layers: Vec<LayerCache>,
+/// The KV cache of one sequence, held on the model's backend.
+pub struct KvCache<B: Backend> {
+    layers: Vec<LayerCache<B>>,
     /// Absolute position of the next token (= tokens fed so far).
     pos: usize,
-    /// NKV·D.
-    kd: usize,
 }
 
-impl KvCache {
+impl<B: Backend> KvCache<B> {
     /// Tokens fed so far.
     pub fn position(&self) -> usize {
         self.pos
@@ -62,16 +77,26 @@ impl KvCache {
 
     /// Entries held by layer `layer` (≤ W on sliding layers).
     pub fn layer_len(&self, layer: usize) -> usize {
-        self.layers
-            .get(layer)
-            .map_or(0, |c| c.k.len() / self.kd.max(1))
+        self.layers.get(layer).map_or(0, |c| c.len)
+    }
+}
+
+impl<B: Backend> std::fmt::Debug for KvCache<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvCache")
+            .field("pos", &self.pos)
+            .field(
+                "layer_lens",
+                &self.layers.iter().map(|c| c.len).collect::<Vec<_>>(),
+            )
+            .finish()
     }
 }
 
 /// Runs a model on a growing sequence, one chunk of tokens at a time, keeping a KV cache.
 pub struct Decoder<'m, B: Backend> {
     model: &'m Gemma2Model<B>,
-    cache: KvCache,
+    cache: KvCache<B>,
 }
 
 impl<'m, B: Backend> Decoder<'m, B> {
@@ -80,23 +105,21 @@ impl<'m, B: Backend> Decoder<'m, B> {
         let cfg = &model.config;
         let layers = (0..cfg.num_hidden_layers)
             .map(|l| LayerCache {
-                k: Vec::new(),
-                v: Vec::new(),
+                k: None,
+                v: None,
+                start: 0,
+                len: 0,
                 keep: cfg.window(l),
             })
             .collect();
         Decoder {
             model,
-            cache: KvCache {
-                layers,
-                pos: 0,
-                kd: cfg.kv_dim(),
-            },
+            cache: KvCache { layers, pos: 0 },
         }
     }
 
     /// The cache (for inspection).
-    pub fn cache(&self) -> &KvCache {
+    pub fn cache(&self) -> &KvCache<B> {
         &self.cache
     }
 
@@ -105,11 +128,10 @@ impl<'m, B: Backend> Decoder<'m, B> {
         self.cache.pos
     }
 
-    /// Forgets everything (position 0).
+    /// Forgets everything (position 0) and frees the cache buffers.
     pub fn reset(&mut self) {
         for c in &mut self.cache.layers {
-            c.k.clear();
-            c.v.clear();
+            (c.k, c.v, c.start, c.len) = (None, None, 0, 0);
         }
         self.cache.pos = 0;
     }
@@ -137,7 +159,7 @@ impl<'m, B: Backend> Decoder<'m, B> {
                 "generate: token {i} of the input is id {id}, outside the vocabulary [0, {v})"
             )));
         }
-        let (h, kd) = (cfg.hidden_size, cfg.kv_dim());
+        let h = cfg.hidden_size;
         let p0 = self.cache.pos;
         let pos: Vec<i32> = (p0..p0 + t)
             .map(|p| {
@@ -159,19 +181,20 @@ impl<'m, B: Backend> Decoder<'m, B> {
             h,
             be.round_activation(cfg.embed_scale()),
         )?;
-        // The new keys/values are appended to the cache in place; if any op fails, every layer is cut
-        // back to its previous length, so an error leaves the cache unchanged.
-        let old_len: Vec<usize> = self.cache.layers.iter().map(|c| c.k.len()).collect();
-        let result = Self::layers_and_head(model, &mut self.cache, x, &pos, t);
+        // Each layer's cache is replaced by [old rows ++ new rows] as the layers run; `advanced` counts
+        // the layers already replaced. If any op fails, those layers are cut back to their first
+        // `old_len` rows (= the old cache), so an error leaves the cache unchanged.
+        let old_len: Vec<usize> = self.cache.layers.iter().map(|c| c.len).collect();
+        let mut advanced = 0;
+        let result = Self::layers_and_head(model, &mut self.cache, x, &pos, t, &mut advanced);
         match result {
             Ok(logits) => {
-                // Sliding layers keep their last W entries.
+                // Sliding layers keep their last W entries (a range change, no copy).
                 for c in &mut self.cache.layers {
                     if let Some(w) = c.keep {
-                        let len = c.k.len() / kd;
-                        if len > w {
-                            c.k.drain(..(len - w) * kd);
-                            c.v.drain(..(len - w) * kd);
+                        if c.len > w {
+                            c.start += c.len - w;
+                            c.len = w;
                         }
                     }
                 }
@@ -179,23 +202,24 @@ impl<'m, B: Backend> Decoder<'m, B> {
                 Ok(logits)
             }
             Err(e) => {
-                for (c, n) in self.cache.layers.iter_mut().zip(old_len) {
-                    c.k.truncate(n);
-                    c.v.truncate(n);
+                for (c, &n) in self.cache.layers.iter_mut().zip(&old_len).take(advanced) {
+                    (c.start, c.len) = (0, n);
                 }
                 Err(e)
             }
         }
     }
 
-    /// Runs every layer on x [T,H] (appending to `cache`), then the final norm and the tied head on the
-    /// last position. Returns the soft-capped logits [V].
+    /// Runs every layer on x [T,H] (replacing layer i's cache by [its rows ++ the T new rows] and then
+    /// setting `*advanced = i + 1`), then the final norm and the tied head on the last position.
+    /// Returns the soft-capped logits [V].
     fn layers_and_head(
         model: &Gemma2Model<B>,
-        cache: &mut KvCache,
+        cache: &mut KvCache<B>,
         mut x: B::Buf,
         pos: &B::Ids,
         t: usize,
+        advanced: &mut usize,
     ) -> Result<Vec<f32>> {
         let cfg = &model.config;
         let be = &**model.backend();
@@ -235,13 +259,19 @@ impl<'m, B: Backend> Decoder<'m, B> {
             linear(be, lin(Target::VProj), &xn, &mut vv, t)?;
             be.rope(&mut q, pos, t, nh, d, theta, false)?;
             be.rope(&mut k, pos, t, nkv, d, theta, false)?;
-            // Keys/values = cached ones followed by the new ones: [TK, NKV·D].
+            // Keys/values = cached rows followed by the new ones, [TK, NKV·D], built on the backend.
             let c = &mut cache.layers[li];
-            c.k.extend(be.to_host(&k)?);
-            c.v.extend(be.to_host(&vv)?);
-            let tk = c.k.len() / kd;
-            let kbuf = be.from_host(&c.k)?;
-            let vbuf = be.from_host(&c.v)?;
+            let tk = c.len + t;
+            let append = |old: Option<&B::Buf>, new: &B::Buf| -> Result<B::Buf> {
+                let mut buf = be.zeros(tk * kd)?;
+                if let Some(old) = old {
+                    be.copy_range(old, c.start * kd, &mut buf, 0, c.len * kd)?;
+                }
+                be.copy_range(new, 0, &mut buf, c.len * kd, t * kd)?;
+                Ok(buf)
+            };
+            let kbuf = append(c.k.as_ref(), &k)?;
+            let vbuf = append(c.v.as_ref(), &vv)?;
             let shape = AttnShape {
                 b: 1,
                 t,
@@ -256,6 +286,9 @@ impl<'m, B: Backend> Decoder<'m, B> {
             let mut ao = be.zeros(t * qd)?;
             let mut lse = be.zeros(nh * t)?;
             be.attn_fwd(&q, &kbuf, &vbuf, None, &mut ao, &mut lse, &shape)?;
+            // The old rows are rows [0, len) of the new buffers: they replace the old ones (freed here).
+            (c.k, c.v, c.start, c.len) = (Some(kbuf), Some(vbuf), 0, tk);
+            *advanced = li + 1;
             let mut o = be.zeros(t * h)?;
             linear(be, lin(Target::OProj), &ao, &mut o, t)?;
             // h1 = x + post_attention_layernorm(o)
@@ -300,8 +333,8 @@ impl<'m, B: Backend> Decoder<'m, B> {
             be.axpy(1.0, &h1, &mut x)?;
         }
         // Final norm and tied head on the last position only.
-        let xh = be.to_host(&x)?;
-        let last = be.from_host(&xh[(t - 1) * h..])?;
+        let mut last = be.zeros(h)?;
+        be.copy_range(&x, (t - 1) * h, &mut last, 0, h)?;
         let mut xf = be.zeros(h)?;
         let mut r1 = be.zeros(1)?;
         be.rmsnorm_fwd(&last, &model.norm, &mut xf, &mut r1, 1, h, eps)?;

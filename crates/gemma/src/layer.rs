@@ -21,7 +21,7 @@ use afinar_kernels::{Accum, AttnShape, Backend, LoraGradRef, LoraRef, Storage};
 
 use crate::config::Gemma2Config;
 use crate::error::{GemmaError, Result};
-use crate::lora::{dropout_mask, Target};
+use crate::lora::{dropout_stream, Target};
 use crate::model::{Grads, Layer, Linear, LinearBase, NormKind, ParamId};
 
 /// Per-call context shared by all layers of one pass.
@@ -122,17 +122,17 @@ fn linear_fwd<B: Backend>(
     };
     // The mask holds 0 or 1/(1−p), which bf16 cannot represent (p = 0.1: 1.111… → 1.109): f32. The
     // adapter path runs in f32 as in peft (x is cast to the adapter's dtype), so xa is f32 too.
+    // Generated on the backend from (seed, layer, target) by a counter-based hash: no host draw and no
+    // upload per forward (`lora::dropout_mask` is the same mask on the host).
     let mask = if ctx.train && lo.dropout > 0.0 {
-        Some(be.from_vec_for(
-            dropout_mask(
-                ctx.dropout_seed,
-                layer,
-                lin.target,
-                lo.dropout,
-                m * lin.in_features,
-            ),
-            Storage::Master,
-        )?)
+        let mut mk = be.zeros_for(m * lin.in_features, Storage::Master)?;
+        be.dropout_mask(
+            &mut mk,
+            lo.dropout,
+            ctx.dropout_seed,
+            dropout_stream(layer, lin.target),
+        )?;
+        Some(mk)
     } else {
         None
     };
@@ -600,4 +600,86 @@ pub(crate) fn layer_bwd<B: Backend>(
     )?;
     be.axpy(1.0, &dh1, dx)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lora::dropout_mask;
+    use crate::model::LoraWeights;
+    use afinar_kernels::{Cpu, Tolerance};
+
+    /// The training forward of a LoRA linear applies exactly `lora::dropout_mask(seed, layer, target)`
+    /// (generated on the backend, never uploaded): y = x·Wᵀ + s·((x ⊙ mask)·Aᵀ)·Bᵀ against an f64
+    /// loop, the saved mask bit-identical to the host one, and another layer index gives another mask.
+    #[test]
+    fn training_forward_uses_the_seeded_backend_mask() {
+        let (m, k, n, r, p, seed) = (5usize, 7usize, 4usize, 2usize, 0.4, 77u64);
+        let val =
+            |i: usize, mul: usize, md: usize| ((i * mul % md) as f32 - (md / 2) as f32) * 0.05;
+        let x: Vec<f32> = (0..m * k).map(|i| val(i, 7, 13)).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| val(i, 5, 11)).collect();
+        let a: Vec<f32> = (0..r * k).map(|i| val(i, 3, 9)).collect();
+        let b: Vec<f32> = (0..n * r).map(|i| val(i, 11, 7)).collect();
+        let scale = 1.5f32;
+        let lin = Linear::<Cpu> {
+            target: Target::UpProj,
+            out_features: n,
+            in_features: k,
+            base: LinearBase::Dense(w.clone()),
+            lora: Some(LoraWeights {
+                a: a.clone(),
+                b: b.clone(),
+                r,
+                scale,
+                dropout: p,
+            }),
+        };
+        let cfg = Gemma2Config::tiny(16, 8, 8, 3, 1, 1, 8, 4).unwrap();
+        let pos: Vec<i32> = (0..m as i32).collect();
+        let ctx = Ctx {
+            backend: &Cpu,
+            cfg: &cfg,
+            b: 1,
+            t: m,
+            pos: &pos,
+            seg: None,
+            train: true,
+            dropout_seed: seed,
+        };
+        let run = |layer: usize| {
+            let mut y = vec![f32::NAN; m * n];
+            let saved = linear_fwd(&ctx, &lin, layer, &x, &mut y).unwrap();
+            (y, saved.mask.expect("dropout on: a mask is saved"))
+        };
+        let (y, mask) = run(2);
+        let want_mask = dropout_mask(seed, 2, Target::UpProj, p, m * k).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&mask), bits(&want_mask));
+        assert!(want_mask.contains(&0.0) && want_mask.iter().any(|&v| v > 1.0));
+        let mut want = vec![0.0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let base: f64 = (0..k)
+                    .map(|q| f64::from(x[i * k + q]) * f64::from(w[j * k + q]))
+                    .sum();
+                let lora: f64 = (0..r)
+                    .map(|t| {
+                        let xa: f64 = (0..k)
+                            .map(|q| {
+                                f64::from(x[i * k + q] * want_mask[i * k + q])
+                                    * f64::from(a[t * k + q])
+                            })
+                            .sum();
+                        xa * f64::from(b[j * r + t])
+                    })
+                    .sum();
+                want[i * n + j] = base + f64::from(scale) * lora;
+            }
+        }
+        Tolerance::F32.assert_close("y", y.iter().copied(), want.iter().copied());
+        // Another layer (same seed, same target) draws another mask.
+        let (_, mask3) = run(3);
+        assert_ne!(bits(&mask3), bits(&mask));
+    }
 }

@@ -1,7 +1,8 @@
 //! LoRA configuration and PEFT-compatible initialisation.
 //!
 //! A LoRA linear computes y = x·W̃ᵀ + s·(drop(x)·Aᵀ)·Bᵀ with A [R, in], B [out, R] and
-//! s = α/R (or α/√R with rsLoRA), exactly as peft's `lora.Linear` (facts §2).
+//! s = α/R (or α/√R with rsLoRA), exactly as peft's `lora.Linear` (facts §2). Dropout masks are
+//! counter-based (`Backend::dropout_mask`), generated where they are used.
 
 use std::fmt;
 
@@ -211,21 +212,31 @@ pub(crate) fn stream_key(layer: usize, target: Target) -> u64 {
     splitmix64((layer as u64) << 8 | target.index() as u64)
 }
 
-/// SplitMix64 finaliser: a cheap bijective mixer for seeds.
-pub(crate) fn splitmix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+/// SplitMix64 finaliser: a cheap bijective mixer for seeds (the kernels crate's, which its dropout
+/// masks use too).
+pub(crate) fn splitmix64(z: u64) -> u64 {
+    afinar_kernels::cpu::dropout::splitmix64(z)
 }
 
-/// The inverted-dropout mask [M, K] for one LoRA input: each entry 0 with probability p, else 1/(1−p)
-/// (torch `nn.Dropout` semantics). Deterministic in (seed, layer, target).
-pub fn dropout_mask(seed: u64, layer: usize, target: Target, p: f64, len: usize) -> Vec<f32> {
-    let mut rng =
-        ChaCha8Rng::seed_from_u64(splitmix64(seed) ^ stream_key(layer, target) ^ 0xD0D0_D0D0);
-    let keep = (1.0 / (1.0 - p)) as f32;
-    (0..len)
-        .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
-        .collect()
+/// The dropout stream of the LoRA input of (layer, target): `Backend::dropout_mask` hashes
+/// (seed, this stream, element index), so each adapter gets its own mask, independent of the order in
+/// which the layers run.
+pub fn dropout_stream(layer: usize, target: Target) -> u64 {
+    stream_key(layer, target) ^ 0xD0D0_D0D0
+}
+
+/// The inverted-dropout mask [M, K] for one LoRA input, on the host: each entry 0 with probability p,
+/// else 1/(1−p) (torch `nn.Dropout` semantics). Deterministic in (seed, layer, target), and bit for bit
+/// the mask the training forward generates on its backend (`Backend::dropout_mask` with
+/// `dropout_stream(layer, target)`): the layer never builds it on the host. p outside [0, 1) is an error.
+pub fn dropout_mask(
+    seed: u64,
+    layer: usize,
+    target: Target,
+    p: f64,
+    len: usize,
+) -> Result<Vec<f32>> {
+    let mut m = vec![0.0f32; len];
+    afinar_kernels::cpu::dropout::dropout_mask(&mut m, p, seed, dropout_stream(layer, target))?;
+    Ok(m)
 }

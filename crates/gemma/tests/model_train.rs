@@ -274,11 +274,41 @@ fn lora_dropout_is_seeded_and_training_only() {
     }
     assert_eq!(m.loss(&b).unwrap(), m0.loss(&b).unwrap());
     assert_ne!(m.loss(&b).unwrap().0, l3.0);
-    // Masks: 0 or 1/(1−p), about p of them zero.
-    let mask = afinar_gemma::lora::dropout_mask(1, 0, Target::QProj, 0.3, 10_000);
-    let zeros = mask.iter().filter(|&&x| x == 0.0).count();
-    assert!(mask.iter().all(|&x| x == 0.0 || x == (1.0 / 0.7f64) as f32));
-    assert!((2700..3300).contains(&zeros), "{zeros}");
+    // Masks: 0 or 1/(1−p), p of them zero within a binomial 5σ bound (the masks are deterministic,
+    // so this always passes or always fails), for every (layer, target) stream.
+    let (p, n) = (0.3, 10_000usize);
+    let five_sigma = |q: f64, n: usize| 5.0 * (n as f64 * q * (1.0 - q)).sqrt();
+    let mut masks = Vec::new();
+    for layer in 0..3 {
+        for target in Target::ALL {
+            let mask = afinar_gemma::lora::dropout_mask(1, layer, target, p, n).unwrap();
+            let zeros = mask.iter().filter(|&&x| x == 0.0).count();
+            assert!(mask.iter().all(|&x| x == 0.0 || x == (1.0 / 0.7f64) as f32));
+            assert!(
+                (zeros as f64 - p * n as f64).abs() <= five_sigma(p, n),
+                "layer {layer} {target}: {zeros} zeros of {n}"
+            );
+            masks.push(((layer, target), mask));
+        }
+    }
+    // Streams differ: every pair of (layer, target) masks agrees about as often as two independent
+    // masks would (p² + (1−p)²), never identically.
+    let q = p * p + (1.0 - p) * (1.0 - p);
+    for (i, (ka, a)) in masks.iter().enumerate() {
+        for (kb, b) in &masks[i + 1..] {
+            let agree = a
+                .iter()
+                .zip(b)
+                .filter(|(x, y)| (**x == 0.0) == (**y == 0.0))
+                .count();
+            assert!(
+                (agree as f64 - q * n as f64).abs() <= five_sigma(q, n),
+                "{ka:?} vs {kb:?}: {agree} agreements of {n}"
+            );
+        }
+    }
+    // A drop probability outside [0, 1) is an error, not a panic.
+    assert!(afinar_gemma::lora::dropout_mask(1, 0, Target::QProj, 1.0, 4).is_err());
 }
 
 /// The optimizer API: stable order, names, and plain SGD through `params_and_grads` lowers the loss.

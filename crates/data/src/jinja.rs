@@ -44,7 +44,9 @@ fn strip_generation_tags(src: &str) -> String {
     while let Some(p) = rest.find("{%") {
         out.push_str(&rest[..p]);
         let tail = &rest[p..];
-        let Some(end) = tail.find("%}") else {
+        // The closing `%}` is searched after the opening `{%`: in `{%}` the two overlap, and that
+        // is an unclosed tag (minijinja reports it), not an empty one.
+        let Some(end) = tail[2..].find("%}").map(|e| e + 2) else {
             out.push_str(tail);
             return out;
         };
@@ -948,6 +950,24 @@ mod tests {
             strip_generation_tags(s),
             "{% for m in messages %}{%- if true -%}{{ m.content }}{% endif %}{% endfor %}"
         );
+    }
+
+    /// Fuzz-found: `{%}` (the `%}` overlapping the `{%`) panicked slicing `tail[2..1]`.
+    #[test]
+    fn overlapping_tag_delimiters_are_a_template_error() {
+        for s in ["{%}", "a{%}{% endif %}", "{%}%}", "{%-}"] {
+            assert_eq!(strip_generation_tags(s), s);
+        }
+        assert_eq!(
+            strip_generation_tags("{%}{% generation %}x{% endgeneration %}"),
+            "{%}{% generation %}x{% endif %}"
+        );
+        let tok = project_tokenizer();
+        let e = ChatTemplate::new("{%}{% endif %}", "tokenizer_config.json", &tok)
+            .err()
+            .expect("an unclosed tag does not compile")
+            .to_string();
+        assert!(e.contains("tokenizer_config.json"), "{e}");
     }
 
     #[test]

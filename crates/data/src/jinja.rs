@@ -142,6 +142,44 @@ fn describe(e: &minijinja::Error) -> String {
     }
 }
 
+/// Longest chat template accepted, in bytes. Real templates are a few KiB (the longest known
+/// ones, with tool-calling logic, are ~20 KiB); the limit bounds the compile stack below.
+pub const MAX_TEMPLATE_LEN: usize = 256 * 1024;
+/// Stack of the compile thread: a base plus this much per source byte (≈5× what a release build
+/// uses at the deepest recursion per byte, for unoptimized builds' larger frames).
+const COMPILE_STACK_BASE: usize = 8 << 20;
+const COMPILE_STACK_PER_BYTE: usize = 2048;
+
+/// The environment transformers renders chat templates in, with `src` compiled as "chat_template".
+fn compile(
+    src: String,
+    today: TemplateDate,
+) -> std::result::Result<Environment<'static>, minijinja::Error> {
+    let mut env = Environment::new();
+    env.set_trim_blocks(true);
+    env.set_lstrip_blocks(true);
+    env.set_keep_trailing_newline(false);
+    env.set_fuel(Some(TEMPLATE_FUEL));
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> std::result::Result<Value, minijinja::Error> {
+            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+        },
+    );
+    env.add_function(
+        "strftime_now",
+        move |fmt: String| -> std::result::Result<Value, minijinja::Error> {
+            strftime(&fmt, &today)
+                .map(Value::from)
+                .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e))
+        },
+    );
+    env.add_filter("tojson", tojson);
+    env.add_template_owned("chat_template", src)?;
+    Ok(env)
+}
+
 impl ChatTemplate {
     /// Compiles `src`; `strftime_now` formats the local time read now.
     pub fn new(src: &str, source_name: &str, tok: &TextTokenizer) -> Result<Self> {
@@ -155,32 +193,51 @@ impl ChatTemplate {
         tok: &TextTokenizer,
         today: TemplateDate,
     ) -> Result<Self> {
-        let mut env = Environment::new();
-        env.set_trim_blocks(true);
-        env.set_lstrip_blocks(true);
-        env.set_keep_trailing_newline(false);
-        env.set_fuel(Some(TEMPLATE_FUEL));
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> std::result::Result<Value, minijinja::Error> {
-                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-            },
-        );
-        env.add_function(
-            "strftime_now",
-            move |fmt: String| -> std::result::Result<Value, minijinja::Error> {
-                strftime(&fmt, &today)
-                    .map(Value::from)
-                    .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e))
-            },
-        );
-        env.add_filter("tojson", tojson);
-        env.add_template_owned("chat_template", strip_generation_tags(src))
-            .map_err(|e| DataError::ChatTemplate {
+        if src.len() > MAX_TEMPLATE_LEN {
+            return Err(DataError::ChatTemplate {
                 source_name: source_name.into(),
-                message: e.to_string(),
-            })?;
+                message: format!(
+                    "the template is {} bytes, above the limit of {MAX_TEMPLATE_LEN} (real chat \
+                     templates are a few KiB)",
+                    src.len()
+                ),
+            });
+        }
+        let src = strip_generation_tags(src);
+        // minijinja's parser and compiler recurse once per level of an expression without a depth
+        // limit for some forms (`- - - … 1`, `1+1+…`, `x|f|f|…`, `x.a.a.…`: ~400 bytes of stack per
+        // source byte in a release build): a 25 KB template overflowed the 8 MiB main stack (a
+        // SIGSEGV, found by fuzzing). The compilation runs on its own thread with a stack that
+        // grows with the source, so any template up to MAX_TEMPLATE_LEN compiles or fails cleanly.
+        // The stack is virtual memory: only what the recursion touches is used. Rendering runs the
+        // compiled (flat) instructions and needs no such stack.
+        let stack = COMPILE_STACK_BASE + src.len() * COMPILE_STACK_PER_BYTE;
+        let compiled = std::thread::scope(|scope| {
+            std::thread::Builder::new()
+                .name("chat-template-compile".into())
+                .stack_size(stack)
+                .spawn_scoped(scope, move || compile(src, today))
+                .map(|h| h.join())
+        });
+        let env = match compiled {
+            Ok(Ok(Ok(env))) => env,
+            Ok(Ok(Err(e))) => {
+                return Err(DataError::ChatTemplate {
+                    source_name: source_name.into(),
+                    message: e.to_string(),
+                })
+            }
+            // The compile thread panicked: minijinja's own bug, re-raised as it is.
+            Ok(Err(panic)) => std::panic::resume_unwind(panic),
+            Err(e) => {
+                return Err(DataError::ChatTemplate {
+                    source_name: source_name.into(),
+                    message: format!(
+                        "cannot start a thread with a {stack}-byte stack to compile it: {e}"
+                    ),
+                })
+            }
+        };
         let text = |t: Option<&crate::tokenizer::SpecialToken>| {
             t.map(|t| t.text.clone()).unwrap_or_default()
         };
@@ -968,6 +1025,56 @@ mod tests {
             .expect("an unclosed tag does not compile")
             .to_string();
         assert!(e.contains("tokenizer_config.json"), "{e}");
+    }
+
+    /// Fuzz-found: minijinja's parser/compiler recurse once per level of `- - … 1`, `1+1+…`,
+    /// `x|f|f|…` and `x.a.a…` with no depth limit; a 25 KB template overflowed the main thread's
+    /// stack (SIGSEGV). Compilation now runs on a stack sized from the source: these compile (or
+    /// fail cleanly) even here, on a 2 MiB test thread, at the size limit.
+    #[test]
+    fn deeply_nested_expressions_compile_without_overflowing_the_stack() {
+        let tok = project_tokenizer();
+        let date = TemplateDate::new(2026, 1, 1, 0, 0, 0).unwrap();
+        let fill = |unit: &str, head: &str, tail: &str| {
+            let n = (super::MAX_TEMPLATE_LEN - head.len() - tail.len()) / unit.len();
+            format!("{head}{}{tail}", unit.repeat(n))
+        };
+        let cases = [
+            fill("-", "{{ ", "1 }}"),
+            fill("+1", "{{ 1", " }}"),
+            fill("|trim", "{{ 'a'", " }}"),
+            fill(".a", "{{ messages", " }}"),
+            fill("~1", "{{ 'a'", " }}"),
+        ];
+        for src in &cases {
+            assert!(src.len() <= super::MAX_TEMPLATE_LEN);
+            match ChatTemplate::with_date(src, "tokenizer_config.json", &tok, date) {
+                // Rendering evaluates the compiled instructions without recursion.
+                Ok(t) => {
+                    let _ = t.render(&[Message::new(Role::User, "u")], true);
+                }
+                Err(e) => assert!(e.to_string().contains("tokenizer_config.json"), "{e}"),
+            }
+        }
+        // `- - 1` folds to 1: an even chain renders the number itself.
+        let t = ChatTemplate::with_date(&fill("-", "{{ ", "1 }}"), "t", &tok, date);
+        let n = super::MAX_TEMPLATE_LEN - 7;
+        let want = if n % 2 == 0 { "1" } else { "-1" };
+        assert_eq!(t.unwrap().render(&[], false).unwrap(), want);
+    }
+
+    #[test]
+    fn a_template_above_the_size_limit_is_refused() {
+        let tok = project_tokenizer();
+        let src = "x".repeat(super::MAX_TEMPLATE_LEN + 1);
+        let e = ChatTemplate::new(&src, "tokenizer_config.json", &tok)
+            .err()
+            .expect("too long")
+            .to_string();
+        assert!(
+            e.contains("tokenizer_config.json") && e.contains("above the limit"),
+            "{e}"
+        );
     }
 
     #[test]

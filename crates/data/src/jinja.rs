@@ -207,8 +207,9 @@ impl ChatTemplate {
         // minijinja's parser and compiler recurse once per level of an expression without a depth
         // limit for some forms (`- - - … 1`, `1+1+…`, `x|f|f|…`, `x.a.a.…`: ~400 bytes of stack per
         // source byte in a release build): a 25 KB template overflowed the 8 MiB main stack (a
-        // SIGSEGV, found by fuzzing). The compilation runs on its own thread with a stack that
-        // grows with the source, so any template up to MAX_TEMPLATE_LEN compiles or fails cleanly.
+        // SIGSEGV, found with the jinja fuzz target). The compilation runs on its own thread with a
+        // stack that grows with the source, so any template up to MAX_TEMPLATE_LEN compiles or
+        // fails cleanly.
         // The stack is virtual memory: only what the recursion touches is used. Rendering runs the
         // compiled (flat) instructions and needs no such stack.
         let stack = COMPILE_STACK_BASE + src.len() * COMPILE_STACK_PER_BYTE;
@@ -1027,9 +1028,9 @@ mod tests {
         assert!(e.contains("tokenizer_config.json"), "{e}");
     }
 
-    /// Fuzz-found: minijinja's parser/compiler recurse once per level of `- - … 1`, `1+1+…`,
-    /// `x|f|f|…` and `x.a.a…` with no depth limit; a 25 KB template overflowed the main thread's
-    /// stack (SIGSEGV). Compilation now runs on a stack sized from the source: these compile (or
+    /// Found with hand-written deep-nesting inputs run through the `jinja` fuzz target: minijinja's
+    /// parser/compiler recurse once per level of `- - … 1`, `1+1+…`, `x|f|f|…` and `x.a.a…` with
+    /// no depth limit; a 25 KB template overflowed the main thread's stack (SIGSEGV). Compilation now runs on a stack sized from the source: these compile (or
     /// fail cleanly) even here, on a 2 MiB test thread, at the size limit.
     #[test]
     fn deeply_nested_expressions_compile_without_overflowing_the_stack() {

@@ -31,6 +31,7 @@ mod gemm;
 mod gpu_tests;
 mod ops;
 mod paged;
+mod signature;
 
 pub use gemm::GemmBackend;
 pub use paged::PagedAdamState;
@@ -473,6 +474,10 @@ impl Cuda {
         args: &[Arg<'_>],
     ) -> Result<()> {
         static NULL: u64 = 0;
+        // The argument kinds against the kernel's parameter list in its .cu source (count, and
+        // pointer / tag / int / long long / float per slot): a mismatch is an error here instead of
+        // undefined behaviour on the device.
+        signature::check(file, name, args)?;
         let f = self.function(file, name)?;
         let mut views = Vec::new();
         let mut id_views = Vec::new();
@@ -547,10 +552,10 @@ impl Cuda {
             block_dim: l.block,
             shared_mem_bytes: l.shared_mem_bytes,
         };
-        // SAFETY: every call site lists `args` in the order and with the types of the kernel's
-        // parameters in kernels/<file> (pointer + int tag per buffer, `int`/`long long`/`float`
-        // scalars); the ops check buffer lengths against the dims first, and the kernels bound every
-        // access by those dims.
+        // SAFETY: `signature::check` above verified that `args` push the kernel's parameters of
+        // kernels/<file> in order and kind (pointer + int tag per buffer, typed pointers,
+        // `int`/`long long`/`float` scalars); the ops check buffer lengths against the dims first,
+        // and the kernels bound every access by those dims.
         unsafe { b.launch(cfg) }.map_err(|e| KernelError::Backend {
             backend: "cuda",
             msg: format!("launching {name}: {e:?}"),

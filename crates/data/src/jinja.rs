@@ -1060,7 +1060,7 @@ mod tests {
         // `- - 1` folds to 1: an even chain renders the number itself.
         let t = ChatTemplate::with_date(&fill("-", "{{ ", "1 }}"), "t", &tok, date);
         let n = super::MAX_TEMPLATE_LEN - 7;
-        let want = if n % 2 == 0 { "1" } else { "-1" };
+        let want = if n.is_multiple_of(2) { "1" } else { "-1" };
         assert_eq!(t.unwrap().render(&[], false).unwrap(), want);
     }
 

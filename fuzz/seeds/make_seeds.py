@@ -133,3 +133,18 @@ tens = []
 for k in ["param", "adam_m", "adam_v"]:
     tens.append((f"{k}/layers.0.q_proj.lora_A", "F32", [2, 3], f32([0.5] * 6)))
 write("trainer", "checkpoint", b"\x01" + json.dumps(state).encode() + SEP + b"[train]\nlr = 0.1\n" + SEP + st(tens))
+
+# --- tokenizer: byte 0 bit 0 = tokenizer_config.json (0) or tokenizer.json (1) ------------------
+write("tokenizer", "config", b"\x00" + (ROOT / "tests/fixtures/tokenizer/tokenizer_config.json").read_bytes())
+small = {"version": "1.0", "truncation": None, "padding": None,
+         "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                           "normalized": False, "special": True}
+                          for i, t in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"])],
+         "normalizer": None, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+         "post_processor": None, "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                   "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                   "vocab": {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<start_of_turn>": 4, "<end_of_turn>": 5,
+                             "h": 6, "o": 7, "l": 8, "a": 9, "ho": 10},
+                   "merges": [["h", "o"]]}}
+write("tokenizer", "small_bpe", b"\x01" + json.dumps(small).encode())

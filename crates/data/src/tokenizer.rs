@@ -67,10 +67,26 @@ impl TextTokenizer {
     /// Loads `tokenizer.json` and, when given, `tokenizer_config.json`.
     pub fn from_files(tokenizer_json: &Path, config: Option<&Path>) -> Result<Self> {
         let bytes = std::fs::read(tokenizer_json).map_err(|e| DataError::io(tokenizer_json, e))?;
-        let tok = Tokenizer::from_bytes(&bytes).map_err(|e| DataError::Tokenizer {
+        let bad = |message: String| DataError::Tokenizer {
             path: tokenizer_json.to_path_buf(),
-            message: e.to_string(),
-        })?;
+            message,
+        };
+        // tokenizers 0.23 panics (`expect("Helper")` in its decoder deserializer) instead of
+        // returning an error when the JSON inside `"decoder"` is malformed, e.g. in a truncated or
+        // hand-edited file (found by fuzzing): the syntax is checked first, here, and any other
+        // panic of the library while reading the file becomes an error too.
+        serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
+            .map_err(|e| bad(format!("malformed JSON: {e}")))?;
+        let tok = std::panic::catch_unwind(|| Tokenizer::from_bytes(&bytes))
+            .map_err(|panic| {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                bad(format!("the tokenizers library failed reading it: {what}"))
+            })?
+            .map_err(|e| bad(e.to_string()))?;
         let cfg = match config {
             Some(p) => {
                 let text = std::fs::read_to_string(p).map_err(|e| DataError::io(p, e))?;
@@ -358,5 +374,42 @@ impl TextTokenizer {
     /// The underlying HF tokenizer.
     pub fn inner(&self) -> &Tokenizer {
         &self.tok
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TextTokenizer;
+
+    /// Fuzz-found: a syntax error inside `"decoder"` made tokenizers 0.23 panic (`expect("Helper")`)
+    /// instead of returning an error. Now it is an error naming the file and the position.
+    #[test]
+    fn malformed_json_inside_the_decoder_is_an_error() {
+        let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/tokenizer/tokenizer.json");
+        let good = std::fs::read_to_string(fixture).unwrap();
+        let key = "\"decoder\": {\n    \"type\": \"ByteLevel\",";
+        assert!(good.contains(key), "the fixture's decoder moved");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        for broken in [
+            "\"decoder\": {\n    \"type\" \"ByteLevel\",",
+            "\"decoder\": {\n    \"type\": \"ByteLevel\" \"x\": 1,",
+        ] {
+            std::fs::write(&path, good.replacen(key, broken, 1)).unwrap();
+            let e = TextTokenizer::from_files(&path, None)
+                .err()
+                .expect("a malformed tokenizer.json is refused")
+                .to_string();
+            assert!(
+                e.contains("tokenizer.json") && e.contains("malformed JSON") && e.contains("line"),
+                "{e}"
+            );
+        }
+        // Truncated anywhere: an error, never a panic.
+        for cut in [10, good.len() / 2, good.len() - 3] {
+            std::fs::write(&path, &good[..cut]).unwrap();
+            assert!(TextTokenizer::from_files(&path, None).is_err());
+        }
     }
 }

@@ -398,8 +398,7 @@ mod tests {
         ] {
             std::fs::write(&path, good.replacen(key, broken, 1)).unwrap();
             let e = TextTokenizer::from_files(&path, None)
-                .err()
-                .expect("a malformed tokenizer.json is refused")
+                .expect_err("a malformed tokenizer.json is refused")
                 .to_string();
             assert!(
                 e.contains("tokenizer.json") && e.contains("malformed JSON") && e.contains("line"),

@@ -1064,6 +1064,26 @@ mod tests {
         assert_eq!(t.unwrap().render(&[], false).unwrap(), want);
     }
 
+    /// Rendering happens on rayon workers (2 MiB stacks, like this test thread): recursion a
+    /// template asks for at render time (a macro calling itself, nested includes of loops) stops
+    /// at minijinja's recursion limit with an error, well within that stack.
+    #[test]
+    fn runaway_macro_recursion_is_a_render_error_on_a_small_stack() {
+        let tok = project_tokenizer();
+        let date = TemplateDate::new(2026, 1, 1, 0, 0, 0).unwrap();
+        for src in [
+            "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+            "{% macro f(n) %}{% for m in messages %}{{ f(n + 1) }}{% endfor %}{% endmacro %}{{ f(0) }}",
+            "{% macro f(n) %}{{ caller() }}{{ f(n + 1) }}{% endmacro %}{% call f(0) %}x{% endcall %}",
+        ] {
+            let t = ChatTemplate::with_date(src, "t", &tok, date).unwrap();
+            let e = t
+                .render(&[Message::new(Role::User, "u")], false)
+                .expect_err("endless recursion");
+            assert!(!e.is_empty());
+        }
+    }
+
     #[test]
     fn a_template_above_the_size_limit_is_refused() {
         let tok = project_tokenizer();

@@ -7,7 +7,9 @@
 #![no_main]
 
 use afinar_data::jinja::{strftime, ChatTemplate, TemplateDate};
-use afinar_data::{encode_record, Body, MaskMode, Message, Role, Template, TemplateKind, TextTokenizer};
+use afinar_data::{
+    encode_record, Body, MaskMode, Message, Role, Template, TemplateKind, TextTokenizer,
+};
 use afinar_fuzz::{tokenizer, tokenizer_parts};
 use libfuzzer_sys::fuzz_target;
 

@@ -20,7 +20,10 @@ fuzz_target!(|data: &[u8]| {
             return;
         };
         let overrides: Vec<String> = match parts.get(1) {
-            Some(o) => String::from_utf8_lossy(o).lines().map(str::to_string).collect(),
+            Some(o) => String::from_utf8_lossy(o)
+                .lines()
+                .map(str::to_string)
+                .collect(),
             None => Vec::new(),
         };
         let Ok(cfg) = Config::from_toml_str(text, "fuzz.toml", &overrides) else {
@@ -38,7 +41,11 @@ fuzz_target!(|data: &[u8]| {
         let _ = cfg.flatten();
         let _ = cfg.resume_diff(&cfg);
         let again = Config::from_toml_str(&toml, "written.toml", &[]);
-        assert!(again.is_ok(), "a loaded config re-reads: {:?}\n{toml}", again.err());
+        assert!(
+            again.is_ok(),
+            "a loaded config re-reads: {:?}\n{toml}",
+            again.err()
+        );
     } else {
         let parts = split(rest, 3);
         let dir = scratch("ckpt");

@@ -112,9 +112,10 @@ fn toml_value(text: &str, section: &str, key: &str) -> Option<String> {
 /// `cargo xtask train [afinar train args]`: trains the embedded demo (configs/default.toml unless
 /// `--config` is given), then prints and appends to report.md a base-vs-tuned comparison: eval loss
 /// before/after and greedy generations for the first eval prompts from the base model and the tuned one.
-/// The generations use transformers' repetition penalty [`COMPARE_REPETITION_PENALTY`] (tiny demo models
-/// otherwise loop on one phrase); the environment variable `AFINAR_COMPARE_REPETITION_PENALTY` overrides
-/// it (1 = off).
+/// The generations use transformers' repetition penalty [`COMPARE_REPETITION_PENALTY`] and
+/// no_repeat_ngram_size [`COMPARE_NO_REPEAT_NGRAM`] (tiny demo models otherwise loop on one phrase); the
+/// environment variables `AFINAR_COMPARE_REPETITION_PENALTY` (1 = off) and
+/// `AFINAR_COMPARE_NO_REPEAT_NGRAM` (0 = off) override them.
 pub fn train(args: &[String]) -> Result<()> {
     let mut a: Vec<String> = vec![s("train")];
     if !has_flag(args, "--config") {
@@ -177,9 +178,25 @@ fn compare_repetition_penalty() -> Result<f32> {
     }
 }
 
+/// `no_repeat_ngram_size` of the base-vs-tuned generations: no 3-gram twice (a 1.5 M-parameter demo
+/// model still loops on syllables under the repetition penalty alone).
+pub const COMPARE_NO_REPEAT_NGRAM: usize = 3;
+
+/// `AFINAR_COMPARE_NO_REPEAT_NGRAM` if set (0 = off), else [`COMPARE_NO_REPEAT_NGRAM`].
+fn compare_no_repeat_ngram() -> Result<usize> {
+    match std::env::var("AFINAR_COMPARE_NO_REPEAT_NGRAM") {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .with_context(|| format!("AFINAR_COMPARE_NO_REPEAT_NGRAM={v:?} is not a whole number")),
+        Err(_) => Ok(COMPARE_NO_REPEAT_NGRAM),
+    }
+}
+
 /// The base-vs-tuned section.
 fn compare(run_dir: &Path, summary: &Value) -> Result<()> {
     let rp = compare_repetition_penalty()?;
+    let nr = compare_no_repeat_ngram()?;
     let cfg = std::fs::read_to_string(run_dir.join("config.toml"))
         .context("reading the run's config.toml")?;
     let model = toml_value(&cfg, "model", "path").context("model.path in config.toml")?;
@@ -220,6 +237,8 @@ fn compare(run_dir: &Path, summary: &Value) -> Result<()> {
             s("96"),
             s("--repetition-penalty"),
             rp.to_string(),
+            s("--no-repeat-ngram-size"),
+            nr.to_string(),
             s("--json"),
         ];
         if let Some(a) = adapter {
@@ -253,8 +272,9 @@ fn compare(run_dir: &Path, summary: &Value) -> Result<()> {
         summary["elapsed_s"].as_f64().unwrap_or(0.0)
     ));
     md.push_str(&format!(
-        "Generations: greedy, up to 96 new tokens, repetition_penalty = {rp} (transformers' \
-         `RepetitionPenaltyLogitsProcessor`; set AFINAR_COMPARE_REPETITION_PENALTY to change it, 1 = off).\n\n"
+        "Generations: greedy, up to 96 new tokens, repetition_penalty = {rp} and no_repeat_ngram_size = \
+         {nr} (transformers' logits processors; AFINAR_COMPARE_REPETITION_PENALTY and \
+         AFINAR_COMPARE_NO_REPEAT_NGRAM change them, 1 and 0 = off).\n\n"
     ));
     for (i, p) in picked.iter().enumerate() {
         let q = p.get("instruction").and_then(Value::as_str).unwrap_or("");

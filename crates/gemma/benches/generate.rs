@@ -218,13 +218,12 @@ fn bench_model(
         .collect();
     let theirs = match python() {
         None => Err(
-            "reference skipped: no Python (set AFINAR_PYTHON to an interpreter with torch + transformers)"
-                .to_string(),
+            "no Python (set AFINAR_PYTHON to an interpreter with torch + transformers)".to_string(),
         ),
         Some(py) => measure_torch(&py, dir, &prompts, threads, n, reps),
     };
     if let Err(e) = &theirs {
-        println!("{e}");
+        println!("reference skipped: {e}");
     }
     println!("load average after: {}", load_avg());
     println!(

@@ -346,11 +346,11 @@ fn close_of(s: &str, open: usize) -> Option<usize> {
     None
 }
 
-/// Splits at commas outside brackets and string literals; trims; drops a trailing empty piece.
-fn split_top(s: &str) -> Vec<&str> {
+/// Byte positions of the commas of `s` outside brackets and string literals.
+fn top_level_commas(s: &str) -> Vec<usize> {
     let b = s.as_bytes();
-    let mut parts = Vec::new();
-    let (mut depth, mut start, mut i) = (0i32, 0usize, 0usize);
+    let mut commas = Vec::new();
+    let (mut depth, mut i) = (0i32, 0usize);
     while i < b.len() {
         match b[i] {
             b'"' => {
@@ -361,13 +361,21 @@ fn split_top(s: &str) -> Vec<&str> {
             }
             b'(' | b'[' | b'{' => depth += 1,
             b')' | b']' | b'}' => depth -= 1,
-            b',' if depth == 0 => {
-                parts.push(s[start..i].trim());
-                start = i + 1;
-            }
+            b',' if depth == 0 => commas.push(i),
             _ => {}
         }
         i += 1;
+    }
+    commas
+}
+
+/// Splits at commas outside brackets and string literals; trims; drops a trailing empty piece.
+fn split_top(s: &str) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let mut start = 0;
+    for c in top_level_commas(s) {
+        parts.push(s[start..c].trim());
+        start = c + 1;
     }
     let last = s[start.min(s.len())..].trim();
     if !last.is_empty() {
@@ -874,12 +882,10 @@ mod tests {
             String::from_utf8(out).expect("masking replaces whole characters only")
         }
 
-        /// Ranges (relative to `s`) of the comma-separated, trimmed top-level pieces of `s`.
+        /// Ranges (relative to `s`) of the comma-separated, trimmed, non-empty top-level pieces of `s`.
         fn split_ranges(s: &str) -> Vec<(usize, usize)> {
-            let b = s.as_bytes();
             let mut parts = Vec::new();
-            let (mut depth, mut start, mut i) = (0i32, 0usize, 0usize);
-            let push = |a: usize, e: usize, parts: &mut Vec<(usize, usize)>| {
+            let mut push = |a: usize, e: usize| {
                 let piece = &s[a..e];
                 let lead = piece.len() - piece.trim_start().len();
                 let t = piece.trim();
@@ -887,25 +893,12 @@ mod tests {
                     parts.push((a + lead, a + lead + t.len()));
                 }
             };
-            while i < b.len() {
-                match b[i] {
-                    b'"' => {
-                        i += 1;
-                        while i < b.len() && b[i] != b'"' {
-                            i += if b[i] == b'\\' { 2 } else { 1 };
-                        }
-                    }
-                    b'(' | b'[' | b'{' => depth += 1,
-                    b')' | b']' | b'}' => depth -= 1,
-                    b',' if depth == 0 => {
-                        push(start, i, &mut parts);
-                        start = i + 1;
-                    }
-                    _ => {}
-                }
-                i += 1;
+            let mut start = 0;
+            for c in top_level_commas(s) {
+                push(start, c);
+                start = c + 1;
             }
-            push(start, b.len(), &mut parts);
+            push(start, s.len());
             parts
         }
 

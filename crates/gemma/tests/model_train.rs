@@ -349,12 +349,15 @@ fn params_and_grads_drive_an_optimizer() {
             names
         );
         for p in params {
-            backend.axpy(-0.5, p.grad, p.param).unwrap();
+            backend.axpy(-0.2, p.grad, p.param).unwrap();
         }
     }
     let last = m.loss(&b).unwrap().0;
-    // A wrong sign or a wrong parameter/gradient pairing would raise the loss or leave it flat.
-    assert!(last < first - 0.3, "{first} → {last}");
+    // A wrong sign or a wrong parameter/gradient pairing would raise the loss or leave it flat. The
+    // step size keeps the descent monotone: at 0.5 the loss went up and down from step to step and
+    // 1e-7 changes in GEMM summation order moved the final loss by 0.15 (measured: 0.2295 drop here
+    // with either GEMM path).
+    assert!(last < first - 0.15, "{first} → {last}");
 
     // Gradients of another model are refused, not misapplied.
     let other = model(

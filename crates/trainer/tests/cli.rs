@@ -349,7 +349,8 @@ fn eval_generate_inspect_json() {
     ]);
     assert_eq!(o.stdout, o2.stdout);
     // --repetition-penalty 1 is off: the same greedy output; an invalid value is a usage error.
-    let gen_rp = |p: &str| {
+    // The command above with one more `--flag=value`.
+    let gen_with = |flag: &str| {
         run(&[
             "generate",
             "--model",
@@ -359,9 +360,10 @@ fn eval_generate_inspect_json() {
             "--max-new-tokens",
             "5",
             "--json",
-            &format!("--repetition-penalty={p}"),
+            flag,
         ])
     };
+    let gen_rp = |p: &str| gen_with(&format!("--repetition-penalty={p}"));
     let o3 = gen_rp("1");
     assert_eq!(o3.status.code(), Some(0), "{}", stderr(&o3));
     assert_eq!(o.stdout, o3.stdout);
@@ -378,19 +380,7 @@ fn eval_generate_inspect_json() {
     }
     // --no-repeat-ngram-size: 0 is off (the same greedy output), 1 bans every id already in the prompt
     // or the output (a different answer on this model), a negative size is a usage error.
-    let gen_ng = |n: &str| {
-        run(&[
-            "generate",
-            "--model",
-            &m,
-            "--prompt",
-            "¿Cuál es la capital de Perú?",
-            "--max-new-tokens",
-            "5",
-            "--json",
-            &format!("--no-repeat-ngram-size={n}"),
-        ])
-    };
+    let gen_ng = |n: &str| gen_with(&format!("--no-repeat-ngram-size={n}"));
     let o3 = gen_ng("0");
     assert_eq!(o3.status.code(), Some(0), "{}", stderr(&o3));
     assert_eq!(o.stdout, o3.stdout);

@@ -307,8 +307,7 @@ fn mma_disabled_by_env() -> bool {
 impl Cuda {
     /// Whether the bf16 tensor-core kernels (nf4_gemm.cu, attention.cu's `*_mma_*`) may run here:
     /// sm_80 or newer and not disabled by `AFINAR_NO_MMA=1`. Otherwise attention takes its CUDA-core
-    /// kernels and the NF4 training-shape GEMMs take [`Cuda::nf4_dense_forward`] /
-    /// [`Cuda::nf4_dense_backward`].
+    /// kernels and the NF4 training-shape GEMMs take [`Cuda::nf4_dense`].
     pub(crate) fn bf16_mma(&self) -> bool {
         arch_has_bf16_mma(self.arch()) && !mma_disabled_by_env()
     }
@@ -320,16 +319,22 @@ impl Cuda {
         self.bf16_mma() && bufs.iter().all(|b| b.dtype() != Dtype::F16)
     }
 
-    /// The NF4 linear Y (= or +=) X·W̃ᵀ + s·XA·Bᵀ without tensor-core kernels (sm_75 or f16 data,
-    /// M > 8): W̃ [N, K] is dequantized whole into a temporary of the activation dtype (N·K·2 bytes
-    /// for f16: 98 MiB for Gemma-2-9B's largest projection, freed on return), then two cuBLAS GEMMs.
-    /// `lora` = (xa [M,R], B [N,R], R, s). The caller has checked every length.
+    /// The NF4 linear without tensor-core kernels (sm_75 or f16 data), in either direction:
+    /// - forward (`Nf4Dir::Forward`, M > 8): out [M,N] (= or +=) X·W̃ᵀ + s·XA·Bᵀ, with
+    ///   `lora` = (xa [M,R], B [N,R], R, s);
+    /// - backward (`Nf4Dir::Backward`): dX [M,K] (= or +=) dY·W̃ + s·dYB·A, with
+    ///   `lora` = (dyb [M,R], A [R,K], R, s).
+    ///
+    /// W̃ [N, K] is dequantized whole into a temporary of the activation dtype (N·K·2 bytes for f16:
+    /// 98 MiB for Gemma-2-9B's largest projection, freed on return), then two cuBLAS GEMMs. The
+    /// caller has checked every length.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn nf4_dense_forward(
+    pub(crate) fn nf4_dense(
         &self,
+        dir: Nf4Dir,
         x: &CudaBuf,
         w: &super::CudaNf4,
-        y: &CudaBuf,
+        out: &CudaBuf,
         acc: bool,
         lora: Option<(&CudaBuf, &CudaBuf, usize, f32)>,
         m: usize,
@@ -338,51 +343,46 @@ impl Cuda {
     ) -> Result<()> {
         let mut wt = self.zeros_as(n * k, self.alloc_dtype())?;
         crate::backend::Backend::nf4_dequantize(self, w, &mut wt)?;
-        let beta = if acc { 1.0 } else { 0.0 };
-        self.gemm(op(x, 0, false), op(&wt, 0, true), y, 0, m, n, k, 1.0, beta)?;
-        match lora {
-            Some((xa, b, r, s)) if r > 0 => {
-                self.gemm(op(xa, 0, false), op(b, 0, true), y, 0, m, n, r, s, 1.0)
-            }
-            _ => Ok(()),
-        }
-    }
-
-    /// The NF4 linear's dX (= or +=) dY·W̃ + s·dYB·A without tensor-core kernels (sm_75); as
-    /// [`Cuda::nf4_dense_forward`]. `lora` = (dyb [M,R], A [R,K], R, s).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn nf4_dense_backward(
-        &self,
-        dy: &CudaBuf,
-        w: &super::CudaNf4,
-        dx: &CudaBuf,
-        acc: bool,
-        lora: Option<(&CudaBuf, &CudaBuf, usize, f32)>,
-        m: usize,
-        k: usize,
-        n: usize,
-    ) -> Result<()> {
-        let mut wt = self.zeros_as(n * k, self.alloc_dtype())?;
-        crate::backend::Backend::nf4_dequantize(self, w, &mut wt)?;
+        // Forward multiplies by W̃ᵀ and Bᵀ (out width N, inner K); backward by W̃ and A as stored
+        // (out width K, inner N).
+        let (width, inner, trans) = match dir {
+            Nf4Dir::Forward => (n, k, true),
+            Nf4Dir::Backward => (k, n, false),
+        };
         let beta = if acc { 1.0 } else { 0.0 };
         self.gemm(
-            op(dy, 0, false),
-            op(&wt, 0, false),
-            dx,
+            op(x, 0, false),
+            op(&wt, 0, trans),
+            out,
             0,
             m,
-            k,
-            n,
+            width,
+            inner,
             1.0,
             beta,
         )?;
         match lora {
-            Some((dyb, a, r, s)) if r > 0 => {
-                self.gemm(op(dyb, 0, false), op(a, 0, false), dx, 0, m, k, r, s, 1.0)
-            }
+            Some((xl, l, r, s)) if r > 0 => self.gemm(
+                op(xl, 0, false),
+                op(l, 0, trans),
+                out,
+                0,
+                m,
+                width,
+                r,
+                s,
+                1.0,
+            ),
             _ => Ok(()),
         }
     }
+}
+
+/// Direction of [`Cuda::nf4_dense`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Nf4Dir {
+    Forward,
+    Backward,
 }
 
 #[cfg(test)]

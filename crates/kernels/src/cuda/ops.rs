@@ -1,7 +1,7 @@
 //! `impl Backend for Cuda`: argument checks (the same `KernelError`s as the CPU backend), then
 //! launches. Each op's contract is in backend.rs; each kernel's layout and geometry in its .cu file.
 
-use super::gemm::op;
+use super::gemm::{op, Nf4Dir};
 use super::{be, Arg, Cuda, CudaAdamState, CudaBuf, CudaIds, CudaNf4, Data, Dtype, Nf4Scales};
 use crate::backend::{
     Accum, AdamMoments, AdamW, AttnShape, Backend, LoraGradRef, LoraRef, Storage, Weight,
@@ -189,7 +189,7 @@ impl Cuda {
     ) -> Result<()> {
         if !self.mma_for(&[x]) && matches!(launch::nf4_path(m), launch::Nf4Path::Gemm) {
             // sm_75 or f16 activations: no bf16 tensor cores (see gemm.rs).
-            return self.nf4_dense_forward(x, w, y, acc, lora, m, k, n);
+            return self.nf4_dense(Nf4Dir::Forward, x, w, y, acc, lora, m, k, n);
         }
         let (mi, ni, ki) = (
             to_i32("lora_fwd", "m", m)?,
@@ -247,7 +247,7 @@ impl Cuda {
     ) -> Result<()> {
         if !self.mma_for(&[dy]) {
             // sm_75 or f16 activations: no bf16 tensor cores (see gemm.rs).
-            return self.nf4_dense_backward(dy, w, dx, acc, lora, m, k, n);
+            return self.nf4_dense(Nf4Dir::Backward, dy, w, dx, acc, lora, m, k, n);
         }
         let (mi, ni, ki) = (
             to_i32("lora_bwd", "m", m)?,

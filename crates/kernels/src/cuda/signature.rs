@@ -284,10 +284,7 @@ fn strip_c_comments(src: &str) -> String {
     while i < b.len() {
         if b[i] == b'"' {
             let start = i;
-            i += 1;
-            while i < b.len() && b[i] != b'"' {
-                i += if b[i] == b'\\' { 2 } else { 1 };
-            }
+            i = closing_quote(b, i, b.len());
             i = (i + 1).min(b.len());
             out.extend_from_slice(&b[start..i]);
         } else if b[i..].starts_with(b"//") {
@@ -318,6 +315,16 @@ fn is_ident_byte(c: u8) -> bool {
     c.is_ascii_alphanumeric() || c == b'_'
 }
 
+/// Index of the `"` closing the string literal opened at `open` (backslash escapes skipped); `end`
+/// (or one past it, after a trailing backslash) when the literal is not closed before `end`.
+fn closing_quote(b: &[u8], open: usize, end: usize) -> usize {
+    let mut i = open + 1;
+    while i < end && b[i] != b'"' {
+        i += if b[i] == b'\\' { 2 } else { 1 };
+    }
+    i
+}
+
 /// Byte index of the bracket closing the one at `open` (`(`, `[`, `{`, `<` not handled), skipping
 /// string literals.
 fn close_of(s: &str, open: usize) -> Option<usize> {
@@ -327,10 +334,7 @@ fn close_of(s: &str, open: usize) -> Option<usize> {
     while i < b.len() {
         match b[i] {
             b'"' => {
-                i += 1;
-                while i < b.len() && b[i] != b'"' {
-                    i += if b[i] == b'\\' { 2 } else { 1 };
-                }
+                i = closing_quote(b, i, b.len());
             }
             b'(' | b'[' | b'{' => depth += 1,
             b')' | b']' | b'}' => {
@@ -354,10 +358,7 @@ fn top_level_commas(s: &str) -> Vec<usize> {
     while i < b.len() {
         match b[i] {
             b'"' => {
-                i += 1;
-                while i < b.len() && b[i] != b'"' {
-                    i += if b[i] == b'\\' { 2 } else { 1 };
-                }
+                i = closing_quote(b, i, b.len());
             }
             b'(' | b'[' | b'{' => depth += 1,
             b')' | b']' | b'}' => depth -= 1,
@@ -838,10 +839,7 @@ mod tests {
             while i < b.len() {
                 let c = b[i];
                 if c == b'"' {
-                    i += 1;
-                    while i < b.len() && b[i] != b'"' {
-                        i += if b[i] == b'\\' { 2 } else { 1 };
-                    }
+                    i = closing_quote(b, i, b.len());
                     i += 1;
                 } else if c == b'/' && b.get(i + 1) == Some(&b'/') {
                     while i < b.len() && b[i] != b'\n' {
@@ -923,10 +921,7 @@ mod tests {
             let mut i = from;
             while i < to {
                 if b[i] == b'"' {
-                    i += 1;
-                    while i < to && b[i] != b'"' {
-                        i += if b[i] == b'\\' { 2 } else { 1 };
-                    }
+                    i = closing_quote(b, i, to);
                 } else if word_at(s, i, w) {
                     v.push(i);
                     i += w.len();
@@ -945,10 +940,7 @@ mod tests {
             while i < b.len() {
                 match b[i] {
                     b'"' => {
-                        i += 1;
-                        while i < b.len() && b[i] != b'"' {
-                            i += if b[i] == b'\\' { 2 } else { 1 };
-                        }
+                        i = closing_quote(b, i, b.len());
                     }
                     b'(' | b'[' => depth += 1,
                     b'{' if depth > 0 || !stop(b, i) => depth += 1,

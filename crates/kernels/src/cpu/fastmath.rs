@@ -264,7 +264,7 @@ pub(crate) use simd_fn;
 
 /// Sums LANES accumulators in a fixed tree order.
 #[inline(always)]
-fn lane_sum(a: [f32; LANES]) -> f32 {
+pub(crate) fn lane_sum(a: [f32; LANES]) -> f32 {
     let mut w = a;
     let mut n = LANES;
     while n > 1 {

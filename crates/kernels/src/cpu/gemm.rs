@@ -36,14 +36,7 @@ fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
             acc[l] += x[l] * y[l];
         }
     }
-    let mut n = L;
-    while n > 1 {
-        n /= 2;
-        for l in 0..n {
-            acc[l] += acc[l + n];
-        }
-    }
-    let mut s = acc[0];
+    let mut s = fastmath::lane_sum(acc);
     for (x, y) in ra.iter().zip(rb) {
         s += x * y;
     }

@@ -35,7 +35,8 @@ use serde_json::Value;
 use crate::bnb;
 use crate::error::{GemmaError, Result};
 use crate::lora::Target;
-use crate::model::{Gemma2Model, LinearBase, NormKind, ParamId};
+use crate::model::Gemma2Model;
+use crate::params::{LinearBase, NormKind, ParamId};
 use crate::peft::write_dir_atomically;
 use crate::safetensors_io::{Dtype, TensorOut};
 

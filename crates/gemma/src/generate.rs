@@ -47,7 +47,8 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::error::{GemmaError, Result};
 use crate::lora::Target;
-use crate::model::{Gemma2Model, Linear, NormKind};
+use crate::model::Gemma2Model;
+use crate::params::{Linear, NormKind};
 
 /// One layer's cache: keys (after RoPE) and values, the rows [start, start + len) of two [rows, NKV·D]
 /// row-major backend buffers (None while empty).

@@ -21,8 +21,9 @@ use afinar_kernels::{Accum, AttnShape, Backend, LoraGradRef, LoraRef, Storage};
 
 use crate::config::Gemma2Config;
 use crate::error::{GemmaError, Result};
+use crate::grads::Grads;
 use crate::lora::{dropout_stream, Target};
-use crate::model::{Grads, Layer, Linear, LinearBase, NormKind, ParamId};
+use crate::params::{Layer, Linear, LinearBase, NormKind, ParamId};
 
 /// Per-call context shared by all layers of one pass.
 pub(crate) struct Ctx<'a, B: Backend> {
@@ -606,7 +607,7 @@ pub(crate) fn layer_bwd<B: Backend>(
 mod tests {
     use super::*;
     use crate::lora::dropout_mask;
-    use crate::model::LoraWeights;
+    use crate::params::LoraWeights;
     use afinar_kernels::{Cpu, Tolerance};
 
     /// The training forward of a LoRA linear applies exactly `lora::dropout_mask(seed, layer, target)`

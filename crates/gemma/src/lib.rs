@@ -53,14 +53,17 @@
 //! # }
 //! ```
 
+pub mod batch;
 pub mod bnb;
 pub mod config;
 pub mod error;
 pub mod export;
 pub mod generate;
+pub mod grads;
 pub mod layer;
 pub mod lora;
 pub mod model;
+pub mod params;
 pub mod peft;
 pub mod safetensors_io;
 

@@ -28,7 +28,8 @@ use serde_json::{Map, Value};
 
 use crate::error::{GemmaError, Result};
 use crate::lora::{LoraConfig, Target};
-use crate::model::{Gemma2Model, LoraWeights, ParamId};
+use crate::model::Gemma2Model;
+use crate::params::{LoraWeights, ParamId};
 use crate::safetensors_io::{TensorOut, TensorStore};
 
 /// File name of the adapter config.

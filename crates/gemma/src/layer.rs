@@ -1,4 +1,5 @@
-//! One Gemma-2 decoder layer: forward (saving what the backward needs) and the hand-written backward.
+//! One Gemma-2 decoder layer: the forward that training, evaluation and KV-cache decoding all run, and
+//! the hand-written backward.
 //!
 //! Shapes (N = B·T rows, H hidden, QD = NH·D, KD = NKV·D, I intermediate, R LoRA rank):
 //! ```text
@@ -9,6 +10,12 @@
 //!   xn2 = rmsnorm(pre_ff)(h1) ─ gate_proj → g [N,I], up_proj → u [N,I]; a = gelu_tanh(g)·u [N,I]
 //!   d = down_proj(a) [N,H];  out = h1 + rmsnorm(post_ff)(d)
 //! ```
+//! Attention reads the keys and values named by [`Kv`]: the chunk's own k, v (training, evaluation; TK = T)
+//! or a layer's KV cache extended by them (decoding; TK = cached rows + T, the queries are the last T
+//! keys, see `crate::kv_cache`). Everything else is the same code for the three uses, so decoding gives
+//! the numbers of a full recompute. In training mode (`Ctx::train`) the forward also draws the LoRA
+//! dropout masks and keeps each LoRA linear's xa for the backward.
+//!
 //! The backward runs the same graph in reverse. Residual gradients are summed with `axpy`; LoRA gradients
 //! (and, in full fine-tuning, norm and dense-weight gradients) ACCUMULATE into `Grads`.
 //!
@@ -22,6 +29,7 @@ use afinar_kernels::{Accum, AttnShape, Backend, LoraGradRef, LoraRef, Storage};
 use crate::config::Gemma2Config;
 use crate::error::{GemmaError, Result};
 use crate::grads::Grads;
+use crate::kv_cache::LayerCache;
 use crate::lora::{dropout_stream, Target};
 use crate::params::{Layer, Linear, LinearBase, NormKind, ParamId};
 
@@ -36,7 +44,8 @@ pub(crate) struct Ctx<'a, B: Backend> {
     pub pos: &'a B::Ids,
     /// Packed-sample ids [N] (None = one sample per row).
     pub seg: Option<&'a B::Ids>,
-    /// LoRA dropout active (training) and its seed.
+    /// Training: LoRA dropout on (masks from `dropout_seed`) and each LoRA linear keeps xa for the
+    /// backward. Off (evaluation, decoding): no dropout, nothing kept for a backward.
     pub train: bool,
     pub dropout_seed: u64,
 }
@@ -46,11 +55,12 @@ impl<B: Backend> Ctx<'_, B> {
         self.b * self.t
     }
 
-    fn attn_shape(&self, layer: usize) -> AttnShape {
+    /// Attention over TK keys (TK = T for the chunk's own keys, cached rows + T when decoding).
+    fn attn_shape(&self, layer: usize, tk: usize) -> AttnShape {
         AttnShape {
             b: self.b,
             t: self.t,
-            tk: self.t,
+            tk,
             nh: self.cfg.num_attention_heads,
             nkv: self.cfg.num_key_value_heads,
             d: self.cfg.head_dim,
@@ -63,6 +73,15 @@ impl<B: Backend> Ctx<'_, B> {
     fn eps(&self) -> f32 {
         self.cfg.rms_norm_eps as f32
     }
+}
+
+/// Where attention takes its keys and values from.
+pub(crate) enum Kv<'c, B: Backend> {
+    /// The chunk's own keys and values (training, evaluation): TK = T.
+    Chunk,
+    /// A layer's KV cache (decoding, B = 1, no packing): the forward extends it by the chunk's keys and
+    /// values and attends to all of them, TK = cached rows + T.
+    Cache(&'c mut LayerCache<B>),
 }
 
 /// What one linear's forward saved: the LoRA activation xa = drop(x)·Aᵀ [N,R] and the dropout mask [N,in].
@@ -95,7 +114,7 @@ pub(crate) struct LayerActs<B: Backend> {
     lin: [LinSaved<B>; 7],
 }
 
-/// y [N,out] = x [N,in]·Wᵀ (+ LoRA). Returns what the backward needs.
+/// y [N,out] = x [N,in]·Wᵀ (+ LoRA). Returns what the backward needs (nothing outside training).
 fn linear_fwd<B: Backend>(
     ctx: &Ctx<'_, B>,
     lin: &Linear<B>,
@@ -105,11 +124,21 @@ fn linear_fwd<B: Backend>(
 ) -> Result<LinSaved<B>> {
     let be = ctx.backend;
     let m = ctx.n();
-    let Some(lo) = &lin.lora else {
+    let lora = lin.lora.as_ref().filter(|_| ctx.train);
+    let Some(lo) = lora else {
+        // No adapter, or outside training: the adapter (if any) runs without dropout and xa is not
+        // kept (the op computes it in an f32 scratch buffer, the same numbers as a kept one).
+        let lref = lin.lora.as_ref().map(|lo| LoraRef {
+            a: &lo.a,
+            b: &lo.b,
+            r: lo.r,
+            scale: lo.scale,
+            mask: None,
+        });
         be.lora_fwd(
             x,
             lin.weight(),
-            None,
+            lref,
             y,
             None,
             m,
@@ -125,7 +154,7 @@ fn linear_fwd<B: Backend>(
     // adapter path runs in f32 as in peft (x is cast to the adapter's dtype), so xa is f32 too.
     // Generated on the backend from (seed, layer, target) by a counter-based hash: no host draw and no
     // upload per forward (`lora::dropout_mask` is the same mask on the host).
-    let mask = if ctx.train && lo.dropout > 0.0 {
+    let mask = if lo.dropout > 0.0 {
         let mut mk = be.zeros_for(m * lin.in_features, Storage::Master)?;
         be.dropout_mask(
             &mut mk,
@@ -244,12 +273,14 @@ fn linear_bwd<B: Backend>(
     Ok(())
 }
 
-/// Forward of layer `li` on x [N,H]; writes out [N,H] and returns the saved activations.
+/// Forward of layer `li` on x [N,H], attending to the keys and values `kv` names; writes out [N,H] and
+/// returns the activations the backward reads (callers outside training drop them).
 pub(crate) fn layer_fwd<B: Backend>(
     ctx: &Ctx<'_, B>,
     layer: &Layer<B>,
     li: usize,
     x: &B::Buf,
+    kv: Kv<'_, B>,
     out: &mut B::Buf,
 ) -> Result<LayerActs<B>> {
     let be = ctx.backend;
@@ -301,10 +332,28 @@ pub(crate) fn layer_fwd<B: Backend>(
         theta,
         false,
     )?;
-    let shape = ctx.attn_shape(li);
+    let (kk, vv, tk) = match kv {
+        Kv::Chunk => (&k, &v, ctx.t),
+        Kv::Cache(c) => {
+            if ctx.b != 1 || ctx.seg.is_some() {
+                return Err(GemmaError::Invalid(
+                    "internal: a KV cache holds one unpacked sequence (B = 1, no segments)".into(),
+                ));
+            }
+            c.extend(be, &k, &v, n, kd)?
+        }
+    };
     let mut ao = be.zeros(n * qd)?;
     let mut lse = be.zeros_for(ctx.b * cfg.num_attention_heads * ctx.t, Storage::Master)?;
-    be.attn_fwd(&q, &k, &v, ctx.seg, &mut ao, &mut lse, &shape)?;
+    be.attn_fwd(
+        &q,
+        kk,
+        vv,
+        ctx.seg,
+        &mut ao,
+        &mut lse,
+        &ctx.attn_shape(li, tk),
+    )?;
     let mut o = be.zeros(n * h)?;
     let so = linear_fwd(ctx, lin(Target::OProj), li, &ao, &mut o)?;
     // h1 = x + post_attention_layernorm(o); `on` is reused as the buffer for h1.
@@ -528,7 +577,7 @@ pub(crate) fn layer_bwd<B: Backend>(
         &mut dq,
         &mut dk,
         &mut dv,
-        &ctx.attn_shape(li),
+        &ctx.attn_shape(li, ctx.t),
     )?;
     drop(dao);
     // RoPE is an orthogonal rotation per (token, head): its backward rotates the gradient by −angle.

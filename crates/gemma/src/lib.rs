@@ -60,6 +60,7 @@ pub mod error;
 pub mod export;
 pub mod generate;
 pub mod grads;
+mod kv_cache;
 pub mod layer;
 pub mod lora;
 pub mod model;

@@ -6,7 +6,7 @@ use afinar_kernels::{Accum, Backend, Storage};
 use crate::batch::{Batch, DeviceBatch};
 use crate::error::{GemmaError, Result};
 use crate::grads::Grads;
-use crate::layer::{layer_bwd, layer_fwd, Ctx};
+use crate::layer::{layer_bwd, layer_fwd, Ctx, Kv};
 use crate::params::ParamId;
 
 use super::Gemma2Model;
@@ -29,24 +29,33 @@ impl<B: Backend> Gemma2Model<B> {
         }
     }
 
-    /// Embedding and all layers in inference mode (no dropout, nothing kept): the final hidden state
-    /// after the final norm [N,H].
-    fn final_hidden(&self, batch: &Batch, dev: &DeviceBatch<B>) -> Result<B::Buf> {
+    /// x [N,H] = embedding(ids [N]) · sqrt(H), the normalizer rounded to the activation dtype (transformers
+    /// casts it to the hidden states' dtype). The ids were range-checked on the host.
+    pub(crate) fn embed(&self, ids: &B::Ids, n: usize) -> Result<B::Buf> {
         let be = &*self.backend;
-        let ctx = self.ctx(batch, dev, false);
-        let (n, h) = (batch.tokens(), self.config.hidden_size);
+        let h = self.config.hidden_size;
         let mut x = be.zeros(n * h)?;
         be.embedding_fwd(
-            &dev.ids,
+            ids,
             &self.embed_tokens,
             &mut x,
             self.config.vocab_size,
             h,
             be.round_activation(self.config.embed_scale()),
         )?;
+        Ok(x)
+    }
+
+    /// Embedding and all layers in inference mode (no dropout, nothing kept): the final hidden state
+    /// after the final norm [N,H].
+    fn final_hidden(&self, batch: &Batch, dev: &DeviceBatch<B>) -> Result<B::Buf> {
+        let be = &*self.backend;
+        let ctx = self.ctx(batch, dev, false);
+        let (n, h) = (batch.tokens(), self.config.hidden_size);
+        let mut x = self.embed(&dev.ids, n)?;
         let mut next = be.zeros(n * h)?;
         for (li, layer) in self.layers.iter().enumerate() {
-            layer_fwd(&ctx, layer, li, &x, &mut next)?;
+            layer_fwd(&ctx, layer, li, &x, Kv::Chunk, &mut next)?;
             std::mem::swap(&mut x, &mut next);
         }
         let mut rstd = be.zeros_for(n, Storage::Master)?;
@@ -141,16 +150,7 @@ impl<B: Backend> Gemma2Model<B> {
         // Forward: xs[l] is the input of layer l (xs[L] the last output). Without checkpointing the saved
         // activations of every layer are kept; with it they are dropped and recomputed in the backward.
         let mut xs: Vec<B::Buf> = Vec::with_capacity(self.layers.len() + 1);
-        let mut x0 = be.zeros(n * h)?;
-        be.embedding_fwd(
-            &dev.ids,
-            &self.embed_tokens,
-            &mut x0,
-            v,
-            h,
-            be.round_activation(cfg.embed_scale()),
-        )?;
-        xs.push(x0);
+        xs.push(self.embed(&dev.ids, n)?);
         let mut acts = Vec::with_capacity(if self.checkpointing {
             0
         } else {
@@ -158,7 +158,7 @@ impl<B: Backend> Gemma2Model<B> {
         });
         for (li, layer) in self.layers.iter().enumerate() {
             let mut out = be.zeros(n * h)?;
-            let a = layer_fwd(&ctx, layer, li, &xs[li], &mut out)?;
+            let a = layer_fwd(&ctx, layer, li, &xs[li], Kv::Chunk, &mut out)?;
             if !self.checkpointing {
                 acts.push(a);
             }
@@ -210,7 +210,7 @@ impl<B: Backend> Gemma2Model<B> {
             let x = &xs[li];
             if self.checkpointing {
                 let mut scratch = be.zeros(n * h)?;
-                let a = layer_fwd(&ctx, layer, li, x, &mut scratch)?;
+                let a = layer_fwd(&ctx, layer, li, x, Kv::Chunk, &mut scratch)?;
                 layer_bwd(&ctx, layer, li, x, &a, &dh, &mut dnext, grads, full)?;
             } else {
                 let a = acts.pop().ok_or_else(|| {

@@ -57,7 +57,8 @@ impl Batch {
         self.b * self.t
     }
 
-    /// Checks lengths and id ranges against a vocabulary size.
+    /// Checks lengths and value ranges against a vocabulary size: ids in [0, V), targets in [0, V) or
+    /// −100, positions ≥ 0. Errors name the flat index and its (row, position).
     pub fn validate(&self, vocab: usize) -> Result<()> {
         let n = self
             .b
@@ -89,6 +90,10 @@ impl Batch {
                 )));
             }
         }
+        // Every range the ops rely on is checked here, once, on the host: the embedding, RoPE and
+        // cross-entropy ops do not read ids back from the device.
+        let t = self.t;
+        let at = |i: usize| format!("(row {}, position {})", i / t, i % t);
         if let Some((i, &id)) = self
             .input_ids
             .iter()
@@ -96,7 +101,8 @@ impl Batch {
             .find(|(_, &id)| id < 0 || id as usize >= vocab)
         {
             return Err(GemmaError::Batch(format!(
-                "input_ids[{i}] = {id} is outside the vocabulary [0, {vocab})"
+                "input_ids[{i}] {} = {id} is outside the vocabulary [0, {vocab})",
+                at(i)
             )));
         }
         if let Some((i, &id)) = self
@@ -106,12 +112,14 @@ impl Batch {
             .find(|(_, &id)| id != -100 && (id < 0 || id as usize >= vocab))
         {
             return Err(GemmaError::Batch(format!(
-                "targets[{i}] = {id} is neither −100 nor in [0, {vocab})"
+                "targets[{i}] {} = {id} is neither −100 nor in [0, {vocab})",
+                at(i)
             )));
         }
         if let Some((i, &p)) = self.positions.iter().enumerate().find(|(_, &p)| p < 0) {
             return Err(GemmaError::Batch(format!(
-                "positions[{i}] = {p} is negative"
+                "positions[{i}] {} = {p} is negative",
+                at(i)
             )));
         }
         Ok(())
@@ -140,5 +148,47 @@ impl<B: Backend> DeviceBatch<B> {
                 .transpose()?,
             targets: be.ids_from_host(&batch.targets)?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(b: &Batch) -> String {
+        match b.validate(10) {
+            Err(GemmaError::Batch(s)) => s,
+            other => panic!("expected a batch error, got {other:?}"),
+        }
+    }
+
+    /// Out-of-range ids, targets and positions are refused on the host, naming the row and position.
+    #[test]
+    fn range_errors_name_row_and_position() {
+        let ok = Batch::new(2, 3, vec![0, 1, 9, 2, 3, 4], vec![1, -100, 9, 3, 4, -100]);
+        ok.validate(10).unwrap();
+
+        let mut b = ok.clone();
+        b.input_ids[4] = 10;
+        let e = err(&b);
+        assert!(e.contains("input_ids[4] (row 1, position 1) = 10"), "{e}");
+        b.input_ids[4] = -1;
+        assert!(err(&b).contains("input_ids[4] (row 1, position 1) = -1"));
+
+        let mut b = ok.clone();
+        b.targets[2] = 10;
+        let e = err(&b);
+        assert!(e.contains("targets[2] (row 0, position 2) = 10"), "{e}");
+        b.targets[2] = -5;
+        assert!(err(&b).contains("targets[2] (row 0, position 2) = -5"));
+
+        let mut b = ok.clone();
+        b.positions[3] = -1;
+        let e = err(&b);
+        assert!(e.contains("positions[3] (row 1, position 0) = -1"), "{e}");
+
+        let mut b = ok;
+        b.segment_ids = Some(vec![0; 5]);
+        assert!(err(&b).contains("segment_ids has 5 entries"));
     }
 }

@@ -105,9 +105,23 @@ impl<B: Backend> Gemma2Model<B> {
     /// layer), and target linears are quantized to NF4 on the fly when `opts.quantize` asks for it, so
     /// peak host memory stays near one layer's f32 weights on top of the memory-mapped files.
     /// Pre-quantized bitsandbytes 4-bit linears (`*.weight.absmax` present) are read directly as NF4.
+    ///
+    /// Reads `dir/config.json`; a caller that has already parsed it (to check it before the load, say)
+    /// passes it to [`Gemma2Model::load_with_config`] instead, so the file is read once.
     pub fn load(backend: Arc<B>, dir: impl AsRef<Path>, opts: &LoadOptions) -> Result<Self> {
         let dir = dir.as_ref();
         let config = Gemma2Config::from_file(crate::config::config_path(dir))?;
+        Self::load_with_config(backend, config, dir, opts)
+    }
+
+    /// [`Gemma2Model::load`] with `config` already parsed from `dir/config.json`: only the weights are
+    /// read from `dir`.
+    pub fn load_with_config(
+        backend: Arc<B>,
+        config: Gemma2Config,
+        dir: impl AsRef<Path>,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
         let store = TensorStore::open_dir(dir)?;
         Self::from_store(backend, config, &store, opts)
     }

@@ -61,7 +61,7 @@ pub mod export;
 pub mod generate;
 pub mod grads;
 mod kv_cache;
-pub mod layer;
+mod layer;
 pub mod lora;
 pub mod model;
 pub mod params;

@@ -39,42 +39,51 @@ pub(crate) fn layer_bwd<B: Backend>(
     full: bool,
 ) -> Result<()> {
     let be = ctx.backend;
-    let cfg = ctx.cfg;
     let n = ctx.n();
-    let (h, qd, kd, i) = (
-        cfg.hidden_size,
-        cfg.q_dim(),
-        cfg.kv_dim(),
-        cfg.intermediate_size,
-    );
-    let theta = cfg.rope_theta as f32;
-    let lin = |t: Target| layer.linear(t);
-    let nid = |kind: NormKind| ParamId::Norm { layer: li, kind };
+    let (h, qd, kd, i) = ctx.widths();
+    // Backward of linear `t` on its forward input `xin`: dxin (= or +=) from dy; parameter gradients
+    // accumulate into `g`.
+    let lin_bwd = |t: Target,
+                   xin: &B::Buf,
+                   dy: &B::Buf,
+                   dxin: &mut B::Buf,
+                   acc: Accum,
+                   g: &mut Grads<B>|
+     -> Result<()> {
+        let saved = &a.lin[t.index()];
+        linear_bwd(ctx, layer.linear(t), li, saved, xin, dy, dxin, acc, g, full)
+    };
+    // Backward of norm `kind` applied to `xin` (with its saved rstd): dxin = norm'(dy); in full
+    // fine-tuning its weight gradient accumulates into `g`.
+    let norm_bwd = |kind: NormKind,
+                    dy: &B::Buf,
+                    xin: &B::Buf,
+                    rstd: &B::Buf,
+                    dxin: &mut B::Buf,
+                    g: &mut Grads<B>|
+     -> Result<()> {
+        let dw = norm_grad(g, ParamId::Norm { layer: li, kind }, full)?;
+        Ok(be.rmsnorm_bwd(dy, xin, layer.norm(kind), rstd, dxin, dw, n, h)?)
+    };
 
     // out = h1 + postff_norm(d): dh1 = dout + (path through the MLP), dd = postff_norm'(dout).
     let mut dd = be.zeros(n * h)?;
-    be.rmsnorm_bwd(
+    norm_bwd(
+        NormKind::PostFeedforward,
         dout,
         &a.d,
-        layer.norm(NormKind::PostFeedforward),
         &a.rstd4,
         &mut dd,
-        norm_grad(grads, nid(NormKind::PostFeedforward), full)?,
-        n,
-        h,
+        grads,
     )?;
     let mut dact = be.zeros(n * i)?;
-    linear_bwd(
-        ctx,
-        lin(Target::DownProj),
-        li,
-        &a.lin[6],
+    lin_bwd(
+        Target::DownProj,
         &a.act,
         &dd,
         &mut dact,
         Accum::Overwrite,
         grads,
-        full,
     )?;
     drop(dd);
     let mut dgate = be.zeros(n * i)?;
@@ -82,70 +91,47 @@ pub(crate) fn layer_bwd<B: Backend>(
     be.geglu_bwd(&dact, &a.gate, &a.up, &mut dgate, &mut dup)?;
     drop(dact);
     let mut dxn2 = be.zeros(n * h)?;
-    linear_bwd(
-        ctx,
-        lin(Target::GateProj),
-        li,
-        &a.lin[4],
+    lin_bwd(
+        Target::GateProj,
         &a.xn2,
         &dgate,
         &mut dxn2,
         Accum::Overwrite,
         grads,
-        full,
     )?;
-    linear_bwd(
-        ctx,
-        lin(Target::UpProj),
-        li,
-        &a.lin[5],
-        &a.xn2,
-        &dup,
-        &mut dxn2,
-        Accum::Add,
-        grads,
-        full,
-    )?;
+    lin_bwd(Target::UpProj, &a.xn2, &dup, &mut dxn2, Accum::Add, grads)?;
     drop((dgate, dup));
     // dh1 = dout + preff_norm'(dxn2)
     let mut dh1 = be.zeros(n * h)?;
-    be.rmsnorm_bwd(
+    norm_bwd(
+        NormKind::PreFeedforward,
         &dxn2,
         &a.h1,
-        layer.norm(NormKind::PreFeedforward),
         &a.rstd3,
         &mut dh1,
-        norm_grad(grads, nid(NormKind::PreFeedforward), full)?,
-        n,
-        h,
+        grads,
     )?;
     be.axpy(1.0, dout, &mut dh1)?;
     drop(dxn2);
 
     // h1 = x + postattn_norm(o).
     let mut d_o = be.zeros(n * h)?;
-    be.rmsnorm_bwd(
+    norm_bwd(
+        NormKind::PostAttention,
         &dh1,
         &a.o,
-        layer.norm(NormKind::PostAttention),
         &a.rstd2,
         &mut d_o,
-        norm_grad(grads, nid(NormKind::PostAttention), full)?,
-        n,
-        h,
+        grads,
     )?;
     let mut dao = be.zeros(n * qd)?;
-    linear_bwd(
-        ctx,
-        lin(Target::OProj),
-        li,
-        &a.lin[3],
+    lin_bwd(
+        Target::OProj,
         &a.ao,
         &d_o,
         &mut dao,
         Accum::Overwrite,
         grads,
-        full,
     )?;
     drop(d_o);
     let mut dq = be.zeros(n * qd)?;
@@ -165,74 +151,21 @@ pub(crate) fn layer_bwd<B: Backend>(
         &ctx.attn_shape(li, ctx.t),
     )?;
     drop(dao);
-    // RoPE is an orthogonal rotation per (token, head): its backward rotates the gradient by −angle.
-    be.rope(
-        &mut dq,
-        ctx.pos,
-        n,
-        cfg.num_attention_heads,
-        cfg.head_dim,
-        theta,
-        true,
-    )?;
-    be.rope(
-        &mut dk,
-        ctx.pos,
-        n,
-        cfg.num_key_value_heads,
-        cfg.head_dim,
-        theta,
-        true,
-    )?;
+    ctx.rope_qk(&mut dq, &mut dk, true)?;
     let mut dxn1 = be.zeros(n * h)?;
-    linear_bwd(
-        ctx,
-        lin(Target::QProj),
-        li,
-        &a.lin[0],
+    lin_bwd(
+        Target::QProj,
         &a.xn1,
         &dq,
         &mut dxn1,
         Accum::Overwrite,
         grads,
-        full,
     )?;
-    linear_bwd(
-        ctx,
-        lin(Target::KProj),
-        li,
-        &a.lin[1],
-        &a.xn1,
-        &dk,
-        &mut dxn1,
-        Accum::Add,
-        grads,
-        full,
-    )?;
-    linear_bwd(
-        ctx,
-        lin(Target::VProj),
-        li,
-        &a.lin[2],
-        &a.xn1,
-        &dv,
-        &mut dxn1,
-        Accum::Add,
-        grads,
-        full,
-    )?;
+    lin_bwd(Target::KProj, &a.xn1, &dk, &mut dxn1, Accum::Add, grads)?;
+    lin_bwd(Target::VProj, &a.xn1, &dv, &mut dxn1, Accum::Add, grads)?;
     drop((dq, dk, dv));
     // dx = dh1 + input_norm'(dxn1)
-    be.rmsnorm_bwd(
-        &dxn1,
-        x,
-        layer.norm(NormKind::Input),
-        &a.rstd1,
-        dx,
-        norm_grad(grads, nid(NormKind::Input), full)?,
-        n,
-        h,
-    )?;
+    norm_bwd(NormKind::Input, &dxn1, x, &a.rstd1, dx, grads)?;
     be.axpy(1.0, &dh1, dx)?;
     Ok(())
 }

@@ -21,52 +21,26 @@ pub(crate) fn layer_fwd<B: Backend>(
     let be = ctx.backend;
     let cfg = ctx.cfg;
     let n = ctx.n();
-    let (h, qd, kd, i) = (
-        cfg.hidden_size,
-        cfg.q_dim(),
-        cfg.kv_dim(),
-        cfg.intermediate_size,
-    );
+    let (h, qd, kd, i) = ctx.widths();
     let eps = ctx.eps();
-    let theta = cfg.rope_theta as f32;
     let lin = |t: Target| layer.linear(t);
+    // y = norm `kind`(xin); returns its rstd [N] (f32) for the backward.
+    let norm_fwd = |kind: NormKind, xin: &B::Buf, y: &mut B::Buf| -> Result<B::Buf> {
+        let mut rstd = be.zeros_for(n, Storage::Master)?;
+        be.rmsnorm_fwd(xin, layer.norm(kind), y, &mut rstd, n, h, eps)?;
+        Ok(rstd)
+    };
 
     // Attention block.
     let mut xn1 = be.zeros(n * h)?;
-    let mut rstd1 = be.zeros_for(n, Storage::Master)?;
-    be.rmsnorm_fwd(
-        x,
-        layer.norm(NormKind::Input),
-        &mut xn1,
-        &mut rstd1,
-        n,
-        h,
-        eps,
-    )?;
+    let rstd1 = norm_fwd(NormKind::Input, x, &mut xn1)?;
     let mut q = be.zeros(n * qd)?;
     let mut k = be.zeros(n * kd)?;
     let mut v = be.zeros(n * kd)?;
     let sq = linear_fwd(ctx, lin(Target::QProj), li, &xn1, &mut q)?;
     let sk = linear_fwd(ctx, lin(Target::KProj), li, &xn1, &mut k)?;
     let sv = linear_fwd(ctx, lin(Target::VProj), li, &xn1, &mut v)?;
-    be.rope(
-        &mut q,
-        ctx.pos,
-        n,
-        cfg.num_attention_heads,
-        cfg.head_dim,
-        theta,
-        false,
-    )?;
-    be.rope(
-        &mut k,
-        ctx.pos,
-        n,
-        cfg.num_key_value_heads,
-        cfg.head_dim,
-        theta,
-        false,
-    )?;
+    ctx.rope_qk(&mut q, &mut k, false)?;
     let (kk, vv, tk) = match kv {
         Kv::Chunk => (&k, &v, ctx.t),
         Kv::Cache(c) => {
@@ -91,32 +65,14 @@ pub(crate) fn layer_fwd<B: Backend>(
     )?;
     let mut o = be.zeros(n * h)?;
     let so = linear_fwd(ctx, lin(Target::OProj), li, &ao, &mut o)?;
-    // h1 = x + post_attention_layernorm(o); `on` is reused as the buffer for h1.
+    // h1 = x + post_attention_layernorm(o)
     let mut h1 = be.zeros(n * h)?;
-    let mut rstd2 = be.zeros_for(n, Storage::Master)?;
-    be.rmsnorm_fwd(
-        &o,
-        layer.norm(NormKind::PostAttention),
-        &mut h1,
-        &mut rstd2,
-        n,
-        h,
-        eps,
-    )?;
+    let rstd2 = norm_fwd(NormKind::PostAttention, &o, &mut h1)?;
     be.axpy(1.0, x, &mut h1)?;
 
     // MLP block.
     let mut xn2 = be.zeros(n * h)?;
-    let mut rstd3 = be.zeros_for(n, Storage::Master)?;
-    be.rmsnorm_fwd(
-        &h1,
-        layer.norm(NormKind::PreFeedforward),
-        &mut xn2,
-        &mut rstd3,
-        n,
-        h,
-        eps,
-    )?;
+    let rstd3 = norm_fwd(NormKind::PreFeedforward, &h1, &mut xn2)?;
     let mut gate = be.zeros(n * i)?;
     let mut up = be.zeros(n * i)?;
     let sg = linear_fwd(ctx, lin(Target::GateProj), li, &xn2, &mut gate)?;
@@ -125,16 +81,8 @@ pub(crate) fn layer_fwd<B: Backend>(
     be.geglu_fwd(&gate, &up, &mut act)?;
     let mut d = be.zeros(n * h)?;
     let sd = linear_fwd(ctx, lin(Target::DownProj), li, &act, &mut d)?;
-    let mut rstd4 = be.zeros_for(n, Storage::Master)?;
-    be.rmsnorm_fwd(
-        &d,
-        layer.norm(NormKind::PostFeedforward),
-        out,
-        &mut rstd4,
-        n,
-        h,
-        eps,
-    )?;
+    // out = h1 + post_feedforward_layernorm(d)
+    let rstd4 = norm_fwd(NormKind::PostFeedforward, &d, out)?;
     be.axpy(1.0, &h1, out)?;
 
     Ok(LayerActs {

@@ -34,6 +34,7 @@ mod linear;
 use afinar_kernels::{AttnShape, Backend};
 
 use crate::config::Gemma2Config;
+use crate::error::Result;
 use crate::kv_cache::LayerCache;
 
 pub(crate) use backward::layer_bwd;
@@ -77,6 +78,40 @@ impl<B: Backend> Ctx<'_, B> {
         }
     }
 
+    /// Row widths (H, QD = NH·D, KD = NKV·D, I).
+    fn widths(&self) -> (usize, usize, usize, usize) {
+        let c = self.cfg;
+        (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size)
+    }
+
+    /// RoPE on q [N, NH·D] then k [N, NKV·D] at the positions `pos`. `inverse` rotates by −angle: RoPE
+    /// is an orthogonal rotation per (token, head), so that is its backward.
+    fn rope_qk(&self, q: &mut B::Buf, k: &mut B::Buf, inverse: bool) -> Result<()> {
+        let c = self.cfg;
+        let theta = c.rope_theta as f32;
+        let n = self.n();
+        let be = self.backend;
+        be.rope(
+            q,
+            self.pos,
+            n,
+            c.num_attention_heads,
+            c.head_dim,
+            theta,
+            inverse,
+        )?;
+        be.rope(
+            k,
+            self.pos,
+            n,
+            c.num_key_value_heads,
+            c.head_dim,
+            theta,
+            inverse,
+        )?;
+        Ok(())
+    }
+
     fn eps(&self) -> f32 {
         self.cfg.rms_norm_eps as f32
     }
@@ -111,5 +146,6 @@ pub(crate) struct LayerActs<B: Backend> {
     act: B::Buf,
     d: B::Buf,
     rstd4: B::Buf,
+    /// Per linear, indexed by `Target::index()` (q, k, v, o, gate, up, down).
     lin: [LinSaved<B>; 7],
 }

@@ -11,7 +11,7 @@
 //!
 //! The parameter types are in `crate::params`, batches in `crate::batch`, gradients in
 //! `crate::grads`, and the decoder layer (forward for training, evaluation and decoding; backward) in
-//! `crate::layer`. They are re-exported here so `afinar_gemma::model::X` paths keep working.
+//! `crate::layer`; the first three are re-exported here so `afinar_gemma::model::X` paths keep working.
 
 mod load;
 mod passes;
@@ -306,6 +306,8 @@ impl<B: Backend> Gemma2Model<B> {
     }
 }
 
+// Here rather than in grads.rs, beside `trainable_ids`, so that the gradient container (which the layer
+// code uses) does not depend on the model.
 impl<B: Backend> Grads<B> {
     /// Zeroed gradients for the trainable parameters of `model`, in `Storage::Master` (f32): they
     /// accumulate over micro-batches and feed the optimizer.

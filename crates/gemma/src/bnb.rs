@@ -1,5 +1,5 @@
 //! bitsandbytes 4-bit checkpoints: reading pre-quantized weights into an [`Nf4Tensor`] and writing
-//! the same layout back (facts §3.6).
+//! the same layout back.
 //!
 //! A quantized linear `P` (e.g. `model.layers.0.self_attn.q_proj`) is stored by HF `save_pretrained`
 //! of a bitsandbytes 4-bit model as

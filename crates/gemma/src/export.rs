@@ -15,11 +15,11 @@
 //! merged / quantized one at a time and a shard is flushed as soon as it is full, so peak memory is one
 //! shard plus one layer on top of the model.
 //!
-//! Merge (peft `merge_and_unload`, facts §2.5): delta = (B·A)·s computed in f32 (matmul first, then the
+//! Merge (peft `merge_and_unload`): delta = (B·A)·s computed in f32 (matmul first, then the
 //! scale), W ← W + delta in f32, then rounded to the output dtype (bf16 by round-to-nearest-even, as
 //! torch's `.to(bfloat16)`). An NF4 base is dequantized first, so a QLoRA model merges into a dense one.
 //!
-//! NF4 (facts §3.6): every linear becomes a bitsandbytes `Linear4bit` state (packed codes, absmax —
+//! NF4: every linear becomes a bitsandbytes `Linear4bit` state (packed codes, absmax —
 //! double-quantized when asked —, quant_map, nested parts, quant-state JSON); embeddings and norms stay
 //! unquantized in the output dtype. A linear that is NF4 already and has no LoRA is written as is
 //! (lossless); otherwise its dense weight (merged with its LoRA, if any) is rounded to the output dtype —
@@ -35,7 +35,8 @@ use serde_json::Value;
 use crate::bnb;
 use crate::error::{GemmaError, Result};
 use crate::lora::Target;
-use crate::model::{Gemma2Model, LinearBase, NormKind, ParamId};
+use crate::model::Gemma2Model;
+use crate::params::{LinearBase, NormKind, ParamId};
 use crate::peft::write_dir_atomically;
 use crate::safetensors_io::{Dtype, TensorOut};
 

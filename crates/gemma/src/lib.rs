@@ -5,6 +5,10 @@
 //! - [`lora::LoraConfig`]: rank, α, dropout, rsLoRA, targets; PEFT init.
 //! - [`model::Gemma2Model`]: weights (dense or NF4 base linears, optional LoRA), forward → logits / loss,
 //!   hand-written backward → LoRA (and, in full fine-tuning, all) gradients, activation checkpointing.
+//!   Its parts: [`params`] (the tensors and their names), [`batch`], [`grads`], and the private `layer`
+//!   module, the one decoder-layer forward (training, evaluation, KV-cache decoding) and its backward.
+//! - [`generate`]: KV-cache decoding and sampling; [`peft`]: adapters on disk; [`export`]: merged or
+//!   NF4 checkpoints; [`bnb`]: bitsandbytes 4-bit layouts.
 //!
 //! Semantics are Hugging Face transformers' eager Gemma-2; names mirror HF and peft exactly.
 //!
@@ -53,14 +57,18 @@
 //! # }
 //! ```
 
+pub mod batch;
 pub mod bnb;
 pub mod config;
 pub mod error;
 pub mod export;
 pub mod generate;
-pub mod layer;
+pub mod grads;
+mod kv_cache;
+mod layer;
 pub mod lora;
 pub mod model;
+pub mod params;
 pub mod peft;
 pub mod safetensors_io;
 

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use afinar_gemma::safetensors_io::{write_safetensors, Dtype, TensorOut, TensorStore};
-use afinar_gemma::{Batch, Gemma2Model, GemmaError, LoadOptions, ParamId, Quantization, Target};
+use afinar_gemma::{
+    Batch, Gemma2Config, Gemma2Model, GemmaError, LoadOptions, ParamId, Quantization, Target,
+};
 use afinar_kernels::{Cpu, Tolerance};
 
 fn fixtures() -> PathBuf {
@@ -84,6 +86,27 @@ fn sharded_f32_equals_single_file() {
         sharded.logits(&batch()).unwrap(),
         single.logits(&batch()).unwrap(),
     );
+}
+
+/// `load_with_config` builds the model from the config it is given (config.json is not read again) and
+/// the weights of the directory: with the parsed config.json it is `load`, bit for bit.
+#[test]
+fn load_with_config_uses_the_given_config() {
+    let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+    let opts = LoadOptions::default();
+    let a = Gemma2Model::load(cpu(), tiny_a(), &opts).unwrap();
+    let cfg = Gemma2Config::from_file(tiny_a().join("config.json")).unwrap();
+    let b = Gemma2Model::load_with_config(cpu(), cfg.clone(), tiny_a(), &opts).unwrap();
+    let want = bits(a.logits(&batch()).unwrap());
+    assert_eq!(bits(b.logits(&batch()).unwrap()), want);
+    // A config that differs from the file's is the one used.
+    let capped = Gemma2Config {
+        final_logit_softcapping: Some(0.5),
+        ..cfg
+    };
+    let c = Gemma2Model::load_with_config(cpu(), capped, tiny_a(), &opts).unwrap();
+    assert_eq!(c.config.final_logit_softcapping, Some(0.5));
+    assert_ne!(bits(c.logits(&batch()).unwrap()), want);
 }
 
 #[test]

@@ -1,0 +1,238 @@
+//! The whole-model passes: evaluation logits and loss, and the training forward + backward of one
+//! micro-batch (with optional activation checkpointing). The per-layer math is in `crate::layer`.
+
+use afinar_kernels::{Accum, Backend, Storage};
+
+use crate::batch::{Batch, DeviceBatch};
+use crate::error::{GemmaError, Result};
+use crate::grads::Grads;
+use crate::layer::{layer_bwd, layer_fwd, Ctx, Kv};
+use crate::params::ParamId;
+
+use super::Gemma2Model;
+
+impl<B: Backend> Gemma2Model<B> {
+    fn upload(&self, batch: &Batch) -> Result<DeviceBatch<B>> {
+        DeviceBatch::upload(&*self.backend, batch, self.config.vocab_size)
+    }
+
+    fn ctx<'a>(&'a self, batch: &Batch, dev: &'a DeviceBatch<B>, train: bool) -> Ctx<'a, B> {
+        Ctx {
+            backend: &*self.backend,
+            cfg: &self.config,
+            b: batch.b,
+            t: batch.t,
+            pos: &dev.pos,
+            seg: dev.seg.as_ref(),
+            train,
+            dropout_seed: batch.dropout_seed,
+        }
+    }
+
+    /// x [N,H] = embedding(ids [N]) · sqrt(H), the normalizer rounded to the activation dtype (transformers
+    /// casts it to the hidden states' dtype). The ids were range-checked on the host.
+    pub(crate) fn embed(&self, ids: &B::Ids, n: usize) -> Result<B::Buf> {
+        let be = &*self.backend;
+        let h = self.config.hidden_size;
+        let mut x = be.zeros(n * h)?;
+        be.embedding_fwd(
+            ids,
+            &self.embed_tokens,
+            &mut x,
+            self.config.vocab_size,
+            h,
+            be.round_activation(self.config.embed_scale()),
+        )?;
+        Ok(x)
+    }
+
+    /// Embedding and all layers in inference mode (no dropout, nothing kept): the final hidden state
+    /// after the final norm [N,H].
+    fn final_hidden(&self, batch: &Batch, dev: &DeviceBatch<B>) -> Result<B::Buf> {
+        let be = &*self.backend;
+        let ctx = self.ctx(batch, dev, false);
+        let (n, h) = (batch.tokens(), self.config.hidden_size);
+        let mut x = self.embed(&dev.ids, n)?;
+        let mut next = be.zeros(n * h)?;
+        for (li, layer) in self.layers.iter().enumerate() {
+            layer_fwd(&ctx, layer, li, &x, Kv::Chunk, &mut next)?;
+            std::mem::swap(&mut x, &mut next);
+        }
+        let mut rstd = be.zeros_for(n, Storage::Master)?;
+        be.rmsnorm_fwd(
+            &x,
+            &self.norm,
+            &mut next,
+            &mut rstd,
+            n,
+            h,
+            self.config.rms_norm_eps as f32,
+        )?;
+        Ok(next)
+    }
+
+    /// Logits [B·T, V] (row-major, after the final soft-cap, as transformers returns them). For tests and
+    /// evaluation on small batches only: training never builds [N,V].
+    pub fn logits(&self, batch: &Batch) -> Result<Vec<f32>> {
+        let dev = self.upload(batch)?;
+        let xf = self.final_hidden(batch, &dev)?;
+        let be = &*self.backend;
+        let (n, h, v) = (
+            batch.tokens(),
+            self.config.hidden_size,
+            self.config.vocab_size,
+        );
+        // Evaluation logits in f32 (small batches only; see above).
+        let mut logits = be.zeros_for(n * v, Storage::Master)?;
+        be.matmul_xwt(
+            &xf,
+            &self.embed_tokens,
+            &mut logits,
+            n,
+            h,
+            v,
+            Accum::Overwrite,
+        )?;
+        if let Some(c) = self.config.final_logit_softcapping {
+            be.softcap_fwd(&mut logits, c as f32)?;
+        }
+        Ok(be.to_host(&logits)?)
+    }
+
+    /// (Σ cross-entropy over scored targets, number of scored targets), inference mode, no gradients.
+    /// Mean loss = Σ / count (what transformers returns for one batch).
+    pub fn loss(&self, batch: &Batch) -> Result<(f64, usize)> {
+        let dev = self.upload(batch)?;
+        let xf = self.final_hidden(batch, &dev)?;
+        let (n, h, v) = (
+            batch.tokens(),
+            self.config.hidden_size,
+            self.config.vocab_size,
+        );
+        let cap = self.config.final_logit_softcapping.map(|c| c as f32);
+        Ok(self.backend.lm_head_ce(
+            &xf,
+            &self.embed_tokens,
+            &dev.targets,
+            n,
+            h,
+            v,
+            cap,
+            1.0,
+            None,
+            None,
+        )?)
+    }
+
+    /// Forward and backward of one micro-batch in training mode (LoRA dropout on, masks from
+    /// `batch.dropout_seed`). Adds grad_scale·∂(Σ loss)/∂θ into `grads` for every trainable θ (gradients
+    /// ACCUMULATE; zero them after each optimizer step) and returns (Σ loss, scored count) of this batch.
+    ///
+    /// For "loss normalised by the trained tokens of the whole accumulation window", pass
+    /// grad_scale = 1 / (tokens in the window).
+    pub fn forward_backward(
+        &self,
+        batch: &Batch,
+        grad_scale: f32,
+        grads: &mut Grads<B>,
+    ) -> Result<(f64, usize)> {
+        if grads.ids() != self.trainable_ids() {
+            return Err(GemmaError::Invalid("gradients do not match this model's trainable parameters (made for another model?)".into()));
+        }
+        let dev = self.upload(batch)?;
+        let ctx = self.ctx(batch, &dev, true);
+        let be = &*self.backend;
+        let cfg = &self.config;
+        let (n, h, v) = (batch.tokens(), cfg.hidden_size, cfg.vocab_size);
+        let full = self.full_finetune;
+        let eps = cfg.rms_norm_eps as f32;
+
+        // Forward: xs[l] is the input of layer l (xs[L] the last output). Without checkpointing the saved
+        // activations of every layer are kept; with it they are dropped and recomputed in the backward.
+        let mut xs: Vec<B::Buf> = Vec::with_capacity(self.layers.len() + 1);
+        xs.push(self.embed(&dev.ids, n)?);
+        let mut acts = Vec::with_capacity(if self.checkpointing {
+            0
+        } else {
+            self.layers.len()
+        });
+        for (li, layer) in self.layers.iter().enumerate() {
+            let mut out = be.zeros(n * h)?;
+            let a = layer_fwd(&ctx, layer, li, &xs[li], Kv::Chunk, &mut out)?;
+            if !self.checkpointing {
+                acts.push(a);
+            }
+            xs.push(out);
+        }
+        let last = &xs[self.layers.len()];
+        let mut xf = be.zeros(n * h)?;
+        let mut rstdf = be.zeros_for(n, Storage::Master)?;
+        be.rmsnorm_fwd(last, &self.norm, &mut xf, &mut rstdf, n, h, eps)?;
+
+        // Fused LM head + soft-capped cross-entropy: ∂/∂xf, and ∂/∂emb (tied head) in full fine-tuning.
+        let cap = cfg.final_logit_softcapping.map(|c| c as f32);
+        let mut dxf = be.zeros(n * h)?;
+        let (sum, count) = {
+            let demb = if full {
+                grads.get_mut(ParamId::Embed)
+            } else {
+                None
+            };
+            be.lm_head_ce(
+                &xf,
+                &self.embed_tokens,
+                &dev.targets,
+                n,
+                h,
+                v,
+                cap,
+                grad_scale,
+                Some(&mut dxf),
+                demb,
+            )?
+        };
+        drop(xf);
+        let mut dh = be.zeros(n * h)?;
+        {
+            let dw = if full {
+                grads.get_mut(ParamId::FinalNorm)
+            } else {
+                None
+            };
+            be.rmsnorm_bwd(&dxf, last, &self.norm, &rstdf, &mut dh, dw, n, h)?;
+        }
+        drop(dxf);
+
+        // Backward through the layers, last to first.
+        let mut dnext = be.zeros(n * h)?;
+        for li in (0..self.layers.len()).rev() {
+            let layer = &self.layers[li];
+            let x = &xs[li];
+            if self.checkpointing {
+                let mut scratch = be.zeros(n * h)?;
+                let a = layer_fwd(&ctx, layer, li, x, Kv::Chunk, &mut scratch)?;
+                layer_bwd(&ctx, layer, li, x, &a, &dh, &mut dnext, grads, full)?;
+            } else {
+                let a = acts.pop().ok_or_else(|| {
+                    GemmaError::Invalid("internal: missing saved activations".into())
+                })?;
+                layer_bwd(&ctx, layer, li, x, &a, &dh, &mut dnext, grads, full)?;
+            }
+            std::mem::swap(&mut dh, &mut dnext);
+        }
+        if full {
+            let demb = grads.get_mut(ParamId::Embed).ok_or_else(|| {
+                GemmaError::Invalid("gradients have no slot for the embedding".into())
+            })?;
+            be.embedding_bwd(
+                &dev.ids,
+                &dh,
+                demb,
+                v,
+                h,
+                be.round_activation(cfg.embed_scale()),
+            )?;
+        }
+        Ok((sum, count))
+    }
+}

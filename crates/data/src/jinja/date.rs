@@ -5,9 +5,10 @@
 /// A local wall-clock reading, as Python's naive `datetime.now()` gives it to transformers'
 /// `strftime_now(format)` (the global that Llama-3.x chat templates call for "Today Date").
 ///
-/// A [`ChatTemplate`](super::ChatTemplate) reads the clock once, when it is built, and every render uses that reading: all
-/// renderings of one run show the same date (a conversation rendered across midnight stays
-/// prefix-stable), and tests inject a fixed date with [`ChatTemplate::with_date`](super::ChatTemplate::with_date).
+/// A [`ChatTemplate`](super::ChatTemplate) reads the clock once, when it is built, and every render
+/// uses that reading: all renderings of one run show the same date (a conversation rendered across
+/// midnight stays prefix-stable), and tests inject a fixed date with
+/// [`ChatTemplate::with_date`](super::ChatTemplate::with_date).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TemplateDate {
     /// 1..=9999 (Python's `datetime` range).

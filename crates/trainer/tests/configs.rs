@@ -50,5 +50,5 @@ fn other_configs_parse() {
     assert_eq!(c.model.quantization, Quantization::None);
     let p = load("pretrain-demo.toml");
     assert!(p.model.full_finetune);
-    assert_eq!(p.data.format, "text");
+    assert_eq!(p.data.format, Some(afinar_data::Format::Text));
 }

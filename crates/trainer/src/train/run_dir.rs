@@ -4,6 +4,9 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use afinar_data::jinja::TemplateDate;
+use afinar_data::TemplateKind;
+
 use super::{io, Result, Resume, TrainError, TrainOptions};
 use crate::checkpoint;
 use crate::config::Config;
@@ -65,17 +68,22 @@ fn dir_has_entries(p: &Path) -> bool {
 /// date is written into the run's config.toml, so every later resume renders the same text.
 pub(super) fn pin_template_date(cfg: &Config, resume_from: Option<&Path>) -> Config {
     let mut out = cfg.clone();
-    if !cfg.data.template_date.is_empty() || cfg.data.template != "tokenizer" {
+    if cfg.data.template_date.is_some() || cfg.data.template != TemplateKind::Tokenizer {
         return out;
     }
     let saved = resume_from.and_then(|p| {
         let path = p.join("config.toml");
         let text = fs::read_to_string(&path).ok()?;
         let saved = Config::from_toml_str(&text, &path.display().to_string(), &[]).ok()?;
-        (!saved.data.template_date.is_empty()).then_some(saved.data.template_date)
+        saved.data.template_date
     });
-    out.data.template_date =
-        saved.unwrap_or_else(|| afinar_data::jinja::TemplateDate::now_local().to_string());
+    // The config form keeps whole seconds: the run renders with the reading its config.toml records,
+    // so a resume renders the same text.
+    out.data.template_date = Some(saved.unwrap_or_else(|| {
+        TemplateDate::now_local()
+            .with_microsecond(0)
+            .expect("0 is a valid microsecond")
+    }));
     out
 }
 

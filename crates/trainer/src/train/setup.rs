@@ -32,46 +32,21 @@ pub fn config_hash(cfg: &Config) -> String {
 }
 
 /// The data-crate view of `[data]`.
-pub fn data_config(cfg: &Config) -> Result<DataConfig> {
+pub fn data_config(cfg: &Config) -> DataConfig {
     let d = &cfg.data;
-    let inv = |key: &str, e: afinar_data::DataError| TrainError::Invalid {
-        key: key.into(),
-        reason: e.to_string(),
-    };
-    let mut dc = DataConfig::new(
-        &d.train,
-        d.template.parse().map_err(|e| inv("data.template", e))?,
-    );
-    dc.format = if d.format == "auto" {
-        None
-    } else {
-        Some(d.format.parse().map_err(|e| inv("data.format", e))?)
-    };
-    dc.mask = d.mask.parse().map_err(|e| inv("data.mask", e))?;
-    if !d.template_date.is_empty() {
-        dc.template_date =
-            Some(
-                d.template_date
-                    .parse()
-                    .map_err(|e: String| TrainError::Invalid {
-                        key: "data.template_date".into(),
-                        reason: e,
-                    })?,
-            );
-    }
+    let mut dc = DataConfig::new(&d.train, d.template);
+    dc.format = d.format;
+    dc.mask = d.mask;
+    dc.template_date = d.template_date;
     dc.max_seq_len = d.max_seq_len;
-    dc.overflow = match d.length_strategy {
-        crate::config::LengthStrategy::Truncate => afinar_data::Overflow::Truncate,
-        crate::config::LengthStrategy::Drop => afinar_data::Overflow::Drop,
-        crate::config::LengthStrategy::Error => afinar_data::Overflow::Error,
-    };
+    dc.overflow = d.length_strategy;
     if !d.eval.as_os_str().is_empty() {
         dc.eval_path = Some(d.eval.clone());
     } else if d.eval_fraction > 0.0 {
         dc.eval_fraction = Some(d.eval_fraction);
     }
     dc.split_seed = d.seed;
-    Ok(dc)
+    dc
 }
 
 /// The tokens a template spends on a minimal one-character exchange: `max_seq_len` must leave room for
@@ -164,7 +139,7 @@ pub(super) fn prepare_data(cfg: &Config, model_cfg: &Gemma2Config) -> Result<Pre
         });
     }
     let tokenizer = TextTokenizer::from_model_dir(&cfg.model.path)?;
-    let dc = data_config(cfg)?;
+    let dc = data_config(cfg);
     let template = afinar_data::Template::new(dc.template, &tokenizer)?;
     if let Some(over) = template_overhead(&template, &tokenizer) {
         if cfg.data.max_seq_len <= over {

@@ -216,6 +216,7 @@ fn locate_bad_key(sec: &str, value: &toml::Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use afinar_gemma::Target;
     use std::path::PathBuf;
 
     #[test]
@@ -233,13 +234,24 @@ mod tests {
         .unwrap();
         assert_eq!(c.train.lr, 3e-4);
         assert_eq!(c.model.path, PathBuf::from("/m/gemma"));
-        assert_eq!(c.lora.targets, vec!["q_proj"]);
+        assert_eq!(c.lora.targets, vec![Target::QProj]);
         assert_eq!(c.output.run_name, "123");
         let c =
             Config::from_toml_str("", "x.toml", &["lora.targets=q_proj, v_proj".into()]).unwrap();
-        assert_eq!(c.lora.targets, vec!["q_proj", "v_proj"]);
+        assert_eq!(c.lora.targets, vec![Target::QProj, Target::VProj]);
         let c = Config::from_toml_str("", "x.toml", &["lora.targets=all-linear".into()]).unwrap();
-        assert_eq!(c.lora.resolved_targets().len(), 7);
+        assert_eq!(c.lora.targets, Target::ALL.to_vec());
+        // Canonical order, no duplicates; an unknown module is refused by key, naming the valid ones.
+        let c = Config::from_toml_str("", "x.toml", &["lora.targets=v_proj,q_proj,v_proj".into()])
+            .unwrap();
+        assert_eq!(c.lora.targets, vec![Target::QProj, Target::VProj]);
+        let e = Config::from_toml_str("[lora]\ntargets = [\"qkv\"]\n", "x.toml", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("lora.targets") && e.contains("\"qkv\"") && e.contains("gate_proj"),
+            "{e}"
+        );
         let e = Config::from_toml_str("", "x.toml", &["train.lrate=1".into()])
             .unwrap_err()
             .to_string();

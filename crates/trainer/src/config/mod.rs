@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use afinar_data::jinja::TemplateDate;
 use afinar_data::names::{date_or_now, format_or_auto};
 use afinar_data::{Format, MaskMode, Overflow, TemplateKind};
+use afinar_gemma::Target;
 use serde::{Deserialize, Serialize};
 
 mod keys;
@@ -155,17 +156,6 @@ impl Default for ModelSection {
     }
 }
 
-/// The seven Gemma-2 projections LoRA can target.
-pub const LORA_TARGETS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
-
 /// `[lora]`: the adapters (PEFT `LoraConfig`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -179,8 +169,10 @@ pub struct LoraSection {
     /// rsLoRA scaling alpha/√r instead of alpha/r. Default false.
     pub rslora: bool,
     /// Target modules: any of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, or
-    /// "all-linear" (all seven). Default all seven.
-    pub targets: Vec<String>,
+    /// "all-linear" (all seven). Default all seven. Held in afinar-gemma's canonical order, without
+    /// duplicates (`parse_targets`).
+    #[serde(with = "lora_targets")]
+    pub targets: Vec<Target>,
 }
 
 impl Default for LoraSection {
@@ -190,22 +182,30 @@ impl Default for LoraSection {
             alpha: 32.0,
             dropout: 0.0,
             rslora: false,
-            targets: LORA_TARGETS.iter().map(|s| s.to_string()).collect(),
+            targets: Target::ALL.to_vec(),
         }
     }
 }
 
-impl LoraSection {
-    /// The targets with "all-linear" expanded, in the canonical order.
-    pub fn resolved_targets(&self) -> Vec<String> {
-        if self.targets.iter().any(|t| t == "all-linear") {
-            return LORA_TARGETS.iter().map(|s| s.to_string()).collect();
+/// `lora.targets` as a config writes it: module names or "all-linear", read through afinar-gemma's
+/// `parse_targets` (whose error names the valid modules), written back as module names.
+mod lora_targets {
+    use afinar_gemma::lora::parse_targets;
+    use afinar_gemma::Target;
+    use serde::de::Error as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(targets: &[Target], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(targets.iter().map(|t| t.name()))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Target>, D::Error> {
+        let names = Vec::<String>::deserialize(d)?;
+        if names.is_empty() {
+            // Refused by `Config::validate` unless the run trains every weight instead.
+            return Ok(Vec::new());
         }
-        LORA_TARGETS
-            .iter()
-            .filter(|t| self.targets.iter().any(|x| x == *t))
-            .map(|s| s.to_string())
-            .collect()
+        parse_targets(&names).map_err(D::Error::custom)
     }
 }
 

@@ -1,6 +1,6 @@
 //! Value checks of a config that need nothing but the config (and the existence of its paths).
 
-use super::{Config, ConfigError, ScheduleKind, LORA_TARGETS, MAX_GRAD_ACCUM};
+use super::{Config, ConfigError, ScheduleKind, MAX_GRAD_ACCUM};
 
 impl Config {
     /// Value checks that need nothing but the config. Paths are checked for existence too.
@@ -71,18 +71,6 @@ impl Config {
                     "[]".into(),
                     "name at least one target module",
                 ));
-            }
-            for tg in &l.targets {
-                if tg != "all-linear" && !LORA_TARGETS.contains(&tg.as_str()) {
-                    return Err(inv(
-                        "lora.targets",
-                        format!("{tg:?}"),
-                        &format!(
-                            "unknown module; valid: {} or \"all-linear\"",
-                            LORA_TARGETS.join(", ")
-                        ),
-                    ));
-                }
             }
         }
         if d.max_seq_len < 2 {
@@ -252,10 +240,7 @@ mod tests {
                 "data.train",
                 Box::new(|c| c.data.train = "/nonexistent/train.jsonl".into()),
             ),
-            (
-                "lora.targets",
-                Box::new(|c| c.lora.targets = vec!["qkv".into()]),
-            ),
+            ("lora.targets", Box::new(|c| c.lora.targets = vec![])),
             ("train.betas[1]", Box::new(|c| c.train.betas = [0.9, 1.0])),
             (
                 "train.grad_accum",

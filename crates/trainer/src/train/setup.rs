@@ -69,12 +69,13 @@ pub fn lora_config(cfg: &Config) -> Result<Option<LoraConfig>> {
         return Ok(None);
     }
     let l = &cfg.lora;
+    let targets: Vec<&str> = l.targets.iter().map(|t| t.name()).collect();
     Ok(Some(LoraConfig::new(
         l.r,
         l.alpha as f64,
         l.dropout as f64,
         l.rslora,
-        &l.resolved_targets(),
+        &targets,
     )?))
 }
 

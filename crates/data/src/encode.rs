@@ -19,9 +19,7 @@ use crate::tokenizer::TextTokenizer;
 pub const IGNORE_INDEX: i32 = -100;
 
 /// Which tokens are trained.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum MaskMode {
     /// Every assistant turn: content + end-of-turn markup (default).
@@ -65,9 +63,7 @@ impl std::str::FromStr for MaskMode {
 }
 
 /// What to do with a sample longer than `max_seq_len`.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Overflow {
     /// Keep the first `max_seq_len` tokens (a sample left with no trained token is dropped).

@@ -17,6 +17,7 @@ mod fastpath;
 pub mod inspect;
 pub mod jinja;
 pub mod loader;
+pub mod names;
 pub mod pack;
 pub mod record;
 pub mod template;

@@ -15,7 +15,7 @@ use serde_json::{Map, Value};
 use crate::error::{DataError, ErrorList, Loc, RecordError, Result};
 
 /// Dataset file format.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
     /// `{"instruction", "input"?, "output", "system"?}` (Stanford Alpaca fields).

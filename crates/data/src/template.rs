@@ -40,7 +40,7 @@ use crate::record::{Body, Message, Role};
 use crate::tokenizer::TextTokenizer;
 
 /// Which template renders the records.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TemplateKind {
     Alpaca,

@@ -2,7 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
-use afinar_trainer::config::{Device, Dtype, Quantization, ScheduleKind, LORA_TARGETS};
+use afinar_gemma::Target;
+use afinar_trainer::config::{Device, Dtype, Quantization, ScheduleKind};
 use afinar_trainer::Config;
 
 fn root() -> PathBuf {
@@ -37,7 +38,7 @@ fn gemma2_9b_qlora_is_the_seed_recipe() {
     assert_eq!(c.model.dtype, Dtype::Bf16);
     assert_eq!(c.model.device, Device::Cuda);
     assert_eq!((c.lora.r, c.lora.alpha), (16, 32.0));
-    assert_eq!(c.lora.resolved_targets(), LORA_TARGETS.to_vec());
+    assert_eq!(c.lora.targets, Target::ALL.to_vec());
     assert_eq!(c.train.lr, 2e-4);
     assert_eq!(c.train.schedule, ScheduleKind::Cosine);
     assert_eq!(c.train.warmup_ratio, 0.03);
@@ -50,5 +51,5 @@ fn other_configs_parse() {
     assert_eq!(c.model.quantization, Quantization::None);
     let p = load("pretrain-demo.toml");
     assert!(p.model.full_finetune);
-    assert_eq!(p.data.format, "text");
+    assert_eq!(p.data.format, Some(afinar_data::Format::Text));
 }

@@ -5,6 +5,7 @@
 #include "cuda_emu.h"
 #include "../common.cuh"
 #include "../elementwise.cu"
+#include "../dropout.cu"
 #include "../reduce.cu"
 #include "../rmsnorm.cu"
 #include "../cross_entropy.cu"

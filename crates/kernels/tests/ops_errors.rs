@@ -387,7 +387,7 @@ fn cpu_dequantize_range_checks_layout() {
     };
     let mut out = vec![0.0; 10];
     expect_shape(
-        afinar_kernels::cpu::dequant::dequantize_range(&bad, 100, &mut out),
+        afinar_kernels::cpu::nf4::dequantize_range(&bad, 100, &mut out),
         "nf4_dequantize",
         "w.absmax",
     );
@@ -397,7 +397,7 @@ fn cpu_dequantize_range_checks_layout() {
         absmax: Absmax::Plain(vec![1.0; 2]),
     };
     expect_invalid(
-        afinar_kernels::cpu::dequant::dequantize_range(&ok, 120, &mut out),
+        afinar_kernels::cpu::nf4::dequantize_range(&ok, 120, &mut out),
         "nf4_dequantize",
         "range",
     );

@@ -14,8 +14,8 @@
 //! (sized to stay in L2 while the GEMM streams it).
 
 use crate::backend::Accum;
-use crate::cpu::dequant::{check_nf4, dequantize_range};
 use crate::cpu::gemm::{gemm, MatMut, MatRef};
+use crate::cpu::nf4::{check_nf4, dequantize_range};
 use crate::error::{check_len, ensure, Result};
 use crate::nf4::Nf4Tensor;
 

@@ -5,7 +5,7 @@
 //! Buffers are host vectors: `Buf = Vec<f32>`, `Ids = Vec<i32>`, `Nf4 = Nf4Tensor`.
 //!
 //! Files: gemm (the three linear GEMMs + a strided `gemm`), lora (dense/NF4 LoRA linear, tiled NF4),
-//! dequant (NF4 tile dequantization), rmsnorm, rope, geglu, softcap, attention, cross_entropy, lm_head
+//! nf4 (NF4 tile dequantization), rmsnorm, rope, geglu, softcap, attention, cross_entropy, lm_head
 //! (chunked tied head + CE), embedding, elementwise (incl. `copy_range`), dropout (counter-based
 //! dropout masks), adamw.
 //!
@@ -15,7 +15,6 @@
 pub mod adamw;
 pub mod attention;
 pub mod cross_entropy;
-pub mod dequant;
 pub mod dropout;
 pub mod elementwise;
 pub mod embedding;
@@ -24,6 +23,7 @@ pub mod geglu;
 pub mod gemm;
 pub mod lm_head;
 pub mod lora;
+pub mod nf4;
 pub mod rmsnorm;
 pub mod rope;
 pub mod softcap;
@@ -215,7 +215,7 @@ impl Backend for Cpu {
         lora::lora_bwd(dy, x, weight(w), lora, dx, dx_acc, m, k, n)
     }
     fn nf4_dequantize(&self, w: &Nf4Tensor, out: &mut Vec<f32>) -> Result<()> {
-        dequant::nf4_dequantize(w, out)
+        nf4::nf4_dequantize(w, out)
     }
 
     fn rmsnorm_fwd(

@@ -30,6 +30,7 @@ pub(crate) const SOURCES: &[(&str, &str)] = &[
         "cross_entropy.cu",
         include_str!("../../../../kernels/cross_entropy.cu"),
     ),
+    ("dropout.cu", include_str!("../../../../kernels/dropout.cu")),
     (
         "elementwise.cu",
         include_str!("../../../../kernels/elementwise.cu"),

@@ -11,7 +11,8 @@
 //! from f32 inputs) goes through an f32 temporary. The fallback kernel takes any mix.
 
 use super::{be, Arg, Cuda, CudaBuf, Data, Dtype};
-use crate::error::{KernelError, Result};
+use crate::backend::Accum;
+use crate::error::{check_len, KernelError, Result};
 use crate::launch;
 use cudarc::cublas::{sys, CudaBlas};
 use cudarc::driver::{CudaStream, DevicePtr};
@@ -318,71 +319,109 @@ impl Cuda {
     pub(crate) fn mma_for(&self, bufs: &[&CudaBuf]) -> bool {
         self.bf16_mma() && bufs.iter().all(|b| b.dtype() != Dtype::F16)
     }
-
-    /// The NF4 linear without tensor-core kernels (sm_75 or f16 data), in either direction:
-    /// - forward (`Nf4Dir::Forward`, M > 8): out [M,N] (= or +=) X·W̃ᵀ + s·XA·Bᵀ, with
-    ///   `lora` = (xa [M,R], B [N,R], R, s);
-    /// - backward (`Nf4Dir::Backward`): dX [M,K] (= or +=) dY·W̃ + s·dYB·A, with
-    ///   `lora` = (dyb [M,R], A [R,K], R, s).
-    ///
-    /// W̃ [N, K] is dequantized whole into a temporary of the activation dtype (N·K·2 bytes for f16:
-    /// 98 MiB for Gemma-2-9B's largest projection, freed on return), then two cuBLAS GEMMs. The
-    /// caller has checked every length.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn nf4_dense(
-        &self,
-        dir: Nf4Dir,
-        x: &CudaBuf,
-        w: &super::CudaNf4,
-        out: &CudaBuf,
-        acc: bool,
-        lora: Option<(&CudaBuf, &CudaBuf, usize, f32)>,
-        m: usize,
-        k: usize,
-        n: usize,
-    ) -> Result<()> {
-        let mut wt = self.zeros_as(n * k, self.alloc_dtype())?;
-        crate::backend::Backend::nf4_dequantize(self, w, &mut wt)?;
-        // Forward multiplies by W̃ᵀ and Bᵀ (out width N, inner K); backward by W̃ and A as stored
-        // (out width K, inner N).
-        let (width, inner, trans) = match dir {
-            Nf4Dir::Forward => (n, k, true),
-            Nf4Dir::Backward => (k, n, false),
-        };
-        let beta = if acc { 1.0 } else { 0.0 };
-        self.gemm(
-            op(x, 0, false),
-            op(&wt, 0, trans),
-            out,
-            0,
-            m,
-            width,
-            inner,
-            1.0,
-            beta,
-        )?;
-        match lora {
-            Some((xl, l, r, s)) if r > 0 => self.gemm(
-                op(xl, 0, false),
-                op(l, 0, trans),
-                out,
-                0,
-                m,
-                width,
-                r,
-                s,
-                1.0,
-            ),
-            _ => Ok(()),
-        }
-    }
 }
 
-/// Direction of [`Cuda::nf4_dense`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Nf4Dir {
-    Forward,
-    Backward,
+pub(super) fn matmul_xwt(
+    cu: &Cuda,
+    x: &CudaBuf,
+    w: &CudaBuf,
+    y: &mut CudaBuf,
+    m: usize,
+    k: usize,
+    n: usize,
+    acc: Accum,
+) -> Result<()> {
+    check_len("matmul_xwt", "x", x.len, m * k, || {
+        format!("[M={m}, K={k}]")
+    })?;
+    check_len("matmul_xwt", "w", w.len, n * k, || {
+        format!("[N={n}, K={k}]")
+    })?;
+    check_len("matmul_xwt", "y", y.len, m * n, || {
+        format!("[M={m}, N={n}]")
+    })?;
+    cu.gemm(
+        op(x, 0, false),
+        op(w, 0, true),
+        y,
+        0,
+        m,
+        n,
+        k,
+        1.0,
+        beta(acc),
+    )
+}
+
+pub(super) fn matmul_dyw(
+    cu: &Cuda,
+    dy: &CudaBuf,
+    w: &CudaBuf,
+    dx: &mut CudaBuf,
+    m: usize,
+    k: usize,
+    n: usize,
+    acc: Accum,
+) -> Result<()> {
+    check_len("matmul_dyw", "dy", dy.len, m * n, || {
+        format!("[M={m}, N={n}]")
+    })?;
+    check_len("matmul_dyw", "w", w.len, n * k, || {
+        format!("[N={n}, K={k}]")
+    })?;
+    check_len("matmul_dyw", "dx", dx.len, m * k, || {
+        format!("[M={m}, K={k}]")
+    })?;
+    cu.gemm(
+        op(dy, 0, false),
+        op(w, 0, false),
+        dx,
+        0,
+        m,
+        k,
+        n,
+        1.0,
+        beta(acc),
+    )
+}
+
+pub(super) fn matmul_dytx(
+    cu: &Cuda,
+    dy: &CudaBuf,
+    x: &CudaBuf,
+    dw: &mut CudaBuf,
+    m: usize,
+    k: usize,
+    n: usize,
+    acc: Accum,
+) -> Result<()> {
+    check_len("matmul_dytx", "dy", dy.len, m * n, || {
+        format!("[M={m}, N={n}]")
+    })?;
+    check_len("matmul_dytx", "x", x.len, m * k, || {
+        format!("[M={m}, K={k}]")
+    })?;
+    check_len("matmul_dytx", "dw", dw.len, n * k, || {
+        format!("[N={n}, K={k}]")
+    })?;
+    cu.gemm(
+        op(dy, 0, true),
+        op(x, 0, false),
+        dw,
+        0,
+        n,
+        k,
+        m,
+        1.0,
+        beta(acc),
+    )
+}
+
+fn beta(acc: Accum) -> f32 {
+    match acc {
+        Accum::Overwrite => 0.0,
+        Accum::Add => 1.0,
+    }
 }
 
 #[cfg(test)]

@@ -20,21 +20,36 @@
 //! explicit [`Dtype`] (tests, benchmarks).
 //!
 //! AdamW state: [`CudaAdamState`], either two f32 device buffers or, for the paged optimizer, a
-//! [`PagedAdamState`] in pinned host memory (paged.rs).
+//! [`PagedAdamState`] in pinned host memory (adamw_paged.rs).
 //!
 //! Streams: everything runs in order on the context's default stream; `to_host` and the ops that
 //! return host values synchronize.
 
+mod adamw;
+mod adamw_paged;
+mod attention;
+mod backend;
 mod compile;
+mod cross_entropy;
+mod dropout;
+mod elementwise;
+mod embedding;
+mod geglu;
 mod gemm;
 #[cfg(test)]
 mod gpu_tests;
-mod ops;
-mod paged;
+mod lm_head;
+mod lora;
+mod memory;
+mod nf4;
+mod reduce;
+mod rmsnorm;
+mod rope;
 mod signature;
+mod softcap;
 
+pub use adamw_paged::PagedAdamState;
 pub use gemm::GemmBackend;
-pub use paged::PagedAdamState;
 
 use crate::backend::{AdamMoments, Storage};
 use crate::error::{KernelError, Result};
@@ -218,6 +233,11 @@ pub(crate) enum Arg<'a> {
     I32(i32),
     I64(i64),
     F32(f32),
+}
+
+/// An element count as the kernels take it (`long long`).
+pub(crate) fn n64(n: usize) -> Arg<'static> {
+    Arg::I64(n as i64)
 }
 
 /// Construction options of [`Cuda`].

@@ -1,0 +1,115 @@
+//! AdamW: kernels/adamw.cu, with the CPU reference's host-computed scalars (`AdamScalars`), so both
+//! backends run the same f32 operations. Device-resident moments here; the paged optimizer in
+//! adamw_paged.rs. CPU twin: cpu/adamw.rs.
+
+use super::{n64, Arg, Cuda, CudaAdamState, CudaBuf, Dtype};
+use crate::backend::{AdamMoments, AdamW, Backend};
+use crate::cpu::adamw::AdamScalars;
+use crate::error::{check_len, Result};
+use crate::launch::{self};
+
+impl Cuda {
+    /// Launches `adamw_k` over n elements of (p, g, m, v) with the host-computed scalars `sc` (the
+    /// CPU reference's, so both backends run the same f32 operations; see kernels/adamw.cu).
+    pub(crate) fn launch_adamw(
+        &self,
+        p: Arg<'_>,
+        g: Arg<'_>,
+        m: Arg<'_>,
+        v: Arg<'_>,
+        n: usize,
+        sc: &AdamScalars,
+    ) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        self.launch(
+            "adamw.cu",
+            "adamw_k",
+            launch::elementwise(n),
+            &[
+                p,
+                g,
+                m,
+                v,
+                n64(n),
+                Arg::I32(sc.decay.is_some() as i32),
+                Arg::F32(sc.decay.unwrap_or(1.0)),
+                Arg::I32(sc.w1_small as i32),
+                Arg::F32(sc.w1),
+                Arg::F32(sc.w1_minus_1),
+                Arg::F32(sc.b2),
+                Arg::F32(sc.one_minus_b2),
+                Arg::F32(sc.neg_step_size),
+                Arg::F32(sc.bc2_sqrt),
+                Arg::F32(sc.eps),
+            ],
+        )
+    }
+}
+
+pub(super) fn adamw(
+    cu: &Cuda,
+    p: &mut CudaBuf,
+    g: &CudaBuf,
+    m: &mut CudaBuf,
+    v: &mut CudaBuf,
+    h: &AdamW,
+) -> Result<()> {
+    let n = p.len;
+    check_len("adamw", "g", g.len, n, || format!("[{n}]"))?;
+    check_len("adamw", "m", m.len, n, || format!("[{n}]"))?;
+    check_len("adamw", "v", v.len, n, || format!("[{n}]"))?;
+    let sc = AdamScalars::new("adamw", h)?;
+    cu.launch_adamw(Arg::Buf(p), Arg::Buf(g), Arg::Buf(m), Arg::Buf(v), n, &sc)
+}
+
+pub(super) fn adam_state(cu: &Cuda, n: usize, paged: bool) -> Result<CudaAdamState> {
+    Ok(if paged {
+        CudaAdamState::Paged(cu.paged_adam_state(n)?)
+    } else {
+        CudaAdamState::Device(AdamMoments {
+            m: cu.zeros_as(n, Dtype::F32)?,
+            v: cu.zeros_as(n, Dtype::F32)?,
+        })
+    })
+}
+
+pub(super) fn adam_state_from_host(
+    cu: &Cuda,
+    m: &[f32],
+    v: &[f32],
+    paged: bool,
+) -> Result<CudaAdamState> {
+    check_len("adam_state_from_host", "v", v.len(), m.len(), || {
+        format!("[len(m)={}]", m.len())
+    })?;
+    Ok(if paged {
+        CudaAdamState::Paged(cu.paged_adam_state_from_host(m, v)?)
+    } else {
+        CudaAdamState::Device(AdamMoments {
+            m: cu.from_host_as(m, Dtype::F32)?,
+            v: cu.from_host_as(v, Dtype::F32)?,
+        })
+    })
+}
+
+pub(super) fn adam_state_to_host(cu: &Cuda, s: &CudaAdamState) -> Result<(Vec<f32>, Vec<f32>)> {
+    match s {
+        CudaAdamState::Device(d) => Ok((cu.to_host(&d.m)?, cu.to_host(&d.v)?)),
+        CudaAdamState::Paged(p) => p.to_vecs(),
+    }
+}
+
+pub(super) fn adamw_step(
+    cu: &Cuda,
+    p: &mut CudaBuf,
+    g: &CudaBuf,
+    s: &mut CudaAdamState,
+    h: &AdamW,
+) -> Result<()> {
+    match s {
+        CudaAdamState::Device(d) => cu.adamw(p, g, &mut d.m, &mut d.v, h),
+        CudaAdamState::Paged(st) => cu.adamw_paged(p, g, st, h),
+    }
+}

@@ -1,0 +1,255 @@
+//! Causal attention forward and backward: kernels/attention.cu (tensor-core kernels for
+//! D ∈ {16, 32, 64, 128, 256} on sm_80+, CUDA-core kernels otherwise). CPU twin: cpu/attention.rs.
+
+use super::{Arg, Cuda, CudaBuf, CudaIds};
+use crate::backend::AttnShape;
+use crate::error::{check_len, ensure, Result};
+use crate::launch::{self, to_i32};
+
+pub(super) fn attn_fwd(
+    cu: &Cuda,
+    q: &CudaBuf,
+    k: &CudaBuf,
+    v: &CudaBuf,
+    seg: Option<&CudaIds>,
+    out: &mut CudaBuf,
+    lse: &mut CudaBuf,
+    s: &AttnShape,
+) -> Result<()> {
+    check_attn("attn_fwd", s)?;
+    let qn = s.b * s.t * s.nh * s.d;
+    let kn = s.b * s.tk * s.nkv * s.d;
+    check_len("attn_fwd", "q", q.len, qn, || attn_q_shape(s))?;
+    check_len("attn_fwd", "k", k.len, kn, || attn_k_shape(s))?;
+    check_len("attn_fwd", "v", v.len, kn, || attn_k_shape(s))?;
+    check_len("attn_fwd", "out", out.len, qn, || attn_q_shape(s))?;
+    check_len("attn_fwd", "lse", lse.len, s.b * s.nh * s.t, || {
+        format!("[B={}, NH={}, T={}]", s.b, s.nh, s.t)
+    })?;
+    let seg_arg = seg_arg("attn_fwd", seg, s.b * s.tk)?;
+    if qn == 0 {
+        return Ok(());
+    }
+    // Tensor cores for D ∈ {16, 32, 64, 128, 256} (Gemma-2: 256), CUDA cores otherwise; both take
+    // the same arguments.
+    let (l, kernel) = match launch::attention_mma(s.b, s.t, s.nh, s.d)? {
+        Some(plan) if !cu.simt_attention && cu.mma_for(&[q, k, v]) => plan,
+        _ => (launch::attention(s.b * s.t * s.nh, s.d)?, "attn_fwd_k"),
+    };
+    let (seg_a, has) = seg_arg;
+    cu.launch(
+        "attention.cu",
+        kernel,
+        l,
+        &[
+            Arg::Buf(q),
+            Arg::Buf(k),
+            Arg::Buf(v),
+            seg_a,
+            Arg::I32(has),
+            Arg::Buf(out),
+            Arg::Buf(lse),
+            Arg::I32(to_i32("attn_fwd", "b", s.b)?),
+            Arg::I32(to_i32("attn_fwd", "t", s.t)?),
+            Arg::I32(to_i32("attn_fwd", "tk", s.tk)?),
+            Arg::I32(to_i32("attn_fwd", "nh", s.nh)?),
+            Arg::I32(to_i32("attn_fwd", "nkv", s.nkv)?),
+            Arg::I32(to_i32("attn_fwd", "d", s.d)?),
+            Arg::F32(s.scale),
+            Arg::F32(s.softcap.unwrap_or(0.0)),
+            Arg::I32(to_i32("attn_fwd", "window", s.window.unwrap_or(0))?),
+        ],
+    )
+}
+
+pub(super) fn attn_bwd(
+    cu: &Cuda,
+    q: &CudaBuf,
+    k: &CudaBuf,
+    v: &CudaBuf,
+    seg: Option<&CudaIds>,
+    out: &CudaBuf,
+    lse: &CudaBuf,
+    dout: &CudaBuf,
+    dq: &mut CudaBuf,
+    dk: &mut CudaBuf,
+    dv: &mut CudaBuf,
+    s: &AttnShape,
+) -> Result<()> {
+    check_attn("attn_bwd", s)?;
+    ensure("attn_bwd", "tk", s.tk == s.t, || {
+        format!("the backward needs TK = T (got TK = {}, T = {})", s.tk, s.t)
+    })?;
+    let qn = s.b * s.t * s.nh * s.d;
+    let kn = s.b * s.t * s.nkv * s.d;
+    for (name, buf, want) in [("q", q, qn), ("out", out, qn), ("dout", dout, qn)] {
+        check_len("attn_bwd", name, buf.len, want, || attn_q_shape(s))?;
+    }
+    for (name, buf, want) in [("k", k, kn), ("v", v, kn)] {
+        check_len("attn_bwd", name, buf.len, want, || attn_k_shape(s))?;
+    }
+    check_len("attn_bwd", "dq", dq.len, qn, || attn_q_shape(s))?;
+    check_len("attn_bwd", "dk", dk.len, kn, || attn_k_shape(s))?;
+    check_len("attn_bwd", "dv", dv.len, kn, || attn_k_shape(s))?;
+    check_len("attn_bwd", "lse", lse.len, s.b * s.nh * s.t, || {
+        format!("[B={}, NH={}, T={}]", s.b, s.nh, s.t)
+    })?;
+    let (seg_a, has) = seg_arg("attn_bwd", seg, s.b * s.t)?;
+    if qn == 0 {
+        return Ok(());
+    }
+    let dims = [
+        Arg::I32(to_i32("attn_bwd", "b", s.b)?),
+        Arg::I32(to_i32("attn_bwd", "t", s.t)?),
+        Arg::I32(to_i32("attn_bwd", "nh", s.nh)?),
+        Arg::I32(to_i32("attn_bwd", "nkv", s.nkv)?),
+        Arg::I32(to_i32("attn_bwd", "d", s.d)?),
+    ];
+    let tail = [
+        Arg::F32(s.scale),
+        Arg::F32(s.softcap.unwrap_or(0.0)),
+        Arg::I32(to_i32("attn_bwd", "window", s.window.unwrap_or(0))?),
+    ];
+    let delta = cu.f32_scratch(s.b * s.nh * s.t)?;
+    let (bi, ti, nhi, di) = (
+        to_i32("attn_bwd", "b", s.b)?,
+        to_i32("attn_bwd", "t", s.t)?,
+        to_i32("attn_bwd", "nh", s.nh)?,
+        to_i32("attn_bwd", "d", s.d)?,
+    );
+    cu.launch(
+        "attention.cu",
+        "attn_bwd_delta_k",
+        launch::attention(s.b * s.t * s.nh, s.d)?,
+        &[
+            Arg::Buf(out),
+            Arg::Buf(dout),
+            Arg::F32s(&delta),
+            Arg::I32(bi),
+            Arg::I32(ti),
+            Arg::I32(nhi),
+            Arg::I32(di),
+        ],
+    )?;
+    // Tensor cores for D ∈ {16, 32, 64, 128, 256}: dq, dk, dv each in its own kernel.
+    if let Some((ldq, ldkv, [kdq, kdk, kdv])) =
+        launch::attention_mma_bwd(s.b, s.t, s.nh, s.nkv, s.d)?
+    {
+        if !cu.simt_attention && cu.mma_for(&[q, k, v, dout]) {
+            let seg_c = || match seg {
+                Some(sg) => Arg::I32s(&sg.data),
+                None => Arg::Null,
+            };
+            for (kernel, l, out) in [(kdq, ldq, &*dq), (kdk, ldkv, &*dk), (kdv, ldkv, &*dv)] {
+                let mut args = vec![
+                    Arg::Buf(q),
+                    Arg::Buf(k),
+                    Arg::Buf(v),
+                    seg_c(),
+                    Arg::I32(has),
+                    Arg::Buf(lse),
+                    Arg::F32s(&delta),
+                    Arg::Buf(dout),
+                    Arg::Buf(out),
+                ];
+                args.extend(dims.iter().map(clone_scalar));
+                args.extend(tail.iter().map(clone_scalar));
+                cu.launch("attention.cu", kernel, l, &args)?;
+            }
+            return Ok(());
+        }
+    }
+    let seg_b = match seg {
+        Some(sg) => Arg::I32s(&sg.data),
+        None => Arg::Null,
+    };
+    let mut args = vec![
+        Arg::Buf(q),
+        Arg::Buf(k),
+        Arg::Buf(v),
+        seg_a,
+        Arg::I32(has),
+        Arg::Buf(lse),
+        Arg::F32s(&delta),
+        Arg::Buf(dout),
+        Arg::Buf(dq),
+    ];
+    args.extend(dims.iter().map(clone_scalar));
+    args.extend(tail.iter().map(clone_scalar));
+    cu.launch(
+        "attention.cu",
+        "attn_bwd_dq_k",
+        launch::attention(s.b * s.t * s.nh, s.d)?,
+        &args,
+    )?;
+    let mut args = vec![
+        Arg::Buf(q),
+        Arg::Buf(k),
+        Arg::Buf(v),
+        seg_b,
+        Arg::I32(has),
+        Arg::Buf(lse),
+        Arg::F32s(&delta),
+        Arg::Buf(dout),
+        Arg::Buf(dk),
+        Arg::Buf(dv),
+    ];
+    args.extend(dims.iter().map(clone_scalar));
+    args.extend(tail.iter().map(clone_scalar));
+    cu.launch(
+        "attention.cu",
+        "attn_bwd_dkv_k",
+        launch::attention(s.b * s.t * s.nkv, s.d)?,
+        &args,
+    )
+}
+
+fn clone_scalar<'a>(a: &Arg<'a>) -> Arg<'a> {
+    match a {
+        Arg::I32(v) => Arg::I32(*v),
+        Arg::I64(v) => Arg::I64(*v),
+        Arg::F32(v) => Arg::F32(*v),
+        _ => Arg::Null,
+    }
+}
+
+fn check_attn(op: &'static str, s: &AttnShape) -> Result<()> {
+    ensure(op, "nkv", s.nkv > 0 && s.nh.is_multiple_of(s.nkv), || {
+        format!("NH = {} is not a multiple of NKV = {}", s.nh, s.nkv)
+    })?;
+    ensure(op, "tk", s.tk >= s.t, || {
+        format!("TK = {} < T = {}", s.tk, s.t)
+    })?;
+    ensure(op, "d", s.d > 0 && s.d <= launch::ATTN_MAX_D, || {
+        format!("head dim D = {} outside 1..={}", s.d, launch::ATTN_MAX_D)
+    })?;
+    if let Some(w) = s.window {
+        ensure(op, "window", w >= 1, || {
+            "a sliding window must hold at least 1 key".into()
+        })?;
+    }
+    if let Some(c) = s.softcap {
+        ensure(op, "softcap", c > 0.0 && c.is_finite(), || {
+            format!("soft-cap {c} must be finite and > 0")
+        })?;
+    }
+    Ok(())
+}
+
+fn attn_q_shape(s: &AttnShape) -> String {
+    format!("[B={}, T={}, NH={}, D={}]", s.b, s.t, s.nh, s.d)
+}
+
+fn attn_k_shape(s: &AttnShape) -> String {
+    format!("[B={}, TK={}, NKV={}, D={}]", s.b, s.tk, s.nkv, s.d)
+}
+
+fn seg_arg<'a>(op: &'static str, seg: Option<&'a CudaIds>, want: usize) -> Result<(Arg<'a>, i32)> {
+    match seg {
+        Some(sg) => {
+            check_len(op, "seg", sg.len, want, || format!("[B·TK={want}]"))?;
+            Ok((Arg::I32s(&sg.data), 1))
+        }
+        None => Ok((Arg::Null, 0)),
+    }
+}

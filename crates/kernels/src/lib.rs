@@ -3,6 +3,8 @@
 //!
 //! This crate knows nothing of models: ops take flat buffers and the dimensions that give them shape.
 
+#[cfg(any(test, feature = "cuda"))]
+mod abi;
 pub mod backend;
 pub mod cpu;
 #[cfg(feature = "cuda")]

@@ -2,7 +2,8 @@
 //! backends run the same f32 operations. Device-resident moments here; the paged optimizer in
 //! adamw_paged.rs. CPU twin: cpu/adamw.rs.
 
-use super::{n64, Arg, Cuda, CudaAdamState, CudaBuf, Dtype};
+use super::args::BufArg;
+use super::{n64, Cuda, CudaAdamState, CudaBuf, Dtype};
 use crate::backend::{AdamMoments, AdamW, Backend};
 use crate::cpu::adamw::AdamScalars;
 use crate::error::{check_len, Result};
@@ -13,37 +14,33 @@ impl Cuda {
     /// CPU reference's, so both backends run the same f32 operations; see kernels/adamw.cu).
     pub(crate) fn launch_adamw(
         &self,
-        p: Arg<'_>,
-        g: Arg<'_>,
-        m: Arg<'_>,
-        v: Arg<'_>,
+        p: BufArg<'_>,
+        g: BufArg<'_>,
+        m: BufArg<'_>,
+        v: BufArg<'_>,
         n: usize,
         sc: &AdamScalars,
     ) -> Result<()> {
         if n == 0 {
             return Ok(());
         }
-        self.launch(
-            "adamw.cu",
-            "adamw_k",
+        self.adamw_k(
             launch::elementwise(n),
-            &[
-                p,
-                g,
-                m,
-                v,
-                n64(n),
-                Arg::I32(sc.decay.is_some() as i32),
-                Arg::F32(sc.decay.unwrap_or(1.0)),
-                Arg::I32(sc.w1_small as i32),
-                Arg::F32(sc.w1),
-                Arg::F32(sc.w1_minus_1),
-                Arg::F32(sc.b2),
-                Arg::F32(sc.one_minus_b2),
-                Arg::F32(sc.neg_step_size),
-                Arg::F32(sc.bc2_sqrt),
-                Arg::F32(sc.eps),
-            ],
+            p,
+            g,
+            m,
+            v,
+            n64(n),
+            sc.decay.is_some() as i32,
+            sc.decay.unwrap_or(1.0),
+            sc.w1_small as i32,
+            sc.w1,
+            sc.w1_minus_1,
+            sc.b2,
+            sc.one_minus_b2,
+            sc.neg_step_size,
+            sc.bc2_sqrt,
+            sc.eps,
         )
     }
 }
@@ -61,7 +58,7 @@ pub(super) fn adamw(
     check_len("adamw", "m", m.len, n, || format!("[{n}]"))?;
     check_len("adamw", "v", v.len, n, || format!("[{n}]"))?;
     let sc = AdamScalars::new("adamw", h)?;
-    cu.launch_adamw(Arg::Buf(p), Arg::Buf(g), Arg::Buf(m), Arg::Buf(v), n, &sc)
+    cu.launch_adamw(p.into(), g.into(), m.into(), v.into(), n, &sc)
 }
 
 pub(super) fn adam_state(cu: &Cuda, n: usize, paged: bool) -> Result<CudaAdamState> {

@@ -8,7 +8,8 @@
 //! scalars are the resident step's (`adamw_k`, `AdamScalars`), so paged and resident give
 //! bit-identical parameters and moments.
 
-use super::{be, Arg, Cuda, CudaBuf, Data, Dtype};
+use super::args::BufArg;
+use super::{be, Cuda, CudaBuf, Data, Dtype};
 use crate::backend::AdamW;
 use crate::cpu::adamw::AdamScalars;
 use crate::error::{check_len, KernelError, Result};
@@ -117,10 +118,10 @@ impl Cuda {
                     .map_err(be("state host to device"))?;
             }
             self.launch_adamw(
-                Arg::BufAt(p, off),
-                Arg::BufAt(g, off),
-                Arg::Buf(&dm),
-                Arg::Buf(&dv),
+                BufArg::at(p, off),
+                BufArg::at(g, off),
+                (&dm).into(),
+                (&dv).into(),
                 c,
                 &sc,
             )?;

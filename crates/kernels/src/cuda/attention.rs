@@ -1,11 +1,13 @@
 //! Causal attention forward and backward: kernels/attention.cu (tensor-core kernels for
 //! D ∈ {16, 32, 64, 128, 256} on sm_80+, CUDA-core kernels otherwise). CPU twin: cpu/attention.rs.
 
-use super::{Arg, Cuda, CudaBuf, CudaIds};
+use super::{Cuda, CudaBuf, CudaIds};
 use crate::backend::AttnShape;
 use crate::error::{check_len, ensure, Result};
 use crate::launch::{self, to_i32};
+use cudarc::driver::CudaSlice;
 
+#[allow(clippy::too_many_arguments)]
 pub(super) fn attn_fwd(
     cu: &Cuda,
     q: &CudaBuf,
@@ -26,7 +28,7 @@ pub(super) fn attn_fwd(
     check_len("attn_fwd", "lse", lse.len, s.b * s.nh * s.t, || {
         format!("[B={}, NH={}, T={}]", s.b, s.nh, s.t)
     })?;
-    let seg_arg = seg_arg("attn_fwd", seg, s.b * s.tk)?;
+    let (seg_p, has_seg) = seg_arg("attn_fwd", seg, s.b * s.tk)?;
     if qn == 0 {
         return Ok(());
     }
@@ -36,32 +38,31 @@ pub(super) fn attn_fwd(
         Some(plan) if !cu.simt_attention && cu.mma_for(&[q, k, v]) => plan,
         _ => (launch::attention(s.b * s.t * s.nh, s.d)?, "attn_fwd_k"),
     };
-    let (seg_a, has) = seg_arg;
-    cu.launch(
-        "attention.cu",
+    let out: &CudaBuf = out;
+    let lse: &CudaBuf = lse;
+    cu.attn_fwd_any_k(
         kernel,
         l,
-        &[
-            Arg::Buf(q),
-            Arg::Buf(k),
-            Arg::Buf(v),
-            seg_a,
-            Arg::I32(has),
-            Arg::Buf(out),
-            Arg::Buf(lse),
-            Arg::I32(to_i32("attn_fwd", "b", s.b)?),
-            Arg::I32(to_i32("attn_fwd", "t", s.t)?),
-            Arg::I32(to_i32("attn_fwd", "tk", s.tk)?),
-            Arg::I32(to_i32("attn_fwd", "nh", s.nh)?),
-            Arg::I32(to_i32("attn_fwd", "nkv", s.nkv)?),
-            Arg::I32(to_i32("attn_fwd", "d", s.d)?),
-            Arg::F32(s.scale),
-            Arg::F32(s.softcap.unwrap_or(0.0)),
-            Arg::I32(to_i32("attn_fwd", "window", s.window.unwrap_or(0))?),
-        ],
+        q,
+        k,
+        v,
+        seg_p,
+        has_seg,
+        out,
+        lse,
+        to_i32("attn_fwd", "b", s.b)?,
+        to_i32("attn_fwd", "t", s.t)?,
+        to_i32("attn_fwd", "tk", s.tk)?,
+        to_i32("attn_fwd", "nh", s.nh)?,
+        to_i32("attn_fwd", "nkv", s.nkv)?,
+        to_i32("attn_fwd", "d", s.d)?,
+        s.scale,
+        s.softcap.unwrap_or(0.0),
+        to_i32("attn_fwd", "window", s.window.unwrap_or(0))?,
     )
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(super) fn attn_bwd(
     cu: &Cuda,
     q: &CudaBuf,
@@ -94,123 +95,87 @@ pub(super) fn attn_bwd(
     check_len("attn_bwd", "lse", lse.len, s.b * s.nh * s.t, || {
         format!("[B={}, NH={}, T={}]", s.b, s.nh, s.t)
     })?;
-    let (seg_a, has) = seg_arg("attn_bwd", seg, s.b * s.t)?;
+    let (seg_p, has_seg) = seg_arg("attn_bwd", seg, s.b * s.t)?;
     if qn == 0 {
         return Ok(());
     }
-    let dims = [
-        Arg::I32(to_i32("attn_bwd", "b", s.b)?),
-        Arg::I32(to_i32("attn_bwd", "t", s.t)?),
-        Arg::I32(to_i32("attn_bwd", "nh", s.nh)?),
-        Arg::I32(to_i32("attn_bwd", "nkv", s.nkv)?),
-        Arg::I32(to_i32("attn_bwd", "d", s.d)?),
-    ];
-    let tail = [
-        Arg::F32(s.scale),
-        Arg::F32(s.softcap.unwrap_or(0.0)),
-        Arg::I32(to_i32("attn_bwd", "window", s.window.unwrap_or(0))?),
-    ];
-    let delta = cu.f32_scratch(s.b * s.nh * s.t)?;
-    let (bi, ti, nhi, di) = (
+    let (b, t, nh, nkv, d) = (
         to_i32("attn_bwd", "b", s.b)?,
         to_i32("attn_bwd", "t", s.t)?,
         to_i32("attn_bwd", "nh", s.nh)?,
+        to_i32("attn_bwd", "nkv", s.nkv)?,
         to_i32("attn_bwd", "d", s.d)?,
     );
-    cu.launch(
-        "attention.cu",
-        "attn_bwd_delta_k",
+    let (scale, cap) = (s.scale, s.softcap.unwrap_or(0.0));
+    let window = to_i32("attn_bwd", "window", s.window.unwrap_or(0))?;
+    let delta = cu.f32_scratch(s.b * s.nh * s.t)?;
+    cu.attn_bwd_delta_k(
         launch::attention(s.b * s.t * s.nh, s.d)?,
-        &[
-            Arg::Buf(out),
-            Arg::Buf(dout),
-            Arg::F32s(&delta),
-            Arg::I32(bi),
-            Arg::I32(ti),
-            Arg::I32(nhi),
-            Arg::I32(di),
-        ],
+        out,
+        dout,
+        &delta,
+        b,
+        t,
+        nh,
+        d,
     )?;
     // Tensor cores for D ∈ {16, 32, 64, 128, 256}: dq, dk, dv each in its own kernel.
     if let Some((ldq, ldkv, [kdq, kdk, kdv])) =
         launch::attention_mma_bwd(s.b, s.t, s.nh, s.nkv, s.d)?
     {
         if !cu.simt_attention && cu.mma_for(&[q, k, v, dout]) {
-            let seg_c = || match seg {
-                Some(sg) => Arg::I32s(&sg.data),
-                None => Arg::Null,
-            };
-            for (kernel, l, out) in [(kdq, ldq, &*dq), (kdk, ldkv, &*dk), (kdv, ldkv, &*dv)] {
-                let mut args = vec![
-                    Arg::Buf(q),
-                    Arg::Buf(k),
-                    Arg::Buf(v),
-                    seg_c(),
-                    Arg::I32(has),
-                    Arg::Buf(lse),
-                    Arg::F32s(&delta),
-                    Arg::Buf(dout),
-                    Arg::Buf(out),
-                ];
-                args.extend(dims.iter().map(clone_scalar));
-                args.extend(tail.iter().map(clone_scalar));
-                cu.launch("attention.cu", kernel, l, &args)?;
+            for (kernel, l, grad) in [(kdq, ldq, &*dq), (kdk, ldkv, &*dk), (kdv, ldkv, &*dv)] {
+                cu.attn_bwd_mma_k(
+                    kernel, l, q, k, v, seg_p, has_seg, lse, &delta, dout, grad, b, t, nh, nkv, d,
+                    scale, cap, window,
+                )?;
             }
             return Ok(());
         }
     }
-    let seg_b = match seg {
-        Some(sg) => Arg::I32s(&sg.data),
-        None => Arg::Null,
-    };
-    let mut args = vec![
-        Arg::Buf(q),
-        Arg::Buf(k),
-        Arg::Buf(v),
-        seg_a,
-        Arg::I32(has),
-        Arg::Buf(lse),
-        Arg::F32s(&delta),
-        Arg::Buf(dout),
-        Arg::Buf(dq),
-    ];
-    args.extend(dims.iter().map(clone_scalar));
-    args.extend(tail.iter().map(clone_scalar));
-    cu.launch(
-        "attention.cu",
-        "attn_bwd_dq_k",
+    let dq: &CudaBuf = dq;
+    cu.attn_bwd_dq_k(
         launch::attention(s.b * s.t * s.nh, s.d)?,
-        &args,
+        q,
+        k,
+        v,
+        seg_p,
+        has_seg,
+        lse,
+        &delta,
+        dout,
+        dq,
+        b,
+        t,
+        nh,
+        nkv,
+        d,
+        scale,
+        cap,
+        window,
     )?;
-    let mut args = vec![
-        Arg::Buf(q),
-        Arg::Buf(k),
-        Arg::Buf(v),
-        seg_b,
-        Arg::I32(has),
-        Arg::Buf(lse),
-        Arg::F32s(&delta),
-        Arg::Buf(dout),
-        Arg::Buf(dk),
-        Arg::Buf(dv),
-    ];
-    args.extend(dims.iter().map(clone_scalar));
-    args.extend(tail.iter().map(clone_scalar));
-    cu.launch(
-        "attention.cu",
-        "attn_bwd_dkv_k",
+    let (dk, dv): (&CudaBuf, &CudaBuf) = (dk, dv);
+    cu.attn_bwd_dkv_k(
         launch::attention(s.b * s.t * s.nkv, s.d)?,
-        &args,
+        q,
+        k,
+        v,
+        seg_p,
+        has_seg,
+        lse,
+        &delta,
+        dout,
+        dk,
+        dv,
+        b,
+        t,
+        nh,
+        nkv,
+        d,
+        scale,
+        cap,
+        window,
     )
-}
-
-fn clone_scalar<'a>(a: &Arg<'a>) -> Arg<'a> {
-    match a {
-        Arg::I32(v) => Arg::I32(*v),
-        Arg::I64(v) => Arg::I64(*v),
-        Arg::F32(v) => Arg::F32(*v),
-        _ => Arg::Null,
-    }
 }
 
 fn check_attn(op: &'static str, s: &AttnShape) -> Result<()> {
@@ -244,12 +209,17 @@ fn attn_k_shape(s: &AttnShape) -> String {
     format!("[B={}, TK={}, NKV={}, D={}]", s.b, s.tk, s.nkv, s.d)
 }
 
-fn seg_arg<'a>(op: &'static str, seg: Option<&'a CudaIds>, want: usize) -> Result<(Arg<'a>, i32)> {
+/// The segment-id pointer (null when absent) and the `has_seg` flag, after checking its length.
+fn seg_arg<'a>(
+    op: &'static str,
+    seg: Option<&'a CudaIds>,
+    want: usize,
+) -> Result<(Option<&'a CudaSlice<i32>>, i32)> {
     match seg {
         Some(sg) => {
             check_len(op, "seg", sg.len, want, || format!("[B·TK={want}]"))?;
-            Ok((Arg::I32s(&sg.data), 1))
+            Ok((Some(&sg.data), 1))
         }
-        None => Ok((Arg::Null, 0)),
+        None => Ok((None, 0)),
     }
 }

@@ -1,7 +1,7 @@
 //! Soft-capped cross-entropy over materialized logits: kernels/cross_entropy.cu (`ce_row_k`) and
 //! reduce.cu for the sum. CPU twin: cpu/cross_entropy.rs.
 
-use super::{be, Arg, Cuda, CudaBuf, CudaIds, Data, Dtype};
+use super::{be, Cuda, CudaBuf, CudaIds, Data, Dtype};
 use crate::error::{check_len, ensure, KernelError, Result};
 use crate::launch::{self, to_i32};
 use cudarc::driver::CudaSlice;
@@ -35,6 +35,7 @@ impl Cuda {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(super) fn cross_entropy(
     cu: &Cuda,
     logits: &CudaBuf,
@@ -64,23 +65,19 @@ pub(super) fn cross_entropy(
     let row_loss = cu.zeros_as(n, Dtype::F32)?;
     let l = launch::rows("cross_entropy", n, v, 1024)?;
     let (d_arg, want) = match dlogits {
-        Some(d) => (Arg::Buf(&*d), 1),
-        None => (Arg::NullBuf, 0),
+        Some(d) => (Some(&*d), 1),
+        None => (None, 0),
     };
-    cu.launch(
-        "cross_entropy.cu",
-        "ce_row_k",
+    cu.ce_row_k(
         l,
-        &[
-            Arg::Buf(logits),
-            Arg::I32s(&labels.data),
-            Arg::I32(to_i32("cross_entropy", "v", v)?),
-            Arg::F32(cap),
-            Arg::F32(grad_scale),
-            d_arg,
-            Arg::I32(want),
-            Arg::F32s(f32_slice(&row_loss)?),
-        ],
+        logits,
+        &labels.data,
+        to_i32("cross_entropy", "v", v)?,
+        cap,
+        grad_scale,
+        d_arg,
+        want,
+        f32_slice(&row_loss)?,
     )?;
     Ok((cu.reduce(&row_loss, 0, n, 1)?, count))
 }

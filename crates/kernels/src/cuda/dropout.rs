@@ -1,7 +1,7 @@
 //! Counter-based dropout masks: kernels/dropout.cu. CPU twin (and the reference for the bits):
 //! cpu/dropout.rs.
 
-use super::{n64, Arg, Cuda, CudaBuf};
+use super::{n64, Cuda, CudaBuf};
 use crate::cpu::dropout::{check_p, keep_value, mask_key, threshold};
 use crate::error::Result;
 use crate::launch::{self};
@@ -21,16 +21,12 @@ pub(super) fn dropout_mask(
     // kernel only hashes indices (identical integer arithmetic), so the bits match the CPU's.
     let (key, thr, keep) = (mask_key(seed, stream), threshold(p), keep_value(p));
     let out: &CudaBuf = out;
-    cu.launch(
-        "dropout.cu",
-        "dropout_mask_k",
+    cu.dropout_mask_k(
         launch::elementwise(out.len),
-        &[
-            Arg::Buf(out),
-            n64(out.len),
-            Arg::I64(key as i64),
-            Arg::I64(thr as i64),
-            Arg::F32(keep),
-        ],
+        out,
+        n64(out.len),
+        key as i64,
+        thr as i64,
+        keep,
     )
 }

@@ -1,28 +1,20 @@
 //! Elementwise ops (`copy`, `fill`, `copy_range`, `axpy`, `scale`, `mul`, `sum_squares`):
 //! kernels/elementwise.cu, and reduce.cu for the sum. CPU twin: cpu/elementwise.rs.
 
-use super::{n64, Arg, Cuda, CudaBuf};
+use super::args::BufArg;
+use super::{n64, Cuda, CudaBuf};
 use crate::cpu::elementwise::check_range;
 use crate::error::{check_len, Result};
 use crate::launch::{self};
 
 pub(super) fn copy(cu: &Cuda, src: &CudaBuf, dst: &mut CudaBuf) -> Result<()> {
     check_len("copy", "dst", dst.len, src.len, || format!("[{}]", src.len))?;
-    cu.launch(
-        "elementwise.cu",
-        "copy_k",
-        launch::elementwise(src.len),
-        &[Arg::Buf(src), Arg::Buf(dst), n64(src.len)],
-    )
+    cu.copy_k(launch::elementwise(src.len), src, dst, n64(src.len))
 }
 
 pub(super) fn fill(cu: &Cuda, buf: &mut CudaBuf, value: f32) -> Result<()> {
-    cu.launch(
-        "elementwise.cu",
-        "fill_k",
-        launch::elementwise(buf.len),
-        &[Arg::Buf(buf), n64(buf.len), Arg::F32(value)],
-    )
+    let n = buf.len;
+    cu.fill_k(launch::elementwise(n), buf, n64(n), value)
 }
 
 pub(super) fn copy_range(
@@ -42,42 +34,28 @@ pub(super) fn copy_range(
     // does); both ranges were checked to lie inside the buffers' logical lengths, which never
     // exceed their allocations.
     let dst: &CudaBuf = dst;
-    cu.launch(
-        "elementwise.cu",
-        "copy_k",
+    cu.copy_k(
         launch::elementwise(n),
-        &[Arg::BufAt(src, src_off), Arg::BufAt(dst, dst_off), n64(n)],
+        BufArg::at(src, src_off),
+        BufArg::at(dst, dst_off),
+        n64(n),
     )
 }
 
 pub(super) fn axpy(cu: &Cuda, alpha: f32, x: &CudaBuf, y: &mut CudaBuf) -> Result<()> {
     check_len("axpy", "y", y.len, x.len, || format!("[{}]", x.len))?;
-    cu.launch(
-        "elementwise.cu",
-        "axpy_k",
-        launch::elementwise(x.len),
-        &[Arg::F32(alpha), Arg::Buf(x), Arg::Buf(y), n64(x.len)],
-    )
+    cu.axpy_k(launch::elementwise(x.len), alpha, x, y, n64(x.len))
 }
 
 pub(super) fn scale(cu: &Cuda, x: &mut CudaBuf, alpha: f32) -> Result<()> {
-    cu.launch(
-        "elementwise.cu",
-        "scale_k",
-        launch::elementwise(x.len),
-        &[Arg::Buf(x), n64(x.len), Arg::F32(alpha)],
-    )
+    let n = x.len;
+    cu.scale_k(launch::elementwise(n), x, n64(n), alpha)
 }
 
 pub(super) fn mul(cu: &Cuda, x: &mut CudaBuf, m: &CudaBuf) -> Result<()> {
     check_len("mul", "m", m.len, x.len, || format!("[{}]", x.len))?;
     let x: &CudaBuf = x;
-    cu.launch(
-        "elementwise.cu",
-        "mul_k",
-        launch::elementwise(x.len),
-        &[Arg::Buf(x), Arg::Buf(m), Arg::Buf(x), n64(x.len)],
-    )
+    cu.mul_k(launch::elementwise(x.len), x, m, x, n64(x.len))
 }
 
 pub(super) fn sum_squares(cu: &Cuda, x: &CudaBuf) -> Result<f64> {

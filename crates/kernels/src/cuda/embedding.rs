@@ -1,6 +1,7 @@
 //! Embedding lookup and its scatter-add backward: kernels/embedding.cu. CPU twin: cpu/embedding.rs.
 
-use super::{be, n64, Arg, Cuda, CudaBuf, CudaIds};
+use super::args::PtrArg;
+use super::{be, n64, Cuda, CudaBuf, CudaIds};
 use crate::error::{check_len, ensure, KernelError, Result};
 use crate::launch::{self, to_i32};
 use cudarc::driver::CudaSlice;
@@ -19,23 +20,13 @@ impl Cuda {
             return Ok(None);
         }
         let bad: CudaSlice<i32> = self.stream.clone_htod(&[i32::MAX]).map_err(be("alloc"))?;
-        let f = if labels {
-            "labels_check_k"
-        } else {
-            "ids_check_k"
-        };
         let vi = to_i32("ids", "v", v)?;
-        self.launch(
-            "embedding.cu",
-            f,
-            launch::elementwise(n),
-            &[
-                Arg::I32sAt(&ids.data, off),
-                n64(n),
-                Arg::I32(vi),
-                Arg::I32s(&bad),
-            ],
-        )?;
+        let (l, ids) = (launch::elementwise(n), PtrArg::At(&ids.data, off));
+        if labels {
+            self.labels_check_k(l, ids, n64(n), vi, &bad)?;
+        } else {
+            self.ids_check_k(l, ids, n64(n), vi, &bad)?;
+        }
         let host = self
             .stream
             .clone_dtoh(&bad)
@@ -82,17 +73,13 @@ pub(super) fn embedding_fwd(
         return Ok(());
     }
     let l = launch::rows("embedding_fwd", n, h, 256)?;
-    cu.launch(
-        "embedding.cu",
-        "embedding_fwd_k",
+    cu.embedding_fwd_k(
         l,
-        &[
-            Arg::I32s(&ids.data),
-            Arg::Buf(table),
-            Arg::Buf(out),
-            Arg::I32(to_i32("embedding_fwd", "h", h)?),
-            Arg::F32(scale),
-        ],
+        &ids.data,
+        table,
+        out,
+        to_i32("embedding_fwd", "h", h)?,
+        scale,
     )
 }
 
@@ -134,16 +121,12 @@ pub(super) fn embedding_bwd(
         return Ok(());
     }
     let l = launch::rows("embedding_bwd", n, h, 256)?;
-    cu.launch(
-        "embedding.cu",
-        "embedding_bwd_k",
+    cu.embedding_bwd_k(
         l,
-        &[
-            Arg::I32s(&ids.data),
-            Arg::Buf(dout),
-            Arg::Buf(dtable),
-            Arg::I32(to_i32("embedding_bwd", "h", h)?),
-            Arg::F32(scale),
-        ],
+        &ids.data,
+        dout,
+        dtable,
+        to_i32("embedding_bwd", "h", h)?,
+        scale,
     )
 }

@@ -1,6 +1,6 @@
 //! tanh-GELU gate × up: kernels/geglu.cu. CPU twin: cpu/geglu.rs.
 
-use super::{n64, Arg, Cuda, CudaBuf};
+use super::{n64, Cuda, CudaBuf};
 use crate::error::{check_len, Result};
 use crate::launch::{self};
 
@@ -11,12 +11,7 @@ pub(super) fn geglu_fwd(cu: &Cuda, gate: &CudaBuf, up: &CudaBuf, out: &mut CudaB
     check_len("geglu_fwd", "out", out.len, gate.len, || {
         format!("[{}]", gate.len)
     })?;
-    cu.launch(
-        "geglu.cu",
-        "geglu_fwd_k",
-        launch::elementwise(gate.len),
-        &[Arg::Buf(gate), Arg::Buf(up), Arg::Buf(out), n64(gate.len)],
-    )
+    cu.geglu_fwd_k(launch::elementwise(gate.len), gate, up, out, n64(gate.len))
 }
 
 pub(super) fn geglu_bwd(
@@ -32,17 +27,5 @@ pub(super) fn geglu_bwd(
     check_len("geglu_bwd", "up", up.len, n, || format!("[{n}]"))?;
     check_len("geglu_bwd", "dgate", dgate.len, n, || format!("[{n}]"))?;
     check_len("geglu_bwd", "dup", dup.len, n, || format!("[{n}]"))?;
-    cu.launch(
-        "geglu.cu",
-        "geglu_bwd_k",
-        launch::elementwise(n),
-        &[
-            Arg::Buf(dout),
-            Arg::Buf(gate),
-            Arg::Buf(up),
-            Arg::Buf(dgate),
-            Arg::Buf(dup),
-            n64(n),
-        ],
-    )
+    cu.geglu_bwd_k(launch::elementwise(n), dout, gate, up, dgate, dup, n64(n))
 }

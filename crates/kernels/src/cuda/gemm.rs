@@ -10,7 +10,8 @@
 //! through f32 ([`cublas_input_dtype`]). An output of another type than the inputs' (or a 16-bit output
 //! from f32 inputs) goes through an f32 temporary. The fallback kernel takes any mix.
 
-use super::{be, Arg, Cuda, CudaBuf, Data, Dtype};
+use super::args::BufArg;
+use super::{be, Cuda, CudaBuf, Data, Dtype};
 use crate::backend::Accum;
 use crate::error::{check_len, KernelError, Result};
 use crate::launch;
@@ -87,35 +88,26 @@ impl Cuda {
             // An empty reduction: C = beta·C.
             let tmp = self.slice_copy(c, c_off, m * n, c.dtype())?;
             let l = launch::elementwise(m * n);
-            self.launch(
-                "elementwise.cu",
-                "scale_k",
-                l,
-                &[Arg::Buf(&tmp), Arg::I64((m * n) as i64), Arg::F32(beta)],
-            )?;
+            self.scale_k(l, &tmp, (m * n) as i64, beta)?;
             return self.copy_into(&tmp, c, c_off);
         }
         match &self.gemm {
             GemmBackend::Fallback => {
                 let l = launch::gemm_fallback(m, n)?;
-                self.launch(
-                    "gemm.cu",
-                    "gemm_fallback_k",
+                self.gemm_fallback_k(
                     l,
-                    &[
-                        Arg::BufAt(a.buf, a.off),
-                        Arg::I64(lda as i64),
-                        Arg::I32(a.trans as i32),
-                        Arg::BufAt(b.buf, b.off),
-                        Arg::I64(ldb as i64),
-                        Arg::I32(b.trans as i32),
-                        Arg::BufAt(c, c_off),
-                        Arg::I32(mi),
-                        Arg::I32(ni),
-                        Arg::I32(ki),
-                        Arg::F32(alpha),
-                        Arg::F32(beta),
-                    ],
+                    BufArg::at(a.buf, a.off),
+                    lda as i64,
+                    a.trans as i32,
+                    BufArg::at(b.buf, b.off),
+                    ldb as i64,
+                    b.trans as i32,
+                    BufArg::at(c, c_off),
+                    mi,
+                    ni,
+                    ki,
+                    alpha,
+                    beta,
                 )
             }
             GemmBackend::Cublas(blas) => {
@@ -240,28 +232,14 @@ impl Cuda {
     ) -> Result<CudaBuf> {
         let out = self.zeros_as(len, dtype)?;
         let l = launch::elementwise(len);
-        self.launch(
-            "elementwise.cu",
-            "copy_k",
-            l,
-            &[Arg::BufAt(src, off), Arg::Buf(&out), Arg::I64(len as i64)],
-        )?;
+        self.copy_k(l, BufArg::at(src, off), &out, len as i64)?;
         Ok(out)
     }
 
     /// Copies all of `src` into `dst` starting at element `off` (converting dtype).
     pub(crate) fn copy_into(&self, src: &CudaBuf, dst: &CudaBuf, off: usize) -> Result<()> {
         let l = launch::elementwise(src.len);
-        self.launch(
-            "elementwise.cu",
-            "copy_k",
-            l,
-            &[
-                Arg::Buf(src),
-                Arg::BufAt(dst, off),
-                Arg::I64(src.len as i64),
-            ],
-        )
+        self.copy_k(l, src, BufArg::at(dst, off), src.len as i64)
     }
 }
 
@@ -321,6 +299,7 @@ impl Cuda {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(super) fn matmul_xwt(
     cu: &Cuda,
     x: &CudaBuf,
@@ -353,6 +332,7 @@ pub(super) fn matmul_xwt(
     )
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(super) fn matmul_dyw(
     cu: &Cuda,
     dy: &CudaBuf,
@@ -385,6 +365,7 @@ pub(super) fn matmul_dyw(
     )
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(super) fn matmul_dytx(
     cu: &Cuda,
     dy: &CudaBuf,

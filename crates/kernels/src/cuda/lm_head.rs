@@ -1,15 +1,17 @@
 //! Fused tied LM head + cross-entropy, chunked over rows: GEMMs (gemm.rs) around
 //! kernels/cross_entropy.cu's `ce_row_k`. CPU twin: cpu/lm_head.rs.
 
+use super::args::PtrArg;
 use super::cross_entropy::{check_cap, f32_slice};
 use super::gemm::op;
-use super::{Arg, Cuda, CudaBuf, CudaIds, Dtype};
+use super::{Cuda, CudaBuf, CudaIds, Dtype};
 use crate::error::{check_len, Result};
 use crate::launch::{self, to_i32};
 
 /// Bytes of f32 logits the fused LM head + cross-entropy keeps per row chunk.
 const LM_HEAD_CHUNK_BYTES: usize = 256 << 20;
 
+#[allow(clippy::too_many_arguments)]
 pub(super) fn lm_head_ce(
     cu: &Cuda,
     hidden: &CudaBuf,
@@ -83,20 +85,16 @@ pub(super) fn lm_head_ce(
         )?;
         // Loss per row, and the gradient written over the logits in place.
         let l = launch::rows("lm_head_ce", c, v, 1024)?;
-        cu.launch(
-            "cross_entropy.cu",
-            "ce_row_k",
+        cu.ce_row_k(
             l,
-            &[
-                Arg::Buf(&logits),
-                Arg::I32sAt(&labels.data, r0),
-                Arg::I32(vi),
-                Arg::F32(cap),
-                Arg::F32(grad_scale),
-                Arg::Buf(&logits),
-                Arg::I32(want as i32),
-                Arg::F32s(f32_slice(&row_loss)?),
-            ],
+            &logits,
+            PtrArg::At(&labels.data, r0),
+            vi,
+            cap,
+            grad_scale,
+            &logits,
+            want as i32,
+            f32_slice(&row_loss)?,
         )?;
         total += cu.reduce(&row_loss, 0, c, 1)?;
         if let Some(dh) = dhidden {

@@ -2,7 +2,7 @@
 //! base, nf4.rs for an NF4 base, kernels/lora.cu for the small-rank halves. CPU twin: cpu/lora.rs.
 
 use super::gemm::op;
-use super::{n64, Arg, Cuda, CudaBuf, Dtype};
+use super::{n64, Cuda, CudaBuf, Dtype};
 use crate::backend::{Accum, LoraGradRef, LoraRef, Weight};
 use crate::error::{check_len, ensure, Result};
 use crate::launch::{self, to_i32};
@@ -26,24 +26,20 @@ impl Cuda {
             return Ok(());
         }
         let (mask_arg, has) = match mask {
-            Some(mk) => (Arg::Buf(mk), 1),
-            None => (Arg::NullBuf, 0),
+            Some(mk) => (Some(mk), 1),
+            None => (None, 0),
         };
-        self.launch(
-            "lora.cu",
-            "lora_proj_k",
+        self.lora_proj_k(
             launch::lora_proj(m, r)?,
-            &[
-                Arg::Buf(x),
-                mask_arg,
-                Arg::I32(has),
-                Arg::Buf(w),
-                n64(sj),
-                n64(sk),
-                Arg::Buf(out),
-                Arg::I32(to_i32("lora", "k", kdim)?),
-                Arg::I32(to_i32("lora", "r", r)?),
-            ],
+            x,
+            mask_arg,
+            has,
+            w,
+            n64(sj),
+            n64(sk),
+            out,
+            to_i32("lora", "k", kdim)?,
+            to_i32("lora", "r", r)?,
         )
     }
 
@@ -61,6 +57,7 @@ impl Cuda {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(super) fn lora_fwd(
     cu: &Cuda,
     x: &CudaBuf,
@@ -116,19 +113,15 @@ pub(super) fn lora_fwd(
             cu.gemm(op(x, 0, false), op(wb, 0, true), y, 0, m, n, k, 1.0, 0.0)?;
             if let Some((xa, b, r, s)) = lora_parts {
                 // Dense base: a second pass over Y (cuBLAS owns the base GEMM's epilogue).
-                cu.launch(
-                    "lora.cu",
-                    "lora_add_k",
+                cu.lora_add_k(
                     launch::elementwise(m * n),
-                    &[
-                        Arg::Buf(y),
-                        Arg::Buf(xa),
-                        Arg::Buf(b),
-                        n64(m),
-                        Arg::I32(to_i32("lora_fwd", "n", n)?),
-                        Arg::I32(to_i32("lora_fwd", "r", r)?),
-                        Arg::F32(s),
-                    ],
+                    y,
+                    xa,
+                    b,
+                    n64(m),
+                    to_i32("lora_fwd", "n", n)?,
+                    to_i32("lora_fwd", "r", r)?,
+                    s,
                 )?;
             }
             Ok(())
@@ -142,6 +135,7 @@ pub(super) fn lora_fwd(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(super) fn lora_bwd(
     cu: &Cuda,
     dy: &CudaBuf,
@@ -203,42 +197,34 @@ pub(super) fn lora_bwd(
                 to_i32("lora_bwd", "n", n)?,
             );
             let (mask_arg, has) = match l.mask {
-                Some(mk) => (Arg::Buf(mk), 1),
-                None => (Arg::NullBuf, 0),
+                Some(mk) => (Some(mk), 1),
+                None => (None, 0),
             };
             // dA += s·dYBᵀ·drop(X);  dB += s·dYᵀ·XA.
             let da: &CudaBuf = l.da;
             let db: &CudaBuf = l.db;
             if m > 0 {
-                cu.launch(
-                    "lora.cu",
-                    "lora_da_k",
+                cu.lora_da_k(
                     launch::lora_cols(k, r)?,
-                    &[
-                        Arg::Buf(dyb),
-                        Arg::Buf(x),
-                        mask_arg,
-                        Arg::I32(has),
-                        Arg::Buf(da),
-                        n64(m),
-                        Arg::I32(ki),
-                        Arg::I32(ri),
-                        Arg::F32(l.scale),
-                    ],
+                    dyb,
+                    x,
+                    mask_arg,
+                    has,
+                    da,
+                    n64(m),
+                    ki,
+                    ri,
+                    l.scale,
                 )?;
-                cu.launch(
-                    "lora.cu",
-                    "lora_db_k",
+                cu.lora_db_k(
                     launch::lora_cols(n, r)?,
-                    &[
-                        Arg::Buf(dy),
-                        Arg::Buf(l.xa),
-                        Arg::Buf(db),
-                        n64(m),
-                        Arg::I32(ni),
-                        Arg::I32(ri),
-                        Arg::F32(l.scale),
-                    ],
+                    dy,
+                    l.xa,
+                    db,
+                    n64(m),
+                    ni,
+                    ri,
+                    l.scale,
                 )?;
             }
             Some((dyb, l.a, r, l.scale, l.mask))
@@ -249,24 +235,20 @@ pub(super) fn lora_bwd(
                        (dyb, a, r, s, mask): (&CudaBuf, &CudaBuf, usize, f32, Option<&CudaBuf>)|
      -> Result<()> {
         let (mask_arg, has) = match mask {
-            Some(mk) => (Arg::Buf(mk), 1),
-            None => (Arg::NullBuf, 0),
+            Some(mk) => (Some(mk), 1),
+            None => (None, 0),
         };
-        cuda.launch(
-            "lora.cu",
-            "lora_dx_k",
+        cuda.lora_dx_k(
             launch::elementwise(m * k),
-            &[
-                Arg::Buf(dx),
-                Arg::Buf(dyb),
-                Arg::Buf(a),
-                mask_arg,
-                Arg::I32(has),
-                n64(m),
-                Arg::I32(to_i32("lora_bwd", "k", k)?),
-                Arg::I32(to_i32("lora_bwd", "r", r)?),
-                Arg::F32(s),
-            ],
+            dx,
+            dyb,
+            a,
+            mask_arg,
+            has,
+            n64(m),
+            to_i32("lora_bwd", "k", k)?,
+            to_i32("lora_bwd", "r", r)?,
+            s,
         )
     };
     match w {

@@ -27,6 +27,7 @@
 
 mod adamw;
 mod adamw_paged;
+pub(crate) mod args;
 mod attention;
 mod backend;
 mod compile;
@@ -45,7 +46,6 @@ mod nf4;
 mod reduce;
 mod rmsnorm;
 mod rope;
-mod signature;
 mod softcap;
 
 pub use adamw_paged::PagedAdamState;
@@ -53,10 +53,7 @@ pub use gemm::GemmBackend;
 
 use crate::backend::{AdamMoments, Storage};
 use crate::error::{KernelError, Result};
-use crate::launch::Launch;
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream};
 use half::{bf16, f16};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -215,29 +212,9 @@ pub(crate) enum Nf4Scales {
     },
 }
 
-/// One kernel argument (see [`Cuda::launch`]). `Buf` pushes the pointer and then the dtype tag, which
-/// is how every buffer parameter of the kernels is declared (`const void* x, int xdt`).
-pub(crate) enum Arg<'a> {
-    Buf(&'a CudaBuf),
-    /// A buffer starting at an element offset (for row chunks).
-    BufAt(&'a CudaBuf, usize),
-    /// An unused optional buffer: a null pointer and the f32 tag.
-    NullBuf,
-    /// A bare pointer the kernel must not read (null).
-    Null,
-    I32s(&'a CudaSlice<i32>),
-    I32sAt(&'a CudaSlice<i32>, usize),
-    U8s(&'a CudaSlice<u8>),
-    F32s(&'a CudaSlice<f32>),
-    F64s(&'a CudaSlice<f64>),
-    I32(i32),
-    I64(i64),
-    F32(f32),
-}
-
 /// An element count as the kernels take it (`long long`).
-pub(crate) fn n64(n: usize) -> Arg<'static> {
-    Arg::I64(n as i64)
+pub(crate) fn n64(n: usize) -> i64 {
+    n as i64
 }
 
 /// Construction options of [`Cuda`].
@@ -451,7 +428,7 @@ impl Cuda {
     }
 
     /// The kernel `name` of `file`, compiling and loading the module on first use.
-    fn function(&self, file: &'static str, name: &str) -> Result<CudaFunction> {
+    pub(crate) fn function(&self, file: &'static str, name: &str) -> Result<CudaFunction> {
         let module = {
             let mut modules = self.modules.lock().map_err(|_| KernelError::Backend {
                 backend: "cuda",
@@ -484,110 +461,6 @@ impl Cuda {
                 msg: format!("kernel `{name}` not found in {file}: {e:?}"),
             })
     }
-
-    /// Launches `file`'s kernel `name` with `args` pushed in order.
-    pub(crate) fn launch(
-        &self,
-        file: &'static str,
-        name: &str,
-        l: Launch,
-        args: &[Arg<'_>],
-    ) -> Result<()> {
-        static NULL: u64 = 0;
-        // The argument kinds against the kernel's parameter list in its .cu source (count, and
-        // pointer / tag / int / long long / float per slot): a mismatch is an error here instead of
-        // undefined behaviour on the device.
-        signature::check(file, name, args)?;
-        let f = self.function(file, name)?;
-        let mut views = Vec::new();
-        let mut id_views = Vec::new();
-        for a in args {
-            match a {
-                Arg::BufAt(buf, off) => views.push(match &buf.data {
-                    Data::F32(s) => ViewAt::F32(s.slice(*off..)),
-                    Data::Bf16(s) => ViewAt::Bf16(s.slice(*off..)),
-                    Data::F16(s) => ViewAt::F16(s.slice(*off..)),
-                }),
-                Arg::I32sAt(s, off) => id_views.push(s.slice(*off..)),
-                _ => {}
-            }
-        }
-        let mut b = self.stream.launch_builder(&f);
-        let (mut vi, mut ii) = (0usize, 0usize);
-        for a in args {
-            match a {
-                Arg::Buf(buf) => {
-                    match &buf.data {
-                        Data::F32(s) => b.arg(s),
-                        Data::Bf16(s) => b.arg(s),
-                        Data::F16(s) => b.arg(s),
-                    };
-                    b.arg(buf.dtype().tag());
-                }
-                Arg::BufAt(buf, _) => {
-                    match &views[vi] {
-                        ViewAt::F32(v) => b.arg(v),
-                        ViewAt::Bf16(v) => b.arg(v),
-                        ViewAt::F16(v) => b.arg(v),
-                    };
-                    vi += 1;
-                    b.arg(buf.dtype().tag());
-                }
-                Arg::NullBuf => {
-                    b.arg(&NULL);
-                    b.arg(Dtype::F32.tag());
-                }
-                Arg::Null => {
-                    b.arg(&NULL);
-                }
-                Arg::I32s(s) => {
-                    b.arg(*s);
-                }
-                Arg::I32sAt(_, _) => {
-                    b.arg(&id_views[ii]);
-                    ii += 1;
-                }
-                Arg::U8s(s) => {
-                    b.arg(*s);
-                }
-                Arg::F32s(s) => {
-                    b.arg(*s);
-                }
-                Arg::F64s(s) => {
-                    b.arg(*s);
-                }
-                Arg::I32(v) => {
-                    b.arg(v);
-                }
-                Arg::I64(v) => {
-                    b.arg(v);
-                }
-                Arg::F32(v) => {
-                    b.arg(v);
-                }
-            }
-        }
-        let cfg = LaunchConfig {
-            grid_dim: l.grid,
-            block_dim: l.block,
-            shared_mem_bytes: l.shared_mem_bytes,
-        };
-        // SAFETY: `signature::check` above verified that `args` push the kernel's parameters of
-        // kernels/<file> in order and kind (pointer + int tag per buffer, typed pointers,
-        // `int`/`long long`/`float` scalars); the ops check buffer lengths against the dims first,
-        // and the kernels bound every access by those dims.
-        unsafe { b.launch(cfg) }.map_err(|e| KernelError::Backend {
-            backend: "cuda",
-            msg: format!("launching {name}: {e:?}"),
-        })?;
-        Ok(())
-    }
-}
-
-enum ViewAt<'a> {
-    F32(cudarc::driver::CudaView<'a, f32>),
-    Bf16(cudarc::driver::CudaView<'a, bf16>),
-    F16(cudarc::driver::CudaView<'a, f16>),
 }
 
 #[cfg(test)]
@@ -615,9 +488,9 @@ mod tests {
         assert_eq!(*Dtype::Bf16.tag(), 1);
         assert_eq!(*Dtype::F16.tag(), 2);
         assert!(
-            compile::COMMON.contains("#define DT_F32 0")
-                && compile::COMMON.contains("#define DT_BF16 1")
-                && compile::COMMON.contains("#define DT_F16 2")
+            crate::abi::COMMON.contains("#define DT_F32 0")
+                && crate::abi::COMMON.contains("#define DT_BF16 1")
+                && crate::abi::COMMON.contains("#define DT_F16 2")
         );
     }
 }

@@ -3,37 +3,35 @@
 //! without them). The format is `crate::nf4`; CPU twin: cpu/nf4.rs.
 
 use super::gemm::op;
-use super::{be, n64, Arg, Cuda, CudaBuf, CudaNf4, Nf4Scales};
+use super::{be, n64, Cuda, CudaBuf, CudaNf4, Nf4Scales};
+use cudarc::driver::CudaSlice;
+
+/// The six NF4 kernel arguments (see `Cuda::nf4_args`).
+type Nf4Args<'a> = (
+    &'a CudaSlice<u8>,
+    Option<&'a CudaSlice<u8>>,
+    &'a CudaSlice<f32>,
+    Option<&'a CudaSlice<f32>>,
+    f32,
+    i32,
+);
 use crate::error::{check_len, ensure, KernelError, Result};
 use crate::launch::{self, to_i32};
 use crate::nf4::{Absmax, Nf4Tensor, BLOCK, NESTED_BLOCK};
 
 impl Cuda {
-    /// The NF4 arguments every NF4 kernel takes: packed, codes, absmax, code8, offset, nested.
-    pub(super) fn nf4_args<'a>(w: &'a CudaNf4) -> [Arg<'a>; 6] {
+    /// The NF4 arguments every NF4 kernel takes: packed, codes, absmax, code8, offset, nested
+    /// (plain absmax: codes and code8 null, nested = 0).
+    pub(super) fn nf4_args(w: &CudaNf4) -> Nf4Args<'_> {
         match &w.scales {
-            Nf4Scales::Plain(a) => [
-                Arg::U8s(&w.packed),
-                Arg::Null,
-                Arg::F32s(a),
-                Arg::Null,
-                Arg::F32(0.0),
-                Arg::I32(0),
-            ],
+            Nf4Scales::Plain(a) => (&w.packed, None, a, None, 0.0, 0),
             Nf4Scales::Nested {
                 codes,
                 nested,
                 offset,
                 code8,
                 ..
-            } => [
-                Arg::U8s(&w.packed),
-                Arg::U8s(codes),
-                Arg::F32s(nested),
-                Arg::F32s(code8),
-                Arg::F32(*offset),
-                Arg::I32(1),
-            ],
+            } => (&w.packed, Some(codes), nested, Some(code8), *offset, 1),
         }
     }
 
@@ -110,39 +108,17 @@ impl Cuda {
             to_i32("lora_fwd", "k", k)?,
         );
         let (xa, lb, r, s) = match lora {
-            Some((xa, b, r, s)) => (Arg::Buf(xa), Arg::Buf(b), to_i32("lora_fwd", "r", r)?, s),
-            None => (Arg::NullBuf, Arg::NullBuf, 0, 0.0),
+            Some((xa, b, r, s)) => (Some(xa), Some(b), to_i32("lora_fwd", "r", r)?, s),
+            None => (None, None, 0, 0.0),
         };
-        let [p, c, a, c8, o, nest] = Self::nf4_args(w);
-        let args = [
-            Arg::Buf(x),
-            p,
-            c,
-            a,
-            c8,
-            o,
-            nest,
-            Arg::Buf(y),
-            Arg::I32(acc as i32),
-            Arg::I32(mi),
-            Arg::I32(ni),
-            Arg::I32(ki),
-            xa,
-            lb,
-            Arg::I32(r),
-            Arg::F32(s),
-        ];
-        match launch::nf4_path(m) {
-            launch::Nf4Path::Gemv => {
-                self.launch("nf4_gemv.cu", "nf4_gemv_k", launch::nf4_gemv(m, n)?, &args)
-            }
-            launch::Nf4Path::Gemm => self.launch(
-                "nf4_gemm.cu",
-                "nf4_gemm_xwt_k",
-                launch::nf4_gemm(m, n)?,
-                &args,
-            ),
-        }
+        let (p, c, a, c8, o, nest) = Self::nf4_args(w);
+        let (kernel, l) = match launch::nf4_path(m) {
+            launch::Nf4Path::Gemv => ("nf4_gemv_k", launch::nf4_gemv(m, n)?),
+            launch::Nf4Path::Gemm => ("nf4_gemm_xwt_k", launch::nf4_gemm(m, n)?),
+        };
+        self.nf4_xwt_k(
+            kernel, l, x, p, c, a, c8, o, nest, y, acc as i32, mi, ni, ki, xa, lb, r, s,
+        )
     }
 
     /// dX (= or +=) dY·W̃ + s·dYB·A with an NF4 base. `lora` = (dyb [M,R], A [R,K], R, s).
@@ -168,33 +144,28 @@ impl Cuda {
             to_i32("lora_bwd", "k", k)?,
         );
         let (dyb, la, r, s) = match lora {
-            Some((dyb, a, r, s)) => (Arg::Buf(dyb), Arg::Buf(a), to_i32("lora_bwd", "r", r)?, s),
-            None => (Arg::NullBuf, Arg::NullBuf, 0, 0.0),
+            Some((dyb, a, r, s)) => (Some(dyb), Some(a), to_i32("lora_bwd", "r", r)?, s),
+            None => (None, None, 0, 0.0),
         };
-        let [p, c, a, c8, o, nest] = Self::nf4_args(w);
-        let args = [
-            Arg::Buf(dy),
+        let (p, c, a, c8, o, nest) = Self::nf4_args(w);
+        self.nf4_gemm_dyw_k(
+            launch::nf4_gemm(m, k)?,
+            dy,
             p,
             c,
             a,
             c8,
             o,
             nest,
-            Arg::Buf(dx),
-            Arg::I32(acc as i32),
-            Arg::I32(mi),
-            Arg::I32(ni),
-            Arg::I32(ki),
+            dx,
+            acc as i32,
+            mi,
+            ni,
+            ki,
             dyb,
             la,
-            Arg::I32(r),
-            Arg::F32(s),
-        ];
-        self.launch(
-            "nf4_gemm.cu",
-            "nf4_gemm_dyw_k",
-            launch::nf4_gemm(m, k)?,
-            &args,
+            r,
+            s,
         )
     }
 }
@@ -321,12 +292,17 @@ pub(super) fn nf4_dequantize(cu: &Cuda, w: &CudaNf4, out: &mut CudaBuf) -> Resul
     check_len("nf4_dequantize", "out", out.len, numel, || {
         format!("{:?}", w.shape)
     })?;
-    let [p, c, a, c8, o, nest] = Cuda::nf4_args(w);
-    cu.launch(
-        "nf4_dequant.cu",
-        "nf4_dequant_k",
+    let (p, c, a, c8, o, nest) = Cuda::nf4_args(w);
+    cu.nf4_dequant_k(
         launch::nf4_dequant(numel),
-        &[p, c, a, c8, o, nest, n64(numel), Arg::Buf(out)],
+        p,
+        c,
+        a,
+        c8,
+        o,
+        nest,
+        n64(numel),
+        out,
     )
 }
 

@@ -2,7 +2,8 @@
 //! (elementwise.rs: Σx²) and the losses (cross_entropy.rs, lm_head.rs: Σ of per-row losses). Not an
 //! op of the `Backend` trait.
 
-use super::{be, n64, Arg, Cuda, CudaBuf};
+use super::args::BufArg;
+use super::{be, n64, Cuda, CudaBuf};
 use crate::error::Result;
 use crate::launch::{self};
 
@@ -18,32 +19,13 @@ impl Cuda {
             .alloc_zeros::<f64>(l.grid.0 as usize)
             .map_err(be("alloc"))?;
         let out = self.stream.alloc_zeros::<f64>(1).map_err(be("alloc"))?;
-        self.launch(
-            "reduce.cu",
-            "reduce_partial_k",
-            l,
-            &[
-                Arg::BufAt(x, off),
-                n64(n),
-                Arg::I32(mode),
-                Arg::F64s(&parts),
-            ],
-        )?;
+        self.reduce_partial_k(l, BufArg::at(x, off), n64(n), mode, &parts)?;
         let l2 = launch::Launch {
             grid: (1, 1, 1),
             block: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        self.launch(
-            "reduce.cu",
-            "reduce_final_k",
-            l2,
-            &[
-                Arg::F64s(&parts),
-                Arg::I32(l.grid.0 as i32),
-                Arg::F64s(&out),
-            ],
-        )?;
+        self.reduce_final_k(l2, &parts, l.grid.0 as i32, &out)?;
         Ok(self
             .stream
             .clone_dtoh(&out)

@@ -1,9 +1,10 @@
 //! Gemma RMSNorm: kernels/rmsnorm.cu. CPU twin: cpu/rmsnorm.rs.
 
-use super::{n64, Arg, Cuda, CudaBuf};
+use super::{n64, Cuda, CudaBuf};
 use crate::error::{check_len, ensure, Result};
 use crate::launch::{self, to_i32};
 
+#[allow(clippy::too_many_arguments)]
 pub(super) fn rmsnorm_fwd(
     cu: &Cuda,
     x: &CudaBuf,
@@ -27,21 +28,10 @@ pub(super) fn rmsnorm_fwd(
     }
     ensure("rmsnorm_fwd", "h", h > 0, || "H must be ≥ 1".into())?;
     let l = launch::rows("rmsnorm_fwd", n, h, 1024)?;
-    cu.launch(
-        "rmsnorm.cu",
-        "rmsnorm_fwd_k",
-        l,
-        &[
-            Arg::Buf(x),
-            Arg::Buf(w),
-            Arg::Buf(y),
-            Arg::Buf(rstd),
-            Arg::I32(to_i32("rmsnorm_fwd", "h", h)?),
-            Arg::F32(eps),
-        ],
-    )
+    cu.rmsnorm_fwd_k(l, x, w, y, rstd, to_i32("rmsnorm_fwd", "h", h)?, eps)
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(super) fn rmsnorm_bwd(
     cu: &Cuda,
     dy: &CudaBuf,
@@ -69,34 +59,10 @@ pub(super) fn rmsnorm_bwd(
     }
     let hi = to_i32("rmsnorm_bwd", "h", h)?;
     let l = launch::rows("rmsnorm_bwd", n, h, 1024)?;
-    cu.launch(
-        "rmsnorm.cu",
-        "rmsnorm_bwd_k",
-        l,
-        &[
-            Arg::Buf(dy),
-            Arg::Buf(x),
-            Arg::Buf(w),
-            Arg::Buf(rstd),
-            Arg::Buf(dx),
-            Arg::I32(hi),
-        ],
-    )?;
+    cu.rmsnorm_bwd_k(l, dy, x, w, rstd, dx, hi)?;
     if let Some(dw) = dw {
         check_len("rmsnorm_bwd", "dw", dw.len, h, || format!("[H={h}]"))?;
-        cu.launch(
-            "rmsnorm.cu",
-            "rmsnorm_dw_k",
-            launch::elementwise(h),
-            &[
-                Arg::Buf(dy),
-                Arg::Buf(x),
-                Arg::Buf(rstd),
-                Arg::Buf(dw),
-                n64(n),
-                Arg::I32(hi),
-            ],
-        )?;
+        cu.rmsnorm_dw_k(launch::elementwise(h), dy, x, rstd, dw, n64(n), hi)?;
     }
     Ok(())
 }

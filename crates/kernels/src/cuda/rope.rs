@@ -1,9 +1,10 @@
 //! Rotary position embedding: kernels/rope.cu. CPU twin: cpu/rope.rs.
 
-use super::{be, n64, Arg, Cuda, CudaBuf, CudaIds};
+use super::{be, n64, Cuda, CudaBuf, CudaIds};
 use crate::error::{check_len, ensure, KernelError, Result};
 use crate::launch::{self, to_i32};
 
+#[allow(clippy::too_many_arguments)]
 pub(super) fn rope(
     cu: &Cuda,
     x: &mut CudaBuf,
@@ -50,18 +51,14 @@ pub(super) fn rope(
         });
     }
     let l = launch::elementwise(n * heads * d / 2);
-    cu.launch(
-        "rope.cu",
-        "rope_k",
+    cu.rope_k(
         l,
-        &[
-            Arg::Buf(x),
-            Arg::I32s(&pos.data),
-            n64(n),
-            Arg::I32(to_i32("rope", "heads", heads)?),
-            Arg::I32(to_i32("rope", "d", d)?),
-            Arg::F32(theta),
-            Arg::I32(inverse as i32),
-        ],
+        x,
+        &pos.data,
+        n64(n),
+        to_i32("rope", "heads", heads)?,
+        to_i32("rope", "d", d)?,
+        theta,
+        inverse as i32,
     )
 }

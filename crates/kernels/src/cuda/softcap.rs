@@ -1,6 +1,6 @@
 //! Soft-capping c·tanh(x/c): kernels/softcap.cu. CPU twin: cpu/softcap.rs.
 
-use super::{n64, Arg, Cuda, CudaBuf};
+use super::{n64, Cuda, CudaBuf};
 use crate::error::{check_len, ensure, Result};
 use crate::launch::{self};
 
@@ -8,12 +8,8 @@ pub(super) fn softcap_fwd(cu: &Cuda, x: &mut CudaBuf, cap: f32) -> Result<()> {
     ensure("softcap_fwd", "cap", cap > 0.0 && cap.is_finite(), || {
         format!("cap = {cap} must be finite and > 0")
     })?;
-    cu.launch(
-        "softcap.cu",
-        "softcap_fwd_k",
-        launch::elementwise(x.len),
-        &[Arg::Buf(x), n64(x.len), Arg::F32(cap)],
-    )
+    let n = x.len;
+    cu.softcap_fwd_k(launch::elementwise(n), x, n64(n), cap)
 }
 
 pub(super) fn softcap_bwd(cu: &Cuda, y: &CudaBuf, dy: &mut CudaBuf, cap: f32) -> Result<()> {
@@ -23,10 +19,5 @@ pub(super) fn softcap_bwd(cu: &Cuda, y: &CudaBuf, dy: &mut CudaBuf, cap: f32) ->
     check_len("softcap_bwd", "dy", dy.len, y.len, || {
         format!("[{}]", y.len)
     })?;
-    cu.launch(
-        "softcap.cu",
-        "softcap_bwd_k",
-        launch::elementwise(y.len),
-        &[Arg::Buf(y), Arg::Buf(dy), n64(y.len), Arg::F32(cap)],
-    )
+    cu.softcap_bwd_k(launch::elementwise(y.len), y, dy, n64(y.len), cap)
 }

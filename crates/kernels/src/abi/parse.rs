@@ -1,29 +1,15 @@
-//! Kernel signatures, read from the embedded `kernels/*.cu` sources, and a check of each launch's
-//! [`Arg`] list against them (issue 6: a wrong argument count, order or kind is undefined behaviour
-//! on the GPU, and nothing else catches it: the CPU emulator calls the kernels from C++).
+//! A reader of the kernels' parameter lists in the .cu text, for the test that checks abi/mod.rs's
+//! declarations against them (test-only: nothing reads the sources at run time).
 //!
-//! - [`signatures`] parses every `extern "C" __global__` kernel of every embedded file once (cached in
-//!   a `OnceLock`): comments are dropped, line continuations joined, function-like macros whose body
-//!   declares a kernel (`ATTN_FWD_MMA(DIM)` in attention.cu) expanded with `##` pasting, and the
-//!   `typedef`s of common.cuh and the file (`i64`, `u8`, `bf16_t`, ...) resolved.
-//! - [`check`] matches a launch's argument kinds slot by slot: a tagged buffer (`Arg::Buf`, `BufAt`,
-//!   `NullBuf`) must meet `void*` followed by `int`; `Arg::Null` a typed (non-`void`) pointer;
-//!   `I32s`/`U8s`/`F32s`/`F64s` an `int*`/`unsigned char*`/`float*`/`double*`; `I32` an `int`, `I64` a
-//!   `long long`, `F32` a `float`; and the counts must agree. `Cuda::launch` calls it before every
-//!   launch (one hash lookup and a pass over ~20 slots). Any other parameter type (e.g. a struct
-//!   passed by value) is parsed as `Other` and no argument matches it.
-//! - The tests also check every `.launch(` call site in `cuda/*.rs` statically (module `callsites`),
-//!   so a mismatch fails `cargo test --features cuda` on a machine without a GPU.
-//!
-//! What is not checked: constness (a read-only buffer passed where the kernel writes; `Arg` carries
-//! no mutability), and the dtype *values* (the tag always matches the buffer it travels with).
+//! `parse_file` finds every `extern "C" __global__` kernel of one source: comments are dropped, line
+//! continuations joined, function-like macros whose body declares a kernel (`ATTN_FWD_MMA(DIM)` in
+//! attention.cu) expanded with `##` pasting, `__launch_bounds__(…)` skipped, and the `typedef`s of
+//! common.cuh and the file (`i64`, `u8`, `bf16_t`, ...) resolved. A parameter type outside the ABI
+//! (e.g. a struct passed by value) is parsed as `Other`, which no declared kind matches.
 
-use super::compile::{COMMON, SOURCES};
-use super::Arg;
-use crate::error::{KernelError, Result};
+use super::COMMON;
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::OnceLock;
 
 /// The type of one kernel parameter, after typedef resolution.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -71,7 +57,7 @@ impl fmt::Display for ParamTy {
 }
 
 #[derive(Clone, Debug)]
-pub(crate) struct Param {
+pub(crate) struct CParam {
     pub(crate) ty: ParamTy,
     pub(crate) name: String,
 }
@@ -79,199 +65,7 @@ pub(crate) struct Param {
 #[derive(Clone, Debug)]
 pub(crate) struct Signature {
     pub(crate) name: String,
-    pub(crate) params: Vec<Param>,
-}
-
-/// What one [`Arg`] pushes, as far as the ABI is concerned.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub(crate) enum ArgKind {
-    /// Pointer + `int` dtype tag: `Buf`, `BufAt`, `NullBuf`.
-    TaggedBuf,
-    /// A null pointer for a typed pointer parameter: `Null`.
-    NullPtr,
-    /// `I32s`, `I32sAt`.
-    I32Ptr,
-    U8Ptr,
-    F32Ptr,
-    F64Ptr,
-    I32,
-    I64,
-    F32,
-}
-
-impl ArgKind {
-    fn describe(self) -> &'static str {
-        match self {
-            ArgKind::TaggedBuf => "a tagged buffer (void* + int tag)",
-            ArgKind::NullPtr => "a null typed pointer (Arg::Null)",
-            ArgKind::I32Ptr => "an int* (Arg::I32s)",
-            ArgKind::U8Ptr => "an unsigned char* (Arg::U8s)",
-            ArgKind::F32Ptr => "a float* (Arg::F32s)",
-            ArgKind::F64Ptr => "a double* (Arg::F64s)",
-            ArgKind::I32 => "an int (Arg::I32)",
-            ArgKind::I64 => "a long long (Arg::I64)",
-            ArgKind::F32 => "a float (Arg::F32)",
-        }
-    }
-}
-
-impl Arg<'_> {
-    pub(crate) fn kind(&self) -> ArgKind {
-        match self {
-            Arg::Buf(_) | Arg::BufAt(..) | Arg::NullBuf => ArgKind::TaggedBuf,
-            Arg::Null => ArgKind::NullPtr,
-            Arg::I32s(_) | Arg::I32sAt(..) => ArgKind::I32Ptr,
-            Arg::U8s(_) => ArgKind::U8Ptr,
-            Arg::F32s(_) => ArgKind::F32Ptr,
-            Arg::F64s(_) => ArgKind::F64Ptr,
-            Arg::I32(_) => ArgKind::I32,
-            Arg::I64(_) => ArgKind::I64,
-            Arg::F32(_) => ArgKind::F32,
-        }
-    }
-}
-
-/// file name → kernel name → signature, for every embedded source.
-type SigMap = HashMap<&'static str, HashMap<String, Signature>>;
-
-/// All kernel signatures, parsed once. An error here means an embedded source could not be parsed
-/// (a bug caught by the unit tests), reported at the first launch.
-pub(crate) fn signatures() -> std::result::Result<&'static SigMap, &'static str> {
-    static SIGS: OnceLock<std::result::Result<SigMap, String>> = OnceLock::new();
-    SIGS.get_or_init(|| {
-        let mut all = HashMap::new();
-        for (file, src) in SOURCES {
-            let sigs = parse_file(file, src)?;
-            let mut m = HashMap::new();
-            for s in sigs {
-                if m.contains_key(&s.name) {
-                    return Err(format!("{file}: kernel `{}` is declared twice", s.name));
-                }
-                m.insert(s.name.clone(), s);
-            }
-            all.insert(*file, m);
-        }
-        Ok(all)
-    })
-    .as_ref()
-    .map_err(|e| e.as_str())
-}
-
-fn sig_err(msg: String) -> KernelError {
-    KernelError::Backend {
-        backend: "cuda",
-        msg: format!("kernel argument check: {msg}"),
-    }
-}
-
-/// Looks up `file`'s kernel `name`.
-pub(crate) fn lookup(file: &str, name: &str) -> std::result::Result<&'static Signature, String> {
-    let sigs = signatures().map_err(|e| format!("parsing the embedded kernel sources: {e}"))?;
-    let f = sigs
-        .get(file)
-        .ok_or_else(|| format!("no embedded kernel source named {file}"))?;
-    f.get(name)
-        .ok_or_else(|| format!("{file} declares no extern \"C\" __global__ kernel `{name}`"))
-}
-
-/// Matches argument `kind` (argument number `ai` of the launch) against `sig`'s parameters from
-/// index `at`; returns how many parameters it fills (2 for a tagged buffer, else 1).
-pub(crate) fn match_slot(
-    file: &str,
-    sig: &Signature,
-    at: usize,
-    ai: usize,
-    kind: ArgKind,
-) -> std::result::Result<usize, String> {
-    let param = |i: usize| -> std::result::Result<&Param, String> {
-        sig.params.get(i).ok_or_else(|| {
-            format!(
-                "{file}: kernel `{}` takes {} parameters, but argument {ai} ({}) would fill parameter {i}",
-                sig.name,
-                sig.params.len(),
-                kind.describe()
-            )
-        })
-    };
-    let mismatch = |i: usize, p: &Param, want: &str| {
-        format!(
-            "{file}: kernel `{}`: parameter {i} `{}` has type `{}` ({want}), but argument {ai} is {}",
-            sig.name,
-            p.name,
-            p.ty,
-            kind.describe()
-        )
-    };
-    let p = param(at)?;
-    let ok = match kind {
-        ArgKind::TaggedBuf => {
-            if p.ty != ParamTy::Ptr(Elem::Void) {
-                return Err(mismatch(at, p, "a tagged buffer needs `void*`"));
-            }
-            let tag = param(at + 1)?;
-            if tag.ty != ParamTy::Int {
-                return Err(mismatch(
-                    at + 1,
-                    tag,
-                    "the dtype tag after a tagged buffer needs `int`",
-                ));
-            }
-            return Ok(2);
-        }
-        ArgKind::NullPtr => matches!(&p.ty, ParamTy::Ptr(e) if *e != Elem::Void),
-        ArgKind::I32Ptr => p.ty == ParamTy::Ptr(Elem::Int),
-        ArgKind::U8Ptr => p.ty == ParamTy::Ptr(Elem::UChar),
-        ArgKind::F32Ptr => p.ty == ParamTy::Ptr(Elem::Float),
-        ArgKind::F64Ptr => p.ty == ParamTy::Ptr(Elem::Double),
-        ArgKind::I32 => p.ty == ParamTy::Int,
-        ArgKind::I64 => p.ty == ParamTy::LongLong,
-        ArgKind::F32 => p.ty == ParamTy::Float,
-    };
-    if ok {
-        Ok(1)
-    } else {
-        Err(mismatch(at, p, "see kernels/README.md, ABI conventions"))
-    }
-}
-
-/// The error for a launch that fills `filled` of `sig`'s parameters and then runs out of arguments.
-pub(crate) fn check_complete(
-    file: &str,
-    sig: &Signature,
-    filled: usize,
-    given: usize,
-) -> std::result::Result<(), String> {
-    match sig.params.get(filled) {
-        None => Ok(()),
-        Some(p) => Err(format!(
-            "{file}: kernel `{}` takes {} parameters but the {given} arguments fill {filled}: parameter {filled} `{} {}` is missing",
-            sig.name,
-            sig.params.len(),
-            p.ty,
-            p.name
-        )),
-    }
-}
-
-/// Checks argument kinds against `file`'s kernel `name`: count and kind per slot.
-pub(crate) fn check_kinds(
-    file: &str,
-    name: &str,
-    kinds: impl IntoIterator<Item = ArgKind>,
-) -> std::result::Result<(), String> {
-    let sig = lookup(file, name)?;
-    let mut at = 0;
-    let mut given = 0;
-    for (ai, k) in kinds.into_iter().enumerate() {
-        at += match_slot(file, sig, at, ai, k)?;
-        given = ai + 1;
-    }
-    check_complete(file, sig, at, given)
-}
-
-/// The check `Cuda::launch` runs before each launch.
-pub(crate) fn check(file: &str, name: &str, args: &[Arg<'_>]) -> Result<()> {
-    check_kinds(file, name, args.iter().map(Arg::kind)).map_err(sig_err)
+    pub(crate) params: Vec<CParam>,
 }
 
 // ---- parsing the CUDA sources ------------------------------------------------------------------
@@ -547,7 +341,7 @@ pub(crate) fn parse_file(file: &str, src: &str) -> std::result::Result<Vec<Signa
 
 /// One declaration `const void* x` → type and name (typedefs resolved, `const` and
 /// `__restrict__` dropped).
-fn parse_param(p: &str, defs: &HashMap<String, String>) -> std::result::Result<Param, String> {
+fn parse_param(p: &str, defs: &HashMap<String, String>) -> std::result::Result<CParam, String> {
     let spaced = p.replace('*', " * ");
     let mut toks: Vec<&str> = spaced
         .split_whitespace()
@@ -591,24 +385,28 @@ fn parse_param(p: &str, defs: &HashMap<String, String>) -> std::result::Result<P
         }),
         (n, b) => ParamTy::Other(format!("{b}{}", "*".repeat(n))),
     };
-    Ok(Param { ty, name })
+    Ok(CParam { ty, name })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::abi::SOURCES;
 
-    fn sig(file: &str, name: &str) -> &'static Signature {
-        lookup(file, name).unwrap()
+    fn sig(file: &str, name: &str) -> Signature {
+        let src = SOURCES.iter().find(|(f, _)| *f == file).unwrap().1;
+        parse_file(file, src)
+            .unwrap()
+            .into_iter()
+            .find(|s| s.name == name)
+            .unwrap()
     }
 
     #[test]
     fn every_kernel_in_every_file_parses() {
-        let sigs = signatures().unwrap();
-        assert_eq!(sigs.len(), SOURCES.len());
         let mut total = 0;
         for (file, src) in SOURCES {
-            let kernels = &sigs[file];
+            let kernels = parse_file(file, src).unwrap();
             // Every `__global__` in the raw text is either a kernel line or inside a macro whose
             // expansions were found: the counts of names agree with an independent look at the text.
             let direct = src
@@ -621,7 +419,7 @@ mod tests {
                 kernels.len()
             );
             assert!(!kernels.is_empty(), "{file}: no kernel parsed");
-            for s in kernels.values() {
+            for s in &kernels {
                 total += 1;
                 assert!(
                     s.name.ends_with("_k"),
@@ -711,90 +509,5 @@ mod tests {
         );
         assert_eq!(sigs[2].params[1].ty, ParamTy::LongLong);
         assert!(parse_file("t.cu", "__global__ void x_k(int a) {}").is_err());
-    }
-
-    use ArgKind::*;
-
-    #[test]
-    fn known_good_argument_lists_pass() {
-        check_kinds("elementwise.cu", "copy_k", [TaggedBuf, TaggedBuf, I64]).unwrap();
-        check_kinds("elementwise.cu", "axpy_k", [F32, TaggedBuf, TaggedBuf, I64]).unwrap();
-        check_kinds("reduce.cu", "reduce_final_k", [F64Ptr, I32, F64Ptr]).unwrap();
-        check_kinds("embedding.cu", "ids_check_k", [I32Ptr, I64, I32, I32Ptr]).unwrap();
-        let nf4_plain = [U8Ptr, NullPtr, F32Ptr, NullPtr, F32, I32];
-        let mut dq = nf4_plain.to_vec();
-        dq.extend([I64, TaggedBuf]);
-        check_kinds("nf4_dequant.cu", "nf4_dequant_k", dq).unwrap();
-        let nested = [U8Ptr, U8Ptr, F32Ptr, F32Ptr, F32, I32];
-        let mut gemv = vec![TaggedBuf];
-        gemv.extend(nested);
-        gemv.extend([
-            TaggedBuf, I32, I32, I32, I32, TaggedBuf, TaggedBuf, I32, F32,
-        ]);
-        check_kinds("nf4_gemv.cu", "nf4_gemv_k", gemv.clone()).unwrap();
-        check_kinds("nf4_gemm.cu", "nf4_gemm_xwt_k", gemv).unwrap();
-    }
-
-    fn err(file: &str, name: &str, k: &[ArgKind]) -> String {
-        check_kinds(file, name, k.iter().copied()).unwrap_err()
-    }
-
-    #[test]
-    fn known_bad_argument_lists_name_the_parameter() {
-        // i64 where an int is declared (fill_k's n is `i64`, so give I32 there).
-        let e = err("elementwise.cu", "fill_k", &[TaggedBuf, I32, F32]);
-        assert!(
-            e.contains("parameter 2 `n`") && e.contains("long long"),
-            "{e}"
-        );
-        // Too few.
-        let e = err("elementwise.cu", "copy_k", &[TaggedBuf, TaggedBuf]);
-        assert!(e.contains("parameter 4 `long long n` is missing"), "{e}");
-        // Too many.
-        let e = err(
-            "elementwise.cu",
-            "copy_k",
-            &[TaggedBuf, TaggedBuf, I64, F32],
-        );
-        assert!(e.contains("takes 5 parameters"), "{e}");
-        // A typed pointer where a tagged buffer goes, and the other way round.
-        let e = err("reduce.cu", "reduce_partial_k", &[F32Ptr, I64, I32, F64Ptr]);
-        assert!(e.contains("parameter 0 `x`") && e.contains("void*"), "{e}");
-        let e = err(
-            "embedding.cu",
-            "ids_check_k",
-            &[TaggedBuf, I64, I32, I32Ptr],
-        );
-        assert!(e.contains("parameter 0 `ids`"), "{e}");
-        // A null for a tagged buffer must be NullBuf (pointer + tag), not Null.
-        let e = err("elementwise.cu", "scale_k", &[NullPtr, I64, F32]);
-        assert!(e.contains("parameter 0 `x`"), "{e}");
-        // Swapped scalars.
-        let e = err("softcap.cu", "softcap_fwd_k", &[TaggedBuf, F32, I64]);
-        assert!(e.contains("parameter 2 `n`"), "{e}");
-        // Unknown kernel / file.
-        assert!(err("elementwise.cu", "nope_k", &[]).contains("nope_k"));
-        assert!(err("nope.cu", "fill_k", &[]).contains("nope.cu"));
-    }
-
-    #[test]
-    fn the_launch_check_reports_a_kernel_error() {
-        let e = check("softcap.cu", "softcap_fwd_k", &[Arg::I32(1)]).unwrap_err();
-        match e {
-            KernelError::Backend { backend, msg } => {
-                assert_eq!(backend, "cuda");
-                assert!(
-                    msg.contains("softcap.cu") && msg.contains("softcap_fwd_k"),
-                    "{msg}"
-                );
-            }
-            other => panic!("unexpected error {other:?}"),
-        }
-        check(
-            "softcap.cu",
-            "softcap_fwd_k",
-            &[Arg::NullBuf, Arg::I64(0), Arg::F32(1.0)],
-        )
-        .unwrap();
     }
 }

@@ -6,6 +6,7 @@
 #[cfg(any(test, feature = "cuda"))]
 mod abi;
 pub mod backend;
+pub mod contract;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;

@@ -279,10 +279,8 @@ kernels! {
         mul_k(x: buf, m: buf, out: buf, n: i64);
     }
     "embedding.cu" {
-        ids_check_k(ids: i32s, n: i64, v: i32, bad: i32s);
-        labels_check_k(labels: i32s, n: i64, v: i32, bad: i32s);
-        embedding_fwd_k(ids: i32s, table: buf, out: buf, h: i32, scale: f32);
-        embedding_bwd_k(ids: i32s, dout: buf, dtable: buf, h: i32, scale: f32);
+        embedding_fwd_k(ids: i32s, table: buf, out: buf, v: i32, h: i32, scale: f32);
+        embedding_bwd_k(ids: i32s, dout: buf, dtable: buf, v: i32, h: i32, scale: f32);
     }
     "geglu.cu" {
         geglu_fwd_k(gate: buf, up: buf, out: buf, n: i64);

@@ -33,7 +33,8 @@ pub use lora::{LoraFactors, LoraGrads, WeightRef};
 use crate::backend::{
     Accum, AdamMoments, AdamW, AttnShape, Backend, LoraGradRef, LoraRef, Storage, Weight,
 };
-use crate::error::{check_len, Result};
+use crate::contract;
+use crate::error::Result;
 use crate::nf4::Nf4Tensor;
 
 /// The CPU backend. Stateless: the rayon global pool provides the threads (set `RAYON_NUM_THREADS`
@@ -409,9 +410,7 @@ impl Backend for Cpu {
         v: &[f32],
         _paged: bool,
     ) -> Result<AdamMoments<Vec<f32>>> {
-        check_len("adam_state_from_host", "v", v.len(), m.len(), || {
-            format!("[len(m)={}]", m.len())
-        })?;
+        contract::adam_state_from_host(m.len(), v.len())?;
         Ok(AdamMoments {
             m: m.to_vec(),
             v: v.to_vec(),

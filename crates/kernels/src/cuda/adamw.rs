@@ -5,8 +5,9 @@
 use super::args::BufArg;
 use super::{n64, Cuda, CudaAdamState, CudaBuf, Dtype};
 use crate::backend::{AdamMoments, AdamW, Backend};
+use crate::contract;
 use crate::cpu::adamw::AdamScalars;
-use crate::error::{check_len, Result};
+use crate::error::Result;
 use crate::launch::{self};
 
 impl Cuda {
@@ -54,9 +55,7 @@ pub(super) fn adamw(
     h: &AdamW,
 ) -> Result<()> {
     let n = p.len;
-    check_len("adamw", "g", g.len, n, || format!("[{n}]"))?;
-    check_len("adamw", "m", m.len, n, || format!("[{n}]"))?;
-    check_len("adamw", "v", v.len, n, || format!("[{n}]"))?;
+    contract::adamw(n, g.len, m.len, v.len)?;
     let sc = AdamScalars::new("adamw", h)?;
     cu.launch_adamw(p.into(), g.into(), m.into(), v.into(), n, &sc)
 }
@@ -78,9 +77,7 @@ pub(super) fn adam_state_from_host(
     v: &[f32],
     paged: bool,
 ) -> Result<CudaAdamState> {
-    check_len("adam_state_from_host", "v", v.len(), m.len(), || {
-        format!("[len(m)={}]", m.len())
-    })?;
+    contract::adam_state_from_host(m.len(), v.len())?;
     Ok(if paged {
         CudaAdamState::Paged(cu.paged_adam_state_from_host(m, v)?)
     } else {
@@ -106,7 +103,12 @@ pub(super) fn adamw_step(
     h: &AdamW,
 ) -> Result<()> {
     match s {
-        CudaAdamState::Device(d) => cu.adamw(p, g, &mut d.m, &mut d.v, h),
-        CudaAdamState::Paged(st) => cu.adamw_paged(p, g, st, h),
+        CudaAdamState::Device(d) => adamw(cu, p, g, &mut d.m, &mut d.v, h),
+        CudaAdamState::Paged(st) => {
+            // The same contract (and errors) as a resident state: the moments stand in for m and v.
+            contract::adamw(p.len, g.len, st.len(), st.len())?;
+            let sc = AdamScalars::new("adamw", h)?;
+            cu.paged_step(p, g, st, &sc)
+        }
     }
 }

@@ -91,6 +91,18 @@ impl Cuda {
         check_len("adamw_paged", "g", g.len, n, || format!("[{n}]"))?;
         check_len("adamw_paged", "state", state.len, n, || format!("[{n}]"))?;
         let sc = AdamScalars::new("adamw_paged", h)?;
+        self.paged_step(p, g, state, &sc)
+    }
+
+    /// The step of `adamw_paged` once the lengths and scalars are checked.
+    pub(super) fn paged_step(
+        &self,
+        p: &mut CudaBuf,
+        g: &CudaBuf,
+        state: &mut PagedAdamState,
+        sc: &AdamScalars,
+    ) -> Result<()> {
+        let n = p.len;
         if n == 0 {
             return Ok(());
         }
@@ -123,7 +135,7 @@ impl Cuda {
                 (&dm).into(),
                 (&dv).into(),
                 c,
-                &sc,
+                sc,
             )?;
             {
                 let (Data::F32(ms), Data::F32(vs)) = (&dm.data, &dv.data) else {

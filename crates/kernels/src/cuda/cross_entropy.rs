@@ -1,39 +1,11 @@
 //! Soft-capped cross-entropy over materialized logits: kernels/cross_entropy.cu (`ce_row_k`) and
 //! reduce.cu for the sum. CPU twin: cpu/cross_entropy.rs.
 
-use super::{be, Cuda, CudaBuf, CudaIds, Data, Dtype};
-use crate::error::{check_len, ensure, KernelError, Result};
+use super::{Cuda, CudaBuf, CudaIds, Data, Dtype};
+use crate::contract;
+use crate::error::{KernelError, Result};
 use crate::launch::{self, to_i32};
 use cudarc::driver::CudaSlice;
-
-impl Cuda {
-    /// Validates labels (−100 or in [0, V)) and counts the scored rows.
-    pub(super) fn count_labels(
-        &self,
-        op: &'static str,
-        labels: &CudaIds,
-        off: usize,
-        n: usize,
-        v: usize,
-    ) -> Result<usize> {
-        let host = self
-            .stream
-            .clone_dtoh(&labels.data.slice(off..off + n))
-            .map_err(be("device to host copy"))?;
-        if let Some((i, &l)) = host
-            .iter()
-            .enumerate()
-            .find(|(_, &l)| l != -100 && (l < 0 || l as usize >= v))
-        {
-            return Err(KernelError::Invalid {
-                op,
-                arg: "labels",
-                msg: format!("labels[{i}] = {l} is neither −100 nor in [0, V={v})"),
-            });
-        }
-        Ok(host.iter().filter(|&&l| l != -100).count())
-    }
-}
 
 #[allow(clippy::too_many_arguments)]
 pub(super) fn cross_entropy(
@@ -46,22 +18,18 @@ pub(super) fn cross_entropy(
     grad_scale: f32,
     dlogits: Option<&mut CudaBuf>,
 ) -> Result<(f64, usize)> {
-    check_len("cross_entropy", "logits", logits.len, n * v, || {
-        format!("[N={n}, V={v}]")
-    })?;
-    if let Some(d) = &dlogits {
-        check_len("cross_entropy", "dlogits", d.len, n * v, || {
-            format!("[N={n}, V={v}]")
-        })?;
-    }
+    let count = contract::cross_entropy(
+        logits.len,
+        labels,
+        n,
+        v,
+        softcap,
+        dlogits.as_deref().map(CudaBuf::len),
+    )?;
     if n == 0 {
         return Ok((0.0, 0));
     }
-    check_len("cross_entropy", "labels", labels.len, n, || {
-        format!("[N={n}]")
-    })?;
-    let cap = check_cap("cross_entropy", softcap)?;
-    let count = cu.count_labels("cross_entropy", labels, 0, n, v)?;
+    let cap = softcap.unwrap_or(0.0);
     let row_loss = cu.zeros_as(n, Dtype::F32)?;
     let l = launch::rows("cross_entropy", n, v, 1024)?;
     let (d_arg, want) = match dlogits {
@@ -89,17 +57,5 @@ pub(super) fn f32_slice(b: &CudaBuf) -> Result<&CudaSlice<f32>> {
             backend: "cuda",
             msg: "internal: expected an f32 scratch buffer".into(),
         }),
-    }
-}
-
-pub(super) fn check_cap(op: &'static str, cap: Option<f32>) -> Result<f32> {
-    match cap {
-        None => Ok(0.0),
-        Some(c) => {
-            ensure(op, "softcap", c > 0.0 && c.is_finite(), || {
-                format!("soft-cap {c} must be finite and > 0")
-            })?;
-            Ok(c)
-        }
     }
 }

@@ -2,7 +2,8 @@
 //! cpu/dropout.rs.
 
 use super::{n64, Cuda, CudaBuf};
-use crate::cpu::dropout::{check_p, keep_value, mask_key, threshold};
+use crate::contract::check_p;
+use crate::cpu::dropout::{keep_value, mask_key, threshold};
 use crate::error::Result;
 use crate::launch::{self};
 

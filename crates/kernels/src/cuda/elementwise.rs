@@ -3,12 +3,12 @@
 
 use super::args::BufArg;
 use super::{n64, Cuda, CudaBuf};
-use crate::cpu::elementwise::check_range;
-use crate::error::{check_len, Result};
+use crate::contract;
+use crate::error::Result;
 use crate::launch::{self};
 
 pub(super) fn copy(cu: &Cuda, src: &CudaBuf, dst: &mut CudaBuf) -> Result<()> {
-    check_len("copy", "dst", dst.len, src.len, || format!("[{}]", src.len))?;
+    contract::copy(src.len, dst.len)?;
     cu.copy_k(launch::elementwise(src.len), src, dst, n64(src.len))
 }
 
@@ -25,8 +25,7 @@ pub(super) fn copy_range(
     dst_off: usize,
     n: usize,
 ) -> Result<()> {
-    check_range("copy_range", "src_off", src_off, n, src.len)?;
-    check_range("copy_range", "dst_off", dst_off, n, dst.len)?;
+    contract::copy_range(src.len, src_off, dst.len, dst_off, n)?;
     if n == 0 {
         return Ok(());
     }
@@ -43,7 +42,7 @@ pub(super) fn copy_range(
 }
 
 pub(super) fn axpy(cu: &Cuda, alpha: f32, x: &CudaBuf, y: &mut CudaBuf) -> Result<()> {
-    check_len("axpy", "y", y.len, x.len, || format!("[{}]", x.len))?;
+    contract::axpy(x.len, y.len)?;
     cu.axpy_k(launch::elementwise(x.len), alpha, x, y, n64(x.len))
 }
 
@@ -53,7 +52,7 @@ pub(super) fn scale(cu: &Cuda, x: &mut CudaBuf, alpha: f32) -> Result<()> {
 }
 
 pub(super) fn mul(cu: &Cuda, x: &mut CudaBuf, m: &CudaBuf) -> Result<()> {
-    check_len("mul", "m", m.len, x.len, || format!("[{}]", x.len))?;
+    contract::mul(x.len, m.len)?;
     let x: &CudaBuf = x;
     cu.mul_k(launch::elementwise(x.len), x, m, x, n64(x.len))
 }

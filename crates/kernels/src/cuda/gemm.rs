@@ -13,7 +13,8 @@
 use super::args::BufArg;
 use super::{be, Cuda, CudaBuf, Data, Dtype};
 use crate::backend::Accum;
-use crate::error::{check_len, KernelError, Result};
+use crate::contract;
+use crate::error::{KernelError, Result};
 use crate::launch;
 use cudarc::cublas::{sys, CudaBlas};
 use cudarc::driver::{CudaStream, DevicePtr};
@@ -310,15 +311,7 @@ pub(super) fn matmul_xwt(
     n: usize,
     acc: Accum,
 ) -> Result<()> {
-    check_len("matmul_xwt", "x", x.len, m * k, || {
-        format!("[M={m}, K={k}]")
-    })?;
-    check_len("matmul_xwt", "w", w.len, n * k, || {
-        format!("[N={n}, K={k}]")
-    })?;
-    check_len("matmul_xwt", "y", y.len, m * n, || {
-        format!("[M={m}, N={n}]")
-    })?;
+    contract::matmul_xwt(x.len, w.len, y.len, m, k, n)?;
     cu.gemm(
         op(x, 0, false),
         op(w, 0, true),
@@ -343,15 +336,7 @@ pub(super) fn matmul_dyw(
     n: usize,
     acc: Accum,
 ) -> Result<()> {
-    check_len("matmul_dyw", "dy", dy.len, m * n, || {
-        format!("[M={m}, N={n}]")
-    })?;
-    check_len("matmul_dyw", "w", w.len, n * k, || {
-        format!("[N={n}, K={k}]")
-    })?;
-    check_len("matmul_dyw", "dx", dx.len, m * k, || {
-        format!("[M={m}, K={k}]")
-    })?;
+    contract::matmul_dyw(dy.len, w.len, dx.len, m, k, n)?;
     cu.gemm(
         op(dy, 0, false),
         op(w, 0, false),
@@ -376,15 +361,7 @@ pub(super) fn matmul_dytx(
     n: usize,
     acc: Accum,
 ) -> Result<()> {
-    check_len("matmul_dytx", "dy", dy.len, m * n, || {
-        format!("[M={m}, N={n}]")
-    })?;
-    check_len("matmul_dytx", "x", x.len, m * k, || {
-        format!("[M={m}, K={k}]")
-    })?;
-    check_len("matmul_dytx", "dw", dw.len, n * k, || {
-        format!("[N={n}, K={k}]")
-    })?;
+    contract::matmul_dytx(dy.len, x.len, dw.len, m, k, n)?;
     cu.gemm(
         op(dy, 0, true),
         op(x, 0, false),

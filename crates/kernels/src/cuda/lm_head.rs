@@ -2,10 +2,11 @@
 //! kernels/cross_entropy.cu's `ce_row_k`. CPU twin: cpu/lm_head.rs.
 
 use super::args::PtrArg;
-use super::cross_entropy::{check_cap, f32_slice};
+use super::cross_entropy::f32_slice;
 use super::gemm::op;
 use super::{Cuda, CudaBuf, CudaIds, Dtype};
-use crate::error::{check_len, Result};
+use crate::contract;
+use crate::error::Result;
 use crate::launch::{self, to_i32};
 
 /// Bytes of f32 logits the fused LM head + cross-entropy keeps per row chunk.
@@ -25,28 +26,21 @@ pub(super) fn lm_head_ce(
     dhidden: Option<&mut CudaBuf>,
     demb: Option<&mut CudaBuf>,
 ) -> Result<(f64, usize)> {
-    check_len("lm_head_ce", "hidden", hidden.len, n * h, || {
-        format!("[N={n}, H={h}]")
-    })?;
-    check_len("lm_head_ce", "emb", emb.len, v * h, || {
-        format!("[V={v}, H={h}]")
-    })?;
-    if let Some(d) = &dhidden {
-        check_len("lm_head_ce", "dhidden", d.len, n * h, || {
-            format!("[N={n}, H={h}]")
-        })?;
-    }
-    if let Some(d) = &demb {
-        check_len("lm_head_ce", "demb", d.len, v * h, || {
-            format!("[V={v}, H={h}]")
-        })?;
-    }
+    let count = contract::lm_head_ce(
+        hidden.len,
+        emb.len,
+        labels,
+        n,
+        h,
+        v,
+        softcap,
+        dhidden.as_deref().map(CudaBuf::len),
+        demb.as_deref().map(CudaBuf::len),
+    )?;
     if n == 0 {
         return Ok((0.0, 0));
     }
-    check_len("lm_head_ce", "labels", labels.len, n, || format!("[N={n}]"))?;
-    let cap = check_cap("lm_head_ce", softcap)?;
-    let count = cu.count_labels("lm_head_ce", labels, 0, n, v)?;
+    let cap = softcap.unwrap_or(0.0);
     let dhidden: Option<&CudaBuf> = dhidden.map(|d| &*d);
     let demb: Option<&CudaBuf> = demb.map(|d| &*d);
     let want = dhidden.is_some() || demb.is_some();

@@ -4,7 +4,8 @@
 use super::gemm::op;
 use super::{n64, Cuda, CudaBuf, Dtype};
 use crate::backend::{Accum, LoraGradRef, LoraRef, Weight};
-use crate::error::{check_len, ensure, Result};
+use crate::contract::{self, LoraDims, LoraGradDims, WeightDims};
+use crate::error::Result;
 use crate::launch::{self, to_i32};
 
 impl Cuda {
@@ -42,19 +43,6 @@ impl Cuda {
             to_i32("lora", "r", r)?,
         )
     }
-
-    pub(super) fn dense_or_nf4_dims(
-        &self,
-        op: &'static str,
-        w: &Weight<'_, Self>,
-        n: usize,
-        k: usize,
-    ) -> Result<()> {
-        match w {
-            Weight::Dense(wb) => check_len(op, "w", wb.len, n * k, || format!("[N={n}, K={k}]")),
-            Weight::Nf4(q) => self.check_nf4_shape(op, q, n, k),
-        }
-    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -69,38 +57,23 @@ pub(super) fn lora_fwd(
     k: usize,
     n: usize,
 ) -> Result<()> {
-    check_len("lora_fwd", "x", x.len, m * k, || format!("[M={m}, K={k}]"))?;
-    check_len("lora_fwd", "y", y.len, m * n, || format!("[M={m}, N={n}]"))?;
-    cu.dense_or_nf4_dims("lora_fwd", &w, n, k)?;
+    contract::lora_fwd(
+        x.len,
+        &weight_dims(&w),
+        lora.as_ref().map(lora_dims).as_ref(),
+        y.len,
+        xa.as_deref().map(CudaBuf::len),
+        m,
+        k,
+        n,
+    )?;
     let y: &CudaBuf = y;
     // xa = drop(X)·Aᵀ first (the fused NF4 kernels consume it).
     let mut xa_tmp = None;
     let lora_parts = match &lora {
         Some(l) => {
-            ensure("lora_fwd", "r", l.r > 0, || {
-                "LoRA rank R must be > 0".into()
-            })?;
-            ensure("lora_fwd", "scale", l.scale.is_finite(), || {
-                format!("LoRA scale must be finite, got {}", l.scale)
-            })?;
-            check_len("lora_fwd", "a", l.a.len, l.r * k, || {
-                format!("[R={}, K={k}]", l.r)
-            })?;
-            check_len("lora_fwd", "b", l.b.len, n * l.r, || {
-                format!("[N={n}, R={}]", l.r)
-            })?;
-            if let Some(mk) = l.mask {
-                check_len("lora_fwd", "mask", mk.len, m * k, || {
-                    format!("[M={m}, K={k}]")
-                })?;
-            }
             let xa_buf: &CudaBuf = match xa {
-                Some(b) => {
-                    check_len("lora_fwd", "xa", b.len, m * l.r, || {
-                        format!("[M={m}, R={}]", l.r)
-                    })?;
-                    b
-                }
+                Some(b) => b,
                 None => xa_tmp.insert(cu.zeros_as(m * l.r, Dtype::F32)?),
             };
             cu.lora_proj(x, l.mask, l.a, k, 1, xa_buf, m, k, l.r)?;
@@ -148,46 +121,30 @@ pub(super) fn lora_bwd(
     k: usize,
     n: usize,
 ) -> Result<()> {
-    check_len("lora_bwd", "dy", dy.len, m * n, || {
-        format!("[M={m}, N={n}]")
-    })?;
-    check_len("lora_bwd", "x", x.len, m * k, || format!("[M={m}, K={k}]"))?;
-    check_len("lora_bwd", "dx", dx.len, m * k, || {
-        format!("[M={m}, K={k}]")
-    })?;
-    cu.dense_or_nf4_dims("lora_bwd", &w, n, k)?;
+    let dims = lora.as_ref().map(|l| {
+        let grads = LoraGradDims {
+            xa: l.xa.len,
+            da: l.da.len,
+            db: l.db.len,
+        };
+        (lora_grad_dims(l), grads)
+    });
+    contract::lora_bwd(
+        dy.len,
+        x.len,
+        &weight_dims(&w),
+        dims.as_ref().map(|(l, g)| (l, g)),
+        dx.len,
+        m,
+        k,
+        n,
+    )?;
     let dx: &CudaBuf = dx;
     let acc = dx_acc == Accum::Add;
     let mut dyb_tmp = None;
     let lora_parts = match lora {
         Some(l) => {
-            ensure("lora_bwd", "r", l.r > 0, || {
-                "LoRA rank R must be > 0".into()
-            })?;
-            ensure("lora_bwd", "scale", l.scale.is_finite(), || {
-                format!("LoRA scale must be finite, got {}", l.scale)
-            })?;
             let r = l.r;
-            check_len("lora_bwd", "a", l.a.len, r * k, || {
-                format!("[R={r}, K={k}]")
-            })?;
-            check_len("lora_bwd", "b", l.b.len, n * r, || {
-                format!("[N={n}, R={r}]")
-            })?;
-            check_len("lora_bwd", "xa", l.xa.len, m * r, || {
-                format!("[M={m}, R={r}]")
-            })?;
-            check_len("lora_bwd", "da", l.da.len, r * k, || {
-                format!("[R={r}, K={k}]")
-            })?;
-            check_len("lora_bwd", "db", l.db.len, n * r, || {
-                format!("[N={n}, R={r}]")
-            })?;
-            if let Some(mk) = l.mask {
-                check_len("lora_bwd", "mask", mk.len, m * k, || {
-                    format!("[M={m}, K={k}]")
-                })?;
-            }
             // dYB = dY·B [M, R] (B [N, R]: element (j, n) at b[n·R + j]).
             let dyb: &CudaBuf = dyb_tmp.insert(cu.zeros_as(m * r, Dtype::F32)?);
             cu.lora_proj(dy, None, l.b, 1, r, dyb, m, n, r)?;
@@ -286,4 +243,31 @@ pub(super) fn lora_bwd(
             }
         }
     }
+}
+
+fn weight_dims<'a>(w: &Weight<'a, Cuda>) -> WeightDims<'a> {
+    match w {
+        Weight::Dense(b) => WeightDims::Dense(b.len),
+        Weight::Nf4(q) => WeightDims::Nf4(q.dims()),
+    }
+}
+
+fn lora_dims(l: &LoraRef<'_, Cuda>) -> LoraDims {
+    LoraDims {
+        a: l.a.len,
+        b: l.b.len,
+        r: l.r,
+        scale: l.scale,
+        mask: l.mask.map(CudaBuf::len),
+    }
+}
+
+fn lora_grad_dims(l: &LoraGradRef<'_, Cuda>) -> LoraDims {
+    lora_dims(&LoraRef {
+        a: l.a,
+        b: l.b,
+        r: l.r,
+        scale: l.scale,
+        mask: l.mask,
+    })
 }

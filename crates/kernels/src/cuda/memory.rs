@@ -2,6 +2,7 @@
 //! helpers `Cuda::zeros_as` / `Cuda::from_host_as` are in mod.rs).
 
 use super::{be, Cuda, CudaBuf, CudaIds, Data};
+use crate::contract::IdStats;
 use crate::error::Result;
 
 pub(super) fn to_host(cu: &Cuda, buf: &CudaBuf) -> Result<Vec<f32>> {
@@ -37,5 +38,6 @@ pub(super) fn ids_from_host(cu: &Cuda, ids: &[i32]) -> Result<CudaIds> {
     Ok(CudaIds {
         data,
         len: ids.len(),
+        stats: IdStats::of(ids),
     })
 }

@@ -52,6 +52,7 @@ pub use adamw_paged::PagedAdamState;
 pub use gemm::GemmBackend;
 
 use crate::backend::{AdamMoments, Storage};
+use crate::contract::{IdStats, IdsView};
 use crate::error::{KernelError, Result};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream};
 use half::{bf16, f16};
@@ -170,6 +171,9 @@ impl CudaAdamState {
 pub struct CudaIds {
     pub(crate) data: CudaSlice<i32>,
     pub(crate) len: usize,
+    /// The values' range and label count, taken from the host data at upload (the ids are never
+    /// written afterwards): what the op contracts check, without reading the device.
+    pub(crate) stats: IdStats,
 }
 
 impl CudaIds {
@@ -182,13 +186,30 @@ impl CudaIds {
     }
 }
 
+impl IdsView for CudaIds {
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn stats(&self) -> IdStats {
+        self.stats
+    }
+    /// Only on an op's error path (a value outside its range), never in a successful op.
+    fn host_values(&self) -> Result<Vec<i32>> {
+        let mut v = self
+            .data
+            .stream()
+            .clone_dtoh(&self.data)
+            .map_err(be("device to host copy"))?;
+        v.truncate(self.len);
+        Ok(v)
+    }
+}
+
 /// An NF4 weight on the device, in the bitsandbytes layout (see `crate::nf4`). Uploaded as given;
 /// like the CPU backend, the layout is validated against the dims when the weight is used (errors
 /// `w`, `w.packed`, `w.absmax`, `w.absmax_code`, `w.nested_absmax`).
 pub struct CudaNf4 {
     pub(crate) shape: Vec<usize>,
-    /// Product of `shape`, None when it overflows.
-    pub(crate) numel: Option<usize>,
     /// Host lengths of packed, absmax (plain) or absmax codes (nested), nested absmax (nested).
     pub(crate) packed_len: usize,
     pub(crate) absmax_len: usize,

@@ -15,9 +15,27 @@ type Nf4Args<'a> = (
     f32,
     i32,
 );
-use crate::error::{check_len, ensure, KernelError, Result};
+use crate::contract::{self, AbsmaxDims, Nf4Dims};
+use crate::error::Result;
 use crate::launch::{self, to_i32};
-use crate::nf4::{Absmax, Nf4Tensor, BLOCK, NESTED_BLOCK};
+use crate::nf4::{Absmax, Nf4Tensor};
+
+impl CudaNf4 {
+    /// The lengths the NF4 contract checks.
+    pub(super) fn dims(&self) -> Nf4Dims<'_> {
+        Nf4Dims {
+            shape: &self.shape,
+            packed: self.packed_len,
+            absmax: match self.scales {
+                Nf4Scales::Plain(_) => AbsmaxDims::Plain(self.absmax_len),
+                Nf4Scales::Nested { .. } => AbsmaxDims::Nested {
+                    codes: self.absmax_len,
+                    nested: self.nested_len,
+                },
+            },
+        }
+    }
+}
 
 impl Cuda {
     /// The NF4 arguments every NF4 kernel takes: packed, codes, absmax, code8, offset, nested
@@ -32,55 +50,6 @@ impl Cuda {
                 code8,
                 ..
             } => (&w.packed, Some(codes), nested, Some(code8), *offset, 1),
-        }
-    }
-
-    /// The CPU backend's `check_nf4`: shape [N, K] (arg `w`), then the layout lengths.
-    pub(super) fn check_nf4_shape(
-        &self,
-        op: &'static str,
-        w: &CudaNf4,
-        n: usize,
-        k: usize,
-    ) -> Result<()> {
-        ensure(
-            op,
-            "w",
-            w.numel.is_some() && w.numel == n.checked_mul(k),
-            || {
-                format!(
-                    "NF4 weight of shape {:?} does not hold [N={n}, K={k}]",
-                    w.shape
-                )
-            },
-        )?;
-        ensure(op, "w", w.shape.len() != 2 || w.shape == [n, k], || {
-            format!("NF4 weight of shape {:?} is not [N={n}, K={k}]", w.shape)
-        })?;
-        Self::check_nf4_layout(op, w, n * k)
-    }
-
-    pub(super) fn check_nf4_layout(op: &'static str, w: &CudaNf4, numel: usize) -> Result<()> {
-        let nb = numel.div_ceil(BLOCK);
-        check_len(op, "w.packed", w.packed_len, numel.div_ceil(2), || {
-            format!("{:?}", w.shape)
-        })?;
-        match &w.scales {
-            Nf4Scales::Plain(_) => check_len(op, "w.absmax", w.absmax_len, nb, || {
-                format!("[blocks={nb}]")
-            }),
-            Nf4Scales::Nested { .. } => {
-                check_len(op, "w.absmax_code", w.absmax_len, nb, || {
-                    format!("[blocks={nb}]")
-                })?;
-                check_len(
-                    op,
-                    "w.nested_absmax",
-                    w.nested_len,
-                    nb.div_ceil(NESTED_BLOCK),
-                    || format!("[nested blocks={}]", nb.div_ceil(NESTED_BLOCK)),
-                )
-            }
         }
     }
 
@@ -173,7 +142,6 @@ impl Cuda {
 pub(super) fn nf4_from_host(cu: &Cuda, w: &Nf4Tensor) -> Result<CudaNf4> {
     // Uploaded as given (validated at use, as on the CPU); every array gets spare zero elements so
     // no allocation is empty.
-    let numel = w.shape.iter().try_fold(1usize, |a, &x| a.checked_mul(x));
     let mut packed_h = w.packed.clone();
     packed_h.resize(w.packed.len() + 8, 0);
     let packed = cu
@@ -229,7 +197,6 @@ pub(super) fn nf4_from_host(cu: &Cuda, w: &Nf4Tensor) -> Result<CudaNf4> {
     };
     Ok(CudaNf4 {
         shape: w.shape.clone(),
-        numel,
         packed_len: w.packed.len(),
         absmax_len,
         nested_len,
@@ -283,15 +250,7 @@ pub(super) fn nf4_to_host(cu: &Cuda, w: &CudaNf4) -> Result<Nf4Tensor> {
 }
 
 pub(super) fn nf4_dequantize(cu: &Cuda, w: &CudaNf4, out: &mut CudaBuf) -> Result<()> {
-    let numel = w.numel.ok_or_else(|| KernelError::Invalid {
-        op: "nf4_dequantize",
-        arg: "w",
-        msg: format!("shape {:?} overflows", w.shape),
-    })?;
-    Cuda::check_nf4_layout("nf4_dequantize", w, numel)?;
-    check_len("nf4_dequantize", "out", out.len, numel, || {
-        format!("{:?}", w.shape)
-    })?;
+    let numel = contract::nf4_dequantize(&w.dims(), out.len)?;
     let (p, c, a, c8, o, nest) = Cuda::nf4_args(w);
     cu.nf4_dequant_k(
         launch::nf4_dequant(numel),

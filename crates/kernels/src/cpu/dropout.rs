@@ -85,7 +85,7 @@ pub fn dropout_mask(out: &mut [f32], p: f64, seed: u64, stream: u64) -> Result<(
 mod tests {
     use super::*;
 
-    /// Known answers, also hard-coded in kernels/emu/check.cpp (`test_dropout`), which ties the
+    /// Known answers, also hard-coded in kernels/emu/check_dropout.cpp (`test_dropout`), which ties the
     /// emulated CUDA kernel to these exact bits.
     #[test]
     fn known_answers() {

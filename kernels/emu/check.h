@@ -91,6 +91,32 @@ inline std::vector<float> round_hv(std::vector<float> v) { for (auto& x : v) x =
 inline std::vector<float> unbf(const std::vector<unsigned short>& v) { std::vector<float> r(v.size()); for (size_t i = 0; i < v.size(); ++i) r[i] = emu_bf(v[i]); return r; }
 inline std::vector<double> rbf(std::vector<double> v) { for (auto& x : v) x = h_bf((float)x); return v; }
 
+// f16's relative ulp (10 stored bits).
+inline constexpr double HU = 1.0 / 1024;
+
+// n pointwise inputs a (in ±3) and b (in ±1) from g, stored as 16-bit values a16, b16; a and b hold
+// exactly the stored values.
+struct Inputs16 {
+    int n;
+    std::vector<float> a, b;
+    std::vector<unsigned short> a16, b16;
+};
+inline Inputs16 bf16_inputs(Rng& g, int n) {
+    Inputs16 in{n, g.vec(n, 3), g.vec(n, 1), std::vector<unsigned short>(n), std::vector<unsigned short>(n)};
+    for (int i = 0; i < n; ++i) {
+        in.a16[i] = h_f2bf(in.a[i]);
+        in.b16[i] = h_f2bf(in.b[i]);
+        in.a[i] = emu_bf(in.a16[i]);
+        in.b[i] = emu_bf(in.b16[i]);
+    }
+    return in;
+}
+inline Inputs16 f16_inputs(Rng& g, int n) {
+    auto a = round_hv(g.vec(n, 3));
+    auto b = round_hv(g.vec(n, 1));
+    return Inputs16{n, a, b, to_h(a), to_h(b)};
+}
+
 // One entry per family (check_<family>.cpp).
 void check_common();
 void check_elementwise();

@@ -5,10 +5,7 @@
 // bf16 storage where noted (checks the dtype-tagged access too).
 static void test_pointwise() {
     Rng g{77};
-    int n = 1000;
-    auto a = g.vec(n, 3), b = g.vec(n, 1);
-    std::vector<unsigned short> a16(n), b16(n);
-    for (int i = 0; i < n; ++i) { a16[i] = h_f2bf(a[i]); b16[i] = h_f2bf(b[i]); a[i] = emu_bf(a16[i]); b[i] = emu_bf(b16[i]); }
+    auto [n, a, b, a16, b16] = bf16_inputs(g, 1000);
     // axpy into bf16, mul, fill, copy with conversion.
     std::vector<unsigned short> y16 = b16;
     emu_launch(axpy_k, dim3{3}, dim3{256}, 0.5f, (const void*)a.data(), DT_F32, (void*)y16.data(), DT_BF16, (i64)n);
@@ -27,10 +24,7 @@ static void test_pointwise() {
 
 static void test_f16() {
     Rng g{1616};
-    const double HU = 1.0 / 1024;  // f16 relative ulp (10 stored bits)
-    int n = 777;
-    auto a = round_hv(g.vec(n, 3)), b = round_hv(g.vec(n, 1));
-    auto a16 = to_h(a), b16 = to_h(b);
+    auto [n, a, b, a16, b16] = f16_inputs(g, 777);
     std::vector<unsigned short> y16 = b16;
     emu_launch(axpy_k, dim3{3}, dim3{256}, 0.5f, (const void*)a.data(), DT_F32, (void*)y16.data(), DT_F16, (i64)n);
     std::vector<double> wy(n); for (int i = 0; i < n; ++i) wy[i] = hr(b[i] + 0.5f * a[i]);

@@ -24,7 +24,6 @@ static void test_transposes() {
 
 static void test_f16() {
     Rng g{1616};
-    const double HU = 1.0 / 1024;  // f16 relative ulp (10 stored bits)
     // Fallback GEMM with f16 A, B and C: C = 0.5·A·Bᵀ + 2·C.
     {
         int M = 17, N = 21, K = 35;

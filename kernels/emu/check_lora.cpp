@@ -40,7 +40,6 @@ static void test_lora() {
 
 static void test_f16() {
     Rng g{1616};
-    const double HU = 1.0 / 1024;  // f16 relative ulp (10 stored bits)
     // LoRA halves with f16 activations (X, dY, Y, dX in f16; A, B, xa, dyb, dA, dB in f32).
     {
         int m = 6, k = 45, nn = 19, r = 5;

@@ -117,7 +117,6 @@ static void test_gemv_gemm() {
 
 static void test_f16() {
     Rng g{1616};
-    const double HU = 1.0 / 1024;  // f16 relative ulp (10 stored bits)
     // NF4 dequant to f16: the 16-byte vector path and the ragged tail.
     for (auto [nr, k, nested] : {std::tuple{5, 200, true}, std::tuple{3, 37, false}}) {
         Nf4 wq = make_nf4(nr * 7 + k, nr, k, nested);

@@ -4,10 +4,7 @@
 
 static void test_f32() {
     Rng g{77};
-    int n = 1000;
-    auto a = g.vec(n, 3), b = g.vec(n, 1);
-    std::vector<unsigned short> a16(n), b16(n);
-    for (int i = 0; i < n; ++i) { a16[i] = h_f2bf(a[i]); b16[i] = h_f2bf(b[i]); a[i] = emu_bf(a16[i]); b[i] = emu_bf(b16[i]); }
+    auto [n, a, b, a16, b16] = bf16_inputs(g, 1000);
     // softcap fwd/bwd in f32.
     std::vector<float> x = a, dy = b;
     emu_launch(softcap_fwd_k, dim3{1}, dim3{256}, (void*)x.data(), DT_F32, (i64)n, 2.0f);
@@ -20,10 +17,7 @@ static void test_f32() {
 
 static void test_f16() {
     Rng g{1616};
-    const double HU = 1.0 / 1024;  // f16 relative ulp (10 stored bits)
-    int n = 777;
-    auto a = round_hv(g.vec(n, 3)), b = round_hv(g.vec(n, 1));
-    auto a16 = to_h(a), b16 = to_h(b);
+    auto [n, a, b, a16, b16] = f16_inputs(g, 777);
     std::vector<unsigned short> s16 = a16;
     emu_launch(softcap_fwd_k, dim3{1}, dim3{256}, (void*)s16.data(), DT_F16, (i64)n, 2.0f);
     std::vector<double> ws(n); for (int i = 0; i < n; ++i) ws[i] = 2.0 * std::tanh(a[i] / 2.0);

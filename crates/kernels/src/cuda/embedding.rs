@@ -3,7 +3,16 @@
 use super::{Cuda, CudaBuf, CudaIds};
 use crate::contract;
 use crate::error::Result;
-use crate::launch::{self, to_i32};
+use crate::launch::{self, to_i32, Launch};
+
+/// One block per id row, and V, H as the kernels' ints; None when there is nothing to do.
+fn plan(op: &'static str, ids: &CudaIds, v: usize, h: usize) -> Result<Option<(Launch, i32, i32)>> {
+    if ids.len == 0 || h == 0 {
+        return Ok(None);
+    }
+    let l = launch::rows(op, ids.len, h, 256)?;
+    Ok(Some((l, to_i32(op, "v", v)?, to_i32(op, "h", h)?)))
+}
 
 pub(super) fn embedding_fwd(
     cu: &Cuda,
@@ -14,15 +23,11 @@ pub(super) fn embedding_fwd(
     h: usize,
     scale: f32,
 ) -> Result<()> {
-    const OP: &str = "embedding_fwd";
     contract::embedding_fwd(ids, table.len, out.len, v, h)?;
-    let n = ids.len;
-    if n == 0 || h == 0 {
-        return Ok(());
+    match plan("embedding_fwd", ids, v, h)? {
+        Some((l, vi, hi)) => cu.embedding_fwd_k(l, &ids.data, table, out, vi, hi, scale),
+        None => Ok(()),
     }
-    let l = launch::rows(OP, n, h, 256)?;
-    let (vi, hi) = (to_i32(OP, "v", v)?, to_i32(OP, "h", h)?);
-    cu.embedding_fwd_k(l, &ids.data, table, out, vi, hi, scale)
 }
 
 pub(super) fn embedding_bwd(
@@ -34,13 +39,9 @@ pub(super) fn embedding_bwd(
     h: usize,
     scale: f32,
 ) -> Result<()> {
-    const OP: &str = "embedding_bwd";
     contract::embedding_bwd(ids, dout.len, dtable.len, v, h)?;
-    let n = ids.len;
-    if n == 0 || h == 0 {
-        return Ok(());
+    match plan("embedding_bwd", ids, v, h)? {
+        Some((l, vi, hi)) => cu.embedding_bwd_k(l, &ids.data, dout, dtable, vi, hi, scale),
+        None => Ok(()),
     }
-    let l = launch::rows(OP, n, h, 256)?;
-    let (vi, hi) = (to_i32(OP, "v", v)?, to_i32(OP, "h", h)?);
-    cu.embedding_bwd_k(l, &ids.data, dout, dtable, vi, hi, scale)
 }

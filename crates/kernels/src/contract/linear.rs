@@ -18,7 +18,7 @@ fn prod(op: &'static str, a: usize, b: usize) -> Result<usize> {
     })
 }
 
-/// X [M,K], W [N,K], Y [M,N].
+/// X `[M,K]`, W `[N,K]`, Y `[M,N]`.
 pub fn matmul_xwt(x: usize, w: usize, y: usize, m: usize, k: usize, n: usize) -> Result<()> {
     const OP: &str = "matmul_xwt";
     check_len(OP, "x", x, prod(OP, m, k)?, gemm_dims(m, k, n))?;
@@ -26,7 +26,7 @@ pub fn matmul_xwt(x: usize, w: usize, y: usize, m: usize, k: usize, n: usize) ->
     check_len(OP, "y", y, prod(OP, m, n)?, gemm_dims(m, k, n))
 }
 
-/// dY [M,N], W [N,K], dX [M,K].
+/// dY `[M,N]`, W `[N,K]`, dX `[M,K]`.
 pub fn matmul_dyw(dy: usize, w: usize, dx: usize, m: usize, k: usize, n: usize) -> Result<()> {
     const OP: &str = "matmul_dyw";
     check_len(OP, "dy", dy, prod(OP, m, n)?, gemm_dims(m, k, n))?;
@@ -34,7 +34,7 @@ pub fn matmul_dyw(dy: usize, w: usize, dx: usize, m: usize, k: usize, n: usize) 
     check_len(OP, "dx", dx, prod(OP, m, k)?, gemm_dims(m, k, n))
 }
 
-/// dY [M,N], X [M,K], dW [N,K].
+/// dY `[M,N]`, X `[M,K]`, dW `[N,K]`.
 pub fn matmul_dytx(dy: usize, x: usize, dw: usize, m: usize, k: usize, n: usize) -> Result<()> {
     const OP: &str = "matmul_dytx";
     check_len(OP, "dy", dy, prod(OP, m, n)?, gemm_dims(m, k, n))?;
@@ -83,7 +83,7 @@ impl<'a> Nf4Dims<'a> {
     }
 }
 
-/// A consistent NF4 weight of N·K elements (shape [N, K] when 2-D).
+/// A consistent NF4 weight of N·K elements (shape `[N, K]` when 2-D).
 pub fn nf4_weight(op: &'static str, w: &Nf4Dims<'_>, n: usize, k: usize) -> Result<()> {
     let numel = w.numel();
     ensure(
@@ -141,7 +141,7 @@ pub enum WeightDims<'a> {
     Nf4(Nf4Dims<'a>),
 }
 
-/// The LoRA factors' lengths: a [R,K], b [N,R], mask [M,K], and the rank and scale.
+/// The LoRA factors' lengths: a `[R,K]`, b `[N,R]`, mask `[M,K]`, and the rank and scale.
 #[derive(Clone, Copy, Debug)]
 pub struct LoraDims {
     pub a: usize,
@@ -151,7 +151,7 @@ pub struct LoraDims {
     pub mask: Option<usize>,
 }
 
-/// The backward's extra LoRA buffers: xa [M,R], da [R,K], db [N,R].
+/// The backward's extra LoRA buffers: xa `[M,R]`, da `[R,K]`, db `[N,R]`.
 #[derive(Clone, Copy, Debug)]
 pub struct LoraGradDims {
     pub xa: usize,
@@ -174,7 +174,7 @@ pub fn lora_dims(op: &'static str, m: usize, k: usize, n: usize, r: usize) -> Re
     })
 }
 
-/// The base weight W̃ [N,K].
+/// The base weight W̃ `[N,K]`.
 pub fn lora_weight(
     op: &'static str,
     w: &WeightDims<'_>,
@@ -202,7 +202,7 @@ fn lora_factors(op: &'static str, l: &LoraDims, m: usize, k: usize, n: usize) ->
     Ok(())
 }
 
-/// x [M,K], w, lora, y [M,N], xa [M,R].
+/// x `[M,K]`, w, lora, y `[M,N]`, xa `[M,R]`.
 #[allow(clippy::too_many_arguments)]
 pub fn lora_fwd(
     x: usize,
@@ -227,7 +227,7 @@ pub fn lora_fwd(
     check_len(OP, "y", y, m * n, gemm_dims(m, k, n))
 }
 
-/// dy [M,N], x [M,K], w, lora (+ xa, da, db), dx [M,K].
+/// dy `[M,N]`, x `[M,K]`, w, lora (+ xa, da, db), dx `[M,K]`.
 #[allow(clippy::too_many_arguments)]
 pub fn lora_bwd(
     dy: usize,

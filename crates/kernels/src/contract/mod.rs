@@ -1,5 +1,5 @@
 //! Each op's argument contract, written once and checked by every backend before it computes: the
-//! CPU op functions (cpu/<family>.rs) and the CUDA ones (cuda/<family>.rs) start with the same call
+//! CPU op functions (`cpu/<family>.rs`) and the CUDA ones (`cuda/<family>.rs`) start with the same call
 //! here, so both report the same `KernelError` (op, argument and message) for the same bad input.
 //! `tests/ops_errors.rs` runs one body against both backends and compares their messages.
 //!
@@ -183,7 +183,7 @@ fn rmsnorm_dims(op: &'static str, n: usize, h: usize) -> Result<()> {
     })
 }
 
-/// x [N,H], w [H], y [N,H], rstd [N]; eps finite and ≥ 0.
+/// x `[N,H]`, w `[H]`, y `[N,H]`, rstd `[N]`; eps finite and ≥ 0.
 #[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_fwd(
     x: usize,
@@ -206,7 +206,7 @@ pub fn rmsnorm_fwd(
     })
 }
 
-/// dy, x [N,H], w [H], rstd [N], dx [N,H], dw [H].
+/// dy, x `[N,H]`, w `[H]`, rstd `[N]`, dx `[N,H]`, dw `[H]`.
 #[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_bwd(
     dy: usize,
@@ -232,7 +232,7 @@ pub fn rmsnorm_bwd(
     Ok(())
 }
 
-/// x [N, heads, D] with D even, positions [N] ≥ 0, theta finite and > 0.
+/// x `[N, heads, D]` with D even, positions `[N]` ≥ 0, theta finite and > 0.
 pub fn rope(
     x: usize,
     pos: &(impl IdsView + ?Sized),
@@ -307,7 +307,7 @@ fn attn_k_shape(s: &AttnShape) -> String {
     format!("[B={}, TK={}, NKV={}, D={}]", s.b, s.tk, s.nkv, s.d)
 }
 
-/// The geometry, then q [B,T,NH,D], k and v [B,TK,NKV,D], seg [B·TK].
+/// The geometry, then q `[B,T,NH,D]`, k and v `[B,TK,NKV,D]`, seg `[B·TK]`.
 fn attn_common(
     op: &'static str,
     s: &AttnShape,
@@ -359,7 +359,7 @@ fn attn_common(
     Ok(())
 }
 
-/// q, k, v, seg, out [B,T,NH,D], lse [B,NH,T].
+/// q, k, v, seg, out `[B,T,NH,D]`, lse `[B,NH,T]`.
 pub fn attn_fwd(
     q: usize,
     k: usize,
@@ -431,7 +431,7 @@ fn embedding(
     check_ids(op, ids, v)
 }
 
-/// ids [N] in [0, V), table [V,H], out [N,H] (N = the number of ids).
+/// ids `[N]` in [0, V), table `[V,H]`, out `[N,H]` (N = the number of ids).
 pub fn embedding_fwd(
     ids: &(impl IdsView + ?Sized),
     table: usize,
@@ -449,7 +449,7 @@ pub fn embedding_fwd(
     )
 }
 
-/// ids [N] in [0, V), dout [N,H], dtable [V,H].
+/// ids `[N]` in [0, V), dout `[N,H]`, dtable `[V,H]`.
 pub fn embedding_bwd(
     ids: &(impl IdsView + ?Sized),
     dout: usize,
@@ -467,7 +467,7 @@ pub fn embedding_bwd(
     )
 }
 
-/// logits [N,V], labels [N], soft-cap, dlogits [N,V]. Returns the count of scored rows.
+/// logits `[N,V]`, labels `[N]`, soft-cap, dlogits `[N,V]`. Returns the count of scored rows.
 pub fn cross_entropy(
     logits: usize,
     labels: &(impl IdsView + ?Sized),
@@ -493,7 +493,7 @@ pub fn cross_entropy(
     Ok(scored)
 }
 
-/// hidden [N,H], emb [V,H], labels [N], soft-cap, dhidden [N,H], demb [V,H]. Returns the count of
+/// hidden `[N,H]`, emb `[V,H]`, labels `[N]`, soft-cap, dhidden `[N,H]`, demb `[V,H]`. Returns the count of
 /// scored rows.
 #[allow(clippy::too_many_arguments)]
 pub fn lm_head_ce(

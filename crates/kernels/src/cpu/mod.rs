@@ -1,13 +1,15 @@
 //! The CPU reference backend: f32 compute, rayon parallelism, dense GEMMs through the `gemm` crate.
 //!
 //! Every op lives in its own file as free functions on slices (so model code and tests can call them
-//! without going through the trait); `impl Backend for Cpu` below only unwraps buffers and delegates.
+//! without going through the trait), each starting with its op's contract check (`crate::contract`,
+//! shared with the CUDA backend); `impl Backend for Cpu` below only unwraps buffers and delegates.
 //! Buffers are host vectors: `Buf = Vec<f32>`, `Ids = Vec<i32>`, `Nf4 = Nf4Tensor`.
 //!
 //! Files: gemm (the three linear GEMMs + a strided `gemm`), lora (dense/NF4 LoRA linear, tiled NF4),
 //! nf4 (NF4 tile dequantization), rmsnorm, rope, geglu, softcap, attention, cross_entropy, lm_head
 //! (chunked tied head + CE), embedding, elementwise (incl. `copy_range`), dropout (counter-based
-//! dropout masks), adamw.
+//! dropout masks), adamw; fastmath (the vectorized exp/tanh and lane sums, CPU only). cuda/ has a file
+//! of the same name for each family.
 //!
 //! Determinism: every reduction across threads goes through fixed-size pieces summed in order, so a
 //! result does not depend on the number of rayon threads (the `gemm` crate's own blocking aside).

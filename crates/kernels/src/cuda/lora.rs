@@ -9,7 +9,7 @@ use crate::error::Result;
 use crate::launch::{self, to_i32};
 
 impl Cuda {
-    /// out[M,R] = (X ⊙ mask)·Wᵀ where W's element (j, k) is at w[j·sj + k·sk].
+    /// out`[M,R]` = (X ⊙ mask)·Wᵀ where W's element (j, k) is at w[j·sj + k·sk].
     #[allow(clippy::too_many_arguments)]
     pub(super) fn lora_proj(
         &self,

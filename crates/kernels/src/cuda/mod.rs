@@ -1,5 +1,14 @@
 //! The CUDA backend (feature `cuda`): the whole `Backend` op set on an NVIDIA GPU through `cudarc`.
 //!
+//! Layout, mirroring cpu/: one file per op family with the CPU's file names (adamw, attention,
+//! cross_entropy, dropout, elementwise, embedding, geglu, gemm, lm_head, lora, nf4, rmsnorm, rope,
+//! softcap), each holding its ops as functions that check the op's contract (`crate::contract`) and
+//! then marshal arguments and launch; `impl Backend for Cuda` (backend.rs) only delegates to them.
+//! Shared pieces: this file (buffer types, device setup, kernel module loading), memory.rs (host ⇄
+//! device), reduce.rs (deterministic f64 sums for `sum_squares` and the losses), adamw_paged.rs (the
+//! paged optimizer), args.rs (kernel argument types; the typed launch methods themselves are generated
+//! from the declarations in `crate::abi`), compile.rs (NVRTC and the CUBIN cache).
+//!
 //! - Kernels: `kernels/*.cu`, embedded, compiled at first use by NVRTC for the device's compute
 //!   capability (sm_75 and newer) and cached on disk (see `compile.rs`). The bf16 tensor-core kernels
 //!   need sm_80; on sm_75 (no bf16: f16 activations) attention takes its CUDA-core kernels and NF4

@@ -54,7 +54,7 @@ impl Cuda {
     }
 
     /// Y (= or +=) X·W̃ᵀ + s·XA·Bᵀ with an NF4 base (GEMV for M ≤ 8, mma GEMM otherwise). `lora` =
-    /// (xa [M,R], B [N,R], R, s).
+    /// (xa `[M,R]`, B `[N,R]`, R, s).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn nf4_forward(
         &self,
@@ -90,7 +90,7 @@ impl Cuda {
         )
     }
 
-    /// dX (= or +=) dY·W̃ + s·dYB·A with an NF4 base. `lora` = (dyb [M,R], A [R,K], R, s).
+    /// dX (= or +=) dY·W̃ + s·dYB·A with an NF4 base. `lora` = (dyb `[M,R]`, A `[R,K]`, R, s).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn nf4_backward(
         &self,
@@ -267,12 +267,12 @@ pub(super) fn nf4_dequantize(cu: &Cuda, w: &CudaNf4, out: &mut CudaBuf) -> Resul
 
 impl Cuda {
     /// The NF4 linear without tensor-core kernels (sm_75 or f16 data), in either direction:
-    /// - forward (`Nf4Dir::Forward`, M > 8): out [M,N] (= or +=) X·W̃ᵀ + s·XA·Bᵀ, with
-    ///   `lora` = (xa [M,R], B [N,R], R, s);
-    /// - backward (`Nf4Dir::Backward`): dX [M,K] (= or +=) dY·W̃ + s·dYB·A, with
-    ///   `lora` = (dyb [M,R], A [R,K], R, s).
+    /// - forward (`Nf4Dir::Forward`, M > 8): out `[M,N]` (= or +=) X·W̃ᵀ + s·XA·Bᵀ, with
+    ///   `lora` = (xa `[M,R]`, B `[N,R]`, R, s);
+    /// - backward (`Nf4Dir::Backward`): dX `[M,K]` (= or +=) dY·W̃ + s·dYB·A, with
+    ///   `lora` = (dyb `[M,R]`, A `[R,K]`, R, s).
     ///
-    /// W̃ [N, K] is dequantized whole into a temporary of the activation dtype (N·K·2 bytes for f16:
+    /// W̃ `[N, K]` is dequantized whole into a temporary of the activation dtype (N·K·2 bytes for f16:
     /// 98 MiB for Gemma-2-9B's largest projection, freed on return), then two cuBLAS GEMMs. The
     /// caller has checked every length.
     #[allow(clippy::too_many_arguments)]

@@ -9,7 +9,7 @@ use crate::error::Result;
 use crate::launch::{self, to_i32};
 
 impl Cuda {
-    /// out`[M,R]` = (X ⊙ mask)·Wᵀ where W's element (j, k) is at w[j·sj + k·sk].
+    /// out `[M,R]` = (X ⊙ mask)·Wᵀ where W's element (j, k) is at w[j·sj + k·sk].
     #[allow(clippy::too_many_arguments)]
     pub(super) fn lora_proj(
         &self,
@@ -26,10 +26,7 @@ impl Cuda {
         if m == 0 || r == 0 {
             return Ok(());
         }
-        let (mask_arg, has) = match mask {
-            Some(mk) => (Some(mk), 1),
-            None => (None, 0),
-        };
+        let (mask_arg, has) = (mask, mask.is_some() as i32);
         self.lora_proj_k(
             launch::lora_proj(m, r)?,
             x,
@@ -153,10 +150,7 @@ pub(super) fn lora_bwd(
                 to_i32("lora_bwd", "k", k)?,
                 to_i32("lora_bwd", "n", n)?,
             );
-            let (mask_arg, has) = match l.mask {
-                Some(mk) => (Some(mk), 1),
-                None => (None, 0),
-            };
+            let (mask_arg, has) = (l.mask, l.mask.is_some() as i32);
             // dA += s·dYBᵀ·drop(X);  dB += s·dYᵀ·XA.
             let da: &CudaBuf = l.da;
             let db: &CudaBuf = l.db;
@@ -191,10 +185,7 @@ pub(super) fn lora_bwd(
     let add_lora_dx = |cuda: &Cuda,
                        (dyb, a, r, s, mask): (&CudaBuf, &CudaBuf, usize, f32, Option<&CudaBuf>)|
      -> Result<()> {
-        let (mask_arg, has) = match mask {
-            Some(mk) => (Some(mk), 1),
-            None => (None, 0),
-        };
+        let (mask_arg, has) = (mask, mask.is_some() as i32);
         cuda.lora_dx_k(
             launch::elementwise(m * k),
             dx,

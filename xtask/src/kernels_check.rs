@@ -473,23 +473,24 @@ ptxas info    : Used 12 registers, used 1 barriers, 6272 bytes smem\n";
         }
     }
 
+    /// The family of kernels/<stem>.cu: nf4_dequant.cu, nf4_gemm.cu, nf4_gemv.cu are the parts of nf4.
+    fn kernel_family(stem: &str) -> String {
+        match stem.split_once('_') {
+            Some(("nf4", _)) => "nf4".to_string(),
+            _ => stem.to_string(),
+        }
+    }
+
     /// Every kernel family (kernels/<family>.cu, or its parts <family>_<part>.cu) has its emulated
     /// check kernels/emu/check_<family>.cpp, and every check file names a family.
     #[test]
     fn every_kernel_family_has_an_emulated_check() {
         let root = repo_root();
-        let family = |stem: &str| -> String {
-            // nf4_dequant.cu, nf4_gemm.cu, nf4_gemv.cu are the parts of family nf4.
-            match stem.split_once('_') {
-                Some(("nf4", _)) => "nf4".to_string(),
-                _ => stem.to_string(),
-            }
-        };
         let mut families = BTreeSet::new();
         for e in std::fs::read_dir(root.join("kernels")).unwrap() {
             let p = e.unwrap().path();
             if p.extension().is_some_and(|x| x == "cu") {
-                families.insert(family(p.file_stem().unwrap().to_str().unwrap()));
+                families.insert(kernel_family(p.file_stem().unwrap().to_str().unwrap()));
             }
         }
         let mut checks = BTreeSet::new();
@@ -504,5 +505,53 @@ ptxas info    : Used 12 registers, used 1 barriers, 6272 bytes smem\n";
             families, checks,
             "kernels/*.cu families vs kernels/emu/check_*.cpp"
         );
+    }
+
+    /// One name per op family: crates/kernels/src/cpu/<family>.rs and cuda/<family>.rs name the same
+    /// families, and kernels/<family>.cu (or its parts) exist for each, with the exceptions listed.
+    #[test]
+    fn cpu_cuda_and_kernel_files_share_family_names() {
+        let root = repo_root();
+        let stems = |dir: &Path, ext: &str| -> BTreeSet<String> {
+            std::fs::read_dir(dir)
+                .unwrap()
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == ext))
+                .map(|p| p.file_stem().unwrap().to_str().unwrap().to_string())
+                .collect()
+        };
+        let src = root.join("crates/kernels/src");
+        let without = |set: BTreeSet<String>, drop: &[&str]| -> BTreeSet<String> {
+            set.into_iter()
+                .filter(|s| !drop.contains(&s.as_str()))
+                .collect()
+        };
+        // CPU only: the module root and the vectorized math helpers.
+        let cpu = without(stems(&src.join("cpu"), "rs"), &["mod", "fastmath"]);
+        // CUDA only: the module root, the trait impl, kernel arguments, NVRTC, host transfers, the
+        // shared device sum, the paged optimizer (part of adamw) and the GPU tests.
+        let cuda = without(
+            stems(&src.join("cuda"), "rs"),
+            &[
+                "mod",
+                "backend",
+                "args",
+                "compile",
+                "memory",
+                "reduce",
+                "adamw_paged",
+                "gpu_tests",
+            ],
+        );
+        assert_eq!(cpu, cuda, "cpu/*.rs vs cuda/*.rs op families");
+        let kernels: BTreeSet<String> = stems(&root.join("kernels"), "cu")
+            .into_iter()
+            .map(|s| kernel_family(&s))
+            .collect();
+        // lm_head has no kernel of its own (GEMMs around cross_entropy.cu); reduce.cu is the shared
+        // device sum.
+        let mut want = without(cpu, &["lm_head"]);
+        want.insert("reduce".to_string());
+        assert_eq!(kernels, want, "kernels/*.cu families vs cpu/*.rs");
     }
 }

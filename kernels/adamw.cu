@@ -11,7 +11,7 @@
 // passed in. Every operation is an explicitly rounded intrinsic (__fmul_rn, __fadd_rn, __fsub_rn,
 // __fdiv_rn, __fsqrt_rn, __fmaf_rn): no FMA contraction, no approximate division or square root,
 // whatever the NVRTC flags, so the result is bit-identical to the CPU's for f32 storage (the emulator
-// check in kernels/emu/check.cpp requires that). Subnormals are kept (no --ftz), as on the CPU.
+// check in kernels/emu/check_adamw.cpp requires that). Subnormals are kept (no --ftz), as on the CPU.
 //
 // Layouts: p, g, m, v flat [n]; f32 in the intended setup (Storage::Master), any dtype accepted
 // (a bf16 p or state is rounded on store, which the CPU does not model).

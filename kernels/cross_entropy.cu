@@ -20,7 +20,9 @@ extern "C" __global__ void ce_row_k(const void* logits, int ldt, const int* labe
     i64 row = blockIdx.x;
     i64 base = row * (i64)v;
     int label = labels[row];
-    if (label == -100) {
+    // −100 is the ignored row; any other label outside [0, v) was refused by the backend before the
+    // launch, and is treated as ignored here so that it can never index outside the row.
+    if (label < 0 || label >= v) {
         if (want_grad)
             for (int j = threadIdx.x; j < v; j += blockDim.x) st(dlogits, ddt, base + j, 0.0f);
         if (threadIdx.x == 0) row_loss[row] = 0.0f;

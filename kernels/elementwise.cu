@@ -1,4 +1,4 @@
-// elementwise.cu — fill, copy/cast, axpy, scale, mul, dropout masks: one pass over flat buffers of n
+// elementwise.cu — fill, copy/cast, axpy, scale, mul: one pass over flat buffers of n
 // elements. copy_k also serves Backend::copy_range: the launcher passes both pointers already offset.
 //
 // Layouts: every buffer is flat [n], f32 or bf16 (dtype tag next to the pointer; see common.cuh).
@@ -35,24 +35,4 @@ extern "C" __global__ void scale_k(void* x, int xdt, i64 n, float alpha) {
 extern "C" __global__ void mul_k(const void* x, int xdt, const void* m, int mdt, void* out, int odt, i64 n) {
     for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
         st(out, odt, i, ld(x, xdt, i) * ld(m, mdt, i));
-}
-
-// Inverted-dropout mask from a counter-based hash (the CPU reference is crates/kernels/src/cpu/
-// dropout.rs; the two must give identical bits): out[i] = 0 if splitmix64(key + i·γ) < thr, else keep.
-// key = splitmix64(seed ^ splitmix64(stream)), thr = floor(p·2^64) and keep = f32(1/(1−p)) come from
-// the host, so the decision is pure u64 integer arithmetic (wrapping, as Rust's wrapping_*) and the
-// stored value is one host-rounded float. key and thr travel as i64 bit patterns.
-__device__ __forceinline__ unsigned long long splitmix64_dev(unsigned long long z) {
-    z += 0x9E3779B97F4A7C15ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
-extern "C" __global__ void dropout_mask_k(void* out, int odt, i64 n, i64 key, i64 thr, float keep) {
-    const unsigned long long k = (unsigned long long)key, t = (unsigned long long)thr;
-    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
-        unsigned long long bits = splitmix64_dev(k + (unsigned long long)i * 0x9E3779B97F4A7C15ull);
-        st(out, odt, i, bits < t ? 0.0f : keep);
-    }
 }

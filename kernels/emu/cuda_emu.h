@@ -1,5 +1,5 @@
 // cuda_emu.h — a tiny CPU emulator for the subset of CUDA that kernels/*.cu use, so the real kernel
-// source runs on a machine without a GPU (kernels/emu/check.cpp, `cargo xtask kernels-check --emu`).
+// source runs on a machine without a GPU (kernels/emu/check_<family>.cpp, `cargo xtask kernels-check`).
 //
 // Model: a launch runs its blocks one after another; within a block every CUDA thread is a ucontext
 // fiber on one OS thread. __syncthreads is a block-wide barrier, warp shuffles and the mma.sync

@@ -9,10 +9,11 @@
 //! dlopened by absolute path, libnvrtc-builtins first (NVRTC itself dlopens that by SONAME at compile
 //! time, which fails unless it is already loaded or on the loader path).
 //!
-//! Then it runs the kernels themselves on the CPU: `kernels/emu/check.cpp` includes the real .cu files
-//! through a small CUDA emulator (`kernels/emu/cuda_emu.h`: fibers per thread, barriers, warp shuffles,
-//! mma.sync fragment emulation) and compares them with double-precision loops. That needs g++ with
-//! C++20 (`$CXX` to pick another compiler); without one it says so and skips that part.
+//! Then it runs the kernels themselves on the CPU: `kernels/emu/check_<family>.cpp` (one per kernel
+//! family, each including its family's real .cu files) run through a small CUDA emulator
+//! (`kernels/emu/cuda_emu.h`: fibers per thread, barriers, warp shuffles, mma.sync fragment emulation)
+//! and compare them with double-precision loops; `kernels/emu/main.cpp` runs every family. That needs
+//! g++ with C++20 (`$CXX` to pick another compiler); without one it says so and skips that part.
 //!
 //! sm_75 (Turing: T4, the fp16-only GPUs) has no bf16 mma.sync: there the tensor-core helpers compile to
 //! a trap (`#if __CUDA_ARCH__ >= 800`) and the backend's launch code must not select those kernels; the
@@ -350,22 +351,25 @@ pub fn run(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Compiles and runs kernels/emu/check.cpp. `required`: a missing compiler is an error rather than a skip.
+/// Compiles kernels/emu/*.cpp (the per-family checks and their main) into one program and runs it.
+/// `required`: a missing compiler is an error rather than a skip.
 fn run_emulated(root: &Path, required: bool) -> Result<()> {
     use std::process::Command;
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
     let out_dir = root.join("target").join("kernels-emu");
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let exe = out_dir.join("check");
-    let src = root.join("kernels/emu/check.cpp");
+    let emu = root.join("kernels/emu");
+    let sources = emu_sources(&emu)?;
     println!(
-        "kernels-check: running the kernels on the CPU emulator ({cxx}, {})",
-        src.display()
+        "kernels-check: running the kernels on the CPU emulator ({cxx}, {} files in {})",
+        sources.len(),
+        emu.display()
     );
     let status = Command::new(&cxx)
         .args(["-std=c++20", "-O1", "-pthread", "-I"])
         .arg(root.join("kernels"))
-        .arg(&src)
+        .args(&sources)
         .arg("-o")
         .arg(&exe)
         .status();
@@ -375,7 +379,7 @@ fn run_emulated(root: &Path, required: bool) -> Result<()> {
             return Ok(());
         }
         Err(e) => bail!("running {cxx}: {e}"),
-        Ok(s) if !s.success() => bail!("{cxx} failed to build kernels/emu/check.cpp"),
+        Ok(s) if !s.success() => bail!("{cxx} failed to build the emulated checks in kernels/emu"),
         Ok(_) => {}
     }
     let run = Command::new(&exe)
@@ -385,6 +389,20 @@ fn run_emulated(root: &Path, required: bool) -> Result<()> {
         bail!("emulated kernel checks failed (see the FAIL lines above)");
     }
     Ok(())
+}
+
+/// The emulator's C++ sources, sorted: main.cpp and one check_<family>.cpp per kernel family.
+fn emu_sources(emu: &Path) -> Result<Vec<PathBuf>> {
+    let mut sources: Vec<PathBuf> = std::fs::read_dir(emu)
+        .with_context(|| format!("listing {}", emu.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "cpp"))
+        .collect();
+    sources.sort();
+    if !sources.iter().any(|p| p.ends_with("main.cpp")) {
+        bail!("{} has no main.cpp", emu.display());
+    }
+    Ok(sources)
 }
 
 #[cfg(test)]
@@ -453,5 +471,87 @@ ptxas info    : Used 12 registers, used 1 barriers, 6272 bytes smem\n";
                 );
             }
         }
+    }
+
+    /// The family of kernels/<stem>.cu: nf4_dequant.cu, nf4_gemm.cu, nf4_gemv.cu are the parts of nf4.
+    fn kernel_family(stem: &str) -> String {
+        match stem.split_once('_') {
+            Some(("nf4", _)) => "nf4".to_string(),
+            _ => stem.to_string(),
+        }
+    }
+
+    /// Every kernel family (kernels/<family>.cu, or its parts <family>_<part>.cu) has its emulated
+    /// check kernels/emu/check_<family>.cpp, and every check file names a family.
+    #[test]
+    fn every_kernel_family_has_an_emulated_check() {
+        let root = repo_root();
+        let mut families = BTreeSet::new();
+        for e in std::fs::read_dir(root.join("kernels")).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "cu") {
+                families.insert(kernel_family(p.file_stem().unwrap().to_str().unwrap()));
+            }
+        }
+        let mut checks = BTreeSet::new();
+        for p in emu_sources(&root.join("kernels/emu")).unwrap() {
+            let name = p.file_stem().unwrap().to_str().unwrap().to_string();
+            if let Some(f) = name.strip_prefix("check_") {
+                checks.insert(f.to_string());
+            }
+        }
+        checks.remove("common");
+        assert_eq!(
+            families, checks,
+            "kernels/*.cu families vs kernels/emu/check_*.cpp"
+        );
+    }
+
+    /// One name per op family: crates/kernels/src/cpu/<family>.rs and cuda/<family>.rs name the same
+    /// families, and kernels/<family>.cu (or its parts) exist for each, with the exceptions listed.
+    #[test]
+    fn cpu_cuda_and_kernel_files_share_family_names() {
+        let root = repo_root();
+        let stems = |dir: &Path, ext: &str| -> BTreeSet<String> {
+            std::fs::read_dir(dir)
+                .unwrap()
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == ext))
+                .map(|p| p.file_stem().unwrap().to_str().unwrap().to_string())
+                .collect()
+        };
+        let src = root.join("crates/kernels/src");
+        let without = |set: BTreeSet<String>, drop: &[&str]| -> BTreeSet<String> {
+            set.into_iter()
+                .filter(|s| !drop.contains(&s.as_str()))
+                .collect()
+        };
+        // CPU only: the module root and the vectorized math helpers.
+        let cpu = without(stems(&src.join("cpu"), "rs"), &["mod", "fastmath"]);
+        // CUDA only: the module root, the trait impl, kernel arguments, NVRTC, host transfers, the
+        // shared device sum, the paged optimizer (part of adamw) and the GPU tests.
+        let cuda = without(
+            stems(&src.join("cuda"), "rs"),
+            &[
+                "mod",
+                "backend",
+                "args",
+                "compile",
+                "memory",
+                "reduce",
+                "adamw_paged",
+                "gpu_tests",
+            ],
+        );
+        assert_eq!(cpu, cuda, "cpu/*.rs vs cuda/*.rs op families");
+        let kernels: BTreeSet<String> = stems(&root.join("kernels"), "cu")
+            .into_iter()
+            .map(|s| kernel_family(&s))
+            .collect();
+        // lm_head has no kernel of its own (GEMMs around cross_entropy.cu); reduce.cu is the shared
+        // device sum.
+        let mut want = without(cpu, &["lm_head"]);
+        want.insert("reduce".to_string());
+        assert_eq!(kernels, want, "kernels/*.cu families vs cpu/*.rs");
     }
 }

@@ -6,7 +6,7 @@
 
 use std::hint::black_box;
 
-use afinar_kernels::cpu::{attention, dequant, gemm, lora};
+use afinar_kernels::cpu::{attention, gemm, lora, nf4};
 use afinar_kernels::cpu::{LoraFactors, LoraGrads, WeightRef};
 use afinar_kernels::nf4::{Absmax, Nf4Tensor, NESTED_BLOCK};
 use afinar_kernels::{Accum, AttnShape};
@@ -119,7 +119,7 @@ fn bench_nf4_dequant(c: &mut Criterion) {
         (n * k / 2 + n * k * 4 + n * k / 64) as u64,
     ));
     g.bench_function("cpu (byte-wise, parallel)", |b| {
-        b.iter(|| dequant::nf4_dequantize(&w, &mut out).unwrap())
+        b.iter(|| nf4::nf4_dequantize(&w, &mut out).unwrap())
     });
     g.bench_function("Nf4Tensor::dequantize_into (host reference)", |b| {
         b.iter(|| w.dequantize_into(0, &mut out).unwrap())

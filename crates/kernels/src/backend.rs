@@ -9,6 +9,16 @@
 //!   how gradients of shared inputs (residual stream, tied embedding) are summed.
 //! - A length that does not match the dims returns `KernelError::Shape` naming the op and argument;
 //!   inconsistent dims return `KernelError::Invalid`. No method panics on well-typed input.
+//! - Each op's argument contract is one function of [`crate::contract`], called first by every
+//!   backend's implementation of the op: the checks, their order and their messages are the same on
+//!   every backend (tests/ops_errors.rs runs the same bad calls on each and compares the messages). A
+//!   backend may refuse more than the contract only for a limit of its own (e.g. the CUDA attention's
+//!   head dim ≤ 256, dims that must fit the kernels' `int`), with a `KernelError` naming the argument.
+//! - Ids (token ids, labels, positions, segment ids) are range-checked against the op's vocabulary
+//!   or sign without reading device memory: `ids_from_host` records their range and label count
+//!   ([`crate::contract::IdStats`]) from the host data, and ids buffers are never written after
+//!   upload. Only a failing check reads the values back, to name the first bad one. The kernels also
+//!   never index a table at an id outside its range, whatever the ids hold.
 //! - `Self::Buf` holds f32 values logically; a backend may store them in a narrower type (the CUDA
 //!   backend keeps activations in bf16), which is why tolerances are per backend. Who decides: the
 //!   [`Storage`] intent given when the buffer is allocated (see there for which buffers are which).
@@ -144,6 +154,7 @@ pub trait Backend: Send + Sync + Sized {
     }
     fn to_host(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
     fn len(&self, buf: &Self::Buf) -> usize;
+    /// Uploads ids; a backend records their [`crate::contract::IdStats`] here (see the module docs).
     fn ids_from_host(&self, ids: &[i32]) -> Result<Self::Ids>;
     fn ids_len(&self, ids: &Self::Ids) -> usize;
     fn nf4_from_host(&self, w: &Nf4Tensor) -> Result<Self::Nf4>;

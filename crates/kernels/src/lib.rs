@@ -2,8 +2,17 @@
 //! implementation (f32, rayon, `gemm`) and a CUDA implementation (feature `cuda`).
 //!
 //! This crate knows nothing of models: ops take flat buffers and the dimensions that give them shape.
+//!
+//! Reading order: `backend.rs` (the op set and its conventions), `contract/` (each op's argument
+//! checks, shared by both backends), then per op family `cpu/<family>.rs` (the reference),
+//! `cuda/<family>.rs` and `kernels/<family>.cu` at the repository root (kernels/README.md). `abi/`
+//! declares every CUDA kernel's parameters once; `launch.rs` plans launch geometry; `nf4.rs` is the
+//! NF4 format.
 
+#[cfg(any(test, feature = "cuda"))]
+mod abi;
 pub mod backend;
+pub mod contract;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;

@@ -147,7 +147,7 @@ fn check_dropout_bits<B: Backend>(b: &B, _tol: Tolerance) {
         b.dropout_mask(&mut short, p, seed, stream).unwrap();
         assert_eq!(bits(&down(b, &short)), bits(&want[..n / 3]), "prefix");
     }
-    // The known answer shared with kernels/emu/check.cpp: 87 zeros among 1000 at p = 0.1.
+    // The known answer shared with kernels/emu/check_dropout.cpp: 87 zeros among 1000 at p = 0.1.
     let mut m = b.zeros_for(1000, Storage::Master).unwrap();
     b.dropout_mask(&mut m, 0.1, 42, 7).unwrap();
     assert_eq!(down(b, &m).iter().filter(|&&x| x == 0.0).count(), 87);

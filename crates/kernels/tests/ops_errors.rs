@@ -1,5 +1,7 @@
 //! Bad input: wrong lengths give `KernelError::Shape` naming the op and the argument; inconsistent
-//! dimensions give `KernelError::Invalid`. Nothing panics.
+//! dimensions give `KernelError::Invalid`. Nothing panics. Every op checks its arguments through one
+//! function of `afinar_kernels::contract` on every backend: the same bodies run on the CPU and (with a
+//! GPU) on CUDA, and `both_backends_report_identical_errors` compares the full messages.
 
 #[macro_use]
 mod common;
@@ -348,6 +350,22 @@ fn check_invalid<B: Backend>(b: &B, _tol: Tolerance) {
     );
     let mut x = z(4);
     expect_invalid(b.softcap_fwd(&mut x, 0.0), "softcap_fwd", "cap");
+    let (mut y, mut r) = (z(2 * 3), z(2));
+    expect_invalid(
+        b.rmsnorm_fwd(&z(6), &z(3), &mut y, &mut r, 2, 3, f32::NAN),
+        "rmsnorm_fwd",
+        "eps",
+    );
+    expect_invalid(
+        b.rmsnorm_fwd(&z(6), &z(3), &mut y, &mut r, usize::MAX, 2, 1e-6),
+        "rmsnorm_fwd",
+        "n",
+    );
+    expect_invalid(
+        b.cross_entropy(&z(8), &up_ids(b, &[0, 1]), 2, 4, Some(-1.0), 1.0, None),
+        "cross_entropy",
+        "cap",
+    );
     let (a, bb) = (z(0), z(0));
     let lr = afinar_kernels::LoraRef {
         a: &a,
@@ -377,6 +395,78 @@ fn check_invalid<B: Backend>(b: &B, _tol: Tolerance) {
     );
 }
 
+/// One bad call per contract rule that both backends can take, as the error messages.
+fn error_messages<B: Backend>(b: &B) -> Vec<String> {
+    let z = |n: usize| b.zeros(n).unwrap();
+    let msg = |r: Result<(), KernelError>| r.expect_err("a bad call succeeded").to_string();
+    let msg2 =
+        |r: Result<(f64, usize), KernelError>| r.expect_err("a bad call succeeded").to_string();
+    let (mut y, mut r, mut e) = (z(6), z(2), z(6));
+    let s = AttnShape {
+        b: 1,
+        t: 2,
+        tk: 2,
+        nh: 2,
+        nkv: 1,
+        d: 4,
+        scale: 0.5,
+        softcap: None,
+        window: None,
+    };
+    let (mut o, mut l) = (z(16), z(4));
+    vec![
+        msg(b.matmul_xwt(&z(5), &z(6), &mut y, 2, 3, 2, Accum::Overwrite)),
+        msg(b.axpy(1.0, &z(3), &mut y)),
+        msg(b.copy_range(&z(4), 3, &mut y, 0, 2)),
+        msg(b.rmsnorm_fwd(&z(6), &z(3), &mut y, &mut r, 2, 3, -1.0)),
+        msg(b.rmsnorm_fwd(&z(6), &z(3), &mut y, &mut r, usize::MAX, 2, 1e-6)),
+        msg(b.rmsnorm_fwd(&z(6), &z(2), &mut y, &mut r, 2, 3, 1e-6)),
+        msg(b.rope(&mut y, &up_ids(b, &[0, -3]), 2, 1, 3, 1e4, false)),
+        msg(b.rope(&mut y, &up_ids(b, &[0, -3, 1]), 3, 1, 2, 1e4, false)),
+        msg(b.embedding_fwd(&up_ids(b, &[0, 1]), &z(15), &mut z(12), 5, 3, 1.0)),
+        msg(b.embedding_fwd(&up_ids(b, &[0, 7]), &z(15), &mut e, 5, 3, 1.0)),
+        msg(b.embedding_bwd(&up_ids(b, &[-1, 0]), &z(6), &mut z(15), 5, 3, 1.0)),
+        msg2(b.cross_entropy(&z(8), &up_ids(b, &[-100, 4]), 2, 4, None, 1.0, None)),
+        msg2(b.cross_entropy(&z(8), &up_ids(b, &[0, 1]), 2, 4, Some(0.0), 1.0, None)),
+        msg2(b.lm_head_ce(
+            &z(6),
+            &z(12),
+            &up_ids(b, &[9, 0]),
+            2,
+            3,
+            4,
+            None,
+            1.0,
+            None,
+            None,
+        )),
+        msg(b.softcap_bwd(&z(3), &mut y, 2.0)),
+        msg(b.attn_fwd(&z(16), &z(8), &z(8), None, &mut o, &mut z(3), &s)),
+        msg(b.attn_fwd(
+            &z(16),
+            &z(8),
+            &z(8),
+            None,
+            &mut o,
+            &mut l,
+            &AttnShape { nkv: 3, ..s },
+        )),
+        msg(b.dropout_mask(&mut y, 1.0, 1, 2)),
+    ]
+}
+
+#[test]
+fn both_backends_report_identical_errors() {
+    let cpu = error_messages(&afinar_kernels::Cpu::new());
+    #[cfg(feature = "cuda")]
+    match afinar_kernels::cuda::Cuda::try_new() {
+        Ok(Some(cu)) => assert_eq!(error_messages(&cu), cpu),
+        Ok(None) => println!("skipped: no CUDA driver"),
+        Err(e) => panic!("a CUDA driver is present but the backend failed to start: {e}"),
+    }
+    assert!(cpu.iter().all(|m| !m.is_empty()), "{cpu:?}");
+}
+
 /// The public tile primitive rejects an inconsistent tensor instead of indexing out of bounds.
 #[test]
 fn cpu_dequantize_range_checks_layout() {
@@ -387,7 +477,7 @@ fn cpu_dequantize_range_checks_layout() {
     };
     let mut out = vec![0.0; 10];
     expect_shape(
-        afinar_kernels::cpu::dequant::dequantize_range(&bad, 100, &mut out),
+        afinar_kernels::cpu::nf4::dequantize_range(&bad, 100, &mut out),
         "nf4_dequantize",
         "w.absmax",
     );
@@ -397,7 +487,7 @@ fn cpu_dequantize_range_checks_layout() {
         absmax: Absmax::Plain(vec![1.0; 2]),
     };
     expect_invalid(
-        afinar_kernels::cpu::dequant::dequantize_range(&ok, 120, &mut out),
+        afinar_kernels::cpu::nf4::dequantize_range(&ok, 120, &mut out),
         "nf4_dequantize",
         "range",
     );

@@ -584,6 +584,6 @@ fn cpu_nf4_tiles_of_any_height_agree_with_dense() {
     }
     // Element ranges starting at odd offsets decode exactly like the host reference.
     let mut out = vec![0.0; 37];
-    afinar_kernels::cpu::dequant::dequantize_range(&w, 63, &mut out).unwrap();
+    afinar_kernels::cpu::nf4::dequantize_range(&w, 63, &mut out).unwrap();
     Tolerance::EXACT.assert_close("range 63..100", out, wd[63..100].iter().copied());
 }

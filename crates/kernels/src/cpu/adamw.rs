@@ -26,7 +26,8 @@
 
 use rayon::prelude::*;
 
-use crate::error::{check_len, ensure, Result};
+use crate::contract;
+use crate::error::{ensure, Result};
 
 /// Elements per rayon task: large enough to amortize scheduling, small enough to spread a LoRA
 /// parameter set over the cores.
@@ -137,12 +138,8 @@ pub fn adamw_step(
     v: &mut [f32],
     h: &crate::AdamW,
 ) -> Result<()> {
-    const OP: &str = "adamw";
-    let shape = || format!("[len={}]", p.len());
-    check_len(OP, "g", g.len(), p.len(), shape)?;
-    check_len(OP, "m", m.len(), p.len(), shape)?;
-    check_len(OP, "v", v.len(), p.len(), shape)?;
-    let sc = AdamScalars::new(OP, h)?;
+    contract::adamw(p.len(), g.len(), m.len(), v.len())?;
+    let sc = AdamScalars::new("adamw", h)?;
     p.par_chunks_mut(CHUNK)
         .zip(g.par_chunks(CHUNK))
         .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))

@@ -30,10 +30,11 @@ use rayon::prelude::*;
 
 use crate::backend::Accum;
 use crate::backend::AttnShape;
+use crate::contract;
 use crate::cpu::fastmath::{self, simd_fn};
 use crate::cpu::gemm::{gemm, MatMut, MatRef};
 use crate::cpu::softcap::softcap;
-use crate::error::{check_len, ensure, KernelError, Result};
+use crate::error::Result;
 
 /// Dot product with 8 independent accumulators (lets the compiler vectorize without reassociation).
 #[inline]
@@ -59,64 +60,6 @@ fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
     for (y, &x) in y.iter_mut().zip(x) {
         *y += alpha * x;
     }
-}
-
-fn validate(
-    op: &'static str,
-    s: &AttnShape,
-    q: usize,
-    k: usize,
-    v: usize,
-    seg: Option<&[i32]>,
-) -> Result<()> {
-    ensure(
-        op,
-        "nkv",
-        s.nkv > 0 && s.nh > 0 && s.nh.is_multiple_of(s.nkv),
-        || format!("NH={} must be a positive multiple of NKV={}", s.nh, s.nkv),
-    )?;
-    ensure(op, "d", s.d > 0, || "head dim D must be > 0".to_string())?;
-    ensure(op, "tk", s.tk >= s.t, || {
-        format!(
-            "TK={} must be ≥ T={} (queries are the last T keys)",
-            s.tk, s.t
-        )
-    })?;
-    ensure(op, "window", s.window != Some(0), || {
-        "a sliding window of 0 keys hides every key".to_string()
-    })?;
-    ensure(op, "scale", s.scale.is_finite(), || {
-        format!("scale must be finite, got {}", s.scale)
-    })?;
-    if let Some(c) = s.softcap {
-        ensure(op, "softcap", c.is_finite() && c > 0.0, || {
-            format!("soft-cap must be finite and > 0, got {c}")
-        })?;
-    }
-    let qn = [s.b, s.t, s.nh, s.d]
-        .iter()
-        .try_fold(1usize, |a, &x| a.checked_mul(x));
-    let kn = [s.b, s.tk, s.nkv, s.d]
-        .iter()
-        .try_fold(1usize, |a, &x| a.checked_mul(x));
-    let (Some(qn), Some(kn)) = (qn, kn) else {
-        return Err(KernelError::Invalid {
-            op,
-            arg: "shape",
-            msg: format!("{s:?} overflows usize"),
-        });
-    };
-    let qs = || format!("[B={}, T={}, NH={}, D={}]", s.b, s.t, s.nh, s.d);
-    let ks = || format!("[B={}, TK={}, NKV={}, D={}]", s.b, s.tk, s.nkv, s.d);
-    check_len(op, "q", q, qn, qs)?;
-    check_len(op, "k", k, kn, ks)?;
-    check_len(op, "v", v, kn, ks)?;
-    if let Some(seg) = seg {
-        check_len(op, "seg", seg.len(), s.b * s.tk, || {
-            format!("[B={}, TK={}]", s.b, s.tk)
-        })?;
-    }
-    Ok(())
 }
 
 /// Visible key range [lo, p] of the query at absolute position p (before the segment test).
@@ -307,13 +250,15 @@ pub fn attn_fwd(
     s: &AttnShape,
 ) -> Result<()> {
     const OP: &str = "attn_fwd";
-    validate(OP, s, q.len(), k.len(), v.len(), seg)?;
-    check_len(OP, "out", out.len(), q.len(), || {
-        format!("[B={}, T={}, NH={}, D={}]", s.b, s.t, s.nh, s.d)
-    })?;
-    check_len(OP, "lse", lse.len(), s.b * s.nh * s.t, || {
-        format!("[B={}, NH={}, T={}]", s.b, s.nh, s.t)
-    })?;
+    contract::attn_fwd(
+        q.len(),
+        k.len(),
+        v.len(),
+        seg.map(<[i32]>::len),
+        out.len(),
+        lse.len(),
+        s,
+    )?;
     if out.is_empty() {
         return Ok(());
     }
@@ -377,20 +322,19 @@ pub fn attn_bwd(
     s: &AttnShape,
 ) -> Result<()> {
     const OP: &str = "attn_bwd";
-    validate(OP, s, q.len(), k.len(), v.len(), seg)?;
-    ensure(OP, "tk", s.tk == s.t, || {
-        format!("the backward needs TK = T, got TK={} T={}", s.tk, s.t)
-    })?;
-    let qs = || format!("[B={}, T={}, NH={}, D={}]", s.b, s.t, s.nh, s.d);
-    let ks = || format!("[B={}, TK={}, NKV={}, D={}]", s.b, s.tk, s.nkv, s.d);
-    check_len(OP, "out", out.len(), q.len(), qs)?;
-    check_len(OP, "dout", dout.len(), q.len(), qs)?;
-    check_len(OP, "lse", lse.len(), s.b * s.nh * s.t, || {
-        format!("[B={}, NH={}, T={}]", s.b, s.nh, s.t)
-    })?;
-    check_len(OP, "dq", dq.len(), q.len(), qs)?;
-    check_len(OP, "dk", dk.len(), k.len(), ks)?;
-    check_len(OP, "dv", dv.len(), v.len(), ks)?;
+    contract::attn_bwd(
+        q.len(),
+        k.len(),
+        v.len(),
+        seg.map(<[i32]>::len),
+        out.len(),
+        lse.len(),
+        dout.len(),
+        dq.len(),
+        dk.len(),
+        dv.len(),
+        s,
+    )?;
     let (t, nh, nkv, d) = (s.t, s.nh, s.nkv, s.d);
     if s.b == 0 || t == 0 {
         return Ok(());

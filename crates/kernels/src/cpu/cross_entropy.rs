@@ -16,26 +16,12 @@
 use rayon::prelude::*;
 
 use crate::cpu::fastmath::{self, simd_fn};
-use crate::cpu::softcap::check_cap;
-use crate::error::{check_len, ensure, KernelError, Result};
+
+use crate::contract;
+use crate::error::Result;
 
 /// The label of a token that is not scored.
-pub const IGNORE_INDEX: i32 = -100;
-
-pub(crate) fn check_labels(op: &'static str, labels: &[i32], v: usize) -> Result<()> {
-    match labels
-        .iter()
-        .enumerate()
-        .find(|(_, &y)| y != IGNORE_INDEX && (y < 0 || y as usize >= v))
-    {
-        Some((i, &y)) => Err(KernelError::Invalid {
-            op,
-            arg: "labels",
-            msg: format!("label {y} at row {i} is neither -100 nor inside the vocabulary [0, {v})"),
-        }),
-        None => Ok(()),
-    }
-}
+pub use crate::contract::IGNORE_INDEX;
 
 simd_fn! {
     /// Loss of one row; when `grad` is given, overwrites `row` with grad_scale·∂loss/∂x.
@@ -96,26 +82,6 @@ simd_fn! {
     }
 }
 
-fn check(
-    op: &'static str,
-    n: usize,
-    v: usize,
-    logits: usize,
-    labels: &[i32],
-    softcap: Option<f32>,
-) -> Result<()> {
-    ensure(op, "v", v > 0 && n.checked_mul(v).is_some(), || {
-        format!("V={v} must be > 0 and N·V must fit")
-    })?;
-    let shape = || format!("[N={n}, V={v}]");
-    check_len(op, "logits", logits, n * v, shape)?;
-    check_len(op, "labels", labels.len(), n, shape)?;
-    if let Some(c) = softcap {
-        check_cap(op, c)?;
-    }
-    check_labels(op, labels, v)
-}
-
 /// Σ loss and count over logits [N,V]; optionally writes dlogits [N,V].
 #[allow(clippy::too_many_arguments)]
 pub fn cross_entropy(
@@ -127,15 +93,17 @@ pub fn cross_entropy(
     grad_scale: f32,
     dlogits: Option<&mut [f32]>,
 ) -> Result<(f64, usize)> {
-    const OP: &str = "cross_entropy";
-    check(OP, n, v, logits.len(), labels, softcap)?;
-    if let Some(d) = dlogits.as_deref() {
-        check_len(OP, "dlogits", d.len(), n * v, || format!("[N={n}, V={v}]"))?;
-    }
+    let count = contract::cross_entropy(
+        logits.len(),
+        labels,
+        n,
+        v,
+        softcap,
+        dlogits.as_deref().map(<[f32]>::len),
+    )?;
     if n == 0 {
         return Ok((0.0, 0));
     }
-    let count = labels.iter().filter(|&&y| y != IGNORE_INDEX).count();
     let level = fastmath::detected();
     let losses: Vec<f64> = match dlogits {
         Some(d) => {
@@ -174,9 +142,7 @@ pub fn cross_entropy_inplace(
     grad_scale: f32,
     grad: bool,
 ) -> Result<(f64, usize)> {
-    const OP: &str = "cross_entropy";
-    check(OP, n, v, logits.len(), labels, softcap)?;
-    let count = labels.iter().filter(|&&y| y != IGNORE_INDEX).count();
+    let count = contract::cross_entropy(logits.len(), labels, n, v, softcap, None)?;
     let level = fastmath::detected();
     let losses: Vec<f64> = logits
         .par_chunks_mut(v)

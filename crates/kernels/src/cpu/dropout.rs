@@ -22,7 +22,8 @@
 
 use rayon::prelude::*;
 
-use crate::error::{ensure, Result};
+use crate::contract;
+use crate::error::Result;
 
 /// SplitMix64's state increment (⌊2⁶⁴/φ⌋, odd).
 pub const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -61,16 +62,9 @@ pub fn keep_value(p: f64) -> f32 {
     (1.0 / (1.0 - p)) as f32
 }
 
-/// Checks the drop probability: finite and in [0, 1).
-pub fn check_p(op: &'static str, p: f64) -> Result<()> {
-    ensure(op, "p", p.is_finite() && (0.0..1.0).contains(&p), || {
-        format!("drop probability {p} is not in [0, 1)")
-    })
-}
-
 /// Writes the mask of (seed, stream) with drop probability p into `out` (see the module contract).
 pub fn dropout_mask(out: &mut [f32], p: f64, seed: u64, stream: u64) -> Result<()> {
-    check_p("dropout_mask", p)?;
+    contract::check_p("dropout_mask", p)?;
     let (key, thr, keep) = (mask_key(seed, stream), threshold(p), keep_value(p));
     out.par_chunks_mut(CHUNK)
         .enumerate()
@@ -91,7 +85,7 @@ pub fn dropout_mask(out: &mut [f32], p: f64, seed: u64, stream: u64) -> Result<(
 mod tests {
     use super::*;
 
-    /// Known answers, also hard-coded in kernels/emu/check.cpp (`test_dropout`), which ties the
+    /// Known answers, also hard-coded in kernels/emu/check_dropout.cpp (`test_dropout`), which ties the
     /// emulated CUDA kernel to these exact bits.
     #[test]
     fn known_answers() {

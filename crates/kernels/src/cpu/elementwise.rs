@@ -13,16 +13,15 @@
 
 use rayon::prelude::*;
 
-use crate::error::{check_len, KernelError, Result};
+use crate::contract;
+use crate::error::Result;
 
 /// Elements per parallel task: large enough that rayon's overhead vanishes.
 const CHUNK: usize = 1 << 14;
 
 /// y += alpha · x.
 pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) -> Result<()> {
-    check_len("axpy", "y", y.len(), x.len(), || {
-        format!("[len={}]", x.len())
-    })?;
+    contract::axpy(x.len(), y.len())?;
     y.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .for_each(|(y, x)| {
@@ -42,9 +41,7 @@ pub fn scale(x: &mut [f32], alpha: f32) -> Result<()> {
 
 /// x ← x ⊙ m.
 pub fn mul(x: &mut [f32], m: &[f32]) -> Result<()> {
-    check_len("mul", "m", m.len(), x.len(), || {
-        format!("[len={}]", x.len())
-    })?;
+    contract::mul(x.len(), m.len())?;
     x.par_chunks_mut(CHUNK)
         .zip(m.par_chunks(CHUNK))
         .for_each(|(x, m)| {
@@ -72,30 +69,9 @@ pub fn fill(x: &mut [f32], value: f32) -> Result<()> {
 
 /// dst ← src (same length).
 pub fn copy(src: &[f32], dst: &mut [f32]) -> Result<()> {
-    check_len("copy", "dst", dst.len(), src.len(), || {
-        format!("[len={}]", src.len())
-    })?;
+    contract::copy(src.len(), dst.len())?;
     dst.copy_from_slice(src);
     Ok(())
-}
-
-/// Checks that [off, off + n) lies inside a buffer of `len` elements (no overflow), naming the
-/// offset argument `arg` of `op`. Shared by every backend's `copy_range`.
-pub fn check_range(
-    op: &'static str,
-    arg: &'static str,
-    off: usize,
-    n: usize,
-    len: usize,
-) -> Result<()> {
-    match off.checked_add(n) {
-        Some(end) if end <= len => Ok(()),
-        _ => Err(KernelError::Invalid {
-            op,
-            arg,
-            msg: format!("range [{off}, {off} + {n}) is outside a buffer of {len} elements"),
-        }),
-    }
 }
 
 /// dst[dst_off..dst_off + n] ← src[src_off..src_off + n]; the rest of dst is untouched.
@@ -106,8 +82,7 @@ pub fn copy_range(
     dst_off: usize,
     n: usize,
 ) -> Result<()> {
-    check_range("copy_range", "src_off", src_off, n, src.len())?;
-    check_range("copy_range", "dst_off", dst_off, n, dst.len())?;
+    contract::copy_range(src.len(), src_off, dst.len(), dst_off, n)?;
     dst[dst_off..dst_off + n].copy_from_slice(&src[src_off..src_off + n]);
     Ok(())
 }

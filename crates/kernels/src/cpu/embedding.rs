@@ -9,31 +9,8 @@
 
 use rayon::prelude::*;
 
-use crate::error::{check_len, ensure, KernelError, Result};
-
-fn check_ids(op: &'static str, ids: &[i32], v: usize) -> Result<()> {
-    match ids
-        .iter()
-        .enumerate()
-        .find(|(_, &t)| t < 0 || t as usize >= v)
-    {
-        Some((i, &t)) => Err(KernelError::Invalid {
-            op,
-            arg: "ids",
-            msg: format!("token id {t} at row {i} is outside the vocabulary [0, {v})"),
-        }),
-        None => Ok(()),
-    }
-}
-
-fn check_dims(op: &'static str, n: usize, v: usize, h: usize) -> Result<()> {
-    ensure(
-        op,
-        "h",
-        n.checked_mul(h).is_some() && v.checked_mul(h).is_some(),
-        || format!("N={n}, V={v}, H={h} overflow"),
-    )
-}
+use crate::contract;
+use crate::error::Result;
 
 /// out [N,H] = table[ids]·scale.
 pub fn embedding_fwd(
@@ -44,13 +21,7 @@ pub fn embedding_fwd(
     h: usize,
     scale: f32,
 ) -> Result<()> {
-    const OP: &str = "embedding_fwd";
-    let n = ids.len();
-    check_dims(OP, n, v, h)?;
-    let shape = || format!("[N={n}, V={v}, H={h}]");
-    check_len(OP, "table", table.len(), v * h, shape)?;
-    check_len(OP, "out", out.len(), n * h, shape)?;
-    check_ids(OP, ids, v)?;
+    contract::embedding_fwd(ids, table.len(), out.len(), v, h)?;
     if h == 0 {
         return Ok(());
     }
@@ -74,13 +45,7 @@ pub fn embedding_bwd(
     h: usize,
     scale: f32,
 ) -> Result<()> {
-    const OP: &str = "embedding_bwd";
-    let n = ids.len();
-    check_dims(OP, n, v, h)?;
-    let shape = || format!("[N={n}, V={v}, H={h}]");
-    check_len(OP, "dout", dout.len(), n * h, shape)?;
-    check_len(OP, "dtable", dtable.len(), v * h, shape)?;
-    check_ids(OP, ids, v)?;
+    contract::embedding_bwd(ids, dout.len(), dtable.len(), v, h)?;
     if h == 0 {
         return Ok(());
     }

@@ -12,8 +12,9 @@
 
 use rayon::prelude::*;
 
+use crate::contract;
 use crate::cpu::fastmath::{self, simd_fn};
-use crate::error::{check_len, Result};
+use crate::error::Result;
 
 const CHUNK: usize = 1 << 13;
 
@@ -62,9 +63,7 @@ simd_fn! {
 
 /// out = gelu_tanh(gate)·up.
 pub fn geglu_fwd(gate: &[f32], up: &[f32], out: &mut [f32]) -> Result<()> {
-    let shape = || format!("[len={}]", gate.len());
-    check_len("geglu_fwd", "up", up.len(), gate.len(), shape)?;
-    check_len("geglu_fwd", "out", out.len(), gate.len(), shape)?;
+    contract::geglu_fwd(gate.len(), up.len(), out.len())?;
     let level = fastmath::detected();
     out.par_chunks_mut(CHUNK)
         .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
@@ -80,11 +79,7 @@ pub fn geglu_bwd(
     dgate: &mut [f32],
     dup: &mut [f32],
 ) -> Result<()> {
-    let shape = || format!("[len={}]", gate.len());
-    check_len("geglu_bwd", "dout", dout.len(), gate.len(), shape)?;
-    check_len("geglu_bwd", "up", up.len(), gate.len(), shape)?;
-    check_len("geglu_bwd", "dgate", dgate.len(), gate.len(), shape)?;
-    check_len("geglu_bwd", "dup", dup.len(), gate.len(), shape)?;
+    contract::geglu_bwd(dout.len(), gate.len(), up.len(), dgate.len(), dup.len())?;
     let level = fastmath::detected();
     dgate
         .par_chunks_mut(CHUNK)

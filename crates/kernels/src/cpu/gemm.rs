@@ -10,8 +10,9 @@
 //! how transposes are expressed without copies.
 
 use crate::backend::Accum;
+use crate::contract;
 use crate::cpu::fastmath::{self, simd_fn};
-use crate::error::{check_len, ensure, KernelError, Result};
+use crate::error::{ensure, Result};
 use rayon::prelude::*;
 
 /// A product X·Wᵀ with 2 ≤ M ≤ SMALL_M rows (a short prompt's prefill, a few sequences) skips the `gemm`
@@ -259,18 +260,6 @@ pub fn gemm(
     Ok(())
 }
 
-fn dims(m: usize, k: usize, n: usize) -> impl Fn() -> String {
-    move || format!("[M={m}, K={k}, N={n}]")
-}
-
-fn prod(op: &'static str, a: usize, b: usize) -> Result<usize> {
-    a.checked_mul(b).ok_or_else(|| KernelError::Invalid {
-        op,
-        arg: "dims",
-        msg: format!("{a}·{b} overflows usize"),
-    })
-}
-
 /// Y [M,N] (= or +=) X [M,K] · Wᵀ (W [N,K]).
 pub fn matmul_xwt(
     x: &[f32],
@@ -282,9 +271,7 @@ pub fn matmul_xwt(
     acc: Accum,
 ) -> Result<()> {
     const OP: &str = "matmul_xwt";
-    check_len(OP, "x", x.len(), prod(OP, m, k)?, dims(m, k, n))?;
-    check_len(OP, "w", w.len(), prod(OP, n, k)?, dims(m, k, n))?;
-    check_len(OP, "y", y.len(), prod(OP, m, n)?, dims(m, k, n))?;
+    contract::matmul_xwt(x.len(), w.len(), y.len(), m, k, n)?;
     gemm(
         OP,
         MatMut::new(y, m, n),
@@ -306,9 +293,7 @@ pub fn matmul_dyw(
     acc: Accum,
 ) -> Result<()> {
     const OP: &str = "matmul_dyw";
-    check_len(OP, "dy", dy.len(), prod(OP, m, n)?, dims(m, k, n))?;
-    check_len(OP, "w", w.len(), prod(OP, n, k)?, dims(m, k, n))?;
-    check_len(OP, "dx", dx.len(), prod(OP, m, k)?, dims(m, k, n))?;
+    contract::matmul_dyw(dy.len(), w.len(), dx.len(), m, k, n)?;
     gemm(
         OP,
         MatMut::new(dx, m, k),
@@ -330,9 +315,7 @@ pub fn matmul_dytx(
     acc: Accum,
 ) -> Result<()> {
     const OP: &str = "matmul_dytx";
-    check_len(OP, "dy", dy.len(), prod(OP, m, n)?, dims(m, k, n))?;
-    check_len(OP, "x", x.len(), prod(OP, m, k)?, dims(m, k, n))?;
-    check_len(OP, "dw", dw.len(), prod(OP, n, k)?, dims(m, k, n))?;
+    contract::matmul_dytx(dy.len(), x.len(), dw.len(), m, k, n)?;
     gemm(
         OP,
         MatMut::new(dw, n, k),

@@ -10,10 +10,10 @@
 //! before the next chunk. The [N,V] logits never exist; ignored rows (prompt tokens) cost nothing.
 
 use crate::backend::Accum;
-use crate::cpu::cross_entropy::{check_labels, cross_entropy_inplace, IGNORE_INDEX};
+use crate::contract;
+use crate::cpu::cross_entropy::{cross_entropy_inplace, IGNORE_INDEX};
 use crate::cpu::gemm::{gemm, MatMut, MatRef};
-use crate::cpu::softcap::check_cap;
-use crate::error::{check_len, ensure, Result};
+use crate::error::{ensure, Result};
 
 /// Upper bound on the elements of one chunk's logits buffer (32 MiB of f32).
 const CHUNK_ELEMS: usize = 1 << 23;
@@ -72,27 +72,17 @@ pub fn lm_head_ce_chunked(
 ) -> Result<(f64, usize)> {
     const OP: &str = "lm_head_ce";
     ensure(OP, "chunk", chunk > 0, || "chunk must be > 0".to_string())?;
-    ensure(OP, "h", h > 0, || "H must be > 0".to_string())?;
-    ensure(
-        OP,
-        "v",
-        v > 0 && n.checked_mul(h).is_some() && v.checked_mul(h).is_some(),
-        || format!("V={v} must be > 0 and N·H, V·H must fit (N={n}, H={h})"),
+    contract::lm_head_ce(
+        hidden.len(),
+        emb.len(),
+        labels,
+        n,
+        h,
+        v,
+        softcap,
+        dhidden.as_deref().map(<[f32]>::len),
+        demb.as_deref().map(<[f32]>::len),
     )?;
-    let shape = || format!("[N={n}, H={h}, V={v}]");
-    check_len(OP, "hidden", hidden.len(), n * h, shape)?;
-    check_len(OP, "emb", emb.len(), v * h, shape)?;
-    check_len(OP, "labels", labels.len(), n, shape)?;
-    if let Some(d) = dhidden.as_deref() {
-        check_len(OP, "dhidden", d.len(), n * h, shape)?;
-    }
-    if let Some(d) = demb.as_deref() {
-        check_len(OP, "demb", d.len(), v * h, shape)?;
-    }
-    if let Some(c) = softcap {
-        check_cap(OP, c)?;
-    }
-    check_labels(OP, labels, v)?;
     let rows: Vec<usize> = (0..n).filter(|&i| labels[i] != IGNORE_INDEX).collect();
     let grad = dhidden.is_some() || demb.is_some();
     let chunk = chunk.min(rows.len().max(1));

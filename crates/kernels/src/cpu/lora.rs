@@ -14,8 +14,9 @@
 //! (sized to stay in L2 while the GEMM streams it).
 
 use crate::backend::Accum;
-use crate::cpu::dequant::{check_nf4, dequantize_range};
+use crate::contract::{self, LoraDims, LoraGradDims, Nf4Dims, WeightDims};
 use crate::cpu::gemm::{gemm, MatMut, MatRef};
+use crate::cpu::nf4::dequantize_range;
 use crate::error::{check_len, ensure, Result};
 use crate::nf4::Nf4Tensor;
 
@@ -59,39 +60,21 @@ fn dims(m: usize, k: usize, n: usize) -> impl Fn() -> String {
     move || format!("[M={m}, K={k}, N={n}]")
 }
 
-fn check_dims(op: &'static str, m: usize, k: usize, n: usize, r: usize) -> Result<()> {
-    let ok = [
-        m.checked_mul(k),
-        n.checked_mul(k),
-        m.checked_mul(n),
-        r.checked_mul(k.max(n).max(m)),
-    ]
-    .iter()
-    .all(Option::is_some);
-    ensure(op, "dims", ok, || {
-        format!("M={m}, K={k}, N={n}, R={r} overflow usize")
-    })
-}
-
-fn check_weight(op: &'static str, w: WeightRef<'_>, m: usize, k: usize, n: usize) -> Result<()> {
+fn weight_dims<'a>(w: &WeightRef<'a>) -> WeightDims<'a> {
     match w {
-        WeightRef::Dense(w) => check_len(op, "w", w.len(), n * k, dims(m, k, n)),
-        WeightRef::Nf4(w) => check_nf4(op, w, n, k),
+        WeightRef::Dense(w) => WeightDims::Dense(w.len()),
+        WeightRef::Nf4(w) => WeightDims::Nf4(Nf4Dims::of(w)),
     }
 }
 
-fn check_lora(op: &'static str, l: &LoraFactors<'_>, m: usize, k: usize, n: usize) -> Result<()> {
-    ensure(op, "r", l.r > 0, || "LoRA rank R must be > 0".to_string())?;
-    ensure(op, "scale", l.scale.is_finite(), || {
-        format!("LoRA scale must be finite, got {}", l.scale)
-    })?;
-    let r = l.r;
-    check_len(op, "a", l.a.len(), r * k, || format!("[R={r}, K={k}]"))?;
-    check_len(op, "b", l.b.len(), n * r, || format!("[N={n}, R={r}]"))?;
-    if let Some(mask) = l.mask {
-        check_len(op, "mask", mask.len(), m * k, dims(m, k, n))?;
+fn lora_dims(l: &LoraFactors<'_>) -> LoraDims {
+    LoraDims {
+        a: l.a.len(),
+        b: l.b.len(),
+        r: l.r,
+        scale: l.scale,
+        mask: l.mask.map(<[f32]>::len),
     }
-    Ok(())
 }
 
 /// Y [M,N] (= or +=) X [M,K]·W̃ᵀ, NF4 dequantized `tile_rows` rows at a time.
@@ -110,8 +93,8 @@ pub fn base_fwd(
     ensure(OP, "tile_rows", tile_rows > 0, || {
         "tile_rows must be > 0".to_string()
     })?;
-    check_dims(OP, m, k, n, 1)?;
-    check_weight(OP, w, m, k, n)?;
+    contract::lora_dims(OP, m, k, n, 1)?;
+    contract::lora_weight(OP, &weight_dims(&w), m, k, n)?;
     check_len(OP, "x", x.len(), m * k, dims(m, k, n))?;
     check_len(OP, "y", y.len(), m * n, dims(m, k, n))?;
     match w {
@@ -164,8 +147,8 @@ pub fn base_bwd(
     ensure(OP, "tile_rows", tile_rows > 0, || {
         "tile_rows must be > 0".to_string()
     })?;
-    check_dims(OP, m, k, n, 1)?;
-    check_weight(OP, w, m, k, n)?;
+    contract::lora_dims(OP, m, k, n, 1)?;
+    contract::lora_weight(OP, &weight_dims(&w), m, k, n)?;
     check_len(OP, "dy", dy.len(), m * n, dims(m, k, n))?;
     check_len(OP, "dx", dx.len(), m * k, dims(m, k, n))?;
     match w {
@@ -244,15 +227,16 @@ pub fn lora_fwd_tiled(
     tile_rows: usize,
 ) -> Result<()> {
     const OP: &str = "lora_fwd";
-    check_dims(OP, m, k, n, lora.as_ref().map_or(1, |l| l.r))?;
-    if let Some(l) = &lora {
-        check_lora(OP, l, m, k, n)?;
-        if let Some(xa) = xa.as_deref() {
-            check_len(OP, "xa", xa.len(), m * l.r, || {
-                format!("[M={m}, R={}]", l.r)
-            })?;
-        }
-    }
+    contract::lora_fwd(
+        x.len(),
+        &weight_dims(&w),
+        lora.as_ref().map(lora_dims).as_ref(),
+        y.len(),
+        xa.as_deref().map(<[f32]>::len),
+        m,
+        k,
+        n,
+    )?;
     base_fwd(x, w, y, m, k, n, Accum::Overwrite, tile_rows)?;
     let Some(l) = lora else { return Ok(()) };
     let r = l.r;
@@ -317,15 +301,24 @@ pub fn lora_bwd_tiled(
     tile_rows: usize,
 ) -> Result<()> {
     const OP: &str = "lora_bwd";
-    check_dims(OP, m, k, n, lora.as_ref().map_or(1, |l| l.0.r))?;
-    check_len(OP, "x", x.len(), m * k, dims(m, k, n))?;
-    if let Some((l, g)) = &lora {
-        check_lora(OP, l, m, k, n)?;
-        let r = l.r;
-        check_len(OP, "xa", g.xa.len(), m * r, || format!("[M={m}, R={r}]"))?;
-        check_len(OP, "da", g.da.len(), r * k, || format!("[R={r}, K={k}]"))?;
-        check_len(OP, "db", g.db.len(), n * r, || format!("[N={n}, R={r}]"))?;
-    }
+    let grads = lora.as_ref().map(|(l, g)| {
+        let grad_dims = LoraGradDims {
+            xa: g.xa.len(),
+            da: g.da.len(),
+            db: g.db.len(),
+        };
+        (lora_dims(l), grad_dims)
+    });
+    contract::lora_bwd(
+        dy.len(),
+        x.len(),
+        &weight_dims(&w),
+        grads.as_ref().map(|(l, g)| (l, g)),
+        dx.len(),
+        m,
+        k,
+        n,
+    )?;
     base_bwd(dy, w, dx, m, k, n, dx_acc, tile_rows)?;
     let Some((l, g)) = lora else { return Ok(()) };
     let r = l.r;

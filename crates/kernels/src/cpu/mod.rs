@@ -1,13 +1,15 @@
 //! The CPU reference backend: f32 compute, rayon parallelism, dense GEMMs through the `gemm` crate.
 //!
 //! Every op lives in its own file as free functions on slices (so model code and tests can call them
-//! without going through the trait); `impl Backend for Cpu` below only unwraps buffers and delegates.
+//! without going through the trait), each starting with its op's contract check (`crate::contract`,
+//! shared with the CUDA backend); `impl Backend for Cpu` below only unwraps buffers and delegates.
 //! Buffers are host vectors: `Buf = Vec<f32>`, `Ids = Vec<i32>`, `Nf4 = Nf4Tensor`.
 //!
 //! Files: gemm (the three linear GEMMs + a strided `gemm`), lora (dense/NF4 LoRA linear, tiled NF4),
-//! dequant (NF4 tile dequantization), rmsnorm, rope, geglu, softcap, attention, cross_entropy, lm_head
+//! nf4 (NF4 tile dequantization), rmsnorm, rope, geglu, softcap, attention, cross_entropy, lm_head
 //! (chunked tied head + CE), embedding, elementwise (incl. `copy_range`), dropout (counter-based
-//! dropout masks), adamw.
+//! dropout masks), adamw; fastmath (the vectorized exp/tanh and lane sums, CPU only). cuda/ has a file
+//! of the same name for each family.
 //!
 //! Determinism: every reduction across threads goes through fixed-size pieces summed in order, so a
 //! result does not depend on the number of rayon threads (the `gemm` crate's own blocking aside).
@@ -15,7 +17,6 @@
 pub mod adamw;
 pub mod attention;
 pub mod cross_entropy;
-pub mod dequant;
 pub mod dropout;
 pub mod elementwise;
 pub mod embedding;
@@ -24,6 +25,7 @@ pub mod geglu;
 pub mod gemm;
 pub mod lm_head;
 pub mod lora;
+pub mod nf4;
 pub mod rmsnorm;
 pub mod rope;
 pub mod softcap;
@@ -33,7 +35,8 @@ pub use lora::{LoraFactors, LoraGrads, WeightRef};
 use crate::backend::{
     Accum, AdamMoments, AdamW, AttnShape, Backend, LoraGradRef, LoraRef, Storage, Weight,
 };
-use crate::error::{check_len, Result};
+use crate::contract;
+use crate::error::Result;
 use crate::nf4::Nf4Tensor;
 
 /// The CPU backend. Stateless: the rayon global pool provides the threads (set `RAYON_NUM_THREADS`
@@ -215,7 +218,7 @@ impl Backend for Cpu {
         lora::lora_bwd(dy, x, weight(w), lora, dx, dx_acc, m, k, n)
     }
     fn nf4_dequantize(&self, w: &Nf4Tensor, out: &mut Vec<f32>) -> Result<()> {
-        dequant::nf4_dequantize(w, out)
+        nf4::nf4_dequantize(w, out)
     }
 
     fn rmsnorm_fwd(
@@ -409,9 +412,7 @@ impl Backend for Cpu {
         v: &[f32],
         _paged: bool,
     ) -> Result<AdamMoments<Vec<f32>>> {
-        check_len("adam_state_from_host", "v", v.len(), m.len(), || {
-            format!("[len(m)={}]", m.len())
-        })?;
+        contract::adam_state_from_host(m.len(), v.len())?;
         Ok(AdamMoments {
             m: m.to_vec(),
             v: v.to_vec(),

@@ -12,17 +12,11 @@
 
 use rayon::prelude::*;
 
-use crate::error::{check_len, ensure, Result};
+use crate::contract;
+use crate::error::Result;
 
 /// Rows per partial-dw block in the backward.
 const DW_ROWS: usize = 64;
-
-fn check_h(op: &'static str, n: usize, h: usize) -> Result<()> {
-    ensure(op, "h", h > 0 || n == 0, || "H must be > 0".to_string())?;
-    ensure(op, "n", n.checked_mul(h).is_some(), || {
-        format!("N·H = {n}·{h} overflows")
-    })
-}
 
 /// y = x·rsqrt(mean(x²)+eps)·(1+w); writes y [N,H] and rstd [N].
 pub fn rmsnorm_fwd(
@@ -34,16 +28,7 @@ pub fn rmsnorm_fwd(
     h: usize,
     eps: f32,
 ) -> Result<()> {
-    const OP: &str = "rmsnorm_fwd";
-    check_h(OP, n, h)?;
-    let shape = || format!("[N={n}, H={h}]");
-    check_len(OP, "x", x.len(), n * h, shape)?;
-    check_len(OP, "w", w.len(), h, shape)?;
-    check_len(OP, "y", y.len(), n * h, shape)?;
-    check_len(OP, "rstd", rstd.len(), n, shape)?;
-    ensure(OP, "eps", eps.is_finite() && eps >= 0.0, || {
-        format!("eps must be finite and ≥ 0, got {eps}")
-    })?;
+    contract::rmsnorm_fwd(x.len(), w.len(), y.len(), rstd.len(), n, h, eps)?;
     if n == 0 {
         return Ok(());
     }
@@ -73,17 +58,16 @@ pub fn rmsnorm_bwd(
     n: usize,
     h: usize,
 ) -> Result<()> {
-    const OP: &str = "rmsnorm_bwd";
-    check_h(OP, n, h)?;
-    let shape = || format!("[N={n}, H={h}]");
-    check_len(OP, "dy", dy.len(), n * h, shape)?;
-    check_len(OP, "x", x.len(), n * h, shape)?;
-    check_len(OP, "w", w.len(), h, shape)?;
-    check_len(OP, "rstd", rstd.len(), n, shape)?;
-    check_len(OP, "dx", dx.len(), n * h, shape)?;
-    if let Some(dw) = dw.as_deref() {
-        check_len(OP, "dw", dw.len(), h, shape)?;
-    }
+    contract::rmsnorm_bwd(
+        dy.len(),
+        x.len(),
+        w.len(),
+        rstd.len(),
+        dx.len(),
+        dw.as_deref().map(<[f32]>::len),
+        n,
+        h,
+    )?;
     if n == 0 {
         return Ok(());
     }

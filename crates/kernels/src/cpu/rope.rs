@@ -11,7 +11,8 @@
 
 use rayon::prelude::*;
 
-use crate::error::{check_len, ensure, Result};
+use crate::contract;
+use crate::error::Result;
 
 /// HF `inv_freq`: 1 / theta^(2i/D) in f32, i in 0..D/2.
 pub fn inv_freq(d: usize, theta: f32) -> Vec<f32> {
@@ -30,33 +31,11 @@ pub fn rope(
     theta: f32,
     inverse: bool,
 ) -> Result<()> {
-    const OP: &str = "rope";
-    ensure(OP, "d", d > 0 && d.is_multiple_of(2), || {
-        format!("head dim D must be even and > 0, got {d}")
-    })?;
-    ensure(OP, "heads", heads > 0, || "heads must be > 0".to_string())?;
-    ensure(OP, "theta", theta.is_finite() && theta > 0.0, || {
-        format!("theta must be finite and > 0, got {theta}")
-    })?;
-    let row = heads.checked_mul(d).filter(|r| r.checked_mul(n).is_some());
-    ensure(OP, "n", row.is_some(), || {
-        format!("N·heads·D = {n}·{heads}·{d} overflows")
-    })?;
-    let row = heads * d;
-    let shape = || format!("[N={n}, heads={heads}, D={d}]");
-    check_len(OP, "x", x.len(), n * row, shape)?;
-    check_len(OP, "pos", pos.len(), n, shape)?;
-    if let Some((i, &p)) = pos.iter().enumerate().find(|(_, &p)| p < 0) {
-        return Err(crate::KernelError::Invalid {
-            op: OP,
-            arg: "pos",
-            msg: format!("position {p} at token {i} is negative"),
-        });
-    }
+    contract::rope(x.len(), pos, n, heads, d, theta)?;
     if n == 0 {
         return Ok(());
     }
-    let half = d / 2;
+    let (half, row) = (d / 2, heads * d);
     let inv = inv_freq(d, theta);
     x.par_chunks_mut(row).zip(pos.par_iter()).for_each_init(
         || (vec![0.0f32; half], vec![0.0f32; half]),

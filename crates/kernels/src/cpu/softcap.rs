@@ -10,16 +10,11 @@
 
 use rayon::prelude::*;
 
+use crate::contract;
 use crate::cpu::fastmath::{self, simd_fn};
-use crate::error::{check_len, ensure, Result};
+use crate::error::Result;
 
 const CHUNK: usize = 1 << 14;
-
-pub(crate) fn check_cap(op: &'static str, cap: f32) -> Result<()> {
-    ensure(op, "cap", cap.is_finite() && cap > 0.0, || {
-        format!("soft-cap must be finite and > 0, got {cap}")
-    })
-}
 
 /// c·tanh(x/c) for one value (the same expression every op uses, so rounding agrees everywhere).
 #[inline(always)]
@@ -48,7 +43,7 @@ simd_fn! {
 
 /// x ← c·tanh(x/c).
 pub fn softcap_fwd(x: &mut [f32], cap: f32) -> Result<()> {
-    check_cap("softcap_fwd", cap)?;
+    contract::softcap_fwd(cap)?;
     let level = fastmath::detected();
     x.par_chunks_mut(CHUNK)
         .for_each(|x| softcap_slice(level, x, cap));
@@ -57,10 +52,7 @@ pub fn softcap_fwd(x: &mut [f32], cap: f32) -> Result<()> {
 
 /// dy ← dy·(1 − (y/c)²), given the capped output y.
 pub fn softcap_bwd(y: &[f32], dy: &mut [f32], cap: f32) -> Result<()> {
-    check_cap("softcap_bwd", cap)?;
-    check_len("softcap_bwd", "dy", dy.len(), y.len(), || {
-        format!("[len={}]", y.len())
-    })?;
+    contract::softcap_bwd(y.len(), dy.len(), cap)?;
     let level = fastmath::detected();
     dy.par_chunks_mut(CHUNK)
         .zip(y.par_chunks(CHUNK))

@@ -13,51 +13,10 @@
 //! version gives a new entry. Writes go to a temporary file renamed into place (atomic on one file
 //! system); a cache that cannot be read or written only costs a recompile.
 
+use crate::abi::{COMMON, SOURCES};
 use crate::error::{KernelError, Result};
 use std::ffi::CString;
 use std::path::PathBuf;
-
-pub(crate) const COMMON: &str = include_str!("../../../../kernels/common.cuh");
-
-/// (file name, source) of every kernel family.
-pub(crate) const SOURCES: &[(&str, &str)] = &[
-    ("adamw.cu", include_str!("../../../../kernels/adamw.cu")),
-    (
-        "attention.cu",
-        include_str!("../../../../kernels/attention.cu"),
-    ),
-    (
-        "cross_entropy.cu",
-        include_str!("../../../../kernels/cross_entropy.cu"),
-    ),
-    (
-        "elementwise.cu",
-        include_str!("../../../../kernels/elementwise.cu"),
-    ),
-    (
-        "embedding.cu",
-        include_str!("../../../../kernels/embedding.cu"),
-    ),
-    ("geglu.cu", include_str!("../../../../kernels/geglu.cu")),
-    ("gemm.cu", include_str!("../../../../kernels/gemm.cu")),
-    ("lora.cu", include_str!("../../../../kernels/lora.cu")),
-    (
-        "nf4_dequant.cu",
-        include_str!("../../../../kernels/nf4_dequant.cu"),
-    ),
-    (
-        "nf4_gemm.cu",
-        include_str!("../../../../kernels/nf4_gemm.cu"),
-    ),
-    (
-        "nf4_gemv.cu",
-        include_str!("../../../../kernels/nf4_gemv.cu"),
-    ),
-    ("reduce.cu", include_str!("../../../../kernels/reduce.cu")),
-    ("rmsnorm.cu", include_str!("../../../../kernels/rmsnorm.cu")),
-    ("rope.cu", include_str!("../../../../kernels/rope.cu")),
-    ("softcap.cu", include_str!("../../../../kernels/softcap.cu")),
-];
 
 fn nvrtc_err(msg: String) -> KernelError {
     KernelError::Backend {
@@ -270,7 +229,7 @@ mod tests {
         let embedded: Vec<String> = SOURCES.iter().map(|(n, _)| n.to_string()).collect();
         assert_eq!(
             embedded, on_disk,
-            "SOURCES in cuda/compile.rs must list every kernels/*.cu (sorted)"
+            "SOURCES in abi/mod.rs must list every kernels/*.cu (sorted)"
         );
     }
 

@@ -10,7 +10,10 @@
 //! through f32 ([`cublas_input_dtype`]). An output of another type than the inputs' (or a 16-bit output
 //! from f32 inputs) goes through an f32 temporary. The fallback kernel takes any mix.
 
-use super::{be, Arg, Cuda, CudaBuf, Data, Dtype};
+use super::args::BufArg;
+use super::{be, Cuda, CudaBuf, Data, Dtype};
+use crate::backend::Accum;
+use crate::contract;
 use crate::error::{KernelError, Result};
 use crate::launch;
 use cudarc::cublas::{sys, CudaBlas};
@@ -86,35 +89,26 @@ impl Cuda {
             // An empty reduction: C = beta·C.
             let tmp = self.slice_copy(c, c_off, m * n, c.dtype())?;
             let l = launch::elementwise(m * n);
-            self.launch(
-                "elementwise.cu",
-                "scale_k",
-                l,
-                &[Arg::Buf(&tmp), Arg::I64((m * n) as i64), Arg::F32(beta)],
-            )?;
+            self.scale_k(l, &tmp, (m * n) as i64, beta)?;
             return self.copy_into(&tmp, c, c_off);
         }
         match &self.gemm {
             GemmBackend::Fallback => {
                 let l = launch::gemm_fallback(m, n)?;
-                self.launch(
-                    "gemm.cu",
-                    "gemm_fallback_k",
+                self.gemm_fallback_k(
                     l,
-                    &[
-                        Arg::BufAt(a.buf, a.off),
-                        Arg::I64(lda as i64),
-                        Arg::I32(a.trans as i32),
-                        Arg::BufAt(b.buf, b.off),
-                        Arg::I64(ldb as i64),
-                        Arg::I32(b.trans as i32),
-                        Arg::BufAt(c, c_off),
-                        Arg::I32(mi),
-                        Arg::I32(ni),
-                        Arg::I32(ki),
-                        Arg::F32(alpha),
-                        Arg::F32(beta),
-                    ],
+                    BufArg::at(a.buf, a.off),
+                    lda as i64,
+                    a.trans as i32,
+                    BufArg::at(b.buf, b.off),
+                    ldb as i64,
+                    b.trans as i32,
+                    BufArg::at(c, c_off),
+                    mi,
+                    ni,
+                    ki,
+                    alpha,
+                    beta,
                 )
             }
             GemmBackend::Cublas(blas) => {
@@ -239,28 +233,14 @@ impl Cuda {
     ) -> Result<CudaBuf> {
         let out = self.zeros_as(len, dtype)?;
         let l = launch::elementwise(len);
-        self.launch(
-            "elementwise.cu",
-            "copy_k",
-            l,
-            &[Arg::BufAt(src, off), Arg::Buf(&out), Arg::I64(len as i64)],
-        )?;
+        self.copy_k(l, BufArg::at(src, off), &out, len as i64)?;
         Ok(out)
     }
 
     /// Copies all of `src` into `dst` starting at element `off` (converting dtype).
     pub(crate) fn copy_into(&self, src: &CudaBuf, dst: &CudaBuf, off: usize) -> Result<()> {
         let l = launch::elementwise(src.len);
-        self.launch(
-            "elementwise.cu",
-            "copy_k",
-            l,
-            &[
-                Arg::Buf(src),
-                Arg::BufAt(dst, off),
-                Arg::I64(src.len as i64),
-            ],
-        )
+        self.copy_k(l, src, BufArg::at(dst, off), src.len as i64)
     }
 }
 
@@ -318,71 +298,88 @@ impl Cuda {
     pub(crate) fn mma_for(&self, bufs: &[&CudaBuf]) -> bool {
         self.bf16_mma() && bufs.iter().all(|b| b.dtype() != Dtype::F16)
     }
-
-    /// The NF4 linear without tensor-core kernels (sm_75 or f16 data), in either direction:
-    /// - forward (`Nf4Dir::Forward`, M > 8): out [M,N] (= or +=) X·W̃ᵀ + s·XA·Bᵀ, with
-    ///   `lora` = (xa [M,R], B [N,R], R, s);
-    /// - backward (`Nf4Dir::Backward`): dX [M,K] (= or +=) dY·W̃ + s·dYB·A, with
-    ///   `lora` = (dyb [M,R], A [R,K], R, s).
-    ///
-    /// W̃ [N, K] is dequantized whole into a temporary of the activation dtype (N·K·2 bytes for f16:
-    /// 98 MiB for Gemma-2-9B's largest projection, freed on return), then two cuBLAS GEMMs. The
-    /// caller has checked every length.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn nf4_dense(
-        &self,
-        dir: Nf4Dir,
-        x: &CudaBuf,
-        w: &super::CudaNf4,
-        out: &CudaBuf,
-        acc: bool,
-        lora: Option<(&CudaBuf, &CudaBuf, usize, f32)>,
-        m: usize,
-        k: usize,
-        n: usize,
-    ) -> Result<()> {
-        let mut wt = self.zeros_as(n * k, self.alloc_dtype())?;
-        crate::backend::Backend::nf4_dequantize(self, w, &mut wt)?;
-        // Forward multiplies by W̃ᵀ and Bᵀ (out width N, inner K); backward by W̃ and A as stored
-        // (out width K, inner N).
-        let (width, inner, trans) = match dir {
-            Nf4Dir::Forward => (n, k, true),
-            Nf4Dir::Backward => (k, n, false),
-        };
-        let beta = if acc { 1.0 } else { 0.0 };
-        self.gemm(
-            op(x, 0, false),
-            op(&wt, 0, trans),
-            out,
-            0,
-            m,
-            width,
-            inner,
-            1.0,
-            beta,
-        )?;
-        match lora {
-            Some((xl, l, r, s)) if r > 0 => self.gemm(
-                op(xl, 0, false),
-                op(l, 0, trans),
-                out,
-                0,
-                m,
-                width,
-                r,
-                s,
-                1.0,
-            ),
-            _ => Ok(()),
-        }
-    }
 }
 
-/// Direction of [`Cuda::nf4_dense`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Nf4Dir {
-    Forward,
-    Backward,
+#[allow(clippy::too_many_arguments)]
+pub(super) fn matmul_xwt(
+    cu: &Cuda,
+    x: &CudaBuf,
+    w: &CudaBuf,
+    y: &mut CudaBuf,
+    m: usize,
+    k: usize,
+    n: usize,
+    acc: Accum,
+) -> Result<()> {
+    contract::matmul_xwt(x.len, w.len, y.len, m, k, n)?;
+    cu.gemm(
+        op(x, 0, false),
+        op(w, 0, true),
+        y,
+        0,
+        m,
+        n,
+        k,
+        1.0,
+        beta(acc),
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn matmul_dyw(
+    cu: &Cuda,
+    dy: &CudaBuf,
+    w: &CudaBuf,
+    dx: &mut CudaBuf,
+    m: usize,
+    k: usize,
+    n: usize,
+    acc: Accum,
+) -> Result<()> {
+    contract::matmul_dyw(dy.len, w.len, dx.len, m, k, n)?;
+    cu.gemm(
+        op(dy, 0, false),
+        op(w, 0, false),
+        dx,
+        0,
+        m,
+        k,
+        n,
+        1.0,
+        beta(acc),
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn matmul_dytx(
+    cu: &Cuda,
+    dy: &CudaBuf,
+    x: &CudaBuf,
+    dw: &mut CudaBuf,
+    m: usize,
+    k: usize,
+    n: usize,
+    acc: Accum,
+) -> Result<()> {
+    contract::matmul_dytx(dy.len, x.len, dw.len, m, k, n)?;
+    cu.gemm(
+        op(dy, 0, true),
+        op(x, 0, false),
+        dw,
+        0,
+        n,
+        k,
+        m,
+        1.0,
+        beta(acc),
+    )
+}
+
+fn beta(acc: Accum) -> f32 {
+    match acc {
+        Accum::Overwrite => 0.0,
+        Accum::Add => 1.0,
+    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,14 @@
 //! The CUDA backend (feature `cuda`): the whole `Backend` op set on an NVIDIA GPU through `cudarc`.
 //!
+//! Layout, mirroring cpu/: one file per op family with the CPU's file names (adamw, attention,
+//! cross_entropy, dropout, elementwise, embedding, geglu, gemm, lm_head, lora, nf4, rmsnorm, rope,
+//! softcap), each holding its ops as functions that check the op's contract (`crate::contract`) and
+//! then marshal arguments and launch; `impl Backend for Cuda` (backend.rs) only delegates to them.
+//! Shared pieces: this file (buffer types, device setup, kernel module loading), memory.rs (host ⇄
+//! device), reduce.rs (deterministic f64 sums for `sum_squares` and the losses), adamw_paged.rs (the
+//! paged optimizer), args.rs (kernel argument types; the typed launch methods themselves are generated
+//! from the declarations in `crate::abi`), compile.rs (NVRTC and the CUBIN cache).
+//!
 //! - Kernels: `kernels/*.cu`, embedded, compiled at first use by NVRTC for the device's compute
 //!   capability (sm_75 and newer) and cached on disk (see `compile.rs`). The bf16 tensor-core kernels
 //!   need sm_80; on sm_75 (no bf16: f16 activations) attention takes its CUDA-core kernels and NF4
@@ -20,28 +29,41 @@
 //! explicit [`Dtype`] (tests, benchmarks).
 //!
 //! AdamW state: [`CudaAdamState`], either two f32 device buffers or, for the paged optimizer, a
-//! [`PagedAdamState`] in pinned host memory (paged.rs).
+//! [`PagedAdamState`] in pinned host memory (adamw_paged.rs).
 //!
 //! Streams: everything runs in order on the context's default stream; `to_host` and the ops that
 //! return host values synchronize.
 
+mod adamw;
+mod adamw_paged;
+pub(crate) mod args;
+mod attention;
+mod backend;
 mod compile;
+mod cross_entropy;
+mod dropout;
+mod elementwise;
+mod embedding;
+mod geglu;
 mod gemm;
 #[cfg(test)]
 mod gpu_tests;
-mod ops;
-mod paged;
-mod signature;
+mod lm_head;
+mod lora;
+mod memory;
+mod nf4;
+mod reduce;
+mod rmsnorm;
+mod rope;
+mod softcap;
 
+pub use adamw_paged::PagedAdamState;
 pub use gemm::GemmBackend;
-pub use paged::PagedAdamState;
 
 use crate::backend::{AdamMoments, Storage};
+use crate::contract::{IdStats, IdsView};
 use crate::error::{KernelError, Result};
-use crate::launch::Launch;
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream};
 use half::{bf16, f16};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -158,6 +180,9 @@ impl CudaAdamState {
 pub struct CudaIds {
     pub(crate) data: CudaSlice<i32>,
     pub(crate) len: usize,
+    /// The values' range and label count, taken from the host data at upload (the ids are never
+    /// written afterwards): what the op contracts check, without reading the device.
+    pub(crate) stats: IdStats,
 }
 
 impl CudaIds {
@@ -170,13 +195,30 @@ impl CudaIds {
     }
 }
 
+impl IdsView for CudaIds {
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn stats(&self) -> IdStats {
+        self.stats
+    }
+    /// Only on an op's error path (a value outside its range), never in a successful op.
+    fn host_values(&self) -> Result<Vec<i32>> {
+        let mut v = self
+            .data
+            .stream()
+            .clone_dtoh(&self.data)
+            .map_err(be("device to host copy"))?;
+        v.truncate(self.len);
+        Ok(v)
+    }
+}
+
 /// An NF4 weight on the device, in the bitsandbytes layout (see `crate::nf4`). Uploaded as given;
 /// like the CPU backend, the layout is validated against the dims when the weight is used (errors
 /// `w`, `w.packed`, `w.absmax`, `w.absmax_code`, `w.nested_absmax`).
 pub struct CudaNf4 {
     pub(crate) shape: Vec<usize>,
-    /// Product of `shape`, None when it overflows.
-    pub(crate) numel: Option<usize>,
     /// Host lengths of packed, absmax (plain) or absmax codes (nested), nested absmax (nested).
     pub(crate) packed_len: usize,
     pub(crate) absmax_len: usize,
@@ -200,24 +242,9 @@ pub(crate) enum Nf4Scales {
     },
 }
 
-/// One kernel argument (see [`Cuda::launch`]). `Buf` pushes the pointer and then the dtype tag, which
-/// is how every buffer parameter of the kernels is declared (`const void* x, int xdt`).
-pub(crate) enum Arg<'a> {
-    Buf(&'a CudaBuf),
-    /// A buffer starting at an element offset (for row chunks).
-    BufAt(&'a CudaBuf, usize),
-    /// An unused optional buffer: a null pointer and the f32 tag.
-    NullBuf,
-    /// A bare pointer the kernel must not read (null).
-    Null,
-    I32s(&'a CudaSlice<i32>),
-    I32sAt(&'a CudaSlice<i32>, usize),
-    U8s(&'a CudaSlice<u8>),
-    F32s(&'a CudaSlice<f32>),
-    F64s(&'a CudaSlice<f64>),
-    I32(i32),
-    I64(i64),
-    F32(f32),
+/// An element count as the kernels take it (`long long`).
+pub(crate) fn n64(n: usize) -> i64 {
+    n as i64
 }
 
 /// Construction options of [`Cuda`].
@@ -431,7 +458,7 @@ impl Cuda {
     }
 
     /// The kernel `name` of `file`, compiling and loading the module on first use.
-    fn function(&self, file: &'static str, name: &str) -> Result<CudaFunction> {
+    pub(crate) fn function(&self, file: &'static str, name: &str) -> Result<CudaFunction> {
         let module = {
             let mut modules = self.modules.lock().map_err(|_| KernelError::Backend {
                 backend: "cuda",
@@ -464,110 +491,6 @@ impl Cuda {
                 msg: format!("kernel `{name}` not found in {file}: {e:?}"),
             })
     }
-
-    /// Launches `file`'s kernel `name` with `args` pushed in order.
-    pub(crate) fn launch(
-        &self,
-        file: &'static str,
-        name: &str,
-        l: Launch,
-        args: &[Arg<'_>],
-    ) -> Result<()> {
-        static NULL: u64 = 0;
-        // The argument kinds against the kernel's parameter list in its .cu source (count, and
-        // pointer / tag / int / long long / float per slot): a mismatch is an error here instead of
-        // undefined behaviour on the device.
-        signature::check(file, name, args)?;
-        let f = self.function(file, name)?;
-        let mut views = Vec::new();
-        let mut id_views = Vec::new();
-        for a in args {
-            match a {
-                Arg::BufAt(buf, off) => views.push(match &buf.data {
-                    Data::F32(s) => ViewAt::F32(s.slice(*off..)),
-                    Data::Bf16(s) => ViewAt::Bf16(s.slice(*off..)),
-                    Data::F16(s) => ViewAt::F16(s.slice(*off..)),
-                }),
-                Arg::I32sAt(s, off) => id_views.push(s.slice(*off..)),
-                _ => {}
-            }
-        }
-        let mut b = self.stream.launch_builder(&f);
-        let (mut vi, mut ii) = (0usize, 0usize);
-        for a in args {
-            match a {
-                Arg::Buf(buf) => {
-                    match &buf.data {
-                        Data::F32(s) => b.arg(s),
-                        Data::Bf16(s) => b.arg(s),
-                        Data::F16(s) => b.arg(s),
-                    };
-                    b.arg(buf.dtype().tag());
-                }
-                Arg::BufAt(buf, _) => {
-                    match &views[vi] {
-                        ViewAt::F32(v) => b.arg(v),
-                        ViewAt::Bf16(v) => b.arg(v),
-                        ViewAt::F16(v) => b.arg(v),
-                    };
-                    vi += 1;
-                    b.arg(buf.dtype().tag());
-                }
-                Arg::NullBuf => {
-                    b.arg(&NULL);
-                    b.arg(Dtype::F32.tag());
-                }
-                Arg::Null => {
-                    b.arg(&NULL);
-                }
-                Arg::I32s(s) => {
-                    b.arg(*s);
-                }
-                Arg::I32sAt(_, _) => {
-                    b.arg(&id_views[ii]);
-                    ii += 1;
-                }
-                Arg::U8s(s) => {
-                    b.arg(*s);
-                }
-                Arg::F32s(s) => {
-                    b.arg(*s);
-                }
-                Arg::F64s(s) => {
-                    b.arg(*s);
-                }
-                Arg::I32(v) => {
-                    b.arg(v);
-                }
-                Arg::I64(v) => {
-                    b.arg(v);
-                }
-                Arg::F32(v) => {
-                    b.arg(v);
-                }
-            }
-        }
-        let cfg = LaunchConfig {
-            grid_dim: l.grid,
-            block_dim: l.block,
-            shared_mem_bytes: l.shared_mem_bytes,
-        };
-        // SAFETY: `signature::check` above verified that `args` push the kernel's parameters of
-        // kernels/<file> in order and kind (pointer + int tag per buffer, typed pointers,
-        // `int`/`long long`/`float` scalars); the ops check buffer lengths against the dims first,
-        // and the kernels bound every access by those dims.
-        unsafe { b.launch(cfg) }.map_err(|e| KernelError::Backend {
-            backend: "cuda",
-            msg: format!("launching {name}: {e:?}"),
-        })?;
-        Ok(())
-    }
-}
-
-enum ViewAt<'a> {
-    F32(cudarc::driver::CudaView<'a, f32>),
-    Bf16(cudarc::driver::CudaView<'a, bf16>),
-    F16(cudarc::driver::CudaView<'a, f16>),
 }
 
 #[cfg(test)]
@@ -595,9 +518,9 @@ mod tests {
         assert_eq!(*Dtype::Bf16.tag(), 1);
         assert_eq!(*Dtype::F16.tag(), 2);
         assert!(
-            compile::COMMON.contains("#define DT_F32 0")
-                && compile::COMMON.contains("#define DT_BF16 1")
-                && compile::COMMON.contains("#define DT_F16 2")
+            crate::abi::COMMON.contains("#define DT_F32 0")
+                && crate::abi::COMMON.contains("#define DT_BF16 1")
+                && crate::abi::COMMON.contains("#define DT_F16 2")
         );
     }
 }

@@ -8,7 +8,8 @@
 //! scalars are the resident step's (`adamw_k`, `AdamScalars`), so paged and resident give
 //! bit-identical parameters and moments.
 
-use super::{be, Arg, Cuda, CudaBuf, Data, Dtype};
+use super::args::BufArg;
+use super::{be, Cuda, CudaBuf, Data, Dtype};
 use crate::backend::AdamW;
 use crate::cpu::adamw::AdamScalars;
 use crate::error::{check_len, KernelError, Result};
@@ -90,6 +91,18 @@ impl Cuda {
         check_len("adamw_paged", "g", g.len, n, || format!("[{n}]"))?;
         check_len("adamw_paged", "state", state.len, n, || format!("[{n}]"))?;
         let sc = AdamScalars::new("adamw_paged", h)?;
+        self.paged_step(p, g, state, &sc)
+    }
+
+    /// The step of `adamw_paged` once the lengths and scalars are checked.
+    pub(super) fn paged_step(
+        &self,
+        p: &mut CudaBuf,
+        g: &CudaBuf,
+        state: &mut PagedAdamState,
+        sc: &AdamScalars,
+    ) -> Result<()> {
+        let n = p.len;
         if n == 0 {
             return Ok(());
         }
@@ -117,12 +130,12 @@ impl Cuda {
                     .map_err(be("state host to device"))?;
             }
             self.launch_adamw(
-                Arg::BufAt(p, off),
-                Arg::BufAt(g, off),
-                Arg::Buf(&dm),
-                Arg::Buf(&dv),
+                BufArg::at(p, off),
+                BufArg::at(g, off),
+                (&dm).into(),
+                (&dv).into(),
                 c,
-                &sc,
+                sc,
             )?;
             {
                 let (Data::F32(ms), Data::F32(vs)) = (&dm.data, &dv.data) else {

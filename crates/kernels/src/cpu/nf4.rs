@@ -11,57 +11,16 @@
 
 use rayon::prelude::*;
 
-use crate::error::{check_len, ensure, Result};
-use crate::nf4::{Absmax, Nf4Tensor, BLOCK, NESTED_BLOCK, NF4_CODE};
+use crate::contract::{self, Nf4Dims};
+use crate::error::{ensure, Result};
+use crate::nf4::{Nf4Tensor, BLOCK, NF4_CODE};
 
 /// Elements per parallel piece (64 blocks).
 const PIECE: usize = 4096;
 
 /// Checks that `w` is a consistent NF4 tensor of `n·k` elements (shape [n, k] when 2-D).
 pub fn check_nf4(op: &'static str, w: &Nf4Tensor, n: usize, k: usize) -> Result<()> {
-    let numel = w.shape.iter().try_fold(1usize, |a, &x| a.checked_mul(x));
-    ensure(
-        op,
-        "w",
-        numel.is_some() && numel == n.checked_mul(k),
-        || {
-            format!(
-                "NF4 weight of shape {:?} does not hold [N={n}, K={k}]",
-                w.shape
-            )
-        },
-    )?;
-    ensure(op, "w", w.shape.len() != 2 || w.shape == [n, k], || {
-        format!("NF4 weight of shape {:?} is not [N={n}, K={k}]", w.shape)
-    })?;
-    check_layout(op, w, n * k)
-}
-
-/// Checks the packed and absmax lengths of an NF4 tensor of `numel` elements.
-fn check_layout(op: &'static str, w: &Nf4Tensor, numel: usize) -> Result<()> {
-    let nb = numel.div_ceil(BLOCK);
-    check_len(op, "w.packed", w.packed.len(), numel.div_ceil(2), || {
-        format!("{:?}", w.shape)
-    })?;
-    match &w.absmax {
-        Absmax::Plain(a) => check_len(op, "w.absmax", a.len(), nb, || format!("[blocks={nb}]")),
-        Absmax::Nested {
-            codes,
-            nested_absmax,
-            ..
-        } => {
-            check_len(op, "w.absmax_code", codes.len(), nb, || {
-                format!("[blocks={nb}]")
-            })?;
-            check_len(
-                op,
-                "w.nested_absmax",
-                nested_absmax.len(),
-                nb.div_ceil(NESTED_BLOCK),
-                || format!("[nested blocks={}]", nb.div_ceil(NESTED_BLOCK)),
-            )
-        }
-    }
+    contract::nf4_weight(op, &Nf4Dims::of(w), n, k)
 }
 
 /// One piece, serially. Preconditions (checked by the callers): `w` passed `check_nf4`, and
@@ -106,7 +65,7 @@ pub fn dequantize_range(w: &Nf4Tensor, start: usize, out: &mut [f32]) -> Result<
         });
     };
     // O(1) length checks: keeps this public function panic-free on an inconsistent tensor.
-    check_layout("nf4_dequantize", w, numel)?;
+    contract::nf4_layout("nf4_dequantize", &Nf4Dims::of(w), numel)?;
     ensure(
         "nf4_dequantize",
         "range",
@@ -126,16 +85,6 @@ pub fn dequantize_range(w: &Nf4Tensor, start: usize, out: &mut [f32]) -> Result<
 
 /// Dequantizes the whole weight into out [numel].
 pub fn nf4_dequantize(w: &Nf4Tensor, out: &mut [f32]) -> Result<()> {
-    const OP: &str = "nf4_dequantize";
-    let numel = w.shape.iter().try_fold(1usize, |a, &x| a.checked_mul(x));
-    let Some(numel) = numel else {
-        return Err(crate::KernelError::Invalid {
-            op: OP,
-            arg: "w",
-            msg: format!("shape {:?} overflows", w.shape),
-        });
-    };
-    check_layout(OP, w, numel)?;
-    check_len(OP, "out", out.len(), numel, || format!("{:?}", w.shape))?;
+    contract::nf4_dequantize(&Nf4Dims::of(w), out.len())?;
     dequantize_range(w, 0, out)
 }

@@ -1,0 +1,193 @@
+//! Causal attention forward and backward: kernels/attention.cu (tensor-core kernels for
+//! D ∈ {16, 32, 64, 128, 256} on sm_80+, CUDA-core kernels otherwise). CPU twin: cpu/attention.rs.
+
+use super::{Cuda, CudaBuf, CudaIds};
+use crate::backend::AttnShape;
+use crate::contract;
+use crate::error::{ensure, Result};
+use crate::launch::{self, to_i32};
+use cudarc::driver::CudaSlice;
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attn_fwd(
+    cu: &Cuda,
+    q: &CudaBuf,
+    k: &CudaBuf,
+    v: &CudaBuf,
+    seg: Option<&CudaIds>,
+    out: &mut CudaBuf,
+    lse: &mut CudaBuf,
+    s: &AttnShape,
+) -> Result<()> {
+    contract::attn_fwd(
+        q.len,
+        k.len,
+        v.len,
+        seg.map(CudaIds::len),
+        out.len,
+        lse.len,
+        s,
+    )?;
+    max_head_dim("attn_fwd", s)?;
+    let qn = q.len;
+    let (seg_p, has_seg) = seg_arg(seg);
+    if qn == 0 {
+        return Ok(());
+    }
+    // Tensor cores for D ∈ {16, 32, 64, 128, 256} (Gemma-2: 256), CUDA cores otherwise; both take
+    // the same arguments.
+    let (l, kernel) = match launch::attention_mma(s.b, s.t, s.nh, s.d)? {
+        Some(plan) if !cu.simt_attention && cu.mma_for(&[q, k, v]) => plan,
+        _ => (launch::attention(s.b * s.t * s.nh, s.d)?, "attn_fwd_k"),
+    };
+    let out: &CudaBuf = out;
+    let lse: &CudaBuf = lse;
+    cu.attn_fwd_any_k(
+        kernel,
+        l,
+        q,
+        k,
+        v,
+        seg_p,
+        has_seg,
+        out,
+        lse,
+        to_i32("attn_fwd", "b", s.b)?,
+        to_i32("attn_fwd", "t", s.t)?,
+        to_i32("attn_fwd", "tk", s.tk)?,
+        to_i32("attn_fwd", "nh", s.nh)?,
+        to_i32("attn_fwd", "nkv", s.nkv)?,
+        to_i32("attn_fwd", "d", s.d)?,
+        s.scale,
+        s.softcap.unwrap_or(0.0),
+        to_i32("attn_fwd", "window", s.window.unwrap_or(0))?,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attn_bwd(
+    cu: &Cuda,
+    q: &CudaBuf,
+    k: &CudaBuf,
+    v: &CudaBuf,
+    seg: Option<&CudaIds>,
+    out: &CudaBuf,
+    lse: &CudaBuf,
+    dout: &CudaBuf,
+    dq: &mut CudaBuf,
+    dk: &mut CudaBuf,
+    dv: &mut CudaBuf,
+    s: &AttnShape,
+) -> Result<()> {
+    contract::attn_bwd(
+        q.len,
+        k.len,
+        v.len,
+        seg.map(CudaIds::len),
+        out.len,
+        lse.len,
+        dout.len,
+        dq.len,
+        dk.len,
+        dv.len,
+        s,
+    )?;
+    max_head_dim("attn_bwd", s)?;
+    let qn = q.len;
+    let (seg_p, has_seg) = seg_arg(seg);
+    if qn == 0 {
+        return Ok(());
+    }
+    let (b, t, nh, nkv, d) = (
+        to_i32("attn_bwd", "b", s.b)?,
+        to_i32("attn_bwd", "t", s.t)?,
+        to_i32("attn_bwd", "nh", s.nh)?,
+        to_i32("attn_bwd", "nkv", s.nkv)?,
+        to_i32("attn_bwd", "d", s.d)?,
+    );
+    let (scale, cap) = (s.scale, s.softcap.unwrap_or(0.0));
+    let window = to_i32("attn_bwd", "window", s.window.unwrap_or(0))?;
+    let delta = cu.f32_scratch(s.b * s.nh * s.t)?;
+    cu.attn_bwd_delta_k(
+        launch::attention(s.b * s.t * s.nh, s.d)?,
+        out,
+        dout,
+        &delta,
+        b,
+        t,
+        nh,
+        d,
+    )?;
+    // Tensor cores for D ∈ {16, 32, 64, 128, 256}: dq, dk, dv each in its own kernel.
+    if let Some((ldq, ldkv, [kdq, kdk, kdv])) =
+        launch::attention_mma_bwd(s.b, s.t, s.nh, s.nkv, s.d)?
+    {
+        if !cu.simt_attention && cu.mma_for(&[q, k, v, dout]) {
+            for (kernel, l, grad) in [(kdq, ldq, &*dq), (kdk, ldkv, &*dk), (kdv, ldkv, &*dv)] {
+                cu.attn_bwd_mma_k(
+                    kernel, l, q, k, v, seg_p, has_seg, lse, &delta, dout, grad, b, t, nh, nkv, d,
+                    scale, cap, window,
+                )?;
+            }
+            return Ok(());
+        }
+    }
+    let dq: &CudaBuf = dq;
+    cu.attn_bwd_dq_k(
+        launch::attention(s.b * s.t * s.nh, s.d)?,
+        q,
+        k,
+        v,
+        seg_p,
+        has_seg,
+        lse,
+        &delta,
+        dout,
+        dq,
+        b,
+        t,
+        nh,
+        nkv,
+        d,
+        scale,
+        cap,
+        window,
+    )?;
+    let (dk, dv): (&CudaBuf, &CudaBuf) = (dk, dv);
+    cu.attn_bwd_dkv_k(
+        launch::attention(s.b * s.t * s.nkv, s.d)?,
+        q,
+        k,
+        v,
+        seg_p,
+        has_seg,
+        lse,
+        &delta,
+        dout,
+        dk,
+        dv,
+        b,
+        t,
+        nh,
+        nkv,
+        d,
+        scale,
+        cap,
+        window,
+    )
+}
+
+/// This backend's limit beyond the contract: D ≤ 256 (each lane keeps D/32 values in registers).
+fn max_head_dim(op: &'static str, s: &AttnShape) -> Result<()> {
+    ensure(op, "d", s.d <= launch::ATTN_MAX_D, || {
+        format!("head dim D = {} outside 1..={}", s.d, launch::ATTN_MAX_D)
+    })
+}
+
+/// The segment-id pointer (null when absent) and the `has_seg` flag.
+fn seg_arg(seg: Option<&CudaIds>) -> (Option<&CudaSlice<i32>>, i32) {
+    match seg {
+        Some(sg) => (Some(&sg.data), 1),
+        None => (None, 0),
+    }
+}

@@ -1,0 +1,333 @@
+//! NF4 weights on the device: upload/download, whole dequantization (kernels/nf4_dequant.cu), and the
+//! fused NF4 linears (kernels/nf4_gemv.cu for M ≤ 8, kernels/nf4_gemm.cu on tensor cores, `nf4_dense`
+//! without them). The format is `crate::nf4`; CPU twin: cpu/nf4.rs.
+
+use super::gemm::op;
+use super::{be, n64, Cuda, CudaBuf, CudaNf4, Nf4Scales};
+use cudarc::driver::CudaSlice;
+
+/// The six NF4 kernel arguments (see `Cuda::nf4_args`).
+type Nf4Args<'a> = (
+    &'a CudaSlice<u8>,
+    Option<&'a CudaSlice<u8>>,
+    &'a CudaSlice<f32>,
+    Option<&'a CudaSlice<f32>>,
+    f32,
+    i32,
+);
+use crate::contract::{self, AbsmaxDims, Nf4Dims};
+use crate::error::Result;
+use crate::launch::{self, to_i32};
+use crate::nf4::{Absmax, Nf4Tensor};
+
+impl CudaNf4 {
+    /// The lengths the NF4 contract checks.
+    pub(super) fn dims(&self) -> Nf4Dims<'_> {
+        Nf4Dims {
+            shape: &self.shape,
+            packed: self.packed_len,
+            absmax: match self.scales {
+                Nf4Scales::Plain(_) => AbsmaxDims::Plain(self.absmax_len),
+                Nf4Scales::Nested { .. } => AbsmaxDims::Nested {
+                    codes: self.absmax_len,
+                    nested: self.nested_len,
+                },
+            },
+        }
+    }
+}
+
+impl Cuda {
+    /// The NF4 arguments every NF4 kernel takes: packed, codes, absmax, code8, offset, nested
+    /// (plain absmax: codes and code8 null, nested = 0).
+    pub(super) fn nf4_args(w: &CudaNf4) -> Nf4Args<'_> {
+        match &w.scales {
+            Nf4Scales::Plain(a) => (&w.packed, None, a, None, 0.0, 0),
+            Nf4Scales::Nested {
+                codes,
+                nested,
+                offset,
+                code8,
+                ..
+            } => (&w.packed, Some(codes), nested, Some(code8), *offset, 1),
+        }
+    }
+
+    /// Y (= or +=) X·W̃ᵀ + s·XA·Bᵀ with an NF4 base (GEMV for M ≤ 8, mma GEMM otherwise). `lora` =
+    /// (xa `[M,R]`, B `[N,R]`, R, s).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn nf4_forward(
+        &self,
+        x: &CudaBuf,
+        w: &CudaNf4,
+        y: &CudaBuf,
+        acc: bool,
+        lora: Option<(&CudaBuf, &CudaBuf, usize, f32)>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        if !self.mma_for(&[x]) && matches!(launch::nf4_path(m), launch::Nf4Path::Gemm) {
+            // sm_75 or f16 activations: no bf16 tensor cores (see gemm.rs).
+            return self.nf4_dense(Nf4Dir::Forward, x, w, y, acc, lora, m, k, n);
+        }
+        let (mi, ni, ki) = (
+            to_i32("lora_fwd", "m", m)?,
+            to_i32("lora_fwd", "n", n)?,
+            to_i32("lora_fwd", "k", k)?,
+        );
+        let (xa, lb, r, s) = match lora {
+            Some((xa, b, r, s)) => (Some(xa), Some(b), to_i32("lora_fwd", "r", r)?, s),
+            None => (None, None, 0, 0.0),
+        };
+        let (p, c, a, c8, o, nest) = Self::nf4_args(w);
+        let (kernel, l) = match launch::nf4_path(m) {
+            launch::Nf4Path::Gemv => ("nf4_gemv_k", launch::nf4_gemv(m, n)?),
+            launch::Nf4Path::Gemm => ("nf4_gemm_xwt_k", launch::nf4_gemm(m, n)?),
+        };
+        self.nf4_xwt_k(
+            kernel, l, x, p, c, a, c8, o, nest, y, acc as i32, mi, ni, ki, xa, lb, r, s,
+        )
+    }
+
+    /// dX (= or +=) dY·W̃ + s·dYB·A with an NF4 base. `lora` = (dyb `[M,R]`, A `[R,K]`, R, s).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn nf4_backward(
+        &self,
+        dy: &CudaBuf,
+        w: &CudaNf4,
+        dx: &CudaBuf,
+        acc: bool,
+        lora: Option<(&CudaBuf, &CudaBuf, usize, f32)>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        if !self.mma_for(&[dy]) {
+            // sm_75 or f16 activations: no bf16 tensor cores (see gemm.rs).
+            return self.nf4_dense(Nf4Dir::Backward, dy, w, dx, acc, lora, m, k, n);
+        }
+        let (mi, ni, ki) = (
+            to_i32("lora_bwd", "m", m)?,
+            to_i32("lora_bwd", "n", n)?,
+            to_i32("lora_bwd", "k", k)?,
+        );
+        let (dyb, la, r, s) = match lora {
+            Some((dyb, a, r, s)) => (Some(dyb), Some(a), to_i32("lora_bwd", "r", r)?, s),
+            None => (None, None, 0, 0.0),
+        };
+        let (p, c, a, c8, o, nest) = Self::nf4_args(w);
+        self.nf4_gemm_dyw_k(
+            launch::nf4_gemm(m, k)?,
+            dy,
+            p,
+            c,
+            a,
+            c8,
+            o,
+            nest,
+            dx,
+            acc as i32,
+            mi,
+            ni,
+            ki,
+            dyb,
+            la,
+            r,
+            s,
+        )
+    }
+}
+
+pub(super) fn nf4_from_host(cu: &Cuda, w: &Nf4Tensor) -> Result<CudaNf4> {
+    // Uploaded as given (validated at use, as on the CPU); every array gets spare zero elements so
+    // no allocation is empty.
+    let mut packed_h = w.packed.clone();
+    packed_h.resize(w.packed.len() + 8, 0);
+    let packed = cu
+        .stream
+        .clone_htod(&packed_h)
+        .map_err(be("host to device copy"))?;
+    let (scales, absmax_len, nested_len) = match &w.absmax {
+        Absmax::Plain(a) => {
+            let mut a = a.clone();
+            let len = a.len();
+            a.push(0.0);
+            (
+                Nf4Scales::Plain(
+                    cu.stream
+                        .clone_htod(&a)
+                        .map_err(be("host to device copy"))?,
+                ),
+                len,
+                0,
+            )
+        }
+        Absmax::Nested {
+            codes,
+            nested_absmax,
+            offset,
+            code8,
+        } => {
+            let mut c = codes.clone();
+            c.push(0);
+            let mut na = nested_absmax.clone();
+            na.push(0.0);
+            (
+                Nf4Scales::Nested {
+                    codes: cu
+                        .stream
+                        .clone_htod(&c)
+                        .map_err(be("host to device copy"))?,
+                    nested: cu
+                        .stream
+                        .clone_htod(&na)
+                        .map_err(be("host to device copy"))?,
+                    offset: *offset,
+                    code8: cu
+                        .stream
+                        .clone_htod(&code8[..])
+                        .map_err(be("host to device copy"))?,
+                    code8_host: code8.clone(),
+                },
+                codes.len(),
+                nested_absmax.len(),
+            )
+        }
+    };
+    Ok(CudaNf4 {
+        shape: w.shape.clone(),
+        packed_len: w.packed.len(),
+        absmax_len,
+        nested_len,
+        packed,
+        scales,
+    })
+}
+
+pub(super) fn nf4_to_host(cu: &Cuda, w: &CudaNf4) -> Result<Nf4Tensor> {
+    let mut packed = cu
+        .stream
+        .clone_dtoh(&w.packed)
+        .map_err(be("device to host copy"))?;
+    packed.truncate(w.packed_len);
+    let absmax = match &w.scales {
+        Nf4Scales::Plain(a) => {
+            let mut a = cu.stream.clone_dtoh(a).map_err(be("device to host copy"))?;
+            a.truncate(w.absmax_len);
+            Absmax::Plain(a)
+        }
+        Nf4Scales::Nested {
+            codes,
+            nested,
+            offset,
+            code8_host,
+            ..
+        } => {
+            let mut c = cu
+                .stream
+                .clone_dtoh(codes)
+                .map_err(be("device to host copy"))?;
+            c.truncate(w.absmax_len);
+            let mut n = cu
+                .stream
+                .clone_dtoh(nested)
+                .map_err(be("device to host copy"))?;
+            n.truncate(w.nested_len);
+            Absmax::Nested {
+                codes: c,
+                nested_absmax: n,
+                offset: *offset,
+                code8: code8_host.clone(),
+            }
+        }
+    };
+    Ok(Nf4Tensor {
+        shape: w.shape.clone(),
+        packed,
+        absmax,
+    })
+}
+
+pub(super) fn nf4_dequantize(cu: &Cuda, w: &CudaNf4, out: &mut CudaBuf) -> Result<()> {
+    let numel = contract::nf4_dequantize(&w.dims(), out.len)?;
+    let (p, c, a, c8, o, nest) = Cuda::nf4_args(w);
+    cu.nf4_dequant_k(
+        launch::nf4_dequant(numel),
+        p,
+        c,
+        a,
+        c8,
+        o,
+        nest,
+        n64(numel),
+        out,
+    )
+}
+
+impl Cuda {
+    /// The NF4 linear without tensor-core kernels (sm_75 or f16 data), in either direction:
+    /// - forward (`Nf4Dir::Forward`, M > 8): out `[M,N]` (= or +=) X·W̃ᵀ + s·XA·Bᵀ, with
+    ///   `lora` = (xa `[M,R]`, B `[N,R]`, R, s);
+    /// - backward (`Nf4Dir::Backward`): dX `[M,K]` (= or +=) dY·W̃ + s·dYB·A, with
+    ///   `lora` = (dyb `[M,R]`, A `[R,K]`, R, s).
+    ///
+    /// W̃ `[N, K]` is dequantized whole into a temporary of the activation dtype (N·K·2 bytes for f16:
+    /// 98 MiB for Gemma-2-9B's largest projection, freed on return), then two cuBLAS GEMMs. The
+    /// caller has checked every length.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn nf4_dense(
+        &self,
+        dir: Nf4Dir,
+        x: &CudaBuf,
+        w: &super::CudaNf4,
+        out: &CudaBuf,
+        acc: bool,
+        lora: Option<(&CudaBuf, &CudaBuf, usize, f32)>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        let mut wt = self.zeros_as(n * k, self.alloc_dtype())?;
+        crate::backend::Backend::nf4_dequantize(self, w, &mut wt)?;
+        // Forward multiplies by W̃ᵀ and Bᵀ (out width N, inner K); backward by W̃ and A as stored
+        // (out width K, inner N).
+        let (width, inner, trans) = match dir {
+            Nf4Dir::Forward => (n, k, true),
+            Nf4Dir::Backward => (k, n, false),
+        };
+        let beta = if acc { 1.0 } else { 0.0 };
+        self.gemm(
+            op(x, 0, false),
+            op(&wt, 0, trans),
+            out,
+            0,
+            m,
+            width,
+            inner,
+            1.0,
+            beta,
+        )?;
+        match lora {
+            Some((xl, l, r, s)) if r > 0 => self.gemm(
+                op(xl, 0, false),
+                op(l, 0, trans),
+                out,
+                0,
+                m,
+                width,
+                r,
+                s,
+                1.0,
+            ),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Direction of [`Cuda::nf4_dense`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Nf4Dir {
+    Forward,
+    Backward,
+}

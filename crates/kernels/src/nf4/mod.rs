@@ -97,7 +97,7 @@ impl Nf4Tensor {
     /// # Panics
     /// If `i` is not a block of this tensor or the absmax vectors are shorter than the shape needs: this
     /// is the per-block accessor of the dequantization hot loops, which check the tensor first
-    /// (`dequantize_into` does; see also `cpu::dequant::check_nf4`).
+    /// (`dequantize_into` does; see also `cpu::nf4::check_nf4`).
     #[inline]
     pub fn block_absmax(&self, i: usize) -> f32 {
         match &self.absmax {

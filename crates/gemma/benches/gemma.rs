@@ -1,4 +1,4 @@
-//! CPU forward+backward throughput of the "small" Gemma-2 config of issue 3, QLoRA r=16 on all linears:
+//! CPU forward+backward throughput of the "small" Gemma-2 config, QLoRA r=16 on all linears:
 //! hidden 512, 8 layers, 8 heads, 4 kv heads, head_dim 64, intermediate 2048, vocab 8192, B=4, T=256.
 //!
 //!     cargo bench -p afinar-gemma                      # both modes, 3 timed steps each

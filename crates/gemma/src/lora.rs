@@ -1,7 +1,7 @@
 //! LoRA configuration and PEFT-compatible initialisation.
 //!
 //! A LoRA linear computes y = x·W̃ᵀ + s·(drop(x)·Aᵀ)·Bᵀ with A [R, in], B [out, R] and
-//! s = α/R (or α/√R with rsLoRA), exactly as peft's `lora.Linear` (facts §2). Dropout masks are
+//! s = α/R (or α/√R with rsLoRA), exactly as peft's `lora.Linear`. Dropout masks are
 //! counter-based (`Backend::dropout_mask`), generated where they are used.
 
 use std::fmt;

@@ -2,7 +2,7 @@
 //! per-op runtime dispatch. `Cpu` (f32, rayon, `gemm`) is the reference; `Cuda` (feature `cuda`) mirrors it.
 //!
 //! Conventions for every method:
-//! - Buffers are flat and row-major; shapes are given in the dimension letters of DESIGN.md
+//! - Buffers are flat and row-major; shapes are given in the project's dimension letters
 //!   (B batch, T sequence, H hidden, I intermediate, V vocab, NH query heads, NKV kv heads, D head dim,
 //!   R LoRA rank). `N` below is a row count (usually B·T), `M,K,N` are GEMM dims.
 //! - "writes" means the output is overwritten; "adds into" means the op accumulates (`+=`), which is

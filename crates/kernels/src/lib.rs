@@ -6,7 +6,7 @@
 //! Reading order: `backend.rs` (the op set and its conventions), `contract/` (each op's argument
 //! checks, shared by both backends), then per op family `cpu/<family>.rs` (the reference),
 //! `cuda/<family>.rs` and `kernels/<family>.cu` at the repository root (kernels/README.md). `abi/`
-//! declares every CUDA kernel's parameters once; `launch.rs` plans launch geometry; `nf4.rs` is the
+//! declares every CUDA kernel's parameters once; `launch.rs` plans launch geometry; `nf4/` is the
 //! NF4 format.
 
 #[cfg(any(test, feature = "cuda"))]

@@ -168,6 +168,10 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
 
 // The f32 absmax of 64-element block `blk` of an NF4 tensor. nested != 0: double quantization,
 // absmax = code8[codes[blk]]·nested_absmax[blk/256] + offset; otherwise plain f32 absmax[blk].
+// The nested decode is a rounded multiply, then a rounded add (__fmul_rn, __fadd_rn), exactly the
+// host's `Nf4Tensor::block_absmax`: written as `a * b + c`, NVRTC contracts it into one FMA (a single
+// rounding), which differs from the host by 1 ulp on about one block in ten. This is the only place a
+// kernel decodes an absmax; every NF4 kernel calls it.
 struct Nf4Args {
     const u8* packed;    // ceil(numel/2) bytes, element 2j in the HIGH nibble of byte j
     const u8* codes;     // [blocks] u8 (nested only)
@@ -178,6 +182,6 @@ struct Nf4Args {
 };
 
 __device__ __forceinline__ float nf4_absmax(const Nf4Args& w, i64 blk) {
-    if (w.nested) return w.code8[w.codes[blk]] * w.absmax[blk >> 8] + w.offset;
+    if (w.nested) return __fadd_rn(__fmul_rn(w.code8[w.codes[blk]], w.absmax[blk >> 8]), w.offset);
     return w.absmax[blk];
 }

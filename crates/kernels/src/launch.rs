@@ -127,18 +127,111 @@ pub fn nf4_dequant(numel: usize) -> Launch {
     elementwise(numel.div_ceil(16))
 }
 
-/// Which NF4 linear kernel serves M rows: the GEMV for decode shapes, the mma GEMM otherwise.
+// ---- Path selection -------------------------------------------------------------------------------
+//
+// Which implementation serves an op is a pure function of the operands' storage dtypes, the device and
+// the backend's options, so it is unit-tested here without a GPU. The rule that matters for
+// correctness: the bf16 tensor-core (`mma.sync`) kernels round their inputs to bf16, so they may only
+// take operands that are *stored* bf16; f32 (and f16) data goes to the CUDA-core kernels or to cuBLAS in
+// its own precision (CUBLAS_COMPUTE_32F; the backend never enables TF32 math), so an f32 model on the
+// GPU computes what the CPU reference computes, to f32 rounding.
+
+/// The storage dtype of an operand, as the path choice sees it (the CUDA backend's `Dtype`, which only
+/// exists with the `cuda` feature).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Nf4Path {
-    Gemv,
-    Gemm,
+pub enum Store {
+    F32,
+    Bf16,
+    F16,
 }
 
-pub fn nf4_path(m: usize) -> Nf4Path {
-    if m <= NF4_GEMV_MAX_M {
-        Nf4Path::Gemv
+/// What the device and the backend's options allow.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PathCaps {
+    /// bf16 `mma.sync` exists (sm_80 and newer) and is not disabled (`AFINAR_NO_MMA=1`).
+    pub bf16_mma: bool,
+    /// The CUDA-core attention was asked for (`CudaOptions::simt_attention`).
+    pub simt_attention: bool,
+    /// The fused NF4 tensor-core GEMM was asked for at training shapes (`AFINAR_NF4_FUSED=1`) instead
+    /// of dequantize + cuBLAS.
+    pub nf4_fused: bool,
+    /// The fused LoRA kernels of lora.cu were asked for (`AFINAR_LORA_FUSED=1`) instead of cuBLAS.
+    pub lora_fused: bool,
+}
+
+/// Whether a bf16 tensor-core kernel may take these operands: the device has one and every operand is
+/// stored bf16 (an f32 or f16 operand would be silently rounded to bf16's 8-bit mantissa).
+pub fn tensor_cores_for(caps: PathCaps, operands: &[Store]) -> bool {
+    caps.bf16_mma && !operands.is_empty() && operands.iter().all(|&s| s == Store::Bf16)
+}
+
+/// The attention kernels for one call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttnPath {
+    /// The `*_mma_*` kernels (D ∈ {16, 32, 64, 128, 256}, bf16 Q, K, V and dOut).
+    TensorCores,
+    /// The CUDA-core kernels (any D ≤ 256, f32 arithmetic on any storage).
+    CudaCores,
+}
+
+/// `operands`: Q, K, V (and dOut for the backward); `has_mma_kernel`: a tensor-core kernel exists for
+/// this head dim.
+pub fn attention_path(caps: PathCaps, operands: &[Store], has_mma_kernel: bool) -> AttnPath {
+    if has_mma_kernel && !caps.simt_attention && tensor_cores_for(caps, operands) {
+        AttnPath::TensorCores
     } else {
-        Nf4Path::Gemm
+        AttnPath::CudaCores
+    }
+}
+
+/// Smallest M at which an NF4 linear (M > [`NF4_GEMV_MAX_M`]) dequantizes the weight into the reused
+/// scratch and calls cuBLAS rather than the fused tensor-core GEMM. Below it the fused kernel reads
+/// 4-bit weights once for few rows and is expected to win (the dequantize alone writes 2 bytes per
+/// weight); at training shapes (M ≥ 1024) cuBLAS wins by ~8× (measured on an H200: the fused GEMM runs
+/// at 0.10–0.14× cuBLAS bf16). The crossover itself is not measured yet: gpu_bench's rows at M = 1024
+/// and 4096 bound it from above.
+pub const NF4_DENSE_MIN_M: usize = 128;
+
+/// Which NF4 linear serves M rows whose activation operand (X forward, dY backward) is stored `x`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Nf4Path {
+    /// nf4_gemv.cu (M ≤ [`NF4_GEMV_MAX_M`], forward only): f32 arithmetic on any storage.
+    Gemv,
+    /// nf4_gemm.cu on bf16 tensor cores (bf16 activations only).
+    FusedMma,
+    /// Dequantize W̃ into the backend's reused scratch in the activation's dtype, then cuBLAS in that
+    /// dtype (f32 data: an f32 GEMM).
+    DequantGemm,
+}
+
+/// `forward`: X·W̃ᵀ (the GEMV serves small M there); the backward dY·W̃ has no GEMV.
+pub fn nf4_path(caps: PathCaps, m: usize, x: Store, forward: bool) -> Nf4Path {
+    if forward && m <= NF4_GEMV_MAX_M {
+        return Nf4Path::Gemv;
+    }
+    let fused_ok = tensor_cores_for(caps, &[x]);
+    if fused_ok && (caps.nf4_fused || m < NF4_DENSE_MIN_M) {
+        Nf4Path::FusedMma
+    } else {
+        Nf4Path::DequantGemm
+    }
+}
+
+/// The rank-r halves of the LoRA linear.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoraPath {
+    /// GEMMs (cuBLAS, or gemm.cu without it) with β = 1 accumulation into Y, dX, dA and dB; the dropout
+    /// mask is an elementwise multiply.
+    Gemm,
+    /// lora.cu's kernels (lora_proj_k, lora_add_k, lora_da_k, lora_db_k, lora_dx_k).
+    Fused,
+}
+
+pub fn lora_path(caps: PathCaps) -> LoraPath {
+    if caps.lora_fused {
+        LoraPath::Fused
+    } else {
+        LoraPath::Gemm
     }
 }
 
@@ -381,9 +474,6 @@ mod tests {
                 .min(MAX_STRIDE_GRID)
         );
         assert_eq!(nf4_dequant(17).grid.0, 1);
-        assert_eq!(nf4_path(1), Nf4Path::Gemv);
-        assert_eq!(nf4_path(8), Nf4Path::Gemv);
-        assert_eq!(nf4_path(9), Nf4Path::Gemm);
         assert_eq!(nf4_gemv(1, 14336).unwrap().grid.0, 1792);
         assert!(nf4_gemv(9, 4).is_err());
         assert!(nf4_gemv(0, 4).is_err());
@@ -465,6 +555,123 @@ mod tests {
         assert_eq!(lm_head_chunk_rows(10, 256_000, 1), 1);
         assert_eq!(lm_head_chunk_rows(10, 16, 1 << 30), 10);
         assert_eq!(lm_head_chunk_rows(0, 16, 1 << 30), 1);
+    }
+
+    const MMA: PathCaps = PathCaps {
+        bf16_mma: true,
+        simt_attention: false,
+        nf4_fused: false,
+        lora_fused: false,
+    };
+
+    /// f32 (and f16) data never reaches a bf16 tensor-core kernel, whatever the device and options.
+    #[test]
+    fn tensor_cores_only_for_bf16_storage() {
+        use Store::*;
+        assert!(tensor_cores_for(MMA, &[Bf16, Bf16, Bf16]));
+        for ops in [
+            [F32, F32, F32],
+            [Bf16, F32, Bf16],
+            [F16, F16, F16],
+            [Bf16, Bf16, F16],
+        ] {
+            assert!(!tensor_cores_for(MMA, &ops), "{ops:?}");
+        }
+        assert!(!tensor_cores_for(MMA, &[]));
+        let no_mma = PathCaps {
+            bf16_mma: false,
+            ..MMA
+        };
+        assert!(!tensor_cores_for(no_mma, &[Bf16]));
+    }
+
+    #[test]
+    fn attention_path_follows_storage() {
+        use Store::*;
+        let tc = AttnPath::TensorCores;
+        let cc = AttnPath::CudaCores;
+        assert_eq!(attention_path(MMA, &[Bf16; 4], true), tc);
+        // The f32 golden models on an H200: CUDA cores (the mma path rounded them to bf16).
+        assert_eq!(attention_path(MMA, &[F32; 3], true), cc);
+        assert_eq!(attention_path(MMA, &[F32; 4], true), cc);
+        assert_eq!(attention_path(MMA, &[Bf16, Bf16, Bf16, F32], true), cc);
+        assert_eq!(attention_path(MMA, &[F16; 3], true), cc);
+        assert_eq!(attention_path(MMA, &[Bf16; 3], false), cc);
+        let simt = PathCaps {
+            simt_attention: true,
+            ..MMA
+        };
+        assert_eq!(attention_path(simt, &[Bf16; 3], true), cc);
+        let sm75 = PathCaps {
+            bf16_mma: false,
+            ..MMA
+        };
+        assert_eq!(attention_path(sm75, &[Bf16; 3], true), cc);
+    }
+
+    #[test]
+    fn nf4_path_follows_storage_and_shape() {
+        use Nf4Path::*;
+        use Store::*;
+        // Decode shapes: the GEMV (f32 arithmetic) for every dtype, forward only.
+        for x in [F32, Bf16, F16] {
+            assert_eq!(nf4_path(MMA, 1, x, true), Gemv);
+            assert_eq!(nf4_path(MMA, NF4_GEMV_MAX_M, x, true), Gemv);
+        }
+        // Training shapes: dequantize + cuBLAS by default.
+        for m in [NF4_DENSE_MIN_M, 1024, 4096] {
+            assert_eq!(nf4_path(MMA, m, Bf16, true), DequantGemm);
+            assert_eq!(nf4_path(MMA, m, Bf16, false), DequantGemm);
+        }
+        // Small M with bf16 data: the fused kernel; f32/f16 data never takes it.
+        assert_eq!(nf4_path(MMA, 9, Bf16, true), FusedMma);
+        assert_eq!(nf4_path(MMA, 1, Bf16, false), FusedMma);
+        for x in [F32, F16] {
+            for m in [1, 9, 127, 4096] {
+                assert_eq!(nf4_path(MMA, m, x, false), DequantGemm, "{x:?} M={m}");
+            }
+            assert_eq!(nf4_path(MMA, 9, x, true), DequantGemm);
+        }
+        // AFINAR_NF4_FUSED=1: the fused kernel at every M > 8 — for bf16 data only.
+        let fused = PathCaps {
+            nf4_fused: true,
+            ..MMA
+        };
+        assert_eq!(nf4_path(fused, 4096, Bf16, true), FusedMma);
+        assert_eq!(nf4_path(fused, 4096, F32, true), DequantGemm);
+        let sm75 = PathCaps {
+            bf16_mma: false,
+            nf4_fused: true,
+            ..MMA
+        };
+        assert_eq!(nf4_path(sm75, 9, Bf16, true), DequantGemm);
+    }
+
+    #[test]
+    fn lora_path_default_is_gemm() {
+        assert_eq!(lora_path(MMA), LoraPath::Gemm);
+        let fused = PathCaps {
+            lora_fused: true,
+            ..MMA
+        };
+        assert_eq!(lora_path(fused), LoraPath::Fused);
+    }
+
+    /// The nested absmax decode must be a rounded multiply then a rounded add, as the host's
+    /// `Nf4Tensor::block_absmax` (NVRTC would contract `a * b + c` into one FMA), and it must be the
+    /// only decode in the kernels.
+    #[test]
+    fn nf4_absmax_decode_is_explicitly_rounded() {
+        let common = include_str!("../../../kernels/common.cuh");
+        assert!(common.contains(
+            "return __fadd_rn(__fmul_rn(w.code8[w.codes[blk]], w.absmax[blk >> 8]), w.offset);"
+        ));
+        for (file, src) in crate::abi::SOURCES {
+            assert!(
+                !src.contains("code8["),
+                "{file} decodes an absmax itself; use nf4_absmax (common.cuh)"
+            );
+        }
     }
 
     /// The NF4 table in kernels/common.cuh must be the one in nf4.rs (the kernels cannot import it).

@@ -1,11 +1,13 @@
 //! Causal attention forward and backward: kernels/attention.cu (tensor-core kernels for
-//! D ∈ {16, 32, 64, 128, 256} on sm_80+, CUDA-core kernels otherwise). CPU twin: cpu/attention.rs.
+//! D ∈ {16, 32, 64, 128, 256} on sm_80+ with bf16 Q, K, V, CUDA-core kernels otherwise: see
+//! `launch::attention_path`). CPU twin: cpu/attention.rs.
 
+use super::gemm::stores;
 use super::{Cuda, CudaBuf, CudaIds};
 use crate::backend::AttnShape;
 use crate::contract;
 use crate::error::{ensure, Result};
-use crate::launch::{self, to_i32};
+use crate::launch::{self, to_i32, AttnPath};
 use cudarc::driver::CudaSlice;
 
 #[allow(clippy::too_many_arguments)]
@@ -34,10 +36,12 @@ pub(super) fn attn_fwd(
     if qn == 0 {
         return Ok(());
     }
-    // Tensor cores for D ∈ {16, 32, 64, 128, 256} (Gemma-2: 256), CUDA cores otherwise; both take
-    // the same arguments.
-    let (l, kernel) = match launch::attention_mma(s.b, s.t, s.nh, s.d)? {
-        Some(plan) if !cu.simt_attention && cu.mma_for(&[q, k, v]) => plan,
+    // Tensor cores for D ∈ {16, 32, 64, 128, 256} (Gemma-2: 256) and bf16 Q, K, V; CUDA cores
+    // otherwise (f32 data keeps f32 precision). Both take the same arguments.
+    let mma = launch::attention_mma(s.b, s.t, s.nh, s.d)?;
+    let path = launch::attention_path(cu.caps(), &stores([q, k, v]), mma.is_some());
+    let (l, kernel) = match mma {
+        Some(plan) if path == AttnPath::TensorCores => plan,
         _ => (launch::attention(s.b * s.t * s.nh, s.d)?, "attn_fwd_k"),
     };
     let out: &CudaBuf = out;
@@ -118,11 +122,12 @@ pub(super) fn attn_bwd(
         nh,
         d,
     )?;
-    // Tensor cores for D ∈ {16, 32, 64, 128, 256}: dq, dk, dv each in its own kernel.
-    if let Some((ldq, ldkv, [kdq, kdk, kdv])) =
-        launch::attention_mma_bwd(s.b, s.t, s.nh, s.nkv, s.d)?
-    {
-        if !cu.simt_attention && cu.mma_for(&[q, k, v, dout]) {
+    // Tensor cores for D ∈ {16, 32, 64, 128, 256} and bf16 Q, K, V, dOut: dq, dk, dv each in its own
+    // kernel.
+    let mma = launch::attention_mma_bwd(s.b, s.t, s.nh, s.nkv, s.d)?;
+    let path = launch::attention_path(cu.caps(), &stores([q, k, v, dout]), mma.is_some());
+    if let Some((ldq, ldkv, [kdq, kdk, kdv])) = mma {
+        if path == AttnPath::TensorCores {
             for (kernel, l, grad) in [(kdq, ldq, &*dq), (kdk, ldkv, &*dk), (kdv, ldkv, &*dv)] {
                 cu.attn_bwd_mma_k(
                     kernel, l, q, k, v, seg_p, has_seg, lse, &delta, dout, grad, b, t, nh, nkv, d,

@@ -223,6 +223,41 @@ impl Cuda {
         })
     }
 
+    /// C[m, n] = alpha·op(A)[m, k]·op(B)[k, n] + beta·C where A and B are both small rank-r operands (LoRA's
+    /// XA, dYB, A, B: f32, k or the other dim = R) and C is a large activation. With cuBLAS and a
+    /// 16-bit C, A and B are converted to C's dtype first (a few KiB to MiB), so cuBLAS accumulates
+    /// into C directly (β = 1, f32 compute) instead of through an f32 copy of C; the products are then
+    /// bf16 × bf16 as under autocast, which bf16 C's own rounding already dominates. An f32 C keeps
+    /// f32 operands (an f32 GEMM).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn rank_gemm(
+        &self,
+        a: Operand<'_>,
+        b: Operand<'_>,
+        c: &CudaBuf,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
+        let narrow = c.dtype() != Dtype::F32 && matches!(self.gemm, GemmBackend::Cublas(_));
+        let (a_conv, b_conv);
+        let a = if narrow && a.buf.dtype() != c.dtype() {
+            a_conv = self.slice_copy(a.buf, a.off, m * k, c.dtype())?;
+            op(&a_conv, 0, a.trans)
+        } else {
+            a
+        };
+        let b = if narrow && b.buf.dtype() != c.dtype() {
+            b_conv = self.slice_copy(b.buf, b.off, k * n, c.dtype())?;
+            op(&b_conv, 0, b.trans)
+        } else {
+            b
+        };
+        self.gemm(a, b, c, 0, m, n, k, alpha, beta)
+    }
+
     /// A new buffer holding elements [off, off + len) of `src`, converted to `dtype`.
     pub(crate) fn slice_copy(
         &self,
@@ -285,19 +320,31 @@ fn mma_disabled_by_env() -> bool {
 }
 
 impl Cuda {
-    /// Whether the bf16 tensor-core kernels (nf4_gemm.cu, attention.cu's `*_mma_*`) may run here:
-    /// sm_80 or newer and not disabled by `AFINAR_NO_MMA=1`. Otherwise attention takes its CUDA-core
-    /// kernels and the NF4 training-shape GEMMs take [`Cuda::nf4_dense`].
+    /// Whether the bf16 tensor-core kernels (nf4_gemm.cu, attention.cu's `*_mma_*`) exist here:
+    /// sm_80 or newer and not disabled by `AFINAR_NO_MMA=1`. Which operands may take them is
+    /// `launch::tensor_cores_for` (bf16 storage only).
     pub(crate) fn bf16_mma(&self) -> bool {
         arch_has_bf16_mma(self.arch()) && !mma_disabled_by_env()
     }
 
-    /// Whether a tensor-core kernel may take these operands: [`Cuda::bf16_mma`] and none of them is
-    /// f16. The bf16 kernels would round f16 data to bf16's 8-bit mantissa; the other paths keep f16
-    /// precision and are the ones sm_75 runs, so f16 training computes the same way on every GPU.
-    pub(crate) fn mma_for(&self, bufs: &[&CudaBuf]) -> bool {
-        self.bf16_mma() && bufs.iter().all(|b| b.dtype() != Dtype::F16)
+    /// The device's and options' part of every path choice (`crate::launch`'s path functions).
+    pub(crate) fn caps(&self) -> launch::PathCaps {
+        launch::PathCaps {
+            bf16_mma: self.bf16_mma(),
+            simt_attention: self.simt_attention,
+            nf4_fused: self.nf4_fused,
+            lora_fused: self.lora_fused,
+        }
     }
+}
+
+/// The storage dtypes of `bufs`, as the path functions take them.
+pub(crate) fn stores<const N: usize>(bufs: [&CudaBuf; N]) -> [launch::Store; N] {
+    bufs.map(|b| match b.dtype() {
+        Dtype::F32 => launch::Store::F32,
+        Dtype::Bf16 => launch::Store::Bf16,
+        Dtype::F16 => launch::Store::F16,
+    })
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -1,12 +1,20 @@
 //! The LoRA linear Y = X·W̃ᵀ + s·(drop(X)·Aᵀ)·Bᵀ and its backward: cuBLAS (or gemm.cu) for a dense
-//! base, nf4.rs for an NF4 base, kernels/lora.cu for the small-rank halves. CPU twin: cpu/lora.rs.
+//! base, nf4.rs for an NF4 base; the rank-r halves as GEMMs (default, `launch::LoraPath::Gemm`) or
+//! kernels/lora.cu's fused kernels (`AFINAR_LORA_FUSED=1`). CPU twin: cpu/lora.rs.
+//!
+//! Precision of the GEMM path follows storage: all-f32 operands (an f32 model) multiply in f32; a
+//! 16-bit activation (X, dY) next to an f32 rank-r operand (A, B, xa, dYB: Master storage) converts
+//! the small f32 operand to the activation's dtype, as gemm.rs does for every mixed product (cuBLAS
+//! has no mixed-input GEMM; the big operand is never copied), and the products accumulate in f32
+//! into f32 xa, dYB, dA, dB, or with β = 1 into the activation Y or dX (`Cuda::rank_gemm`). That is
+//! what autocast does for a bf16 model; the fused kernels instead read the f32 factors unrounded.
 
 use super::gemm::op;
 use super::{n64, Cuda, CudaBuf, Dtype};
 use crate::backend::{Accum, LoraGradRef, LoraRef, Weight};
 use crate::contract::{self, LoraDims, LoraGradDims, WeightDims};
 use crate::error::Result;
-use crate::launch::{self, to_i32};
+use crate::launch::{self, to_i32, LoraPath};
 
 impl Cuda {
     /// out `[M,R]` = (X ⊙ mask)·Wᵀ where W's element (j, k) is at w[j·sj + k·sk].
@@ -42,6 +50,30 @@ impl Cuda {
     }
 }
 
+impl Cuda {
+    /// drop(X) = X ⊙ mask as a new buffer of X's dtype (for the GEMM path; the fused kernels apply
+    /// the mask as they read), or X itself without a mask.
+    fn dropped<'a>(
+        &self,
+        x: &'a CudaBuf,
+        mask: Option<&CudaBuf>,
+        hold: &'a mut Option<CudaBuf>,
+    ) -> Result<&'a CudaBuf> {
+        match mask {
+            None => Ok(x),
+            Some(mk) => {
+                let mut t = self.slice_copy(x, 0, x.len, x.dtype())?;
+                super::elementwise::mul(self, &mut t, mk)?;
+                Ok(&*hold.insert(t))
+            }
+        }
+    }
+}
+
+/// Forward. GEMM path (default): xa = drop(X)·Aᵀ (a GEMM with N = R, f32 out), the base (cuBLAS, or
+/// the NF4 linear), then Y += s·xa·Bᵀ (β = 1; `Cuda::rank_gemm`). Fused path (`AFINAR_LORA_FUSED=1`):
+/// lora_proj_k for xa and lora_add_k for the dense base's LoRA term. With an NF4 base the LoRA term
+/// joins the NF4 linear either way (fused into its kernel, or a β = 1 GEMM after the dequantized one).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn lora_fwd(
     cu: &Cuda,
@@ -65,7 +97,8 @@ pub(super) fn lora_fwd(
         n,
     )?;
     let y: &CudaBuf = y;
-    // xa = drop(X)·Aᵀ first (the fused NF4 kernels consume it).
+    let fused = launch::lora_path(cu.caps()) == LoraPath::Fused;
+    // xa = drop(X)·Aᵀ first (the NF4 linears consume it).
     let mut xa_tmp = None;
     let lora_parts = match &lora {
         Some(l) => {
@@ -73,7 +106,24 @@ pub(super) fn lora_fwd(
                 Some(b) => b,
                 None => xa_tmp.insert(cu.zeros_as(m * l.r, Dtype::F32)?),
             };
-            cu.lora_proj(x, l.mask, l.a, k, 1, xa_buf, m, k, l.r)?;
+            if fused {
+                cu.lora_proj(x, l.mask, l.a, k, 1, xa_buf, m, k, l.r)?;
+            } else {
+                let mut hold = None;
+                let xd = cu.dropped(x, l.mask, &mut hold)?;
+                // [M,K]·[R,K]ᵀ: a bf16 X meets A converted to bf16 (gemm.rs), f32 out.
+                cu.gemm(
+                    op(xd, 0, false),
+                    op(l.a, 0, true),
+                    xa_buf,
+                    0,
+                    m,
+                    l.r,
+                    k,
+                    1.0,
+                    0.0,
+                )?;
+            }
             Some((xa_buf, l.b, l.r, l.scale))
         }
         None => None,
@@ -81,9 +131,8 @@ pub(super) fn lora_fwd(
     match w {
         Weight::Dense(wb) => {
             cu.gemm(op(x, 0, false), op(wb, 0, true), y, 0, m, n, k, 1.0, 0.0)?;
-            if let Some((xa, b, r, s)) = lora_parts {
-                // Dense base: a second pass over Y (cuBLAS owns the base GEMM's epilogue).
-                cu.lora_add_k(
+            match lora_parts {
+                Some((xa, b, r, s)) if fused => cu.lora_add_k(
                     launch::elementwise(m * n),
                     y,
                     xa,
@@ -92,9 +141,13 @@ pub(super) fn lora_fwd(
                     to_i32("lora_fwd", "n", n)?,
                     to_i32("lora_fwd", "r", r)?,
                     s,
-                )?;
+                ),
+                // Y += s·xa·Bᵀ: [M,R]·[N,R]ᵀ.
+                Some((xa, b, r, s)) => {
+                    cu.rank_gemm(op(xa, 0, false), op(b, 0, true), y, m, n, r, s, 1.0)
+                }
+                None => Ok(()),
             }
-            Ok(())
         }
         Weight::Nf4(q) => {
             if m == 0 || n == 0 {
@@ -105,6 +158,10 @@ pub(super) fn lora_fwd(
     }
 }
 
+/// Backward. dYB = dY·B `[M,R]`; dA += s·dYBᵀ·drop(X); dB += s·dYᵀ·xa; dX (= or +=) dY·W̃ +
+/// s·(dYB·A)⊙mask. GEMM path (default): every product a GEMM, accumulating with β = 1 into the f32
+/// gradients and into dX; with dropout the dX term goes through a temporary, masked, then added.
+/// Fused path (`AFINAR_LORA_FUSED=1`): lora_proj_k, lora_da_k, lora_db_k and lora_dx_k.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn lora_bwd(
     cu: &Cuda,
@@ -138,44 +195,52 @@ pub(super) fn lora_bwd(
     )?;
     let dx: &CudaBuf = dx;
     let acc = dx_acc == Accum::Add;
+    let fused = launch::lora_path(cu.caps()) == LoraPath::Fused;
     let mut dyb_tmp = None;
     let lora_parts = match lora {
         Some(l) => {
             let r = l.r;
-            // dYB = dY·B [M, R] (B [N, R]: element (j, n) at b[n·R + j]).
+            // dYB = dY·B [M, R] (B [N, R]).
             let dyb: &CudaBuf = dyb_tmp.insert(cu.zeros_as(m * r, Dtype::F32)?);
-            cu.lora_proj(dy, None, l.b, 1, r, dyb, m, n, r)?;
-            let (ri, ki, ni) = (
-                to_i32("lora_bwd", "r", r)?,
-                to_i32("lora_bwd", "k", k)?,
-                to_i32("lora_bwd", "n", n)?,
-            );
-            let (mask_arg, has) = (l.mask, l.mask.is_some() as i32);
-            // dA += s·dYBᵀ·drop(X);  dB += s·dYᵀ·XA.
-            let da: &CudaBuf = l.da;
-            let db: &CudaBuf = l.db;
-            if m > 0 {
-                cu.lora_da_k(
-                    launch::lora_cols(k, r)?,
+            if fused {
+                lora_grads_fused(cu, dy, x, &l, dyb, m, k, n)?;
+            } else if m > 0 {
+                cu.gemm(
+                    op(dy, 0, false),
+                    op(l.b, 0, false),
                     dyb,
-                    x,
-                    mask_arg,
-                    has,
-                    da,
-                    n64(m),
-                    ki,
-                    ri,
-                    l.scale,
+                    0,
+                    m,
+                    r,
+                    n,
+                    1.0,
+                    0.0,
                 )?;
-                cu.lora_db_k(
-                    launch::lora_cols(n, r)?,
-                    dy,
-                    l.xa,
-                    db,
-                    n64(m),
-                    ni,
-                    ri,
+                let mut hold = None;
+                let xd = cu.dropped(x, l.mask, &mut hold)?;
+                // dA [R,K] += s·dYBᵀ·drop(X): [M,R]ᵀ·[M,K].
+                cu.gemm(
+                    op(dyb, 0, true),
+                    op(xd, 0, false),
+                    l.da,
+                    0,
+                    r,
+                    k,
+                    m,
                     l.scale,
+                    1.0,
+                )?;
+                // dB [N,R] += s·dYᵀ·xa: [M,N]ᵀ·[M,R].
+                cu.gemm(
+                    op(dy, 0, true),
+                    op(l.xa, 0, false),
+                    l.db,
+                    0,
+                    n,
+                    r,
+                    m,
+                    l.scale,
+                    1.0,
                 )?;
             }
             Some((dyb, l.a, r, l.scale, l.mask))
@@ -185,19 +250,31 @@ pub(super) fn lora_bwd(
     let add_lora_dx = |cuda: &Cuda,
                        (dyb, a, r, s, mask): (&CudaBuf, &CudaBuf, usize, f32, Option<&CudaBuf>)|
      -> Result<()> {
-        let (mask_arg, has) = (mask, mask.is_some() as i32);
-        cuda.lora_dx_k(
-            launch::elementwise(m * k),
-            dx,
-            dyb,
-            a,
-            mask_arg,
-            has,
-            n64(m),
-            to_i32("lora_bwd", "k", k)?,
-            to_i32("lora_bwd", "r", r)?,
-            s,
-        )
+        if fused {
+            let (mask_arg, has) = (mask, mask.is_some() as i32);
+            return cuda.lora_dx_k(
+                launch::elementwise(m * k),
+                dx,
+                dyb,
+                a,
+                mask_arg,
+                has,
+                n64(m),
+                to_i32("lora_bwd", "k", k)?,
+                to_i32("lora_bwd", "r", r)?,
+                s,
+            );
+        }
+        match mask {
+            // dX += s·dYB·A: [M,R]·[R,K].
+            None => cuda.rank_gemm(op(dyb, 0, false), op(a, 0, false), dx, m, k, r, s, 1.0),
+            Some(mk) => {
+                let mut t = cuda.zeros_as(m * k, dx.dtype())?;
+                cuda.rank_gemm(op(dyb, 0, false), op(a, 0, false), &t, m, k, r, s, 0.0)?;
+                super::elementwise::mul(cuda, &mut t, mk)?;
+                cuda.axpy_k(launch::elementwise(m * k), 1.0, &t, dx, n64(m * k))
+            }
+        }
     };
     match w {
         Weight::Dense(wb) => {
@@ -222,7 +299,8 @@ pub(super) fn lora_bwd(
                 return Ok(());
             }
             match lora_parts {
-                // Without dropout the LoRA term joins the NF4 GEMM as extra reduction steps.
+                // Without dropout the LoRA term joins the NF4 linear (extra reduction steps of the
+                // fused kernel, or a β = 1 GEMM after the dequantized one).
                 Some((dyb, a, r, s, None)) => {
                     cu.nf4_backward(dy, q, dx, acc, Some((dyb, a, r, s)), m, k, n)
                 }
@@ -234,6 +312,57 @@ pub(super) fn lora_bwd(
             }
         }
     }
+}
+
+/// The fused path's dYB = dY·B (lora_proj_k), dA += s·dYBᵀ·drop(X) (lora_da_k) and
+/// dB += s·dYᵀ·XA (lora_db_k).
+#[allow(clippy::too_many_arguments)]
+fn lora_grads_fused(
+    cu: &Cuda,
+    dy: &CudaBuf,
+    x: &CudaBuf,
+    l: &LoraGradRef<'_, Cuda>,
+    dyb: &CudaBuf,
+    m: usize,
+    k: usize,
+    n: usize,
+) -> Result<()> {
+    let r = l.r;
+    // B [N, R]: element (j, n) at b[n·R + j].
+    cu.lora_proj(dy, None, l.b, 1, r, dyb, m, n, r)?;
+    if m == 0 {
+        return Ok(());
+    }
+    let (ri, ki, ni) = (
+        to_i32("lora_bwd", "r", r)?,
+        to_i32("lora_bwd", "k", k)?,
+        to_i32("lora_bwd", "n", n)?,
+    );
+    let (mask_arg, has) = (l.mask, l.mask.is_some() as i32);
+    let da: &CudaBuf = l.da;
+    let db: &CudaBuf = l.db;
+    cu.lora_da_k(
+        launch::lora_cols(k, r)?,
+        dyb,
+        x,
+        mask_arg,
+        has,
+        da,
+        n64(m),
+        ki,
+        ri,
+        l.scale,
+    )?;
+    cu.lora_db_k(
+        launch::lora_cols(n, r)?,
+        dy,
+        l.xa,
+        db,
+        n64(m),
+        ni,
+        ri,
+        l.scale,
+    )
 }
 
 fn weight_dims<'a>(w: &Weight<'a, Cuda>) -> WeightDims<'a> {

@@ -260,15 +260,25 @@ pub struct CudaOptions {
     /// Use the CUDA-core attention forward even where a tensor-core one exists (D ∈ {16, 32, 64,
     /// 128, 256}).
     pub simt_attention: bool,
+    /// NF4 linears at training shapes (M ≥ `launch::NF4_DENSE_MIN_M`) on the fused tensor-core GEMM
+    /// instead of dequantize + cuBLAS (default: `AFINAR_NF4_FUSED=1`). For comparisons.
+    pub nf4_fused: bool,
+    /// LoRA's rank-r products on lora.cu's fused kernels instead of GEMMs (default:
+    /// `AFINAR_LORA_FUSED=1`). For comparisons.
+    pub lora_fused: bool,
 }
 
 impl Default for CudaOptions {
+    /// Reads `AFINAR_NF4_FUSED` and `AFINAR_LORA_FUSED` (`=1` turns the option on).
     fn default() -> Self {
+        let env = |k: &str| std::env::var(k).is_ok_and(|v| v == "1");
         CudaOptions {
             ordinal: 0,
             alloc_dtype: Dtype::F32,
             force_fallback_gemm: false,
             simt_attention: false,
+            nf4_fused: env("AFINAR_NF4_FUSED"),
+            lora_fused: env("AFINAR_LORA_FUSED"),
         }
     }
 }
@@ -283,6 +293,11 @@ pub struct Cuda {
     /// The dtype of `Storage::Activation` buffers (fixed at construction).
     alloc_dtype: Dtype,
     simt_attention: bool,
+    nf4_fused: bool,
+    lora_fused: bool,
+    /// The dense copy of an NF4 weight for the dequantize + cuBLAS path (nf4.rs), reused by every
+    /// NF4 linear: it grows to the largest weight × the activation's dtype size and stays.
+    nf4_scratch: Mutex<Option<CudaBuf>>,
 }
 
 fn be<E: std::fmt::Debug>(what: &'static str) -> impl FnOnce(E) -> KernelError {
@@ -364,6 +379,9 @@ impl Cuda {
             modules: Mutex::new(HashMap::new()),
             alloc_dtype: opts.alloc_dtype,
             simt_attention: opts.simt_attention,
+            nf4_fused: opts.nf4_fused,
+            lora_fused: opts.lora_fused,
+            nf4_scratch: Mutex::new(None),
         }))
     }
 

@@ -1,9 +1,11 @@
 //! NF4 weights on the device: upload/download, whole dequantization (kernels/nf4_dequant.cu), and the
-//! fused NF4 linears (kernels/nf4_gemv.cu for M ≤ 8, kernels/nf4_gemm.cu on tensor cores, `nf4_dense`
-//! without them). The format is `crate::nf4`; CPU twin: cpu/nf4.rs.
+//! NF4 linears (`launch::nf4_path` picks): kernels/nf4_gemv.cu for M ≤ 8 (decode), dequantize into a
+//! reused scratch + cuBLAS (`nf4_dense`) at training shapes and for non-bf16 data, the fused
+//! tensor-core GEMM kernels/nf4_gemm.cu for small M with bf16 data (or everywhere with
+//! `AFINAR_NF4_FUSED=1`). The format is `crate::nf4`; CPU twin: cpu/nf4.rs.
 
-use super::gemm::op;
-use super::{be, n64, Cuda, CudaBuf, CudaNf4, Nf4Scales};
+use super::gemm::{op, stores};
+use super::{be, n64, Cuda, CudaBuf, CudaNf4, Dtype, Nf4Scales};
 use cudarc::driver::CudaSlice;
 
 /// The six NF4 kernel arguments (see `Cuda::nf4_args`).
@@ -16,8 +18,8 @@ type Nf4Args<'a> = (
     i32,
 );
 use crate::contract::{self, AbsmaxDims, Nf4Dims};
-use crate::error::Result;
-use crate::launch::{self, to_i32};
+use crate::error::{KernelError, Result};
+use crate::launch::{self, to_i32, Nf4Path};
 use crate::nf4::{Absmax, Nf4Tensor};
 
 impl CudaNf4 {
@@ -53,8 +55,9 @@ impl Cuda {
         }
     }
 
-    /// Y (= or +=) X·W̃ᵀ + s·XA·Bᵀ with an NF4 base (GEMV for M ≤ 8, mma GEMM otherwise). `lora` =
-    /// (xa `[M,R]`, B `[N,R]`, R, s).
+    /// Y (= or +=) X·W̃ᵀ + s·XA·Bᵀ with an NF4 base, on the path `launch::nf4_path` picks (GEMV for
+    /// M ≤ 8, dequantize + cuBLAS at training shapes and for non-bf16 data, the fused tensor-core GEMM
+    /// for small M or when asked). `lora` = (xa `[M,R]`, B `[N,R]`, R, s).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn nf4_forward(
         &self,
@@ -67,10 +70,13 @@ impl Cuda {
         k: usize,
         n: usize,
     ) -> Result<()> {
-        if !self.mma_for(&[x]) && matches!(launch::nf4_path(m), launch::Nf4Path::Gemm) {
-            // sm_75 or f16 activations: no bf16 tensor cores (see gemm.rs).
-            return self.nf4_dense(Nf4Dir::Forward, x, w, y, acc, lora, m, k, n);
-        }
+        let (kernel, l) = match launch::nf4_path(self.caps(), m, stores([x])[0], true) {
+            Nf4Path::DequantGemm => {
+                return self.nf4_dense(Nf4Dir::Forward, x, w, y, acc, lora, m, k, n)
+            }
+            Nf4Path::Gemv => ("nf4_gemv_k", launch::nf4_gemv(m, n)?),
+            Nf4Path::FusedMma => ("nf4_gemm_xwt_k", launch::nf4_gemm(m, n)?),
+        };
         let (mi, ni, ki) = (
             to_i32("lora_fwd", "m", m)?,
             to_i32("lora_fwd", "n", n)?,
@@ -81,16 +87,13 @@ impl Cuda {
             None => (None, None, 0, 0.0),
         };
         let (p, c, a, c8, o, nest) = Self::nf4_args(w);
-        let (kernel, l) = match launch::nf4_path(m) {
-            launch::Nf4Path::Gemv => ("nf4_gemv_k", launch::nf4_gemv(m, n)?),
-            launch::Nf4Path::Gemm => ("nf4_gemm_xwt_k", launch::nf4_gemm(m, n)?),
-        };
         self.nf4_xwt_k(
             kernel, l, x, p, c, a, c8, o, nest, y, acc as i32, mi, ni, ki, xa, lb, r, s,
         )
     }
 
-    /// dX (= or +=) dY·W̃ + s·dYB·A with an NF4 base. `lora` = (dyb `[M,R]`, A `[R,K]`, R, s).
+    /// dX (= or +=) dY·W̃ + s·dYB·A with an NF4 base (dequantize + cuBLAS, or the fused tensor-core
+    /// GEMM: `launch::nf4_path`). `lora` = (dyb `[M,R]`, A `[R,K]`, R, s).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn nf4_backward(
         &self,
@@ -103,8 +106,7 @@ impl Cuda {
         k: usize,
         n: usize,
     ) -> Result<()> {
-        if !self.mma_for(&[dy]) {
-            // sm_75 or f16 activations: no bf16 tensor cores (see gemm.rs).
+        if launch::nf4_path(self.caps(), m, stores([dy])[0], false) != Nf4Path::FusedMma {
             return self.nf4_dense(Nf4Dir::Backward, dy, w, dx, acc, lora, m, k, n);
         }
         let (mi, ni, ki) = (
@@ -266,15 +268,18 @@ pub(super) fn nf4_dequantize(cu: &Cuda, w: &CudaNf4, out: &mut CudaBuf) -> Resul
 }
 
 impl Cuda {
-    /// The NF4 linear without tensor-core kernels (sm_75 or f16 data), in either direction:
-    /// - forward (`Nf4Dir::Forward`, M > 8): out `[M,N]` (= or +=) X·W̃ᵀ + s·XA·Bᵀ, with
+    /// The NF4 linear as dequantize + GEMM, in either direction:
+    /// - forward (`Nf4Dir::Forward`): out `[M,N]` (= or +=) X·W̃ᵀ + s·XA·Bᵀ, with
     ///   `lora` = (xa `[M,R]`, B `[N,R]`, R, s);
     /// - backward (`Nf4Dir::Backward`): dX `[M,K]` (= or +=) dY·W̃ + s·dYB·A, with
     ///   `lora` = (dyb `[M,R]`, A `[R,K]`, R, s).
     ///
-    /// W̃ `[N, K]` is dequantized whole into a temporary of the activation dtype (N·K·2 bytes for f16:
-    /// 98 MiB for Gemma-2-9B's largest projection, freed on return), then two cuBLAS GEMMs. The
-    /// caller has checked every length.
+    /// W̃ `[N, K]` is dequantized (nf4_dequant.cu, bit-exact with the host's decode, rounded once to the
+    /// storage dtype) into the backend's reused scratch, stored in X's dtype so the GEMM multiplies in
+    /// X's precision: bf16 activations → a bf16 cuBLAS GEMM (as bitsandbytes' bf16 compute dtype), f32
+    /// → an f32 GEMM, f16 → f16. The scratch is allocated once and grows to the largest weight seen:
+    /// N·K·2 bytes for bf16 = 98 MiB for Gemma-2-9B's 14336×3584 projections (196 MiB for an f32
+    /// model). The caller has checked every length.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn nf4_dense(
         &self,
@@ -288,8 +293,12 @@ impl Cuda {
         k: usize,
         n: usize,
     ) -> Result<()> {
-        let mut wt = self.zeros_as(n * k, self.alloc_dtype())?;
-        crate::backend::Backend::nf4_dequantize(self, w, &mut wt)?;
+        let mut scratch = self.nf4_scratch.lock().map_err(|_| KernelError::Backend {
+            backend: "cuda",
+            msg: "the NF4 scratch lock is poisoned (a previous NF4 linear panicked)".into(),
+        })?;
+        let wt = self.scratch_as(&mut scratch, n * k, x.dtype())?;
+        super::nf4::nf4_dequantize(self, w, wt)?;
         // Forward multiplies by W̃ᵀ and Bᵀ (out width N, inner K); backward by W̃ and A as stored
         // (out width K, inner N).
         let (width, inner, trans) = match dir {
@@ -299,7 +308,7 @@ impl Cuda {
         let beta = if acc { 1.0 } else { 0.0 };
         self.gemm(
             op(x, 0, false),
-            op(&wt, 0, trans),
+            op(wt, 0, trans),
             out,
             0,
             m,
@@ -308,19 +317,44 @@ impl Cuda {
             1.0,
             beta,
         )?;
+        drop(scratch);
         match lora {
-            Some((xl, l, r, s)) if r > 0 => self.gemm(
-                op(xl, 0, false),
-                op(l, 0, trans),
-                out,
-                0,
-                m,
-                width,
-                r,
-                s,
-                1.0,
-            ),
+            Some((xl, l, r, s)) if r > 0 => {
+                self.rank_gemm(op(xl, 0, false), op(l, 0, trans), out, m, width, r, s, 1.0)
+            }
             _ => Ok(()),
+        }
+    }
+
+    /// The scratch in `slot` viewed as `len` elements of `dtype`, reallocated (the old one freed
+    /// first) when it is smaller or of another dtype.
+    fn scratch_as<'a>(
+        &self,
+        slot: &'a mut Option<CudaBuf>,
+        len: usize,
+        dtype: Dtype,
+    ) -> Result<&'a mut CudaBuf> {
+        let fits = slot
+            .as_ref()
+            .is_some_and(|b| b.dtype() == dtype && b.capacity() >= len);
+        if !fits {
+            *slot = None;
+            *slot = Some(self.zeros_as(len, dtype)?);
+        }
+        let buf = slot.as_mut().expect("allocated above");
+        // The allocation holds at least `len` elements (checked or just made).
+        buf.len = len;
+        Ok(buf)
+    }
+}
+
+impl CudaBuf {
+    /// Elements the allocation holds (≥ `len`).
+    fn capacity(&self) -> usize {
+        match &self.data {
+            super::Data::F32(d) => d.len(),
+            super::Data::Bf16(d) => d.len(),
+            super::Data::F16(d) => d.len(),
         }
     }
 }

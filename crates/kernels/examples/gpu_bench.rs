@@ -4,13 +4,17 @@
 //! - NF4 dequantize → bf16 vs copy bandwidth (target ≥ 85 %);
 //! - NF4 GEMV at M = 1 on 14336×3584 and 3584×14336 vs copy bandwidth counting NF4 bytes and scales
 //!   (target ≥ 70 %) and vs the cuBLAS bf16 GEMV on the same shape (target ≥ 3×);
-//! - NF4 dequant-GEMM at M = 4096 on the Gemma-2-9B projection shapes, forward (X·W̃ᵀ) and backward
-//!   (dY·W̃), vs cuBLAS bf16 on the same shapes (target ≥ 0.8×);
+//! - NF4 linears at M = 1024 and 4096 on the Gemma-2-9B projection shapes, forward (X·W̃ᵀ) and
+//!   backward (dY·W̃): dequantize + cuBLAS (the default) and the fused tensor-core GEMM
+//!   (`AFINAR_NF4_FUSED=1`), each vs cuBLAS bf16 on the same shapes (target ≥ 0.85×);
+//! - LoRA r = 16 forward + backward at M = 4096 on the same shapes over a dense bf16 base, the GEMM
+//!   path (default) and the fused kernels (`AFINAR_LORA_FUSED=1`), as a % of the base linear's GEMM
+//!   time (target ≤ 10 %);
 //! - attention forward + backward at B = 1, T = 2048, NH = 16, NKV = 8, D = 256 vs the GEMM rate
 //!   (target ≥ 40 %).
 //!
-//! Each NF4 GEMM row is validated first against cuBLAS on the dequantized weight (column `check`: max
-//! |Δ| / max |ref|). Build: `cargo build --release -p afinar-kernels --features cuda --example gpu_bench`
+//! Each NF4 row is validated against cuBLAS on the dequantized weight, each LoRA row compares its two
+//! paths (column `check`: max |Δ| / max |ref|). Build: `cargo build --release -p afinar-kernels --features cuda --example gpu_bench`
 //! (the GPU bundle does it). Run: `gpu_bench [--quick]`. Without the `cuda` feature it only says so.
 
 #[cfg(not(feature = "cuda"))]
@@ -31,7 +35,7 @@ fn main() {
 mod bench {
     use afinar_kernels::cuda::{Cuda, CudaBuf, CudaOptions, Dtype};
     use afinar_kernels::nf4::{Absmax, Nf4Tensor};
-    use afinar_kernels::{Accum, AttnShape, Backend, Weight};
+    use afinar_kernels::{Accum, AttnShape, Backend, LoraGradRef, LoraRef, Weight};
     use cudarc::driver::sys::CUevent_flags;
 
     type R<T> = Result<T, Box<dyn std::error::Error>>;
@@ -118,10 +122,233 @@ mod bench {
         Ok(if max > 0.0 { d / max } else { d })
     }
 
+    /// The Gemma-2-9B projections (hidden 3584, intermediate 14336, 16 heads and 8 kv heads of 256):
+    /// (name, N = out features, K = in features). q/k/v/o/gate/up/down are these five shapes.
+    const SHAPES: &[(&str, usize, usize)] = &[
+        ("q_proj", 4096, 3584),
+        ("k/v_proj", 2048, 3584),
+        ("o_proj", 3584, 4096),
+        ("gate/up_proj", 14336, 3584),
+        ("down_proj", 3584, 14336),
+    ];
+
+    /// NF4 X·W̃ᵀ and dY·W̃ at M rows: dequantize + cuBLAS (`c`, the default path) and the fused
+    /// tensor-core GEMM (`fused`), each as a ratio to cuBLAS bf16 on the dense weight (target ≥ 0.85×).
+    /// Column `check`: max |Δ| / max |ref| of the default path against cuBLAS on the dequantized weight
+    /// (the fused path's own check in parentheses).
+    #[allow(clippy::too_many_arguments)]
+    fn nf4_rows(
+        c: &Cuda,
+        fused: &Cuda,
+        name: &str,
+        m: usize,
+        n: usize,
+        k: usize,
+        it: usize,
+        rows: &mut Vec<Row>,
+    ) -> R<()> {
+        let host = nf4(4, n, k);
+        let xh = Rng(5).f32s(m * k, 1.0);
+        let dyh = Rng(6).f32s(m * n, 1.0);
+        let flops = 2.0 * (m * n * k) as f64;
+        // (ms fwd, ms bwd, y, dx) of one backend's NF4 path.
+        let run = |b: &Cuda| -> R<(f64, f64, Vec<f32>, Vec<f32>)> {
+            let w = b.nf4_from_host(&host)?;
+            let x = b.from_host_as(&xh, Dtype::Bf16)?;
+            let dy = b.from_host_as(&dyh, Dtype::Bf16)?;
+            let mut y = b.zeros_as(m * n, Dtype::Bf16)?;
+            let mut dx = b.zeros_as(m * k, Dtype::Bf16)?;
+            let fwd = |y: &mut CudaBuf| b.lora_fwd(&x, Weight::Nf4(&w), None, y, None, m, k, n);
+            let bwd = |dx: &mut CudaBuf| {
+                b.lora_bwd(
+                    &dy,
+                    &x,
+                    Weight::Nf4(&w),
+                    None,
+                    dx,
+                    Accum::Overwrite,
+                    m,
+                    k,
+                    n,
+                )
+            };
+            let ms_f = time(b, 2, it, || Ok(fwd(&mut y)?))?;
+            let ms_b = time(b, 2, it, || Ok(bwd(&mut dx)?))?;
+            Ok((ms_f, ms_b, b.to_host(&y)?, b.to_host(&dx)?))
+        };
+        let (df, db, dyv, ddx) = run(c)?;
+        let (ff, fb, fyv, fdx) = run(fused)?;
+        // cuBLAS bf16 on the dequantized weight.
+        let w = c.nf4_from_host(&host)?;
+        let mut wd = c.zeros_as(n * k, Dtype::Bf16)?;
+        c.nf4_dequantize(&w, &mut wd)?;
+        drop(w);
+        let x = c.from_host_as(&xh, Dtype::Bf16)?;
+        let dy = c.from_host_as(&dyh, Dtype::Bf16)?;
+        let mut y_ref = c.zeros_as(m * n, Dtype::Bf16)?;
+        let mut dx_ref = c.zeros_as(m * k, Dtype::Bf16)?;
+        let rf = time(c, 2, it, || {
+            Ok(c.matmul_xwt(&x, &wd, &mut y_ref, m, k, n, Accum::Overwrite)?)
+        })?;
+        let rb = time(c, 2, it, || {
+            Ok(c.matmul_dyw(&dy, &wd, &mut dx_ref, m, k, n, Accum::Overwrite)?)
+        })?;
+        let (yr, dxr) = (c.to_host(&y_ref)?, c.to_host(&dx_ref)?);
+        for (dir, ms, ms_fused, ms_ref, got, got_fused, want) in [
+            ("X·W̃ᵀ", df, ff, rf, &dyv, &fyv, &yr),
+            ("dY·W̃", db, fb, rb, &ddx, &fdx, &dxr),
+        ] {
+            rows.push(Row {
+                name: format!("NF4 {name} {dir}: dequant+cuBLAS | fused"),
+                shape: format!("M={m} N={n} K={k}"),
+                ms,
+                rate: format!("{:.0} TFLOP/s", flops / (ms * 1e-3) / 1e12),
+                vs: format!(
+                    "{:.2}× cuBLAS bf16 ({ms_ref:.3} ms); fused {ms_fused:.3} ms = {:.2}×",
+                    ms_ref / ms,
+                    ms_ref / ms_fused
+                ),
+                target: "≥ 0.85×".into(),
+                check: format!(
+                    "{:.1e} ({:.1e})",
+                    rel_err_host(got, want),
+                    rel_err_host(got_fused, want)
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// LoRA rank `r` forward + backward over a dense bf16 base at M rows: (time of lora_fwd + lora_bwd
+    /// with the adapter) − (the same without it), for the GEMM path (`c`) and the fused kernels
+    /// (`fused`), as a % of the base linear's two GEMMs (X·Wᵀ and dY·W; target ≤ 10 %). Check: max
+    /// |Δ| / max |y| between the two paths' outputs.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_rows(
+        c: &Cuda,
+        fused: &Cuda,
+        name: &str,
+        m: usize,
+        n: usize,
+        k: usize,
+        r: usize,
+        it: usize,
+        rows: &mut Vec<Row>,
+    ) -> R<()> {
+        let mut g = Rng(8);
+        let (xh, wh, dyh) = (g.f32s(m * k, 1.0), g.f32s(n * k, 0.05), g.f32s(m * n, 1.0));
+        let (ah, bh) = (g.f32s(r * k, 0.05), g.f32s(n * r, 0.05));
+        // (ms base only, ms with LoRA, y) on one backend.
+        let run = |b: &Cuda| -> R<(f64, f64, Vec<f32>)> {
+            let x = b.from_host_as(&xh, Dtype::Bf16)?;
+            let w = b.from_host_as(&wh, Dtype::Bf16)?;
+            let dy = b.from_host_as(&dyh, Dtype::Bf16)?;
+            let (la, lb) = (
+                b.from_host_as(&ah, Dtype::F32)?,
+                b.from_host_as(&bh, Dtype::F32)?,
+            );
+            let mut y = b.zeros_as(m * n, Dtype::Bf16)?;
+            let mut dx = b.zeros_as(m * k, Dtype::Bf16)?;
+            let mut xa = b.zeros_as(m * r, Dtype::F32)?;
+            let mut da = b.zeros_as(r * k, Dtype::F32)?;
+            let mut db = b.zeros_as(n * r, Dtype::F32)?;
+            let base = time(b, 2, it, || {
+                b.lora_fwd(&x, Weight::Dense(&w), None, &mut y, None, m, k, n)?;
+                b.lora_bwd(
+                    &dy,
+                    &x,
+                    Weight::Dense(&w),
+                    None,
+                    &mut dx,
+                    Accum::Overwrite,
+                    m,
+                    k,
+                    n,
+                )?;
+                Ok(())
+            })?;
+            let with = time(b, 2, it, || {
+                let lr = LoraRef {
+                    a: &la,
+                    b: &lb,
+                    r,
+                    scale: 2.0,
+                    mask: None,
+                };
+                b.lora_fwd(
+                    &x,
+                    Weight::Dense(&w),
+                    Some(lr),
+                    &mut y,
+                    Some(&mut xa),
+                    m,
+                    k,
+                    n,
+                )?;
+                let lg = LoraGradRef {
+                    a: &la,
+                    b: &lb,
+                    r,
+                    scale: 2.0,
+                    mask: None,
+                    xa: &xa,
+                    da: &mut da,
+                    db: &mut db,
+                };
+                b.lora_bwd(
+                    &dy,
+                    &x,
+                    Weight::Dense(&w),
+                    Some(lg),
+                    &mut dx,
+                    Accum::Overwrite,
+                    m,
+                    k,
+                    n,
+                )?;
+                Ok(())
+            })?;
+            Ok((base, with, b.to_host(&y)?))
+        };
+        let (base, with, y) = run(c)?;
+        let (fbase, fwith, fy) = run(fused)?;
+        let (lora, flora) = (with - base, fwith - fbase);
+        rows.push(Row {
+            name: format!("LoRA r={r} fwd+bwd {name}: GEMMs | fused"),
+            shape: format!("M={m} N={n} K={k}"),
+            ms: lora,
+            rate: format!("base GEMMs {base:.3} ms"),
+            vs: format!(
+                "{:.1} % of the base; fused {flora:.3} ms = {:.1} %",
+                100.0 * lora / base,
+                100.0 * flora / fbase
+            ),
+            target: "≤ 10 %".into(),
+            check: format!("{:.1e}", rel_err_host(&y, &fy)),
+        });
+        Ok(())
+    }
+
+    fn rel_err_host(g: &[f32], w: &[f32]) -> f64 {
+        let max = w.iter().fold(0.0f32, |a, &v| a.max(v.abs())) as f64;
+        let d = g
+            .iter()
+            .zip(w)
+            .fold(0.0f32, |a, (&x, &y)| a.max((x - y).abs())) as f64;
+        if max > 0.0 {
+            d / max
+        } else {
+            d
+        }
+    }
+
     pub fn run() -> R<()> {
         let quick = std::env::args().any(|a| a == "--quick");
+        // The default paths, whatever AFINAR_NF4_FUSED / AFINAR_LORA_FUSED say.
         let c = match Cuda::try_new_with(CudaOptions {
             alloc_dtype: Dtype::Bf16,
+            nf4_fused: false,
+            lora_fused: false,
             ..CudaOptions::default()
         })? {
             Some(c) => c,
@@ -191,6 +418,22 @@ mod bench {
             check: "-".into(),
         });
         drop((w, out));
+        // The scratch the NF4 training-shape linears dequantize into: the largest 9B projection.
+        let (dn, dk) = (14336, 3584);
+        let w = c.nf4_from_host(&nf4(1, dn, dk))?;
+        let mut out = c.zeros_as(dn * dk, Dtype::Bf16)?;
+        let ms = time(&c, 2, iters, || Ok(c.nf4_dequantize(&w, &mut out)?))?;
+        let bw = (nf4_bytes(dn * dk) + 2.0 * (dn * dk) as f64) / (ms * 1e-3) / 1e9;
+        rows.push(Row {
+            name: "NF4 dequant → bf16 (9B weight)".into(),
+            shape: format!("{dn}×{dk}"),
+            ms,
+            rate: format!("{bw:.0} GB/s"),
+            vs: format!("{:.0} % of copy", 100.0 * bw / copy_bw),
+            target: "≥ 85 %".into(),
+            check: "-".into(),
+        });
+        drop((w, out));
 
         // ---- NF4 GEMV at M = 1 vs cuBLAS bf16 GEMV.
         for &(n, k) in &[(14336usize, 3584usize), (3584, 14336)] {
@@ -226,81 +469,28 @@ mod bench {
             });
         }
 
-        // ---- NF4 dequant-GEMM at M = 4096 on the Gemma-2-9B projections, fwd and bwd, vs cuBLAS bf16.
-        let m = if quick { 1024 } else { 4096 };
-        let shapes: &[(&str, usize, usize)] = &[
-            ("q_proj", 4096, 3584),
-            ("k/v_proj", 2048, 3584),
-            ("o_proj", 3584, 4096),
-            ("gate/up_proj", 14336, 3584),
-            ("down_proj", 3584, 14336),
-        ];
-        for &(name, n, k) in shapes {
-            let w = c.nf4_from_host(&nf4(4, n, k))?;
-            let mut wd = c.zeros_as(n * k, Dtype::Bf16)?;
-            c.nf4_dequantize(&w, &mut wd)?;
-            let x = c.from_host_as(&Rng(5).f32s(m * k, 1.0), Dtype::Bf16)?;
-            let dy = c.from_host_as(&Rng(6).f32s(m * n, 1.0), Dtype::Bf16)?;
-            let mut y = c.zeros_as(m * n, Dtype::Bf16)?;
-            let mut y_ref = c.zeros_as(m * n, Dtype::Bf16)?;
-            let mut dx = c.zeros_as(m * k, Dtype::Bf16)?;
-            let mut dx_ref = c.zeros_as(m * k, Dtype::Bf16)?;
-            c.lora_fwd(&x, Weight::Nf4(&w), None, &mut y, None, m, k, n)?;
-            c.matmul_xwt(&x, &wd, &mut y_ref, m, k, n, Accum::Overwrite)?;
-            c.lora_bwd(
-                &dy,
-                &x,
-                Weight::Nf4(&w),
-                None,
-                &mut dx,
-                Accum::Overwrite,
-                m,
-                k,
-                n,
-            )?;
-            c.matmul_dyw(&dy, &wd, &mut dx_ref, m, k, n, Accum::Overwrite)?;
-            let (cf, cb) = (rel_err(&c, &y, &y_ref)?, rel_err(&c, &dx, &dx_ref)?);
-            let flops = 2.0 * (m * n * k) as f64;
-            let it = iters.min(10);
-            let ms_f = time(&c, 2, it, || {
-                Ok(c.lora_fwd(&x, Weight::Nf4(&w), None, &mut y, None, m, k, n)?)
-            })?;
-            let ms_fr = time(&c, 2, it, || {
-                Ok(c.matmul_xwt(&x, &wd, &mut y_ref, m, k, n, Accum::Overwrite)?)
-            })?;
-            let ms_b = time(&c, 2, it, || {
-                Ok(c.lora_bwd(
-                    &dy,
-                    &x,
-                    Weight::Nf4(&w),
-                    None,
-                    &mut dx,
-                    Accum::Overwrite,
-                    m,
-                    k,
-                    n,
-                )?)
-            })?;
-            let ms_br = time(&c, 2, it, || {
-                Ok(c.matmul_dyw(&dy, &wd, &mut dx_ref, m, k, n, Accum::Overwrite)?)
-            })?;
-            for (dir, ms, ms_ref, chk) in [("X·W̃ᵀ", ms_f, ms_fr, cf), ("dY·W̃", ms_b, ms_br, cb)]
-            {
-                rows.push(Row {
-                    name: format!("NF4 GEMM {name} {dir}"),
-                    shape: format!("M={m} N={n} K={k}"),
-                    ms,
-                    rate: format!("{:.0} TFLOP/s", flops / (ms * 1e-3) / 1e12),
-                    vs: format!(
-                        "{:.2}× cuBLAS bf16 ({:.0} TFLOP/s)",
-                        ms_ref / ms,
-                        flops / (ms_ref * 1e-3) / 1e12
-                    ),
-                    target: "≥ 0.8×".into(),
-                    check: format!("{chk:.1e}"),
-                });
+        // ---- NF4 linears at training shapes (dequantize + cuBLAS, the default; the fused tensor-core
+        // GEMM, AFINAR_NF4_FUSED=1) vs cuBLAS bf16 on the dense weight.
+        let fused = Cuda::try_new_with(CudaOptions {
+            alloc_dtype: Dtype::Bf16,
+            nf4_fused: true,
+            lora_fused: true,
+            ..CudaOptions::default()
+        })?
+        .ok_or("no CUDA device for the fused-kernel backend")?;
+        let ms_list: &[usize] = if quick { &[1024] } else { &[1024, 4096] };
+        for &m in ms_list {
+            for &(name, n, k) in SHAPES {
+                nf4_rows(&c, &fused, name, m, n, k, iters.min(10), &mut rows)?;
             }
         }
+
+        // ---- LoRA r = 16 forward + backward on top of a dense bf16 base, GEMM path vs fused kernels.
+        let m = if quick { 1024 } else { 4096 };
+        for &(name, n, k) in SHAPES {
+            lora_rows(&c, &fused, name, m, n, k, 16, iters.min(10), &mut rows)?;
+        }
+        drop(fused);
 
         // ---- Attention fwd + bwd.
         let s = AttnShape {

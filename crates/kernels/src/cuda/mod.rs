@@ -11,8 +11,8 @@
 //!
 //! - Kernels: `kernels/*.cu`, embedded, compiled at first use by NVRTC for the device's compute
 //!   capability (sm_75 and newer) and cached on disk (see `compile.rs`). The bf16 tensor-core kernels
-//!   need sm_80; on sm_75 (no bf16: f16 activations) attention takes its CUDA-core kernels and NF4
-//!   training-shape GEMMs dequantize to a temporary and use cuBLAS (gemm.rs, `Cuda::bf16_mma`).
+//!   need sm_80 and take only bf16-stored operands; which kernels serve an op is decided by the pure
+//!   path functions of `crate::launch` (`attention_path`, `nf4_path`, `lora_path`).
 //! - Dense GEMMs: cuBLAS (`cublasGemmEx`, bf16 or f32 in, f32 compute) when libcublas can be loaded,
 //!   otherwise the SIMT kernel in `kernels/gemm.cu` (also forced with `AFINAR_NO_CUBLAS=1`).
 //! - Launch geometry: the pure planners in `crate::launch`.

@@ -15,10 +15,9 @@ mod common;
 
 use afinar_kernels::cuda::{Cuda, CudaBuf, CudaOptions, Dtype};
 use afinar_kernels::launch::NF4_DENSE_MIN_M;
-use afinar_kernels::nf4::{Absmax, Nf4Tensor};
+use afinar_kernels::nf4::Nf4Tensor;
 use afinar_kernels::{Accum, Backend, Cpu, LoraGradRef, LoraRef, Tolerance, Weight};
-use common::{dropout_mask, rng, uniform};
-use rand::Rng;
+use common::{dropout_mask, random_nf4, rng, uniform};
 
 fn cuda(opts: CudaOptions) -> Option<Cuda> {
     match Cuda::try_new_with(opts) {
@@ -28,34 +27,6 @@ fn cuda(opts: CudaOptions) -> Option<Cuda> {
             None
         }
         Err(e) => panic!("the CUDA backend failed to start: {e}"),
-    }
-}
-
-fn random_nf4(seed: u64, n: usize, k: usize, nested: bool) -> Nf4Tensor {
-    let mut g = rng(seed);
-    let numel = n * k;
-    let blocks = numel.div_ceil(64);
-    let packed: Vec<u8> = (0..numel.div_ceil(2)).map(|_| g.random()).collect();
-    let absmax = if nested {
-        let mut code8 = Box::new([0.0f32; 256]);
-        for (i, c) in code8.iter_mut().enumerate() {
-            *c = (i as f32 - 127.5) / 128.0;
-        }
-        Absmax::Nested {
-            codes: (0..blocks).map(|_| g.random()).collect(),
-            nested_absmax: (0..blocks.div_ceil(256))
-                .map(|_| g.random_range(0.05..0.2))
-                .collect(),
-            offset: 0.3,
-            code8,
-        }
-    } else {
-        Absmax::Plain((0..blocks).map(|_| g.random_range(0.01..1.0)).collect())
-    };
-    Nf4Tensor {
-        shape: vec![n, k],
-        packed,
-        absmax,
     }
 }
 

@@ -4,10 +4,8 @@
 mod common;
 
 use afinar_kernels::cpu::lora::{self, LoraFactors, LoraGrads, WeightRef};
-use afinar_kernels::nf4::{Absmax, Nf4Tensor, NESTED_BLOCK};
 use afinar_kernels::{Accum, Backend, LoraGradRef, LoraRef, Tolerance, Weight};
 use common::*;
-use rand::Rng;
 
 backend_tests! {
     matmuls_match_f64_loops => check_matmuls,
@@ -342,36 +340,6 @@ fn check_lora_dense_bwd<B: Backend>(b: &B, tol: Tolerance) {
             down(b, &dx),
             fdx.iter().zip(&prior_dx).map(|(f, &p)| f + f64::from(p)),
         );
-    }
-}
-
-/// A random NF4 tensor [n,k] built by hand: random codes, and either plain absmax or a nested
-/// (double-quantized) absmax with a random 8-bit map. `numel` need not be a multiple of 64 or even.
-pub fn random_nf4(seed: u64, n: usize, k: usize, nested: bool) -> Nf4Tensor {
-    let mut g = rng(seed);
-    let numel = n * k;
-    let blocks = numel.div_ceil(64);
-    let packed: Vec<u8> = (0..numel.div_ceil(2)).map(|_| g.random()).collect();
-    let absmax = if nested {
-        let mut code8 = Box::new([0.0f32; 256]);
-        for (i, c) in code8.iter_mut().enumerate() {
-            *c = (i as f32 - 127.5) / 128.0;
-        }
-        Absmax::Nested {
-            codes: (0..blocks).map(|_| g.random()).collect(),
-            nested_absmax: (0..blocks.div_ceil(NESTED_BLOCK))
-                .map(|_| g.random_range(0.05..0.2))
-                .collect(),
-            offset: 0.3,
-            code8,
-        }
-    } else {
-        Absmax::Plain((0..blocks).map(|_| g.random_range(0.01..1.0)).collect())
-    };
-    Nf4Tensor {
-        shape: vec![n, k],
-        packed,
-        absmax,
     }
 }
 

@@ -124,23 +124,11 @@ impl Cuda {
                     self.gemm(a, b, &tmp, 0, m, n, k, alpha, beta)?;
                     return self.copy_into(&tmp, c, c_off);
                 }
-                // Bring the inputs that are not `inp` to it (only those are copied).
-                // Stored extents (the same count whether or not the operand is transposed).
-                let (a_len, b_len) = (m * k, k * n);
-                let a_conv;
-                let a = if a.buf.dtype() != inp {
-                    a_conv = self.slice_copy(a.buf, a.off, a_len, inp)?;
-                    op(&a_conv, 0, a.trans)
-                } else {
-                    a
-                };
-                let b_conv;
-                let b = if b.buf.dtype() != inp {
-                    b_conv = self.slice_copy(b.buf, b.off, b_len, inp)?;
-                    op(&b_conv, 0, b.trans)
-                } else {
-                    b
-                };
+                // Bring the inputs that are not `inp` to it (only those are copied). Stored extents
+                // (the same count whether or not the operand is transposed).
+                let (mut a_conv, mut b_conv) = (None, None);
+                let a = self.operand_as(a, m * k, inp, &mut a_conv)?;
+                let b = self.operand_as(b, k * n, inp, &mut b_conv)?;
                 self.cublas(
                     blas,
                     a,
@@ -241,21 +229,28 @@ impl Cuda {
         alpha: f32,
         beta: f32,
     ) -> Result<()> {
-        let narrow = c.dtype() != Dtype::F32 && matches!(self.gemm, GemmBackend::Cublas(_));
-        let (a_conv, b_conv);
-        let a = if narrow && a.buf.dtype() != c.dtype() {
-            a_conv = self.slice_copy(a.buf, a.off, m * k, c.dtype())?;
-            op(&a_conv, 0, a.trans)
-        } else {
-            a
-        };
-        let b = if narrow && b.buf.dtype() != c.dtype() {
-            b_conv = self.slice_copy(b.buf, b.off, k * n, c.dtype())?;
-            op(&b_conv, 0, b.trans)
-        } else {
-            b
-        };
+        if c.dtype() != Dtype::F32 && matches!(self.gemm, GemmBackend::Cublas(_)) {
+            let (mut a_conv, mut b_conv) = (None, None);
+            let a = self.operand_as(a, m * k, c.dtype(), &mut a_conv)?;
+            let b = self.operand_as(b, k * n, c.dtype(), &mut b_conv)?;
+            return self.gemm(a, b, c, 0, m, n, k, alpha, beta);
+        }
         self.gemm(a, b, c, 0, m, n, k, alpha, beta)
+    }
+
+    /// `o` (its `len` stored elements) as `dtype`: itself, or a converted copy kept in `hold`.
+    fn operand_as<'a>(
+        &self,
+        o: Operand<'a>,
+        len: usize,
+        dtype: Dtype,
+        hold: &'a mut Option<CudaBuf>,
+    ) -> Result<Operand<'a>> {
+        if o.buf.dtype() == dtype {
+            return Ok(o);
+        }
+        let conv = hold.insert(self.slice_copy(o.buf, o.off, len, dtype)?);
+        Ok(op(conv, 0, o.trans))
     }
 
     /// A new buffer holding elements [off, off + len) of `src`, converted to `dtype`.

@@ -2,6 +2,7 @@
 //! transfers and central finite differences in f64.
 #![allow(dead_code)]
 
+use afinar_kernels::nf4::{Absmax, Nf4Tensor, NESTED_BLOCK};
 use afinar_kernels::{Backend, Tolerance};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -103,4 +104,34 @@ pub fn dot64(r: &[f64], y: &[f64]) -> f64 {
 /// `tol` widened by `factor` (for gradients: long sums in f32 against an f64 finite difference).
 pub fn widen(tol: Tolerance, factor: f64) -> Tolerance {
     Tolerance::new(tol.atol * factor, tol.rtol * factor)
+}
+
+/// A random NF4 tensor [n,k] built by hand: random codes, and either plain absmax or a nested
+/// (double-quantized) absmax with a random 8-bit map. `numel` need not be a multiple of 64 or even.
+pub fn random_nf4(seed: u64, n: usize, k: usize, nested: bool) -> Nf4Tensor {
+    let mut g = rng(seed);
+    let numel = n * k;
+    let blocks = numel.div_ceil(64);
+    let packed: Vec<u8> = (0..numel.div_ceil(2)).map(|_| g.random()).collect();
+    let absmax = if nested {
+        let mut code8 = Box::new([0.0f32; 256]);
+        for (i, c) in code8.iter_mut().enumerate() {
+            *c = (i as f32 - 127.5) / 128.0;
+        }
+        Absmax::Nested {
+            codes: (0..blocks).map(|_| g.random()).collect(),
+            nested_absmax: (0..blocks.div_ceil(NESTED_BLOCK))
+                .map(|_| g.random_range(0.05..0.2))
+                .collect(),
+            offset: 0.3,
+            code8,
+        }
+    } else {
+        Absmax::Plain((0..blocks).map(|_| g.random_range(0.01..1.0)).collect())
+    };
+    Nf4Tensor {
+        shape: vec![n, k],
+        packed,
+        absmax,
+    }
 }

@@ -95,6 +95,11 @@ inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); retu
 inline float __int_as_float(int u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 // Explicitly rounded f32 intrinsics (round to nearest even): one IEEE operation each on the host.
+// The emulator is built in ISO C++ mode (-std=c++20: no floating-point contraction), so plain `a * b + c`
+// in kernel code is also a rounded multiply then a rounded add here, while NVRTC may contract it into
+// one FMA on the GPU. The emulator therefore cannot show where a kernel's result depends on
+// contraction; kernels whose result must be bit-exact with the host (the NF4 absmax decode) use these
+// intrinsics, and a CPU test pins that source (launch::tests::nf4_absmax_decode_is_explicitly_rounded).
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fmul_rn(float a, float b) { return a * b; }

@@ -45,7 +45,7 @@ pub struct EvalOptions {
 }
 
 /// `afinar eval` result: loss = Σ CE over scored tokens / scored tokens.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
 pub struct EvalResult {
     pub loss: f64,
     pub perplexity: f64,

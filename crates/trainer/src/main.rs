@@ -31,7 +31,8 @@ struct Cli {
 enum Cmd {
     /// Train from a TOML config (see configs/).
     Train(TrainArgs),
-    /// Loss and perplexity of a model (+ adapter) on a dataset.
+    /// Loss and perplexity of a model (+ adapter) on a dataset (--data), and/or its behaviour on a
+    /// suite, base vs adapter (--suite).
     Eval(EvalArgs),
     /// Generate answers with a model (+ adapter).
     Generate(GenerateArgs),
@@ -89,8 +90,33 @@ struct EvalArgs {
     #[arg(long, default_value = "none")]
     quantization: String,
     /// Dataset file (JSON/JSONL); every record is scored with the training masks.
+    #[arg(long, required_unless_present = "suite", conflicts_with = "suite")]
+    data: Option<PathBuf>,
+    /// Behaviour suite (JSONL: prompt, `category`, `expect`): greedy answers of the base model and,
+    /// with --adapter, of the tuned one, scored per category, side by side.
     #[arg(long)]
-    data: PathBuf,
+    suite: Option<PathBuf>,
+    /// With --suite and --adapter: general text (JSONL {"text"}) whose perplexity change measures forgetting.
+    #[arg(long, requires = "suite")]
+    general: Option<PathBuf>,
+    /// With --suite and --adapter: the largest logit difference of the merged model from base + adapter.
+    #[arg(long, requires = "suite")]
+    merge_fidelity: bool,
+    /// With --suite: score only the first N records (0 = all).
+    #[arg(long, default_value_t = 0)]
+    max_records: usize,
+    /// With --suite: greedy generation limit per answer.
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// With --suite: transformers' repetition_penalty (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// With --suite: transformers' no_repeat_ngram_size (0 = off).
+    #[arg(long, default_value_t = 0)]
+    no_repeat_ngram_size: usize,
+    /// With --suite: the phrase a `refuse` answer must contain.
+    #[arg(long, default_value = afinar_trainer::suite::DEFAULT_REFUSE)]
+    refuse_pattern: String,
     /// alpaca | messages | sharegpt | text (default: detect).
     #[arg(long)]
     format: Option<String>,
@@ -421,13 +447,21 @@ fn check_model_dir(p: &Path) -> Result<(), Failure> {
 
 fn cmd_eval(a: EvalArgs) -> Result<u8, Failure> {
     check_model_dir(&a.model)?;
-    if !a.data.is_file() {
+    let nf4 = parse_quant(&a.quantization)?;
+    if let Some(suite) = &a.suite {
+        return cmd_eval_suite(&a, suite, nf4);
+    }
+    let Some(data) = a.data.clone() else {
+        return Err(usage(anyhow::anyhow!(
+            "give --data FILE and/or --suite FILE"
+        )));
+    };
+    if !data.is_file() {
         return Err(usage(anyhow::anyhow!(
             "--data {}: no such file",
-            a.data.display()
+            data.display()
         )));
     }
-    let nf4 = parse_quant(&a.quantization)?;
     let format = a
         .format
         .as_deref()
@@ -438,7 +472,7 @@ fn cmd_eval(a: EvalArgs) -> Result<u8, Failure> {
     let tok = afinar_data::TextTokenizer::from_model_dir(&a.model)?;
     let model = infer::load_model(&a.model, a.adapter.as_deref(), nf4)?;
     let o = EvalOptions {
-        data: a.data.clone(),
+        data,
         format,
         template,
         max_seq_len: a.max_seq_len,
@@ -452,6 +486,58 @@ fn cmd_eval(a: EvalArgs) -> Result<u8, Failure> {
             "loss {:.4}  perplexity {:.3}  tokens {}  samples {}",
             r.loss, r.perplexity, r.tokens, r.samples
         );
+    }
+    Ok(0)
+}
+
+/// `afinar eval --suite`: behaviour base vs adapter (markdown, or JSON with --json).
+fn cmd_eval_suite(a: &EvalArgs, suite: &Path, nf4: bool) -> Result<u8, Failure> {
+    use afinar_trainer::suite::{self, GenLimits, Rules, StandaloneOptions};
+    for (flag, p) in [
+        ("--suite", Some(suite)),
+        ("--general", a.general.as_deref()),
+    ] {
+        if let Some(p) = p.filter(|p| !p.is_file()) {
+            return Err(usage(anyhow::anyhow!(
+                "{flag} {}: no such file",
+                p.display()
+            )));
+        }
+    }
+    if a.max_new_tokens == 0 {
+        return Err(usage(anyhow::anyhow!("--max-new-tokens must be ≥ 1")));
+    }
+    if (a.general.is_some() || a.merge_fidelity) && a.adapter.is_none() {
+        return Err(usage(anyhow::anyhow!(
+            "--general and --merge-fidelity compare base and adapter: give --adapter DIR"
+        )));
+    }
+    let o = StandaloneOptions {
+        model: a.model.clone(),
+        adapter: a.adapter.clone(),
+        nf4,
+        suite: suite.to_path_buf(),
+        max_records: a.max_records,
+        template: a.template.parse().map_err(usage)?,
+        limits: GenLimits {
+            max_new_tokens: a.max_new_tokens,
+            repetition_penalty: a.repetition_penalty,
+            no_repeat_ngram_size: a.no_repeat_ngram_size,
+        },
+        rules: Rules {
+            refuse_pattern: a.refuse_pattern.clone(),
+            ..Rules::default()
+        },
+        general_text: a.general.clone(),
+        max_seq_len: a.max_seq_len,
+        merge_fidelity: a.merge_fidelity,
+    };
+    let e = suite::evaluate_standalone(&o)?;
+    if a.json {
+        let v = serde_json::json!({ "summary": e.summary(), "evaluation": e });
+        println!("{}", serde_json::to_string_pretty(&v).expect("serializes"));
+    } else {
+        print!("{}", suite::evaluation_md(&e));
     }
     Ok(0)
 }

@@ -28,16 +28,18 @@ mod measures;
 mod report;
 mod run;
 mod score;
+mod standalone;
 
 pub use measures::{
     merge_fidelity, pct_change, perplexity, Forgetting, MergeFidelity, Nf4Cost, MERGE_PROMPTS,
 };
 pub use report::{evaluation_md, md_cell};
 pub use run::{
-    run_suite, BehaviourPoint, CategoryScore, Evaluation, GenLimits, ItemResult, SuiteComparison,
-    SuiteScore,
+    run_suite, BehaviourPoint, BehaviourSummary, CategoryScore, EvalSummary, Evaluation, GenLimits,
+    ItemResult, RatePair, SuiteComparison, SuiteScore,
 };
 pub use score::{normalize, score, Rules, Verdict, DEFAULT_PREMISE_MARKERS, DEFAULT_REFUSE};
+pub use standalone::{evaluate_standalone, StandaloneOptions};
 
 /// A malformed suite, or one that cannot be read.
 #[derive(Debug, thiserror::Error)]

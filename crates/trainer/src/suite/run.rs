@@ -39,7 +39,7 @@ impl GenLimits {
 }
 
 /// One record's generation and verdict.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ItemResult {
     pub line: usize,
     pub category: String,
@@ -86,7 +86,7 @@ impl CategoryScore {
 }
 
 /// A model's score on a suite.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SuiteScore {
     /// Passed / total over every record.
     pub overall: CategoryScore,
@@ -182,4 +182,71 @@ pub fn run_suite<B: Backend>(
         categories,
         items,
     })
+}
+
+/// One category's rate, base and tuned (summary.json).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RatePair {
+    pub base: f64,
+    pub tuned: Option<f64>,
+}
+
+/// The behaviour part of summary.json: rates without the generations (those are in evaluation.json).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BehaviourSummary {
+    pub suite: String,
+    pub records: usize,
+    pub overall: RatePair,
+    pub categories: BTreeMap<String, RatePair>,
+    pub borderline_base: usize,
+    pub borderline_tuned: Option<usize>,
+}
+
+/// Every measure as numbers: the `evaluation` of summary.json.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalSummary {
+    pub behaviour: Option<BehaviourSummary>,
+    pub forgetting: Option<Forgetting>,
+    pub nf4_cost: Option<Nf4Cost>,
+    pub merge_fidelity: Option<MergeFidelity>,
+    pub seconds: f64,
+}
+
+impl Evaluation {
+    /// The numbers of this evaluation, without the generations.
+    pub fn summary(&self) -> EvalSummary {
+        EvalSummary {
+            behaviour: self.behaviour.as_ref().map(|c| {
+                let t = c.tuned.as_ref();
+                BehaviourSummary {
+                    suite: c.suite.clone(),
+                    records: c.base.overall.total,
+                    overall: RatePair {
+                        base: c.base.overall.rate,
+                        tuned: t.map(|t| t.overall.rate),
+                    },
+                    categories: c
+                        .base
+                        .categories
+                        .iter()
+                        .map(|(k, b)| {
+                            (
+                                k.clone(),
+                                RatePair {
+                                    base: b.rate,
+                                    tuned: t.and_then(|t| t.categories.get(k)).map(|x| x.rate),
+                                },
+                            )
+                        })
+                        .collect(),
+                    borderline_base: c.base.overall.borderline,
+                    borderline_tuned: t.map(|t| t.overall.borderline),
+                }
+            }),
+            forgetting: self.forgetting.clone(),
+            nf4_cost: self.nf4_cost.clone(),
+            merge_fidelity: self.merge_fidelity.clone(),
+            seconds: self.seconds,
+        }
+    }
 }

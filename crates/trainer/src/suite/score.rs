@@ -10,7 +10,8 @@
 //! normalized words equal the reference's. Otherwise the answer must carry the reference's key facts:
 //! the record's `key_facts` (all of them), or, when it gives none, facts derived from the reference —
 //! its numbers and its words of five letters or more that are neither common function words nor in the
-//! prompt (at most [`MAX_DERIVED_FACTS`], in order) — of which at least half must occur.
+//! prompt (at most [`MAX_DERIVED_FACTS`], in order; the prompt's words are allowed back when that
+//! leaves fewer than two, as in reading comprehension) — of which at least half must occur.
 //! **refuse.** The refusal pattern (default «No lo sé») occurs. **premise.** One of the premise markers
 //! occurs ("la premisa", "es falso", "mito", "en realidad", …), and every `key_facts` entry too.
 //! **json.** The whole answer (trimmed) parses as JSON: an object with every key, or a non-empty list
@@ -25,7 +26,7 @@
 //! failing answer that holds part of the facts or declines without the exact pattern, JSON that only
 //! parses once stripped of the text around it. Reports list borderline answers for a human to read.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::Expect;
 
@@ -148,11 +149,11 @@ impl Default for Rules {
 }
 
 /// The verdict on one answer.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Verdict {
     pub pass: bool,
     /// Why the verdict could be wrong, when a rule's known blind spot applies.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub borderline: Option<String>,
     /// What the rule found (facts matched, keys missing, …).
     pub detail: String,
@@ -238,26 +239,32 @@ fn is_number(w: &str) -> bool {
 }
 
 /// Facts derived from a reference: numbers, and words of ≥ 5 letters that are not function words and
-/// not in the prompt; first [`MAX_DERIVED_FACTS`], without repeats.
+/// not in the prompt; first [`MAX_DERIVED_FACTS`], without repeats. When fewer than two remain (a
+/// reading-comprehension answer quotes its passage), words of the prompt are allowed back.
 pub fn derived_facts(reference: &str, prompt: &str) -> Vec<String> {
     let in_prompt = normalize(prompt);
-    let mut out: Vec<String> = Vec::new();
-    for w in normalize(reference) {
-        let keep = if is_number(&w) {
-            true
-        } else {
-            w.chars().count() >= 5
-                && !FUNCTION_WORDS.contains(&w.as_str())
-                && !in_prompt.contains(&w)
-        };
-        if keep && !out.contains(&w) {
-            out.push(w);
-            if out.len() == MAX_DERIVED_FACTS {
-                break;
+    let pick = |skip_prompt: bool| {
+        let mut out: Vec<String> = Vec::new();
+        for w in normalize(reference) {
+            let keep = is_number(&w)
+                || (w.chars().count() >= 5
+                    && !FUNCTION_WORDS.contains(&w.as_str())
+                    && !(skip_prompt && in_prompt.contains(&w)));
+            if keep && !out.contains(&w) {
+                out.push(w);
+                if out.len() == MAX_DERIVED_FACTS {
+                    break;
+                }
             }
         }
+        out
+    };
+    let facts = pick(true);
+    if facts.len() >= 2 {
+        facts
+    } else {
+        pick(false)
     }
-    out
 }
 
 /// Scores one answer. `prompt` is the prompt's text (derived facts leave out its words).
@@ -507,6 +514,25 @@ mod tests {
         let e = answer(reference, None);
         assert!(s(&e, "Unos 18,02 g/mol, sumando hidrógeno y oxígeno.").pass);
         assert!(!s(&e, "Unos 20 gramos.").pass);
+    }
+
+    #[test]
+    fn derived_facts_fall_back_to_prompt_words_for_comprehension() {
+        let passage =
+            "Texto: La Alhambra se construyó durante la dinastía nazarí, en los siglos XIII y XV.";
+        let reference = "Según el texto, durante la dinastía nazarí, entre los siglos XIII y XV.";
+        assert_eq!(
+            derived_facts(reference, passage),
+            ["dinastia", "nazari", "siglos"]
+        );
+        let e = answer(reference, None);
+        let v = score(
+            &e,
+            "Según el texto, la dinastía nazarí.",
+            passage,
+            &Rules::default(),
+        );
+        assert!(v.pass, "{v:?}");
     }
 
     #[test]

@@ -46,6 +46,7 @@ mod run_dir;
 mod scaling;
 mod setup;
 mod steps;
+mod suite_eval;
 
 pub use eval::evaluate;
 pub use report::{report_md, save_full_model};
@@ -68,6 +69,8 @@ pub enum TrainError {
     Metrics(#[from] MetricsError),
     #[error(transparent)]
     Plot(#[from] PlotError),
+    #[error(transparent)]
+    Suite(#[from] crate::suite::SuiteError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -215,6 +218,23 @@ pub fn train_with_faults<B: Backend>(
     // config.json is read here once; the data limits and the model are built from this parse.
     let model_cfg = setup::read_model_config(cfg)?;
     let mut data = setup::prepare_data(cfg, &model_cfg)?;
+    // The `[eval]` suite is read (and refused if malformed) before the run directory is touched.
+    let mut plan = suite_eval::Plan::prepare(cfg, &run_dir)?;
+    let quiet_say = |m: &str| {
+        if !opts.quiet {
+            eprintln!("{m}");
+        }
+    };
+    if let Some(p) = plan.as_mut() {
+        // Before the training model exists, so only one copy of the base is held at a time.
+        p.dense_base(
+            backend.clone(),
+            cfg,
+            data.eval.as_ref(),
+            resume.is_some(),
+            &quiet_say,
+        )?;
+    }
     let model = setup::load_model(backend, cfg, model_cfg)?;
     let grads = afinar_gemma::Grads::zeros(&model)?;
     let opt = optimizer::Optimizer::new(&model, cfg.train.paged_optimizer)?;
@@ -268,6 +288,14 @@ pub fn train_with_faults<B: Backend>(
         &run_dir,
         &say,
     )?;
+    if let Some(p) = plan.as_mut() {
+        p.base(
+            &run.model,
+            &run_dir,
+            resume.as_ref().map(|r| r.step()),
+            &say,
+        )?;
+    }
     let stop = run.steps(
         &mut data,
         &run_dir,
@@ -275,9 +303,22 @@ pub fn train_with_faults<B: Backend>(
         &progress,
         opts.stop_after,
         faults,
+        plan.as_mut(),
     )?;
     progress.finish();
     let final_eval = eval::after_training(&mut run, &data, stop, &files.metrics_path, &say)?;
+    let evaluation = match plan {
+        Some(p) => Some(p.finish(
+            &run.model,
+            cfg,
+            stop,
+            run.state.step,
+            initial_eval,
+            &run_dir,
+            &say,
+        )?),
+        None => None,
+    };
     drop(files.metrics);
     let ck = run
         .opt
@@ -289,6 +330,7 @@ pub fn train_with_faults<B: Backend>(
         &run.state,
         stop,
         (initial_eval, final_eval),
+        evaluation.as_ref(),
         &run_dir,
         &files.metrics_path,
     )?;

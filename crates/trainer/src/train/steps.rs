@@ -118,6 +118,7 @@ impl<B: Backend> Run<'_, B> {
         progress: &Progress,
         stop_after: Option<u64>,
         faults: &Faults,
+        mut plan: Option<&mut super::suite_eval::Plan>,
     ) -> Result<StopReason> {
         let cfg = self.cfg;
         let t = &cfg.train;
@@ -161,6 +162,9 @@ impl<B: Backend> Run<'_, B> {
 
             // Eval on schedule (the final eval runs after the loop).
             let eval_loss = eval::scheduled(&self.model, data.eval.as_ref(), state, t, &say)?;
+            if let Some(p) = plan.as_deref_mut() {
+                p.scheduled(&self.model, state.step, state.total_steps, &say)?;
+            }
             let epoch = (c.epoch as f64
                 + (c.position as f64 * t.micro_batch_size as f64).min(rows_per_epoch)
                     / rows_per_epoch)

@@ -87,9 +87,11 @@ pub(super) fn write<B: Backend>(
     let mut md = report_md(cfg, &summary, run_dir);
     if let Some((e, _)) = evaluation {
         if has_behaviour {
-            md.push_str(
-                "\n| loss | behaviour (pass rate per category; step 0 = base) |\n|---|---|\n\
-                 | ![loss curves](loss.png) | ![behaviour](behaviour.png) |\n",
+            md = md.replacen(
+                "![loss curves](loss.png)",
+                "| loss | behaviour (pass rate per category; step 0 = base) |\n|---|---|\n\
+                 | ![loss curves](loss.png) | ![behaviour](behaviour.png) |",
+                1,
             );
         }
         md.push('\n');

@@ -57,7 +57,10 @@ fn other_configs_parse() {
     for name in ["gemma2-2b-lora.toml", "gemma2-9b-qlora.toml"] {
         let c = load(name);
         assert!(root().join(&c.eval.suite).is_file(), "{name}: eval.suite");
-        assert!(root().join(&c.eval.general_text).is_file(), "{name}: eval.general_text");
+        assert!(
+            root().join(&c.eval.general_text).is_file(),
+            "{name}: eval.general_text"
+        );
     }
     let p = load("pretrain-demo.toml");
     assert!(root().join(&p.eval.general_text).is_file());

@@ -98,39 +98,29 @@ fn behaviour_md(c: &SuiteComparison, out: &mut String) {
         }
     }
 
-    out.push_str("\n#### Generations, side by side\n\n");
-    if let Some(t) = tuned {
-        out.push_str(
-            "| line | category | prompt | expected | base | tuned |\n|---|---|---|---|---|---|\n",
-        );
-        for (b, t) in c.base.items.iter().zip(&t.items) {
-            let _ = writeln!(
-                out,
-                "| {} | {} | {} | {} | {} {} | {} {} |",
-                b.line,
-                md_cell(&b.category, 30),
-                md_cell(&b.prompt, 120),
-                md_cell(&b.expected, 100),
-                mark(b),
-                md_cell(&b.completion, 200),
-                mark(t),
-                md_cell(&t.completion, 200),
-            );
-        }
+    out.push_str(
+        "\n#### Generations, side by side\n\n| line | category | prompt | expected | base |",
+    );
+    out.push_str(if tuned.is_some() {
+        " tuned |\n|---|---|---|---|---|---|\n"
     } else {
-        out.push_str("| line | category | prompt | expected | answer |\n|---|---|---|---|---|\n");
-        for b in &c.base.items {
-            let _ = writeln!(
-                out,
-                "| {} | {} | {} | {} | {} {} |",
-                b.line,
-                md_cell(&b.category, 30),
-                md_cell(&b.prompt, 120),
-                md_cell(&b.expected, 100),
-                mark(b),
-                md_cell(&b.completion, 200),
-            );
+        "\n|---|---|---|---|---|\n"
+    });
+    for (k, b) in c.base.items.iter().enumerate() {
+        let _ = write!(
+            out,
+            "| {} | {} | {} | {} | {} {} |",
+            b.line,
+            md_cell(&b.category, 30),
+            md_cell(&b.prompt, 120),
+            md_cell(&b.expected, 100),
+            mark(b),
+            md_cell(&b.completion, 200),
+        );
+        if let Some(t) = tuned.and_then(|t| t.items.get(k)) {
+            let _ = write!(out, " {} {} |", mark(t), md_cell(&t.completion, 200));
         }
+        out.push('\n');
     }
     out.push('\n');
 }

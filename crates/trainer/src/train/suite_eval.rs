@@ -110,6 +110,31 @@ impl Plan {
         }))
     }
 
+    /// The suite's score of `model` (None without a suite), said as "behaviour suite {when}: …".
+    fn score_suite<B: Backend>(
+        &self,
+        model: &Gemma2Model<B>,
+        when: &str,
+        say: &dyn Fn(&str),
+    ) -> Result<Option<SuiteScore>> {
+        let Some(s) = &self.suite else {
+            return Ok(None);
+        };
+        let score = run_suite(
+            model,
+            &self.tok,
+            &self.template,
+            s,
+            &self.rules,
+            &self.limits,
+        )?;
+        say(&format!(
+            "behaviour suite {when}: {}/{} passed ({:.2})",
+            score.overall.passed, score.overall.total, score.overall.rate
+        ));
+        Ok(Some(score))
+    }
+
     /// The dense base's eval loss (fresh NF4 runs with eval data): loads a dense copy of the base,
     /// scores the eval set and drops it, before the training model exists.
     pub fn dense_base<B: Backend>(
@@ -158,19 +183,7 @@ impl Plan {
             return Ok(());
         }
         let t = Instant::now();
-        if let Some(s) = &self.suite {
-            let score = run_suite(
-                model,
-                &self.tok,
-                &self.template,
-                s,
-                &self.rules,
-                &self.limits,
-            )?;
-            say(&format!(
-                "behaviour suite before training: {}/{} passed ({:.2})",
-                score.overall.passed, score.overall.total, score.overall.rate
-            ));
+        if let Some(score) = self.score_suite(model, "before training", say)? {
             write_points(&self.behaviour_path, &[score.point(0)])?;
             self.base.behaviour = Some(score);
         }
@@ -199,25 +212,14 @@ impl Plan {
         total: u64,
         say: &dyn Fn(&str),
     ) -> Result<()> {
-        let Some(s) = &self.suite else { return Ok(()) };
         if self.every == 0 || !step.is_multiple_of(self.every) || step >= total {
             return Ok(());
         }
         let t = Instant::now();
-        let score = run_suite(
-            model,
-            &self.tok,
-            &self.template,
-            s,
-            &self.rules,
-            &self.limits,
-        )?;
-        say(&format!(
-            "step {step}: behaviour suite {}/{} passed ({:.2})",
-            score.overall.passed, score.overall.total, score.overall.rate
-        ));
-        append_point(&self.behaviour_path, &score.point(step))?;
-        self.last = Some((step, score));
+        if let Some(score) = self.score_suite(model, &format!("at step {step}"), say)? {
+            append_point(&self.behaviour_path, &score.point(step))?;
+            self.last = Some((step, score));
+        }
         self.seconds += t.elapsed().as_secs_f64();
         Ok(())
     }
@@ -239,19 +241,7 @@ impl Plan {
         let mut tuned_general = None;
         let mut merge = None;
         if done {
-            if let Some(s) = &self.suite {
-                let score = run_suite(
-                    model,
-                    &self.tok,
-                    &self.template,
-                    s,
-                    &self.rules,
-                    &self.limits,
-                )?;
-                say(&format!(
-                    "behaviour suite after training: {}/{} passed ({:.2})",
-                    score.overall.passed, score.overall.total, score.overall.rate
-                ));
+            if let Some(score) = self.score_suite(model, "after training", say)? {
                 append_point(&self.behaviour_path, &score.point(step))?;
                 self.last = Some((step, score));
             }

@@ -96,27 +96,8 @@ struct EvalArgs {
     /// with --adapter, of the tuned one, scored per category, side by side.
     #[arg(long)]
     suite: Option<PathBuf>,
-    /// With --suite and --adapter: general text (JSONL {"text"}) whose perplexity change measures forgetting.
-    #[arg(long, requires = "suite")]
-    general: Option<PathBuf>,
-    /// With --suite and --adapter: the largest logit difference of the merged model from base + adapter.
-    #[arg(long, requires = "suite")]
-    merge_fidelity: bool,
-    /// With --suite: score only the first N records (0 = all).
-    #[arg(long, default_value_t = 0)]
-    max_records: usize,
-    /// With --suite: greedy generation limit per answer.
-    #[arg(long, default_value_t = 64)]
-    max_new_tokens: usize,
-    /// With --suite: transformers' repetition_penalty (1 = off).
-    #[arg(long, default_value_t = 1.0)]
-    repetition_penalty: f32,
-    /// With --suite: transformers' no_repeat_ngram_size (0 = off).
-    #[arg(long, default_value_t = 0)]
-    no_repeat_ngram_size: usize,
-    /// With --suite: the phrase a `refuse` answer must contain.
-    #[arg(long, default_value = afinar_trainer::suite::DEFAULT_REFUSE)]
-    refuse_pattern: String,
+    #[command(flatten)]
+    suite_opts: afinar_trainer::suite::SuiteArgs,
     /// alpaca | messages | sharegpt | text (default: detect).
     #[arg(long)]
     format: Option<String>,
@@ -492,46 +473,19 @@ fn cmd_eval(a: EvalArgs) -> Result<u8, Failure> {
 
 /// `afinar eval --suite`: behaviour base vs adapter (markdown, or JSON with --json).
 fn cmd_eval_suite(a: &EvalArgs, suite: &Path, nf4: bool) -> Result<u8, Failure> {
-    use afinar_trainer::suite::{self, GenLimits, Rules, StandaloneOptions};
-    for (flag, p) in [
-        ("--suite", Some(suite)),
-        ("--general", a.general.as_deref()),
-    ] {
-        if let Some(p) = p.filter(|p| !p.is_file()) {
-            return Err(usage(anyhow::anyhow!(
-                "{flag} {}: no such file",
-                p.display()
-            )));
-        }
-    }
-    if a.max_new_tokens == 0 {
-        return Err(usage(anyhow::anyhow!("--max-new-tokens must be ≥ 1")));
-    }
-    if (a.general.is_some() || a.merge_fidelity) && a.adapter.is_none() {
-        return Err(usage(anyhow::anyhow!(
-            "--general and --merge-fidelity compare base and adapter: give --adapter DIR"
-        )));
-    }
-    let o = StandaloneOptions {
-        model: a.model.clone(),
-        adapter: a.adapter.clone(),
-        nf4,
-        suite: suite.to_path_buf(),
-        max_records: a.max_records,
-        template: a.template.parse().map_err(usage)?,
-        limits: GenLimits {
-            max_new_tokens: a.max_new_tokens,
-            repetition_penalty: a.repetition_penalty,
-            no_repeat_ngram_size: a.no_repeat_ngram_size,
-        },
-        rules: Rules {
-            refuse_pattern: a.refuse_pattern.clone(),
-            ..Rules::default()
-        },
-        general_text: a.general.clone(),
-        max_seq_len: a.max_seq_len,
-        merge_fidelity: a.merge_fidelity,
-    };
+    use afinar_trainer::suite;
+    let template = a.template.parse().map_err(usage)?;
+    let o = a
+        .suite_opts
+        .options(
+            &a.model,
+            a.adapter.as_deref(),
+            nf4,
+            suite,
+            template,
+            a.max_seq_len,
+        )
+        .map_err(|m| usage(anyhow::anyhow!(m)))?;
     let e = suite::evaluate_standalone(&o)?;
     if a.json {
         let v = serde_json::json!({ "summary": e.summary(), "evaluation": e });

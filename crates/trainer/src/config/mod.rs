@@ -367,8 +367,11 @@ pub struct EvalSection {
     pub every: u64,
     /// Run the suite (and forgetting, merge fidelity) after a completed run. Default true.
     pub at_end: bool,
-    /// Score only the first N suite records (0 = all): keeps a CPU demo's evaluation short. Default 0.
+    /// Score only the first N suite records (0 = all), after `max_per_category`. Default 0.
     pub max_records: usize,
+    /// Score only the first N records of each category (0 = all): keeps a CPU demo's evaluation
+    /// short with every category represented. Default 0.
+    pub max_per_category: usize,
     /// Greedy generation limit per answer. Typical 32–256; default 64.
     pub max_new_tokens: usize,
     /// transformers' repetition_penalty of the (still greedy) generations, > 0; 1 = off. Default 1.0.
@@ -397,6 +400,7 @@ impl Default for EvalSection {
             every: 0,
             at_end: true,
             max_records: 0,
+            max_per_category: 0,
             max_new_tokens: 64,
             repetition_penalty: 1.0,
             no_repeat_ngram_size: 0,

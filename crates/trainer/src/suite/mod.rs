@@ -39,7 +39,7 @@ pub use run::{
     ItemResult, RatePair, SuiteComparison, SuiteScore,
 };
 pub use score::{normalize, score, Rules, Verdict, DEFAULT_PREMISE_MARKERS, DEFAULT_REFUSE};
-pub use standalone::{evaluate_standalone, StandaloneOptions};
+pub use standalone::{evaluate_standalone, StandaloneOptions, SuiteArgs};
 
 /// A malformed suite, or one that cannot be read.
 #[derive(Debug, thiserror::Error)]
@@ -183,10 +183,20 @@ impl Suite {
         })
     }
 
-    /// The first `n` records (all when `n` is 0 or above the count).
-    pub fn truncated(mut self, n: usize) -> Suite {
-        if n > 0 {
-            self.items.truncate(n);
+    /// A subset, in file order: at most `per_category` records of each category (0 = no limit),
+    /// then at most `max_records` in all (0 = no limit). Keeps a CPU demo's evaluation short while
+    /// every category stays represented.
+    pub fn limited(mut self, max_records: usize, per_category: usize) -> Suite {
+        if per_category > 0 {
+            let mut seen: std::collections::HashMap<String, usize> = Default::default();
+            self.items.retain(|i| {
+                let n = seen.entry(i.category.clone()).or_default();
+                *n += 1;
+                *n <= per_category
+            });
+        }
+        if max_records > 0 {
+            self.items.truncate(max_records);
         }
         self
     }
@@ -496,5 +506,17 @@ mod tests {
         assert_eq!(count("premise"), 7);
         assert_eq!(count("json"), 7);
         assert_eq!(count("answer"), 46);
+        // Two per category, in file order, then at most 7 in all.
+        let l = s.clone().limited(0, 2);
+        assert_eq!(l.items.len(), 10);
+        assert!(l.items.windows(2).all(|w| w[0].line < w[1].line));
+        assert_eq!(
+            l.items
+                .iter()
+                .filter(|i| i.category == "json_estricto")
+                .count(),
+            2
+        );
+        assert_eq!(s.limited(7, 2).items.len(), 7);
     }
 }

@@ -49,12 +49,14 @@ fn behaviour_md(c: &SuiteComparison, out: &mut String) {
         c.limits.no_repeat_ngram_size,
         c.refuse_pattern
     );
-    out.push_str("| category | base | tuned | borderline (base / tuned) |\n|---|---|---|---|\n");
+    out.push_str("| category | base | tuned | declines (base / tuned) | borderline (base / tuned) |\n|---|---|---|---|---|\n");
     let row = |name: &str, b: &super::CategoryScore, t: Option<&super::CategoryScore>| {
         format!(
-            "| {name} | {} | {} | {} / {} |\n",
+            "| {name} | {} | {} | {} / {} | {} / {} |\n",
             rate(b.passed, b.total),
             t.map_or("—".into(), |t| rate(t.passed, t.total)),
+            b.declined,
+            t.map_or("—".into(), |t| t.declined.to_string()),
             b.borderline,
             t.map_or("—".into(), |t| t.borderline.to_string()),
         )
@@ -72,6 +74,17 @@ fn behaviour_md(c: &SuiteComparison, out: &mut String) {
         tuned.map(|t| &t.overall),
     ));
 
+    if let Some(b) = c.base.over_refusal() {
+        let _ = writeln!(
+            out,
+            "\nOver-refusal (answers with «{}» where the suite expects no refusal): base {:.2}, tuned {}.",
+            c.refuse_pattern,
+            b,
+            tuned
+                .and_then(|t| t.over_refusal())
+                .map_or("—".into(), |x| format!("{x:.2}"))
+        );
+    }
     let border: Vec<(&str, &ItemResult)> = c
         .base
         .items

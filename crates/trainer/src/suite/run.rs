@@ -9,7 +9,7 @@ use afinar_kernels::Backend;
 use serde::{Deserialize, Serialize};
 
 use super::measures::{Forgetting, MergeFidelity, Nf4Cost};
-use super::score::{score, Rules, Verdict};
+use super::score::{contains_phrase, score, Rules, Verdict};
 use super::Suite;
 use crate::infer::{generate_answer, SampleOptions};
 use crate::train::Result;
@@ -50,6 +50,10 @@ pub struct ItemResult {
     pub completion: String,
     /// Generated tokens (the stop token included).
     pub tokens: usize,
+    /// The answer contains the refusal pattern (whatever the expectation): with an `answer`,
+    /// `premise` or `json` expectation, an over-refusal.
+    #[serde(default)]
+    pub declines: bool,
     #[serde(flatten)]
     pub verdict: Verdict,
 }
@@ -62,15 +66,19 @@ pub struct CategoryScore {
     pub rate: f64,
     /// Answers whose verdict is borderline (passed or not).
     pub borderline: usize,
+    /// Answers that contain the refusal pattern.
+    #[serde(default)]
+    pub declined: usize,
 }
 
 impl CategoryScore {
     fn of<'a>(items: impl Iterator<Item = &'a ItemResult>) -> Self {
-        let (mut passed, mut total, mut borderline) = (0, 0, 0);
+        let (mut passed, mut total, mut borderline, mut declined) = (0, 0, 0, 0);
         for i in items {
             total += 1;
             passed += usize::from(i.verdict.pass);
             borderline += usize::from(i.verdict.borderline.is_some());
+            declined += usize::from(i.declines);
         }
         CategoryScore {
             passed,
@@ -81,6 +89,7 @@ impl CategoryScore {
                 0.0
             },
             borderline,
+            declined,
         }
     }
 }
@@ -96,6 +105,14 @@ pub struct SuiteScore {
 }
 
 impl SuiteScore {
+    /// Over-refusal: the share of records that do not expect a refusal whose answer declines anyway
+    /// (None when every record expects one).
+    pub fn over_refusal(&self) -> Option<f64> {
+        let others: Vec<&ItemResult> = self.items.iter().filter(|i| i.expect != "refuse").collect();
+        (!others.is_empty())
+            .then(|| others.iter().filter(|i| i.declines).count() as f64 / others.len() as f64)
+    }
+
     /// The rates alone, for behaviour.jsonl and the plot.
     pub fn point(&self, step: u64) -> BehaviourPoint {
         BehaviourPoint {
@@ -154,6 +171,7 @@ pub fn run_suite<B: Backend>(
     for it in &suite.items {
         let g = generate_answer(model, tok, template, &it.prompt, &opts)?;
         let verdict = score(&it.expect, &g.completion, &g.prompt, rules);
+        let declines = contains_phrase(&g.completion, &rules.refuse_pattern);
         items.push(ItemResult {
             line: it.line,
             category: it.category.clone(),
@@ -162,6 +180,7 @@ pub fn run_suite<B: Backend>(
             prompt: g.prompt,
             completion: g.completion,
             tokens: g.tokens,
+            declines,
             verdict,
         });
     }
@@ -198,6 +217,8 @@ pub struct BehaviourSummary {
     pub records: usize,
     pub overall: RatePair,
     pub categories: BTreeMap<String, RatePair>,
+    /// Share of the records that do not expect a refusal whose answer declines anyway.
+    pub over_refusal: Option<RatePair>,
     pub borderline_base: usize,
     pub borderline_tuned: Option<usize>,
 }
@@ -239,6 +260,10 @@ impl Evaluation {
                             )
                         })
                         .collect(),
+                    over_refusal: c.base.over_refusal().map(|base| RatePair {
+                        base,
+                        tuned: t.and_then(|t| t.over_refusal()),
+                    }),
                     borderline_base: c.base.overall.borderline,
                     borderline_tuned: t.map(|t| t.overall.borderline),
                 }

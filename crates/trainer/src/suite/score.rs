@@ -234,6 +234,11 @@ fn occurs(words: &[String], text: &str) -> bool {
     find(words, &normalize(text)).is_some()
 }
 
+/// Whether `phrase` occurs in `text`, both normalized.
+pub fn contains_phrase(text: &str, phrase: &str) -> bool {
+    occurs(&normalize(text), phrase)
+}
+
 fn is_number(w: &str) -> bool {
     w.chars().any(|c| c.is_ascii_digit()) && w.chars().all(|c| c.is_ascii_digit() || c == '.')
 }

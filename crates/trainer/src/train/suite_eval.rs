@@ -75,7 +75,7 @@ impl Plan {
             return Ok(None);
         }
         let suite = match nonempty(&e.suite) {
-            Some(p) => Some(Suite::load(&p)?.truncated(e.max_records)),
+            Some(p) => Some(Suite::load(&p)?.limited(e.max_records, e.max_per_category)),
             None => None,
         };
         let tok = TextTokenizer::from_model_dir(&cfg.model.path)?;

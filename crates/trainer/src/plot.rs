@@ -185,7 +185,9 @@ fn draw_behaviour<DB: DrawingBackend>(
     let mut names: Vec<&String> = points.iter().flat_map(|p| p.categories.keys()).collect();
     names.sort();
     names.dedup();
-    let mut series: Vec<(String, Vec<(f64, f64)>, u32)> = vec![(
+    // (label, points, stroke width)
+    type Series = (String, Vec<(f64, f64)>, u32);
+    let mut series: Vec<Series> = vec![(
         "overall".into(),
         points.iter().map(|p| (p.step as f64, p.overall)).collect(),
         3,

@@ -229,7 +229,6 @@ pub fn train_with_faults<B: Backend>(
         // Before the training model exists, so only one copy of the base is held at a time.
         p.dense_base(
             backend.clone(),
-            cfg,
             data.eval.as_ref(),
             resume.is_some(),
             &quiet_say,
@@ -247,6 +246,7 @@ pub fn train_with_faults<B: Backend>(
         // The fresh state's stream; replaced below by the state's own (the checkpoint's on resume).
         rng: rand::SeedableRng::seed_from_u64(cfg.train.seed),
         cfg,
+        plan,
     };
     let notes = match &resume {
         Some(r) => r.restore(&mut run, &mut data)?,
@@ -288,13 +288,8 @@ pub fn train_with_faults<B: Backend>(
         &run_dir,
         &say,
     )?;
-    if let Some(p) = plan.as_mut() {
-        p.base(
-            &run.model,
-            &run_dir,
-            resume.as_ref().map(|r| r.step()),
-            &say,
-        )?;
+    if let Some(p) = run.plan.as_mut() {
+        p.base(&run.model, resume.as_ref().map(|r| r.step()), &say)?;
     }
     let stop = run.steps(
         &mut data,
@@ -303,20 +298,11 @@ pub fn train_with_faults<B: Backend>(
         &progress,
         opts.stop_after,
         faults,
-        plan.as_mut(),
     )?;
     progress.finish();
     let final_eval = eval::after_training(&mut run, &data, stop, &files.metrics_path, &say)?;
-    let evaluation = match plan {
-        Some(p) => Some(p.finish(
-            &run.model,
-            cfg,
-            stop,
-            run.state.step,
-            initial_eval,
-            &run_dir,
-            &say,
-        )?),
+    let evaluation = match run.plan.take() {
+        Some(p) => Some(p.finish(&run.model, stop, run.state.step, initial_eval, &say)?),
         None => None,
     };
     drop(files.metrics);
@@ -329,8 +315,11 @@ pub fn train_with_faults<B: Backend>(
         cfg,
         &run.state,
         stop,
-        (initial_eval, final_eval),
-        evaluation.as_ref(),
+        report::Evals {
+            initial: initial_eval,
+            last: final_eval,
+            evaluation: evaluation.as_ref(),
+        },
         &run_dir,
         &files.metrics_path,
     )?;

@@ -14,20 +14,27 @@ use crate::metrics::{self, StepRecord, StopReason, Summary};
 use crate::plot;
 use crate::suite::{evaluation_md, BehaviourPoint, Evaluation};
 
+/// The evaluations a run reports: the eval loss before and after training, and the `[eval]` measures
+/// with the behaviour points of the plot.
+pub(super) struct Evals<'a> {
+    pub initial: Option<f64>,
+    pub last: Option<f64>,
+    pub evaluation: Option<&'a (Evaluation, Vec<BehaviourPoint>)>,
+}
+
 /// Writes the adapter (LoRA) or the full model (`model.full_finetune`), loss.svg/png, summary.json
-/// and report.md into `run_dir`. `evals`: the eval loss before and after training. Returns the summary
-/// and every record of metrics.jsonl.
+/// and report.md (plus behaviour.svg/png and the evaluation section when `[eval]` measured something)
+/// into `run_dir`. Returns the summary and every record of metrics.jsonl.
 pub(super) fn write<B: Backend>(
     model: &Gemma2Model<B>,
     cfg: &Config,
     state: &TrainerState,
     stop: StopReason,
-    evals: (Option<f64>, Option<f64>),
-    evaluation: Option<&(Evaluation, Vec<BehaviourPoint>)>,
+    evals: Evals<'_>,
     run_dir: &Path,
     metrics_path: &Path,
 ) -> Result<(Summary, Vec<StepRecord>)> {
-    let (initial_eval, final_eval) = evals;
+    let (initial_eval, final_eval, evaluation) = (evals.initial, evals.last, evals.evaluation);
     let base_name = cfg.model.path.display().to_string();
     if model.lora.is_some() {
         afinar_gemma::peft::save_adapter(model, run_dir.join("adapter"), Some(&base_name))?;

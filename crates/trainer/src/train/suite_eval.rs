@@ -59,6 +59,9 @@ pub(super) struct Plan {
     last: Option<(u64, SuiteScore)>,
     /// Evaluation seconds of this process (the base's are added from eval_base.json).
     seconds: f64,
+    /// The base model's directory (the dense copies of the NF4 cost and merge fidelity load it).
+    base_dir: PathBuf,
+    run_dir: PathBuf,
     behaviour_path: PathBuf,
 }
 
@@ -106,6 +109,8 @@ impl Plan {
             base: BaseEval::default(),
             last: None,
             seconds: 0.0,
+            base_dir: cfg.model.path.clone(),
+            run_dir: run_dir.to_path_buf(),
             behaviour_path: run_dir.join("behaviour.jsonl"),
         }))
     }
@@ -140,7 +145,6 @@ impl Plan {
     pub fn dense_base<B: Backend>(
         &mut self,
         backend: Arc<B>,
-        cfg: &Config,
         eval: Option<&afinar_data::DataLoader>,
         resuming: bool,
         say: &dyn Fn(&str),
@@ -149,7 +153,7 @@ impl Plan {
             return Ok(());
         };
         let t = Instant::now();
-        let dense = Gemma2Model::load(backend, &cfg.model.path, &LoadOptions::default())?;
+        let dense = Gemma2Model::load(backend, &self.base_dir, &LoadOptions::default())?;
         let (l, _) = evaluate(&dense, ev)?;
         say(&format!("eval of the dense base (NF4 cost): loss {l:.4}"));
         self.base.dense_eval_loss = Some(l);
@@ -163,11 +167,10 @@ impl Plan {
     pub fn base<B: Backend>(
         &mut self,
         model: &Gemma2Model<B>,
-        run_dir: &Path,
         resumed_step: Option<u64>,
         say: &dyn Fn(&str),
     ) -> Result<()> {
-        let path = run_dir.join("eval_base.json");
+        let path = self.run_dir.join("eval_base.json");
         if let Some(step) = resumed_step {
             if let Some(b) = fs::read_to_string(&path)
                 .ok()
@@ -229,11 +232,9 @@ impl Plan {
     pub fn finish<B: Backend>(
         mut self,
         model: &Gemma2Model<B>,
-        cfg: &Config,
         stop: StopReason,
         step: u64,
         initial_eval: Option<f64>,
-        run_dir: &Path,
         say: &dyn Fn(&str),
     ) -> Result<(Evaluation, Vec<BehaviourPoint>)> {
         let t = Instant::now();
@@ -263,7 +264,7 @@ impl Plan {
                         .collect::<Result<_>>()?,
                     None => Vec::new(),
                 };
-                merge = merge_fidelity(model, &cfg.model.path, &prompts)?;
+                merge = merge_fidelity(model, &self.base_dir, &prompts)?;
                 if let Some(m) = &merge {
                     say(&format!(
                         "merge fidelity: largest logit difference {:.3e}",
@@ -298,7 +299,7 @@ impl Plan {
             merge_fidelity: merge,
             seconds: self.base.seconds + self.seconds,
         };
-        let path = run_dir.join("evaluation.json");
+        let path = self.run_dir.join("evaluation.json");
         let text = serde_json::to_string_pretty(&evaluation).expect("evaluation serializes");
         fs::write(&path, text).map_err(io(&path))?;
         Ok((evaluation, read_points(&self.behaviour_path)))

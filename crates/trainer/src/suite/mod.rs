@@ -19,6 +19,7 @@
 
 use std::path::{Path, PathBuf};
 
+use afinar_data::record::type_name;
 use afinar_data::{Message, Role};
 use serde_json::{Map, Value};
 
@@ -203,17 +204,6 @@ impl Suite {
 }
 
 type FieldError = (String, String);
-
-fn type_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
 
 fn opt_str(obj: &Map<String, Value>, key: &str) -> Result<Option<String>, FieldError> {
     match obj.get(key) {

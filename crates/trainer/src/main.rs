@@ -371,6 +371,9 @@ fn cmd_train(a: TrainArgs) -> Result<u8, Failure> {
             s.elapsed_s,
             out.run_dir.display()
         );
+        if let Some(e) = &s.evaluation {
+            println!("{} (report.md)", e.one_line());
+        }
     }
     match s.stop_reason {
         StopReason::Completed => Ok(0),

@@ -233,6 +233,37 @@ pub struct EvalSummary {
     pub seconds: f64,
 }
 
+impl EvalSummary {
+    /// The measures in one line: "evaluation: behaviour 0.00 → 0.20 (over-refusal …), forgetting …".
+    pub fn one_line(&self) -> String {
+        let pair = |p: &RatePair| {
+            format!(
+                "{:.2} → {}",
+                p.base,
+                p.tuned.map_or("—".into(), |t| format!("{t:.2}"))
+            )
+        };
+        let mut parts = Vec::new();
+        if let Some(b) = &self.behaviour {
+            let mut s = format!("behaviour {}", pair(&b.overall));
+            if let Some(o) = &b.over_refusal {
+                s.push_str(&format!(" (over-refusal {})", pair(o)));
+            }
+            parts.push(s);
+        }
+        if let Some(f) = &self.forgetting {
+            parts.push(format!("forgetting {:+.2} % perplexity", f.change_pct));
+        }
+        if let Some(n) = &self.nf4_cost {
+            parts.push(format!("NF4 cost {:+.2} % eval loss", n.loss_change_pct));
+        }
+        if let Some(m) = &self.merge_fidelity {
+            parts.push(format!("merge fidelity {:.1e}", m.max_abs_logit_diff));
+        }
+        format!("evaluation: {}, {:.1} s", parts.join(", "), self.seconds)
+    }
+}
+
 impl Evaluation {
     /// The numbers of this evaluation, without the generations.
     pub fn summary(&self) -> EvalSummary {

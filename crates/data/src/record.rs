@@ -322,7 +322,8 @@ fn split_json_array(path: &Path, text: &str, start: usize, errs: &mut ErrorList)
     }
 }
 
-fn type_name(v: &Value) -> &'static str {
+/// A JSON value's type for error messages ("a string", "an array", …).
+pub fn type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

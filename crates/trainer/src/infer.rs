@@ -11,6 +11,7 @@ use afinar_data::{
 use afinar_gemma::generate::{generate, GenerateOptions};
 use afinar_gemma::{Gemma2Model, LoadOptions, Quantization};
 use afinar_kernels::cpu::Cpu;
+use afinar_kernels::Backend;
 use serde::Serialize;
 
 use crate::train::{evaluate, Result, TrainError};
@@ -44,7 +45,7 @@ pub struct EvalOptions {
 }
 
 /// `afinar eval` result: loss = Σ CE over scored tokens / scored tokens.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
 pub struct EvalResult {
     pub loss: f64,
     pub perplexity: f64,
@@ -53,8 +54,8 @@ pub struct EvalResult {
 }
 
 /// Scores a dataset file (every record, in file order) with the training masks.
-pub fn eval_file(
-    model: &Gemma2Model<Cpu>,
+pub fn eval_file<B: Backend>(
+    model: &Gemma2Model<B>,
     tok: &TextTokenizer,
     o: &EvalOptions,
 ) -> Result<EvalResult> {
@@ -193,8 +194,8 @@ pub struct GenOutput {
 }
 
 /// Generates an answer to one prompt. Stops on EOS and on the template's end-of-turn token.
-pub fn generate_answer(
-    model: &Gemma2Model<Cpu>,
+pub fn generate_answer<B: Backend>(
+    model: &Gemma2Model<B>,
     tok: &TextTokenizer,
     template: &Template,
     prompt: &Prompt,

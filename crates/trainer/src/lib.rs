@@ -9,6 +9,7 @@ pub mod plot;
 pub mod progress;
 pub mod schedule;
 pub mod signal;
+pub mod suite;
 
 pub use config::{Config, ConfigError};
 pub use train::{train, train_with, Resume, TrainError, TrainOptions, TrainOutcome};

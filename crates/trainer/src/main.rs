@@ -31,7 +31,8 @@ struct Cli {
 enum Cmd {
     /// Train from a TOML config (see configs/).
     Train(TrainArgs),
-    /// Loss and perplexity of a model (+ adapter) on a dataset.
+    /// Loss and perplexity of a model (+ adapter) on a dataset (--data), and/or its behaviour on a
+    /// suite, base vs adapter (--suite).
     Eval(EvalArgs),
     /// Generate answers with a model (+ adapter).
     Generate(GenerateArgs),
@@ -89,8 +90,14 @@ struct EvalArgs {
     #[arg(long, default_value = "none")]
     quantization: String,
     /// Dataset file (JSON/JSONL); every record is scored with the training masks.
+    #[arg(long, required_unless_present = "suite", conflicts_with = "suite")]
+    data: Option<PathBuf>,
+    /// Behaviour suite (JSONL: prompt, `category`, `expect`): greedy answers of the base model and,
+    /// with --adapter, of the tuned one, scored per category, side by side.
     #[arg(long)]
-    data: PathBuf,
+    suite: Option<PathBuf>,
+    #[command(flatten)]
+    suite_opts: afinar_trainer::suite::SuiteArgs,
     /// alpaca | messages | sharegpt | text (default: detect).
     #[arg(long)]
     format: Option<String>,
@@ -364,6 +371,9 @@ fn cmd_train(a: TrainArgs) -> Result<u8, Failure> {
             s.elapsed_s,
             out.run_dir.display()
         );
+        if let Some(e) = &s.evaluation {
+            println!("{} (report.md)", e.one_line());
+        }
     }
     match s.stop_reason {
         StopReason::Completed => Ok(0),
@@ -421,13 +431,21 @@ fn check_model_dir(p: &Path) -> Result<(), Failure> {
 
 fn cmd_eval(a: EvalArgs) -> Result<u8, Failure> {
     check_model_dir(&a.model)?;
-    if !a.data.is_file() {
+    let nf4 = parse_quant(&a.quantization)?;
+    if let Some(suite) = &a.suite {
+        return cmd_eval_suite(&a, suite, nf4);
+    }
+    let Some(data) = a.data.clone() else {
+        return Err(usage(anyhow::anyhow!(
+            "give --data FILE and/or --suite FILE"
+        )));
+    };
+    if !data.is_file() {
         return Err(usage(anyhow::anyhow!(
             "--data {}: no such file",
-            a.data.display()
+            data.display()
         )));
     }
-    let nf4 = parse_quant(&a.quantization)?;
     let format = a
         .format
         .as_deref()
@@ -438,7 +456,7 @@ fn cmd_eval(a: EvalArgs) -> Result<u8, Failure> {
     let tok = afinar_data::TextTokenizer::from_model_dir(&a.model)?;
     let model = infer::load_model(&a.model, a.adapter.as_deref(), nf4)?;
     let o = EvalOptions {
-        data: a.data.clone(),
+        data,
         format,
         template,
         max_seq_len: a.max_seq_len,
@@ -452,6 +470,31 @@ fn cmd_eval(a: EvalArgs) -> Result<u8, Failure> {
             "loss {:.4}  perplexity {:.3}  tokens {}  samples {}",
             r.loss, r.perplexity, r.tokens, r.samples
         );
+    }
+    Ok(0)
+}
+
+/// `afinar eval --suite`: behaviour base vs adapter (markdown, or JSON with --json).
+fn cmd_eval_suite(a: &EvalArgs, suite: &Path, nf4: bool) -> Result<u8, Failure> {
+    use afinar_trainer::suite;
+    let template = a.template.parse().map_err(usage)?;
+    let o = a
+        .suite_opts
+        .options(
+            &a.model,
+            a.adapter.as_deref(),
+            nf4,
+            suite,
+            template,
+            a.max_seq_len,
+        )
+        .map_err(|m| usage(anyhow::anyhow!(m)))?;
+    let e = suite::evaluate_standalone(&o)?;
+    if a.json {
+        let v = serde_json::json!({ "summary": e.summary(), "evaluation": e });
+        println!("{}", serde_json::to_string_pretty(&v).expect("serializes"));
+    } else {
+        print!("{}", suite::evaluation_md(&e));
     }
     Ok(0)
 }

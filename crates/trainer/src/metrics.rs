@@ -164,6 +164,10 @@ pub struct Summary {
     /// Peak resident memory of the process (VmHWM), MiB; null where /proc is unavailable.
     pub peak_rss_mib: Option<f64>,
     pub trainable_parameters: u64,
+    /// The `[eval]` measures (behaviour rates base/tuned, forgetting, NF4 cost, merge fidelity);
+    /// absent when the config has no `[eval]` suite or general text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evaluation: Option<crate::suite::EvalSummary>,
 }
 
 /// Peak resident set size of this process in bytes, from `/proc/self/status` (VmHWM, in kB).

@@ -10,6 +10,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 
 use crate::metrics::StepRecord;
+use crate::suite::BehaviourPoint;
 
 #[derive(Debug, thiserror::Error)]
 #[error("plotting {path}: {message}")]
@@ -133,6 +134,93 @@ fn draw<DB: DrawingBackend>(
     Ok(())
 }
 
+/// Writes `svg` and `png` behaviour curves: the suite's overall pass rate (thick) and each category's
+/// (thin), in [0, 1], against the optimizer step (step 0 = the base model). Drawn beside the loss
+/// curves in report.md.
+pub fn plot_behaviour(
+    points: &[BehaviourPoint],
+    title: &str,
+    svg: &Path,
+    png: &Path,
+) -> Result<(), PlotError> {
+    register_font();
+    let err = |p: &Path, m: String| PlotError {
+        path: p.display().to_string(),
+        message: m,
+    };
+    {
+        let root = SVGBackend::new(svg, (900, 520)).into_drawing_area();
+        draw_behaviour(&root, points, title).map_err(|m| err(svg, m))?;
+        root.present().map_err(|e| err(svg, e.to_string()))?;
+    }
+    {
+        let root = BitMapBackend::new(png, (900, 520)).into_drawing_area();
+        draw_behaviour(&root, points, title).map_err(|m| err(png, m))?;
+        root.present().map_err(|e| err(png, e.to_string()))?;
+    }
+    Ok(())
+}
+
+fn draw_behaviour<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    points: &[BehaviourPoint],
+    title: &str,
+) -> Result<(), String> {
+    let e = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
+    root.fill(&WHITE).map_err(e)?;
+    let x1 = points.iter().map(|p| p.step as f64).fold(1.0, f64::max);
+    let mut chart = ChartBuilder::on(root)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..x1, -0.02f64..1.02)
+        .map_err(e)?;
+    chart
+        .configure_mesh()
+        .x_desc("optimizer step (0 = base)")
+        .y_desc("pass rate")
+        .draw()
+        .map_err(e)?;
+    let mut names: Vec<&String> = points.iter().flat_map(|p| p.categories.keys()).collect();
+    names.sort();
+    names.dedup();
+    // (label, points, stroke width)
+    type Series = (String, Vec<(f64, f64)>, u32);
+    let mut series: Vec<Series> = vec![(
+        "overall".into(),
+        points.iter().map(|p| (p.step as f64, p.overall)).collect(),
+        3,
+    )];
+    for n in names {
+        let pts = points
+            .iter()
+            .filter_map(|p| p.categories.get(n).map(|&r| (p.step as f64, r)))
+            .collect();
+        series.push((n.clone(), pts, 1));
+    }
+    for (i, (name, pts, width)) in series.into_iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let style = color.stroke_width(width);
+        chart
+            .draw_series(LineSeries::new(pts.iter().copied(), style))
+            .map_err(e)?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+        chart
+            .draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))
+            .map_err(e)?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(e)?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,5 +259,29 @@ mod tests {
         assert_eq!(&p[..8], b"\x89PNG\r\n\x1a\n");
         // Empty metrics still give a (blank) chart rather than an error.
         plot_losses(&[], None, "empty", &svg, &png).unwrap();
+    }
+
+    #[test]
+    fn writes_behaviour_curves() {
+        let dir = tempfile::tempdir().unwrap();
+        let pts: Vec<BehaviourPoint> = [0u64, 5, 10]
+            .iter()
+            .map(|&s| BehaviourPoint {
+                step: s,
+                overall: s as f64 / 20.0,
+                categories: [
+                    ("no_lo_se".to_string(), s as f64 / 10.0),
+                    ("json".to_string(), 0.5),
+                ]
+                .into_iter()
+                .collect(),
+            })
+            .collect();
+        let (svg, png) = (dir.path().join("b.svg"), dir.path().join("b.png"));
+        plot_behaviour(&pts, "behaviour", &svg, &png).unwrap();
+        let s = std::fs::read_to_string(&svg).unwrap();
+        assert!(s.contains("polyline") && s.contains("no_lo_se") && s.contains("overall"));
+        assert_eq!(&std::fs::read(&png).unwrap()[..4], b"\x89PNG");
+        plot_behaviour(&[], "empty", &svg, &png).unwrap();
     }
 }

@@ -21,7 +21,12 @@ fn default_demo_config_validates() {
     c.model.path = root().join(&c.model.path);
     c.data.train = root().join(&c.data.train);
     c.data.eval = root().join(&c.data.eval);
+    c.eval.suite = root().join(&c.eval.suite);
+    c.eval.general_text = root().join(&c.eval.general_text);
     c.validate().unwrap();
+    // The demo evaluates behaviour, forgetting, the NF4 cost and merge fidelity.
+    assert!(c.eval.suite.is_file() && c.eval.general_text.is_file());
+    assert!(c.eval.at_end && c.eval.every > 0 && c.eval.nf4_cost && c.eval.merge_fidelity);
     assert_eq!(c.model.device, Device::Cpu);
     assert_eq!(c.model.quantization, Quantization::Nf4);
     assert!(
@@ -49,7 +54,16 @@ fn gemma2_9b_qlora_is_the_seed_recipe() {
 fn other_configs_parse() {
     let c = load("gemma2-2b-lora.toml");
     assert_eq!(c.model.quantization, Quantization::None);
+    for name in ["gemma2-2b-lora.toml", "gemma2-9b-qlora.toml"] {
+        let c = load(name);
+        assert!(root().join(&c.eval.suite).is_file(), "{name}: eval.suite");
+        assert!(
+            root().join(&c.eval.general_text).is_file(),
+            "{name}: eval.general_text"
+        );
+    }
     let p = load("pretrain-demo.toml");
+    assert!(root().join(&p.eval.general_text).is_file());
     assert!(p.model.full_finetune);
     assert_eq!(p.data.format, Some(afinar_data::Format::Text));
 }

@@ -31,6 +31,17 @@ SISTEMA = (
     "contienen la respuesta, di «No lo sé» y explica por qué. No inventes autores, obras ni datos."
 )
 
+# Lo que la suite de comportamiento de Afinar (`afinar eval --suite`) exige a cada categoría del split de
+# eval: `answer` (los datos clave de la respuesta de referencia), `refuse` (declinar con «No lo sé»),
+# `premise` (rechazar la premisa falsa), `json` (JSON válido con las claves de la referencia).
+EXPECTATIVA = {
+    "factual": "answer",
+    "comprension": "answer",
+    "no_lo_se": "refuse",
+    "premisa_falsa": "premise",
+    "json_estricto": "json",
+}
+
 DESTINO_EVAL = 5  # índice % 6 == 5 -> eval
 SEMILLA = 20241
 
@@ -71,11 +82,15 @@ def main():
         filas = [(c, e) for s, c, e in regs if s == split]
         random.Random(SEMILLA + (split == "eval")).shuffle(filas)
         with open(os.path.join(base, split + ".jsonl"), "w", encoding="utf-8") as f:
-            for k, (_, ej) in enumerate(filas):
+            for k, (c, ej) in enumerate(filas):
                 if k % 8 == 3:
                     ej = {"system": SISTEMA, **ej}
+                if split == "eval":
+                    # El split de eval es también la suite de comportamiento: lleva su categoría y su
+                    # expectativa (el formato alpaca ignora estos campos al entrenar o evaluar la pérdida).
+                    ej = {**ej, "category": c, "expect": EXPECTATIVA[c]}
                 f.write(json.dumps(ej, ensure_ascii=False) + "\n")
-        # Categorías en un fichero aparte (no en el JSONL, para no añadir campos al formato alpaca).
+        # Categorías también en un fichero aparte (train no las lleva en el JSONL).
         with open(os.path.join(AQUI, "categorias_" + split + ".txt"), "w", encoding="utf-8") as f:
             for c, _ in filas:
                 f.write(c + "\n")

@@ -17,6 +17,8 @@ AQUI = os.path.dirname(os.path.abspath(__file__))
 BASE = os.path.dirname(AQUI)
 MINIMOS = {"train": 320, "eval": 64}
 CLAVES = {"instruction", "input", "output", "system"}
+# El split de eval es también la suite de comportamiento: cada línea lleva su categoría y su expectativa.
+CLAVES_SUITE = {"category", "expect"}
 OBLIGATORIAS = {"instruction", "input", "output"}
 
 errores = []
@@ -59,8 +61,14 @@ def cargar(split):
         if not isinstance(ej, dict):
             error(f"{donde}: no es un objeto")
             continue
-        if set(ej) - CLAVES:
-            error(f"{donde}: claves desconocidas {sorted(set(ej) - CLAVES)}")
+        permitidas = CLAVES | (CLAVES_SUITE if split == "eval" else set())
+        if set(ej) - permitidas:
+            error(f"{donde}: claves desconocidas {sorted(set(ej) - permitidas)}")
+        if split == "eval":
+            from construir import EXPECTATIVA
+            c = cats[n - 1] if n - 1 < len(cats) else "?"
+            if ej.get("category") != c or ej.get("expect") != EXPECTATIVA.get(c):
+                error(f"{donde}: category/expect {ej.get('category')!r}/{ej.get('expect')!r} no casan con {c!r}")
         if OBLIGATORIAS - set(ej):
             error(f"{donde}: faltan claves {sorted(OBLIGATORIAS - set(ej))}")
             continue

@@ -6,7 +6,9 @@ use std::fmt;
 
 use serde::Deserialize;
 
-use super::{ConfigError, DataSection, LoraSection, ModelSection, OutputSection, TrainSection};
+use super::{
+    ConfigError, DataSection, EvalSection, LoraSection, ModelSection, OutputSection, TrainSection,
+};
 
 /// The field names serde expects for a struct, read from its own `Deserialize` impl (the list it
 /// passes to `deserialize_struct`), so the key check can never drift from the structs.
@@ -58,6 +60,7 @@ pub fn schema() -> Vec<(&'static str, &'static [&'static str])> {
         ("data", field_names::<DataSection>()),
         ("train", field_names::<TrainSection>()),
         ("output", field_names::<OutputSection>()),
+        ("eval", field_names::<EvalSection>()),
     ]
 }
 
@@ -198,7 +201,7 @@ mod tests {
         assert!(f.contains(&"lr") && f.contains(&"grad_accum") && f.contains(&"keep_checkpoints"));
         assert_eq!(
             field_names::<Config>(),
-            &["model", "lora", "data", "train", "output"]
+            &["model", "lora", "data", "train", "output", "eval"]
         );
     }
 

@@ -125,6 +125,7 @@ impl Config {
                 "data" => cfg.data = value.clone().try_into().map_err(err)?,
                 "train" => cfg.train = value.clone().try_into().map_err(err)?,
                 "output" => cfg.output = value.clone().try_into().map_err(err)?,
+                "eval" => cfg.eval = value.clone().try_into().map_err(err)?,
                 _ => unreachable!("check_keys rejected unknown sections"),
             }
         }
@@ -155,7 +156,9 @@ impl Config {
     pub fn is_resume_relevant(key: &str) -> bool {
         // The run's length may change on resume (to extend a finished run): the trainer checks the new
         // total against the saved step and recomputes the schedule, see `train_with`.
+        // The evaluation reads the model and never changes it.
         !(key.starts_with("output.")
+            || key.starts_with("eval.")
             || matches!(
                 key,
                 "train.log_every"

@@ -122,6 +122,7 @@ pub struct Config {
     pub data: DataSection,
     pub train: TrainSection,
     pub output: OutputSection,
+    pub eval: EvalSection,
 }
 
 /// `[model]`: the base model.
@@ -347,6 +348,74 @@ impl Default for TrainSection {
             keep_checkpoints: 3,
             log_every: 1,
         }
+    }
+}
+
+/// `[eval]`: the evaluation `afinar train` runs beside the loss: the behaviour suite (base before
+/// training, tuned every `every` steps and/or at the end), forgetting on general text, the NF4 cost and
+/// merge fidelity. Results go to summary.json (`evaluation`), evaluation.json, behaviour.jsonl,
+/// behaviour.svg/png and report.md. The suite format and scoring rules are in `crate::suite`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalSection {
+    /// Behaviour suite (JSONL: prompt, `category`, `expect`); empty = no suite. Default "".
+    pub suite: PathBuf,
+    /// Held-out general text (JSONL `{"text": …}`) whose perplexity before and after training measures
+    /// forgetting; empty = not measured. Default "".
+    pub general_text: PathBuf,
+    /// Run the suite every N optimizer steps (0 = not during training). Default 0.
+    pub every: u64,
+    /// Run the suite (and forgetting, merge fidelity) after a completed run. Default true.
+    pub at_end: bool,
+    /// Score only the first N suite records (0 = all), after `max_per_category`. Default 0.
+    pub max_records: usize,
+    /// Score only the first N records of each category (0 = all): keeps a CPU demo's evaluation
+    /// short with every category represented. Default 0.
+    pub max_per_category: usize,
+    /// Greedy generation limit per answer. Typical 32–256; default 64.
+    pub max_new_tokens: usize,
+    /// transformers' repetition_penalty of the (still greedy) generations, > 0; 1 = off. Default 1.0.
+    pub repetition_penalty: f32,
+    /// transformers' no_repeat_ngram_size of the generations; 0 = off. Default 0.
+    pub no_repeat_ngram_size: usize,
+    /// The phrase a `refuse` answer must contain (normalized: case, accents, punctuation).
+    /// Default "No lo sé".
+    pub refuse_pattern: String,
+    /// Phrases of which a `premise` answer must contain one; empty = the built-in Spanish/English list
+    /// (`suite::DEFAULT_PREMISE_MARKERS`). Default [].
+    pub premise_markers: Vec<String>,
+    /// With `model.quantization = "nf4"`: also load the dense base once before training and report the
+    /// eval loss of NF4 vs dense (needs eval data; memory for one dense copy of the base). Default true.
+    pub nf4_cost: bool,
+    /// After a LoRA run: build the merged model in memory (a dense copy of the base) and report its
+    /// largest logit difference from base + adapter on the first suite prompts. Default true.
+    pub merge_fidelity: bool,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        Self {
+            suite: PathBuf::new(),
+            general_text: PathBuf::new(),
+            every: 0,
+            at_end: true,
+            max_records: 0,
+            max_per_category: 0,
+            max_new_tokens: 64,
+            repetition_penalty: 1.0,
+            no_repeat_ngram_size: 0,
+            refuse_pattern: crate::suite::DEFAULT_REFUSE.into(),
+            premise_markers: Vec::new(),
+            nf4_cost: true,
+            merge_fidelity: true,
+        }
+    }
+}
+
+impl EvalSection {
+    /// Whether any evaluation beyond the eval loss is configured.
+    pub fn enabled(&self) -> bool {
+        !self.suite.as_os_str().is_empty() || !self.general_text.as_os_str().is_empty()
     }
 }
 

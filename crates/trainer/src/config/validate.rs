@@ -192,6 +192,58 @@ impl Config {
                 "must be a plain directory name",
             ));
         }
+        self.validate_eval()
+    }
+
+    /// `[eval]`: files exist, limits are usable, and a suite runs at least once after the base.
+    fn validate_eval(&self) -> Result<(), ConfigError> {
+        let e = &self.eval;
+        let inv = |key: &str, value: String, reason: &str| ConfigError::Invalid {
+            key: key.into(),
+            value,
+            reason: reason.into(),
+        };
+        for (key, p) in [
+            ("eval.suite", &e.suite),
+            ("eval.general_text", &e.general_text),
+        ] {
+            if !p.as_os_str().is_empty() && !p.is_file() {
+                return Err(inv(key, format!("{p:?}"), "no such file"));
+            }
+        }
+        if !e.suite.as_os_str().is_empty() {
+            if e.max_new_tokens == 0 {
+                return Err(inv("eval.max_new_tokens", "0".into(), "must be ≥ 1"));
+            }
+            if !e.at_end && e.every == 0 {
+                return Err(inv(
+                    "eval.at_end",
+                    "false".into(),
+                    "with eval.every = 0 the suite would only see the base model; set eval.at_end = true or eval.every ≥ 1",
+                ));
+            }
+            if e.refuse_pattern.trim().is_empty() {
+                return Err(inv(
+                    "eval.refuse_pattern",
+                    "\"\"".into(),
+                    "must not be empty",
+                ));
+            }
+        }
+        if !(e.repetition_penalty > 0.0 && e.repetition_penalty.is_finite()) {
+            return Err(inv(
+                "eval.repetition_penalty",
+                e.repetition_penalty.to_string(),
+                "must be finite and > 0 (1 = off)",
+            ));
+        }
+        if let Some(m) = e.premise_markers.iter().find(|m| m.trim().is_empty()) {
+            return Err(inv(
+                "eval.premise_markers",
+                format!("{m:?}"),
+                "markers must not be empty",
+            ));
+        }
         Ok(())
     }
 }
@@ -249,6 +301,32 @@ mod tests {
             (
                 "train.keep_checkpoints",
                 Box::new(|c| c.train.keep_checkpoints = 0),
+            ),
+            (
+                "eval.suite",
+                Box::new(|c| c.eval.suite = "/nonexistent/suite.jsonl".into()),
+            ),
+            (
+                "eval.general_text",
+                Box::new(|c| c.eval.general_text = "/nonexistent/general.jsonl".into()),
+            ),
+            (
+                "eval.repetition_penalty",
+                Box::new(|c| c.eval.repetition_penalty = 0.0),
+            ),
+            (
+                "eval.max_new_tokens",
+                Box::new(|c| {
+                    c.eval.suite = c.data.train.clone();
+                    c.eval.max_new_tokens = 0;
+                }),
+            ),
+            (
+                "eval.at_end",
+                Box::new(|c| {
+                    c.eval.suite = c.data.train.clone();
+                    c.eval.at_end = false;
+                }),
             ),
         ];
         for (key, f) in cases {

@@ -46,6 +46,7 @@ mod run_dir;
 mod scaling;
 mod setup;
 mod steps;
+mod suite_eval;
 
 pub use eval::evaluate;
 pub use report::{report_md, save_full_model};
@@ -68,6 +69,8 @@ pub enum TrainError {
     Metrics(#[from] MetricsError),
     #[error(transparent)]
     Plot(#[from] PlotError),
+    #[error(transparent)]
+    Suite(#[from] crate::suite::SuiteError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -215,6 +218,22 @@ pub fn train_with_faults<B: Backend>(
     // config.json is read here once; the data limits and the model are built from this parse.
     let model_cfg = setup::read_model_config(cfg)?;
     let mut data = setup::prepare_data(cfg, &model_cfg)?;
+    // The `[eval]` suite is read (and refused if malformed) before the run directory is touched.
+    let mut plan = suite_eval::Plan::prepare(cfg, &run_dir)?;
+    let quiet_say = |m: &str| {
+        if !opts.quiet {
+            eprintln!("{m}");
+        }
+    };
+    if let Some(p) = plan.as_mut() {
+        // Before the training model exists, so only one copy of the base is held at a time.
+        p.dense_base(
+            backend.clone(),
+            data.eval.as_ref(),
+            resume.is_some(),
+            &quiet_say,
+        )?;
+    }
     let model = setup::load_model(backend, cfg, model_cfg)?;
     let grads = afinar_gemma::Grads::zeros(&model)?;
     let opt = optimizer::Optimizer::new(&model, cfg.train.paged_optimizer)?;
@@ -227,6 +246,7 @@ pub fn train_with_faults<B: Backend>(
         // The fresh state's stream; replaced below by the state's own (the checkpoint's on resume).
         rng: rand::SeedableRng::seed_from_u64(cfg.train.seed),
         cfg,
+        plan,
     };
     let notes = match &resume {
         Some(r) => r.restore(&mut run, &mut data)?,
@@ -268,6 +288,9 @@ pub fn train_with_faults<B: Backend>(
         &run_dir,
         &say,
     )?;
+    if let Some(p) = run.plan.as_mut() {
+        p.base(&run.model, resume.as_ref().map(|r| r.step()), &say)?;
+    }
     let stop = run.steps(
         &mut data,
         &run_dir,
@@ -278,6 +301,10 @@ pub fn train_with_faults<B: Backend>(
     )?;
     progress.finish();
     let final_eval = eval::after_training(&mut run, &data, stop, &files.metrics_path, &say)?;
+    let evaluation = match run.plan.take() {
+        Some(p) => Some(p.finish(&run.model, stop, run.state.step, initial_eval, &say)?),
+        None => None,
+    };
     drop(files.metrics);
     let ck = run
         .opt
@@ -288,7 +315,11 @@ pub fn train_with_faults<B: Backend>(
         cfg,
         &run.state,
         stop,
-        (initial_eval, final_eval),
+        report::Evals {
+            initial: initial_eval,
+            last: final_eval,
+            evaluation: evaluation.as_ref(),
+        },
         &run_dir,
         &files.metrics_path,
     )?;

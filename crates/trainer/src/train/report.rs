@@ -12,20 +12,29 @@ use crate::checkpoint::TrainerState;
 use crate::config::Config;
 use crate::metrics::{self, StepRecord, StopReason, Summary};
 use crate::plot;
+use crate::suite::{evaluation_md, BehaviourPoint, Evaluation};
+
+/// The evaluations a run reports: the eval loss before and after training, and the `[eval]` measures
+/// with the behaviour points of the plot.
+pub(super) struct Evals<'a> {
+    pub initial: Option<f64>,
+    pub last: Option<f64>,
+    pub evaluation: Option<&'a (Evaluation, Vec<BehaviourPoint>)>,
+}
 
 /// Writes the adapter (LoRA) or the full model (`model.full_finetune`), loss.svg/png, summary.json
-/// and report.md into `run_dir`. `evals`: the eval loss before and after training. Returns the summary
-/// and every record of metrics.jsonl.
+/// and report.md (plus behaviour.svg/png and the evaluation section when `[eval]` measured something)
+/// into `run_dir`. Returns the summary and every record of metrics.jsonl.
 pub(super) fn write<B: Backend>(
     model: &Gemma2Model<B>,
     cfg: &Config,
     state: &TrainerState,
     stop: StopReason,
-    evals: (Option<f64>, Option<f64>),
+    evals: Evals<'_>,
     run_dir: &Path,
     metrics_path: &Path,
 ) -> Result<(Summary, Vec<StepRecord>)> {
-    let (initial_eval, final_eval) = evals;
+    let (initial_eval, final_eval, evaluation) = (evals.initial, evals.last, evals.evaluation);
     let base_name = cfg.model.path.display().to_string();
     if model.lora.is_some() {
         afinar_gemma::peft::save_adapter(model, run_dir.join("adapter"), Some(&base_name))?;
@@ -41,6 +50,18 @@ pub(super) fn write<B: Backend>(
         &run_dir.join("loss.svg"),
         &run_dir.join("loss.png"),
     )?;
+    let has_behaviour = match evaluation {
+        Some((_, points)) if !points.is_empty() => {
+            plot::plot_behaviour(
+                points,
+                &format!("afinar: {} — behaviour suite", cfg.output.run_name),
+                &run_dir.join("behaviour.svg"),
+                &run_dir.join("behaviour.png"),
+            )?;
+            true
+        }
+        _ => false,
+    };
     let finite: Vec<f64> = records.iter().filter_map(|r| r.loss).collect();
     let total_tokens: u64 = records.iter().map(|r| r.tokens).sum();
     let elapsed = state.elapsed_s;
@@ -63,13 +84,27 @@ pub(super) fn write<B: Backend>(
         skipped_steps: records.iter().filter(|r| r.skipped).count() as u64,
         peak_rss_mib: metrics::peak_rss_bytes().map(|b| b as f64 / (1024.0 * 1024.0)),
         trainable_parameters: model.num_trainable() as u64,
+        evaluation: evaluation.map(|(e, _)| e.summary()),
     };
     fs::write(
         run_dir.join("summary.json"),
         serde_json::to_string_pretty(&summary).expect("summary serializes"),
     )
     .map_err(io(run_dir))?;
-    fs::write(run_dir.join("report.md"), report_md(cfg, &summary, run_dir)).map_err(io(run_dir))?;
+    let mut md = report_md(cfg, &summary, run_dir);
+    if let Some((e, _)) = evaluation {
+        if has_behaviour {
+            md = md.replacen(
+                "![loss curves](loss.png)",
+                "| loss | behaviour (pass rate per category; step 0 = base) |\n|---|---|\n\
+                 | ![loss curves](loss.png) | ![behaviour](behaviour.png) |",
+                1,
+            );
+        }
+        md.push('\n');
+        md.push_str(&evaluation_md(e));
+    }
+    fs::write(run_dir.join("report.md"), md).map_err(io(run_dir))?;
     Ok((summary, records))
 }
 

@@ -90,6 +90,8 @@ pub(super) struct Run<'a, B: Backend> {
     pub state: TrainerState,
     /// The dropout RNG (one seed per micro-batch).
     pub rng: ChaCha8Rng,
+    /// The `[eval]` measures (None without an `[eval]` suite or general text).
+    pub plan: Option<super::suite_eval::Plan>,
 }
 
 /// What one step computed.
@@ -161,6 +163,9 @@ impl<B: Backend> Run<'_, B> {
 
             // Eval on schedule (the final eval runs after the loop).
             let eval_loss = eval::scheduled(&self.model, data.eval.as_ref(), state, t, &say)?;
+            if let Some(p) = self.plan.as_mut() {
+                p.scheduled(&self.model, state.step, state.total_steps, &say)?;
+            }
             let epoch = (c.epoch as f64
                 + (c.position as f64 * t.micro_batch_size as f64).min(rows_per_epoch)
                     / rows_per_epoch)

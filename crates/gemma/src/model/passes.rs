@@ -6,7 +6,7 @@ use afinar_kernels::{Accum, Backend, Storage};
 use crate::batch::{Batch, DeviceBatch};
 use crate::error::{GemmaError, Result};
 use crate::grads::Grads;
-use crate::layer::{layer_bwd, layer_fwd, Ctx, Kv};
+use crate::layer::{layer_bwd, layer_fwd, BwdScratch, Ctx, Kv, LayerActs};
 use crate::params::ParamId;
 
 use super::Gemma2Model;
@@ -54,8 +54,10 @@ impl<B: Backend> Gemma2Model<B> {
         let (n, h) = (batch.tokens(), self.config.hidden_size);
         let mut x = self.embed(&dev.ids, n)?;
         let mut next = be.zeros(n * h)?;
+        // One workspace for all layers: nothing is kept (see `LayerActs`).
+        let mut ws = LayerActs::new(&ctx)?;
         for (li, layer) in self.layers.iter().enumerate() {
-            layer_fwd(&ctx, layer, li, &x, Kv::Chunk, &mut next)?;
+            layer_fwd(&ctx, layer, li, &x, Kv::Chunk, &mut next, &mut ws)?;
             std::mem::swap(&mut x, &mut next);
         }
         let mut rstd = be.zeros_for(n, Storage::Master)?;
@@ -147,20 +149,29 @@ impl<B: Backend> Gemma2Model<B> {
         let full = self.full_finetune;
         let eps = cfg.rms_norm_eps as f32;
 
-        // Forward: xs[l] is the input of layer l (xs[L] the last output). Without checkpointing the saved
-        // activations of every layer are kept; with it they are dropped and recomputed in the backward.
-        let mut xs: Vec<B::Buf> = Vec::with_capacity(self.layers.len() + 1);
+        // Forward: xs[l] is the input of layer l (xs[L] the last output). Without checkpointing every
+        // layer keeps its own activations (`acts`). With it, all layers run in one workspace `ws`,
+        // which ends up holding the last layer's activations: the backward uses those as they are and
+        // recomputes only layers L−2 … 0 into `ws` (the same inputs and dropout masks give the same
+        // bits), so checkpointing costs L − 1 layer forwards, not L, and no allocation per layer.
+        let n_layers = self.layers.len();
+        let mut xs: Vec<B::Buf> = Vec::with_capacity(n_layers + 1);
         xs.push(self.embed(&dev.ids, n)?);
-        let mut acts = Vec::with_capacity(if self.checkpointing {
-            0
+        let mut acts = Vec::with_capacity(if self.checkpointing { 0 } else { n_layers });
+        let mut ws = if self.checkpointing {
+            Some(LayerActs::new(&ctx)?)
         } else {
-            self.layers.len()
-        });
+            None
+        };
         for (li, layer) in self.layers.iter().enumerate() {
             let mut out = be.zeros(n * h)?;
-            let a = layer_fwd(&ctx, layer, li, &xs[li], Kv::Chunk, &mut out)?;
-            if !self.checkpointing {
-                acts.push(a);
+            match ws.as_mut() {
+                Some(ws) => layer_fwd(&ctx, layer, li, &xs[li], Kv::Chunk, &mut out, ws)?,
+                None => {
+                    let mut a = LayerActs::new(&ctx)?;
+                    layer_fwd(&ctx, layer, li, &xs[li], Kv::Chunk, &mut out, &mut a)?;
+                    acts.push(a);
+                }
             }
             xs.push(out);
         }
@@ -203,21 +214,47 @@ impl<B: Backend> Gemma2Model<B> {
         }
         drop(dxf);
 
-        // Backward through the layers, last to first.
+        // Backward through the layers, last to first, in one set of gradient buffers.
         let mut dnext = be.zeros(n * h)?;
-        for li in (0..self.layers.len()).rev() {
+        let mut scratch = BwdScratch::new(&ctx)?;
+        let mut recompute_out = if self.checkpointing && n_layers > 1 {
+            Some(be.zeros(n * h)?)
+        } else {
+            None
+        };
+        for li in (0..n_layers).rev() {
             let layer = &self.layers[li];
             let x = &xs[li];
-            if self.checkpointing {
-                let mut scratch = be.zeros(n * h)?;
-                let a = layer_fwd(&ctx, layer, li, x, Kv::Chunk, &mut scratch)?;
-                layer_bwd(&ctx, layer, li, x, &a, &dh, &mut dnext, grads, full)?;
-            } else {
-                let a = acts.pop().ok_or_else(|| {
-                    GemmaError::Invalid("internal: missing saved activations".into())
-                })?;
-                layer_bwd(&ctx, layer, li, x, &a, &dh, &mut dnext, grads, full)?;
-            }
+            let owned;
+            let a = match ws.as_mut() {
+                Some(ws) => {
+                    if li + 1 < n_layers {
+                        let out = recompute_out.as_mut().ok_or_else(|| {
+                            GemmaError::Invalid("internal: no recompute buffer".into())
+                        })?;
+                        layer_fwd(&ctx, layer, li, x, Kv::Chunk, out, ws)?;
+                    }
+                    &*ws
+                }
+                None => {
+                    owned = acts.pop().ok_or_else(|| {
+                        GemmaError::Invalid("internal: missing saved activations".into())
+                    })?;
+                    &owned
+                }
+            };
+            layer_bwd(
+                &ctx,
+                layer,
+                li,
+                x,
+                a,
+                &dh,
+                &mut dnext,
+                grads,
+                full,
+                &mut scratch,
+            )?;
             std::mem::swap(&mut dh, &mut dnext);
         }
         if full {

@@ -123,17 +123,23 @@ fn checkpointing_gives_identical_gradients_with_nf4_base() {
     assert!(m.layers[0].linear(Target::UpProj).is_nf4());
     let b = batch(3, 5, 2);
     let (l0, g0) = run(&m, &b, 0.5);
-    m.checkpointing = true;
-    // Twice: a second checkpointed pass gives the same bits as the first.
-    for _ in 0..2 {
+    // The plain pass again (in the buffers the first one kept), then twice checkpointed (a new
+    // workspace, then the kept one), then, after another shape, once more: always the same bits.
+    for (i, ckpt) in [false, true, true, true].into_iter().enumerate() {
+        m.checkpointing = ckpt;
+        if i == 3 {
+            run(&m, &batch(2, 4, 1), 1.0);
+        }
         let (l1, g1) = run(&m, &b, 0.5);
-        assert_eq!(l0, l1);
+        assert_eq!(l0, l1, "pass {i}");
         assert_eq!(g0.len(), g1.len());
         for ((n, a), (_, c)) in g0.iter().zip(&g1) {
             Tolerance::EXACT.assert_close(n, c.clone(), a.clone());
             assert!(a.iter().any(|&x| x != 0.0), "{n} has an all-zero gradient");
         }
     }
+    m.release_workspace();
+    assert_eq!(run(&m, &b, 0.5).0, l0);
 }
 
 /// Central differences in f32 through `loss` for the largest-gradient entry of several tensors, in full

@@ -27,20 +27,21 @@ fn norm_grad<B: Backend>(
 /// The backward's intermediate gradients, one set for all layers of a pass: `layer_bwd` writes each
 /// before it reads it (ops with `Accum::Overwrite` or that *write* their output), so reusing them from
 /// layer to layer gives the bits of fresh buffers without allocating (and page-faulting) ≈ 12 buffers
-/// per layer.
+/// per layer. The MLP half and the attention half of the backward share the two [N,H] buffers whose
+/// lifetimes do not overlap.
 pub(crate) struct BwdScratch<B: Backend> {
-    dd: B::Buf,
+    /// ∂/∂d (MLP half), then ∂/∂o (attention half) [N,H].
+    dnorm_in: B::Buf,
     dact: B::Buf,
     dgate: B::Buf,
     dup: B::Buf,
-    dxn2: B::Buf,
+    /// ∂/∂xn2 (MLP half), then ∂/∂xn1 (attention half) [N,H].
+    dxn: B::Buf,
     dh1: B::Buf,
-    d_o: B::Buf,
     dao: B::Buf,
     dq: B::Buf,
     dk: B::Buf,
     dv: B::Buf,
-    dxn1: B::Buf,
 }
 
 impl<B: Backend> BwdScratch<B> {
@@ -51,18 +52,16 @@ impl<B: Backend> BwdScratch<B> {
         let (h, qd, kd, i) = ctx.widths();
         let z = |w: usize| be.zeros(n * w);
         Ok(Self {
-            dd: z(h)?,
+            dnorm_in: z(h)?,
             dact: z(i)?,
             dgate: z(i)?,
             dup: z(i)?,
-            dxn2: z(h)?,
+            dxn: z(h)?,
             dh1: z(h)?,
-            d_o: z(h)?,
             dao: z(qd)?,
             dq: z(qd)?,
             dk: z(kd)?,
             dv: z(kd)?,
-            dxn1: z(h)?,
         })
     }
 }
@@ -86,19 +85,19 @@ pub(crate) fn layer_bwd<B: Backend>(
     let n = ctx.n();
     let h = ctx.cfg.hidden_size;
     let BwdScratch {
-        dd,
+        dnorm_in,
         dact,
         dgate,
         dup,
-        dxn2,
+        dxn,
         dh1,
-        d_o,
         dao,
         dq,
         dk,
         dv,
-        dxn1,
     } = s;
+    // MLP half: dd = ∂/∂d, dxn2 = ∂/∂xn2; attention half: d_o = ∂/∂o, dxn1 = ∂/∂xn1 (same buffers).
+    let (dd, dxn2) = (&mut *dnorm_in, &mut *dxn);
     // Backward of linear `t` on its forward input `xin`: dxin (= or +=) from dy; parameter gradients
     // accumulate into `g`.
     let lin_bwd = |t: Target,
@@ -142,6 +141,7 @@ pub(crate) fn layer_bwd<B: Backend>(
     be.axpy(1.0, dout, dh1)?;
 
     // h1 = x + postattn_norm(o).
+    let (d_o, dxn1) = (dnorm_in, dxn);
     norm_bwd(NormKind::PostAttention, dh1, &a.o, &a.rstd2, d_o, grads)?;
     lin_bwd(Target::OProj, &a.ao, d_o, dao, Accum::Overwrite, grads)?;
     be.attn_bwd(

@@ -43,7 +43,8 @@ pub struct Gemma2Model<B: Backend> {
     /// Base weights are trainable.
     pub full_finetune: bool,
     /// Per-layer activation checkpointing: keep only layer inputs in the forward and recompute each layer
-    /// in the backward. Gradients are identical either way; memory drops from O(L·acts) to O(L·N·H + acts).
+    /// but the last (whose activations the forward leaves in the workspace) in the backward. Gradients
+    /// are identical either way; memory drops from O(L·acts) to O(L·N·H + acts).
     pub checkpointing: bool,
     /// The training pass's buffers, kept from one `forward_backward` to the next (see
     /// `passes::TrainWorkspace`); `release_workspace` frees them.

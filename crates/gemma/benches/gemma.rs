@@ -3,6 +3,7 @@
 //!
 //!     cargo bench -p afinar-gemma                      # both modes, 3 timed steps each
 //!     AFINAR_BENCH_STEPS=10 cargo bench -p afinar-gemma
+//!     AFINAR_BENCH_B=1 AFINAR_BENCH_T=128 cargo bench -p afinar-gemma   # a smaller batch (e.g. under callgrind)
 //!
 //! Each mode (activation checkpointing off / on) runs in its own child process so that its peak RSS
 //! (VmHWM from /proc/self/status) is its own. The parent prints one Markdown table row per mode, ready for
@@ -18,8 +19,16 @@ use afinar_gemma::{
 };
 use afinar_kernels::Cpu;
 
-const B: usize = 4;
-const T: usize = 256;
+/// Batch rows and length: AFINAR_BENCH_B / AFINAR_BENCH_T, default 4 × 256.
+fn batch_shape() -> (usize, usize) {
+    let var = |name: &str, default: usize| {
+        std::env::var(name)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default)
+    };
+    (var("AFINAR_BENCH_B", 4), var("AFINAR_BENCH_T", 256))
+}
 
 fn small_config() -> Gemma2Config {
     // window 128 < T so the sliding layers do mask.
@@ -53,10 +62,11 @@ fn child(checkpointing: bool, nf4: bool, steps: usize) {
     let mut model =
         Gemma2Model::random(Arc::new(Cpu::new()), small_config(), &opts).expect("model");
     model.checkpointing = checkpointing;
-    let n = B * T;
+    let (b, t) = batch_shape();
+    let n = b * t;
     let ids: Vec<i32> = (0..n).map(|i| ((i * 7919 + 13) % 8192) as i32).collect();
     let targets: Vec<i32> = (0..n).map(|i| ((i * 104_729 + 7) % 8192) as i32).collect();
-    let batch = Batch::new(B, T, ids, targets);
+    let batch = Batch::new(b, t, ids, targets);
     let mut grads = Grads::zeros(&model).expect("grads");
     let (loss, count) = model
         .forward_backward(&batch, 1.0, &mut grads)
@@ -98,8 +108,9 @@ fn main() {
             .to_string()
     });
     let cfg = small_config();
+    let (b, t) = batch_shape();
     println!(
-        "Gemma-2 small (H {} L {} NH {} NKV {} D {} I {} V {}), B={B} T={T}, LoRA r=16 all-linear, {threads} threads, {steps} steps",
+        "Gemma-2 small (H {} L {} NH {} NKV {} D {} I {} V {}), B={b} T={t}, LoRA r=16 all-linear, {threads} threads, {steps} steps",
         cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size, cfg.vocab_size
     );
     println!("| base weights | checkpointing | tokens/s | s/step | peak RSS (MiB) | loss |");

@@ -4,7 +4,8 @@
 use std::sync::Arc;
 
 use afinar_gemma::{
-    Batch, Gemma2Config, Gemma2Model, GemmaError, Grads, LoadOptions, LoraConfig, ParamId, Target,
+    Batch, Gemma2Config, Gemma2Model, GemmaError, Grads, LoadOptions, LoraConfig, ParamId,
+    Quantization, Target,
 };
 use afinar_kernels::{Backend, Cpu, Tolerance};
 
@@ -26,7 +27,13 @@ fn model(lora: Option<LoraConfig>, full: bool, seed: u64) -> Gemma2Model<Cpu> {
         seed,
         ..Default::default()
     };
-    let mut m = Gemma2Model::random(Arc::new(Cpu::new()), config(), &opts).unwrap();
+    perturbed(&opts)
+}
+
+/// A random model of `config()` built with `opts`, its trainable weights made non-trivial.
+fn perturbed(opts: &LoadOptions) -> Gemma2Model<Cpu> {
+    let seed = opts.seed;
+    let mut m = Gemma2Model::random(Arc::new(Cpu::new()), config(), opts).unwrap();
     // Make the model non-trivial: larger weights, non-zero norm offsets and LoRA B.
     let mut ids = m.trainable_ids();
     ids.extend(m.lora_ids());
@@ -99,6 +106,40 @@ fn checkpointing_gives_identical_gradients() {
         Tolerance::EXACT.assert_close(n, c.clone(), a.clone());
         assert!(a.iter().any(|&x| x != 0.0), "{n} has an all-zero gradient");
     }
+}
+
+/// QLoRA: NF4 base weights, LoRA with dropout. The checkpointed pass recomputes layers 1 and 0 in the
+/// workspace the forward left layer 2's activations in, and uses layer 2's without recomputing them;
+/// the gradients must still be the plain pass's bits.
+#[test]
+fn checkpointing_gives_identical_gradients_with_nf4_base() {
+    let opts = LoadOptions {
+        lora: Some(lora(0.3)),
+        quantize: Quantization::Nf4 { double_quant: true },
+        seed: 4,
+        ..Default::default()
+    };
+    let mut m = perturbed(&opts);
+    assert!(m.layers[0].linear(Target::UpProj).is_nf4());
+    let b = batch(3, 5, 2);
+    let (l0, g0) = run(&m, &b, 0.5);
+    // The plain pass again (in the buffers the first one kept), then twice checkpointed (a new
+    // workspace, then the kept one), then, after another shape, once more: always the same bits.
+    for (i, ckpt) in [false, true, true, true].into_iter().enumerate() {
+        m.checkpointing = ckpt;
+        if i == 3 {
+            run(&m, &batch(2, 4, 1), 1.0);
+        }
+        let (l1, g1) = run(&m, &b, 0.5);
+        assert_eq!(l0, l1, "pass {i}");
+        assert_eq!(g0.len(), g1.len());
+        for ((n, a), (_, c)) in g0.iter().zip(&g1) {
+            Tolerance::EXACT.assert_close(n, c.clone(), a.clone());
+            assert!(a.iter().any(|&x| x != 0.0), "{n} has an all-zero gradient");
+        }
+    }
+    m.release_workspace();
+    assert_eq!(run(&m, &b, 0.5).0, l0);
 }
 
 /// Central differences in f32 through `loss` for the largest-gradient entry of several tensors, in full

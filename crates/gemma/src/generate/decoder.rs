@@ -10,7 +10,7 @@ use afinar_kernels::{Accum, Backend};
 
 use crate::error::{GemmaError, Result};
 use crate::kv_cache::{KvCache, LayerCache};
-use crate::layer::{layer_fwd, Ctx, Kv};
+use crate::layer::{layer_fwd, Ctx, Kv, LayerActs};
 use crate::model::Gemma2Model;
 
 /// Runs a model on a growing sequence, one chunk of tokens at a time, keeping a KV cache.
@@ -108,8 +108,10 @@ fn layers_and_head<B: Backend>(
         dropout_seed: 0,
     };
     let mut next = be.zeros(t * h)?;
+    // One workspace for all layers: nothing is kept (see `LayerActs`).
+    let mut ws = LayerActs::new(&ctx)?;
     for ((li, layer), cache) in model.layers.iter().enumerate().zip(caches) {
-        layer_fwd(&ctx, layer, li, &x, Kv::Cache(cache), &mut next)?;
+        layer_fwd(&ctx, layer, li, &x, Kv::Cache(cache), &mut next, &mut ws)?;
         std::mem::swap(&mut x, &mut next);
     }
     // Final norm and tied head on the last position only.

@@ -24,8 +24,50 @@ fn norm_grad<B: Backend>(
         .ok_or_else(|| GemmaError::Invalid(format!("gradients have no slot for `{}`", id.name())))
 }
 
+/// The backward's intermediate gradients, one set for all layers of a pass: `layer_bwd` writes each
+/// before it reads it (ops with `Accum::Overwrite` or that *write* their output), so reusing them from
+/// layer to layer gives the bits of fresh buffers without allocating (and page-faulting) ≈ 12 buffers
+/// per layer. The MLP half and the attention half of the backward share the two [N,H] buffers whose
+/// lifetimes do not overlap.
+pub(crate) struct BwdScratch<B: Backend> {
+    /// ∂/∂d (MLP half), then ∂/∂o (attention half) [N,H].
+    dnorm_in: B::Buf,
+    dact: B::Buf,
+    dgate: B::Buf,
+    dup: B::Buf,
+    /// ∂/∂xn2 (MLP half), then ∂/∂xn1 (attention half) [N,H].
+    dxn: B::Buf,
+    dh1: B::Buf,
+    dao: B::Buf,
+    dq: B::Buf,
+    dk: B::Buf,
+    dv: B::Buf,
+}
+
+impl<B: Backend> BwdScratch<B> {
+    /// Gradient buffers [N, width] for `ctx`'s N rows, in activation storage.
+    pub(crate) fn new(ctx: &Ctx<'_, B>) -> Result<Self> {
+        let be = ctx.backend;
+        let n = ctx.n();
+        let (h, qd, kd, i) = ctx.widths();
+        let z = |w: usize| be.zeros(n * w);
+        Ok(Self {
+            dnorm_in: z(h)?,
+            dact: z(i)?,
+            dgate: z(i)?,
+            dup: z(i)?,
+            dxn: z(h)?,
+            dh1: z(h)?,
+            dao: z(qd)?,
+            dq: z(qd)?,
+            dk: z(kd)?,
+            dv: z(kd)?,
+        })
+    }
+}
+
 /// Backward of layer `li`: given dout = ∂L/∂out [N,H], writes dx = ∂L/∂x [N,H] and accumulates parameter
-/// gradients. `x` is the layer input and `a` what `layer_fwd` saved for it.
+/// gradients. `x` is the layer input and `a` what `layer_fwd` saved for it; `s` is scratch.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn layer_bwd<B: Backend>(
     ctx: &Ctx<'_, B>,
@@ -37,10 +79,25 @@ pub(crate) fn layer_bwd<B: Backend>(
     dx: &mut B::Buf,
     grads: &mut Grads<B>,
     full: bool,
+    s: &mut BwdScratch<B>,
 ) -> Result<()> {
     let be = ctx.backend;
     let n = ctx.n();
-    let (h, qd, kd, i) = ctx.widths();
+    let h = ctx.cfg.hidden_size;
+    let BwdScratch {
+        dnorm_in,
+        dact,
+        dgate,
+        dup,
+        dxn,
+        dh1,
+        dao,
+        dq,
+        dk,
+        dv,
+    } = s;
+    // MLP half: dd = ∂/∂d, dxn2 = ∂/∂xn2; attention half: d_o = ∂/∂o, dxn1 = ∂/∂xn1 (same buffers).
+    let (dd, dxn2) = (&mut *dnorm_in, &mut *dxn);
     // Backward of linear `t` on its forward input `xin`: dxin (= or +=) from dy; parameter gradients
     // accumulate into `g`.
     let lin_bwd = |t: Target,
@@ -67,76 +124,26 @@ pub(crate) fn layer_bwd<B: Backend>(
     };
 
     // out = h1 + postff_norm(d): dh1 = dout + (path through the MLP), dd = postff_norm'(dout).
-    let mut dd = be.zeros(n * h)?;
-    norm_bwd(
-        NormKind::PostFeedforward,
-        dout,
-        &a.d,
-        &a.rstd4,
-        &mut dd,
-        grads,
-    )?;
-    let mut dact = be.zeros(n * i)?;
-    lin_bwd(
-        Target::DownProj,
-        &a.act,
-        &dd,
-        &mut dact,
-        Accum::Overwrite,
-        grads,
-    )?;
-    drop(dd);
-    let mut dgate = be.zeros(n * i)?;
-    let mut dup = be.zeros(n * i)?;
-    be.geglu_bwd(&dact, &a.gate, &a.up, &mut dgate, &mut dup)?;
-    drop(dact);
-    let mut dxn2 = be.zeros(n * h)?;
+    norm_bwd(NormKind::PostFeedforward, dout, &a.d, &a.rstd4, dd, grads)?;
+    lin_bwd(Target::DownProj, &a.act, dd, dact, Accum::Overwrite, grads)?;
+    be.geglu_bwd(dact, &a.gate, &a.up, dgate, dup)?;
     lin_bwd(
         Target::GateProj,
         &a.xn2,
-        &dgate,
-        &mut dxn2,
+        dgate,
+        dxn2,
         Accum::Overwrite,
         grads,
     )?;
-    lin_bwd(Target::UpProj, &a.xn2, &dup, &mut dxn2, Accum::Add, grads)?;
-    drop((dgate, dup));
+    lin_bwd(Target::UpProj, &a.xn2, dup, dxn2, Accum::Add, grads)?;
     // dh1 = dout + preff_norm'(dxn2)
-    let mut dh1 = be.zeros(n * h)?;
-    norm_bwd(
-        NormKind::PreFeedforward,
-        &dxn2,
-        &a.h1,
-        &a.rstd3,
-        &mut dh1,
-        grads,
-    )?;
-    be.axpy(1.0, dout, &mut dh1)?;
-    drop(dxn2);
+    norm_bwd(NormKind::PreFeedforward, dxn2, &a.h1, &a.rstd3, dh1, grads)?;
+    be.axpy(1.0, dout, dh1)?;
 
     // h1 = x + postattn_norm(o).
-    let mut d_o = be.zeros(n * h)?;
-    norm_bwd(
-        NormKind::PostAttention,
-        &dh1,
-        &a.o,
-        &a.rstd2,
-        &mut d_o,
-        grads,
-    )?;
-    let mut dao = be.zeros(n * qd)?;
-    lin_bwd(
-        Target::OProj,
-        &a.ao,
-        &d_o,
-        &mut dao,
-        Accum::Overwrite,
-        grads,
-    )?;
-    drop(d_o);
-    let mut dq = be.zeros(n * qd)?;
-    let mut dk = be.zeros(n * kd)?;
-    let mut dv = be.zeros(n * kd)?;
+    let (d_o, dxn1) = (dnorm_in, dxn);
+    norm_bwd(NormKind::PostAttention, dh1, &a.o, &a.rstd2, d_o, grads)?;
+    lin_bwd(Target::OProj, &a.ao, d_o, dao, Accum::Overwrite, grads)?;
     be.attn_bwd(
         &a.q,
         &a.k,
@@ -144,28 +151,18 @@ pub(crate) fn layer_bwd<B: Backend>(
         ctx.seg,
         &a.ao,
         &a.lse,
-        &dao,
-        &mut dq,
-        &mut dk,
-        &mut dv,
+        dao,
+        dq,
+        dk,
+        dv,
         &ctx.attn_shape(li, ctx.t),
     )?;
-    drop(dao);
-    ctx.rope_qk(&mut dq, &mut dk, true)?;
-    let mut dxn1 = be.zeros(n * h)?;
-    lin_bwd(
-        Target::QProj,
-        &a.xn1,
-        &dq,
-        &mut dxn1,
-        Accum::Overwrite,
-        grads,
-    )?;
-    lin_bwd(Target::KProj, &a.xn1, &dk, &mut dxn1, Accum::Add, grads)?;
-    lin_bwd(Target::VProj, &a.xn1, &dv, &mut dxn1, Accum::Add, grads)?;
-    drop((dq, dk, dv));
+    ctx.rope_qk(dq, dk, true)?;
+    lin_bwd(Target::QProj, &a.xn1, dq, dxn1, Accum::Overwrite, grads)?;
+    lin_bwd(Target::KProj, &a.xn1, dk, dxn1, Accum::Add, grads)?;
+    lin_bwd(Target::VProj, &a.xn1, dv, dxn1, Accum::Add, grads)?;
     // dx = dh1 + input_norm'(dxn1)
-    norm_bwd(NormKind::Input, &dxn1, x, &a.rstd1, dx, grads)?;
-    be.axpy(1.0, &dh1, dx)?;
+    norm_bwd(NormKind::Input, dxn1, x, &a.rstd1, dx, grads)?;
+    be.axpy(1.0, dh1, dx)?;
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! The decoder-layer forward that training, evaluation and KV-cache decoding all run.
 
-use afinar_kernels::{Backend, Storage};
+use afinar_kernels::Backend;
 
 use super::linear::linear_fwd;
 use super::{Ctx, Kv, LayerActs};
@@ -9,7 +9,12 @@ use crate::lora::Target;
 use crate::params::{Layer, NormKind};
 
 /// Forward of layer `li` on x [N,H], attending to the keys and values `kv` names; writes out [N,H] and
-/// returns the activations the backward reads (callers outside training drop them).
+/// every activation the backward reads into `a` (callers outside training reuse one `a` for all layers
+/// and ignore it).
+///
+/// Every buffer of `a` is overwritten before it is read (each op below *writes* its outputs), so `a`
+/// may hold any earlier layer's values: the checkpointed backward recomputes all layers into one
+/// workspace, which gives the same bits as fresh buffers.
 pub(crate) fn layer_fwd<B: Backend>(
     ctx: &Ctx<'_, B>,
     layer: &Layer<B>,
@@ -17,75 +22,19 @@ pub(crate) fn layer_fwd<B: Backend>(
     x: &B::Buf,
     kv: Kv<'_, B>,
     out: &mut B::Buf,
-) -> Result<LayerActs<B>> {
+    a: &mut LayerActs<B>,
+) -> Result<()> {
     let be = ctx.backend;
-    let cfg = ctx.cfg;
     let n = ctx.n();
-    let (h, qd, kd, i) = ctx.widths();
+    let (h, _, kd, _) = ctx.widths();
     let eps = ctx.eps();
     let lin = |t: Target| layer.linear(t);
-    // y = norm `kind`(xin); returns its rstd [N] (f32) for the backward.
-    let norm_fwd = |kind: NormKind, xin: &B::Buf, y: &mut B::Buf| -> Result<B::Buf> {
-        let mut rstd = be.zeros_for(n, Storage::Master)?;
-        be.rmsnorm_fwd(xin, layer.norm(kind), y, &mut rstd, n, h, eps)?;
-        Ok(rstd)
-    };
-
-    // Attention block.
-    let mut xn1 = be.zeros(n * h)?;
-    let rstd1 = norm_fwd(NormKind::Input, x, &mut xn1)?;
-    let mut q = be.zeros(n * qd)?;
-    let mut k = be.zeros(n * kd)?;
-    let mut v = be.zeros(n * kd)?;
-    let sq = linear_fwd(ctx, lin(Target::QProj), li, &xn1, &mut q)?;
-    let sk = linear_fwd(ctx, lin(Target::KProj), li, &xn1, &mut k)?;
-    let sv = linear_fwd(ctx, lin(Target::VProj), li, &xn1, &mut v)?;
-    ctx.rope_qk(&mut q, &mut k, false)?;
-    let (kk, vv, tk) = match kv {
-        Kv::Chunk => (&k, &v, ctx.t),
-        Kv::Cache(c) => {
-            if ctx.b != 1 || ctx.seg.is_some() {
-                return Err(GemmaError::Invalid(
-                    "internal: a KV cache holds one unpacked sequence (B = 1, no segments)".into(),
-                ));
-            }
-            c.extend(be, &k, &v, n, kd)?
-        }
-    };
-    let mut ao = be.zeros(n * qd)?;
-    let mut lse = be.zeros_for(ctx.b * cfg.num_attention_heads * ctx.t, Storage::Master)?;
-    be.attn_fwd(
-        &q,
-        kk,
-        vv,
-        ctx.seg,
-        &mut ao,
-        &mut lse,
-        &ctx.attn_shape(li, tk),
-    )?;
-    let mut o = be.zeros(n * h)?;
-    let so = linear_fwd(ctx, lin(Target::OProj), li, &ao, &mut o)?;
-    // h1 = x + post_attention_layernorm(o)
-    let mut h1 = be.zeros(n * h)?;
-    let rstd2 = norm_fwd(NormKind::PostAttention, &o, &mut h1)?;
-    be.axpy(1.0, x, &mut h1)?;
-
-    // MLP block.
-    let mut xn2 = be.zeros(n * h)?;
-    let rstd3 = norm_fwd(NormKind::PreFeedforward, &h1, &mut xn2)?;
-    let mut gate = be.zeros(n * i)?;
-    let mut up = be.zeros(n * i)?;
-    let sg = linear_fwd(ctx, lin(Target::GateProj), li, &xn2, &mut gate)?;
-    let su = linear_fwd(ctx, lin(Target::UpProj), li, &xn2, &mut up)?;
-    let mut act = be.zeros(n * i)?;
-    be.geglu_fwd(&gate, &up, &mut act)?;
-    let mut d = be.zeros(n * h)?;
-    let sd = linear_fwd(ctx, lin(Target::DownProj), li, &act, &mut d)?;
-    // out = h1 + post_feedforward_layernorm(d)
-    let rstd4 = norm_fwd(NormKind::PostFeedforward, &d, out)?;
-    be.axpy(1.0, &h1, out)?;
-
-    Ok(LayerActs {
+    // y = norm `kind`(xin), its rstd [N] (f32) into `rstd` for the backward.
+    let norm_fwd =
+        |kind: NormKind, xin: &B::Buf, y: &mut B::Buf, rstd: &mut B::Buf| -> Result<()> {
+            Ok(be.rmsnorm_fwd(xin, layer.norm(kind), y, rstd, n, h, eps)?)
+        };
+    let LayerActs {
         xn1,
         rstd1,
         q,
@@ -104,5 +53,39 @@ pub(crate) fn layer_fwd<B: Backend>(
         d,
         rstd4,
         lin: [sq, sk, sv, so, sg, su, sd],
-    })
+    } = a;
+
+    // Attention block.
+    norm_fwd(NormKind::Input, x, xn1, rstd1)?;
+    linear_fwd(ctx, lin(Target::QProj), li, xn1, q, sq)?;
+    linear_fwd(ctx, lin(Target::KProj), li, xn1, k, sk)?;
+    linear_fwd(ctx, lin(Target::VProj), li, xn1, v, sv)?;
+    ctx.rope_qk(q, k, false)?;
+    let (kk, vv, tk) = match kv {
+        Kv::Chunk => (&*k, &*v, ctx.t),
+        Kv::Cache(c) => {
+            if ctx.b != 1 || ctx.seg.is_some() {
+                return Err(GemmaError::Invalid(
+                    "internal: a KV cache holds one unpacked sequence (B = 1, no segments)".into(),
+                ));
+            }
+            c.extend(be, k, v, n, kd)?
+        }
+    };
+    be.attn_fwd(q, kk, vv, ctx.seg, ao, lse, &ctx.attn_shape(li, tk))?;
+    linear_fwd(ctx, lin(Target::OProj), li, ao, o, so)?;
+    // h1 = x + post_attention_layernorm(o)
+    norm_fwd(NormKind::PostAttention, o, h1, rstd2)?;
+    be.axpy(1.0, x, h1)?;
+
+    // MLP block.
+    norm_fwd(NormKind::PreFeedforward, h1, xn2, rstd3)?;
+    linear_fwd(ctx, lin(Target::GateProj), li, xn2, gate, sg)?;
+    linear_fwd(ctx, lin(Target::UpProj), li, xn2, up, su)?;
+    be.geglu_fwd(gate, up, act)?;
+    linear_fwd(ctx, lin(Target::DownProj), li, act, d, sd)?;
+    // out = h1 + post_feedforward_layernorm(d)
+    norm_fwd(NormKind::PostFeedforward, d, out, rstd4)?;
+    be.axpy(1.0, h1, out)?;
+    Ok(())
 }

@@ -9,21 +9,50 @@ use crate::grads::Grads;
 use crate::lora::dropout_stream;
 use crate::params::{Linear, LinearBase, ParamId};
 
-/// What one linear's forward saved: the LoRA activation xa = drop(x)·Aᵀ [N,R] and the dropout mask [N,in].
-#[derive(Default)]
+/// What one linear's forward saved: the LoRA activation xa = drop(x)·Aᵀ [N,R] and the dropout mask
+/// [N,in] (None without an adapter, outside training, or, for the mask, without dropout). A forward
+/// reuses the buffers an earlier forward of the same shape left here.
 pub(crate) struct LinSaved<B: Backend> {
     xa: Option<B::Buf>,
     mask: Option<B::Buf>,
 }
 
-/// y [N,out] = x [N,in]·Wᵀ (+ LoRA). Returns what the backward needs (nothing outside training).
+// By hand: a derive would ask for `B: Default`.
+impl<B: Backend> Default for LinSaved<B> {
+    fn default() -> Self {
+        Self {
+            xa: None,
+            mask: None,
+        }
+    }
+}
+
+/// `slot`'s buffer when it has `len` elements, else a fresh one of `len` (f32 master storage) put in
+/// `slot`. The caller overwrites it.
+fn reuse<'s, B: Backend>(
+    be: &B,
+    slot: &'s mut Option<B::Buf>,
+    len: usize,
+) -> Result<&'s mut B::Buf> {
+    if slot.as_ref().is_some_and(|b| be.len(b) != len) {
+        *slot = None;
+    }
+    match slot {
+        Some(buf) => Ok(buf),
+        None => Ok(slot.insert(be.zeros_for(len, Storage::Master)?)),
+    }
+}
+
+/// y [N,out] = x [N,in]·Wᵀ (+ LoRA). Fills `saved` with what the backward needs (nothing outside
+/// training).
 pub(super) fn linear_fwd<B: Backend>(
     ctx: &Ctx<'_, B>,
     lin: &Linear<B>,
     layer: usize,
     x: &B::Buf,
     y: &mut B::Buf,
-) -> Result<LinSaved<B>> {
+    saved: &mut LinSaved<B>,
+) -> Result<()> {
     let be = ctx.backend;
     let m = ctx.n();
     let lora = lin.lora.as_ref().filter(|_| ctx.train);
@@ -47,28 +76,28 @@ pub(super) fn linear_fwd<B: Backend>(
             lin.in_features,
             lin.out_features,
         )?;
-        return Ok(LinSaved {
-            xa: None,
-            mask: None,
-        });
+        saved.xa = None;
+        saved.mask = None;
+        return Ok(());
     };
     // The mask holds 0 or 1/(1−p), which bf16 cannot represent (p = 0.1: 1.111… → 1.109): f32. The
     // adapter path runs in f32 as in peft (x is cast to the adapter's dtype), so xa is f32 too.
     // Generated on the backend from (seed, layer, target) by a counter-based hash: no host draw and no
-    // upload per forward (`lora::dropout_mask` is the same mask on the host).
-    let mask = if lo.dropout > 0.0 {
-        let mut mk = be.zeros_for(m * lin.in_features, Storage::Master)?;
+    // upload per forward (`lora::dropout_mask` is the same mask on the host). It overwrites the whole
+    // buffer, so a reused one gives the same bits.
+    let LinSaved { xa, mask } = saved;
+    if lo.dropout > 0.0 {
+        let mk = reuse(be, mask, m * lin.in_features)?;
         be.dropout_mask(
-            &mut mk,
+            mk,
             lo.dropout,
             ctx.dropout_seed,
             dropout_stream(layer, lin.target),
         )?;
-        Some(mk)
     } else {
-        None
-    };
-    let mut xa = be.zeros_for(m * lo.r, Storage::Master)?;
+        *mask = None;
+    }
+    let xa = reuse(be, xa, m * lo.r)?;
     let lref = LoraRef {
         a: &lo.a,
         b: &lo.b,
@@ -76,17 +105,18 @@ pub(super) fn linear_fwd<B: Backend>(
         scale: lo.scale,
         mask: mask.as_ref(),
     };
+    // Writes y and xa (whatever a reused xa held).
     be.lora_fwd(
         x,
         lin.weight(),
         Some(lref),
         y,
-        Some(&mut xa),
+        Some(xa),
         m,
         lin.in_features,
         lin.out_features,
     )?;
-    Ok(LinSaved { xa: Some(xa), mask })
+    Ok(())
 }
 
 /// Two distinct gradient buffers at once (LoRA A and B).
@@ -223,7 +253,8 @@ mod tests {
         };
         let run = |layer: usize| {
             let mut y = vec![f32::NAN; m * n];
-            let saved = linear_fwd(&ctx, &lin, layer, &x, &mut y).unwrap();
+            let mut saved = LinSaved::default();
+            linear_fwd(&ctx, &lin, layer, &x, &mut y, &mut saved).unwrap();
             (y, saved.mask.expect("dropout on: a mask is saved"))
         };
         let (y, mask) = run(2);

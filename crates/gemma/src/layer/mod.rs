@@ -31,13 +31,13 @@ mod backward;
 mod forward;
 mod linear;
 
-use afinar_kernels::{AttnShape, Backend};
+use afinar_kernels::{AttnShape, Backend, Storage};
 
 use crate::config::Gemma2Config;
 use crate::error::Result;
 use crate::kv_cache::LayerCache;
 
-pub(crate) use backward::layer_bwd;
+pub(crate) use backward::{layer_bwd, BwdScratch};
 pub(crate) use forward::layer_fwd;
 use linear::LinSaved;
 
@@ -126,7 +126,9 @@ pub(crate) enum Kv<'c, B: Backend> {
     Cache(&'c mut LayerCache<B>),
 }
 
-/// Everything the layer backward reads (the layer input x is kept by the caller).
+/// Everything the layer backward reads (the layer input x is kept by the caller). Also the forward's
+/// workspace: `layer_fwd` overwrites every buffer, so one `LayerActs` serves all layers of a pass
+/// that keeps nothing (evaluation, decoding, the checkpointed training forward and its recompute).
 pub(crate) struct LayerActs<B: Backend> {
     xn1: B::Buf,
     rstd1: B::Buf,
@@ -148,4 +150,37 @@ pub(crate) struct LayerActs<B: Backend> {
     rstd4: B::Buf,
     /// Per linear, indexed by `Target::index()` (q, k, v, o, gate, up, down).
     lin: [LinSaved<B>; 7],
+}
+
+impl<B: Backend> LayerActs<B> {
+    /// Buffers for one layer of `ctx` (N rows): activations [N, width] in activation storage, the
+    /// per-row statistics rstd [N] and lse [B,NH,T] in f32 (see the module doc). Each linear's LoRA xa
+    /// and dropout mask are allocated by its first forward (their shapes depend on the adapter).
+    pub(crate) fn new(ctx: &Ctx<'_, B>) -> Result<Self> {
+        let be = ctx.backend;
+        let n = ctx.n();
+        let (h, qd, kd, i) = ctx.widths();
+        let act = |w: usize| be.zeros(n * w);
+        let stat = |len: usize| be.zeros_for(len, Storage::Master);
+        Ok(Self {
+            xn1: act(h)?,
+            rstd1: stat(n)?,
+            q: act(qd)?,
+            k: act(kd)?,
+            v: act(kd)?,
+            ao: act(qd)?,
+            lse: stat(ctx.b * ctx.cfg.num_attention_heads * ctx.t)?,
+            o: act(h)?,
+            rstd2: stat(n)?,
+            h1: act(h)?,
+            xn2: act(h)?,
+            rstd3: stat(n)?,
+            gate: act(i)?,
+            up: act(i)?,
+            act: act(i)?,
+            d: act(h)?,
+            rstd4: stat(n)?,
+            lin: Default::default(),
+        })
+    }
 }

@@ -240,6 +240,7 @@ impl<B: Backend> Gemma2Model<B> {
             lora: opts.lora.clone(),
             full_finetune: opts.full_finetune,
             checkpointing: false,
+            train_ws: Default::default(),
         })
     }
 }

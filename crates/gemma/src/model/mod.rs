@@ -16,7 +16,7 @@
 mod load;
 mod passes;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use afinar_kernels::{Backend, Nf4Tensor, Storage};
 
@@ -43,11 +43,22 @@ pub struct Gemma2Model<B: Backend> {
     /// Base weights are trainable.
     pub full_finetune: bool,
     /// Per-layer activation checkpointing: keep only layer inputs in the forward and recompute each layer
-    /// in the backward. Gradients are identical either way; memory drops from O(L·acts) to O(L·N·H + acts).
+    /// but the last (whose activations the forward leaves in the workspace) in the backward. Gradients
+    /// are identical either way; memory drops from O(L·acts) to O(L·N·H + acts).
     pub checkpointing: bool,
+    /// The training pass's buffers, kept from one `forward_backward` to the next (see
+    /// `passes::TrainWorkspace`); `release_workspace` frees them.
+    pub(crate) train_ws: Mutex<Option<passes::TrainWorkspace<B>>>,
 }
 
 impl<B: Backend> Gemma2Model<B> {
+    /// Frees the activation buffers `forward_backward` keeps between calls (all layers' activations
+    /// without checkpointing, the layer inputs and one layer's with it): call it when training is over
+    /// and the memory is wanted for something else. The next `forward_backward` allocates them again.
+    pub fn release_workspace(&self) {
+        *self.train_ws.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
     /// The backend this model runs on (clone the Arc to run the optimizer while borrowing parameters).
     pub fn backend(&self) -> &Arc<B> {
         &self.backend

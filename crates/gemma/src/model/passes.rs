@@ -6,10 +6,50 @@ use afinar_kernels::{Accum, Backend, Storage};
 use crate::batch::{Batch, DeviceBatch};
 use crate::error::{GemmaError, Result};
 use crate::grads::Grads;
-use crate::layer::{layer_bwd, layer_fwd, Ctx, Kv};
+use crate::layer::{layer_bwd, layer_fwd, BwdScratch, Ctx, Kv, LayerActs};
 use crate::params::ParamId;
 
 use super::Gemma2Model;
+
+/// The buffers of one training pass that `forward_backward` keeps for the next call with the same
+/// shape (B, T) and checkpointing mode: the layer outputs, the saved activations (every layer's
+/// without checkpointing, one layer's workspace with it) and the backward's gradient buffers. Every
+/// one is overwritten before it is read, so a reused workspace gives the bits of fresh buffers; what
+/// it saves is allocating (and, on the CPU, page-faulting and zeroing) hundreds of MiB per step.
+pub(crate) struct TrainWorkspace<B: Backend> {
+    /// (B, T, checkpointing) it was made for.
+    key: (usize, usize, bool),
+    /// Outputs of layers 0 … L−1 [N,H] (= inputs of layers 1 … L); the embedding is made per call.
+    outs: Vec<B::Buf>,
+    /// Without checkpointing: L per-layer activations. With it: one workspace.
+    acts: Vec<LayerActs<B>>,
+    scratch: BwdScratch<B>,
+    /// With checkpointing and L > 1: where a recomputed layer writes its (unused) output [N,H].
+    recompute_out: Option<B::Buf>,
+}
+
+impl<B: Backend> TrainWorkspace<B> {
+    fn new(ctx: &Ctx<'_, B>, n_layers: usize, checkpointing: bool) -> Result<Self> {
+        let be = ctx.backend;
+        let nh = ctx.b * ctx.t * ctx.cfg.hidden_size;
+        let n_acts = if checkpointing { 1 } else { n_layers };
+        Ok(Self {
+            key: (ctx.b, ctx.t, checkpointing),
+            outs: (0..n_layers)
+                .map(|_| be.zeros(nh))
+                .collect::<std::result::Result<_, _>>()?,
+            acts: (0..n_acts)
+                .map(|_| LayerActs::new(ctx))
+                .collect::<Result<_>>()?,
+            scratch: BwdScratch::new(ctx)?,
+            recompute_out: if checkpointing && n_layers > 1 {
+                Some(be.zeros(nh)?)
+            } else {
+                None
+            },
+        })
+    }
+}
 
 impl<B: Backend> Gemma2Model<B> {
     fn upload(&self, batch: &Batch) -> Result<DeviceBatch<B>> {
@@ -54,8 +94,10 @@ impl<B: Backend> Gemma2Model<B> {
         let (n, h) = (batch.tokens(), self.config.hidden_size);
         let mut x = self.embed(&dev.ids, n)?;
         let mut next = be.zeros(n * h)?;
+        // One workspace for all layers: nothing is kept (see `LayerActs`).
+        let mut ws = LayerActs::new(&ctx)?;
         for (li, layer) in self.layers.iter().enumerate() {
-            layer_fwd(&ctx, layer, li, &x, Kv::Chunk, &mut next)?;
+            layer_fwd(&ctx, layer, li, &x, Kv::Chunk, &mut next, &mut ws)?;
             std::mem::swap(&mut x, &mut next);
         }
         let mut rstd = be.zeros_for(n, Storage::Master)?;
@@ -130,6 +172,9 @@ impl<B: Backend> Gemma2Model<B> {
     ///
     /// For "loss normalised by the trained tokens of the whole accumulation window", pass
     /// grad_scale = 1 / (tokens in the window).
+    ///
+    /// The activation buffers stay with the model for the next call of the same shape (see
+    /// [`Gemma2Model::release_workspace`]).
     pub fn forward_backward(
         &self,
         batch: &Batch,
@@ -141,30 +186,60 @@ impl<B: Backend> Gemma2Model<B> {
         }
         let dev = self.upload(batch)?;
         let ctx = self.ctx(batch, &dev, true);
+        // The workspace of the previous call when it fits, else a new one (the old one freed first);
+        // put back at the end. A failed pass drops it.
+        let key = (batch.b, batch.t, self.checkpointing);
+        let kept = self
+            .train_ws
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .filter(|ws| ws.key == key);
+        let mut ws = match kept {
+            Some(ws) => ws,
+            None => TrainWorkspace::new(&ctx, self.layers.len(), self.checkpointing)?,
+        };
+        let (sum, count) = self.train_pass(&ctx, &dev, &mut ws, grad_scale, grads)?;
+        *self.train_ws.lock().unwrap_or_else(|e| e.into_inner()) = Some(ws);
+        Ok((sum, count))
+    }
+
+    /// `forward_backward` in the workspace `ws` (made for this batch's shape and checkpointing mode).
+    fn train_pass(
+        &self,
+        ctx: &Ctx<'_, B>,
+        dev: &DeviceBatch<B>,
+        ws: &mut TrainWorkspace<B>,
+        grad_scale: f32,
+        grads: &mut Grads<B>,
+    ) -> Result<(f64, usize)> {
         let be = &*self.backend;
         let cfg = &self.config;
-        let (n, h, v) = (batch.tokens(), cfg.hidden_size, cfg.vocab_size);
+        let (n, h, v) = (ctx.b * ctx.t, cfg.hidden_size, cfg.vocab_size);
         let full = self.full_finetune;
         let eps = cfg.rms_norm_eps as f32;
+        let n_layers = self.layers.len();
+        let TrainWorkspace {
+            outs,
+            acts,
+            scratch,
+            recompute_out,
+            ..
+        } = ws;
 
-        // Forward: xs[l] is the input of layer l (xs[L] the last output). Without checkpointing the saved
-        // activations of every layer are kept; with it they are dropped and recomputed in the backward.
-        let mut xs: Vec<B::Buf> = Vec::with_capacity(self.layers.len() + 1);
-        xs.push(self.embed(&dev.ids, n)?);
-        let mut acts = Vec::with_capacity(if self.checkpointing {
-            0
-        } else {
-            self.layers.len()
-        });
+        // Forward. Layer l reads x_l (x_0 = the embedding, x_l = outs[l−1]) and writes outs[l].
+        // Without checkpointing every layer saves its activations in acts[l]. With it, all layers run in
+        // the one workspace acts[0], which ends up holding the last layer's activations: the backward
+        // uses those as they are and recomputes only layers L−2 … 0 into it (the same inputs and
+        // dropout masks give the same bits), so checkpointing costs L − 1 layer forwards, not L.
+        let x0 = self.embed(&dev.ids, n)?;
         for (li, layer) in self.layers.iter().enumerate() {
-            let mut out = be.zeros(n * h)?;
-            let a = layer_fwd(&ctx, layer, li, &xs[li], Kv::Chunk, &mut out)?;
-            if !self.checkpointing {
-                acts.push(a);
-            }
-            xs.push(out);
+            let (done, rest) = outs.split_at_mut(li);
+            let x = done.last().unwrap_or(&x0);
+            let a = &mut acts[if self.checkpointing { 0 } else { li }];
+            layer_fwd(ctx, layer, li, x, Kv::Chunk, &mut rest[0], a)?;
         }
-        let last = &xs[self.layers.len()];
+        let last = outs.last().unwrap_or(&x0);
         let mut xf = be.zeros(n * h)?;
         let mut rstdf = be.zeros_for(n, Storage::Master)?;
         be.rmsnorm_fwd(last, &self.norm, &mut xf, &mut rstdf, n, h, eps)?;
@@ -203,21 +278,24 @@ impl<B: Backend> Gemma2Model<B> {
         }
         drop(dxf);
 
-        // Backward through the layers, last to first.
+        // Backward through the layers, last to first, in one set of gradient buffers.
         let mut dnext = be.zeros(n * h)?;
-        for li in (0..self.layers.len()).rev() {
+        for li in (0..n_layers).rev() {
             let layer = &self.layers[li];
-            let x = &xs[li];
-            if self.checkpointing {
-                let mut scratch = be.zeros(n * h)?;
-                let a = layer_fwd(&ctx, layer, li, x, Kv::Chunk, &mut scratch)?;
-                layer_bwd(&ctx, layer, li, x, &a, &dh, &mut dnext, grads, full)?;
+            let x = if li == 0 { &x0 } else { &outs[li - 1] };
+            let a = if self.checkpointing {
+                let a = &mut acts[0];
+                if li + 1 < n_layers {
+                    let out = recompute_out.as_mut().ok_or_else(|| {
+                        GemmaError::Invalid("internal: no recompute buffer".into())
+                    })?;
+                    layer_fwd(ctx, layer, li, x, Kv::Chunk, out, a)?;
+                }
+                &acts[0]
             } else {
-                let a = acts.pop().ok_or_else(|| {
-                    GemmaError::Invalid("internal: missing saved activations".into())
-                })?;
-                layer_bwd(&ctx, layer, li, x, &a, &dh, &mut dnext, grads, full)?;
-            }
+                &acts[li]
+            };
+            layer_bwd(ctx, layer, li, x, a, &dh, &mut dnext, grads, full, scratch)?;
             std::mem::swap(&mut dh, &mut dnext);
         }
         if full {

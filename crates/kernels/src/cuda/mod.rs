@@ -6,7 +6,7 @@
 //! then marshal arguments and launch; `impl Backend for Cuda` (backend.rs) only delegates to them.
 //! Shared pieces: this file (buffer types, device setup, kernel module loading), memory.rs (host ⇄
 //! device), reduce.rs (deterministic f64 sums for `sum_squares` and the losses), adamw_paged.rs (the
-//! paged optimizer), args.rs (kernel argument types; the typed launch methods themselves are generated
+//! paged optimizer), profile.rs (the CUDA-event clock of `crate::profile`), args.rs (kernel argument types; the typed launch methods themselves are generated
 //! from the declarations in `crate::abi`), compile.rs (NVRTC and the CUBIN cache).
 //!
 //! - Kernels: `kernels/*.cu`, embedded, compiled at first use by NVRTC for the device's compute
@@ -52,6 +52,7 @@ mod lm_head;
 mod lora;
 mod memory;
 mod nf4;
+mod profile;
 mod reduce;
 mod rmsnorm;
 mod rope;

@@ -11,6 +11,7 @@ use afinar_data::{
 use afinar_gemma::generate::{generate, GenerateOptions};
 use afinar_gemma::{Gemma2Model, LoadOptions, Quantization};
 use afinar_kernels::cpu::Cpu;
+use afinar_kernels::Backend;
 use serde::Serialize;
 
 use crate::train::{evaluate, Result, TrainError};
@@ -18,6 +19,16 @@ use crate::train::{evaluate, Result, TrainError};
 /// Loads `model_dir` on the CPU, NF4-quantizing the seven projections when asked, then applies the PEFT
 /// adapter in `adapter` (if any).
 pub fn load_model(model_dir: &Path, adapter: Option<&Path>, nf4: bool) -> Result<Gemma2Model<Cpu>> {
+    load_model_on(Arc::new(Cpu::new()), model_dir, adapter, nf4)
+}
+
+/// [`load_model`] on any backend (e.g. a profiled CPU, see `crate::profile`).
+pub fn load_model_on<B: Backend>(
+    backend: Arc<B>,
+    model_dir: &Path,
+    adapter: Option<&Path>,
+    nf4: bool,
+) -> Result<Gemma2Model<B>> {
     let opts = LoadOptions {
         quantize: if nf4 {
             Quantization::Nf4 { double_quant: true }
@@ -26,7 +37,7 @@ pub fn load_model(model_dir: &Path, adapter: Option<&Path>, nf4: bool) -> Result
         },
         ..Default::default()
     };
-    let mut model = Gemma2Model::load(Arc::new(Cpu::new()), model_dir, &opts)?;
+    let mut model = Gemma2Model::load(backend, model_dir, &opts)?;
     if let Some(a) = adapter {
         afinar_gemma::peft::load_adapter(&mut model, a)?;
     }
@@ -53,8 +64,8 @@ pub struct EvalResult {
 }
 
 /// Scores a dataset file (every record, in file order) with the training masks.
-pub fn eval_file(
-    model: &Gemma2Model<Cpu>,
+pub fn eval_file<B: Backend>(
+    model: &Gemma2Model<B>,
     tok: &TextTokenizer,
     o: &EvalOptions,
 ) -> Result<EvalResult> {
@@ -193,8 +204,8 @@ pub struct GenOutput {
 }
 
 /// Generates an answer to one prompt. Stops on EOS and on the template's end-of-turn token.
-pub fn generate_answer(
-    model: &Gemma2Model<Cpu>,
+pub fn generate_answer<B: Backend>(
+    model: &Gemma2Model<B>,
     tok: &TextTokenizer,
     template: &Template,
     prompt: &Prompt,

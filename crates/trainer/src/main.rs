@@ -11,9 +11,15 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 
+use std::sync::Arc;
+
+use afinar_kernels::cpu::Cpu;
+use afinar_kernels::profile::Profiled;
+use afinar_kernels::Backend;
 use afinar_trainer::config::Config;
 use afinar_trainer::infer::{self, EvalOptions, SampleOptions};
 use afinar_trainer::metrics::StopReason;
+use afinar_trainer::profile;
 use afinar_trainer::train::{self, Resume, TrainError, TrainOptions};
 
 #[derive(Parser)]
@@ -436,7 +442,6 @@ fn cmd_eval(a: EvalArgs) -> Result<u8, Failure> {
         .map_err(usage)?;
     let template = a.template.parse().map_err(usage)?;
     let tok = afinar_data::TextTokenizer::from_model_dir(&a.model)?;
-    let model = infer::load_model(&a.model, a.adapter.as_deref(), nf4)?;
     let o = EvalOptions {
         data: a.data.clone(),
         format,
@@ -444,7 +449,12 @@ fn cmd_eval(a: EvalArgs) -> Result<u8, Failure> {
         max_seq_len: a.max_seq_len,
         batch_size: a.batch_size,
     };
-    let r = infer::eval_file(&model, &tok, &o)?;
+    // `AFINAR_PROFILE=1`: the whole evaluation is one profiler step.
+    let r = if profile::env_enabled() {
+        eval_on_backend(Arc::new(Profiled::new(Cpu::new())?), &a, nf4, &tok, &o)?
+    } else {
+        eval_on_backend(Arc::new(Cpu::new()), &a, nf4, &tok, &o)?
+    };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r).expect("serializes"));
     } else {
@@ -454,6 +464,19 @@ fn cmd_eval(a: EvalArgs) -> Result<u8, Failure> {
         );
     }
     Ok(0)
+}
+
+fn eval_on_backend<B: Backend>(
+    be: Arc<B>,
+    a: &EvalArgs,
+    nf4: bool,
+    tok: &afinar_data::TextTokenizer,
+    o: &EvalOptions,
+) -> Result<infer::EvalResult, Failure> {
+    let model = infer::load_model_on(be.clone(), &a.model, a.adapter.as_deref(), nf4)?;
+    let r = profile::step(&*be, || infer::eval_file(&model, tok, o))?;
+    profile::finish(&*be)?;
+    Ok(r)
 }
 
 /// Prompts from a file: JSONL records (alpaca `instruction`/`input`/`system`; `messages` up to the last user
@@ -533,7 +556,6 @@ fn cmd_generate(a: GenerateArgs) -> Result<u8, Failure> {
     };
     let tok = afinar_data::TextTokenizer::from_model_dir(&a.model)?;
     let template = afinar_data::Template::new(template_kind, &tok)?;
-    let model = infer::load_model(&a.model, a.adapter.as_deref(), nf4)?;
     let s = SampleOptions {
         max_new_tokens: a.max_new_tokens,
         temperature: a.temperature,
@@ -543,14 +565,13 @@ fn cmd_generate(a: GenerateArgs) -> Result<u8, Failure> {
         repetition_penalty: a.repetition_penalty,
         no_repeat_ngram_size: a.no_repeat_ngram_size,
     };
-    let mut outs = Vec::new();
-    for p in &prompts {
-        let g = infer::generate_answer(&model, &tok, &template, p, &s)?;
-        if !a.json {
-            println!("### {}\n{}\n", g.prompt, g.completion);
-        }
-        outs.push(g);
-    }
+    // `AFINAR_PROFILE=1`: each prompt is one profiler step.
+    let job = (&a, nf4, &tok, &template, &prompts[..], &s);
+    let outs = if profile::env_enabled() {
+        generate_on_backend(Arc::new(Profiled::new(Cpu::new())?), job)?
+    } else {
+        generate_on_backend(Arc::new(Cpu::new()), job)?
+    };
     if a.json {
         println!(
             "{}",
@@ -558,6 +579,32 @@ fn cmd_generate(a: GenerateArgs) -> Result<u8, Failure> {
         );
     }
     Ok(0)
+}
+
+type GenerateJob<'a> = (
+    &'a GenerateArgs,
+    bool,
+    &'a afinar_data::TextTokenizer,
+    &'a afinar_data::Template,
+    &'a [infer::Prompt],
+    &'a SampleOptions,
+);
+
+fn generate_on_backend<B: Backend>(
+    be: Arc<B>,
+    (a, nf4, tok, template, prompts, s): GenerateJob<'_>,
+) -> Result<Vec<infer::GenOutput>, Failure> {
+    let model = infer::load_model_on(be.clone(), &a.model, a.adapter.as_deref(), nf4)?;
+    let mut outs = Vec::new();
+    for p in prompts {
+        let g = profile::step(&*be, || infer::generate_answer(&model, tok, template, p, s))?;
+        if !a.json {
+            println!("### {}\n{}\n", g.prompt, g.completion);
+        }
+        outs.push(g);
+    }
+    profile::finish(&*be)?;
+    Ok(outs)
 }
 
 /// `--out` of merge/quantize must not hold anything yet: the export replaces its target directory

@@ -1,5 +1,6 @@
 //! The hand-written backward of one decoder layer.
 
+use afinar_kernels::profile::{self, Role};
 use afinar_kernels::{Accum, Backend};
 
 use super::linear::linear_bwd;
@@ -38,6 +39,8 @@ pub(crate) fn layer_bwd<B: Backend>(
     grads: &mut Grads<B>,
     full: bool,
 ) -> Result<()> {
+    // Profiler labels: allocations and residual adds are the layer's own; the pieces label themselves.
+    let _label = profile::layer_role(li, Role::LayerOther);
     let be = ctx.backend;
     let n = ctx.n();
     let (h, qd, kd, i) = ctx.widths();
@@ -62,6 +65,7 @@ pub(crate) fn layer_bwd<B: Backend>(
                     dxin: &mut B::Buf,
                     g: &mut Grads<B>|
      -> Result<()> {
+        let _label = profile::layer_role(li, Role::Norm);
         let dw = norm_grad(g, ParamId::Norm { layer: li, kind }, full)?;
         Ok(be.rmsnorm_bwd(dy, xin, layer.norm(kind), rstd, dxin, dw, n, h)?)
     };
@@ -88,7 +92,10 @@ pub(crate) fn layer_bwd<B: Backend>(
     drop(dd);
     let mut dgate = be.zeros(n * i)?;
     let mut dup = be.zeros(n * i)?;
-    be.geglu_bwd(&dact, &a.gate, &a.up, &mut dgate, &mut dup)?;
+    {
+        let _label = profile::layer_role(li, Role::MlpAct);
+        be.geglu_bwd(&dact, &a.gate, &a.up, &mut dgate, &mut dup)?;
+    }
     drop(dact);
     let mut dxn2 = be.zeros(n * h)?;
     lin_bwd(
@@ -134,6 +141,7 @@ pub(crate) fn layer_bwd<B: Backend>(
         grads,
     )?;
     drop(d_o);
+    let attn_label = profile::layer_role(li, Role::Attention);
     let mut dq = be.zeros(n * qd)?;
     let mut dk = be.zeros(n * kd)?;
     let mut dv = be.zeros(n * kd)?;
@@ -152,6 +160,7 @@ pub(crate) fn layer_bwd<B: Backend>(
     )?;
     drop(dao);
     ctx.rope_qk(&mut dq, &mut dk, true)?;
+    drop(attn_label);
     let mut dxn1 = be.zeros(n * h)?;
     lin_bwd(
         Target::QProj,

@@ -1,5 +1,6 @@
 //! The decoder-layer forward that training, evaluation and KV-cache decoding all run.
 
+use afinar_kernels::profile::{self, Role};
 use afinar_kernels::{Backend, Storage};
 
 use super::linear::linear_fwd;
@@ -18,6 +19,8 @@ pub(crate) fn layer_fwd<B: Backend>(
     kv: Kv<'_, B>,
     out: &mut B::Buf,
 ) -> Result<LayerActs<B>> {
+    // Profiler labels: allocations and residual adds are the layer's own; the pieces label themselves.
+    let _label = profile::layer_role(li, Role::LayerOther);
     let be = ctx.backend;
     let cfg = ctx.cfg;
     let n = ctx.n();
@@ -26,6 +29,7 @@ pub(crate) fn layer_fwd<B: Backend>(
     let lin = |t: Target| layer.linear(t);
     // y = norm `kind`(xin); returns its rstd [N] (f32) for the backward.
     let norm_fwd = |kind: NormKind, xin: &B::Buf, y: &mut B::Buf| -> Result<B::Buf> {
+        let _label = profile::layer_role(li, Role::Norm);
         let mut rstd = be.zeros_for(n, Storage::Master)?;
         be.rmsnorm_fwd(xin, layer.norm(kind), y, &mut rstd, n, h, eps)?;
         Ok(rstd)
@@ -40,6 +44,7 @@ pub(crate) fn layer_fwd<B: Backend>(
     let sq = linear_fwd(ctx, lin(Target::QProj), li, &xn1, &mut q)?;
     let sk = linear_fwd(ctx, lin(Target::KProj), li, &xn1, &mut k)?;
     let sv = linear_fwd(ctx, lin(Target::VProj), li, &xn1, &mut v)?;
+    let attn_label = profile::layer_role(li, Role::Attention);
     ctx.rope_qk(&mut q, &mut k, false)?;
     let (kk, vv, tk) = match kv {
         Kv::Chunk => (&k, &v, ctx.t),
@@ -63,6 +68,7 @@ pub(crate) fn layer_fwd<B: Backend>(
         &mut lse,
         &ctx.attn_shape(li, tk),
     )?;
+    drop(attn_label);
     let mut o = be.zeros(n * h)?;
     let so = linear_fwd(ctx, lin(Target::OProj), li, &ao, &mut o)?;
     // h1 = x + post_attention_layernorm(o)
@@ -78,7 +84,10 @@ pub(crate) fn layer_fwd<B: Backend>(
     let sg = linear_fwd(ctx, lin(Target::GateProj), li, &xn2, &mut gate)?;
     let su = linear_fwd(ctx, lin(Target::UpProj), li, &xn2, &mut up)?;
     let mut act = be.zeros(n * i)?;
-    be.geglu_fwd(&gate, &up, &mut act)?;
+    {
+        let _label = profile::layer_role(li, Role::MlpAct);
+        be.geglu_fwd(&gate, &up, &mut act)?;
+    }
     let mut d = be.zeros(n * h)?;
     let sd = linear_fwd(ctx, lin(Target::DownProj), li, &act, &mut d)?;
     // out = h1 + post_feedforward_layernorm(d)

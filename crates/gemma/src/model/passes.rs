@@ -1,6 +1,7 @@
 //! The whole-model passes: evaluation logits and loss, and the training forward + backward of one
 //! micro-batch (with optional activation checkpointing). The per-layer math is in `crate::layer`.
 
+use afinar_kernels::profile::{self, Phase, Role};
 use afinar_kernels::{Accum, Backend, Storage};
 
 use crate::batch::{Batch, DeviceBatch};
@@ -13,6 +14,7 @@ use super::Gemma2Model;
 
 impl<B: Backend> Gemma2Model<B> {
     fn upload(&self, batch: &Batch) -> Result<DeviceBatch<B>> {
+        let _label = profile::role(Role::Data);
         DeviceBatch::upload(&*self.backend, batch, self.config.vocab_size)
     }
 
@@ -32,6 +34,7 @@ impl<B: Backend> Gemma2Model<B> {
     /// x [N,H] = embedding(ids [N]) · sqrt(H), the normalizer rounded to the activation dtype (transformers
     /// casts it to the hidden states' dtype). The ids were range-checked on the host.
     pub(crate) fn embed(&self, ids: &B::Ids, n: usize) -> Result<B::Buf> {
+        let _label = profile::role(Role::Embed);
         let be = &*self.backend;
         let h = self.config.hidden_size;
         let mut x = be.zeros(n * h)?;
@@ -49,6 +52,8 @@ impl<B: Backend> Gemma2Model<B> {
     /// Embedding and all layers in inference mode (no dropout, nothing kept): the final hidden state
     /// after the final norm [N,H].
     fn final_hidden(&self, batch: &Batch, dev: &DeviceBatch<B>) -> Result<B::Buf> {
+        let _pass = profile::phase(Phase::Forward);
+        let _label = profile::role(Role::LayerOther);
         let be = &*self.backend;
         let ctx = self.ctx(batch, dev, false);
         let (n, h) = (batch.tokens(), self.config.hidden_size);
@@ -58,6 +63,7 @@ impl<B: Backend> Gemma2Model<B> {
             layer_fwd(&ctx, layer, li, &x, Kv::Chunk, &mut next)?;
             std::mem::swap(&mut x, &mut next);
         }
+        let _label = profile::role(Role::Norm);
         let mut rstd = be.zeros_for(n, Storage::Master)?;
         be.rmsnorm_fwd(
             &x,
@@ -77,6 +83,8 @@ impl<B: Backend> Gemma2Model<B> {
         let dev = self.upload(batch)?;
         let xf = self.final_hidden(batch, &dev)?;
         let be = &*self.backend;
+        let _pass = profile::phase(Phase::Forward);
+        let _label = profile::role(Role::LmHead);
         let (n, h, v) = (
             batch.tokens(),
             self.config.hidden_size,
@@ -110,6 +118,8 @@ impl<B: Backend> Gemma2Model<B> {
             self.config.vocab_size,
         );
         let cap = self.config.final_logit_softcapping.map(|c| c as f32);
+        let _pass = profile::phase(Phase::Forward);
+        let _label = profile::role(Role::LmHead);
         Ok(self.backend.lm_head_ce(
             &xf,
             &self.embed_tokens,
@@ -149,6 +159,9 @@ impl<B: Backend> Gemma2Model<B> {
 
         // Forward: xs[l] is the input of layer l (xs[L] the last output). Without checkpointing the saved
         // activations of every layer are kept; with it they are dropped and recomputed in the backward.
+        // Profiler labels: the buffers between the pieces count with the layers' own.
+        let _label = profile::role(Role::LayerOther);
+        let pass = profile::phase(Phase::Forward);
         let mut xs: Vec<B::Buf> = Vec::with_capacity(self.layers.len() + 1);
         xs.push(self.embed(&dev.ids, n)?);
         let mut acts = Vec::with_capacity(if self.checkpointing {
@@ -167,12 +180,18 @@ impl<B: Backend> Gemma2Model<B> {
         let last = &xs[self.layers.len()];
         let mut xf = be.zeros(n * h)?;
         let mut rstdf = be.zeros_for(n, Storage::Master)?;
-        be.rmsnorm_fwd(last, &self.norm, &mut xf, &mut rstdf, n, h, eps)?;
+        {
+            let _label = profile::role(Role::Norm);
+            be.rmsnorm_fwd(last, &self.norm, &mut xf, &mut rstdf, n, h, eps)?;
+        }
+        drop(pass);
+        let _pass = profile::phase(Phase::Backward);
 
         // Fused LM head + soft-capped cross-entropy: ∂/∂xf, and ∂/∂emb (tied head) in full fine-tuning.
         let cap = cfg.final_logit_softcapping.map(|c| c as f32);
         let mut dxf = be.zeros(n * h)?;
         let (sum, count) = {
+            let _label = profile::role(Role::LmHead);
             let demb = if full {
                 grads.get_mut(ParamId::Embed)
             } else {
@@ -194,6 +213,7 @@ impl<B: Backend> Gemma2Model<B> {
         drop(xf);
         let mut dh = be.zeros(n * h)?;
         {
+            let _label = profile::role(Role::Norm);
             let dw = if full {
                 grads.get_mut(ParamId::FinalNorm)
             } else {
@@ -209,8 +229,10 @@ impl<B: Backend> Gemma2Model<B> {
             let layer = &self.layers[li];
             let x = &xs[li];
             if self.checkpointing {
+                let recompute = profile::phase(Phase::Recompute);
                 let mut scratch = be.zeros(n * h)?;
                 let a = layer_fwd(&ctx, layer, li, x, Kv::Chunk, &mut scratch)?;
+                drop(recompute);
                 layer_bwd(&ctx, layer, li, x, &a, &dh, &mut dnext, grads, full)?;
             } else {
                 let a = acts.pop().ok_or_else(|| {
@@ -221,6 +243,7 @@ impl<B: Backend> Gemma2Model<B> {
             std::mem::swap(&mut dh, &mut dnext);
         }
         if full {
+            let _label = profile::role(Role::Embed);
             let demb = grads.get_mut(ParamId::Embed).ok_or_else(|| {
                 GemmaError::Invalid("gradients have no slot for the embedding".into())
             })?;

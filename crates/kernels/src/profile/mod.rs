@@ -64,7 +64,8 @@ pub enum Role {
     Norm,
     /// GeGLU.
     MlpAct,
-    /// The rest of a layer: buffer allocation and residual adds.
+    /// The rest of the layers: buffer allocation and residual adds (also the buffers the model passes
+    /// between layers).
     LayerOther,
     /// Tied LM head + soft-cap + cross-entropy (or the logits of evaluation and decoding).
     LmHead,

@@ -112,7 +112,11 @@ impl Report {
         let mut s = String::new();
         let n = self.measured_steps.max(1) as f64;
         let dev = self.timing == Timing::DeviceEvents;
-        let what = if dev { "device time (CUDA events)" } else { "wall time" };
+        let what = if dev {
+            "device time (CUDA events)"
+        } else {
+            "wall time"
+        };
         let excluded = if self.measured_steps < self.steps {
             format!(
                 "; step 1 ({:.1} ms, warm-up) left out",
@@ -200,7 +204,14 @@ impl Report {
             let list: Vec<String> = self
                 .syncs
                 .iter()
-                .map(|r| format!("{} {:.1}×/step {:.3} ms", r.name, r.calls as f64 / n, r.host_ms / n))
+                .map(|r| {
+                    format!(
+                        "{} {:.1}×/step {:.3} ms",
+                        r.name,
+                        r.calls as f64 / n,
+                        r.host_ms / n
+                    )
+                })
                 .collect();
             let _ = writeln!(s, "  syncs by op (host time per step): {}", list.join(", "));
         }
@@ -216,11 +227,7 @@ impl Report {
 }
 
 /// Sums `acc` by `group`, sorted by op time, largest first.
-fn group(
-    acc: &HashMap<Key, Acc>,
-    wall_ms: f64,
-    name: impl Fn(&Key) -> String,
-) -> Vec<Row> {
+fn group(acc: &HashMap<Key, Acc>, wall_ms: f64, name: impl Fn(&Key) -> String) -> Vec<Row> {
     let mut m: BTreeMap<String, Acc> = BTreeMap::new();
     for (k, a) in acc {
         let e = m.entry(name(k)).or_default();

@@ -66,11 +66,8 @@ fn cpu_profile_counts_labels_and_adds_up() {
     assert_eq!(r.timing, Timing::Wall);
     assert_eq!((r.steps, r.measured_steps), (3, 2));
     assert!(r.first_step_ms.unwrap() >= 5.0);
-    let calls = |rows: &[Row], name: &str| {
-        rows.iter()
-            .find(|r| r.name == name)
-            .map_or(0, |r| r.calls)
-    };
+    let calls =
+        |rows: &[Row], name: &str| rows.iter().find(|r| r.name == name).map_or(0, |r| r.calls);
     assert_eq!(calls(&r.ops, "matmul_xwt"), 4);
     assert_eq!(calls(&r.ops, "zeros"), 4);
     assert_eq!(calls(&r.ops, "sum_squares"), 2);
@@ -87,12 +84,22 @@ fn cpu_profile_counts_labels_and_adds_up() {
     // On the CPU: op time = host time in ops, and ops + gaps + step-end = wall, exactly.
     assert_eq!(r.op_ms, r.host_ops_ms);
     let total = r.op_ms + r.host_gaps_ms + r.end_sync_ms;
-    assert!((total - r.wall_ms).abs() < 1e-9 * r.wall_ms.max(1.0), "{total} vs {}", r.wall_ms);
+    assert!(
+        (total - r.wall_ms).abs() < 1e-9 * r.wall_ms.max(1.0),
+        "{total} vs {}",
+        r.wall_ms
+    );
     let shares: f64 = r.ops.iter().map(|o| o.share).sum::<f64>() + r.unaccounted_ms() / r.wall_ms;
     assert!((shares - 1.0).abs() < 1e-9, "{shares}");
     let table = r.table();
-    assert!(table.contains("matmul_xwt") && table.contains("q_proj") && table.contains("(host gaps)"), "{table}");
-    assert!(table.contains("step 1") && table.contains("warm-up"), "{table}");
+    assert!(
+        table.contains("matmul_xwt") && table.contains("q_proj") && table.contains("(host gaps)"),
+        "{table}"
+    );
+    assert!(
+        table.contains("step 1") && table.contains("warm-up"),
+        "{table}"
+    );
 }
 
 /// A device clock that reports 2 ms per op, whatever happens on the host.

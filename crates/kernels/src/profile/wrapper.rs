@@ -159,8 +159,9 @@ impl<B: Backend> Backend for Profiled<B> {
         n: usize,
         acc: Accum,
     ) -> Result<()> {
-        self.prof
-            .timed("matmul_xwt", || self.inner.matmul_xwt(x, w, y, m, k, n, acc))
+        self.prof.timed("matmul_xwt", || {
+            self.inner.matmul_xwt(x, w, y, m, k, n, acc)
+        })
     }
     fn matmul_dyw(
         &self,
@@ -172,8 +173,9 @@ impl<B: Backend> Backend for Profiled<B> {
         n: usize,
         acc: Accum,
     ) -> Result<()> {
-        self.prof
-            .timed("matmul_dyw", || self.inner.matmul_dyw(dy, w, dx, m, k, n, acc))
+        self.prof.timed("matmul_dyw", || {
+            self.inner.matmul_dyw(dy, w, dx, m, k, n, acc)
+        })
     }
     fn matmul_dytx(
         &self,
@@ -315,8 +317,9 @@ impl<B: Backend> Backend for Profiled<B> {
         lse: &mut B::Buf,
         s: &AttnShape,
     ) -> Result<()> {
-        self.prof
-            .timed("attn_fwd", || self.inner.attn_fwd(q, k, v, seg, out, lse, s))
+        self.prof.timed("attn_fwd", || {
+            self.inner.attn_fwd(q, k, v, seg, out, lse, s)
+        })
     }
     fn attn_bwd(
         &self,

@@ -3,6 +3,9 @@
 //!
 //! Exit codes: 0 success; 1 runtime failure (bad data, I/O, non-finite stop, failed inspection);
 //! 2 usage or config error (clap's own code too); 130 interrupted (a checkpoint was written).
+//!
+//! `AFINAR_PROFILE=1` profiles any command (see afinar_trainer::profile): `train` as `train.profile`
+//! does; `eval` and `generate` print the table to stderr and write `$AFINAR_PROFILE_JSON` when set.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};

@@ -6,22 +6,13 @@
 
 mod common;
 
+use common::{adapter, loss_bits};
+
 use std::process::Command;
 
 use afinar_trainer::config::{Device, Dtype};
 use afinar_trainer::train;
 use serde_json::Value;
-
-fn adapter(o: &afinar_trainer::TrainOutcome) -> Vec<u8> {
-    std::fs::read(o.run_dir.join("adapter/adapter_model.safetensors")).unwrap()
-}
-
-fn loss_bits(o: &afinar_trainer::TrainOutcome) -> Vec<u64> {
-    o.records
-        .iter()
-        .map(|r| r.loss.unwrap().to_bits())
-        .collect()
-}
 
 fn read_profile(o: &afinar_trainer::TrainOutcome) -> Value {
     let text = std::fs::read_to_string(o.run_dir.join("profile.json")).expect("profile.json");

@@ -5,7 +5,7 @@
 //! profile.json (all times in ms, totals over the measured steps; `share` is of their wall time):
 //! `backend`, `timing` ("wall" or "device-events"), `steps`, `measured_steps`, `first_step_ms`,
 //! `step_ms` (mean wall time of a measured step), `totals` {`wall_ms`, `op_ms` (device busy, or time in
-//! ops on the CPU), `unaccounted_ms` (device idle, or host gaps on the CPU), `host_ops_ms`,
+//! ops on the CPU), `linear_ms` (the seven projections, every pass), `unaccounted_ms` (device idle, or host gaps on the CPU), `host_ops_ms`,
 //! `host_gaps_ms`, `end_sync_ms`, `sync_calls`, `sync_host_ms`}, and the groupings `ops`, `roles`,
 //! `phases`, `layers`, `syncs` (rows {`name`, `calls`, `ms`, `mean_us`, `host_ms`, `share`}), `detail`
 //! (rows {`op`, `role`, `phase`, `calls`, `ms`, `host_ms`}), `outside_steps` {`calls`, `host_ms`}.
@@ -48,6 +48,7 @@ pub fn to_json(r: &Report) -> Value {
         "totals": {
             "wall_ms": r.wall_ms,
             "op_ms": r.op_ms,
+            "linear_ms": r.linear_ms,
             "unaccounted_ms": r.unaccounted_ms(),
             "host_ops_ms": r.host_ops_ms,
             "host_gaps_ms": r.host_gaps_ms,

@@ -176,6 +176,26 @@ fn body(device: Device, dtype: Dtype, checkpointing: bool) {
         let total = s + f(&t["unaccounted_ms"]) / wall;
         assert!((total - 1.0).abs() < 1e-6, "{group}: shares sum to {total}");
     }
+    let linear: f64 = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ]
+    .iter()
+    .map(|n| {
+        let r = p["roles"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == *n);
+        f(&r.unwrap()["ms"])
+    })
+    .sum();
+    assert!((f(&t["linear_ms"]) - linear).abs() < 1e-9 * wall);
     let host = f(&t["host_ops_ms"]) + f(&t["host_gaps_ms"]) + f(&t["end_sync_ms"]);
     assert!(
         (host - wall).abs() < 1e-6 * wall,

@@ -72,6 +72,9 @@ pub struct Report {
     pub wall_ms: f64,
     /// Σ op time (device busy; on the CPU, time in ops).
     pub op_ms: f64,
+    /// Op time of the seven projections (base + LoRA, dropout masks, their buffers; every pass):
+    /// what "the linear layers of a step" means.
+    pub linear_ms: f64,
     /// Host time inside op calls.
     pub host_ops_ms: f64,
     /// Host time between op calls (model and trainer code, the profiler's bookkeeping).
@@ -144,6 +147,12 @@ impl Report {
                 pct(self.unaccounted_ms())
             );
         }
+        let _ = writeln!(
+            s,
+            "  the seven projections {:.3} ms/step ({:.1} %)",
+            self.linear_ms / n,
+            pct(self.linear_ms)
+        );
         let _ = writeln!(
             s,
             "  host: in ops {:.3} ms/step ({:.1} %), gaps between ops {:.3} ms/step ({:.1} %), step-end sync {:.3} ms/step ({:.1} %)",
@@ -312,6 +321,11 @@ pub(super) fn build(
         first_step_ms: steps.first().map(|s| s.wall_ms),
         wall_ms,
         op_ms: sum(|s| s.ms),
+        linear_ms: acc
+            .iter()
+            .filter(|(k, _)| k.1.role.is_linear())
+            .map(|(_, a)| a.ms)
+            .sum(),
         host_ops_ms: sum(|s| s.host_ops_ms),
         host_gaps_ms: sum(|s| s.gaps_ms),
         end_sync_ms: sum(|s| s.end_sync_ms),

@@ -83,6 +83,17 @@ fn cpu_profile_counts_labels_and_adds_up() {
     assert_eq!(r.outside_calls, 2);
     // On the CPU: op time = host time in ops, and ops + gaps + step-end = wall, exactly.
     assert_eq!(r.op_ms, r.host_ops_ms);
+    let q: f64 = r
+        .roles
+        .iter()
+        .filter(|x| x.name == "q_proj")
+        .map(|x| x.ms)
+        .sum();
+    assert!(
+        (r.linear_ms - q).abs() <= 1e-12 * q.max(1.0),
+        "{} vs {q}",
+        r.linear_ms
+    );
     let total = r.op_ms + r.host_gaps_ms + r.end_sync_ms;
     assert!(
         (total - r.wall_ms).abs() < 1e-9 * r.wall_ms.max(1.0),

@@ -126,6 +126,19 @@ pub trait Backend: Send + Sync + Sized {
 
     fn name(&self) -> &'static str;
 
+    // ---- profiling (see `crate::profile`) ------------------------------------------------------
+    /// A clock on this backend's device for [`crate::profile::Profiled`]: events recorded in the
+    /// order of the backend's work. None (the default) = ops are timed by host wall time, right for a
+    /// backend whose ops finish before they return (the CPU).
+    fn device_timer(&self) -> Result<Option<Box<dyn crate::profile::DeviceTimer>>> {
+        Ok(None)
+    }
+    /// The profiler when this backend is a [`crate::profile::Profiled`] one (None otherwise): how
+    /// generic code marks steps and reads the report. Never times anything itself.
+    fn profiler(&self) -> Option<&crate::profile::Profiler> {
+        None
+    }
+
     // ---- memory -------------------------------------------------------------------------------
     /// `n` zeros in `Storage::Activation` storage (= `zeros_for(n, Storage::Activation)`).
     fn zeros(&self, n: usize) -> Result<Self::Buf>;

@@ -7,7 +7,7 @@
 //! checks, shared by both backends), then per op family `cpu/<family>.rs` (the reference),
 //! `cuda/<family>.rs` and `kernels/<family>.cu` at the repository root (kernels/README.md). `abi/`
 //! declares every CUDA kernel's parameters once; `launch.rs` plans launch geometry; `nf4/` is the
-//! NF4 format.
+//! NF4 format; `profile/` times any backend's ops (the `Profiled` wrapper).
 
 #[cfg(any(test, feature = "cuda"))]
 mod abi;
@@ -19,6 +19,7 @@ pub mod cuda;
 pub mod error;
 pub mod launch;
 pub mod nf4;
+pub mod profile;
 pub mod tolerance;
 
 pub use backend::{

@@ -19,6 +19,16 @@ use crate::train::{evaluate, Result, TrainError};
 /// Loads `model_dir` on the CPU, NF4-quantizing the seven projections when asked, then applies the PEFT
 /// adapter in `adapter` (if any).
 pub fn load_model(model_dir: &Path, adapter: Option<&Path>, nf4: bool) -> Result<Gemma2Model<Cpu>> {
+    load_model_on(Arc::new(Cpu::new()), model_dir, adapter, nf4)
+}
+
+/// [`load_model`] on any backend (e.g. a profiled CPU, see `crate::profile`).
+pub fn load_model_on<B: Backend>(
+    backend: Arc<B>,
+    model_dir: &Path,
+    adapter: Option<&Path>,
+    nf4: bool,
+) -> Result<Gemma2Model<B>> {
     let opts = LoadOptions {
         quantize: if nf4 {
             Quantization::Nf4 { double_quant: true }
@@ -27,7 +37,7 @@ pub fn load_model(model_dir: &Path, adapter: Option<&Path>, nf4: bool) -> Result
         },
         ..Default::default()
     };
-    let mut model = Gemma2Model::load(Arc::new(Cpu::new()), model_dir, &opts)?;
+    let mut model = Gemma2Model::load(backend, model_dir, &opts)?;
     if let Some(a) = adapter {
         afinar_gemma::peft::load_adapter(&mut model, a)?;
     }
@@ -327,4 +337,63 @@ pub fn init_model(tokenizer_dir: &Path, out: &Path, s: &InitShape) -> Result<()>
     };
     export_merged(&model, out, &e)?;
     Ok(())
+}
+
+/// Prompts from a file (`afinar generate --prompts`): JSONL records (alpaca `instruction`/`input`/`system`; `messages` up to the last user
+/// turn; `prompt` or `text`) or plain lines.
+pub fn read_prompts(p: &Path) -> Result<Vec<Prompt>> {
+    use afinar_data::{Message, Role};
+    let text = std::fs::read_to_string(p).map_err(|source| TrainError::Io {
+        path: p.to_path_buf(),
+        source,
+    })?;
+    let bad = TrainError::BadPrompt;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let at = || format!("{}:{}", p.display(), i + 1);
+        if !line.starts_with('{') {
+            out.push(Prompt::text(line));
+            continue;
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| bad(format!("{}: invalid JSON: {e}", at())))?;
+        let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+        if let Some(instruction) = s("instruction") {
+            out.push(Prompt::Instruction {
+                system: s("system").filter(|x| !x.is_empty()),
+                instruction,
+                input: s("input").unwrap_or_default(),
+            });
+        } else if let Some(msgs) = v.get("messages").and_then(|x| x.as_array()) {
+            let mut chat = Vec::new();
+            for m in msgs {
+                let content = m.get("content").and_then(|c| c.as_str()).unwrap_or("");
+                let role = match m.get("role").and_then(|r| r.as_str()) {
+                    Some("system") => Role::System,
+                    Some("user") => Role::User,
+                    Some("assistant") => Role::Assistant,
+                    other => return Err(bad(format!("{}: unknown role {other:?}", at()))),
+                };
+                chat.push(Message::new(role, content));
+            }
+            // Up to and including the last user turn.
+            let Some(last_user) = chat.iter().rposition(|m| m.role == Role::User) else {
+                return Err(bad(format!("{}: no user message", at())));
+            };
+            chat.truncate(last_user + 1);
+            out.push(Prompt::Chat(chat));
+        } else if let Some(t) = s("prompt").or_else(|| s("text")) {
+            out.push(Prompt::text(&t));
+        } else {
+            return Err(bad(format!(
+                "{}: expected `instruction`, `messages`, `prompt` or `text`",
+                at()
+            )));
+        }
+    }
+    Ok(out)
 }

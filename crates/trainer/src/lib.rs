@@ -6,6 +6,7 @@ pub mod config;
 pub mod loss_scale;
 pub mod metrics;
 pub mod plot;
+pub mod profile;
 pub mod progress;
 pub mod schedule;
 pub mod signal;

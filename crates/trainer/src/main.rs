@@ -3,17 +3,25 @@
 //!
 //! Exit codes: 0 success; 1 runtime failure (bad data, I/O, non-finite stop, failed inspection);
 //! 2 usage or config error (clap's own code too); 130 interrupted (a checkpoint was written).
+//!
+//! `AFINAR_PROFILE=1` profiles any command (see afinar_trainer::profile): `train` as `train.profile`
+//! does; `eval` and `generate` print the table to stderr and write `$AFINAR_PROFILE_JSON` when set.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 
+use std::sync::Arc;
+
+use afinar_kernels::cpu::Cpu;
+use afinar_kernels::profile::Profiled;
+use afinar_kernels::Backend;
 use afinar_trainer::config::Config;
 use afinar_trainer::infer::{self, EvalOptions, SampleOptions};
 use afinar_trainer::metrics::StopReason;
+use afinar_trainer::profile;
 use afinar_trainer::train::{self, Resume, TrainError, TrainOptions};
 
 #[derive(Parser)]
@@ -454,7 +462,6 @@ fn cmd_eval(a: EvalArgs) -> Result<u8, Failure> {
         .map_err(usage)?;
     let template = a.template.parse().map_err(usage)?;
     let tok = afinar_data::TextTokenizer::from_model_dir(&a.model)?;
-    let model = infer::load_model(&a.model, a.adapter.as_deref(), nf4)?;
     let o = EvalOptions {
         data,
         format,
@@ -462,7 +469,12 @@ fn cmd_eval(a: EvalArgs) -> Result<u8, Failure> {
         max_seq_len: a.max_seq_len,
         batch_size: a.batch_size,
     };
-    let r = infer::eval_file(&model, &tok, &o)?;
+    // `AFINAR_PROFILE=1`: the whole evaluation is one profiler step.
+    let r = if profile::env_enabled() {
+        eval_on_backend(Arc::new(Profiled::new(Cpu::new())?), &a, nf4, &tok, &o)?
+    } else {
+        eval_on_backend(Arc::new(Cpu::new()), &a, nf4, &tok, &o)?
+    };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r).expect("serializes"));
     } else {
@@ -499,59 +511,17 @@ fn cmd_eval_suite(a: &EvalArgs, suite: &Path, nf4: bool) -> Result<u8, Failure> 
     Ok(0)
 }
 
-/// Prompts from a file: JSONL records (alpaca `instruction`/`input`/`system`; `messages` up to the last user
-/// turn; `prompt` or `text`) or plain lines.
-fn read_prompts(p: &Path) -> anyhow::Result<Vec<infer::Prompt>> {
-    use afinar_data::{Message, Role};
-    let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() {
-            continue;
-        }
-        let at = || format!("{}:{}", p.display(), i + 1);
-        if !line.starts_with('{') {
-            out.push(infer::Prompt::text(line));
-            continue;
-        }
-        let v: serde_json::Value =
-            serde_json::from_str(line).with_context(|| format!("{}: invalid JSON", at()))?;
-        let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
-        if let Some(instruction) = s("instruction") {
-            out.push(infer::Prompt::Instruction {
-                system: s("system").filter(|x| !x.is_empty()),
-                instruction,
-                input: s("input").unwrap_or_default(),
-            });
-        } else if let Some(msgs) = v.get("messages").and_then(|x| x.as_array()) {
-            let mut chat = Vec::new();
-            for m in msgs {
-                let content = m.get("content").and_then(|c| c.as_str()).unwrap_or("");
-                let role = match m.get("role").and_then(|r| r.as_str()) {
-                    Some("system") => Role::System,
-                    Some("user") => Role::User,
-                    Some("assistant") => Role::Assistant,
-                    other => bail!("{}: unknown role {other:?}", at()),
-                };
-                chat.push(Message::new(role, content));
-            }
-            // Up to and including the last user turn.
-            let Some(last_user) = chat.iter().rposition(|m| m.role == Role::User) else {
-                bail!("{}: no user message", at());
-            };
-            chat.truncate(last_user + 1);
-            out.push(infer::Prompt::Chat(chat));
-        } else if let Some(t) = s("prompt").or_else(|| s("text")) {
-            out.push(infer::Prompt::text(&t));
-        } else {
-            bail!(
-                "{}: expected `instruction`, `messages`, `prompt` or `text`",
-                at()
-            );
-        }
-    }
-    Ok(out)
+fn eval_on_backend<B: Backend>(
+    be: Arc<B>,
+    a: &EvalArgs,
+    nf4: bool,
+    tok: &afinar_data::TextTokenizer,
+    o: &EvalOptions,
+) -> Result<infer::EvalResult, Failure> {
+    let model = infer::load_model_on(be.clone(), &a.model, a.adapter.as_deref(), nf4)?;
+    let r = profile::step(&*be, || infer::eval_file(&model, tok, o))?;
+    profile::finish(&*be)?;
+    Ok(r)
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<u8, Failure> {
@@ -567,7 +537,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<u8, Failure> {
     let template_kind: afinar_data::TemplateKind = a.template.parse().map_err(usage)?;
     let prompts = match (&a.prompt, &a.prompts) {
         (Some(p), _) => vec![infer::Prompt::text(p)],
-        (None, Some(f)) => read_prompts(f).map_err(usage)?,
+        (None, Some(f)) => infer::read_prompts(f).map_err(usage)?,
         (None, None) => {
             return Err(usage(anyhow::anyhow!(
                 "give --prompt TEXT or --prompts FILE"
@@ -576,7 +546,6 @@ fn cmd_generate(a: GenerateArgs) -> Result<u8, Failure> {
     };
     let tok = afinar_data::TextTokenizer::from_model_dir(&a.model)?;
     let template = afinar_data::Template::new(template_kind, &tok)?;
-    let model = infer::load_model(&a.model, a.adapter.as_deref(), nf4)?;
     let s = SampleOptions {
         max_new_tokens: a.max_new_tokens,
         temperature: a.temperature,
@@ -586,14 +555,13 @@ fn cmd_generate(a: GenerateArgs) -> Result<u8, Failure> {
         repetition_penalty: a.repetition_penalty,
         no_repeat_ngram_size: a.no_repeat_ngram_size,
     };
-    let mut outs = Vec::new();
-    for p in &prompts {
-        let g = infer::generate_answer(&model, &tok, &template, p, &s)?;
-        if !a.json {
-            println!("### {}\n{}\n", g.prompt, g.completion);
-        }
-        outs.push(g);
-    }
+    // `AFINAR_PROFILE=1`: each prompt is one profiler step.
+    let job = (&a, nf4, &tok, &template, &prompts[..], &s);
+    let outs = if profile::env_enabled() {
+        generate_on_backend(Arc::new(Profiled::new(Cpu::new())?), job)?
+    } else {
+        generate_on_backend(Arc::new(Cpu::new()), job)?
+    };
     if a.json {
         println!(
             "{}",
@@ -601,6 +569,32 @@ fn cmd_generate(a: GenerateArgs) -> Result<u8, Failure> {
         );
     }
     Ok(0)
+}
+
+type GenerateJob<'a> = (
+    &'a GenerateArgs,
+    bool,
+    &'a afinar_data::TextTokenizer,
+    &'a afinar_data::Template,
+    &'a [infer::Prompt],
+    &'a SampleOptions,
+);
+
+fn generate_on_backend<B: Backend>(
+    be: Arc<B>,
+    (a, nf4, tok, template, prompts, s): GenerateJob<'_>,
+) -> Result<Vec<infer::GenOutput>, Failure> {
+    let model = infer::load_model_on(be.clone(), &a.model, a.adapter.as_deref(), nf4)?;
+    let mut outs = Vec::new();
+    for p in prompts {
+        let g = profile::step(&*be, || infer::generate_answer(&model, tok, template, p, s))?;
+        if !a.json {
+            println!("### {}\n{}\n", g.prompt, g.completion);
+        }
+        outs.push(g);
+    }
+    profile::finish(&*be)?;
+    Ok(outs)
 }
 
 /// `--out` of merge/quantize must not hold anything yet: the export replaces its target directory

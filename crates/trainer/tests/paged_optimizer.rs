@@ -6,22 +6,11 @@
 
 mod common;
 
-use common::opts;
+use common::{adapter, loss_bits, opts};
 
 use afinar_trainer::config::{Device, Dtype};
 use afinar_trainer::train;
 use afinar_trainer::Resume;
-
-fn adapter(o: &afinar_trainer::TrainOutcome) -> Vec<u8> {
-    std::fs::read(o.run_dir.join("adapter/adapter_model.safetensors")).unwrap()
-}
-
-fn loss_bits(o: &afinar_trainer::TrainOutcome) -> Vec<u64> {
-    o.records
-        .iter()
-        .map(|r| r.loss.unwrap().to_bits())
-        .collect()
-}
 
 /// The final checkpoint's AdamW moments, as bits, by tensor name.
 fn moments(o: &afinar_trainer::TrainOutcome) -> Vec<(String, Vec<u32>, Vec<u32>)> {

@@ -6,6 +6,7 @@
 //! whole sequence. Then the final norm and the tied head run on the last position only; the host sees
 //! only those logits [V] (needed for sampling).
 
+use afinar_kernels::profile::{self, Phase, Role};
 use afinar_kernels::{Accum, Backend};
 
 use crate::error::{GemmaError, Result};
@@ -75,8 +76,11 @@ impl<'m, B: Backend> Decoder<'m, B> {
                 })
             })
             .collect::<Result<_>>()?;
-        let pos = be.ids_from_host(&pos)?;
-        let ids_dev = be.ids_from_host(ids)?;
+        let _pass = profile::phase(Phase::Forward);
+        let (pos, ids_dev) = {
+            let _label = profile::role(Role::Data);
+            (be.ids_from_host(&pos)?, be.ids_from_host(ids)?)
+        };
         let x = model.embed(&ids_dev, t)?;
         // Each layer's cache becomes [old rows ++ new rows] as the layers run; if any op fails, the
         // step is undone (see `KvCache::step`), so an error leaves the cache unchanged.
@@ -107,6 +111,7 @@ fn layers_and_head<B: Backend>(
         train: false,
         dropout_seed: 0,
     };
+    let _label = profile::role(Role::LayerOther);
     let mut next = be.zeros(t * h)?;
     // One workspace for all layers: nothing is kept (see `LayerActs`).
     let mut ws = LayerActs::new(&ctx)?;
@@ -115,6 +120,7 @@ fn layers_and_head<B: Backend>(
         std::mem::swap(&mut x, &mut next);
     }
     // Final norm and tied head on the last position only.
+    let _label = profile::role(Role::LmHead);
     let mut last = be.zeros(h)?;
     be.copy_range(&x, (t - 1) * h, &mut last, 0, h)?;
     let mut xf = be.zeros(h)?;

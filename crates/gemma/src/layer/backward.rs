@@ -1,5 +1,6 @@
 //! The hand-written backward of one decoder layer.
 
+use afinar_kernels::profile::{self, Role};
 use afinar_kernels::{Accum, Backend};
 
 use super::linear::linear_bwd;
@@ -81,6 +82,8 @@ pub(crate) fn layer_bwd<B: Backend>(
     full: bool,
     s: &mut BwdScratch<B>,
 ) -> Result<()> {
+    // Profiler labels: allocations and residual adds are the layer's own; the pieces label themselves.
+    let _label = profile::layer_role(li, Role::LayerOther);
     let be = ctx.backend;
     let n = ctx.n();
     let h = ctx.cfg.hidden_size;
@@ -119,6 +122,7 @@ pub(crate) fn layer_bwd<B: Backend>(
                     dxin: &mut B::Buf,
                     g: &mut Grads<B>|
      -> Result<()> {
+        let _label = profile::layer_role(li, Role::Norm);
         let dw = norm_grad(g, ParamId::Norm { layer: li, kind }, full)?;
         Ok(be.rmsnorm_bwd(dy, xin, layer.norm(kind), rstd, dxin, dw, n, h)?)
     };
@@ -126,7 +130,10 @@ pub(crate) fn layer_bwd<B: Backend>(
     // out = h1 + postff_norm(d): dh1 = dout + (path through the MLP), dd = postff_norm'(dout).
     norm_bwd(NormKind::PostFeedforward, dout, &a.d, &a.rstd4, dd, grads)?;
     lin_bwd(Target::DownProj, &a.act, dd, dact, Accum::Overwrite, grads)?;
-    be.geglu_bwd(dact, &a.gate, &a.up, dgate, dup)?;
+    {
+        let _label = profile::layer_role(li, Role::MlpAct);
+        be.geglu_bwd(dact, &a.gate, &a.up, dgate, dup)?;
+    }
     lin_bwd(
         Target::GateProj,
         &a.xn2,
@@ -144,6 +151,7 @@ pub(crate) fn layer_bwd<B: Backend>(
     let (d_o, dxn1) = (dnorm_in, dxn);
     norm_bwd(NormKind::PostAttention, dh1, &a.o, &a.rstd2, d_o, grads)?;
     lin_bwd(Target::OProj, &a.ao, d_o, dao, Accum::Overwrite, grads)?;
+    let attn_label = profile::layer_role(li, Role::Attention);
     be.attn_bwd(
         &a.q,
         &a.k,
@@ -158,6 +166,7 @@ pub(crate) fn layer_bwd<B: Backend>(
         &ctx.attn_shape(li, ctx.t),
     )?;
     ctx.rope_qk(dq, dk, true)?;
+    drop(attn_label);
     lin_bwd(Target::QProj, &a.xn1, dq, dxn1, Accum::Overwrite, grads)?;
     lin_bwd(Target::KProj, &a.xn1, dk, dxn1, Accum::Add, grads)?;
     lin_bwd(Target::VProj, &a.xn1, dv, dxn1, Accum::Add, grads)?;

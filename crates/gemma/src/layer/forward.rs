@@ -1,5 +1,6 @@
 //! The decoder-layer forward that training, evaluation and KV-cache decoding all run.
 
+use afinar_kernels::profile::{self, Role};
 use afinar_kernels::Backend;
 
 use super::linear::linear_fwd;
@@ -24,6 +25,8 @@ pub(crate) fn layer_fwd<B: Backend>(
     out: &mut B::Buf,
     a: &mut LayerActs<B>,
 ) -> Result<()> {
+    // Profiler labels: residual adds are the layer's own; the pieces label themselves.
+    let _label = profile::layer_role(li, Role::LayerOther);
     let be = ctx.backend;
     let n = ctx.n();
     let (h, _, kd, _) = ctx.widths();
@@ -32,6 +35,7 @@ pub(crate) fn layer_fwd<B: Backend>(
     // y = norm `kind`(xin), its rstd [N] (f32) into `rstd` for the backward.
     let norm_fwd =
         |kind: NormKind, xin: &B::Buf, y: &mut B::Buf, rstd: &mut B::Buf| -> Result<()> {
+            let _label = profile::layer_role(li, Role::Norm);
             Ok(be.rmsnorm_fwd(xin, layer.norm(kind), y, rstd, n, h, eps)?)
         };
     let LayerActs {
@@ -60,6 +64,7 @@ pub(crate) fn layer_fwd<B: Backend>(
     linear_fwd(ctx, lin(Target::QProj), li, xn1, q, sq)?;
     linear_fwd(ctx, lin(Target::KProj), li, xn1, k, sk)?;
     linear_fwd(ctx, lin(Target::VProj), li, xn1, v, sv)?;
+    let attn_label = profile::layer_role(li, Role::Attention);
     ctx.rope_qk(q, k, false)?;
     let (kk, vv, tk) = match kv {
         Kv::Chunk => (&*k, &*v, ctx.t),
@@ -73,6 +78,7 @@ pub(crate) fn layer_fwd<B: Backend>(
         }
     };
     be.attn_fwd(q, kk, vv, ctx.seg, ao, lse, &ctx.attn_shape(li, tk))?;
+    drop(attn_label);
     linear_fwd(ctx, lin(Target::OProj), li, ao, o, so)?;
     // h1 = x + post_attention_layernorm(o)
     norm_fwd(NormKind::PostAttention, o, h1, rstd2)?;
@@ -82,7 +88,10 @@ pub(crate) fn layer_fwd<B: Backend>(
     norm_fwd(NormKind::PreFeedforward, h1, xn2, rstd3)?;
     linear_fwd(ctx, lin(Target::GateProj), li, xn2, gate, sg)?;
     linear_fwd(ctx, lin(Target::UpProj), li, xn2, up, su)?;
-    be.geglu_fwd(gate, up, act)?;
+    {
+        let _label = profile::layer_role(li, Role::MlpAct);
+        be.geglu_fwd(gate, up, act)?;
+    }
     linear_fwd(ctx, lin(Target::DownProj), li, act, d, sd)?;
     // out = h1 + post_feedforward_layernorm(d)
     norm_fwd(NormKind::PostFeedforward, d, out, rstd4)?;

@@ -1,12 +1,13 @@
 //! One linear layer of the decoder: y = x·Wᵀ (dense or NF4 base) + s·(drop(x)·Aᵀ)·Bᵀ (LoRA), forward
 //! and backward, with the LoRA dropout mask drawn on the backend.
 
+use afinar_kernels::profile::{self, Role};
 use afinar_kernels::{Accum, Backend, LoraGradRef, LoraRef, Storage};
 
 use super::Ctx;
 use crate::error::{GemmaError, Result};
 use crate::grads::Grads;
-use crate::lora::dropout_stream;
+use crate::lora::{dropout_stream, Target};
 use crate::params::{Linear, LinearBase, ParamId};
 
 /// What one linear's forward saved: the LoRA activation xa = drop(x)·Aᵀ [N,R] and the dropout mask
@@ -43,6 +44,19 @@ fn reuse<'s, B: Backend>(
     }
 }
 
+/// The profiler's label of a linear (`afinar_kernels::profile`).
+fn role(t: Target) -> Role {
+    match t {
+        Target::QProj => Role::QProj,
+        Target::KProj => Role::KProj,
+        Target::VProj => Role::VProj,
+        Target::OProj => Role::OProj,
+        Target::GateProj => Role::GateProj,
+        Target::UpProj => Role::UpProj,
+        Target::DownProj => Role::DownProj,
+    }
+}
+
 /// y [N,out] = x [N,in]·Wᵀ (+ LoRA). Fills `saved` with what the backward needs (nothing outside
 /// training).
 pub(super) fn linear_fwd<B: Backend>(
@@ -53,6 +67,7 @@ pub(super) fn linear_fwd<B: Backend>(
     y: &mut B::Buf,
     saved: &mut LinSaved<B>,
 ) -> Result<()> {
+    let _label = profile::layer_role(layer, role(lin.target));
     let be = ctx.backend;
     let m = ctx.n();
     let lora = lin.lora.as_ref().filter(|_| ctx.train);
@@ -163,6 +178,7 @@ pub(super) fn linear_bwd<B: Backend>(
     grads: &mut Grads<B>,
     full: bool,
 ) -> Result<()> {
+    let _label = profile::layer_role(layer, role(lin.target));
     let be = ctx.backend;
     let (m, k, n) = (ctx.n(), lin.in_features, lin.out_features);
     let target = lin.target;

@@ -1,6 +1,7 @@
 //! The whole-model passes: evaluation logits and loss, and the training forward + backward of one
 //! micro-batch (with optional activation checkpointing). The per-layer math is in `crate::layer`.
 
+use afinar_kernels::profile::{self, Phase, Role};
 use afinar_kernels::{Accum, Backend, Storage};
 
 use crate::batch::{Batch, DeviceBatch};
@@ -53,6 +54,7 @@ impl<B: Backend> TrainWorkspace<B> {
 
 impl<B: Backend> Gemma2Model<B> {
     fn upload(&self, batch: &Batch) -> Result<DeviceBatch<B>> {
+        let _label = profile::role(Role::Data);
         DeviceBatch::upload(&*self.backend, batch, self.config.vocab_size)
     }
 
@@ -72,6 +74,7 @@ impl<B: Backend> Gemma2Model<B> {
     /// x [N,H] = embedding(ids [N]) · sqrt(H), the normalizer rounded to the activation dtype (transformers
     /// casts it to the hidden states' dtype). The ids were range-checked on the host.
     pub(crate) fn embed(&self, ids: &B::Ids, n: usize) -> Result<B::Buf> {
+        let _label = profile::role(Role::Embed);
         let be = &*self.backend;
         let h = self.config.hidden_size;
         let mut x = be.zeros(n * h)?;
@@ -89,6 +92,8 @@ impl<B: Backend> Gemma2Model<B> {
     /// Embedding and all layers in inference mode (no dropout, nothing kept): the final hidden state
     /// after the final norm [N,H].
     fn final_hidden(&self, batch: &Batch, dev: &DeviceBatch<B>) -> Result<B::Buf> {
+        let _pass = profile::phase(Phase::Forward);
+        let _label = profile::role(Role::LayerOther);
         let be = &*self.backend;
         let ctx = self.ctx(batch, dev, false);
         let (n, h) = (batch.tokens(), self.config.hidden_size);
@@ -100,6 +105,7 @@ impl<B: Backend> Gemma2Model<B> {
             layer_fwd(&ctx, layer, li, &x, Kv::Chunk, &mut next, &mut ws)?;
             std::mem::swap(&mut x, &mut next);
         }
+        let _label = profile::role(Role::Norm);
         let mut rstd = be.zeros_for(n, Storage::Master)?;
         be.rmsnorm_fwd(
             &x,
@@ -119,6 +125,8 @@ impl<B: Backend> Gemma2Model<B> {
         let dev = self.upload(batch)?;
         let xf = self.final_hidden(batch, &dev)?;
         let be = &*self.backend;
+        let _pass = profile::phase(Phase::Forward);
+        let _label = profile::role(Role::LmHead);
         let (n, h, v) = (
             batch.tokens(),
             self.config.hidden_size,
@@ -152,6 +160,8 @@ impl<B: Backend> Gemma2Model<B> {
             self.config.vocab_size,
         );
         let cap = self.config.final_logit_softcapping.map(|c| c as f32);
+        let _pass = profile::phase(Phase::Forward);
+        let _label = profile::role(Role::LmHead);
         Ok(self.backend.lm_head_ce(
             &xf,
             &self.embed_tokens,
@@ -232,6 +242,9 @@ impl<B: Backend> Gemma2Model<B> {
         // the one workspace acts[0], which ends up holding the last layer's activations: the backward
         // uses those as they are and recomputes only layers L−2 … 0 into it (the same inputs and
         // dropout masks give the same bits), so checkpointing costs L − 1 layer forwards, not L.
+        // Profiler labels: the buffers between the pieces count with the layers' own.
+        let _label = profile::role(Role::LayerOther);
+        let pass = profile::phase(Phase::Forward);
         let x0 = self.embed(&dev.ids, n)?;
         for (li, layer) in self.layers.iter().enumerate() {
             let (done, rest) = outs.split_at_mut(li);
@@ -242,12 +255,18 @@ impl<B: Backend> Gemma2Model<B> {
         let last = outs.last().unwrap_or(&x0);
         let mut xf = be.zeros(n * h)?;
         let mut rstdf = be.zeros_for(n, Storage::Master)?;
-        be.rmsnorm_fwd(last, &self.norm, &mut xf, &mut rstdf, n, h, eps)?;
+        {
+            let _label = profile::role(Role::Norm);
+            be.rmsnorm_fwd(last, &self.norm, &mut xf, &mut rstdf, n, h, eps)?;
+        }
+        drop(pass);
+        let _pass = profile::phase(Phase::Backward);
 
         // Fused LM head + soft-capped cross-entropy: ∂/∂xf, and ∂/∂emb (tied head) in full fine-tuning.
         let cap = cfg.final_logit_softcapping.map(|c| c as f32);
         let mut dxf = be.zeros(n * h)?;
         let (sum, count) = {
+            let _label = profile::role(Role::LmHead);
             let demb = if full {
                 grads.get_mut(ParamId::Embed)
             } else {
@@ -269,6 +288,7 @@ impl<B: Backend> Gemma2Model<B> {
         drop(xf);
         let mut dh = be.zeros(n * h)?;
         {
+            let _label = profile::role(Role::Norm);
             let dw = if full {
                 grads.get_mut(ParamId::FinalNorm)
             } else {
@@ -289,7 +309,9 @@ impl<B: Backend> Gemma2Model<B> {
                     let out = recompute_out.as_mut().ok_or_else(|| {
                         GemmaError::Invalid("internal: no recompute buffer".into())
                     })?;
+                    let recompute = profile::phase(Phase::Recompute);
                     layer_fwd(ctx, layer, li, x, Kv::Chunk, out, a)?;
+                    drop(recompute);
                 }
                 &acts[0]
             } else {
@@ -299,6 +321,7 @@ impl<B: Backend> Gemma2Model<B> {
             std::mem::swap(&mut dh, &mut dnext);
         }
         if full {
+            let _label = profile::role(Role::Embed);
             let demb = grads.get_mut(ParamId::Embed).ok_or_else(|| {
                 GemmaError::Invalid("gradients have no slot for the embedding".into())
             })?;

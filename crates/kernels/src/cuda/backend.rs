@@ -4,7 +4,7 @@
 
 use super::{
     adamw, attention, cross_entropy, dropout, elementwise, embedding, geglu, gemm, lm_head, lora,
-    memory, nf4, rmsnorm, rope, softcap,
+    memory, nf4, profile, rmsnorm, rope, softcap,
 };
 use super::{Cuda, CudaAdamState, CudaBuf, CudaIds, CudaNf4};
 use crate::backend::{Accum, AdamW, AttnShape, Backend, LoraGradRef, LoraRef, Storage, Weight};
@@ -19,6 +19,10 @@ impl Backend for Cuda {
 
     fn name(&self) -> &'static str {
         "cuda"
+    }
+
+    fn device_timer(&self) -> Result<Option<Box<dyn crate::profile::DeviceTimer>>> {
+        Ok(Some(Box::new(profile::EventTimer::new(self))))
     }
 
     fn zeros(&self, n: usize) -> Result<CudaBuf> {

@@ -7,7 +7,8 @@
 //! Shared pieces: this file (buffer types, device setup, kernel module loading), memory.rs (host ⇄
 //! device), reduce.rs (deterministic f64 sums for `sum_squares` and the losses), adamw_paged.rs (the
 //! paged optimizer), args.rs (kernel argument types; the typed launch methods themselves are generated
-//! from the declarations in `crate::abi`), compile.rs (NVRTC and the CUBIN cache).
+//! from the declarations in `crate::abi`), compile.rs (NVRTC and the CUBIN cache), profile.rs (the
+//! CUDA-event clock of `crate::profile`).
 //!
 //! - Kernels: `kernels/*.cu`, embedded, compiled at first use by NVRTC for the device's compute
 //!   capability (sm_75 and newer) and cached on disk (see `compile.rs`). The bf16 tensor-core kernels
@@ -52,6 +53,7 @@ mod lm_head;
 mod lora;
 mod memory;
 mod nf4;
+mod profile;
 mod reduce;
 mod rmsnorm;
 mod rope;

@@ -169,6 +169,8 @@ impl Config {
                     | "train.epochs"
                     // Where the AdamW moments live changes no number (the same kernel runs on either).
                     | "train.paged_optimizer"
+                    // Profiling only observes.
+                    | "train.profile"
             ))
     }
 

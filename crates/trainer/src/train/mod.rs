@@ -97,6 +97,9 @@ pub enum TrainError {
     Invalid { key: String, reason: String },
     #[error("{0}")]
     Unsupported(String),
+    /// A line of a prompts file that is not a prompt; the message starts with `file:line`.
+    #[error("{0}")]
+    BadPrompt(String),
 }
 
 pub type Result<T> = std::result::Result<T, TrainError>;
@@ -141,11 +144,24 @@ pub struct TrainOutcome {
     pub checkpoint: PathBuf,
 }
 
-/// Trains per `opts` on the CPU backend. See [`train_with`].
+/// Trains per `opts` on the backend `model.device` names. See [`train_with`].
 pub fn train(opts: &TrainOptions) -> Result<TrainOutcome> {
     match opts.config.model.device {
-        Device::Cpu => train_with(Arc::new(afinar_kernels::cpu::Cpu::new()), opts),
+        Device::Cpu => train_on(afinar_kernels::cpu::Cpu::new(), opts),
         Device::Cuda => train_cuda(opts),
+    }
+}
+
+/// [`train_with`] on `backend`, wrapped in the profiler (`afinar_kernels::profile::Profiled`) when
+/// `train.profile` or `AFINAR_PROFILE=1` asks for it.
+fn train_on<B: Backend>(backend: B, opts: &TrainOptions) -> Result<TrainOutcome> {
+    if opts.config.train.profile || crate::profile::env_enabled() {
+        train_with(
+            Arc::new(afinar_kernels::profile::Profiled::new(backend)?),
+            opts,
+        )
+    } else {
+        train_with(Arc::new(backend), opts)
     }
 }
 
@@ -169,7 +185,7 @@ fn train_cuda(opts: &TrainOptions) -> Result<TrainOutcome> {
         ..CudaOptions::default()
     })?;
     match cuda {
-        Some(c) => train_with(Arc::new(c), opts),
+        Some(c) => train_on(c, opts),
         None => Err(TrainError::Unsupported(
             "model.device = \"cuda\": no CUDA driver or device found on this machine; use --set model.device=cpu".into(),
         )),
@@ -185,7 +201,9 @@ fn train_cuda(_opts: &TrainOptions) -> Result<TrainOutcome> {
     ))
 }
 
-/// The loop, on any backend.
+/// The loop, on any backend. On a profiled one (`afinar_kernels::profile::Profiled`, see [`train`])
+/// each optimizer step is one profiler step, and the report is printed (unless quiet) and written to
+/// `profile.json` in the run directory at the end.
 pub fn train_with<B: Backend>(backend: Arc<B>, opts: &TrainOptions) -> Result<TrainOutcome> {
     train_with_faults(backend, opts, &Faults::default())
 }
@@ -323,6 +341,15 @@ pub fn train_with_faults<B: Backend>(
         &run_dir,
         &files.metrics_path,
     )?;
+    if let Some(p) = run.model.backend().profiler() {
+        let r = p.report()?;
+        let path = run_dir.join("profile.json");
+        crate::profile::write_json(&r, &path).map_err(io(&path))?;
+        if !opts.quiet {
+            eprint!("{}", r.table());
+            eprintln!("profile written to {}", path.display());
+        }
+    }
     Ok(TrainOutcome {
         run_dir,
         summary,

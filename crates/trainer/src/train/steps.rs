@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use afinar_data::DataLoader;
 use afinar_gemma::{Gemma2Model, Grads};
+use afinar_kernels::profile::{self, Role};
 use afinar_kernels::Backend;
 use rand::RngCore;
 use rand_chacha::ChaCha8Rng;
@@ -62,7 +63,10 @@ pub fn accumulate_scaled<B: Backend>(
     loss_scale: f32,
 ) -> Result<(f64, usize)> {
     let count: usize = window.iter().map(|b| b.num_trained).sum();
-    grads.zero()?;
+    {
+        let _label = profile::role(Role::Grads);
+        grads.zero()?;
+    }
     let mut loss_sum = 0.0f64;
     for b in window {
         let seed = rng.next_u64();
@@ -135,13 +139,21 @@ impl<B: Backend> Run<'_, B> {
         let elapsed_before = self.state.elapsed_s;
         let mut ema = Ema::default();
         let mut steps_this_process = 0u64;
+        // Each optimizer step is one profiler step (when the backend is a profiled one).
+        let backend = self.model.backend().clone();
 
         while self.state.step < self.state.total_steps {
             if signal::requested() || stop_after.is_some_and(|n| steps_this_process >= n) {
                 return Ok(StopReason::Interrupted);
             }
             let step_start = Instant::now();
+            if let Some(p) = backend.profiler() {
+                p.begin_step()?;
+            }
             let r = self.step(&mut data.train, &sched, faults, &say)?;
+            if let Some(p) = backend.profiler() {
+                p.end_step()?;
+            }
             if r.applied {
                 ema.push(r.loss);
             }
@@ -219,6 +231,7 @@ impl<B: Backend> Run<'_, B> {
         let ls = self.scaling.scale();
         let (loss_sum, count) =
             accumulate_scaled(&self.model, &mut self.grads, &window, &mut self.rng, ls)?;
+        let grads_label = profile::role(Role::Grads);
         if faults.grad_overflow_at_steps.contains(&(step + 1)) {
             self.grads.scale(f32::INFINITY)?;
         }
@@ -229,6 +242,7 @@ impl<B: Backend> Run<'_, B> {
             f64::NAN
         };
         let grad_norm = self.grads.sum_squares()?.sqrt();
+        drop(grads_label);
         let lr = sched.lr(step);
         let mut bad_samples = Vec::new();
         let verdict = self.scaling.judge(loss, grad_norm);
@@ -248,8 +262,12 @@ impl<B: Backend> Run<'_, B> {
                 }
                 self.state.nonfinite_in_row = 0;
                 // 3. Clip and update.
-                self.scaling.clip(&mut self.grads, grad_norm)?;
+                {
+                    let _label = profile::role(Role::Grads);
+                    self.scaling.clip(&mut self.grads, grad_norm)?;
+                }
                 self.state.adam_t += 1;
+                let _label = profile::role(Role::Optimizer);
                 self.opt
                     .step(&mut self.model, &self.grads, t, lr, self.state.adam_t)?;
             }

@@ -136,3 +136,16 @@ pub fn opts(c: Config) -> TrainOptions {
         stop_after: None,
     }
 }
+
+/// The bytes of a finished run's adapter (adapter_model.safetensors).
+pub fn adapter(o: &afinar_trainer::TrainOutcome) -> Vec<u8> {
+    std::fs::read(o.run_dir.join("adapter/adapter_model.safetensors")).unwrap()
+}
+
+/// The bits of every step's training loss.
+pub fn loss_bits(o: &afinar_trainer::TrainOutcome) -> Vec<u64> {
+    o.records
+        .iter()
+        .map(|r| r.loss.unwrap().to_bits())
+        .collect()
+}

@@ -313,6 +313,8 @@ def cmd_afinar(a):
            "--set", f"data.eval={os.path.join(a.data, 'eval.jsonl')}",
            "--set", f"train.max_steps={a.steps}",
            "--output", run_parent, "--run-name", name, "--overwrite", "--json"]
+    for kv in a.set:
+        cmd += ["--set", kv]
     env = dict(os.environ, AFINAR_PROFILE="1")
     mem = GpuMemory()
     t0 = time.time()
@@ -321,6 +323,10 @@ def cmd_afinar(a):
         log.flush()
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     process_s = time.time() - t0
+    resolved = os.path.join(a.run_dir, "config.toml")
+    if os.path.exists(resolved):
+        # The run's resolved config: what --set changed counts (batch, length).
+        s = load_settings(resolved)
     res = {"side": "Afinar " + ("QLoRA NF4" + ("+DQ" if s["double_quant"] else "") if s["nf4"]
                                 else f"{s['dtype']} LoRA")
                    + (", paged AdamW" if s["paged"] else ", AdamW"),
@@ -465,6 +471,8 @@ def main(argv=None):
     f.add_argument("--warmup", type=int, default=2)
     f.add_argument("--run-dir", required=True)
     f.add_argument("--log", required=True)
+    f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra `afinar train --set` override (repeatable), e.g. model.device=cpu")
 
     r = sub.add_parser("report")
     r.add_argument("results", nargs="+")

@@ -1,7 +1,7 @@
 //! `cargo xtask gpu-bundle`: builds here, with the `cuda` feature and in release mode, every test binary
 //! of the crates that have a `cuda` feature, the GPU bench (`crates/kernels/examples/gpu_bench.rs`) and
-//! the `afinar` CLI, strips them into `gpu-bundle/bin/`, adds what the side by side needs
-//! (`gpu-bundle/sbs/`, see [`sbs`]) and writes `gpu-bundle/run.sh` ([`run_sh`]): one script for a GPU
+//! the `afinar` CLI, strips them into `gpu-bundle/bin/` and packs that into `bin.tar.xz`
+//! ([`BIN_ARCHIVE`]), adds what the side by side needs (`gpu-bundle/sbs/`, see [`sbs`]) and writes `gpu-bundle/run.sh` ([`run_sh`]): one script for a GPU
 //! machine that has the CUDA 13.0 driver, NVRTC and python3 with torch + transformers + peft, but no Rust
 //! toolchain and no network. Its stages: the CUDA tests, the kernel benchmarks, two end-to-end train
 //! steps, and Afinar against transformers + peft + bitsandbytes QLoRA on a random Gemma-2 with the 9B
@@ -24,6 +24,10 @@ mod sbs;
 /// What may travel to the GPU machine in one call: the working tree's tracked files plus the carried
 /// bundle.
 const TRAVEL_LIMIT: u64 = 64 << 20;
+
+/// The stripped binaries travel as this xz archive of `bin/` (≈ 6 MiB instead of ≈ 54 MiB: the three
+/// trainer-linked binaries share most of their code, which xz -9's 64 MiB window finds); run.sh unpacks it.
+pub const BIN_ARCHIVE: &str = "bin.tar.xz";
 
 /// Workspace packages whose Cargo.toml declares a `cuda` feature.
 fn cuda_packages(root: &Path) -> Result<Vec<String>> {
@@ -261,14 +265,28 @@ pub fn run(args: &[String]) -> Result<()> {
         std::fs::set_permissions(&script_path, std::fs::Permissions::from_mode(0o755))?;
     }
     let bins = dir_bytes(&bin)?;
+    let status = Command::new("tar")
+        .current_dir(&out_dir)
+        .env("XZ_OPT", "-9")
+        .args(["-cJf", BIN_ARCHIVE, "bin"])
+        .status()
+        .context("running tar -cJf (tar and xz are needed)")?;
+    if !status.success() {
+        bail!(
+            "packing {} into {BIN_ARCHIVE} failed (is xz installed?)",
+            bin.display()
+        );
+    }
+    std::fs::remove_dir_all(&bin)?;
     let total = dir_bytes(&out_dir)?;
     let tracked = tracked_bytes(&root)?;
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     println!(
-        "gpu-bundle: {} binaries ({:.1} MiB), bundle {:.1} MiB in {}; with the repo's tracked files \
-         ({:.1} MiB) {:.1} of the {:.0} MiB that may travel",
+        "gpu-bundle: {} binaries ({:.1} MiB stripped, {:.1} MiB in {BIN_ARCHIVE}), bundle {:.1} MiB in \
+         {}; with the repo's tracked files ({:.1} MiB) {:.1} of the {:.0} MiB that may travel",
         names.len(),
         mib(bins),
+        mib(std::fs::metadata(out_dir.join(BIN_ARCHIVE))?.len()),
         mib(total),
         out_dir.display(),
         mib(tracked),

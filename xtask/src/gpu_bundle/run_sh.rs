@@ -19,6 +19,7 @@ pub fn render(tests: &[&str], all_tests: bool) -> String {
 mod tests {
     use super::*;
     use crate::gpu_bundle::sbs::{SBS_FILES, WHEEL_DIR};
+    use crate::gpu_bundle::BIN_ARCHIVE;
     use std::process::Command;
 
     #[test]
@@ -47,43 +48,51 @@ mod tests {
         );
     }
 
-    /// Every `$HERE/…` path run.sh uses is one the bundle writes: a test binary (`bin/$t`), the CLI, the
-    /// bench, `BUILD_INFO`, a file of `sbs/`, or the wheel. `$HERE/..` (a repo copy next to the bundle)
-    /// is optional and guarded in the script.
+    /// Every `$HERE/…` path run.sh uses is one the bundle writes (`BUILD_INFO`, the packed binaries, a
+    /// file of `sbs/`, the wheel), and every `$BIN/…` one a binary it packs (a test binary `$t`, the CLI,
+    /// the bench). `$HERE/..` (a repo copy next to the bundle) is optional and guarded in the script.
     #[test]
     fn references_only_what_the_bundle_builds() {
         let s = render(&["t1"], false).replace('"', "");
-        let mut allowed: Vec<String> = vec![
+        let mut here: Vec<String> = vec![
             "BUILD_INFO".into(),
-            "bin/$t".into(),
-            "bin/afinar".into(),
-            format!("bin/*{BENCH_GLOB_SUFFIX}"),
+            "bin".into(),
+            BIN_ARCHIVE.into(),
             "sbs".into(),
             format!("{WHEEL_DIR}/bitsandbytes-*.whl"),
         ];
-        allowed.extend(SBS_FILES.iter().map(|(name, _)| format!("sbs/{name}")));
+        here.extend(SBS_FILES.iter().map(|(name, _)| format!("sbs/{name}")));
+        let bin: Vec<String> = vec![
+            "$t".into(),
+            "afinar".into(),
+            format!("*{BENCH_GLOB_SUFFIX}"),
+        ];
         let mut seen = 0;
-        for (i, _) in s.match_indices("$HERE/") {
-            let rest = &s[i + "$HERE/".len()..];
-            let end = rest
-                .find(|c: char| c.is_whitespace() || matches!(c, ')' | ';' | '|' | '>'))
-                .unwrap_or(rest.len());
-            let path = &rest[..end];
-            if path.starts_with("..") {
-                continue;
+        for (prefix, allowed) in [("$HERE/", &here), ("$BIN/", &bin)] {
+            for (i, _) in s.match_indices(prefix) {
+                let rest = &s[i + prefix.len()..];
+                let end = rest
+                    .find(|c: char| c.is_whitespace() || matches!(c, ')' | ';' | '|' | '>'))
+                    .unwrap_or(rest.len());
+                let path = &rest[..end];
+                if path.starts_with("..") {
+                    continue;
+                }
+                assert!(
+                    allowed.iter().any(|a| a == path),
+                    "run.sh uses {prefix}{path}, which the bundle does not build"
+                );
+                seen += 1;
             }
-            assert!(
-                allowed.iter().any(|a| a == path),
-                "run.sh uses $HERE/{path}, which the bundle does not build"
-            );
-            seen += 1;
         }
-        assert!(seen >= 8, "the scan found only {seen} bundle paths");
-        for needed in ["sbs/sbs.py", "sbs/afinar-sbs.toml", "bin/afinar"] {
-            assert!(
-                s.contains(&format!("$HERE/{needed}")),
-                "run.sh no longer uses {needed}"
-            );
+        assert!(seen >= 10, "the scan found only {seen} bundle paths");
+        for needed in [
+            "$HERE/sbs/sbs.py",
+            "$HERE/sbs/afinar-sbs.toml",
+            "$BIN/afinar",
+            "$HERE/bin.tar.xz",
+        ] {
+            assert!(s.contains(needed), "run.sh no longer uses {needed}");
         }
     }
 }

@@ -31,7 +31,8 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Build the CUDA test and bench binaries + run.sh into gpu-bundle/ for a GPU machine.
+    /// Build the CUDA test and bench binaries, the CLI, the side-by-side scripts + run.sh into
+    /// gpu-bundle/ for a GPU machine (docs/gpu-validation.md).
     GpuBundle {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,

@@ -1,21 +1,33 @@
 //! `cargo xtask gpu-bundle`: builds here, with the `cuda` feature and in release mode, every test binary
-//! of the crates that have a `cuda` feature plus the GPU bench (`crates/kernels/examples/gpu_bench.rs`),
-//! strips them into `gpu-bundle/bin/`, and writes `gpu-bundle/run.sh`: one script for a GPU machine
-//! that has the CUDA 13.0 driver and NVRTC but no Rust toolchain and no network. It runs the CUDA tests
-//! and the kernel benchmarks and writes everything under `$OUT` (or `./results`): `summary.md` (tests
-//! passed/failed per binary, the bench table, device and library info) plus one log per binary.
+//! of the crates that have a `cuda` feature, the GPU bench (`crates/kernels/examples/gpu_bench.rs`) and
+//! the `afinar` CLI, strips them into `gpu-bundle/bin/` and packs that into `bin.tar.xz`
+//! ([`BIN_ARCHIVE`]), adds what the side by side needs (`gpu-bundle/sbs/`, see [`sbs`]) and writes `gpu-bundle/run.sh` ([`run_sh`]): one script for a GPU
+//! machine that has the CUDA 13.0 driver, NVRTC and python3 with torch + transformers + peft, but no Rust
+//! toolchain and no network. Its stages: the CUDA tests, the kernel benchmarks, two end-to-end train
+//! steps, and Afinar against transformers + peft + bitsandbytes QLoRA on a random Gemma-2 with the 9B
+//! shape. Results: `$OUT/summary.md` and `$OUT/afinar-gpu-results.tar.gz` (every log and JSON result).
 //!
 //! The build uses its own target directory (`target-cuda/`) so it does not invalidate the shared one.
-//! The bundle must stay ≤ 60 MiB; the command fails otherwise.
+//! What travels to the GPU machine (the repo's tracked files plus the carried bundle) must stay ≤ 64 MiB;
+//! the command fails when the bundle would break that.
 //!
 //! Options: `--out DIR` (default gpu-bundle), `--all-tests` (bundle's run.sh then runs every test, not
-//! only those whose name contains `cuda`).
+//! only those whose name contains `cuda`), `--no-sbs` (no side by side: no wheel download).
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-const MAX_BYTES: u64 = 60 << 20;
+mod run_sh;
+mod sbs;
+
+/// What may travel to the GPU machine in one call: the working tree's tracked files plus the carried
+/// bundle.
+const TRAVEL_LIMIT: u64 = 64 << 20;
+
+/// The stripped binaries travel as this xz archive of `bin/` (≈ 6 MiB instead of ≈ 54 MiB: the three
+/// trainer-linked binaries share most of their code, which xz -9's 64 MiB window finds); run.sh unpacks it.
+pub const BIN_ARCHIVE: &str = "bin.tar.xz";
 
 /// Workspace packages whose Cargo.toml declares a `cuda` feature.
 fn cuda_packages(root: &Path) -> Result<Vec<String>> {
@@ -104,12 +116,16 @@ pub fn run(args: &[String]) -> Result<()> {
     let root = crate::kernels_check::repo_root();
     let mut out_dir = root.join("gpu-bundle");
     let mut all_tests = false;
+    let mut with_sbs = true;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--out" => out_dir = PathBuf::from(it.next().context("--out needs a directory")?),
             "--all-tests" => all_tests = true,
-            other => bail!("unknown argument `{other}` (expected --out DIR, --all-tests)"),
+            "--no-sbs" => with_sbs = false,
+            other => {
+                bail!("unknown argument `{other}` (expected --out DIR, --all-tests, --no-sbs)")
+            }
         }
     }
     let pkgs = cuda_packages(&root)?;
@@ -174,7 +190,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let mut names = Vec::new();
     let mut left_out = Vec::new();
     for (name, exe) in tests.iter().chain(benches.iter()) {
-        let is_test = !name.ends_with("-gpu_bench") && name != "afinar";
+        let is_test = !name.ends_with(run_sh::BENCH_GLOB_SUFFIX) && name != "afinar";
         // A test binary with no test the bundle's filter selects would only cost bundle size.
         if is_test && !all_tests && count_tests(exe, "cuda")? == 0 {
             left_out.push(name.clone());
@@ -201,7 +217,7 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     let test_names: Vec<&String> = names
         .iter()
-        .filter(|n| !n.ends_with("-gpu_bench") && n.as_str() != "afinar")
+        .filter(|n| !n.ends_with(run_sh::BENCH_GLOB_SUFFIX) && n.as_str() != "afinar")
         .collect();
     let commit = Command::new("git")
         .current_dir(&root)
@@ -234,7 +250,10 @@ pub fn run(args: &[String]) -> Result<()> {
             if all_tests { "" } else { "cuda" }
         ),
     )?;
-    let script = run_sh(
+    if with_sbs {
+        sbs::write(&root, &out_dir)?;
+    }
+    let script = run_sh::render(
         &test_names.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
         all_tests,
     );
@@ -245,27 +264,81 @@ pub fn run(args: &[String]) -> Result<()> {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&script_path, std::fs::Permissions::from_mode(0o755))?;
     }
-    let total: u64 = std::fs::read_dir(&bin)?
-        .filter_map(|e| e.ok()?.metadata().ok())
-        .map(|m| m.len())
-        .sum();
-    println!(
-        "gpu-bundle: {} binaries, {:.1} MiB in {}",
-        names.len(),
-        total as f64 / (1 << 20) as f64,
-        out_dir.display()
-    );
-    if total > MAX_BYTES {
+    let bins = dir_bytes(&bin)?;
+    let status = Command::new("tar")
+        .current_dir(&out_dir)
+        .env("XZ_OPT", "-9")
+        .args(["-cJf", BIN_ARCHIVE, "bin"])
+        .status()
+        .context("running tar -cJf (tar and xz are needed)")?;
+    if !status.success() {
         bail!(
-            "the bundle is {:.1} MiB, over the 60 MiB limit",
-            total as f64 / (1 << 20) as f64
+            "packing {} into {BIN_ARCHIVE} failed (is xz installed?)",
+            bin.display()
+        );
+    }
+    std::fs::remove_dir_all(&bin)?;
+    let total = dir_bytes(&out_dir)?;
+    let tracked = tracked_bytes(&root)?;
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    println!(
+        "gpu-bundle: {} binaries ({:.1} MiB stripped, {:.1} MiB in {BIN_ARCHIVE}), bundle {:.1} MiB in \
+         {}; with the repo's tracked files ({:.1} MiB) {:.1} of the {:.0} MiB that may travel",
+        names.len(),
+        mib(bins),
+        mib(std::fs::metadata(out_dir.join(BIN_ARCHIVE))?.len()),
+        mib(total),
+        out_dir.display(),
+        mib(tracked),
+        mib(total + tracked),
+        mib(TRAVEL_LIMIT)
+    );
+    if total + tracked > TRAVEL_LIMIT {
+        bail!(
+            "the bundle ({:.1} MiB) and the repo's tracked files ({:.1} MiB) exceed the {:.0} MiB \
+             that travel to the GPU machine",
+            mib(total),
+            mib(tracked),
+            mib(TRAVEL_LIMIT)
         );
     }
     println!(
-        "gpu-bundle: on the GPU machine run `{}/run.sh` (results under $OUT or ./results)",
+        "gpu-bundle: on the GPU machine run `{}/run.sh` (results under $OUT or ./results; \
+         docs/gpu-validation.md has the device command)",
         out_dir.display()
     );
     Ok(())
+}
+
+/// Bytes of the files under `dir`, recursively.
+fn dir_bytes(dir: &Path) -> Result<u64> {
+    let mut total = 0;
+    for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let e = e?;
+        let m = e.metadata()?;
+        total += if m.is_dir() {
+            dir_bytes(&e.path())?
+        } else {
+            m.len()
+        };
+    }
+    Ok(total)
+}
+
+/// Bytes of the files git tracks in the repo (they travel with every device call).
+fn tracked_bytes(root: &Path) -> Result<u64> {
+    let out = Command::new("git")
+        .current_dir(root)
+        .args(["ls-files", "-z"])
+        .output()
+        .context("running git ls-files")?;
+    Ok(out
+        .stdout
+        .split(|&b| b == 0)
+        .filter(|p| !p.is_empty())
+        .filter_map(|p| std::fs::metadata(root.join(String::from_utf8_lossy(p).as_ref())).ok())
+        .map(|m| m.len())
+        .sum())
 }
 
 /// How many tests of a libtest binary match `filter` (`--list` prints one `name: test` line each).
@@ -281,118 +354,6 @@ fn count_tests(exe: &Path, filter: &str) -> Result<usize> {
         .lines()
         .filter(|l| l.ends_with(": test"))
         .count())
-}
-
-/// The script run on the GPU machine. Kept dependency-free (bash, coreutils, grep, awk).
-fn run_sh(tests: &[&str], all_tests: bool) -> String {
-    let filter = if all_tests { "" } else { "cuda" };
-    format!(
-        r####"#!/usr/bin/env bash
-# Afinar GPU bundle: runs every CUDA test and the kernel benchmarks; results under $OUT (or ./results).
-# Needs: an NVIDIA GPU (sm_80+), the CUDA 13.0 driver, NVRTC 13.0 (libnvrtc.so.13 + libnvrtc-builtins);
-# cuBLAS 13 (libcublas.so.13, libcublasLt.so.13) is used when found, otherwise the fallback GEMM.
-# No Rust toolchain and no network needed. Generated by `cargo xtask gpu-bundle`.
-set -uo pipefail
-HERE="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"
-OUT="${{OUT:-$PWD/results}}"
-mkdir -p "$OUT/logs"
-export AFINAR_KERNEL_CACHE="${{AFINAR_KERNEL_CACHE:-$OUT/kernel-cache}}"
-FILTER="${{AFINAR_TEST_FILTER:-{filter}}}"
-QUICK="${{AFINAR_BENCH_QUICK:-0}}"
-
-# Find NVRTC and cuBLAS if they are not already on the loader path.
-export LD_LIBRARY_PATH="${{LD_LIBRARY_PATH:-}}"
-add_lib_dir() {{ case ":$LD_LIBRARY_PATH:" in *":$1:"*) ;; *) export LD_LIBRARY_PATH="$1${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}}";; esac; }}
-for lib in libnvrtc.so.13 libcublas.so.13 libcublasLt.so.13; do
-  if ! ldconfig -p 2>/dev/null | grep -q "$lib"; then
-    for d in ${{LD_LIBRARY_PATH//:/ }} "$HERE/../.cuda/nvidia/cu13/lib" /usr/local/cuda/lib64 /usr/local/cuda-13.0/lib64 \
-             /usr/local/cuda/targets/x86_64-linux/lib /usr/lib/x86_64-linux-gnu \
-             $(ls -d /usr/local/lib/python3*/dist-packages/nvidia/cu13/lib /usr/lib/python3*/dist-packages/nvidia/cu13/lib \
-                     /usr/local/lib/python3*/site-packages/nvidia/cu13/lib /opt/conda/lib/python3*/site-packages/nvidia/cu13/lib \
-                     /usr/local/lib/python3*/dist-packages/nvidia/*/lib 2>/dev/null); do
-      if [ -e "$d/$lib" ]; then add_lib_dir "$d"; break; fi
-    done
-  fi
-done
-
-# Tests that read fixtures use paths fixed at build time (built_root in BUILD_INFO). When the bundle sits
-# in a copy of the repo at another path, point built_root at that copy (best effort).
-BUILT_ROOT="$(sed -n 's/^built_root=//p' "$HERE/BUILD_INFO")"
-ROOT_NOTE="built_root $BUILT_ROOT exists"
-if [ -n "$BUILT_ROOT" ] && [ ! -e "$BUILT_ROOT" ] && [ -d "$HERE/../crates" ]; then
-  if mkdir -p "$(dirname "$BUILT_ROOT")" 2>/dev/null && ln -s "$(cd "$HERE/.." && pwd)" "$BUILT_ROOT" 2>/dev/null; then
-    ROOT_NOTE="linked $BUILT_ROOT -> $(cd "$HERE/.." && pwd)"
-  else
-    ROOT_NOTE="built_root $BUILT_ROOT missing and could not be linked: fixture-reading tests may fail"
-  fi
-elif [ ! -e "$BUILT_ROOT" ]; then
-  ROOT_NOTE="built_root $BUILT_ROOT missing: fixture-reading tests may fail"
-fi
-
-{{
-  echo "# Afinar GPU run"
-  echo
-  echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "- host: $(hostname)"
-  sed 's/^/- build: /' "$HERE/BUILD_INFO"
-  echo "- GPU: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo 'nvidia-smi not available')"
-  echo "- LD_LIBRARY_PATH: $LD_LIBRARY_PATH"
-  echo "- source tree: $ROOT_NOTE"
-  for lib in libcuda.so.1 libnvrtc.so.13 libcublas.so.13; do
-    echo "- $lib: $( (ldconfig -p 2>/dev/null | grep -m1 "$lib" | awk '{{print $NF}}') || true ) $(for d in ${{LD_LIBRARY_PATH//:/ }}; do [ -e "$d/$lib" ] && echo "$d/$lib"; done | head -1)"
-  done
-  echo
-  echo "## Tests (filter: '${{FILTER}}')"
-  echo
-  echo "| binary | passed | failed | skipped (no driver) | exit |"
-  echo "|---|---:|---:|---:|---:|"
-}} > "$OUT/summary.md"
-
-TOTAL_FAIL=0
-for t in {tests}; do
-  log="$OUT/logs/$t.log"
-  # --nocapture: the "skipped: no CUDA driver" lines of passing tests must reach the log.
-  if [ -n "$FILTER" ]; then "$HERE/bin/$t" "$FILTER" --nocapture > "$log" 2>&1; else "$HERE/bin/$t" --nocapture > "$log" 2>&1; fi
-  rc=$?
-  passed=$(grep -Eo '[0-9]+ passed' "$log" | awk '{{s+=$1}} END {{print s+0}}')
-  failed=$(grep -Eo '[0-9]+ failed' "$log" | awk '{{s+=$1}} END {{print s+0}}')
-  skipped=$(grep -c 'skipped: no CUDA driver' "$log")
-  # On the GPU machine a skip means the driver was not found: count it as a failure.
-  if [ "$rc" -ne 0 ] || [ "$skipped" -ne 0 ]; then TOTAL_FAIL=$((TOTAL_FAIL + 1)); fi
-  echo "| $t | $passed | $failed | $skipped | $rc |" >> "$OUT/summary.md"
-  echo "$t: passed=$passed failed=$failed skipped=$skipped rc=$rc"
-done
-if [ "$TOTAL_FAIL" -ne 0 ]; then
-  {{ echo; echo "### Failures"; echo; for f in "$OUT"/logs/*.log; do
-      grep -E "^test .* FAILED|panicked at|^---- " "$f" | head -40 | sed "s|^|    $(basename "$f" .log): |"; done; }} >> "$OUT/summary.md"
-fi
-
-echo >> "$OUT/summary.md"
-echo "## Benchmarks" >> "$OUT/summary.md"
-echo >> "$OUT/summary.md"
-BENCH_ARGS=""
-[ "$QUICK" = "1" ] && BENCH_ARGS="--quick"
-"$HERE/bin/"*-gpu_bench $BENCH_ARGS > "$OUT/logs/gpu_bench.log" 2>&1
-brc=$?
-cat "$OUT/logs/gpu_bench.log" >> "$OUT/summary.md"
-echo "gpu_bench exit: $brc" >> "$OUT/summary.md"
-# End-to-end: two optimizer steps of the shipped demo config on the CPU and on the GPU, when the CLI
-# and a repo copy (configs/, models/, datasets/) are next to the bundle. Compare the losses by eye.
-REPO="$(cd "$HERE/.." && pwd)"
-if [ -x "$HERE/bin/afinar" ] && [ -f "$REPO/configs/default.toml" ]; then
-  {{ echo; echo "## End-to-end train steps (configs/default.toml, train.max_steps=2)"; echo; }} >> "$OUT/summary.md"
-  for dev in cpu cuda; do
-    (cd "$REPO" && timeout 600 "$HERE/bin/afinar" train --config configs/default.toml --set model.device=$dev \
-        --set train.max_steps=2 --output "$OUT/runs" --run-name "e2e-$dev" --overwrite --quiet --json) \
-        > "$OUT/logs/e2e-$dev.log" 2>&1
-    echo "- $dev: exit $?; $(tail -c 600 "$OUT/logs/e2e-$dev.log" | tr '\n' ' ')" >> "$OUT/summary.md"
-  done
-fi
-cat "$OUT/summary.md"
-if [ "$TOTAL_FAIL" -ne 0 ] || [ "$brc" -ne 0 ]; then exit 1; fi
-"####,
-        tests = tests.join(" ")
-    )
 }
 
 #[cfg(test)]
@@ -415,17 +376,5 @@ mod tests {
     fn kernels_crate_has_the_cuda_feature() {
         let pkgs = cuda_packages(&crate::kernels_check::repo_root()).unwrap();
         assert!(pkgs.contains(&"afinar-kernels".to_string()), "{pkgs:?}");
-    }
-
-    #[test]
-    fn run_sh_lists_every_binary_and_writes_under_out() {
-        let s = run_sh(
-            &["afinar-kernels-ops_linear", "afinar-kernels-afinar_kernels"],
-            false,
-        );
-        assert!(s.contains("for t in afinar-kernels-ops_linear afinar-kernels-afinar_kernels; do"));
-        assert!(s.contains("OUT=\"${OUT:-$PWD/results}\""));
-        assert!(s.contains("AFINAR_TEST_FILTER:-cuda"));
-        assert!(run_sh(&["x"], true).contains("AFINAR_TEST_FILTER:-}"));
     }
 }

@@ -53,3 +53,50 @@ fn main() -> anyhow::Result<()> {
         Task::Bench { args } => train::bench(&args),
     }
 }
+
+/// Source-size rule of the crates: no file in `crates/*/src` above `MAX_SOURCE_LINES` lines, so one op
+/// family, one stage or one concern stays one readable file (split along its seams, don't raise the bound).
+#[cfg(test)]
+mod tidy {
+    use std::path::{Path, PathBuf};
+
+    const MAX_SOURCE_LINES: usize = 800;
+
+    fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                rust_files(&p, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push(p);
+            }
+        }
+    }
+
+    #[test]
+    fn no_crate_source_file_is_over_the_size_limit() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut files = Vec::new();
+        for krate in std::fs::read_dir(root.join("crates"))
+            .expect("crates/ exists")
+            .flatten()
+        {
+            rust_files(&krate.path().join("src"), &mut files);
+        }
+        assert!(files.len() > 50, "found only {} source files", files.len());
+        let over: Vec<String> = files
+            .iter()
+            .filter_map(|f| {
+                let n = std::fs::read_to_string(f).ok()?.lines().count();
+                (n > MAX_SOURCE_LINES).then(|| format!("{} ({n} lines)", f.display()))
+            })
+            .collect();
+        assert!(
+            over.is_empty(),
+            "source files over {MAX_SOURCE_LINES} lines: {over:?}"
+        );
+    }
+}

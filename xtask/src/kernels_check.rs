@@ -529,7 +529,8 @@ ptxas info    : Used 12 registers, used 1 barriers, 6272 bytes smem\n";
         // CPU only: the module root and the vectorized math helpers.
         let cpu = without(stems(&src.join("cpu"), "rs"), &["mod", "fastmath"]);
         // CUDA only: the module root, the trait impl, kernel arguments, NVRTC, host transfers, the
-        // shared device sum, the paged optimizer (part of adamw) and the GPU tests.
+        // shared device sum, the paged optimizer (part of adamw), the profiler's event timer and the GPU
+        // tests.
         let cuda = without(
             stems(&src.join("cuda"), "rs"),
             &[
@@ -540,6 +541,7 @@ ptxas info    : Used 12 registers, used 1 barriers, 6272 bytes smem\n";
                 "memory",
                 "reduce",
                 "adamw_paged",
+                "profile",
                 "gpu_tests",
             ],
         );

@@ -207,7 +207,12 @@ impl<B: Backend> Gemma2Model<B> {
             .filter(|ws| ws.key == key);
         let mut ws = match kept {
             Some(ws) => ws,
-            None => TrainWorkspace::new(&ctx, self.layers.len(), self.checkpointing)?,
+            None => {
+                // Profiler: the workspace's allocations count with the layers' own buffers.
+                let _label = profile::role(Role::LayerOther);
+                let _pass = profile::phase(Phase::Forward);
+                TrainWorkspace::new(&ctx, self.layers.len(), self.checkpointing)?
+            }
         };
         let (sum, count) = self.train_pass(&ctx, &dev, &mut ws, grad_scale, grads)?;
         *self.train_ws.lock().unwrap_or_else(|e| e.into_inner()) = Some(ws);

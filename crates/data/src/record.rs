@@ -72,6 +72,17 @@ pub enum Role {
 }
 
 impl Role {
+    /// The role named `s` in the OpenAI / `messages` spelling (`system`, `user`, `assistant`): the
+    /// inverse of [`Role::name`].
+    pub fn from_name(s: &str) -> Option<Role> {
+        match s {
+            "system" => Some(Role::System),
+            "user" => Some(Role::User),
+            "assistant" => Some(Role::Assistant),
+            _ => None,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Role::System => "system",
@@ -456,12 +467,9 @@ fn parse_turns(cx: &mut Ctx<'_>, obj: &Map<String, Value>, format: Format) -> Op
         let content = cx.req_str(t, content_key, &content_field);
         let role = role_s.and_then(|r| {
             let role = match (format, r.as_str()) {
-                (_, "system") => Some(Role::System),
-                (_, "user") => Some(Role::User),
-                (_, "assistant") => Some(Role::Assistant),
                 (Format::ShareGpt, "human") => Some(Role::User),
                 (Format::ShareGpt, "gpt") => Some(Role::Assistant),
-                _ => None,
+                (_, name) => Role::from_name(name),
             };
             if role.is_none() {
                 let allowed = if format == Format::Messages {

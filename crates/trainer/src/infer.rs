@@ -372,11 +372,9 @@ pub fn read_prompts(p: &Path) -> Result<Vec<Prompt>> {
             let mut chat = Vec::new();
             for m in msgs {
                 let content = m.get("content").and_then(|c| c.as_str()).unwrap_or("");
-                let role = match m.get("role").and_then(|r| r.as_str()) {
-                    Some("system") => Role::System,
-                    Some("user") => Role::User,
-                    Some("assistant") => Role::Assistant,
-                    other => return Err(bad(format!("{}: unknown role {other:?}", at()))),
+                let name = m.get("role").and_then(|r| r.as_str());
+                let Some(role) = name.and_then(Role::from_name) else {
+                    return Err(bad(format!("{}: unknown role {name:?}", at())));
                 };
                 chat.push(Message::new(role, content));
             }

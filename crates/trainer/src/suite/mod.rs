@@ -283,13 +283,12 @@ fn parse_prompt(obj: &Map<String, Value>) -> Result<Prompt, FieldError> {
                 let Some(t) = t.as_object() else {
                     return Err((format!("messages[{i}]"), "expected an object".into()));
                 };
-                let role = match t.get("role").and_then(Value::as_str) {
-                    Some("system") => Role::System,
-                    Some("user") => Role::User,
-                    Some("assistant") => Role::Assistant,
-                    _ => {
-                        return Err((f("role"), "expected system, user or assistant".into()));
-                    }
+                let Some(role) = t
+                    .get("role")
+                    .and_then(Value::as_str)
+                    .and_then(Role::from_name)
+                else {
+                    return Err((f("role"), "expected system, user or assistant".into()));
                 };
                 let Some(content) = t.get("content").and_then(Value::as_str) else {
                     return Err((f("content"), "expected a string".into()));

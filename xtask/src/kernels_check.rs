@@ -280,7 +280,9 @@ pub fn run(args: &[String]) -> Result<()> {
         "{:<16} {:<24} {:<6} {:>5} {:>7} {:>6} {:>8} {:>8}  hot",
         "file", "kernel", "arch", "regs", "smem", "stack", "spill_st", "spill_ld"
     );
-    let mut failures: Vec<String> = Vec::new();
+    // Every (file, arch) pair is an independent NVRTC program: compile them on all cores (NVRTC is
+    // thread-safe for distinct programs), then report in file/arch order so the table is stable.
+    let mut jobs: Vec<(String, String, BTreeSet<String>, String)> = Vec::new();
     for path in &files {
         let name = path
             .file_name()
@@ -291,48 +293,56 @@ pub fn run(args: &[String]) -> Result<()> {
         let hot = hot_kernels(&src);
         let text = program_text(&common, &name, &src);
         for arch in &archs {
-            match compile(&text, &name, arch, include.as_deref()) {
-                Err(e) => {
-                    println!("{name:<16} COMPILE ERROR for {arch}");
-                    failures.push(format!("{e:#}"));
+            jobs.push((name.clone(), arch.clone(), hot.clone(), text.clone()));
+        }
+    }
+    let results = parallel_map(&jobs, |(name, arch, _, text)| {
+        compile(text, name, arch, include.as_deref())
+    });
+    let mut failures: Vec<String> = Vec::new();
+    for ((name, arch, hot, _), result) in jobs.iter().zip(results) {
+        let (name, arch) = (name.as_str(), arch.as_str());
+        match result {
+            Err(e) => {
+                println!("{name:<16} COMPILE ERROR for {arch}");
+                failures.push(format!("{e:#}"));
+            }
+            Ok((log, _)) => {
+                let usage = parse_ptxas_log(&log, arch);
+                if usage.is_empty() {
+                    failures.push(format!(
+                        "{name} ({arch}): no entry functions found in the ptxas log:\n{log}"
+                    ));
                 }
-                Ok((log, _)) => {
-                    let usage = parse_ptxas_log(&log, arch);
-                    if usage.is_empty() {
+                for u in usage {
+                    let is_hot = hot.contains(&u.kernel);
+                    let spills = u.spill_stores + u.spill_loads;
+                    if is_hot && spills > 0 {
                         failures.push(format!(
-                            "{name} ({arch}): no entry functions found in the ptxas log:\n{log}"
+                            "{name}: hot kernel `{}` spills on {arch} ({} B stores, {} B loads)",
+                            u.kernel, u.spill_stores, u.spill_loads
                         ));
                     }
-                    for u in usage {
-                        let is_hot = hot.contains(&u.kernel);
-                        let spills = u.spill_stores + u.spill_loads;
-                        if is_hot && spills > 0 {
-                            failures.push(format!(
-                                "{name}: hot kernel `{}` spills on {arch} ({} B stores, {} B loads)",
-                                u.kernel, u.spill_stores, u.spill_loads
-                            ));
-                        }
-                        if !quiet || (is_hot && spills > 0) {
-                            println!(
-                                "{:<16} {:<24} {:<6} {:>5} {:>7} {:>6} {:>8} {:>8}  {}",
-                                name,
-                                u.kernel,
-                                u.arch,
-                                u.registers,
-                                u.smem,
-                                u.stack,
-                                u.spill_stores,
-                                u.spill_loads,
-                                if is_hot { "yes" } else { "" }
-                            );
-                        }
+                    if !quiet || (is_hot && spills > 0) {
+                        println!(
+                            "{:<16} {:<24} {:<6} {:>5} {:>7} {:>6} {:>8} {:>8}  {}",
+                            name,
+                            u.kernel,
+                            u.arch,
+                            u.registers,
+                            u.smem,
+                            u.stack,
+                            u.spill_stores,
+                            u.spill_loads,
+                            if is_hot { "yes" } else { "" }
+                        );
                     }
-                    for h in &hot {
-                        if !log.contains(&format!("'{h}'")) {
-                            failures.push(format!(
-                                "{name}: kernel `{h}` is marked hot but ptxas did not compile it"
-                            ));
-                        }
+                }
+                for h in hot {
+                    if !log.contains(&format!("'{h}'")) {
+                        failures.push(format!(
+                            "{name}: kernel `{h}` is marked hot but ptxas did not compile it"
+                        ));
                     }
                 }
             }
@@ -366,21 +376,47 @@ fn run_emulated(root: &Path, required: bool) -> Result<()> {
         sources.len(),
         emu.display()
     );
-    let status = Command::new(&cxx)
-        .args(["-std=c++20", "-O1", "-pthread", "-I"])
-        .arg(root.join("kernels"))
-        .args(&sources)
+    // One object per source, compiled on all cores, then one link: the checks are independent
+    // translation units (check.h declares them), so a serial `g++ *.cpp` only wastes cores.
+    let objects: Vec<PathBuf> = sources
+        .iter()
+        .map(|src| {
+            out_dir
+                .join(src.file_stem().unwrap_or_default())
+                .with_extension("o")
+        })
+        .collect();
+    let jobs: Vec<(&PathBuf, &PathBuf)> = sources.iter().zip(&objects).collect();
+    let kernels_dir = root.join("kernels");
+    let statuses = parallel_map(&jobs, |(src, obj)| {
+        Command::new(&cxx)
+            .args(["-std=c++20", "-O1", "-pthread", "-c", "-I"])
+            .arg(&kernels_dir)
+            .arg(src)
+            .arg("-o")
+            .arg(obj)
+            .status()
+    });
+    for (status, (src, _)) in statuses.into_iter().zip(&jobs) {
+        match status {
+            Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => {
+                println!("kernels-check: `{cxx}` not found; skipped the emulated kernel run (install g++ ≥ 12)");
+                return Ok(());
+            }
+            Err(e) => bail!("running {cxx}: {e}"),
+            Ok(s) if !s.success() => bail!("{cxx} failed to compile {}", src.display()),
+            Ok(_) => {}
+        }
+    }
+    let link = Command::new(&cxx)
+        .arg("-pthread")
+        .args(&objects)
         .arg("-o")
         .arg(&exe)
-        .status();
-    match status {
-        Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => {
-            println!("kernels-check: `{cxx}` not found; skipped the emulated kernel run (install g++ ≥ 12)");
-            return Ok(());
-        }
-        Err(e) => bail!("running {cxx}: {e}"),
-        Ok(s) if !s.success() => bail!("{cxx} failed to build the emulated checks in kernels/emu"),
-        Ok(_) => {}
+        .status()
+        .with_context(|| format!("running {cxx}"))?;
+    if !link.success() {
+        bail!("{cxx} failed to link the emulated checks in kernels/emu");
     }
     let run = Command::new(&exe)
         .status()
@@ -389,6 +425,29 @@ fn run_emulated(root: &Path, required: bool) -> Result<()> {
         bail!("emulated kernel checks failed (see the FAIL lines above)");
     }
     Ok(())
+}
+
+/// `f` over `items` on up to `available_parallelism` threads; results in the order of `items`.
+fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(items.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut out: Vec<Option<R>> = (0..items.len()).map(|_| None).collect();
+    let slots = std::sync::Mutex::new(&mut out);
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(item) = items.get(i) else { break };
+                let r = f(item);
+                slots.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(r);
+            });
+        }
+    });
+    out.into_iter()
+        .map(|r| r.expect("every index is taken by exactly one thread"))
+        .collect()
 }
 
 /// The emulator's C++ sources, sorted: main.cpp and one check_<family>.cpp per kernel family.

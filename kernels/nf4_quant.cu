@@ -26,8 +26,8 @@
 // grid-stride over groups. c = absmax − offset; nested = max|c| over the group (max is exact, so the
 // order does not matter); inv = 1/nested (no clamp: an all-equal group gives 0·inf = NaN → code 0, as
 // bitsandbytes' CUDA kernel and the host); code = the bitsandbytes dQuantize<0> search over the sorted
-// 256-entry signed dynamic map code8 (dq8_code below, a transcription of nf4::quantize_dynamic8).
-// Layouts: absmax [blocks] f32; code8 [256] f32; codes [blocks] u8; nested [ceil(blocks/256)] f32.
+// 256-entry signed dynamic map map8 (the `code8` of the tensor; nf4q_dq8 below, a transcription of
+// nf4::quantize_dynamic8). Layouts: absmax [blocks] f32; map8 [256] f32; codes [blocks] u8; nested [ceil(blocks/256)] f32.
 
 #define NF4Q_FLOOR __uint_as_float(0x006ce3eeu)  // f32(1e-38) = 9.99999935e-39, torch's clamp(min=1e-38)
 
@@ -97,11 +97,11 @@ __device__ __forceinline__ u8 nf4q_dq8(const float* code, float x) {
     return (u8)(x < mid ? lower_pivot : pivot);
 }
 
-extern "C" __global__ void nf4_quant_nested_k(const float* absmax, i64 blocks, float offset, const float* code8,
+extern "C" __global__ void nf4_quant_nested_k(const float* absmax, i64 blocks, float offset, const float* map8,
                                               u8* codes, float* nested) {
     __shared__ float map[256];
     __shared__ float scratch[32];
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) map[i] = code8[i];
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) map[i] = map8[i];
     __syncthreads();
     i64 groups = (blocks + 255) / 256;
     for (i64 g = blockIdx.x; g < groups; g += gridDim.x) {

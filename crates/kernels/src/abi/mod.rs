@@ -313,7 +313,7 @@ kernels! {
     }
     "nf4_quant.cu" {
         nf4_quant_k(x: buf, numel: i64, packed: u8s, absmax: f32s, bad: i32s);
-        nf4_quant_nested_k(absmax: f32s, blocks: i64, offset: f32, code8: f32s, codes: u8s,
+        nf4_quant_nested_k(absmax: f32s, blocks: i64, offset: f32, map8: f32s, codes: u8s,
             nested: f32s);
     }
     "reduce.cu" {

@@ -80,7 +80,10 @@ fn main() {
         .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
         .sum();
     let exe = std::env::current_exe().expect("current exe");
-    println!("| load (CPU backend, {:.0} MB bf16 shards) | seconds | peak RSS (MB) |", bytes as f64 / 1e6);
+    println!(
+        "| load (CPU backend, {:.0} MB bf16 shards) | seconds | peak RSS (MB) |",
+        bytes as f64 / 1e6
+    );
     println!("|---|---:|---:|");
     for (label, mode) in [("dense f32", "dense"), ("NF4 + double quant", "nf4")] {
         // The first load also warms the page cache; the second is reported.
@@ -90,7 +93,11 @@ fn main() {
                 .args(["--child", dir.to_str().expect("utf-8 path"), mode])
                 .output()
                 .expect("child");
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             last = String::from_utf8_lossy(&out.stdout).trim().to_string();
         }
         let mut it = last.split_whitespace();

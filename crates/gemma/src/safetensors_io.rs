@@ -318,11 +318,7 @@ impl TensorStore {
             return;
         };
         let map = &self.files[info.file].mmap;
-        let _ = map.advise_range(
-            memmap2::Advice::WillNeed,
-            info.begin,
-            info.end - info.begin,
-        );
+        let _ = map.advise_range(memmap2::Advice::WillNeed, info.begin, info.end - info.begin);
         let touched = map[info.begin..info.end]
             .par_chunks(1 << 20)
             .map(|c| c.iter().step_by(4096).fold(0u8, |a, &b| a ^ b))

@@ -542,24 +542,49 @@ fn assert_nf4_bits(got: &Nf4Tensor, want: &Nf4Tensor, what: &str) {
 /// Checks every base tensor of `m` against the path the loader took before streaming: the tensor read
 /// as f32 on the host (`read_f32_shaped`), then `from_host_for` (dense) or `nf4::quantize` +
 /// `nf4_from_host` (NF4). Bit for bit.
-fn assert_equals_host_path<B: Backend>(m: &Gemma2Model<B>, store: &TensorStore, quant: Quantization) {
+fn assert_equals_host_path<B: Backend>(
+    m: &Gemma2Model<B>,
+    store: &TensorStore,
+    quant: Quantization,
+) {
     let b = &**m.backend();
     let cfg = &m.config;
     let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
     let dense = |name: &str, shape: &[usize], got: &B::Buf| {
         let host = store.read_f32_shaped(name, shape).unwrap();
-        let want = b.to_host(&b.from_host_for(&host, Storage::Activation).unwrap()).unwrap();
-        assert!(bits(b.to_host(got).unwrap()) == bits(want), "{name} differs");
+        let want = b
+            .to_host(&b.from_host_for(&host, Storage::Activation).unwrap())
+            .unwrap();
+        assert!(
+            bits(b.to_host(got).unwrap()) == bits(want),
+            "{name} differs"
+        );
     };
     let h = cfg.hidden_size;
-    dense("model.embed_tokens.weight", &[cfg.vocab_size, h], &m.embed_tokens);
+    dense(
+        "model.embed_tokens.weight",
+        &[cfg.vocab_size, h],
+        &m.embed_tokens,
+    );
     dense("model.norm.weight", &[h], &m.norm);
     for (li, layer) in m.layers.iter().enumerate() {
         for (kind, buf) in NormKind::ALL.iter().zip(&layer.norms) {
-            dense(&ParamId::Norm { layer: li, kind: *kind }.name(), &[h], buf);
+            dense(
+                &ParamId::Norm {
+                    layer: li,
+                    kind: *kind,
+                }
+                .name(),
+                &[h],
+                buf,
+            );
         }
         for lin in &layer.linears {
-            let name = ParamId::Weight { layer: li, target: lin.target }.name();
+            let name = ParamId::Weight {
+                layer: li,
+                target: lin.target,
+            }
+            .name();
             let shape = [lin.out_features, lin.in_features];
             match (&lin.base, quant) {
                 (LinearBase::Dense(buf), Quantization::None) => dense(&name, &shape, buf),
@@ -584,7 +609,9 @@ fn streamed_load_equals_the_f32_host_path() {
         let store = TensorStore::open_dir(tmp.path()).unwrap();
         for quantize in [
             Quantization::None,
-            Quantization::Nf4 { double_quant: false },
+            Quantization::Nf4 {
+                double_quant: false,
+            },
             Quantization::Nf4 { double_quant: true },
         ] {
             let opts = LoadOptions {
@@ -614,7 +641,9 @@ fn streamed_load_on_cuda_equals_the_host_path() {
         let store = TensorStore::open_dir(tmp.path()).unwrap();
         for quantize in [
             Quantization::None,
-            Quantization::Nf4 { double_quant: false },
+            Quantization::Nf4 {
+                double_quant: false,
+            },
             Quantization::Nf4 { double_quant: true },
         ] {
             let opts = LoadOptions {
@@ -639,7 +668,11 @@ fn streamed_load_bad_input_errors() {
         .names()
         .iter()
         .map(|n| {
-            let mut t = TensorOut::f32(*n, src.info(n).unwrap().shape.clone(), &src.read_f32(n).unwrap());
+            let mut t = TensorOut::f32(
+                *n,
+                src.info(n).unwrap().shape.clone(),
+                &src.read_f32(n).unwrap(),
+            );
             if *n == victim {
                 t.dtype = Dtype::I32; // same byte size as F32
             }
@@ -655,7 +688,10 @@ fn streamed_load_bad_input_errors() {
         let err = Gemma2Model::load(cpu(), tmp.path(), &opts).err().unwrap();
         let msg = err.to_string();
         assert!(matches!(err, GemmaError::Dtype { .. }), "{msg}");
-        assert!(msg.contains(victim) && msg.contains("I32") && msg.contains("model.safetensors"), "{msg}");
+        assert!(
+            msg.contains(victim) && msg.contains("I32") && msg.contains("model.safetensors"),
+            "{msg}"
+        );
     }
     // A shard cut in its data section.
     let tmp = tempfile::tempdir().unwrap();

@@ -450,7 +450,12 @@ mod bench {
                 rate: format!("{:.1} GB/s", raw.len() as f64 / (ms * 1e-3) / 1e9),
                 vs: "-".into(),
                 target: "≥ 0.93 GB/s".into(),
-                check: if got == want { "bit-exact" } else { "DIFFERS from host" }.into(),
+                check: if got == want {
+                    "bit-exact"
+                } else {
+                    "DIFFERS from host"
+                }
+                .into(),
             });
         }
 

@@ -6,7 +6,8 @@ mod common;
 use afinar_kernels::cpu::lora::{self, LoraFactors, LoraGrads, WeightRef};
 use afinar_kernels::nf4::RawDtype;
 use afinar_kernels::{
-    Absmax, Accum, Backend, KernelError, LoraGradRef, LoraRef, Nf4Tensor, Storage, Tolerance, Weight,
+    Absmax, Accum, Backend, KernelError, LoraGradRef, LoraRef, Nf4Tensor, Storage, Tolerance,
+    Weight,
 };
 use common::*;
 
@@ -570,8 +571,12 @@ fn stored(vals: &[f32], dt: RawDtype) -> (Vec<u8>, Vec<f32>) {
     for &v in vals {
         match dt {
             RawDtype::F32 => bytes.extend_from_slice(&v.to_le_bytes()),
-            RawDtype::Bf16 => bytes.extend_from_slice(&half::bf16::from_f32(v).to_bits().to_le_bytes()),
-            RawDtype::F16 => bytes.extend_from_slice(&half::f16::from_f32(v).to_bits().to_le_bytes()),
+            RawDtype::Bf16 => {
+                bytes.extend_from_slice(&half::bf16::from_f32(v).to_bits().to_le_bytes())
+            }
+            RawDtype::F16 => {
+                bytes.extend_from_slice(&half::f16::from_f32(v).to_bits().to_le_bytes())
+            }
         }
     }
     let decoded = (0..vals.len()).map(|i| dt.get(&bytes, i)).collect();
@@ -639,7 +644,15 @@ fn quant_values(seed: u64, n: usize) -> Vec<f32> {
 
 fn check_nf4_quantize<B: Backend>(b: &B, _tol: Tolerance) {
     // Sizes not a multiple of 64 (partial last block, odd numel) nor of 64·256 (ragged nested group).
-    let shapes: [&[usize]; 7] = [&[1], &[3, 21], &[1, 64], &[5, 13], &[64, 256], &[7, 2357], &[33, 530]];
+    let shapes: [&[usize]; 7] = [
+        &[1],
+        &[3, 21],
+        &[1, 64],
+        &[5, 13],
+        &[64, 256],
+        &[7, 2357],
+        &[33, 530],
+    ];
     for dt in [RawDtype::F32, RawDtype::Bf16, RawDtype::F16] {
         for (si, shape) in shapes.iter().enumerate() {
             let n: usize = shape.iter().product();
@@ -655,7 +668,10 @@ fn check_nf4_quantize<B: Backend>(b: &B, _tol: Tolerance) {
                 b.nf4_dequantize(&q, &mut out).unwrap();
                 let deq = want.dequantize().unwrap();
                 assert_eq!(
-                    down(b, &out).iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                    down(b, &out)
+                        .iter()
+                        .map(|x| x.to_bits())
+                        .collect::<Vec<_>>(),
                     deq.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
                     "{what}: dequantized"
                 );
@@ -677,7 +693,11 @@ fn check_nf4_quantize_errors<B: Backend>(b: &B, _tol: Tolerance) {
         Err(KernelError::Invalid { arg: "shape", .. })
     ));
     // A NaN or an infinity: the host quantizer's error, naming the same element.
-    for (bad, dt) in [(f32::NAN, RawDtype::Bf16), (f32::INFINITY, RawDtype::F32), (f32::NEG_INFINITY, RawDtype::F16)] {
+    for (bad, dt) in [
+        (f32::NAN, RawDtype::Bf16),
+        (f32::INFINITY, RawDtype::F32),
+        (f32::NEG_INFINITY, RawDtype::F16),
+    ] {
         let mut v = quant_values(3, 300);
         v[131] = bad;
         v[250] = bad;

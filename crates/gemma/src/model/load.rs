@@ -132,9 +132,16 @@ impl Fetched<'_> {
 
     /// NF4 on the backend (`Backend::nf4_quantize`: on the device for CUDA), bit-identical to
     /// `nf4::quantize` of the decoded values.
-    fn into_nf4<B: Backend>(self, backend: &B, shape: &[usize], double_quant: bool) -> Result<B::Nf4> {
+    fn into_nf4<B: Backend>(
+        self,
+        backend: &B,
+        shape: &[usize],
+        double_quant: bool,
+    ) -> Result<B::Nf4> {
         Ok(match self {
-            Fetched::Raw(bytes, dtype) => backend.nf4_quantize(bytes, dtype, shape, double_quant)?,
+            Fetched::Raw(bytes, dtype) => {
+                backend.nf4_quantize(bytes, dtype, shape, double_quant)?
+            }
             Fetched::F32(v) => {
                 backend.nf4_from_host(&afinar_kernels::nf4::quantize(&v, shape, double_quant)?)?
             }
@@ -234,80 +241,97 @@ impl<B: Backend> Gemma2Model<B> {
         } else {
             Storage::Activation
         };
-        // The fetch order, for the prefetch helper and the progress total. Built from the config
-        // lazily per name (no reservation from its layer count: a corrupt config must fail on a
-        // missing tensor, not abort on a huge allocation).
-        let mut plan = vec!["model.embed_tokens.weight".to_string()];
-        for li in 0..nl {
-            for kind in NormKind::ALL {
-                plan.push(ParamId::Norm { layer: li, kind }.name());
-            }
-            for target in Target::ALL {
-                plan.push(ParamId::Weight { layer: li, target }.name());
-            }
-        }
-        plan.push("model.norm.weight".to_string());
         let store = match &src {
             Source::Store(s) => Some(*s),
             Source::Random { .. } => None,
         };
+        // The fetch order of a store's tensors, for the prefetch helper and the progress total. Only
+        // layers the store holds are planned (no allocation from the config's layer count alone: a
+        // corrupt config must fail on a missing tensor, not abort on a huge allocation); a random
+        // model has nothing to prefetch.
+        let mut plan = Vec::new();
+        if let Some(s) = store {
+            plan.push("model.embed_tokens.weight".to_string());
+            for li in 0..nl {
+                if !s.contains(
+                    &ParamId::Norm {
+                        layer: li,
+                        kind: NormKind::Input,
+                    }
+                    .name(),
+                ) {
+                    break;
+                }
+                for kind in NormKind::ALL {
+                    plan.push(ParamId::Norm { layer: li, kind }.name());
+                }
+                for target in Target::ALL {
+                    plan.push(ParamId::Weight { layer: li, target }.name());
+                }
+            }
+            plan.push("model.norm.weight".to_string());
+        }
         let total_bytes: u64 = match store {
             Some(s) => plan.iter().map(|n| s.stored_bytes(n) as u64).sum(),
             None => 0,
         };
-        let (embed_tokens, layers, norm) = with_stream(store, &plan, total_bytes, opts.progress, |st| {
-            let be = &*backend;
-            let emb_name = "model.embed_tokens.weight";
-            st.begin(emb_name);
-            let mut emb = src.fetch(emb_name, &[cfg.vocab_size, h])?;
-            if let (Fetched::F32(v), Some(pad)) = (&mut emb, cfg.pad_token_id) {
-                if matches!(src, Source::Random { .. }) {
-                    // nn.Embedding(padding_idx=pad) starts with a zero row, as transformers' init
-                    // leaves it.
-                    if let Some(row) = usize::try_from(pad).ok().filter(|&p| p < cfg.vocab_size) {
-                        v[row * h..(row + 1) * h].fill(0.0);
+        let (embed_tokens, layers, norm) =
+            with_stream(store, &plan, total_bytes, opts.progress, |st| {
+                let be = &*backend;
+                let emb_name = "model.embed_tokens.weight";
+                st.begin(emb_name);
+                let mut emb = src.fetch(emb_name, &[cfg.vocab_size, h])?;
+                if let (Fetched::F32(v), Some(pad)) = (&mut emb, cfg.pad_token_id) {
+                    if matches!(src, Source::Random { .. }) {
+                        // nn.Embedding(padding_idx=pad) starts with a zero row, as transformers' init
+                        // leaves it.
+                        if let Some(row) = usize::try_from(pad).ok().filter(|&p| p < cfg.vocab_size)
+                        {
+                            v[row * h..(row + 1) * h].fill(0.0);
+                        }
                     }
                 }
-            }
-            // Raw bytes go to the backend as they are; f32 values are handed over, not copied, so
-            // the [V,H] embedding exists once on the host when the backend is the CPU.
-            let bytes = emb.bytes();
-            let embed_tokens = emb.into_buf(be, base)?;
-            st.done(emb_name, bytes);
-            let mut layers = Vec::new();
-            for li in 0..nl {
-                let mut norm = |kind: NormKind| -> Result<B::Buf> {
-                    let name = ParamId::Norm { layer: li, kind }.name();
-                    st.begin(&name);
-                    let t = src.fetch(&name, &[h])?;
-                    let bytes = t.bytes();
-                    let buf = t.into_buf(be, base)?;
-                    st.done(&name, bytes);
-                    Ok(buf)
-                };
-                let norms = [
-                    norm(NormKind::Input)?,
-                    norm(NormKind::PostAttention)?,
-                    norm(NormKind::PreFeedforward)?,
-                    norm(NormKind::PostFeedforward)?,
-                ];
-                let mut lins = Vec::with_capacity(7);
-                for target in Target::ALL {
-                    lins.push(build_linear(be, cfg, &src, opts, li, target, st)?);
+                // Raw bytes go to the backend as they are; f32 values are handed over, not copied, so
+                // the [V,H] embedding exists once on the host when the backend is the CPU.
+                let bytes = emb.bytes();
+                let embed_tokens = emb.into_buf(be, base)?;
+                st.done(emb_name, bytes);
+                let mut layers = Vec::new();
+                for li in 0..nl {
+                    let mut norm = |kind: NormKind| -> Result<B::Buf> {
+                        let name = ParamId::Norm { layer: li, kind }.name();
+                        st.begin(&name);
+                        let t = src.fetch(&name, &[h])?;
+                        let bytes = t.bytes();
+                        let buf = t.into_buf(be, base)?;
+                        st.done(&name, bytes);
+                        Ok(buf)
+                    };
+                    let norms = [
+                        norm(NormKind::Input)?,
+                        norm(NormKind::PostAttention)?,
+                        norm(NormKind::PreFeedforward)?,
+                        norm(NormKind::PostFeedforward)?,
+                    ];
+                    let mut lins = Vec::with_capacity(7);
+                    for target in Target::ALL {
+                        lins.push(build_linear(be, cfg, &src, opts, li, target, st)?);
+                    }
+                    let linears: [Linear<B>; 7] = lins.try_into().map_err(|_| {
+                        GemmaError::Invalid(
+                            "internal: a layer must have exactly seven linears".into(),
+                        )
+                    })?;
+                    layers.push(Layer { norms, linears });
                 }
-                let linears: [Linear<B>; 7] = lins.try_into().map_err(|_| {
-                    GemmaError::Invalid("internal: a layer must have exactly seven linears".into())
-                })?;
-                layers.push(Layer { norms, linears });
-            }
-            let name = "model.norm.weight";
-            st.begin(name);
-            let t = src.fetch(name, &[h])?;
-            let bytes = t.bytes();
-            let norm = t.into_buf(be, base)?;
-            st.done(name, bytes);
-            Ok::<_, GemmaError>((embed_tokens, layers, norm))
-        })?;
+                let name = "model.norm.weight";
+                st.begin(name);
+                let t = src.fetch(name, &[h])?;
+                let bytes = t.bytes();
+                let norm = t.into_buf(be, base)?;
+                st.done(name, bytes);
+                Ok::<_, GemmaError>((embed_tokens, layers, norm))
+            })?;
         Ok(Gemma2Model {
             backend,
             config,

@@ -401,15 +401,14 @@ fn copy_bytes<T>(cu: &Cuda, raw: &[u8], dst: &mut CudaSlice<T>) -> Result<()> {
     // SAFETY: the view is `raw.len()` bytes of `dst`'s allocation (checked by `transmute_mut`, which
     // returns None when the allocation is smaller), and every byte pattern is a valid f32, bf16 or
     // f16, so the typed slice stays valid whatever the bytes are.
-    let mut bytes = unsafe { dst.transmute_mut::<u8>(raw.len()) }.ok_or_else(|| {
-        KernelError::Backend {
+    let mut bytes =
+        unsafe { dst.transmute_mut::<u8>(raw.len()) }.ok_or_else(|| KernelError::Backend {
             backend: "cuda",
             msg: format!(
                 "internal: a staging buffer is smaller than the {} bytes it receives",
                 raw.len()
             ),
-        }
-    })?;
+        })?;
     cu.stream
         .memcpy_htod(raw, &mut bytes)
         .map_err(be("host to device copy"))
@@ -479,7 +478,11 @@ pub(super) fn nf4_quantize(
     )?;
     drop(staged);
     // Reading the flag waits for the kernel.
-    let flagged = cu.stream.clone_dtoh(&bad).map_err(be("device to host copy"))?[0] != 0;
+    let flagged = cu
+        .stream
+        .clone_dtoh(&bad)
+        .map_err(be("device to host copy"))?[0]
+        != 0;
     if flagged {
         // Name the first bad element exactly as the host quantizer does.
         return Err(match crate::nf4::first_non_finite(raw, dtype) {

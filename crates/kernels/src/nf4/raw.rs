@@ -92,15 +92,26 @@ impl RawDtype {
 }
 
 /// Checks that `raw` holds exactly the elements of `shape` in `dtype`; returns numel.
-pub fn check_raw(op: &'static str, raw: &[u8], dtype: RawDtype, shape: &[usize]) -> crate::Result<usize> {
+pub fn check_raw(
+    op: &'static str,
+    raw: &[u8],
+    dtype: RawDtype,
+    shape: &[usize],
+) -> crate::Result<usize> {
     let numel = checked_numel(op, shape)?;
-    let want = numel.checked_mul(dtype.size()).ok_or_else(|| KernelError::Invalid {
-        op,
-        arg: "shape",
-        msg: format!("{shape:?} of {} overflows usize bytes", dtype.as_str()),
-    })?;
+    let want = numel
+        .checked_mul(dtype.size())
+        .ok_or_else(|| KernelError::Invalid {
+            op,
+            arg: "shape",
+            msg: format!("{shape:?} of {} overflows usize bytes", dtype.as_str()),
+        })?;
     check_len(op, "raw", raw.len(), want, || {
-        format!("{shape:?} of {} ({} bytes each)", dtype.as_str(), dtype.size())
+        format!(
+            "{shape:?} of {} ({} bytes each)",
+            dtype.as_str(),
+            dtype.size()
+        )
     })?;
     Ok(numel)
 }

@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -262,6 +263,10 @@ def cmd_hf(a):
         opt = torch.optim.AdamW(params, lr=s["lr"])
     ids, ids_kind = batch_ids(a.data, a.model, s["batch"], s["seq"])
     load_s = time.time() - t0
+    import resource
+
+    # Peak host RSS of the process up to here (Linux ru_maxrss is in KiB): the load's high-water mark.
+    load_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
     for _ in range(a.steps):
@@ -294,7 +299,8 @@ def cmd_hf(a):
           "kind": "hf", "tokens_per_step": s["batch"] * s["seq"], "input": ids_kind,
           "step_s_median": round(med, 4), "tok_s": round(s["batch"] * s["seq"] / med, 1),
           "torch_peak_alloc_gib": round(peak_alloc / 2**30, 2), **mem.stop(),
-          "load_s": round(load_s, 1), "process_s": round(time.time() - t_start, 1),
+          "load_s": round(load_s, 1), "load_host_peak_rss_gb": round(load_rss_gb, 2),
+          "process_s": round(time.time() - t_start, 1),
           "step_times": [round(x, 4) for x in times], "losses": [round(x, 4) for x in losses],
           "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                        "peft": peft.__version__, "bitsandbytes": bnb_version}}, a.out)
@@ -347,6 +353,21 @@ def cmd_afinar(a):
     if med:
         res.update({"step_s_median": round(med, 4), "tok_s": round(s["batch"] * s["seq"] / med, 1),
                     "load_s": round(process_s - sum(times), 1)})
+    # The loader's own summary line (model/stream.rs), printed on stderr when not quiet:
+    # "loaded N tensors (X GB) in T s (R GB/s); host peak RSS P GB". When present, load_s is the
+    # loader's time (checkpoint to a trainable model) and the process time minus the steps is kept
+    # as startup_s (CUDA init, kernel compile, data, load).
+    with open(a.log, errors="replace") as f:
+        found = re.findall(r"loaded (\d+) tensors \(([\d.]+) GB\) in ([\d.]+) s \(([\d.]+) GB/s\)"
+                           r"(?:; host peak RSS ([\d.]+) GB)?", f.read())
+    if found:
+        n, gb, secs, rate, rss = found[-1]
+        if "load_s" in res:
+            res["startup_s"] = res["load_s"]
+        res.update({"load_s": float(secs), "load_tensors": int(n), "load_gb": float(gb),
+                    "load_gb_per_s": float(rate)})
+        if rss:
+            res["load_host_peak_rss_gb"] = float(rss)
     res.update({"step_times": [round(x, 4) for x in times], "losses": losses,
                 "profile": os.path.exists(os.path.join(a.run_dir, "profile.json"))})
     emit(res, a.out)
@@ -369,12 +390,13 @@ def cmd_report(a):
                 lines = [ln for ln in f.read().splitlines() if ln.strip()]
             if lines:
                 rows.append(json.loads(lines[-1]))
-    out = ["| side | tokens/s | median step (s) | peak GPU MiB (nvidia-smi) | torch alloc GiB | load (s) |",
-           "|---|---:|---:|---:|---:|---:|"]
+    out = ["| side | tokens/s | median step (s) | peak GPU MiB (nvidia-smi) | torch alloc GiB | load (s) |"
+           " host peak RSS at load (GB) |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         out.append(f"| {r.get('side', '?')} | {fmt(r.get('tok_s'), '.0f')} | {fmt(r.get('step_s_median'), '.3f')}"
                    f" | {fmt(r.get('nvsmi_peak_mib'), '.0f')} | {fmt(r.get('torch_peak_alloc_gib'), '.2f')}"
-                   f" | {fmt(r.get('load_s'), '.1f')} |")
+                   f" | {fmt(r.get('load_s'), '.1f')} | {fmt(r.get('load_host_peak_rss_gb'), '.2f')} |")
     af = next((r for r in rows if r.get("kind") == "afinar" and r.get("tok_s")), None)
     hf = next((r for r in rows if r.get("kind") == "hf" and r.get("tok_s")), None)
     out.append("")

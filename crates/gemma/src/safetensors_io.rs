@@ -24,6 +24,7 @@ use memmap2::Mmap;
 use serde_json::Value;
 
 use crate::error::{GemmaError, Result};
+use afinar_kernels::nf4::RawDtype;
 
 /// Element type of a stored tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -288,6 +289,65 @@ impl TensorStore {
         self.read_f32(name)
     }
 
+    /// The stored values of `name` (shape checked against `expected`) in the form the backends take
+    /// without a host f32 copy: the mapped bytes of an F32, BF16 or F16 tensor, or (F64, which no
+    /// backend takes as bytes) the decoded values. Other dtypes: the `Dtype` error of `read_f32`.
+    pub fn stored_shaped(&self, name: &str, expected: &[usize]) -> Result<Stored<'_>> {
+        self.check_shape(name, expected)?;
+        let (bytes, info) = self.raw(name)?;
+        Ok(match info.dtype {
+            Dtype::F32 => Stored::Raw(bytes, RawDtype::F32),
+            Dtype::BF16 => Stored::Raw(bytes, RawDtype::Bf16),
+            Dtype::F16 => Stored::Raw(bytes, RawDtype::F16),
+            _ => Stored::F32(self.read_f32(name)?),
+        })
+    }
+
+    /// Byte size of `name` as stored (0 when absent).
+    pub fn stored_bytes(&self, name: &str) -> usize {
+        self.tensors.get(name).map_or(0, |i| i.end - i.begin)
+    }
+
+    /// Reads the pages of `name` into memory ahead of use, in parallel (rayon, 1 MiB pieces, one byte
+    /// per 4 KiB page), after asking the kernel for read-ahead (`MADV_WILLNEED`). Run on another
+    /// thread while the previous tensor is converted or uploaded, it overlaps disk reads and page
+    /// faults with that work. Best effort: an absent name or a refused advice does nothing.
+    pub fn prefetch(&self, name: &str) {
+        use rayon::prelude::*;
+        let Some(info) = self.tensors.get(name) else {
+            return;
+        };
+        let map = &self.files[info.file].mmap;
+        let _ = map.advise_range(memmap2::Advice::WillNeed, info.begin, info.end - info.begin);
+        let touched = map[info.begin..info.end]
+            .par_chunks(1 << 20)
+            .map(|c| c.iter().step_by(4096).fold(0u8, |a, &b| a ^ b))
+            .reduce(|| 0, |a, b| a ^ b);
+        std::hint::black_box(touched);
+    }
+
+    /// Drops the pages of `name` from this process's mapping (`MADV_DONTNEED`): they stay in the page
+    /// cache, but no longer count in the resident set, so a streamed load holds at most the tensors
+    /// in flight. A later read of `name` maps them again (from the cache or the file). Best effort.
+    pub fn release(&self, name: &str) {
+        let Some(info) = self.tensors.get(name) else {
+            return;
+        };
+        let map = &self.files[info.file].mmap;
+        // The range is page-aligned outward by memmap2, so pages shared with a neighbouring tensor
+        // are dropped too: harmless, they are read again from the page cache when needed.
+        // SAFETY: the map is read-only and shared (MAP_SHARED, PROT_READ): MADV_DONTNEED only drops
+        // page-table entries, and the next access faults the same file bytes back in. No data is
+        // lost and every live `&[u8]` into the map stays valid.
+        let _ = unsafe {
+            map.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                info.begin,
+                info.end - info.begin,
+            )
+        };
+    }
+
     /// `StoredShapeMismatch` (naming the tensor and its file) unless `name` has shape `expected`.
     pub fn check_shape(&self, name: &str, expected: &[usize]) -> Result<()> {
         let info = self.info(name)?;
@@ -301,6 +361,14 @@ impl TensorStore {
         }
         Ok(())
     }
+}
+
+/// A float tensor as stored: see [`TensorStore::stored_shaped`].
+pub enum Stored<'a> {
+    /// The mapped little-endian bytes.
+    Raw(&'a [u8], RawDtype),
+    /// Decoded values (F64 checkpoints).
+    F32(Vec<f32>),
 }
 
 /// Decodes little-endian F32/F16/BF16/F64 bytes to f32; None for other dtypes.

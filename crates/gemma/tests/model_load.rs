@@ -7,9 +7,10 @@ use std::sync::Arc;
 
 use afinar_gemma::safetensors_io::{write_safetensors, Dtype, TensorOut, TensorStore};
 use afinar_gemma::{
-    Batch, Gemma2Config, Gemma2Model, GemmaError, LoadOptions, ParamId, Quantization, Target,
+    Batch, Gemma2Config, Gemma2Model, GemmaError, LinearBase, LoadOptions, NormKind, ParamId,
+    Quantization, Target,
 };
-use afinar_kernels::{Cpu, Tolerance};
+use afinar_kernels::{Absmax, Backend, Cpu, Nf4Tensor, Storage, Tolerance};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/golden/fixtures")
@@ -504,4 +505,208 @@ fn absurd_lora_rank_is_an_error_not_an_allocation() {
         ..LoadOptions::default()
     };
     Gemma2Model::load(cpu(), tiny_a(), &opts).unwrap();
+}
+
+// ---- The streamed load against the f32 host path ------------------------------------------------
+
+/// Every field of two NF4 tensors, floats by bits.
+fn assert_nf4_bits(got: &Nf4Tensor, want: &Nf4Tensor, what: &str) {
+    let fb = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(got.shape, want.shape, "{what}: shape");
+    assert!(got.packed == want.packed, "{what}: packed codes differ");
+    match (&got.absmax, &want.absmax) {
+        (Absmax::Plain(a), Absmax::Plain(b)) => assert!(fb(a) == fb(b), "{what}: absmax differs"),
+        (
+            Absmax::Nested {
+                codes: c1,
+                nested_absmax: n1,
+                offset: o1,
+                code8: m1,
+            },
+            Absmax::Nested {
+                codes: c2,
+                nested_absmax: n2,
+                offset: o2,
+                code8: m2,
+            },
+        ) => {
+            assert!(c1 == c2, "{what}: absmax codes differ");
+            assert!(fb(n1) == fb(n2), "{what}: nested absmax differs");
+            assert_eq!(o1.to_bits(), o2.to_bits(), "{what}: offset");
+            assert!(fb(&m1[..]) == fb(&m2[..]), "{what}: code8 differs");
+        }
+        _ => panic!("{what}: plain vs nested absmax"),
+    }
+}
+
+/// Checks every base tensor of `m` against the path the loader took before streaming: the tensor read
+/// as f32 on the host (`read_f32_shaped`), then `from_host_for` (dense) or `nf4::quantize` +
+/// `nf4_from_host` (NF4). Bit for bit.
+fn assert_equals_host_path<B: Backend>(
+    m: &Gemma2Model<B>,
+    store: &TensorStore,
+    quant: Quantization,
+) {
+    let b = &**m.backend();
+    let cfg = &m.config;
+    let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+    let dense = |name: &str, shape: &[usize], got: &B::Buf| {
+        let host = store.read_f32_shaped(name, shape).unwrap();
+        let want = b
+            .to_host(&b.from_host_for(&host, Storage::Activation).unwrap())
+            .unwrap();
+        assert!(
+            bits(b.to_host(got).unwrap()) == bits(want),
+            "{name} differs"
+        );
+    };
+    let h = cfg.hidden_size;
+    dense(
+        "model.embed_tokens.weight",
+        &[cfg.vocab_size, h],
+        &m.embed_tokens,
+    );
+    dense("model.norm.weight", &[h], &m.norm);
+    for (li, layer) in m.layers.iter().enumerate() {
+        for (kind, buf) in NormKind::ALL.iter().zip(&layer.norms) {
+            dense(
+                &ParamId::Norm {
+                    layer: li,
+                    kind: *kind,
+                }
+                .name(),
+                &[h],
+                buf,
+            );
+        }
+        for lin in &layer.linears {
+            let name = ParamId::Weight {
+                layer: li,
+                target: lin.target,
+            }
+            .name();
+            let shape = [lin.out_features, lin.in_features];
+            match (&lin.base, quant) {
+                (LinearBase::Dense(buf), Quantization::None) => dense(&name, &shape, buf),
+                (LinearBase::Nf4(q), Quantization::Nf4 { double_quant }) => {
+                    let host = store.read_f32_shaped(&name, &shape).unwrap();
+                    let want = afinar_kernels::nf4::quantize(&host, &shape, double_quant).unwrap();
+                    assert_nf4_bits(&b.nf4_to_host(q).unwrap(), &want, &name);
+                }
+                _ => panic!("{name}: not stored as {quant:?}"),
+            }
+        }
+    }
+}
+
+/// The streamed load (stored bytes to the backend, NF4 quantized from the bytes, pages released) gives
+/// bit for bit the parameters of the f32 host path, for f32, bf16 and f16 shards, dense and NF4.
+#[test]
+fn streamed_load_equals_the_f32_host_path() {
+    for dtype in [Dtype::F32, Dtype::BF16, Dtype::F16] {
+        let tmp = tempfile::tempdir().unwrap();
+        write_sharded(tmp.path(), dtype, 3, None);
+        let store = TensorStore::open_dir(tmp.path()).unwrap();
+        for quantize in [
+            Quantization::None,
+            Quantization::Nf4 {
+                double_quant: false,
+            },
+            Quantization::Nf4 { double_quant: true },
+        ] {
+            let opts = LoadOptions {
+                quantize,
+                progress: true, // the plain progress lines and summary (stderr is not a terminal here)
+                ..Default::default()
+            };
+            let m = Gemma2Model::load(cpu(), tmp.path(), &opts).unwrap();
+            assert_equals_host_path(&m, &store, quantize);
+        }
+    }
+}
+
+/// The CUDA half: the model quantized on the device from bf16 shards equals the host quantizer's, and
+/// its dense tensors equal an upload of the f32 values. Skips without a driver.
+#[cfg(feature = "cuda")]
+#[test]
+fn streamed_load_on_cuda_equals_the_host_path() {
+    let Some(cuda) = afinar_kernels::cuda::Cuda::try_new().unwrap() else {
+        eprintln!("skipped: no CUDA driver");
+        return;
+    };
+    let cuda = Arc::new(cuda);
+    for dtype in [Dtype::BF16, Dtype::F32] {
+        let tmp = tempfile::tempdir().unwrap();
+        write_sharded(tmp.path(), dtype, 2, None);
+        let store = TensorStore::open_dir(tmp.path()).unwrap();
+        for quantize in [
+            Quantization::None,
+            Quantization::Nf4 {
+                double_quant: false,
+            },
+            Quantization::Nf4 { double_quant: true },
+        ] {
+            let opts = LoadOptions {
+                quantize,
+                ..Default::default()
+            };
+            let m = Gemma2Model::load(cuda.clone(), tmp.path(), &opts).unwrap();
+            assert_equals_host_path(&m, &store, quantize);
+        }
+    }
+}
+
+/// Bad input through the streamed load keeps its errors: a linear stored as I32 (dtype named, with
+/// the tensor and file), and a shard cut short (the file named), for dense and NF4 loads.
+#[test]
+fn streamed_load_bad_input_errors() {
+    let victim = "model.layers.1.self_attn.k_proj.weight";
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::copy(tiny_a().join("config.json"), tmp.path().join("config.json")).unwrap();
+    let src = TensorStore::open_dir(tiny_a()).unwrap();
+    let outs: Vec<TensorOut> = src
+        .names()
+        .iter()
+        .map(|n| {
+            let mut t = TensorOut::f32(
+                *n,
+                src.info(n).unwrap().shape.clone(),
+                &src.read_f32(n).unwrap(),
+            );
+            if *n == victim {
+                t.dtype = Dtype::I32; // same byte size as F32
+            }
+            t
+        })
+        .collect();
+    write_safetensors(&tmp.path().join("model.safetensors"), &outs, None).unwrap();
+    for quantize in [Quantization::None, Quantization::Nf4 { double_quant: true }] {
+        let opts = LoadOptions {
+            quantize,
+            ..Default::default()
+        };
+        let err = Gemma2Model::load(cpu(), tmp.path(), &opts).err().unwrap();
+        let msg = err.to_string();
+        assert!(matches!(err, GemmaError::Dtype { .. }), "{msg}");
+        assert!(
+            msg.contains(victim) && msg.contains("I32") && msg.contains("model.safetensors"),
+            "{msg}"
+        );
+    }
+    // A shard cut in its data section.
+    let tmp = tempfile::tempdir().unwrap();
+    write_sharded(tmp.path(), Dtype::BF16, 2, None);
+    let shard = tmp.path().join("model-00002-of-00002.safetensors");
+    let bytes = std::fs::read(&shard).unwrap();
+    std::fs::write(&shard, &bytes[..bytes.len() - 64]).unwrap();
+    for quantize in [Quantization::None, Quantization::Nf4 { double_quant: true }] {
+        let opts = LoadOptions {
+            quantize,
+            ..Default::default()
+        };
+        let err = Gemma2Model::load(cpu(), tmp.path(), &opts).err().unwrap();
+        let msg = err.to_string();
+        assert!(matches!(err, GemmaError::Safetensors { .. }), "{msg}");
+        assert!(msg.contains("model-00002-of-00002.safetensors"), "{msg}");
+    }
 }

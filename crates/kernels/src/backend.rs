@@ -27,7 +27,7 @@
 //!   never reinterprets it.
 
 use crate::error::Result;
-use crate::nf4::Nf4Tensor;
+use crate::nf4::{Nf4Tensor, RawDtype};
 
 /// What a buffer is for, which decides how a backend stores it. The CPU backend keeps everything in f32
 /// and ignores the intent; the CUDA backend stores `Activation` buffers in its activation dtype (bf16
@@ -173,6 +173,39 @@ pub trait Backend: Send + Sync + Sized {
     fn nf4_from_host(&self, w: &Nf4Tensor) -> Result<Self::Nf4>;
     /// Back to host form (for saving a quantized checkpoint).
     fn nf4_to_host(&self, w: &Self::Nf4) -> Result<Nf4Tensor>;
+    /// NF4-quantizes a weight given as its stored bytes (`raw`: little-endian `dtype`, row-major
+    /// `shape`), as bitsandbytes `quantize_4bit(blocksize=64, quant_type="nf4",
+    /// compress_statistics=double_quant)`: the result is bit-identical to
+    /// `nf4::quantize(decoded, shape, double_quant)` on every backend (packed codes, absmax, nested
+    /// codes, nested absmax, offset). The loader hands it a slice of the memory-mapped checkpoint: no
+    /// f32 copy of the tensor is made on the host. The CPU quantizes block by block from the bytes; the
+    /// CUDA backend uploads the bytes and quantizes on the device (kernels/nf4_quant.cu). Errors as
+    /// `nf4::quantize` (a non-finite element named by its flat index), plus `raw` not holding exactly
+    /// Π shape elements. Default: quantize on the host, then `nf4_from_host`.
+    fn nf4_quantize(
+        &self,
+        raw: &[u8],
+        dtype: RawDtype,
+        shape: &[usize],
+        double_quant: bool,
+    ) -> Result<Self::Nf4> {
+        self.nf4_from_host(&crate::nf4::quantize_raw(raw, dtype, shape, double_quant)?)
+    }
+    /// A buffer holding the values of `raw` (little-endian `dtype`, `raw.len() / dtype.size()`
+    /// elements; a trailing partial element is `KernelError::Shape`), stored as `storage` asks. Equal
+    /// bit for bit to `from_host_for(decoded, storage)`. Default: decode on the host (in parallel),
+    /// then `from_vec_for`; a device backend uploads the bytes as they are when the storage dtype is
+    /// `dtype` (a bf16 checkpoint into bf16 activations: no conversion at all).
+    fn from_raw_for(&self, raw: &[u8], dtype: RawDtype, storage: Storage) -> Result<Self::Buf> {
+        crate::error::check_len(
+            "from_raw",
+            "raw",
+            raw.len(),
+            raw.len() / dtype.size() * dtype.size(),
+            || format!("whole {} elements", dtype.as_str()),
+        )?;
+        self.from_vec_for(dtype.decode(raw), storage)
+    }
     /// Copies `src` into `dst` (same length).
     fn copy(&self, src: &Self::Buf, dst: &mut Self::Buf) -> Result<()>;
     /// Sets every element to `value`.

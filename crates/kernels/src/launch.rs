@@ -127,6 +127,18 @@ pub fn nf4_dequant(numel: usize) -> Launch {
     elementwise(numel.div_ceil(16))
 }
 
+/// `nf4_quant.cu` `nf4_quant_k`: one warp per 64-element block, 256-thread blocks (8 NF4 blocks
+/// each), grid-stride.
+pub fn nf4_quant(numel: usize) -> Launch {
+    elementwise(numel.div_ceil(64).saturating_mul(32))
+}
+
+/// `nf4_quant.cu` `nf4_quant_nested_k`: one 256-thread block per group of 256 absmax values (the
+/// kernel requires blockDim = 256 = `nf4::NESTED_BLOCK`), grid-stride.
+pub fn nf4_quant_nested(blocks: usize) -> Launch {
+    elementwise(blocks)
+}
+
 // ---- Path selection -------------------------------------------------------------------------------
 //
 // Which implementation serves an op is a pure function of the operands' storage dtypes, the device and

@@ -4,7 +4,11 @@
 mod common;
 
 use afinar_kernels::cpu::lora::{self, LoraFactors, LoraGrads, WeightRef};
-use afinar_kernels::{Accum, Backend, LoraGradRef, LoraRef, Tolerance, Weight};
+use afinar_kernels::nf4::RawDtype;
+use afinar_kernels::{
+    Absmax, Accum, Backend, KernelError, LoraGradRef, LoraRef, Nf4Tensor, Storage, Tolerance,
+    Weight,
+};
 use common::*;
 
 backend_tests! {
@@ -13,6 +17,9 @@ backend_tests! {
     lora_dense_backward_matches_finite_differences => check_lora_dense_bwd,
     lora_nf4_equals_dense_with_dequantized_weight => check_lora_nf4,
     nf4_dequantize_matches_host => check_nf4_dequantize,
+    nf4_quantize_is_the_host_quantizer_bit_for_bit => check_nf4_quantize,
+    nf4_quantize_bad_input_is_the_host_error => check_nf4_quantize_errors,
+    from_raw_equals_from_host_bit_for_bit => check_from_raw,
 }
 
 /// Y = X·Wᵀ in f64: x [M,K], w [N,K].
@@ -554,4 +561,182 @@ fn cpu_nf4_tiles_of_any_height_agree_with_dense() {
     let mut out = vec![0.0; 37];
     afinar_kernels::cpu::nf4::dequantize_range(&w, 63, &mut out).unwrap();
     Tolerance::EXACT.assert_close("range 63..100", out, wd[63..100].iter().copied());
+}
+
+// ---- Quantization and upload from stored bytes --------------------------------------------------
+
+/// `vals` stored as `dt` (little-endian bytes) and the values those bytes hold.
+fn stored(vals: &[f32], dt: RawDtype) -> (Vec<u8>, Vec<f32>) {
+    let mut bytes = Vec::with_capacity(vals.len() * dt.size());
+    for &v in vals {
+        match dt {
+            RawDtype::F32 => bytes.extend_from_slice(&v.to_le_bytes()),
+            RawDtype::Bf16 => {
+                bytes.extend_from_slice(&half::bf16::from_f32(v).to_bits().to_le_bytes())
+            }
+            RawDtype::F16 => {
+                bytes.extend_from_slice(&half::f16::from_f32(v).to_bits().to_le_bytes())
+            }
+        }
+    }
+    let decoded = (0..vals.len()).map(|i| dt.get(&bytes, i)).collect();
+    (bytes, decoded)
+}
+
+/// Every field of two NF4 tensors, floats compared by bits.
+fn assert_nf4_bits(got: &Nf4Tensor, want: &Nf4Tensor, what: &str) {
+    let fb = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(got.shape, want.shape, "{what}: shape");
+    assert_eq!(got.packed, want.packed, "{what}: packed codes");
+    match (&got.absmax, &want.absmax) {
+        (Absmax::Plain(a), Absmax::Plain(b)) => assert_eq!(fb(a), fb(b), "{what}: absmax"),
+        (
+            Absmax::Nested {
+                codes: c1,
+                nested_absmax: n1,
+                offset: o1,
+                code8: m1,
+            },
+            Absmax::Nested {
+                codes: c2,
+                nested_absmax: n2,
+                offset: o2,
+                code8: m2,
+            },
+        ) => {
+            assert_eq!(c1, c2, "{what}: absmax codes");
+            assert_eq!(fb(n1), fb(n2), "{what}: nested absmax");
+            assert_eq!(o1.to_bits(), o2.to_bits(), "{what}: offset");
+            assert_eq!(fb(&m1[..]), fb(&m2[..]), "{what}: code8");
+        }
+        _ => panic!("{what}: plain vs nested absmax"),
+    }
+}
+
+/// Values with the cases that decide codes: random magnitudes per block, an all-zero block, a block of
+/// exact NF4 threshold ties (absmax 1), tiny (subnormal in f32) values, -0.0.
+fn quant_values(seed: u64, n: usize) -> Vec<f32> {
+    let mut g = rng(seed);
+    let mut v = uniform(&mut g, n, 1.0);
+    for (bi, blk) in v.chunks_mut(64).enumerate() {
+        let scale = [1.0, 3e-3, 40.0, 0.25][bi % 4];
+        blk.iter_mut().for_each(|x| *x *= scale);
+    }
+    if n > 128 {
+        v[64..128].fill(0.0);
+    }
+    if n > 192 {
+        v[128] = 1.0;
+        for j in 1..64 {
+            v[128 + j] = afinar_kernels::nf4::NF4_THRESHOLDS[j % 15];
+        }
+    }
+    if n > 256 {
+        for j in 0..64 {
+            v[192 + j] = (j as f32 + 1.0) * 1e-40;
+        }
+    }
+    if n > 5 {
+        v[5] = -0.0;
+    }
+    v
+}
+
+fn check_nf4_quantize<B: Backend>(b: &B, _tol: Tolerance) {
+    // Sizes not a multiple of 64 (partial last block, odd numel) nor of 64·256 (ragged nested group).
+    let shapes: [&[usize]; 7] = [
+        &[1],
+        &[3, 21],
+        &[1, 64],
+        &[5, 13],
+        &[64, 256],
+        &[7, 2357],
+        &[33, 530],
+    ];
+    for dt in [RawDtype::F32, RawDtype::Bf16, RawDtype::F16] {
+        for (si, shape) in shapes.iter().enumerate() {
+            let n: usize = shape.iter().product();
+            let (raw, decoded) = stored(&quant_values(si as u64 + 7, n), dt);
+            for dq in [false, true] {
+                let what = format!("{} {shape:?} double_quant={dq}", dt.as_str());
+                let q = b.nf4_quantize(&raw, dt, shape, dq).unwrap();
+                let got = b.nf4_to_host(&q).unwrap();
+                let want = afinar_kernels::nf4::quantize(&decoded, shape, dq).unwrap();
+                assert_nf4_bits(&got, &want, &what);
+                // The resident tensor works as any other: its dequantization is the host's.
+                let mut out = b.zeros_for(n, Storage::Master).unwrap();
+                b.nf4_dequantize(&q, &mut out).unwrap();
+                let deq = want.dequantize().unwrap();
+                assert_eq!(
+                    down(b, &out)
+                        .iter()
+                        .map(|x| x.to_bits())
+                        .collect::<Vec<_>>(),
+                    deq.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                    "{what}: dequantized"
+                );
+            }
+        }
+    }
+}
+
+fn check_nf4_quantize_errors<B: Backend>(b: &B, _tol: Tolerance) {
+    // Byte length that is not shape × dtype size.
+    match b.nf4_quantize(&[0u8; 10], RawDtype::Bf16, &[2, 3], true) {
+        Err(KernelError::Shape { op, arg, .. }) => assert_eq!((op, arg), ("nf4_quantize", "raw")),
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("10 bytes quantized as a [2, 3] bf16 tensor"),
+    }
+    // Empty shape.
+    assert!(matches!(
+        b.nf4_quantize(&[], RawDtype::F32, &[0, 4], false),
+        Err(KernelError::Invalid { arg: "shape", .. })
+    ));
+    // A NaN or an infinity: the host quantizer's error, naming the same element.
+    for (bad, dt) in [
+        (f32::NAN, RawDtype::Bf16),
+        (f32::INFINITY, RawDtype::F32),
+        (f32::NEG_INFINITY, RawDtype::F16),
+    ] {
+        let mut v = quant_values(3, 300);
+        v[131] = bad;
+        v[250] = bad;
+        let (raw, decoded) = stored(&v, dt);
+        let want = afinar_kernels::nf4::quantize(&decoded, &[300], true)
+            .unwrap_err()
+            .to_string();
+        assert!(want.contains("element 131"), "{want}");
+        let got = match b.nf4_quantize(&raw, dt, &[300], true) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("{bad} quantized"),
+        };
+        assert_eq!(got, want);
+    }
+}
+
+fn check_from_raw<B: Backend>(b: &B, _tol: Tolerance) {
+    let mut g = rng(77);
+    let mut v = uniform(&mut g, 1001, 3.0);
+    v[7] = 1e-41;
+    v[8] = -0.0;
+    for dt in [RawDtype::F32, RawDtype::Bf16, RawDtype::F16] {
+        let (raw, decoded) = stored(&v, dt);
+        for storage in [Storage::Activation, Storage::Master] {
+            let got = down(b, &b.from_raw_for(&raw, dt, storage).unwrap());
+            let want = down(b, &b.from_host_for(&decoded, storage).unwrap());
+            assert_eq!(
+                got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                "{} {storage:?}",
+                dt.as_str()
+            );
+        }
+        // A trailing partial element is refused.
+        if dt.size() > 1 {
+            assert!(matches!(
+                b.from_raw_for(&raw[..raw.len() - 1], dt, Storage::Master),
+                Err(KernelError::Shape { arg: "raw", .. })
+            ));
+        }
+    }
 }

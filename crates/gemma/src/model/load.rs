@@ -10,8 +10,10 @@ use crate::config::Gemma2Config;
 use crate::error::{GemmaError, Result};
 use crate::lora::{LoraConfig, Target};
 use crate::params::{Layer, Linear, LinearBase, LoraWeights, NormKind, ParamId};
-use crate::safetensors_io::TensorStore;
+use crate::safetensors_io::{Stored, TensorStore};
+use afinar_kernels::nf4::RawDtype;
 
+use super::stream::{with_stream, Stream};
 use super::Gemma2Model;
 
 /// How target linears are stored after loading.
@@ -78,24 +80,72 @@ fn normal_vec(rng: &mut rand_chacha::ChaCha8Rng, len: usize, std: f64) -> Vec<f3
 }
 
 impl<'a> Source<'a> {
-    /// The f32 values of `name` with shape `shape`.
-    fn fetch(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+    /// The values of `name` with shape `shape`: the mapped bytes of a stored F32/BF16/F16 tensor (no
+    /// host copy), or f32 values (random init, F64 checkpoints).
+    fn fetch(&self, name: &str, shape: &[usize]) -> Result<Fetched<'a>> {
         match self {
-            Source::Store(s) => s.read_f32_shaped(name, shape),
+            Source::Store(s) => Ok(match s.stored_shaped(name, shape)? {
+                Stored::Raw(bytes, dtype) => Fetched::Raw(bytes, dtype),
+                Stored::F32(v) => Fetched::F32(v),
+            }),
             Source::Random { seed, std } => {
                 use rand::SeedableRng;
                 let numel = shape.iter().product();
                 if name.ends_with("layernorm.weight") || name == "model.norm.weight" {
-                    return Ok(vec![0.0; numel]);
+                    return Ok(Fetched::F32(vec![0.0; numel]));
                 }
                 // One independent stream per tensor name, so adding layers does not reshuffle the others.
                 let key = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
                     (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
                 });
                 let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ key);
-                Ok(normal_vec(&mut rng, numel, *std))
+                Ok(Fetched::F32(normal_vec(&mut rng, numel, *std)))
             }
         }
+    }
+}
+
+/// One weight on its way to the backend.
+enum Fetched<'a> {
+    /// Stored little-endian bytes, straight from the memory-mapped checkpoint.
+    Raw(&'a [u8], RawDtype),
+    F32(Vec<f32>),
+}
+
+impl Fetched<'_> {
+    /// Bytes this tensor accounts for in the progress bar.
+    fn bytes(&self) -> u64 {
+        match self {
+            Fetched::Raw(b, _) => b.len() as u64,
+            Fetched::F32(v) => 4 * v.len() as u64,
+        }
+    }
+
+    /// A dense backend buffer: raw bytes go through `from_raw_for` (uploaded as they are on a device
+    /// whose storage dtype matches; decoded in parallel on the CPU), f32 values are handed over.
+    fn into_buf<B: Backend>(self, backend: &B, storage: Storage) -> Result<B::Buf> {
+        Ok(match self {
+            Fetched::Raw(bytes, dtype) => backend.from_raw_for(bytes, dtype, storage)?,
+            Fetched::F32(v) => backend.from_vec_for(v, storage)?,
+        })
+    }
+
+    /// NF4 on the backend (`Backend::nf4_quantize`: on the device for CUDA), bit-identical to
+    /// `nf4::quantize` of the decoded values.
+    fn into_nf4<B: Backend>(
+        self,
+        backend: &B,
+        shape: &[usize],
+        double_quant: bool,
+    ) -> Result<B::Nf4> {
+        Ok(match self {
+            Fetched::Raw(bytes, dtype) => {
+                backend.nf4_quantize(bytes, dtype, shape, double_quant)?
+            }
+            Fetched::F32(v) => {
+                backend.nf4_from_host(&afinar_kernels::nf4::quantize(&v, shape, double_quant)?)?
+            }
+        })
     }
 }
 
@@ -184,7 +234,6 @@ impl<B: Backend> Gemma2Model<B> {
         }
         let h = cfg.hidden_size;
         let nl = cfg.num_hidden_layers;
-        let bar = progress_bar(opts.progress, nl as u64 + 2);
         // Trained base tensors (full fine-tuning) are optimizer parameters: f32 master storage.
         // Frozen ones are stored like activations (bf16 on a bf16 GPU run), as transformers holds them.
         let base = if opts.full_finetune {
@@ -192,45 +241,97 @@ impl<B: Backend> Gemma2Model<B> {
         } else {
             Storage::Activation
         };
-
-        let mut emb = src.fetch("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
-        if let (Source::Random { .. }, Some(pad)) = (&src, cfg.pad_token_id) {
-            // nn.Embedding(padding_idx=pad) starts with a zero row, as transformers' init leaves it.
-            if let Some(row) = usize::try_from(pad).ok().filter(|&p| p < cfg.vocab_size) {
-                emb[row * h..(row + 1) * h].fill(0.0);
+        let store = match &src {
+            Source::Store(s) => Some(*s),
+            Source::Random { .. } => None,
+        };
+        // The fetch order of a store's tensors, for the prefetch helper and the progress total. Only
+        // layers the store holds are planned (no allocation from the config's layer count alone: a
+        // corrupt config must fail on a missing tensor, not abort on a huge allocation); a random
+        // model has nothing to prefetch.
+        let mut plan = Vec::new();
+        if let Some(s) = store {
+            plan.push("model.embed_tokens.weight".to_string());
+            for li in 0..nl {
+                if !s.contains(
+                    &ParamId::Norm {
+                        layer: li,
+                        kind: NormKind::Input,
+                    }
+                    .name(),
+                ) {
+                    break;
+                }
+                for kind in NormKind::ALL {
+                    plan.push(ParamId::Norm { layer: li, kind }.name());
+                }
+                for target in Target::ALL {
+                    plan.push(ParamId::Weight { layer: li, target }.name());
+                }
             }
+            plan.push("model.norm.weight".to_string());
         }
-        // Handed over, not copied: on the CPU the fetched f32 table becomes the buffer itself, so the
-        // [V,H] embedding (3.7 GB in f32 for Gemma-2-9B) exists once on the host, not twice.
-        let embed_tokens = backend.from_vec_for(emb, base)?;
-        bar.inc(1);
-        // No reservation from the config's layer count: a corrupt config must fail on a missing
-        // tensor, not abort on a huge allocation.
-        let mut layers = Vec::new();
-        for li in 0..nl {
-            let norm = |kind: NormKind| -> Result<B::Buf> {
-                let name = ParamId::Norm { layer: li, kind }.name();
-                Ok(backend.from_vec_for(src.fetch(&name, &[h])?, base)?)
-            };
-            let norms = [
-                norm(NormKind::Input)?,
-                norm(NormKind::PostAttention)?,
-                norm(NormKind::PreFeedforward)?,
-                norm(NormKind::PostFeedforward)?,
-            ];
-            let mut lins = Vec::with_capacity(7);
-            for target in Target::ALL {
-                lins.push(build_linear(&*backend, cfg, &src, opts, li, target)?);
-            }
-            let linears: [Linear<B>; 7] = lins.try_into().map_err(|_| {
-                GemmaError::Invalid("internal: a layer must have exactly seven linears".into())
+        let total_bytes: u64 = match store {
+            Some(s) => plan.iter().map(|n| s.stored_bytes(n) as u64).sum(),
+            None => 0,
+        };
+        let (embed_tokens, layers, norm) =
+            with_stream(store, &plan, total_bytes, opts.progress, |st| {
+                let be = &*backend;
+                let emb_name = "model.embed_tokens.weight";
+                st.begin(emb_name);
+                let mut emb = src.fetch(emb_name, &[cfg.vocab_size, h])?;
+                if let (Fetched::F32(v), Some(pad)) = (&mut emb, cfg.pad_token_id) {
+                    if matches!(src, Source::Random { .. }) {
+                        // nn.Embedding(padding_idx=pad) starts with a zero row, as transformers' init
+                        // leaves it.
+                        if let Some(row) = usize::try_from(pad).ok().filter(|&p| p < cfg.vocab_size)
+                        {
+                            v[row * h..(row + 1) * h].fill(0.0);
+                        }
+                    }
+                }
+                // Raw bytes go to the backend as they are; f32 values are handed over, not copied, so
+                // the [V,H] embedding exists once on the host when the backend is the CPU.
+                let bytes = emb.bytes();
+                let embed_tokens = emb.into_buf(be, base)?;
+                st.done(emb_name, bytes);
+                let mut layers = Vec::new();
+                for li in 0..nl {
+                    let mut norm = |kind: NormKind| -> Result<B::Buf> {
+                        let name = ParamId::Norm { layer: li, kind }.name();
+                        st.begin(&name);
+                        let t = src.fetch(&name, &[h])?;
+                        let bytes = t.bytes();
+                        let buf = t.into_buf(be, base)?;
+                        st.done(&name, bytes);
+                        Ok(buf)
+                    };
+                    let norms = [
+                        norm(NormKind::Input)?,
+                        norm(NormKind::PostAttention)?,
+                        norm(NormKind::PreFeedforward)?,
+                        norm(NormKind::PostFeedforward)?,
+                    ];
+                    let mut lins = Vec::with_capacity(7);
+                    for target in Target::ALL {
+                        lins.push(build_linear(be, cfg, &src, opts, li, target, st)?);
+                    }
+                    let linears: [Linear<B>; 7] = lins.try_into().map_err(|_| {
+                        GemmaError::Invalid(
+                            "internal: a layer must have exactly seven linears".into(),
+                        )
+                    })?;
+                    layers.push(Layer { norms, linears });
+                }
+                let name = "model.norm.weight";
+                st.begin(name);
+                let t = src.fetch(name, &[h])?;
+                let bytes = t.bytes();
+                let norm = t.into_buf(be, base)?;
+                st.done(name, bytes);
+                Ok::<_, GemmaError>((embed_tokens, layers, norm))
             })?;
-            layers.push(Layer { norms, linears });
-            bar.inc(1);
-        }
-        let norm = backend.from_vec_for(src.fetch("model.norm.weight", &[h])?, base)?;
-        bar.inc(1);
-        bar.finish_and_clear();
         Ok(Gemma2Model {
             backend,
             config,
@@ -246,6 +347,7 @@ impl<B: Backend> Gemma2Model<B> {
 }
 
 /// Loads one linear: pre-quantized NF4 as is, else f32 → (optionally) NF4; adds LoRA factors when targeted.
+#[allow(clippy::too_many_arguments)]
 fn build_linear<B: Backend>(
     backend: &B,
     cfg: &Gemma2Config,
@@ -253,9 +355,11 @@ fn build_linear<B: Backend>(
     opts: &LoadOptions,
     layer: usize,
     target: Target,
+    st: &mut Stream<'_>,
 ) -> Result<Linear<B>> {
     let (out_f, in_f) = target.dims(cfg);
     let name = ParamId::Weight { layer, target }.name();
+    st.begin(&name);
     let prequant = match src {
         Source::Store(s) => crate::bnb::is_bnb_4bit(s, &name),
         Source::Random { .. } => false,
@@ -272,23 +376,27 @@ fn build_linear<B: Backend>(
             )));
         }
         let w = crate::bnb::read_bnb_nf4(s, &name, &[out_f, in_f])?;
-        LinearBase::Nf4(backend.nf4_from_host(&w.tensor)?)
+        let q = LinearBase::Nf4(backend.nf4_from_host(&w.tensor)?);
+        st.done(&name, s.stored_bytes(&name) as u64);
+        q
     } else {
         let data = src.fetch(&name, &[out_f, in_f])?;
-        match opts.quantize {
+        let bytes = data.bytes();
+        let base = match opts.quantize {
             Quantization::None => {
                 let storage = if opts.full_finetune {
                     Storage::Master
                 } else {
                     Storage::Activation
                 };
-                LinearBase::Dense(backend.from_vec_for(data, storage)?)
+                LinearBase::Dense(data.into_buf(backend, storage)?)
             }
             Quantization::Nf4 { double_quant } => {
-                let q = afinar_kernels::nf4::quantize(&data, &[out_f, in_f], double_quant)?;
-                LinearBase::Nf4(backend.nf4_from_host(&q)?)
+                LinearBase::Nf4(data.into_nf4(backend, &[out_f, in_f], double_quant)?)
             }
-        }
+        };
+        st.done(&name, bytes);
+        base
     };
     let lora = match &opts.lora {
         // LoRA factors are what the optimizer updates: f32 master storage (peft keeps adapters in f32
@@ -312,20 +420,4 @@ fn build_linear<B: Backend>(
         base,
         lora,
     })
-}
-
-/// A progress bar on stderr when asked for and stderr is a terminal; hidden otherwise.
-fn progress_bar(enabled: bool, len: u64) -> indicatif::ProgressBar {
-    use std::io::IsTerminal;
-    if enabled && std::io::stderr().is_terminal() {
-        let bar = indicatif::ProgressBar::new(len);
-        if let Ok(style) =
-            indicatif::ProgressStyle::with_template("loading {bar:40} {pos}/{len} layers {elapsed}")
-        {
-            bar.set_style(style);
-        }
-        bar
-    } else {
-        indicatif::ProgressBar::hidden()
-    }
 }

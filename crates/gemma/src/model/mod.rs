@@ -15,6 +15,7 @@
 
 mod load;
 mod passes;
+mod stream;
 
 use std::sync::{Arc, Mutex};
 
@@ -28,6 +29,7 @@ pub use crate::batch::Batch;
 pub use crate::grads::{Grads, TrainableParam};
 pub use crate::params::{Layer, Linear, LinearBase, LoraWeights, NormKind, ParamId, PEFT_PREFIX};
 pub use load::{LoadOptions, Quantization};
+pub use stream::host_peak_rss;
 
 /// Gemma-2 causal LM on backend `B`.
 pub struct Gemma2Model<B: Backend> {

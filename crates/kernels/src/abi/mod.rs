@@ -63,6 +63,10 @@ pub(crate) const SOURCES: &[(&str, &str)] = &[
         "nf4_gemv.cu",
         include_str!("../../../../kernels/nf4_gemv.cu"),
     ),
+    (
+        "nf4_quant.cu",
+        include_str!("../../../../kernels/nf4_quant.cu"),
+    ),
     ("reduce.cu", include_str!("../../../../kernels/reduce.cu")),
     ("rmsnorm.cu", include_str!("../../../../kernels/rmsnorm.cu")),
     ("rope.cu", include_str!("../../../../kernels/rope.cu")),
@@ -306,6 +310,11 @@ kernels! {
         nf4_gemm_dyw_k(dy: buf, packed: u8s, codes: u8s, absmax: f32s, code8: f32s, offset: f32,
             nested: i32, dx: buf, acc_out: i32, m: i32, n: i32, k: i32, dyb: buf, la: buf, r: i32,
             lscale: f32);
+    }
+    "nf4_quant.cu" {
+        nf4_quant_k(x: buf, numel: i64, packed: u8s, absmax: f32s, bad: i32s);
+        nf4_quant_nested_k(absmax: f32s, blocks: i64, offset: f32, map8: f32s, codes: u8s,
+            nested: f32s);
     }
     "reduce.cu" {
         reduce_partial_k(x: buf, n: i64, mode: i32, partial: f64s);

@@ -97,6 +97,16 @@ impl Backend for Cpu {
     fn nf4_to_host(&self, w: &Nf4Tensor) -> Result<Nf4Tensor> {
         Ok(w.clone())
     }
+    fn nf4_quantize(
+        &self,
+        raw: &[u8],
+        dtype: crate::nf4::RawDtype,
+        shape: &[usize],
+        double_quant: bool,
+    ) -> Result<Nf4Tensor> {
+        // The host quantizer is the reference; its result is this backend's NF4 tensor (no copy).
+        crate::nf4::quantize_raw(raw, dtype, shape, double_quant)
+    }
     fn copy(&self, src: &Vec<f32>, dst: &mut Vec<f32>) -> Result<()> {
         elementwise::copy(src, dst)
     }

@@ -70,6 +70,25 @@ impl Backend for Cuda {
         nf4::nf4_to_host(self, w)
     }
 
+    fn nf4_quantize(
+        &self,
+        raw: &[u8],
+        dtype: crate::nf4::RawDtype,
+        shape: &[usize],
+        double_quant: bool,
+    ) -> Result<CudaNf4> {
+        nf4::nf4_quantize(self, raw, dtype, shape, double_quant)
+    }
+
+    fn from_raw_for(
+        &self,
+        raw: &[u8],
+        dtype: crate::nf4::RawDtype,
+        storage: Storage,
+    ) -> Result<CudaBuf> {
+        nf4::from_raw_for(self, raw, dtype, storage)
+    }
+
     fn copy(&self, src: &CudaBuf, dst: &mut CudaBuf) -> Result<()> {
         elementwise::copy(self, src, dst)
     }

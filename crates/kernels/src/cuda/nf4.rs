@@ -5,7 +5,7 @@
 //! `AFINAR_NF4_FUSED=1`). The format is `crate::nf4`; CPU twin: cpu/nf4.rs.
 
 use super::gemm::{op, stores};
-use super::{be, n64, Cuda, CudaBuf, CudaNf4, Dtype, Nf4Scales};
+use super::{be, n64, Cuda, CudaBuf, CudaNf4, Data, Dtype, Nf4Scales};
 use cudarc::driver::CudaSlice;
 
 /// The six NF4 kernel arguments (see `Cuda::nf4_args`).
@@ -20,7 +20,7 @@ type Nf4Args<'a> = (
 use crate::contract::{self, AbsmaxDims, Nf4Dims};
 use crate::error::{KernelError, Result};
 use crate::launch::{self, to_i32, Nf4Path};
-use crate::nf4::{Absmax, Nf4Tensor};
+use crate::nf4::{Absmax, Nf4Tensor, RawDtype};
 
 impl CudaNf4 {
     /// The lengths the NF4 contract checks.
@@ -364,4 +364,187 @@ impl CudaBuf {
 pub(crate) enum Nf4Dir {
     Forward,
     Backward,
+}
+
+// ---- Quantization on the device (kernels/nf4_quant.cu) --------------------------------------------
+
+impl Cuda {
+    /// `raw` (little-endian `dtype`, a whole number of elements) uploaded as it is into a device
+    /// buffer of that dtype: the bytes of a memory-mapped checkpoint go to the device with no host
+    /// copy (a pageable copy: the driver has read `raw` when this returns, so the caller may unmap it).
+    pub(crate) fn upload_raw(&self, raw: &[u8], dtype: RawDtype) -> Result<CudaBuf> {
+        let n = raw.len() / dtype.size();
+        let mut buf = self.zeros_as(n, device_dtype(dtype))?;
+        match &mut buf.data {
+            Data::F32(s) => copy_bytes(self, raw, s)?,
+            Data::Bf16(s) => copy_bytes(self, raw, s)?,
+            Data::F16(s) => copy_bytes(self, raw, s)?,
+        }
+        Ok(buf)
+    }
+}
+
+/// The device dtype that holds `RawDtype` values unchanged.
+fn device_dtype(dtype: RawDtype) -> Dtype {
+    match dtype {
+        RawDtype::F32 => Dtype::F32,
+        RawDtype::Bf16 => Dtype::Bf16,
+        RawDtype::F16 => Dtype::F16,
+    }
+}
+
+/// Copies `raw` into the first `raw.len()` bytes of `dst`.
+fn copy_bytes<T>(cu: &Cuda, raw: &[u8], dst: &mut CudaSlice<T>) -> Result<()> {
+    if raw.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: the view is `raw.len()` bytes of `dst`'s allocation (checked by `transmute_mut`, which
+    // returns None when the allocation is smaller), and every byte pattern is a valid f32, bf16 or
+    // f16, so the typed slice stays valid whatever the bytes are.
+    let mut bytes =
+        unsafe { dst.transmute_mut::<u8>(raw.len()) }.ok_or_else(|| KernelError::Backend {
+            backend: "cuda",
+            msg: format!(
+                "internal: a staging buffer is smaller than the {} bytes it receives",
+                raw.len()
+            ),
+        })?;
+    cu.stream
+        .memcpy_htod(raw, &mut bytes)
+        .map_err(be("host to device copy"))
+}
+
+/// `Backend::from_raw_for`: the bytes uploaded as they are; converted on the device (`copy_k`, the
+/// rounding `from_host_as` does on the host) when the storage dtype differs from `dtype`.
+pub(super) fn from_raw_for(
+    cu: &Cuda,
+    raw: &[u8],
+    dtype: RawDtype,
+    storage: crate::backend::Storage,
+) -> Result<CudaBuf> {
+    crate::error::check_len(
+        "from_raw",
+        "raw",
+        raw.len(),
+        raw.len() / dtype.size() * dtype.size(),
+        || format!("whole {} elements", dtype.as_str()),
+    )?;
+    let staged = cu.upload_raw(raw, dtype)?;
+    let want = cu.dtype_for(storage);
+    if staged.dtype() == want {
+        return Ok(staged);
+    }
+    let mut out = cu.zeros_as(staged.len, want)?;
+    super::elementwise::copy(cu, &staged, &mut out)?;
+    Ok(out)
+}
+
+/// `Backend::nf4_quantize` on the device: upload the stored bytes, `nf4_quant_k` (packed codes and f32
+/// absmax), and for double quantization the offset on the host — torch's f32 mean of the absmax in
+/// torch's CPU summation order (`nf4::torch_mean_f32`), which is what makes the result bit-identical
+/// to the host quantizer (a device reduction would sum in another order and differ in the last bits
+/// of the offset) — then `nf4_quant_nested_k`. The absmax read back is 4 bytes per 64 weights (1/32
+/// of a bf16 weight's bytes); the sum is ~1 ns per block on one host core. Peak device memory: the
+/// staged weight plus the result (freed staging on return).
+pub(super) fn nf4_quantize(
+    cu: &Cuda,
+    raw: &[u8],
+    dtype: RawDtype,
+    shape: &[usize],
+    double_quant: bool,
+) -> Result<CudaNf4> {
+    const OP: &str = "nf4_quantize";
+    let numel = crate::nf4::check_raw(OP, raw, dtype, shape)?;
+    let blocks = numel.div_ceil(crate::nf4::BLOCK);
+    let staged = cu.upload_raw(raw, dtype)?;
+    // Every array gets spare zero elements, as `nf4_from_host` gives them (no empty allocation; the
+    // dequant kernel's 8-byte loads stay inside `packed`).
+    let packed = cu
+        .stream
+        .alloc_zeros::<u8>(numel.div_ceil(2) + 8)
+        .map_err(be("alloc"))?;
+    let absmax = cu
+        .stream
+        .alloc_zeros::<f32>(blocks + 1)
+        .map_err(be("alloc"))?;
+    let bad = cu.stream.alloc_zeros::<i32>(1).map_err(be("alloc"))?;
+    cu.nf4_quant_k(
+        launch::nf4_quant(numel),
+        &staged,
+        n64(numel),
+        &packed,
+        &absmax,
+        &bad,
+    )?;
+    drop(staged);
+    // Reading the flag waits for the kernel.
+    let flagged = cu
+        .stream
+        .clone_dtoh(&bad)
+        .map_err(be("device to host copy"))?[0]
+        != 0;
+    if flagged {
+        // Name the first bad element exactly as the host quantizer does.
+        return Err(match crate::nf4::first_non_finite(raw, dtype) {
+            Some((i, v)) => crate::nf4::non_finite_error(shape, i, v),
+            None => KernelError::Backend {
+                backend: "cuda",
+                msg: format!(
+                    "{OP}: the device saw a non-finite element in a {shape:?} tensor the host reads \
+                     as finite"
+                ),
+            },
+        });
+    }
+    let (scales, nested_len) = if double_quant {
+        let mut host = cu
+            .stream
+            .clone_dtoh(&absmax)
+            .map_err(be("device to host copy"))?;
+        host.truncate(blocks);
+        let offset = crate::nf4::torch_mean_f32(&host);
+        let code8_host = crate::nf4::dynamic_map();
+        let code8 = cu
+            .stream
+            .clone_htod(&code8_host[..])
+            .map_err(be("host to device copy"))?;
+        let nested_len = blocks.div_ceil(crate::nf4::NESTED_BLOCK);
+        let codes = cu
+            .stream
+            .alloc_zeros::<u8>(blocks + 1)
+            .map_err(be("alloc"))?;
+        let nested = cu
+            .stream
+            .alloc_zeros::<f32>(nested_len + 1)
+            .map_err(be("alloc"))?;
+        cu.nf4_quant_nested_k(
+            launch::nf4_quant_nested(blocks),
+            &absmax,
+            n64(blocks),
+            offset,
+            &code8,
+            &codes,
+            &nested,
+        )?;
+        (
+            Nf4Scales::Nested {
+                codes,
+                nested,
+                offset,
+                code8,
+                code8_host,
+            },
+            nested_len,
+        )
+    } else {
+        (Nf4Scales::Plain(absmax), 0)
+    };
+    Ok(CudaNf4 {
+        shape: shape.to_vec(),
+        packed_len: numel.div_ceil(2),
+        absmax_len: blocks,
+        nested_len,
+        packed,
+        scales,
+    })
 }

@@ -181,10 +181,12 @@ impl Nf4Tensor {
 
 mod bnb;
 mod quantize;
+mod raw;
 #[cfg(test)]
 mod tests;
 mod torch_sum;
 
 pub use bnb::{python_float_repr, BnbAbsmax};
 pub use quantize::{dynamic_map, nf4_code_of, quantize, quantize_dynamic8, NF4_THRESHOLDS};
+pub use raw::{check_raw, first_non_finite, non_finite_error, quantize_raw, RawDtype};
 pub use torch_sum::{torch_mean_f32, torch_mean_f32_threads, torch_sum_f32, torch_sum_f32_threads};

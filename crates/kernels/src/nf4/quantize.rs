@@ -147,7 +147,7 @@ pub(super) fn checked_numel(op: &'static str, shape: &[usize]) -> crate::Result<
 /// Quantizes one ≤64-element block into ceil(len/2) packed bytes; returns the stored absmax.
 /// `full` selects the full-block rule (reciprocal multiply, unclamped absmax stored) or the partial
 /// last-block rule (clamped absmax stored, true division) — see the module doc.
-fn quantize_block(x: &[f32], out: &mut [u8]) -> f32 {
+pub(super) fn quantize_block(x: &[f32], out: &mut [u8]) -> f32 {
     let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     let clamped = amax.max(ABSMAX_FLOOR);
     let full = x.len() == BLOCK;
@@ -212,25 +212,30 @@ pub fn quantize(data: &[f32], shape: &[usize], double_quant: bool) -> crate::Res
 
 /// bitsandbytes double quantization of a (non-empty, finite) absmax vector: offset = torch f32 mean, then
 /// 8-bit blockwise quantization of `absmax − offset` in blocks of 256 with the CUDA rule.
-fn double_quantize(absmax: &[f32]) -> Absmax {
-    let code8 = dynamic_map();
+pub(super) fn double_quantize(absmax: &[f32]) -> Absmax {
     let offset = torch_mean_f32(absmax);
-    let centered: Vec<f32> = absmax.iter().map(|&a| a - offset).collect();
+    let code8 = dynamic_map();
     let mut codes = vec![0u8; absmax.len()];
-    let mut nested_absmax = Vec::with_capacity(absmax.len().div_ceil(NESTED_BLOCK));
-    for (c, q) in centered
-        .chunks(NESTED_BLOCK)
-        .zip(codes.chunks_mut(NESTED_BLOCK))
-    {
-        let amax = c.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        // No clamp here (CUDA kQuantizeBlockwise): an all-zero nested block gives inv = inf,
-        // 0·inf = NaN and code 0, which decodes to code8[0]·0 + offset = offset, as intended.
-        let inv = 1.0f32 / amax;
-        for (qi, &v) in q.iter_mut().zip(c) {
-            *qi = quantize_dynamic8(&code8, v * inv);
-        }
-        nested_absmax.push(amax);
-    }
+    // One task per 256-block (independent: each has its own nested absmax), in parallel.
+    let nested_absmax: Vec<f32> = absmax
+        .par_chunks(NESTED_BLOCK)
+        .zip(codes.par_chunks_mut(NESTED_BLOCK))
+        .map(|(a, q)| {
+            let mut c = [0.0f32; NESTED_BLOCK];
+            for (ci, &ai) in c.iter_mut().zip(a) {
+                *ci = ai - offset;
+            }
+            let c = &c[..a.len()];
+            let amax = c.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            // No clamp here (CUDA kQuantizeBlockwise): an all-zero nested block gives inv = inf,
+            // 0·inf = NaN and code 0, which decodes to code8[0]·0 + offset = offset, as intended.
+            let inv = 1.0f32 / amax;
+            for (qi, &v) in q.iter_mut().zip(c) {
+                *qi = quantize_dynamic8(&code8, v * inv);
+            }
+            amax
+        })
+        .collect();
     Absmax::Nested {
         codes,
         nested_absmax,

@@ -112,6 +112,26 @@ impl<B: Backend> Backend for Profiled<B> {
     fn nf4_to_host(&self, w: &B::Nf4) -> Result<Nf4Tensor> {
         self.prof.timed("nf4_to_host", || self.inner.nf4_to_host(w))
     }
+    fn nf4_quantize(
+        &self,
+        raw: &[u8],
+        dtype: crate::nf4::RawDtype,
+        shape: &[usize],
+        double_quant: bool,
+    ) -> Result<B::Nf4> {
+        self.prof.timed("nf4_quantize", || {
+            self.inner.nf4_quantize(raw, dtype, shape, double_quant)
+        })
+    }
+    fn from_raw_for(
+        &self,
+        raw: &[u8],
+        dtype: crate::nf4::RawDtype,
+        storage: Storage,
+    ) -> Result<B::Buf> {
+        self.prof
+            .timed("from_raw", || self.inner.from_raw_for(raw, dtype, storage))
+    }
     fn copy(&self, src: &B::Buf, dst: &mut B::Buf) -> Result<()> {
         self.prof.timed("copy", || self.inner.copy(src, dst))
     }

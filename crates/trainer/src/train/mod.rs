@@ -252,7 +252,7 @@ pub fn train_with_faults<B: Backend>(
             &quiet_say,
         )?;
     }
-    let model = setup::load_model(backend, cfg, model_cfg)?;
+    let model = setup::load_model(backend, cfg, model_cfg, !opts.quiet)?;
     let grads = afinar_gemma::Grads::zeros(&model)?;
     let opt = optimizer::Optimizer::new(&model, cfg.train.paged_optimizer)?;
     let mut run = steps::Run {

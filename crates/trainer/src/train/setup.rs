@@ -104,14 +104,20 @@ pub(super) fn read_model_config(cfg: &Config) -> Result<Gemma2Config> {
 }
 
 /// Loads the base model of `[model]` with the already-parsed `model_cfg` (LoRA factors added, targets
-/// quantized as configured).
+/// quantized as configured). `progress`: the loader's bar on a terminal, else plain progress lines and
+/// a summary line (time, GB/s, host peak RSS) on stderr.
 pub(super) fn load_model<B: Backend>(
     backend: Arc<B>,
     cfg: &Config,
     model_cfg: Gemma2Config,
+    progress: bool,
 ) -> Result<Gemma2Model<B>> {
     let store = TensorStore::open_dir(&cfg.model.path)?;
-    let mut model = Gemma2Model::from_store(backend, model_cfg, &store, &load_options(cfg)?)?;
+    let opts = LoadOptions {
+        progress,
+        ..load_options(cfg)?
+    };
+    let mut model = Gemma2Model::from_store(backend, model_cfg, &store, &opts)?;
     model.checkpointing = cfg.train.gradient_checkpointing;
     Ok(model)
 }

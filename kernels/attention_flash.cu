@@ -48,11 +48,11 @@ struct FaKeys {
 // Dynamic shared memory per block in bytes (launch::attention_flash* compute the same figures; the
 // emulated check pins them): tiles of bf16 rows with pitch D + 8, plus the dk/dv exchange and lse/Δ.
 template <int D>
-constexpr int fa_fwd_smem() { return (FA_BQ + 4 * FaKeys<D>::BK) * (D + 8) * 2; }
+__device__ constexpr int fa_fwd_smem() { return (FA_BQ + 4 * FaKeys<D>::BK) * (D + 8) * 2; }
 template <int D>
-constexpr int fa_dq_smem() { return (2 * FA_BQ + 4 * FaKeys<D>::BK) * (D + 8) * 2; }
+__device__ constexpr int fa_dq_smem() { return (2 * FA_BQ + 4 * FaKeys<D>::BK) * (D + 8) * 2; }
 template <int D>
-constexpr int fa_dkv_smem() { return (2 * FA_BKV + 4 * FA_BQB) * (D + 8) * 2 + 8 * (FA_BQB / 8) * 4 * 32 * 4 + 4 * FA_BQB * 4; }
+__device__ constexpr int fa_dkv_smem() { return (2 * FA_BKV + 4 * FA_BQB) * (D + 8) * 2 + 8 * (FA_BQB / 8) * 4 * 32 * 4 + 4 * FA_BQB * 4; }
 
 // Dynamic shared memory (the host sets the opt-in attribute when a launch needs more than 48 KiB).
 #ifdef AFINAR_EMU

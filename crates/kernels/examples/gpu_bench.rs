@@ -396,7 +396,12 @@ mod bench {
                     &q, &k, &v, None, &o, &lse, &dout, &mut dq, &mut dk, &mut dv, &s,
                 )?)
             })?;
-            results.push([b.to_host(&o)?, b.to_host(&dq)?, b.to_host(&dk)?, b.to_host(&dv)?]);
+            results.push([
+                b.to_host(&o)?,
+                b.to_host(&dq)?,
+                b.to_host(&dk)?,
+                b.to_host(&dv)?,
+            ]);
             times.push((ms_f, ms_b));
         }
         let check = (0..4)
@@ -635,7 +640,11 @@ mod bench {
             ..CudaOptions::default()
         })?
         .ok_or("no CUDA device for the mma attention")?;
-        let ts: &[usize] = if quick { &[2048] } else { &[2048, 4096, 8192, 16384] };
+        let ts: &[usize] = if quick {
+            &[2048]
+        } else {
+            &[2048, 4096, 8192, 16384]
+        };
         for &t in ts {
             for window in [None, Some(4096)] {
                 attn_rows(&c, &old, t, window, quick, gemm_rate, &mut rows)?;

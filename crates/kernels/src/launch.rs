@@ -10,7 +10,9 @@
 use crate::error::{KernelError, Result};
 
 mod attn_flash;
-pub use attn_flash::{attention_flash, attention_flash_bwd, attention_flash_smem, FlashSmem, SMEM_STATIC_MAX};
+pub use attn_flash::{
+    attention_flash, attention_flash_bwd, attention_flash_smem, FlashSmem, SMEM_STATIC_MAX,
+};
 
 /// Threads per block of the 1-D grid-stride kernels.
 pub const ELEMENTWISE_BLOCK: u32 = 256;
@@ -620,7 +622,10 @@ mod tests {
         for flash in [None, Some(1024)] {
             assert_eq!(attention_path(MMA, &[F32; 3], flash, true), cc);
             assert_eq!(attention_path(MMA, &[F32; 4], flash, true), cc);
-            assert_eq!(attention_path(MMA, &[Bf16, Bf16, Bf16, F32], flash, true), cc);
+            assert_eq!(
+                attention_path(MMA, &[Bf16, Bf16, Bf16, F32], flash, true),
+                cc
+            );
             assert_eq!(attention_path(MMA, &[F16; 3], flash, true), cc);
         }
         assert_eq!(attention_path(MMA, &[Bf16; 3], None, false), cc);

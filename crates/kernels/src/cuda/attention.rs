@@ -145,8 +145,8 @@ pub(super) fn attn_bwd(
         (AttnPath::Flash, Some((ldq, ldkv, [kdq, kdkv])), _) => {
             let (dq, dk, dv): (&CudaBuf, &CudaBuf, &CudaBuf) = (dq, dk, dv);
             cu.attn_bwd_dq_flash_k(
-                kdq, ldq, q, k, v, seg_p, has_seg, lse, &delta, dout, dq, b, t, nh, nkv, d, scale, cap,
-                window,
+                kdq, ldq, q, k, v, seg_p, has_seg, lse, &delta, dout, dq, b, t, nh, nkv, d, scale,
+                cap, window,
             )?;
             return cu.attn_bwd_dkv_flash_k(
                 kdkv, ldkv, q, k, v, seg_p, has_seg, lse, &delta, dout, dk, dv, b, t, nh, nkv, d,

@@ -47,7 +47,9 @@ pub fn attention_flash_smem(d: usize) -> Option<FlashSmem> {
     Some(FlashSmem {
         fwd: bytes((FA_BQ + 4 * bk) * pitch),
         dq: bytes((2 * FA_BQ + 4 * bk) * pitch),
-        dkv: bytes((2 * FA_BKV + 4 * FA_BQB) * pitch + 8 * (FA_BQB / 8) * 4 * 32 * 4 + 4 * FA_BQB * 4),
+        dkv: bytes(
+            (2 * FA_BKV + 4 * FA_BQB) * pitch + 8 * (FA_BQB / 8) * 4 * 32 * 4 + 4 * FA_BQB * 4,
+        ),
     })
 }
 
@@ -162,7 +164,10 @@ mod tests {
         let (dq, dkv, names) = attention_flash_bwd(1, 2048, 16, 8, 256).unwrap().unwrap();
         assert_eq!((dq.grid, dq.block.0), ((32, 16, 1), 128));
         assert_eq!((dkv.grid, dkv.block.0), ((32, 8, 1), 256));
-        assert_eq!(names, ["attn_bwd_dq_flash_d256_k", "attn_bwd_dkv_flash_d256_k"]);
+        assert_eq!(
+            names,
+            ["attn_bwd_dq_flash_d256_k", "attn_bwd_dkv_flash_d256_k"]
+        );
         // Ragged T rounds up; too many heads for grid.y is an error, not a wrapped launch.
         assert_eq!(attention_flash(1, 65, 1, 128).unwrap().unwrap().0.grid.0, 2);
         assert!(attention_flash(65_536, 8, 1, 128).is_err());
@@ -176,7 +181,10 @@ mod tests {
         use Store::*;
         let s = attention_flash_smem(256).unwrap();
         let bwd = Some(s.dq.max(s.dkv));
-        assert_eq!(attention_path(MMA, &[Bf16; 3], Some(s.fwd), true), AttnPath::Flash);
+        assert_eq!(
+            attention_path(MMA, &[Bf16; 3], Some(s.fwd), true),
+            AttnPath::Flash
+        );
         assert_eq!(attention_path(MMA, &[Bf16; 4], bwd, true), AttnPath::Flash);
         // A100 (163 KiB opt-in): all of D = 256 fits.
         let sm80 = PathCaps {
@@ -189,27 +197,51 @@ mod tests {
             max_dyn_smem: 99 * 1024,
             ..MMA
         };
-        assert_eq!(attention_path(sm86, &[Bf16; 3], Some(s.fwd), true), AttnPath::Flash);
-        assert_eq!(attention_path(sm86, &[Bf16; 4], bwd, true), AttnPath::TensorCores);
+        assert_eq!(
+            attention_path(sm86, &[Bf16; 3], Some(s.fwd), true),
+            AttnPath::Flash
+        );
+        assert_eq!(
+            attention_path(sm86, &[Bf16; 4], bwd, true),
+            AttnPath::TensorCores
+        );
         // AFINAR_ATTN_PATH=mma: the older kernels where they exist.
         let old = PathCaps {
             mma_attention: true,
             ..MMA
         };
-        assert_eq!(attention_path(old, &[Bf16; 3], Some(s.fwd), true), AttnPath::TensorCores);
-        assert_eq!(attention_path(old, &[Bf16; 3], Some(s.fwd), false), AttnPath::CudaCores);
+        assert_eq!(
+            attention_path(old, &[Bf16; 3], Some(s.fwd), true),
+            AttnPath::TensorCores
+        );
+        assert_eq!(
+            attention_path(old, &[Bf16; 3], Some(s.fwd), false),
+            AttnPath::CudaCores
+        );
         // Never for f32 / f16 storage, never with simt_attention or without bf16 mma.
-        assert_eq!(attention_path(MMA, &[F32; 3], Some(s.fwd), true), AttnPath::CudaCores);
-        assert_eq!(attention_path(MMA, &[F16; 4], bwd, true), AttnPath::CudaCores);
+        assert_eq!(
+            attention_path(MMA, &[F32; 3], Some(s.fwd), true),
+            AttnPath::CudaCores
+        );
+        assert_eq!(
+            attention_path(MMA, &[F16; 4], bwd, true),
+            AttnPath::CudaCores
+        );
         let simt = PathCaps {
             simt_attention: true,
             ..MMA
         };
-        assert_eq!(attention_path(simt, &[Bf16; 3], Some(s.fwd), true), AttnPath::CudaCores);
+        assert_eq!(
+            attention_path(simt, &[Bf16; 3], Some(s.fwd), true),
+            AttnPath::CudaCores
+        );
         let sm75 = PathCaps {
             bf16_mma: false,
             ..MMA
         };
-        assert_eq!(attention_path(sm75, &[Bf16; 3], Some(s.fwd), true), AttnPath::CudaCores);
+        assert_eq!(
+            attention_path(sm75, &[Bf16; 3], Some(s.fwd), true),
+            AttnPath::CudaCores
+        );
     }
 }

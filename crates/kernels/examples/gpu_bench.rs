@@ -498,11 +498,13 @@ mod bench {
 
     pub fn run() -> R<()> {
         let quick = std::env::args().any(|a| a == "--quick");
-        // The default paths, whatever AFINAR_NF4_FUSED / AFINAR_LORA_FUSED say.
+        // The default paths, whatever AFINAR_NF4_FUSED / AFINAR_LORA_FUSED / AFINAR_ATTN_PATH say.
         let c = match Cuda::try_new_with(CudaOptions {
             alloc_dtype: Dtype::Bf16,
             nf4_fused: false,
             lora_fused: false,
+            mma_attention: false,
+            simt_attention: false,
             ..CudaOptions::default()
         })? {
             Some(c) => c,

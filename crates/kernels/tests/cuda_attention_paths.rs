@@ -154,13 +154,10 @@ fn check(s: &AttnShape, seg: Option<Vec<i32>>, seed: u64) {
     }
 }
 
+/// (B, T, TK), (NH, NKV, D), soft-cap, window; scale D^-1/2.
 fn shape(
-    b: usize,
-    t: usize,
-    tk: usize,
-    nh: usize,
-    nkv: usize,
-    d: usize,
+    (b, t, tk): (usize, usize, usize),
+    (nh, nkv, d): (usize, usize, usize),
     cap: Option<f32>,
     window: Option<usize>,
 ) -> AttnShape {
@@ -180,7 +177,11 @@ fn shape(
 #[test]
 fn cuda_attention_paths_long_causal_d256() {
     // Gemma-2's head dim and soft-cap at 4093 tokens: 64 query blocks, the last one ragged.
-    check(&shape(1, 4093, 4093, 2, 1, 256, Some(50.0), None), None, 1);
+    check(
+        &shape((1, 4093, 4093), (2, 1, 256), Some(50.0), None),
+        None,
+        1,
+    );
 }
 
 #[test]
@@ -188,7 +189,7 @@ fn cuda_attention_paths_window_segments_d256() {
     // A 1000-token window (whole key tiles skipped) and two packed samples.
     let seg = (0..2500).map(|i| if i < 1500 { 0 } else { 1 }).collect();
     check(
-        &shape(1, 2500, 2500, 4, 2, 256, Some(50.0), Some(1000)),
+        &shape((1, 2500, 2500), (4, 2, 256), Some(50.0), Some(1000)),
         Some(seg),
         2,
     );
@@ -200,7 +201,7 @@ fn cuda_attention_paths_d128_batch() {
         .map(|i| if i % 1031 < 700 { 3 } else { 4 })
         .collect();
     check(
-        &shape(2, 1031, 1031, 4, 2, 128, Some(30.0), Some(300)),
+        &shape((2, 1031, 1031), (4, 2, 128), Some(30.0), Some(300)),
         Some(seg),
         3,
     );
@@ -210,7 +211,7 @@ fn cuda_attention_paths_d128_batch() {
 fn cuda_attention_paths_kv_cache_offset() {
     // TK > T (decoding with a cache): forward only.
     check(
-        &shape(1, 300, 1100, 4, 2, 256, Some(50.0), Some(512)),
+        &shape((1, 300, 1100), (4, 2, 256), Some(50.0), Some(512)),
         None,
         4,
     );

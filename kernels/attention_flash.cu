@@ -33,6 +33,8 @@
 //   memory; then each forms Pᵀ, dSᵀ and accumulates its D-half of dV += Pᵀ·dO and dK += dSᵀ·Q.
 //   4 products per tile, as FlashAttention-2's dK/dV loop; dQ is the separate kernel above (3 more
 //   products, recomputing S and dP) so that no output needs atomics: results are bit-deterministic.
+// - attn_bwd_{dq,dkv}_flash_s_d*_k: the same backward with smaller tiles (FaBwd<D, true>) for GPUs with
+//   99 KiB of shared memory per block (sm_86/sm_89).
 // Δ = Σ dO⊙O comes from attention.cu's attn_bwd_delta_k.
 
 #define FA_BQ 64   // queries per block: forward and dq (4 warps × 16)
@@ -45,14 +47,27 @@ struct FaKeys {
     static constexpr int BK = D >= 256 ? 32 : 64;
 };
 
+// Backward tiling: the default (SMALL = false) for sm_80/sm_90's 163/227 KiB of shared memory per block;
+// SMALL = true fits the 99 KiB of sm_86/sm_89 (the 24 GB consumer GPUs): 16-key tiles for dq, 16-query
+// tiles single-buffered for dk/dv.
+template <int D, bool SMALL>
+struct FaBwd {
+    static constexpr int BK = SMALL ? 16 : FaKeys<D>::BK;  // dq: keys per streamed tile
+    static constexpr int BQB = SMALL ? 16 : FA_BQB;       // dk/dv: queries per streamed tile
+    static constexpr int STAGES = SMALL ? 1 : 2;          // dk/dv: Q/dO tile buffers
+};
+
 // Dynamic shared memory per block in bytes (launch::attention_flash* compute the same figures; the
 // emulated check pins them): tiles of bf16 rows with pitch D + 8, plus the dk/dv exchange and lse/Δ.
 template <int D>
 __device__ constexpr int fa_fwd_smem() { return (FA_BQ + 4 * FaKeys<D>::BK) * (D + 8) * 2; }
-template <int D>
-__device__ constexpr int fa_dq_smem() { return (2 * FA_BQ + 4 * FaKeys<D>::BK) * (D + 8) * 2; }
-template <int D>
-__device__ constexpr int fa_dkv_smem() { return (2 * FA_BKV + 4 * FA_BQB) * (D + 8) * 2 + 8 * (FA_BQB / 8) * 4 * 32 * 4 + 4 * FA_BQB * 4; }
+template <int D, bool SMALL>
+__device__ constexpr int fa_dq_smem() { return (2 * FA_BQ + 4 * FaBwd<D, SMALL>::BK) * (D + 8) * 2; }
+template <int D, bool SMALL>
+__device__ constexpr int fa_dkv_smem() {
+    using C = FaBwd<D, SMALL>;
+    return (2 * FA_BKV + 2 * C::STAGES * C::BQB) * (D + 8) * 2 + 8 * (C::BQB / 8) * 4 * 32 * 4 + 2 * C::STAGES * C::BQB * 4;
+}
 
 // Dynamic shared memory (the host sets the opt-in attribute when a launch needs more than 48 KiB).
 #ifdef AFINAR_EMU
@@ -344,11 +359,11 @@ ATTN_FWD_FLASH(256)
 
 // ---- backward: dQ ------------------------------------------------------------------------------------
 
-template <int D>
+template <int D, bool SMALL>
 __device__ __forceinline__ void fa_bwd_dq_body(const void* q, const void* k, const void* v, const int* seg, int has_seg,
                                                const void* lse, int ldt, const float* delta, const void* dout, void* dq,
                                                int dqdt, int t, int nh, int nkv, float scale, float cap, int window) {
-    constexpr int DP = D + 8, BK = FaKeys<D>::BK, NT = D / 8, NS = BK / 8;
+    constexpr int DP = D + 8, BK = FaBwd<D, SMALL>::BK, NT = D / 8, NS = BK / 8;
     FA_DYN_SMEM(smem);
     bf16_t* Qs = (bf16_t*)smem;     // [FA_BQ][DP]
     bf16_t* Ds = Qs + FA_BQ * DP;   // dO [FA_BQ][DP]
@@ -434,20 +449,21 @@ __device__ __forceinline__ void fa_bwd_dq_body(const void* q, const void* k, con
 
 // ---- backward: dK, dV --------------------------------------------------------------------------------
 
-template <int D>
+template <int D, bool SMALL>
 __device__ __forceinline__ void fa_bwd_dkv_body(const void* q, const void* k, const void* v, const int* seg, int has_seg,
                                                 const void* lse, int ldt, const float* delta, const void* dout, void* dk,
                                                 int dkdt, void* dv, int dvdt, int t, int nh, int nkv, float scale,
                                                 float cap, int window) {
-    constexpr int DP = D + 8, NS = FA_BQB / 8, NH2 = D / 16;  // NH2: n-tiles of one D-half
+    constexpr int BQB = FaBwd<D, SMALL>::BQB, STAGES = FaBwd<D, SMALL>::STAGES;
+    constexpr int DP = D + 8, NS = BQB / 8, NH2 = D / 16;  // NH2: n-tiles of one D-half
     FA_DYN_SMEM(smem);
     bf16_t* Ks = (bf16_t*)smem;            // [FA_BKV][DP]
     bf16_t* Vs = Ks + FA_BKV * DP;         // [FA_BKV][DP]
-    bf16_t* Qs = Vs + FA_BKV * DP;         // [2][FA_BQB][DP]
-    bf16_t* Ds = Qs + 2 * FA_BQB * DP;     // dO [2][FA_BQB][DP]
-    float* xch = (float*)(Ds + 2 * FA_BQB * DP);  // [8 warps][NS·4][32 lanes]: Sᵀ or dPᵀ of each warp
-    float* lse_s = xch + 8 * NS * 4 * 32;  // [2][FA_BQB]
-    float* dlt_s = lse_s + 2 * FA_BQB;     // [2][FA_BQB]
+    bf16_t* Qs = Vs + FA_BKV * DP;              // [STAGES][BQB][DP]
+    bf16_t* Ds = Qs + STAGES * BQB * DP;        // dO [STAGES][BQB][DP]
+    float* xch = (float*)(Ds + STAGES * BQB * DP);  // [8 warps][NS·4][32 lanes]: Sᵀ or dPᵀ of each warp
+    float* lse_s = xch + 8 * NS * 4 * 32;       // [STAGES][BQB]
+    float* dlt_s = lse_s + STAGES * BQB;        // [STAGES][BQB]
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t4 = lane & 3;
     const int kg = warp & 3, half = warp >> 2;  // key group (16 keys) and D-half of this warp
     const int k0 = blockIdx.x * FA_BKV;
@@ -455,23 +471,23 @@ __device__ __forceinline__ void fa_bwd_dkv_body(const void* q, const void* k, co
     const bf16_t *Q = (const bf16_t*)q, *K = (const bf16_t*)k, *V = (const bf16_t*)v, *DO = (const bf16_t*)dout;
     const i64 qstride = (i64)nh * D, kstride = (i64)nkv * D;
     const int kmax = min(t, k0 + FA_BKV) - 1;
-    const int qlo = (k0 / FA_BQB) * FA_BQB;
+    const int qlo = (k0 / BQB) * BQB;
     const int qhi = window > 0 ? min(t - 1, kmax + window - 1) : t - 1;
-    const int nqt = (qhi - qlo) / FA_BQB + 1, ntiles = nqt * group;
+    const int nqt = (qhi - qlo) / BQB + 1, ntiles = nqt * group;
 
     fa_load_rows<D>(Ks, K, (((i64)bi * t + k0) * nkv + kvh) * D, kstride, FA_BKV, t - k0, 256);
     fa_load_rows<D>(Vs, V, (((i64)bi * t + k0) * nkv + kvh) * D, kstride, FA_BKV, t - k0, 256);
-    // Tile `it`: query head kvh·group + it / nqt, queries qlo + (it mod nqt)·FA_BQB …
+    // Tile `it`: query head kvh·group + it / nqt, queries qlo + (it mod nqt)·BQB …
     auto load_tile = [&](int it, int stg) {
-        const int hq = kvh * group + it / nqt, i0 = qlo + (it % nqt) * FA_BQB;
+        const int hq = kvh * group + it / nqt, i0 = qlo + (it % nqt) * BQB;
         const i64 qb = (((i64)bi * t + i0) * nh + hq) * D;
-        fa_load_rows<D>(Qs + stg * FA_BQB * DP, Q, qb, qstride, FA_BQB, t - i0, 256);
-        fa_load_rows<D>(Ds + stg * FA_BQB * DP, DO, qb, qstride, FA_BQB, t - i0, 256);
-        if (tid < FA_BQB) {  // lse and Δ of the tile's queries: plain loads, read after the barrier
+        fa_load_rows<D>(Qs + stg * BQB * DP, Q, qb, qstride, BQB, t - i0, 256);
+        fa_load_rows<D>(Ds + stg * BQB * DP, DO, qb, qstride, BQB, t - i0, 256);
+        if (tid < BQB) {  // lse and Δ of the tile's queries: plain loads, read after the barrier
             const int i = i0 + tid;
             const i64 li = ((i64)bi * nh + hq) * t + i;
-            lse_s[stg * FA_BQB + tid] = i < t ? ld(lse, ldt, li) : 0.0f;
-            dlt_s[stg * FA_BQB + tid] = i < t ? delta[li] : 0.0f;
+            lse_s[stg * BQB + tid] = i < t ? ld(lse, ldt, li) : 0.0f;
+            dlt_s[stg * BQB + tid] = i < t ? delta[li] : 0.0f;
         }
     };
     load_tile(0, 0);
@@ -488,13 +504,17 @@ __device__ __forceinline__ void fa_bwd_dkv_body(const void* q, const void* k, co
     for (int n = 0; n < NH2; ++n) dka[n][0] = dka[n][1] = dka[n][2] = dka[n][3] = dva[n][0] = dva[n][1] = dva[n][2] = dva[n][3] = 0.0f;
 
     for (int it = 0; it < ntiles; ++it) {
-        const int stg = it & 1, i0 = qlo + (it % nqt) * FA_BQB;
-        if (it + 1 < ntiles) load_tile(it + 1, stg ^ 1);
-        fa_cp_commit();
-        fa_cp_wait<1>();
+        const int stg = STAGES == 2 ? (it & 1) : 0, i0 = qlo + (it % nqt) * BQB;
+        if (STAGES == 2) {  // prefetch the next tile into the other stage (freed by the last barrier)
+            if (it + 1 < ntiles) load_tile(it + 1, stg ^ 1);
+            fa_cp_commit();
+            fa_cp_wait<1>();
+        } else {  // one stage: tile `it` was issued before the loop or after the previous tile's barrier
+            fa_cp_wait<0>();
+        }
         __syncthreads();
-        const bf16_t* Qt = Qs + stg * FA_BQB * DP;
-        const bf16_t* Dt = Ds + stg * FA_BQB * DP;
+        const bf16_t* Qt = Qs + stg * BQB * DP;
+        const bf16_t* Dt = Ds + stg * BQB * DP;
         // The first half-warp-pair member computes Sᵀ = K·Qᵀ, the second dPᵀ = V·dOᵀ (16 keys × 32
         // queries, over all of D); they swap through `xch` (same fragment position ↔ same lane).
         float mine[NS][4], other[NS][4];
@@ -509,7 +529,7 @@ __device__ __forceinline__ void fa_bwd_dkv_body(const void* q, const void* k, co
         for (int n = 0; n < NS; ++n)
 #pragma unroll
             for (int c = 0; c < 4; ++c) other[n][c] = xch[((warp ^ 4) * NS * 4 + n * 4 + c) * 32 + lane];
-        const bool edge = i0 < kmax || (window > 0 && i0 + FA_BQB - 1 - k0 >= window) || i0 + FA_BQB > t ||
+        const bool edge = i0 < kmax || (window > 0 && i0 + BQB - 1 - k0 >= window) || i0 + BQB > t ||
                           k0 + FA_BKV > t || has_seg;
         // c index: row = key kj[c / 2], column = query i0 + 8n + 2·t4 + c mod 2. `mine` becomes Pᵀ and
         // `other` dSᵀ (selects on values, not on array pointers, so everything stays in registers).
@@ -525,8 +545,8 @@ __device__ __forceinline__ void fa_bwd_dkv_body(const void* q, const void* k, co
                     vis = i < t && kj[r] < t && kj[r] <= i && (window <= 0 || i - kj[r] < window) &&
                           (!has_seg || seg[(i64)bi * t + i] == segk[r]);
                 const float z = fa_cap(sv * scale, cap);
-                const float p = vis ? expf(z - lse_s[stg * FA_BQB + col]) : 0.0f;
-                float ds = p * (dpv - dlt_s[stg * FA_BQB + col]);
+                const float p = vis ? expf(z - lse_s[stg * BQB + col]) : 0.0f;
+                float ds = p * (dpv - dlt_s[stg * BQB + col]);
                 if (cap > 0.0f) {
                     const float tt = z / cap;
                     ds *= 1.0f - tt * tt;
@@ -534,9 +554,13 @@ __device__ __forceinline__ void fa_bwd_dkv_body(const void* q, const void* k, co
                 mine[n][c] = p;
                 other[n][c] = ds;
             }
-        fa_pv<D, FA_BQB / 16, NH2>(dva, mine, Dt, half * (D / 2), lane);   // dV += Pᵀ·dO (this D-half)
-        fa_pv<D, FA_BQB / 16, NH2>(dka, other, Qt, half * (D / 2), lane);  // dK += dSᵀ·Q
+        fa_pv<D, BQB / 16, NH2>(dva, mine, Dt, half * (D / 2), lane);   // dV += Pᵀ·dO (this D-half)
+        fa_pv<D, BQB / 16, NH2>(dka, other, Qt, half * (D / 2), lane);  // dK += dSᵀ·Q
         __syncthreads();  // stage `stg` and `xch` are free for the next tile
+        if (STAGES == 1 && it + 1 < ntiles) {
+            load_tile(it + 1, 0);
+            fa_cp_commit();
+        }
     }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -550,24 +574,31 @@ __device__ __forceinline__ void fa_bwd_dkv_body(const void* q, const void* k, co
     }
 }
 
-#define ATTN_BWD_FLASH(DIM)                                                                                          \
-    extern "C" __global__ void __launch_bounds__(128) attn_bwd_dq_flash_d##DIM##_k(                                  \
+#define ATTN_BWD_FLASH(DIM, SMALL, DQ, DKV)                                                                                          \
+    extern "C" __global__ void __launch_bounds__(128) DQ(                                  \
         const void* q, int qdt, const void* k, int kdt, const void* v, int vdt, const int* seg, int has_seg,          \
         const void* lse, int ldt, const float* delta, const void* dout, int ddt, void* dq, int dqdt, int b, int t,    \
         int nh, int nkv, int d, float scale, float cap, int window) {                                                 \
-        fa_bwd_dq_body<DIM>(q, k, v, seg, has_seg, lse, ldt, delta, dout, dq, dqdt, t, nh, nkv, scale, cap, window); \
+        fa_bwd_dq_body<DIM, SMALL>(q, k, v, seg, has_seg, lse, ldt, delta, dout, dq, dqdt, t, nh, nkv, scale, cap, window); \
     }                                                                                                                \
-    extern "C" __global__ void __launch_bounds__(256) attn_bwd_dkv_flash_d##DIM##_k(                                 \
+    extern "C" __global__ void __launch_bounds__(256) DKV(                                 \
         const void* q, int qdt, const void* k, int kdt, const void* v, int vdt, const int* seg, int has_seg,          \
         const void* lse, int ldt, const float* delta, const void* dout, int ddt, void* dk, int dkdt, void* dv,        \
         int dvdt, int b, int t, int nh, int nkv, int d, float scale, float cap, int window) {                         \
-        fa_bwd_dkv_body<DIM>(q, k, v, seg, has_seg, lse, ldt, delta, dout, dk, dkdt, dv, dvdt, t, nh, nkv, scale, cap, \
+        fa_bwd_dkv_body<DIM, SMALL>(q, k, v, seg, has_seg, lse, ldt, delta, dout, dk, dkdt, dv, dvdt, t, nh, nkv, scale, cap, \
                              window);                                                                                \
     }
 
 // afinar:hot attn_bwd_dq_flash_d128_k
 // afinar:hot attn_bwd_dkv_flash_d128_k
-ATTN_BWD_FLASH(128)
+ATTN_BWD_FLASH(128, false, attn_bwd_dq_flash_d128_k, attn_bwd_dkv_flash_d128_k)
 // afinar:hot attn_bwd_dq_flash_d256_k
 // afinar:hot attn_bwd_dkv_flash_d256_k
-ATTN_BWD_FLASH(256)
+ATTN_BWD_FLASH(256, false, attn_bwd_dq_flash_d256_k, attn_bwd_dkv_flash_d256_k)
+// The ≤ 99 KiB variants (sm_86/sm_89).
+// afinar:hot attn_bwd_dq_flash_s_d128_k
+// afinar:hot attn_bwd_dkv_flash_s_d128_k
+ATTN_BWD_FLASH(128, true, attn_bwd_dq_flash_s_d128_k, attn_bwd_dkv_flash_s_d128_k)
+// afinar:hot attn_bwd_dq_flash_s_d256_k
+// afinar:hot attn_bwd_dkv_flash_s_d256_k
+ATTN_BWD_FLASH(256, true, attn_bwd_dq_flash_s_d256_k, attn_bwd_dkv_flash_s_d256_k)

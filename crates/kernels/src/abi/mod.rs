@@ -362,11 +362,15 @@ kernels! {
         attn_bwd_dq_flash_k[
             "attention_flash.cu": attn_bwd_dq_flash_d128_k,
             "attention_flash.cu": attn_bwd_dq_flash_d256_k,
+            "attention_flash.cu": attn_bwd_dq_flash_s_d128_k,
+            "attention_flash.cu": attn_bwd_dq_flash_s_d256_k,
         ](q: buf, k: buf, v: buf, seg: i32s, has_seg: i32, lse: buf, delta: f32s, dout: buf,
             dq: buf, b: i32, t: i32, nh: i32, nkv: i32, d: i32, scale: f32, cap: f32, window: i32);
         attn_bwd_dkv_flash_k[
             "attention_flash.cu": attn_bwd_dkv_flash_d128_k,
             "attention_flash.cu": attn_bwd_dkv_flash_d256_k,
+            "attention_flash.cu": attn_bwd_dkv_flash_s_d128_k,
+            "attention_flash.cu": attn_bwd_dkv_flash_s_d256_k,
         ](q: buf, k: buf, v: buf, seg: i32s, has_seg: i32, lse: buf, delta: f32s, dout: buf,
             dk: buf, dv: buf, b: i32, t: i32, nh: i32, nkv: i32, d: i32, scale: f32, cap: f32,
             window: i32);

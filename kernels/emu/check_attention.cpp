@@ -1,6 +1,7 @@
 // check_attention.cpp — causal attention: CUDA-core and tensor-core kernels, forward and backward.
 #include "check.h"
 #include "../attention.cu"
+#include "../attention_flash.cu"
 
 // ---- attention -------------------------------------------------------------------------------------
 struct AttnRef { std::vector<double> out, lse, dq, dk, dv; };
@@ -233,9 +234,93 @@ static void test_f16() {
     }
 }
 
+
+// ---- attention_flash.cu ----------------------------------------------------------------------------
+// The FlashAttention-2-style kernels against the same f64 reference on bf16-rounded inputs: ragged T
+// (not a multiple of any tile), TK > T, GQA, windows that skip whole tiles and leave unmasked interior
+// tiles, segments, soft-cap on and off. The emulator defers cp.async copies to their wait and fills
+// shared memory with NaN bytes, so a missing wait or an unwritten tile row fails here.
+// small: the backward's ≤ 99 KiB variant (`_s` kernels, FaBwd<D, true>) instead of the default tiling.
+template <int DIM>
+static void run_attn_flash(int B, int T, int TK, int NH, int NKV, float cap, int window, bool has_seg, bool small = false) {
+    Rng g{(uint64_t)(T * 7919 + TK * 13 + DIM + window)};
+    size_t qn = (size_t)B * T * NH * DIM, kn = (size_t)B * TK * NKV * DIM;
+    auto q = g.vec(qn, 1), k = g.vec(kn, 1), v = g.vec(kn, 1), dout = g.vec(qn, 1);
+    for (auto* x : {&q, &k, &v, &dout}) for (auto& e : *x) e = h_bf(e);
+    std::vector<int> seg(B * TK);
+    for (int i = 0; i < B * TK; ++i) seg[i] = (i % TK) < (3 * TK) / 5 ? 2 : 5;
+    float scale = 1.0f / std::sqrt((float)DIM);
+    const bool bwd = T == TK;
+    auto ref = ref_attn(q, k, v, seg, has_seg, bwd ? dout : std::vector<float>{}, B, T, TK, NH, NKV, DIM, scale, cap, window);
+    std::vector<unsigned short> q16(qn), k16(kn), v16(kn), d16(qn), out16(qn, 0xffff);
+    for (size_t i = 0; i < qn; ++i) { q16[i] = h_f2bf(q[i]); d16[i] = h_f2bf(dout[i]); }
+    for (size_t i = 0; i < kn; ++i) { k16[i] = h_f2bf(k[i]); v16[i] = h_f2bf(v[i]); }
+    std::vector<float> out(qn, NAN), lse((size_t)B * NH * T, NAN);
+    auto fwd = DIM == 128 ? attn_fwd_flash_d128_k : attn_fwd_flash_d256_k;
+    dim3 grid{(unsigned)((T + FA_BQ - 1) / FA_BQ), (unsigned)(B * NH)};
+    std::string tag = " D=" + std::to_string(DIM) + " B=" + std::to_string(B) + " T=" + std::to_string(T) + " TK=" + std::to_string(TK) +
+                      " NH/NKV=" + std::to_string(NH) + "/" + std::to_string(NKV) + " cap=" + std::to_string((int)cap) + " W=" + std::to_string(window) +
+                      (has_seg ? " seg" : "") + (small ? " small" : "");
+    // f32 output (to see the kernel's own error) and bf16 output (the production store path).
+    emu_launch_smem(fwd, grid, dim3{128}, (size_t)fa_fwd_smem<DIM>(), (const void*)q16.data(), DT_BF16, (const void*)k16.data(), DT_BF16, (const void*)v16.data(),
+                    DT_BF16, (const int*)seg.data(), (int)has_seg, (void*)out.data(), DT_F32, (void*)lse.data(), DT_F32, B, T, TK, NH, NKV, DIM, scale, cap, window);
+    check("attn_fwd_flash out" + tag, out, ref.out, 1e-2, 1e-2);
+    check("attn_fwd_flash lse" + tag, lse, ref.lse, 1e-4, 1e-4);
+    std::vector<float> lse2((size_t)B * NH * T, NAN);
+    emu_launch_smem(fwd, grid, dim3{128}, (size_t)fa_fwd_smem<DIM>(), (const void*)q16.data(), DT_BF16, (const void*)k16.data(), DT_BF16, (const void*)v16.data(),
+                    DT_BF16, (const int*)seg.data(), (int)has_seg, (void*)out16.data(), DT_BF16, (void*)lse2.data(), DT_F32, B, T, TK, NH, NKV, DIM, scale, cap, window);
+    std::vector<float> outb(qn);
+    for (size_t i = 0; i < qn; ++i) outb[i] = emu_bf(out16[i]);
+    check("attn_fwd_flash bf16 out" + tag, outb, ref.out, 1.5e-2, 1.5e-2);
+    if (!bwd) return;
+    std::vector<float> lser(ref.lse.begin(), ref.lse.end()), delta((size_t)B * NH * T);
+    for (int b = 0; b < B; ++b) for (int i = 0; i < T; ++i) for (int h = 0; h < NH; ++h) {
+        double d = 0; size_t o = (((size_t)b * T + i) * NH + h) * DIM;
+        for (int c = 0; c < DIM; ++c) d += (double)dout[o + c] * ref.out[o + c];
+        delta[((size_t)b * NH + h) * T + i] = (float)d;
+    }
+    std::vector<float> dq(qn, NAN), dk(kn, NAN), dv(kn, NAN);
+    auto kdq = small ? (DIM == 128 ? attn_bwd_dq_flash_s_d128_k : attn_bwd_dq_flash_s_d256_k)
+                     : (DIM == 128 ? attn_bwd_dq_flash_d128_k : attn_bwd_dq_flash_d256_k);
+    auto kdkv = small ? (DIM == 128 ? attn_bwd_dkv_flash_s_d128_k : attn_bwd_dkv_flash_s_d256_k)
+                      : (DIM == 128 ? attn_bwd_dkv_flash_d128_k : attn_bwd_dkv_flash_d256_k);
+    const size_t dq_smem = small ? fa_dq_smem<DIM, true>() : fa_dq_smem<DIM, false>();
+    const size_t dkv_smem = small ? fa_dkv_smem<DIM, true>() : fa_dkv_smem<DIM, false>();
+    emu_launch_smem(kdq, grid, dim3{128}, dq_smem, (const void*)q16.data(), DT_BF16, (const void*)k16.data(), DT_BF16, (const void*)v16.data(),
+                    DT_BF16, (const int*)seg.data(), (int)has_seg, (const void*)lser.data(), DT_F32, (const float*)delta.data(), (const void*)d16.data(), DT_BF16,
+                    (void*)dq.data(), DT_F32, B, T, NH, NKV, DIM, scale, cap, window);
+    emu_launch_smem(kdkv, dim3{(unsigned)((T + FA_BKV - 1) / FA_BKV), (unsigned)(B * NKV)}, dim3{256}, dkv_smem, (const void*)q16.data(),
+                    DT_BF16, (const void*)k16.data(), DT_BF16, (const void*)v16.data(), DT_BF16, (const int*)seg.data(), (int)has_seg,
+                    (const void*)lser.data(), DT_F32, (const float*)delta.data(), (const void*)d16.data(), DT_BF16, (void*)dk.data(), DT_F32, (void*)dv.data(),
+                    DT_F32, B, T, NH, NKV, DIM, scale, cap, window);
+    check("attn_bwd_flash dq" + tag, dq, ref.dq, 1e-2 * maxabs(ref.dq), 1e-2);
+    check("attn_bwd_flash dk" + tag, dk, ref.dk, 1e-2 * maxabs(ref.dk), 1e-2);
+    check("attn_bwd_flash dv" + tag, dv, ref.dv, 1e-2 * maxabs(ref.dv), 1e-2);
+}
+
+static void test_attention_flash() {
+    // The shared-memory figures launch.rs computes (launch::tests::attention_flash_plans pins the same).
+    if (fa_fwd_smem<256>() != 101376 || fa_dq_smem<256, false>() != 135168 || fa_dkv_smem<256, false>() != 152064 ||
+        fa_fwd_smem<128>() != 87040 || fa_dq_smem<128, false>() != 104448 || fa_dkv_smem<128, false>() != 86528 ||
+        fa_dq_smem<256, true>() != 101376 || fa_dkv_smem<256, true>() != 92800 || fa_dq_smem<128, true>() != 52224 ||
+        fa_dkv_smem<128, true>() != 51840) {
+        std::fprintf(stderr, "FAIL attention_flash: shared-memory sizes changed; update launch.rs and this check\n");
+        std::exit(1);
+    }
+    run_attn_flash<256>(1, 70, 70, 2, 1, 50.0f, 0, true);     // ragged, GQA 2:1, soft-cap, segments
+    run_attn_flash<256>(1, 37, 100, 2, 2, 0.0f, 0, false);    // KV-cache offset TK > T, no cap
+    run_attn_flash<256>(1, 200, 200, 2, 1, 50.0f, 100, false); // window: skipped, edge and interior tiles
+    run_attn_flash<128>(2, 130, 130, 4, 2, 30.0f, 40, true);  // B = 2, window skips tiles, segments
+    run_attn_flash<128>(1, 45, 90, 2, 1, 50.0f, 20, true);    // TK > T with a window and segments
+    // The ≤ 99 KiB backward (16-key dq tiles, single-buffered 16-query dk/dv tiles).
+    run_attn_flash<256>(1, 70, 70, 2, 1, 50.0f, 0, true, true);
+    run_attn_flash<128>(2, 130, 130, 4, 2, 30.0f, 40, true, true);
+}
+
 void check_attention() {
     test_f16();
     test_attention();
     test_attention_mma();
     test_attention_bwd_mma();
+    test_attention_flash();
 }

@@ -9,6 +9,13 @@
 // about performance, and the mma.sync emulation encodes the PTX ISA fragment layout of
 // m16n8k16.row.col (A: a0,a1 = (g, 2t..2t+1), a2,a3 = (g+8, ·), a4..a7 = same with +8 columns;
 // B: b0,b1 = (k = 2t..2t+1, n = g), b2,b3 = k + 8; C: c0,c1 = (g, 2t..), c2,c3 = (g+8, ·)).
+// Also emulated (attention_flash.cu): ldmatrix.m8n8.{x1,x2,x4}[.trans] with the PTX ISA fragment layout
+// (lane ℓ addresses row ℓ mod 8 of matrix ℓ div 8 and receives row ℓ div 4, elements 2·(ℓ mod 4) and +1
+// of each matrix, or of its transpose), rows must be 16-byte aligned; cp.async is *deferred*: a copy
+// snapshots its source when issued and lands in shared memory only when cp.async.wait_group retires its
+// group, so a kernel that reads a tile before waiting for it reads stale data and fails its check;
+// copies never waited for abort the run. Dynamic shared memory (emu_launch_smem) is filled with 0xff
+// bytes (bf16 NaN) before every block, so a read of an unwritten element shows up as NaN.
 #pragma once
 #include <algorithm>
 #include <atomic>
@@ -53,7 +60,13 @@ inline dim3 blockDim, gridDim;
 // One emulated CUDA thread: a ucontext fiber. All threads of a block run cooperatively on one OS
 // thread; a fiber runs until it reaches a barrier (block or warp) or returns.
 enum EmuWait { EMU_RUN = 0, EMU_BLOCK = 1, EMU_WARP = 2 };
+struct EmuCp {
+    void* dst;
+    unsigned char data[16];
+};
 struct EmuFiber {
+    std::vector<std::vector<EmuCp>> cp_groups;  // committed cp.async groups, oldest first
+    std::vector<EmuCp> cp_open;                 // issued, not yet committed
     ucontext_t ctx;
     std::vector<char> stack;
     dim3 idx;
@@ -64,13 +77,17 @@ struct EmuFiber {
 struct EmuWarp {
     double buf[32];
     unsigned a[32][4], b[32][2];
+    const unsigned short* ptr[32];
 };
 inline ucontext_t emu_sched;
 inline EmuFiber* emu_cur = nullptr;
 inline std::vector<EmuWarp> emu_warps;
 inline std::function<void()> emu_body;
 
+inline std::vector<unsigned char> emu_smem;  // dynamic shared memory of the running block
+
 inline int emu_tid() { return emu_cur->tid; }
+inline unsigned char* emu_dyn_smem() { return emu_smem.data(); }
 inline EmuWarp& emu_warp() { return emu_warps[emu_tid() / 32]; }
 inline void emu_yield(EmuWait w) {
     emu_cur->wait = w;
@@ -154,8 +171,72 @@ inline void emu_mma_bf16_16816(float* c, unsigned a0, unsigned a1, unsigned a2, 
     for (int q = 0; q < 4; ++q) c[q] = d[q];
 }
 
+// ldmatrix.sync.aligned.m8n8.xN[.trans].shared.b16, warp-collective.
+inline void emu_ldmatrix(unsigned* r, int n, const unsigned short* p, bool trans) {
+    EmuWarp& w = emu_warp();
+    int lane = emu_tid() & 31;
+    w.ptr[lane] = p;
+    emu_warp_sync();
+    for (int i = 0; i < 8 * n; ++i) {
+        const unsigned char* a = (const unsigned char*)w.ptr[i];
+        if (((uintptr_t)a & 15) != 0 || a < emu_smem.data() || a + 16 > emu_smem.data() + emu_smem.size()) {
+            std::fprintf(stderr, "cuda_emu: ldmatrix row address %d is not a 16-byte aligned shared-memory row\n", i);
+            std::abort();
+        }
+    }
+    for (int i = 0; i < n; ++i) {
+        unsigned lo, hi;
+        if (!trans) {
+            const unsigned short* row = w.ptr[i * 8 + lane / 4];
+            lo = row[2 * (lane % 4)];
+            hi = row[2 * (lane % 4) + 1];
+        } else {
+            lo = w.ptr[i * 8 + 2 * (lane % 4)][lane / 4];
+            hi = w.ptr[i * 8 + 2 * (lane % 4) + 1][lane / 4];
+        }
+        r[i] = lo | (hi << 16);
+    }
+    emu_warp_sync();
+}
+
+// cp.async.cg.shared.global [dst], [src], 16, valid ? 16 : 0 — deferred until its group is waited for.
+inline void emu_cp_async16(void* dst, const void* src, bool valid) {
+    const unsigned char* d8 = (const unsigned char*)dst;
+    if (d8 < emu_smem.data() || d8 + 16 > emu_smem.data() + emu_smem.size()) {
+        std::fprintf(stderr, "cuda_emu: cp.async destination outside the dynamic shared memory\n");
+        std::abort();
+    }
+    if (((uintptr_t)dst & 15) != 0 || (valid && ((uintptr_t)src & 15) != 0)) {
+        std::fprintf(stderr, "cuda_emu: cp.async with a misaligned 16-byte address\n");
+        std::abort();
+    }
+    EmuCp c;
+    c.dst = dst;
+    if (valid) std::memcpy(c.data, src, 16);
+    else std::memset(c.data, 0, 16);
+    emu_cur->cp_open.push_back(c);
+}
+inline void emu_cp_async_commit() {
+    emu_cur->cp_groups.push_back(std::move(emu_cur->cp_open));
+    emu_cur->cp_open.clear();
+}
+// cp.async.wait_group n: every committed group but the newest n has landed.
+inline void emu_cp_async_wait(int n) {
+    auto& gs = emu_cur->cp_groups;
+    while ((int)gs.size() > n) {
+        for (auto& c : gs.front()) std::memcpy(c.dst, c.data, 16);
+        gs.erase(gs.begin());
+    }
+}
+
 inline void emu_fiber_entry() {
     emu_body();
+    bool pending = !emu_cur->cp_open.empty();
+    for (auto& grp : emu_cur->cp_groups) pending |= !grp.empty();
+    if (pending) {
+        std::fprintf(stderr, "cuda_emu: a thread exited with cp.async copies it never waited for\n");
+        std::abort();
+    }
     emu_cur->done = true;
     swapcontext(&emu_cur->ctx, &emu_sched);
 }
@@ -164,7 +245,8 @@ inline void emu_fiber_entry() {
 // fibers scheduled until each reaches a barrier; a barrier opens when every live thread of its scope
 // (the warp, or the block) waits on it. Mixed waits that can never open abort (a kernel bug).
 template <class F, class... Args>
-void emu_launch(F kernel, dim3 grid, dim3 block, Args... args) {
+void emu_launch_smem(F kernel, dim3 grid, dim3 block, size_t smem_bytes, Args... args) {
+    emu_smem.assign(smem_bytes, 0xff);
     gridDim = grid;
     blockDim = block;
     int nthreads = block.x * block.y * block.z;
@@ -177,12 +259,15 @@ void emu_launch(F kernel, dim3 grid, dim3 block, Args... args) {
         for (unsigned by = 0; by < grid.y; ++by)
             for (unsigned bx = 0; bx < grid.x; ++bx) {
                 blockIdx = dim3{bx, by, bz};
+                std::fill(emu_smem.begin(), emu_smem.end(), (unsigned char)0xff);
                 for (int i = 0; i < nthreads; ++i) {
                     EmuFiber& f = fibers[i];
                     f.tid = i;
                     f.idx = dim3{(unsigned)(i % block.x), (unsigned)((i / block.x) % block.y), (unsigned)(i / (block.x * block.y))};
                     f.done = false;
                     f.wait = EMU_RUN;
+                    f.cp_groups.clear();
+                    f.cp_open.clear();
                     getcontext(&f.ctx);
                     f.ctx.uc_stack.ss_sp = f.stack.data();
                     f.ctx.uc_stack.ss_size = f.stack.size();
@@ -223,4 +308,9 @@ void emu_launch(F kernel, dim3 grid, dim3 block, Args... args) {
                     std::abort();
                 }
             }
+}
+
+template <class F, class... Args>
+void emu_launch(F kernel, dim3 grid, dim3 block, Args... args) {
+    emu_launch_smem(kernel, grid, block, 0, args...);
 }

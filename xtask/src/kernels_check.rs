@@ -532,10 +532,12 @@ ptxas info    : Used 12 registers, used 1 barriers, 6272 bytes smem\n";
         }
     }
 
-    /// The family of kernels/<stem>.cu: nf4_dequant.cu, nf4_gemm.cu, nf4_gemv.cu are the parts of nf4.
+    /// The family of kernels/<stem>.cu: nf4_dequant.cu, nf4_gemm.cu, nf4_gemv.cu are the parts of nf4;
+    /// attention_flash.cu is a part of attention.
     fn kernel_family(stem: &str) -> String {
         match stem.split_once('_') {
             Some(("nf4", _)) => "nf4".to_string(),
+            Some(("attention", _)) => "attention".to_string(),
             _ => stem.to_string(),
         }
     }

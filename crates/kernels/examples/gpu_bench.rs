@@ -13,8 +13,11 @@
 //! - LoRA r = 16 forward + backward at M = 4096 on the same shapes over a dense bf16 base, the GEMM
 //!   path (default) and the fused kernels (`AFINAR_LORA_FUSED=1`), as a % of the base linear's GEMM
 //!   time (target ≤ 10 %);
-//! - attention forward + backward at B = 1, T = 2048, NH = 16, NKV = 8, D = 256 vs the GEMM rate
-//!   (target ≥ 40 %).
+//! - attention forward and backward separately at B = 1, T = 2048, 4096, 8192, 16384 (`--quick`: 2048),
+//!   NH = 16, NKV = 8, D = 256, soft-cap 50, causal with and without the 4096 window, on the flash
+//!   kernels (default) and the first tensor-core kernels (`AFINAR_ATTN_PATH=mma`), as TFLOP/s over the
+//!   visible (query, key) pairs and % of the GEMM rate (targets at T = 2048: forward ≥ 50 %,
+//!   forward + backward ≥ 35 %); `check` compares the two paths. One CUDA-core forward row.
 //!
 //! Each NF4 row is validated against cuBLAS on the dequantized weight, each LoRA row compares its two
 //! paths (column `check`: max |Δ| / max |ref|). Build: `cargo build --release -p afinar-kernels --features cuda --example gpu_bench`
@@ -332,6 +335,157 @@ mod bench {
         Ok(())
     }
 
+    /// Causal (and windowed) attention FLOPs of one forward: 4·D per visible (query, key) pair (Q·Kᵀ
+    /// and P·V, 2·D each), over the visible pairs only, Σᵢ min(i + 1, W) per head (≈ T²/2 without a
+    /// window: the 4·T²·D/2 per head of the issue). The backward counts 2.5× this (5 products of the same size, as
+    /// FlashAttention-2 counts it), whatever a kernel recomputes.
+    fn attn_fwd_flops(s: &AttnShape) -> f64 {
+        let w = s.window.unwrap_or(s.t) as u64;
+        let pairs: u64 = (0..s.t as u64).map(|i| (i + 1).min(w)).sum();
+        4.0 * s.d as f64 * pairs as f64 * (s.nh * s.b) as f64
+    }
+
+    /// One shape: forward and backward rows for the default (flash) path of `c` and the mma path of
+    /// `old`, each as ms, TFLOP/s and % of the GEMM rate measured in this run; `check` is the max
+    /// |flash − mma| / max |mma| over out, dq, dk, dv.
+    fn attn_rows(
+        c: &Cuda,
+        old: &Cuda,
+        t: usize,
+        window: Option<usize>,
+        quick: bool,
+        gemm_rate: f64,
+        rows: &mut Vec<Row>,
+    ) -> R<()> {
+        let s = AttnShape {
+            b: 1,
+            t,
+            tk: t,
+            nh: 16,
+            nkv: 8,
+            d: 256,
+            scale: 256f32.powf(-0.5),
+            softcap: Some(50.0),
+            window,
+        };
+        let qn = s.b * s.t * s.nh * s.d;
+        let kn = s.b * s.t * s.nkv * s.d;
+        let mut g = Rng(7 + t as u64);
+        let hq = g.f32s(qn, 1.0);
+        let hk = g.f32s(kn, 1.0);
+        let hv = g.f32s(kn, 1.0);
+        let hd = g.f32s(qn, 1.0);
+        let it = if quick { 1 } else { 5 };
+        let fwd_flops = attn_fwd_flops(&s);
+        let mut results = Vec::new();
+        let mut times = Vec::new();
+        for b in [c, old] {
+            let q = b.from_host_as(&hq, Dtype::Bf16)?;
+            let k = b.from_host_as(&hk, Dtype::Bf16)?;
+            let v = b.from_host_as(&hv, Dtype::Bf16)?;
+            let dout = b.from_host_as(&hd, Dtype::Bf16)?;
+            let mut o = b.zeros_as(qn, Dtype::Bf16)?;
+            let mut lse = b.zeros_as(s.b * s.nh * s.t, Dtype::F32)?;
+            let (mut dq, mut dk, mut dv) = (
+                b.zeros_as(qn, Dtype::Bf16)?,
+                b.zeros_as(kn, Dtype::Bf16)?,
+                b.zeros_as(kn, Dtype::Bf16)?,
+            );
+            let ms_f = time(b, 1, it, || {
+                Ok(b.attn_fwd(&q, &k, &v, None, &mut o, &mut lse, &s)?)
+            })?;
+            let ms_b = time(b, 1, it, || {
+                Ok(b.attn_bwd(
+                    &q, &k, &v, None, &o, &lse, &dout, &mut dq, &mut dk, &mut dv, &s,
+                )?)
+            })?;
+            results.push([
+                b.to_host(&o)?,
+                b.to_host(&dq)?,
+                b.to_host(&dk)?,
+                b.to_host(&dv)?,
+            ]);
+            times.push((ms_f, ms_b));
+        }
+        let check = (0..4)
+            .map(|i| rel_err_host(&results[0][i], &results[1][i]))
+            .fold(0.0f64, f64::max);
+        let wname = window.map_or("causal".to_string(), |w| format!("causal, window {w}"));
+        let shape = format!("B=1 T={t} NH=16 NKV=8 D=256, {wname}, softcap 50");
+        for (path, (ms_f, ms_b)) in ["flash", "mma"].iter().zip(times) {
+            for (dir, ms, flops, target) in [
+                ("fwd", ms_f, fwd_flops, "≥ 50 % (T=2048)"),
+                ("bwd", ms_b, 2.5 * fwd_flops, "-"),
+                ("fwd+bwd", ms_f + ms_b, 3.5 * fwd_flops, "≥ 35 % (T=2048)"),
+            ] {
+                let rate = flops / (ms * 1e-3) / 1e12;
+                rows.push(Row {
+                    name: format!("attention {dir} ({path})"),
+                    shape: shape.clone(),
+                    ms,
+                    rate: format!("{rate:.1} TFLOP/s"),
+                    vs: format!("{:.1} % of the GEMM rate", 100.0 * rate / gemm_rate),
+                    target: if *path == "flash" && window.is_none() {
+                        target.into()
+                    } else {
+                        "-".into()
+                    },
+                    check: format!("{check:.1e} vs mma"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The CUDA-core forward at T = 2048 (the reference path), against the default path's output.
+    fn attn_simt_row(c: &Cuda, quick: bool, rows: &mut Vec<Row>) -> R<()> {
+        let s = AttnShape {
+            b: 1,
+            t: 2048,
+            tk: 2048,
+            nh: 16,
+            nkv: 8,
+            d: 256,
+            scale: 256f32.powf(-0.5),
+            softcap: Some(50.0),
+            window: None,
+        };
+        let simt = Cuda::try_new_with(CudaOptions {
+            alloc_dtype: Dtype::Bf16,
+            simt_attention: true,
+            mma_attention: false,
+            ..CudaOptions::default()
+        })?
+        .ok_or("no CUDA device for the reference attention")?;
+        let qn = s.b * s.t * s.nh * s.d;
+        let kn = s.b * s.t * s.nkv * s.d;
+        let mut g = Rng(11);
+        let (hq, hk, hv) = (g.f32s(qn, 1.0), g.f32s(kn, 1.0), g.f32s(kn, 1.0));
+        let mut outs = Vec::new();
+        let mut ms = 0.0;
+        for b in [c, &simt] {
+            let q = b.from_host_as(&hq, Dtype::Bf16)?;
+            let k = b.from_host_as(&hk, Dtype::Bf16)?;
+            let v = b.from_host_as(&hv, Dtype::Bf16)?;
+            let mut o = b.zeros_as(qn, Dtype::F32)?;
+            let mut lse = b.zeros_as(s.b * s.nh * s.t, Dtype::F32)?;
+            ms = time(b, 0, if quick { 1 } else { 2 }, || {
+                Ok(b.attn_fwd(&q, &k, &v, None, &mut o, &mut lse, &s)?)
+            })?;
+            outs.push(b.to_host(&o)?);
+        }
+        rows.push(Row {
+            name: "attention fwd (CUDA cores, reference)".into(),
+            shape: "B=1 T=2048 NH=16 NKV=8 D=256, causal, softcap 50".into(),
+            ms,
+            rate: format!("{:.1} TFLOP/s", attn_fwd_flops(&s) / (ms * 1e-3) / 1e12),
+            vs: "-".into(),
+            target: "-".into(),
+            check: format!("{:.1e} vs default", rel_err_host(&outs[0], &outs[1])),
+        });
+        Ok(())
+    }
+
     fn rel_err_host(g: &[f32], w: &[f32]) -> f64 {
         let max = w.iter().fold(0.0f32, |a, &v| a.max(v.abs())) as f64;
         let d = g
@@ -347,11 +501,13 @@ mod bench {
 
     pub fn run() -> R<()> {
         let quick = std::env::args().any(|a| a == "--quick");
-        // The default paths, whatever AFINAR_NF4_FUSED / AFINAR_LORA_FUSED say.
+        // The default paths, whatever AFINAR_NF4_FUSED / AFINAR_LORA_FUSED / AFINAR_ATTN_PATH say.
         let c = match Cuda::try_new_with(CudaOptions {
             alloc_dtype: Dtype::Bf16,
             nf4_fused: false,
             lora_fused: false,
+            mma_attention: false,
+            simt_attention: false,
             ..CudaOptions::default()
         })? {
             Some(c) => c,
@@ -516,93 +672,27 @@ mod bench {
         }
         drop(fused);
 
-        // ---- Attention fwd + bwd.
-        let s = AttnShape {
-            b: 1,
-            t: 2048,
-            tk: 2048,
-            nh: 16,
-            nkv: 8,
-            d: 256,
-            scale: 256f32.powf(-0.5),
-            softcap: Some(50.0),
-            window: None,
-        };
-        let qn = s.b * s.t * s.nh * s.d;
-        let kn = s.b * s.t * s.nkv * s.d;
-        let mut g2 = Rng(7);
-        let q = c.from_host_as(&g2.f32s(qn, 1.0), Dtype::Bf16)?;
-        let k = c.from_host_as(&g2.f32s(kn, 1.0), Dtype::Bf16)?;
-        let v = c.from_host_as(&g2.f32s(kn, 1.0), Dtype::Bf16)?;
-        let dout = c.from_host_as(&g2.f32s(qn, 1.0), Dtype::Bf16)?;
-        let mut o = c.zeros_as(qn, Dtype::Bf16)?;
-        let mut lse = c.zeros_as(s.b * s.nh * s.t, Dtype::F32)?;
-        let (mut dq, mut dk, mut dv) = (
-            c.zeros_as(qn, Dtype::Bf16)?,
-            c.zeros_as(kn, Dtype::Bf16)?,
-            c.zeros_as(kn, Dtype::Bf16)?,
-        );
-        let it = if quick { 1 } else { 5 };
-        let ms_f = time(&c, 1, it, || {
-            Ok(c.attn_fwd(&q, &k, &v, None, &mut o, &mut lse, &s)?)
-        })?;
-        let ms_b = time(&c, 1, it, || {
-            Ok(c.attn_bwd(
-                &q, &k, &v, None, &o, &lse, &dout, &mut dq, &mut dk, &mut dv, &s,
-            )?)
-        })?;
-        // Check the tensor-core forward against the CUDA-core one, and time both.
-        let simt = Cuda::try_new_with(CudaOptions {
+        // ---- Attention: the flash kernels (default) and the first tensor-core kernels
+        // (AFINAR_ATTN_PATH=mma), forward and backward separately, Gemma-2-9B heads.
+        let old = Cuda::try_new_with(CudaOptions {
             alloc_dtype: Dtype::Bf16,
-            simt_attention: true,
+            mma_attention: true,
+            simt_attention: false,
             ..CudaOptions::default()
         })?
-        .ok_or("no CUDA device for the reference attention")?;
-        let (q2, k2, v2) = (
-            simt.from_host(&c.to_host(&q)?)?,
-            simt.from_host(&c.to_host(&k)?)?,
-            simt.from_host(&c.to_host(&v)?)?,
-        );
-        let mut o2 = simt.zeros_as(qn, Dtype::F32)?;
-        let mut lse2 = simt.zeros_as(s.b * s.nh * s.t, Dtype::F32)?;
-        let ms_simt = time(&simt, 0, 1, || {
-            Ok(simt.attn_fwd(&q2, &k2, &v2, None, &mut o2, &mut lse2, &s)?)
-        })?;
-        let (got, want) = (c.to_host(&o)?, simt.to_host(&o2)?);
-        let max = want.iter().fold(0.0f32, |a, &x| a.max(x.abs())) as f64;
-        let attn_check = got
-            .iter()
-            .zip(&want)
-            .fold(0.0f32, |a, (&x, &y)| a.max((x - y).abs())) as f64
-            / max.max(1e-30);
-        // Causal: half of the 4·T²·D·NH multiply-adds of the forward; the backward is 2.5× the forward.
-        let fwd_flops = 4.0 * (s.t * s.t * s.d * s.nh * s.b) as f64 / 2.0;
-        let total = 3.5 * fwd_flops;
-        let rate = total / ((ms_f + ms_b) * 1e-3) / 1e12;
-        rows.push(Row {
-            name: "attention fwd (tensor cores)".into(),
-            shape: "B=1 T=2048 NH=16 NKV=8 D=256".into(),
-            ms: ms_f,
-            rate: format!("{:.1} TFLOP/s", fwd_flops / (ms_f * 1e-3) / 1e12),
-            vs: format!(
-                "{:.1} % of the GEMM rate; CUDA-core fwd {ms_simt:.2} ms",
-                100.0 * fwd_flops / (ms_f * 1e-3) / 1e12 / gemm_rate
-            ),
-            target: "-".into(),
-            check: format!("{attn_check:.1e}"),
-        });
-        rows.push(Row {
-            name: "attention fwd+bwd (causal, softcap)".into(),
-            shape: "B=1 T=2048 NH=16 NKV=8 D=256".into(),
-            ms: ms_f + ms_b,
-            rate: format!("{rate:.1} TFLOP/s"),
-            vs: format!(
-                "{:.1} % of the GEMM rate (fwd {ms_f:.2} ms, bwd {ms_b:.2} ms)",
-                100.0 * rate / gemm_rate
-            ),
-            target: "≥ 40 %".into(),
-            check: "-".into(),
-        });
+        .ok_or("no CUDA device for the mma attention")?;
+        let ts: &[usize] = if quick {
+            &[2048]
+        } else {
+            &[2048, 4096, 8192, 16384]
+        };
+        for &t in ts {
+            for window in [None, Some(4096)] {
+                attn_rows(&c, &old, t, window, quick, gemm_rate, &mut rows)?;
+            }
+        }
+        drop(old);
+        attn_simt_row(&c, quick, &mut rows)?;
 
         println!("\n| kernel | shape | ms | achieved | vs ceiling | target | check |");
         println!("|---|---|---:|---:|---|---|---|");

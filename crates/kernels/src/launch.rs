@@ -9,6 +9,11 @@
 
 use crate::error::{KernelError, Result};
 
+mod attn_flash;
+pub use attn_flash::{
+    attention_flash, attention_flash_bwd, attention_flash_smem, FlashSmem, SMEM_STATIC_MAX,
+};
+
 /// Threads per block of the 1-D grid-stride kernels.
 pub const ELEMENTWISE_BLOCK: u32 = 256;
 /// Upper bound on the 1-D grid of grid-stride kernels (beyond this each thread loops; more blocks
@@ -162,8 +167,15 @@ pub enum Store {
 pub struct PathCaps {
     /// bf16 `mma.sync` exists (sm_80 and newer) and is not disabled (`AFINAR_NO_MMA=1`).
     pub bf16_mma: bool,
-    /// The CUDA-core attention was asked for (`CudaOptions::simt_attention`).
+    /// The CUDA-core attention was asked for (`CudaOptions::simt_attention`, `AFINAR_ATTN_PATH=simt`).
     pub simt_attention: bool,
+    /// The first tensor-core attention kernels (attention.cu's `*_mma_*`) were asked for instead of
+    /// attention_flash.cu (`CudaOptions::mma_attention`, `AFINAR_ATTN_PATH=mma`), for comparisons.
+    pub mma_attention: bool,
+    /// The device's opt-in limit of dynamic shared memory per block, in bytes
+    /// (CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN: 227 KiB on sm_90, 163 KiB on sm_80,
+    /// 99 KiB on sm_86/89). Kernels needing more are not selected.
+    pub max_dyn_smem: u32,
     /// The fused NF4 tensor-core GEMM was asked for at training shapes (`AFINAR_NF4_FUSED=1`) instead
     /// of dequantize + cuBLAS.
     pub nf4_fused: bool,
@@ -180,19 +192,32 @@ pub fn tensor_cores_for(caps: PathCaps, operands: &[Store]) -> bool {
 /// The attention kernels for one call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttnPath {
-    /// The `*_mma_*` kernels (D ∈ {16, 32, 64, 128, 256}, bf16 Q, K, V and dOut).
+    /// attention_flash.cu (D ∈ {128, 256}, bf16 Q, K, V and dOut, sm_80+, enough shared memory).
+    Flash,
+    /// attention.cu's `*_mma_*` kernels (D ∈ {16, 32, 64, 128, 256}, bf16 Q, K, V and dOut).
     TensorCores,
     /// The CUDA-core kernels (any D ≤ 256, f32 arithmetic on any storage).
     CudaCores,
 }
 
-/// `operands`: Q, K, V (and dOut for the backward); `has_mma_kernel`: a tensor-core kernel exists for
-/// this head dim.
-pub fn attention_path(caps: PathCaps, operands: &[Store], has_mma_kernel: bool) -> AttnPath {
-    if has_mma_kernel && !caps.simt_attention && tensor_cores_for(caps, operands) {
-        AttnPath::TensorCores
-    } else {
-        AttnPath::CudaCores
+/// `operands`: Q, K, V (and dOut for the backward); `flash_smem`: the dynamic shared memory the
+/// attention_flash.cu kernels of this head dim need (the largest of the call's kernels), `None` when
+/// there are none for it; `has_mma_kernel`: an attention.cu tensor-core kernel exists for this head dim.
+/// Flash is the default wherever it applies; `mma_attention` selects the older tensor-core kernels,
+/// `simt_attention` the CUDA cores.
+pub fn attention_path(
+    caps: PathCaps,
+    operands: &[Store],
+    flash_smem: Option<u32>,
+    has_mma_kernel: bool,
+) -> AttnPath {
+    if caps.simt_attention || !tensor_cores_for(caps, operands) {
+        return AttnPath::CudaCores;
+    }
+    match flash_smem {
+        Some(need) if !caps.mma_attention && need <= caps.max_dyn_smem => AttnPath::Flash,
+        _ if has_mma_kernel => AttnPath::TensorCores,
+        _ => AttnPath::CudaCores,
     }
 }
 
@@ -569,9 +594,11 @@ mod tests {
         assert_eq!(lm_head_chunk_rows(0, 16, 1 << 30), 1);
     }
 
-    const MMA: PathCaps = PathCaps {
+    pub(super) const MMA: PathCaps = PathCaps {
         bf16_mma: true,
         simt_attention: false,
+        mma_attention: false,
+        max_dyn_smem: 227 * 1024,
         nf4_fused: false,
         lora_fused: false,
     };
@@ -602,23 +629,28 @@ mod tests {
         use Store::*;
         let tc = AttnPath::TensorCores;
         let cc = AttnPath::CudaCores;
-        assert_eq!(attention_path(MMA, &[Bf16; 4], true), tc);
+        assert_eq!(attention_path(MMA, &[Bf16; 4], None, true), tc);
         // The f32 golden models on an H200: CUDA cores (the mma path rounded them to bf16).
-        assert_eq!(attention_path(MMA, &[F32; 3], true), cc);
-        assert_eq!(attention_path(MMA, &[F32; 4], true), cc);
-        assert_eq!(attention_path(MMA, &[Bf16, Bf16, Bf16, F32], true), cc);
-        assert_eq!(attention_path(MMA, &[F16; 3], true), cc);
-        assert_eq!(attention_path(MMA, &[Bf16; 3], false), cc);
+        for flash in [None, Some(1024)] {
+            assert_eq!(attention_path(MMA, &[F32; 3], flash, true), cc);
+            assert_eq!(attention_path(MMA, &[F32; 4], flash, true), cc);
+            assert_eq!(
+                attention_path(MMA, &[Bf16, Bf16, Bf16, F32], flash, true),
+                cc
+            );
+            assert_eq!(attention_path(MMA, &[F16; 3], flash, true), cc);
+        }
+        assert_eq!(attention_path(MMA, &[Bf16; 3], None, false), cc);
         let simt = PathCaps {
             simt_attention: true,
             ..MMA
         };
-        assert_eq!(attention_path(simt, &[Bf16; 3], true), cc);
+        assert_eq!(attention_path(simt, &[Bf16; 3], Some(1024), true), cc);
         let sm75 = PathCaps {
             bf16_mma: false,
             ..MMA
         };
-        assert_eq!(attention_path(sm75, &[Bf16; 3], true), cc);
+        assert_eq!(attention_path(sm75, &[Bf16; 3], Some(1024), true), cc);
     }
 
     #[test]

@@ -36,6 +36,10 @@ pub(crate) const SOURCES: &[(&str, &str)] = &[
         include_str!("../../../../kernels/attention.cu"),
     ),
     (
+        "attention_flash.cu",
+        include_str!("../../../../kernels/attention_flash.cu"),
+    ),
+    (
         "cross_entropy.cu",
         include_str!("../../../../kernels/cross_entropy.cu"),
     ),
@@ -221,6 +225,7 @@ macro_rules! kernels {
                     $( $p: arg_ty!('a, $k) ),*
                 ) -> crate::error::Result<()> {
                     let func = self.function($file, stringify!($kname))?;
+                    crate::cuda::args::allow_dynamic_smem(&func, geometry, stringify!($kname))?;
                     $( let $p = arg_hold!('a, $k, $p); )*
                     let mut args = self.stream().launch_builder(&func);
                     $( arg_push!($k, args, $p); )*
@@ -242,6 +247,7 @@ macro_rules! kernels {
                     const GROUP: &[(&str, &str)] = &[ $( ($gfile, stringify!($gk)) ),+ ];
                     let file = crate::cuda::args::group_file(GROUP, stringify!($gname), kernel)?;
                     let func = self.function(file, kernel)?;
+                    crate::cuda::args::allow_dynamic_smem(&func, geometry, kernel)?;
                     $( let $gp = arg_hold!('a, $gkind, $gp); )*
                     let mut args = self.stream().launch_builder(&func);
                     $( arg_push!($gkind, args, $gp); )*
@@ -340,6 +346,8 @@ kernels! {
             "attention.cu": attn_fwd_mma_d64_k,
             "attention.cu": attn_fwd_mma_d128_k,
             "attention.cu": attn_fwd_mma_d256_k,
+            "attention_flash.cu": attn_fwd_flash_d128_k,
+            "attention_flash.cu": attn_fwd_flash_d256_k,
         ](q: buf, k: buf, v: buf, seg: i32s, has_seg: i32, out: buf, lse: buf, b: i32, t: i32,
             tk: i32, nh: i32, nkv: i32, d: i32, scale: f32, cap: f32, window: i32);
         attn_bwd_mma_k[
@@ -360,6 +368,21 @@ kernels! {
             "attention.cu": attn_bwd_dv_mma_d256_k,
         ](q: buf, k: buf, v: buf, seg: i32s, has_seg: i32, lse: buf, delta: f32s, dout: buf,
             grad: buf, b: i32, t: i32, nh: i32, nkv: i32, d: i32, scale: f32, cap: f32, window: i32);
+        attn_bwd_dq_flash_k[
+            "attention_flash.cu": attn_bwd_dq_flash_d128_k,
+            "attention_flash.cu": attn_bwd_dq_flash_d256_k,
+            "attention_flash.cu": attn_bwd_dq_flash_s_d128_k,
+            "attention_flash.cu": attn_bwd_dq_flash_s_d256_k,
+        ](q: buf, k: buf, v: buf, seg: i32s, has_seg: i32, lse: buf, delta: f32s, dout: buf,
+            dq: buf, b: i32, t: i32, nh: i32, nkv: i32, d: i32, scale: f32, cap: f32, window: i32);
+        attn_bwd_dkv_flash_k[
+            "attention_flash.cu": attn_bwd_dkv_flash_d128_k,
+            "attention_flash.cu": attn_bwd_dkv_flash_d256_k,
+            "attention_flash.cu": attn_bwd_dkv_flash_s_d128_k,
+            "attention_flash.cu": attn_bwd_dkv_flash_s_d256_k,
+        ](q: buf, k: buf, v: buf, seg: i32s, has_seg: i32, lse: buf, delta: f32s, dout: buf,
+            dk: buf, dv: buf, b: i32, t: i32, nh: i32, nkv: i32, d: i32, scale: f32, cap: f32,
+            window: i32);
         nf4_xwt_k[
             "nf4_gemv.cu": nf4_gemv_k,
             "nf4_gemm.cu": nf4_gemm_xwt_k,

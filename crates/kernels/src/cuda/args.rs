@@ -8,7 +8,8 @@
 use super::{CudaBuf, Data, Dtype};
 use crate::error::{KernelError, Result};
 use crate::launch::Launch;
-use cudarc::driver::{CudaSlice, CudaView, LaunchArgs, LaunchConfig, PushKernelArg};
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::{CudaFunction, CudaSlice, CudaView, LaunchArgs, LaunchConfig, PushKernelArg};
 use half::{bf16, f16};
 
 /// The null device pointer pushed for an absent argument.
@@ -141,6 +142,26 @@ pub(crate) fn group_file(
             backend: "cuda",
             msg: format!("internal: kernel `{kernel}` is not one of `{method}`'s kernels"),
         })
+}
+
+/// Opts `func` in to the dynamic shared memory `geometry` asks for when that is above the 48 KiB a
+/// block may use without asking (attention_flash.cu's kernels: up to 148.5 KiB). The path functions
+/// only select such a kernel when the device's opt-in limit allows it (`PathCaps::max_dyn_smem`).
+pub(crate) fn allow_dynamic_smem(func: &CudaFunction, geometry: Launch, name: &str) -> Result<()> {
+    if geometry.shared_mem_bytes <= crate::launch::SMEM_STATIC_MAX {
+        return Ok(());
+    }
+    func.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        geometry.shared_mem_bytes as i32,
+    )
+    .map_err(|e| KernelError::Backend {
+        backend: "cuda",
+        msg: format!(
+            "allowing {name} {} bytes of dynamic shared memory: {e:?}",
+            geometry.shared_mem_bytes
+        ),
+    })
 }
 
 /// Launches with the arguments pushed so far.

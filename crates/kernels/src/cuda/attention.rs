@@ -1,6 +1,7 @@
-//! Causal attention forward and backward: kernels/attention.cu (tensor-core kernels for
-//! D ∈ {16, 32, 64, 128, 256} on sm_80+ with bf16 Q, K, V, CUDA-core kernels otherwise: see
-//! `launch::attention_path`). CPU twin: cpu/attention.rs.
+//! Causal attention forward and backward: kernels/attention_flash.cu (FlashAttention-2-style
+//! tensor-core kernels, the default for D ∈ {128, 256} on sm_80+ with bf16 Q, K, V), kernels/attention.cu
+//! (its first tensor-core kernels for D ∈ {16, 32, 64, 128, 256}, and the CUDA-core kernels for
+//! everything else): see `launch::attention_path`. CPU twin: cpu/attention.rs.
 
 use super::gemm::stores;
 use super::{Cuda, CudaBuf, CudaIds};
@@ -36,12 +37,19 @@ pub(super) fn attn_fwd(
     if qn == 0 {
         return Ok(());
     }
-    // Tensor cores for D ∈ {16, 32, 64, 128, 256} (Gemma-2: 256) and bf16 Q, K, V; CUDA cores
-    // otherwise (f32 data keeps f32 precision). Both take the same arguments.
+    // Flash kernels for D ∈ {128, 256} (Gemma-2: 256), the first tensor-core kernels for the other
+    // multiples of 16 up to 256, with bf16 Q, K, V; CUDA cores otherwise (f32 data keeps f32
+    // precision). All take the same arguments.
+    let flash = launch::attention_flash(s.b, s.t, s.nh, s.d)?;
     let mma = launch::attention_mma(s.b, s.t, s.nh, s.d)?;
-    let path = launch::attention_path(cu.caps(), &stores([q, k, v]), mma.is_some());
-    let (l, kernel) = match mma {
-        Some(plan) if path == AttnPath::TensorCores => plan,
+    let path = launch::attention_path(
+        cu.caps(),
+        &stores([q, k, v]),
+        flash.map(|(l, _)| l.shared_mem_bytes),
+        mma.is_some(),
+    );
+    let (l, kernel) = match (path, flash, mma) {
+        (AttnPath::Flash, Some(plan), _) | (AttnPath::TensorCores, _, Some(plan)) => plan,
         _ => (launch::attention(s.b * s.t * s.nh, s.d)?, "attn_fwd_k"),
     };
     let out: &CudaBuf = out;
@@ -122,12 +130,30 @@ pub(super) fn attn_bwd(
         nh,
         d,
     )?;
-    // Tensor cores for D ∈ {16, 32, 64, 128, 256} and bf16 Q, K, V, dOut: dq, dk, dv each in its own
-    // kernel.
+    // Flash kernels for D ∈ {128, 256} (dq, then dk and dv together), the first tensor-core kernels
+    // (dq, dk, dv each in its own kernel) for the other multiples of 16, with bf16 Q, K, V, dOut; CUDA
+    // cores otherwise. No kernel accumulates with atomics: the gradients are bit-deterministic.
+    let flash = launch::attention_flash_bwd(s.b, s.t, s.nh, s.nkv, s.d)?;
     let mma = launch::attention_mma_bwd(s.b, s.t, s.nh, s.nkv, s.d)?;
-    let path = launch::attention_path(cu.caps(), &stores([q, k, v, dout]), mma.is_some());
-    if let Some((ldq, ldkv, [kdq, kdk, kdv])) = mma {
-        if path == AttnPath::TensorCores {
+    let path = launch::attention_path(
+        cu.caps(),
+        &stores([q, k, v, dout]),
+        flash.map(|(lq, lkv, _)| lq.shared_mem_bytes.max(lkv.shared_mem_bytes)),
+        mma.is_some(),
+    );
+    match (path, flash, mma) {
+        (AttnPath::Flash, Some((ldq, ldkv, [kdq, kdkv])), _) => {
+            let (dq, dk, dv): (&CudaBuf, &CudaBuf, &CudaBuf) = (dq, dk, dv);
+            cu.attn_bwd_dq_flash_k(
+                kdq, ldq, q, k, v, seg_p, has_seg, lse, &delta, dout, dq, b, t, nh, nkv, d, scale,
+                cap, window,
+            )?;
+            return cu.attn_bwd_dkv_flash_k(
+                kdkv, ldkv, q, k, v, seg_p, has_seg, lse, &delta, dout, dk, dv, b, t, nh, nkv, d,
+                scale, cap, window,
+            );
+        }
+        (AttnPath::TensorCores, _, Some((ldq, ldkv, [kdq, kdk, kdv]))) => {
             for (kernel, l, grad) in [(kdq, ldq, &*dq), (kdk, ldkv, &*dk), (kdv, ldkv, &*dv)] {
                 cu.attn_bwd_mma_k(
                     kernel, l, q, k, v, seg_p, has_seg, lse, &delta, dout, grad, b, t, nh, nkv, d,
@@ -136,6 +162,7 @@ pub(super) fn attn_bwd(
             }
             return Ok(());
         }
+        _ => {}
     }
     let dq: &CudaBuf = dq;
     cu.attn_bwd_dq_k(

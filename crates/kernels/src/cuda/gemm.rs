@@ -327,6 +327,8 @@ impl Cuda {
         launch::PathCaps {
             bf16_mma: self.bf16_mma(),
             simt_attention: self.simt_attention,
+            mma_attention: self.mma_attention,
+            max_dyn_smem: self.max_dyn_smem,
             nf4_fused: self.nf4_fused,
             lora_fused: self.lora_fused,
         }

@@ -259,9 +259,12 @@ pub struct CudaOptions {
     pub alloc_dtype: Dtype,
     /// Use kernels/gemm.cu instead of cuBLAS for dense GEMMs.
     pub force_fallback_gemm: bool,
-    /// Use the CUDA-core attention forward even where a tensor-core one exists (D ∈ {16, 32, 64,
-    /// 128, 256}).
+    /// Use the CUDA-core attention even where a tensor-core one exists (default:
+    /// `AFINAR_ATTN_PATH=simt`).
     pub simt_attention: bool,
+    /// Use attention.cu's first tensor-core kernels instead of attention_flash.cu's where both exist
+    /// (D ∈ {128, 256}; default: `AFINAR_ATTN_PATH=mma`). For comparisons.
+    pub mma_attention: bool,
     /// NF4 linears at training shapes (M ≥ `launch::NF4_DENSE_MIN_M`) on the fused tensor-core GEMM
     /// instead of dequantize + cuBLAS (default: `AFINAR_NF4_FUSED=1`). For comparisons.
     pub nf4_fused: bool,
@@ -271,17 +274,35 @@ pub struct CudaOptions {
 }
 
 impl Default for CudaOptions {
-    /// Reads `AFINAR_NF4_FUSED` and `AFINAR_LORA_FUSED` (`=1` turns the option on).
+    /// Reads `AFINAR_NF4_FUSED` and `AFINAR_LORA_FUSED` (`=1` turns the option on) and
+    /// `AFINAR_ATTN_PATH` (`flash`, the default, `mma` or `simt`; another value is refused by
+    /// [`Cuda::try_new_with`]).
     fn default() -> Self {
         let env = |k: &str| std::env::var(k).is_ok_and(|v| v == "1");
+        let attn = std::env::var(ATTN_PATH_ENV).ok();
         CudaOptions {
             ordinal: 0,
             alloc_dtype: Dtype::F32,
             force_fallback_gemm: false,
-            simt_attention: false,
+            simt_attention: attn.as_deref() == Some("simt"),
+            mma_attention: attn.as_deref() == Some("mma"),
             nf4_fused: env("AFINAR_NF4_FUSED"),
             lora_fused: env("AFINAR_LORA_FUSED"),
         }
+    }
+}
+
+/// The environment variable choosing the attention kernels (see [`CudaOptions`]).
+pub const ATTN_PATH_ENV: &str = "AFINAR_ATTN_PATH";
+
+/// `AFINAR_ATTN_PATH`'s value, when set, must be one of the three paths.
+fn check_attn_path_env() -> Result<()> {
+    match std::env::var(ATTN_PATH_ENV) {
+        Ok(v) if !matches!(v.as_str(), "flash" | "mma" | "simt") => Err(KernelError::Backend {
+            backend: "cuda",
+            msg: format!("{ATTN_PATH_ENV}={v:?}: expected flash (the default), mma or simt"),
+        }),
+        _ => Ok(()),
     }
 }
 
@@ -295,6 +316,9 @@ pub struct Cuda {
     /// The dtype of `Storage::Activation` buffers (fixed at construction).
     alloc_dtype: Dtype,
     simt_attention: bool,
+    mma_attention: bool,
+    /// CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, bytes.
+    max_dyn_smem: u32,
     nf4_fused: bool,
     lora_fused: bool,
     /// The dense copy of an NF4 weight for the dequantize + cuBLAS path (nf4.rs), reused by every
@@ -346,7 +370,13 @@ impl Cuda {
                     .into(),
             });
         }
+        check_attn_path_env()?;
         let ctx = CudaContext::new(opts.ordinal).map_err(be("creating the CUDA context"))?;
+        let max_dyn_smem = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
+            .map_err(be("reading the shared-memory opt-in limit"))?;
         let (major, minor) = ctx
             .compute_capability()
             .map_err(be("reading the compute capability"))?;
@@ -381,6 +411,8 @@ impl Cuda {
             modules: Mutex::new(HashMap::new()),
             alloc_dtype: opts.alloc_dtype,
             simt_attention: opts.simt_attention,
+            mma_attention: opts.mma_attention,
+            max_dyn_smem: u32::try_from(max_dyn_smem).unwrap_or(0),
             nf4_fused: opts.nf4_fused,
             lora_fused: opts.lora_fused,
             nf4_scratch: Mutex::new(None),

@@ -44,6 +44,43 @@ pub fn load_model_on<B: Backend>(
     Ok(model)
 }
 
+/// `afinar eval`'s row length when `--max-seq-len` is not given (capped at the model's positions).
+pub const DEFAULT_EVAL_MAX_SEQ_LEN: usize = 1024;
+
+/// `afinar generate`'s token limit when `--max-new-tokens` is not given (capped at what the model's
+/// positions leave after the prompt).
+pub const DEFAULT_MAX_NEW_TOKENS: usize = 128;
+
+/// The row length `afinar eval` uses: `given` as is (an explicit value beyond the model's positions is
+/// refused later, naming both numbers), or [`DEFAULT_EVAL_MAX_SEQ_LEN`] lowered to the model's
+/// `max_position_embeddings` (read from `model_dir/config.json`), so a small model needs no flag.
+pub fn eval_max_seq_len(model_dir: &Path, given: Option<usize>) -> Result<usize> {
+    if let Some(n) = given {
+        return Ok(n);
+    }
+    let path = afinar_gemma::config::config_path(model_dir);
+    let cfg = afinar_gemma::Gemma2Config::from_file(&path)?;
+    Ok(DEFAULT_EVAL_MAX_SEQ_LEN.min(cfg.max_position_embeddings))
+}
+
+/// `want` new tokens, lowered to what the model's `max_position_embeddings` leaves after `prompt`
+/// (rendered as generation renders it). At least 1 so that a prompt that already fills the positions
+/// still gets generate's own error naming both lengths.
+pub fn fit_new_tokens<B: Backend>(
+    model: &Gemma2Model<B>,
+    tok: &TextTokenizer,
+    template: &Template,
+    prompt: &Prompt,
+    want: usize,
+) -> Result<usize> {
+    let ids = prompt_ids(prompt, template, tok)?;
+    let left = model
+        .config
+        .max_position_embeddings
+        .saturating_sub(ids.len());
+    Ok(want.min(left).max(1))
+}
+
 /// `afinar eval` options.
 #[derive(Clone, Debug)]
 pub struct EvalOptions {

@@ -111,8 +111,9 @@ struct EvalArgs {
     format: Option<String>,
     #[arg(long, default_value = "gemma")]
     template: String,
-    #[arg(long, default_value_t = 1024)]
-    max_seq_len: usize,
+    /// Tokens per row; default 1024, or the model's max_position_embeddings when that is smaller.
+    #[arg(long)]
+    max_seq_len: Option<usize>,
     #[arg(long, default_value_t = 4)]
     batch_size: usize,
     #[arg(long)]
@@ -138,8 +139,10 @@ struct GenerateArgs {
     prompts: Option<PathBuf>,
     #[arg(long, default_value = "gemma")]
     template: String,
-    #[arg(long, default_value_t = 128)]
-    max_new_tokens: usize,
+    /// Default 128, or what is left of the model's max_position_embeddings after the prompt when that
+    /// is less. A value given explicitly is never lowered (too large is an error).
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
     /// 0 = greedy.
     #[arg(long, default_value_t = 0.0)]
     temperature: f32,
@@ -440,8 +443,9 @@ fn check_model_dir(p: &Path) -> Result<(), Failure> {
 fn cmd_eval(a: EvalArgs) -> Result<u8, Failure> {
     check_model_dir(&a.model)?;
     let nf4 = parse_quant(&a.quantization)?;
+    let max_seq_len = infer::eval_max_seq_len(&a.model, a.max_seq_len)?;
     if let Some(suite) = &a.suite {
-        return cmd_eval_suite(&a, suite, nf4);
+        return cmd_eval_suite(&a, suite, nf4, max_seq_len);
     }
     let Some(data) = a.data.clone() else {
         return Err(usage(anyhow::anyhow!(
@@ -466,7 +470,7 @@ fn cmd_eval(a: EvalArgs) -> Result<u8, Failure> {
         data,
         format,
         template,
-        max_seq_len: a.max_seq_len,
+        max_seq_len,
         batch_size: a.batch_size,
     };
     // `AFINAR_PROFILE=1`: the whole evaluation is one profiler step.
@@ -487,7 +491,12 @@ fn cmd_eval(a: EvalArgs) -> Result<u8, Failure> {
 }
 
 /// `afinar eval --suite`: behaviour base vs adapter (markdown, or JSON with --json).
-fn cmd_eval_suite(a: &EvalArgs, suite: &Path, nf4: bool) -> Result<u8, Failure> {
+fn cmd_eval_suite(
+    a: &EvalArgs,
+    suite: &Path,
+    nf4: bool,
+    max_seq_len: usize,
+) -> Result<u8, Failure> {
     use afinar_trainer::suite;
     let template = a.template.parse().map_err(usage)?;
     let o = a
@@ -498,7 +507,7 @@ fn cmd_eval_suite(a: &EvalArgs, suite: &Path, nf4: bool) -> Result<u8, Failure> 
             nf4,
             suite,
             template,
-            a.max_seq_len,
+            max_seq_len,
         )
         .map_err(|m| usage(anyhow::anyhow!(m)))?;
     let e = suite::evaluate_standalone(&o)?;
@@ -547,7 +556,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<u8, Failure> {
     let tok = afinar_data::TextTokenizer::from_model_dir(&a.model)?;
     let template = afinar_data::Template::new(template_kind, &tok)?;
     let s = SampleOptions {
-        max_new_tokens: a.max_new_tokens,
+        max_new_tokens: a.max_new_tokens.unwrap_or(infer::DEFAULT_MAX_NEW_TOKENS),
         temperature: a.temperature,
         top_k: a.top_k,
         top_p: a.top_p,
@@ -587,7 +596,13 @@ fn generate_on_backend<B: Backend>(
     let model = infer::load_model_on(be.clone(), &a.model, a.adapter.as_deref(), nf4)?;
     let mut outs = Vec::new();
     for p in prompts {
-        let g = profile::step(&*be, || infer::generate_answer(&model, tok, template, p, s))?;
+        let mut s = s.clone();
+        if a.max_new_tokens.is_none() {
+            s.max_new_tokens = infer::fit_new_tokens(&model, tok, template, p, s.max_new_tokens)?;
+        }
+        let g = profile::step(&*be, || {
+            infer::generate_answer(&model, tok, template, p, &s)
+        })?;
         if !a.json {
             println!("### {}\n{}\n", g.prompt, g.completion);
         }
@@ -683,6 +698,21 @@ fn cmd_inspect(a: InspectArgs) -> Result<u8, Failure> {
         )));
     }
     let tok = match (&a.tokenizer, &a.model) {
+        (Some(t), _) if t.is_dir() => {
+            let hint = if t.join("tokenizer.json").is_file() {
+                format!(
+                    "pass its tokenizer.json (--tokenizer {}) or the model directory with --model {}",
+                    t.join("tokenizer.json").display(),
+                    t.display()
+                )
+            } else {
+                "it holds no tokenizer.json either; pass a tokenizer.json file, or a model directory with --model".into()
+            };
+            return Err(usage(anyhow::anyhow!(
+                "--tokenizer {} is a directory: {hint}",
+                t.display()
+            )));
+        }
         (Some(t), _) => {
             let cfg = t.with_file_name("tokenizer_config.json");
             afinar_data::TextTokenizer::from_files(t, cfg.is_file().then_some(cfg.as_path()))?

@@ -301,19 +301,56 @@ pub fn merge(
     Ok(export_merged(&model, out, &opts)?)
 }
 
+/// The dtype a checkpoint stores its weights in: config.json's `dtype` / `torch_dtype` when it names a
+/// float type, else the stored dtype of `model.embed_tokens.weight` (transformers' `dtype="auto"`).
+pub fn checkpoint_dtype(model_dir: &Path) -> Result<afinar_gemma::export::ExportDtype> {
+    use afinar_gemma::export::ExportDtype;
+    let path = afinar_gemma::config::config_path(model_dir);
+    let cfg = afinar_gemma::Gemma2Config::from_file(&path)?;
+    if let Some(d) = cfg.torch_dtype.as_deref().and_then(ExportDtype::from_name) {
+        return Ok(d);
+    }
+    let store = afinar_gemma::TensorStore::open_dir(model_dir)?;
+    let name = "model.embed_tokens.weight";
+    let stored = store.info(name)?.dtype;
+    ExportDtype::of_stored(stored).ok_or_else(|| TrainError::Invalid {
+        key: "--model".into(),
+        reason: format!(
+            "{}: {name} is stored as {} and config.json names no float dtype; pass --dtype",
+            model_dir.display(),
+            stored.as_str()
+        ),
+    })
+}
+
 /// `afinar quantize`: a bitsandbytes NF4 checkpoint (blocksize 64, double-quantized absmax, compute dtype
-/// bfloat16) that transformers + bitsandbytes load (afinar-gemma's `export_nf4`).
-pub fn quantize(model_dir: &Path, out: &Path) -> Result<afinar_gemma::export::ExportSummary> {
+/// bfloat16) that transformers + bitsandbytes load (afinar-gemma's `export_nf4`). The linears are
+/// quantized from their values in `dtype` and the embedding and norms written in it; None = the
+/// checkpoint's own dtype ([`checkpoint_dtype`]), so an f32 checkpoint is quantized from its f32
+/// values, bit for bit what transformers + bitsandbytes produce from it. Returns the dtype used.
+pub fn quantize(
+    model_dir: &Path,
+    out: &Path,
+    dtype: Option<afinar_gemma::export::ExportDtype>,
+) -> Result<(
+    afinar_gemma::export::ExportSummary,
+    afinar_gemma::export::ExportDtype,
+)> {
     use afinar_gemma::export::{export_nf4, ExportOptions, QuantizeOptions};
+    let dtype = match dtype {
+        Some(d) => d,
+        None => checkpoint_dtype(model_dir)?,
+    };
     let model = load_model(model_dir, None, false)?;
     let opts = QuantizeOptions {
         export: ExportOptions {
+            dtype,
             source_dir: Some(model_dir.to_path_buf()),
             ..Default::default()
         },
         ..Default::default()
     };
-    Ok(export_nf4(&model, out, &opts)?)
+    Ok((export_nf4(&model, out, &opts)?, dtype))
 }
 
 /// Shape of a randomly initialised model (`afinar init`).

@@ -188,6 +188,11 @@ struct QuantizeArgs {
     /// Output directory for the NF4 checkpoint.
     #[arg(long)]
     out: PathBuf,
+    /// bf16 | f32 | f16: the dtype the linears are quantized from and the embedding and norms are
+    /// written in. Default: the checkpoint's own (config.json's dtype, else the stored one), as
+    /// transformers + bitsandbytes would load it.
+    #[arg(long)]
+    dtype: Option<String>,
 }
 
 #[derive(Args)]
@@ -653,11 +658,23 @@ fn cmd_merge(a: MergeArgs) -> Result<u8, Failure> {
 
 fn cmd_quantize(a: QuantizeArgs) -> Result<u8, Failure> {
     check_model_dir(&a.model)?;
+    let dtype = match a.dtype.as_deref() {
+        None => None,
+        Some(d @ ("bf16" | "f32" | "f16")) => afinar_gemma::export::ExportDtype::from_name(d),
+        Some(d) => {
+            return Err(usage(anyhow::anyhow!(
+                "--dtype {d:?}: expected bf16, f32 or f16"
+            )))
+        }
+    };
     check_out_dir(&a.out)?;
-    infer::quantize(&a.model, &a.out)?;
+    let (_, used) = infer::quantize(&a.model, &a.out, dtype)?;
     println!(
-        "NF4 (double-quant) checkpoint written to {}",
-        a.out.display()
+        "NF4 (double-quant) checkpoint written to {}: linears quantized from {} weights ({}), embedding and norms in {}",
+        a.out.display(),
+        used.torch_name(),
+        if dtype.is_some() { "--dtype" } else { "the checkpoint's dtype" },
+        used.torch_name()
     );
     Ok(0)
 }

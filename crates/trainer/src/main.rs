@@ -13,6 +13,8 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+mod commands;
+
 use std::sync::Arc;
 
 use afinar_kernels::cpu::Cpu;
@@ -50,6 +52,9 @@ enum Cmd {
     Quantize(QuantizeArgs),
     /// Create a randomly initialised Gemma-2 model directory (to pretrain from scratch).
     Init(InitArgs),
+    /// Predicted peak memory of a training run, broken down, and the longest sequence and largest
+    /// micro-batch that fit (--memory, or the GPU's free memory).
+    Plan(commands::plan::PlanArgs),
     /// Dataset tools.
     Data {
         #[command(subcommand)]
@@ -287,6 +292,7 @@ fn main() -> ExitCode {
         Cmd::Merge(a) => cmd_merge(a),
         Cmd::Quantize(a) => cmd_quantize(a),
         Cmd::Init(a) => cmd_init(a),
+        Cmd::Plan(a) => commands::plan::cmd_plan(a),
         Cmd::Data {
             cmd: DataCmd::Inspect(a),
         } => cmd_inspect(a),

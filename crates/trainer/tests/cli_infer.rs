@@ -221,3 +221,91 @@ fn quantize_of_an_f32_checkpoint_matches_bitsandbytes_bit_for_bit() {
     ]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
 }
+
+/// `afinar plan` from a run config, a model directory and a bare config.json of the 9B shape; the
+/// table, the JSON, the fit, and the usage errors.
+#[test]
+fn plan_reads_a_config_a_model_dir_or_a_bare_config_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = common::config(dir.path());
+    let toml = dir.path().join("run.toml");
+    std::fs::write(&toml, c.to_toml()).unwrap();
+    let o = run(&["plan", "--config", toml.to_str().unwrap(), "--memory", "1GiB"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let t = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        t.contains("plan: CPU") && t.contains("micro-batch 2 × 128") && t.contains("in 1.00 GiB: fits"),
+        "{t}"
+    );
+    // --set reaches the plan; --json carries the same numbers.
+    let json = |args: &[&str]| -> serde_json::Value {
+        let o = run(args);
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let base = json(&["plan", "--config", toml.to_str().unwrap(), "--json"]);
+    let wide = json(&[
+        "plan",
+        "--config",
+        toml.to_str().unwrap(),
+        "--set",
+        "train.micro_batch_size=8",
+        "--json",
+    ]);
+    assert_eq!(wide["plan"]["settings"]["micro_batch"], 8);
+    assert!(wide["plan"]["peak"].as_u64() > base["plan"]["peak"].as_u64());
+    assert!(base["fit"].is_null(), "no --memory on the CPU: no fit");
+
+    // The model directory alone: planned on cuda in bf16.
+    let m = c.model.path.to_str().unwrap();
+    let v = json(&["plan", "--model", m, "--memory", "64MiB", "--json"]);
+    assert_eq!(v["plan"]["settings"]["device"], "cuda");
+    assert_eq!(v["fit"]["memory"], 64 << 20);
+
+    // A bare config.json of the 9B shape: the first GPU run's settings fit in 24 GiB, not in 8.
+    let cfg9 = serde_json::json!({
+        "model_type": "gemma2", "vocab_size": 256000, "hidden_size": 3584,
+        "intermediate_size": 14336, "num_hidden_layers": 42, "num_attention_heads": 16,
+        "num_key_value_heads": 8, "head_dim": 256, "query_pre_attn_scalar": 256,
+        "sliding_window": 4096, "max_position_embeddings": 8192,
+        "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0
+    });
+    let p9 = dir.path().join("gemma-2-9b.json");
+    std::fs::write(&p9, cfg9.to_string()).unwrap();
+    let qlora = [
+        "--set",
+        "model.quantization=nf4",
+        "--set",
+        "train.micro_batch_size=2",
+        "--set",
+        "data.max_seq_len=2048",
+        "--set",
+        "train.gradient_checkpointing=true",
+        "--set",
+        "train.paged_optimizer=true",
+    ];
+    let mut args = vec!["plan", "--model", p9.to_str().unwrap(), "--json", "--memory", "24GiB"];
+    args.extend(qlora);
+    let v = json(&args);
+    let peak = v["plan"]["peak"].as_u64().unwrap();
+    assert!(peak > 8 << 30 && peak < 24 << 30, "{v}");
+    assert!(v["fit"]["max_seq_len"].as_u64().unwrap() >= 2048, "{v}");
+    // In 8 GiB: no micro-batch of 2048 tokens fits, a shorter sequence at micro-batch 2 does.
+    args[5] = "8GiB";
+    let v = json(&args);
+    assert_eq!(v["fit"]["max_micro_batch"], 0, "{v}");
+    let t = v["fit"]["max_seq_len"].as_u64().unwrap();
+    assert!(t > 0 && t < 2048, "{v}");
+
+    // Usage errors name what is wrong.
+    for (args, want) in [
+        (vec!["plan", "--model", m, "--memory", "lots"], "--memory"),
+        (vec!["plan", "--model", "/no/such/model"], "/no/such/model"),
+        (vec!["plan", "--model", m, "--set", "train.micro_batch_size=0"], "micro_batch_size"),
+        (vec!["plan"], "--config"),
+    ] {
+        let o = run(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(want), "{args:?}: {}", stderr(&o));
+    }
+}

@@ -230,11 +230,19 @@ fn plan_reads_a_config_a_model_dir_or_a_bare_config_json() {
     let c = common::config(dir.path());
     let toml = dir.path().join("run.toml");
     std::fs::write(&toml, c.to_toml()).unwrap();
-    let o = run(&["plan", "--config", toml.to_str().unwrap(), "--memory", "1GiB"]);
+    let o = run(&[
+        "plan",
+        "--config",
+        toml.to_str().unwrap(),
+        "--memory",
+        "1GiB",
+    ]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let t = String::from_utf8_lossy(&o.stdout);
     assert!(
-        t.contains("plan: CPU") && t.contains("micro-batch 2 × 128") && t.contains("in 1.00 GiB: fits"),
+        t.contains("plan: CPU")
+            && t.contains("micro-batch 2 × 128")
+            && t.contains("in 1.00 GiB: fits"),
         "{t}"
     );
     // --set reaches the plan; --json carries the same numbers.
@@ -284,7 +292,14 @@ fn plan_reads_a_config_a_model_dir_or_a_bare_config_json() {
         "--set",
         "train.paged_optimizer=true",
     ];
-    let mut args = vec!["plan", "--model", p9.to_str().unwrap(), "--json", "--memory", "24GiB"];
+    let mut args = vec![
+        "plan",
+        "--model",
+        p9.to_str().unwrap(),
+        "--json",
+        "--memory",
+        "24GiB",
+    ];
     args.extend(qlora);
     let v = json(&args);
     let peak = v["plan"]["peak"].as_u64().unwrap();
@@ -301,11 +316,42 @@ fn plan_reads_a_config_a_model_dir_or_a_bare_config_json() {
     for (args, want) in [
         (vec!["plan", "--model", m, "--memory", "lots"], "--memory"),
         (vec!["plan", "--model", "/no/such/model"], "/no/such/model"),
-        (vec!["plan", "--model", m, "--set", "train.micro_batch_size=0"], "micro_batch_size"),
+        (
+            vec!["plan", "--model", m, "--set", "train.micro_batch_size=0"],
+            "micro_batch_size",
+        ),
         (vec!["plan"], "--config"),
     ] {
         let o = run(&args);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
         assert!(stderr(&o).contains(want), "{args:?}: {}", stderr(&o));
     }
+}
+
+/// summary.json carries the plan's predicted peak and the device peak (null on the CPU); the progress
+/// line names the process's peak RSS on the CPU.
+#[test]
+fn train_reports_its_planned_and_measured_peaks() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = common::config(dir.path());
+    let toml = dir.path().join("run.toml");
+    std::fs::write(&toml, c.to_toml()).unwrap();
+    let o = run(&[
+        "train",
+        "--config",
+        toml.to_str().unwrap(),
+        "--set",
+        "train.max_steps=2",
+        "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["peak_gpu_mib"].is_null(), "{v}");
+    let planned = v["planned_peak_mib"].as_f64().unwrap();
+    assert!(
+        planned > 0.0 && planned < v["peak_rss_mib"].as_f64().unwrap(),
+        "{v}"
+    );
+    let e = stderr(&o);
+    assert!(e.contains("step 2/2") && e.contains("rss peak "), "{e}");
 }

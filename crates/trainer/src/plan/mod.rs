@@ -45,7 +45,7 @@ use serde::Serialize;
 
 use crate::config::{Config, Device, Dtype, Quantization};
 
-pub use render::{parse_bytes, plan_table};
+pub use render::{human, parse_bytes, plan_table};
 
 /// Device memory the CUDA context, cuBLAS handle and workspace and the loaded kernel modules take
 /// before the first buffer (≈ 500 MiB on an H200 with CUDA 13; the first GPU run's nvidia-smi figures

@@ -4,13 +4,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use afinar_kernels::cpu::Cpu;
-use afinar_kernels::profile::Profiled;
 use afinar_kernels::Backend;
 use afinar_trainer::infer::{self, EvalOptions, SampleOptions};
 use afinar_trainer::profile;
 use clap::Args;
 
+use super::device::{run_job, DeviceArgs, Job, Placement};
 use crate::{usage, Failure};
 
 #[derive(Args)]
@@ -43,6 +42,8 @@ pub struct EvalArgs {
     max_seq_len: Option<usize>,
     #[arg(long, default_value_t = 4)]
     batch_size: usize,
+    #[command(flatten)]
+    device: DeviceArgs,
     #[arg(long)]
     json: bool,
 }
@@ -87,6 +88,8 @@ pub struct GenerateArgs {
     /// prompt or output is never produced (applied after --repetition-penalty). 0 = off.
     #[arg(long, default_value_t = 0)]
     no_repeat_ngram_size: usize,
+    #[command(flatten)]
+    device: DeviceArgs,
     #[arg(long)]
     json: bool,
 }
@@ -102,9 +105,14 @@ pub struct MergeArgs {
     /// Output directory (written atomically; tokenizer files copied).
     #[arg(long)]
     out: PathBuf,
-    /// bf16 | f32
+    /// bf16 | f32: the dtype of the written weights (the merge itself is computed in f32).
     #[arg(long, default_value = "bf16")]
     dtype: String,
+    /// cuda | cpu: where the base is loaded and W + s·B·A computed (the base is held in the
+    /// checkpoint's own dtype there). Default: cuda when this afinar has the CUDA backend and a GPU is
+    /// present, else cpu.
+    #[arg(long)]
+    device: Option<String>,
 }
 
 #[derive(Args)]
@@ -120,6 +128,10 @@ pub struct QuantizeArgs {
     /// transformers + bitsandbytes would load it.
     #[arg(long)]
     dtype: Option<String>,
+    /// cuda | cpu: where the dense model is loaded (and, with an adapter merged, combined); the NF4
+    /// codes are computed on the host either way. Default as for merge.
+    #[arg(long)]
+    device: Option<String>,
 }
 
 pub fn parse_quant(q: &str) -> Result<bool, Failure> {
@@ -146,8 +158,17 @@ pub fn cmd_eval(a: EvalArgs) -> Result<u8, Failure> {
     check_model_dir(&a.model)?;
     let nf4 = parse_quant(&a.quantization)?;
     let max_seq_len = infer::eval_max_seq_len(&a.model, a.max_seq_len)?;
+    let place = a.device.placement(&a.model)?;
+    eprintln!("afinar eval: {}", place.describe());
+    if let Some(w) = a
+        .adapter
+        .as_deref()
+        .and_then(|ad| infer::quantization_mismatch(ad, nf4))
+    {
+        eprintln!("{w}");
+    }
     if let Some(suite) = &a.suite {
-        return cmd_eval_suite(&a, suite, nf4, max_seq_len);
+        return cmd_eval_suite(&a, suite, nf4, max_seq_len, &place);
     }
     let Some(data) = a.data.clone() else {
         return Err(usage(anyhow::anyhow!(
@@ -176,13 +197,20 @@ pub fn cmd_eval(a: EvalArgs) -> Result<u8, Failure> {
         batch_size: a.batch_size,
     };
     // `AFINAR_PROFILE=1`: the whole evaluation is one profiler step.
-    let r = if profile::env_enabled() {
-        eval_on_backend(Arc::new(Profiled::new(Cpu::new())?), &a, nf4, &tok, &o)?
-    } else {
-        eval_on_backend(Arc::new(Cpu::new()), &a, nf4, &tok, &o)?
-    };
+    let r = run_job(
+        &place,
+        EvalJob {
+            a: &a,
+            nf4,
+            tok: &tok,
+            o: &o,
+        },
+    )?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&r).expect("serializes"));
+        let mut v = serde_json::to_value(&r).expect("serializes");
+        v["device"] = place.device_name().into();
+        v["dtype"] = place.dtype_name().into();
+        println!("{}", serde_json::to_string_pretty(&v).expect("serializes"));
     } else {
         println!(
             "loss {:.4}  perplexity {:.3}  tokens {}  samples {}",
@@ -198,6 +226,7 @@ pub fn cmd_eval_suite(
     suite: &Path,
     nf4: bool,
     max_seq_len: usize,
+    place: &Placement,
 ) -> Result<u8, Failure> {
     use afinar_trainer::suite;
     let template = a.template.parse().map_err(usage)?;
@@ -212,7 +241,7 @@ pub fn cmd_eval_suite(
             max_seq_len,
         )
         .map_err(|m| usage(anyhow::anyhow!(m)))?;
-    let e = suite::evaluate_standalone(&o)?;
+    let e = run_job(place, SuiteJob(&o))?;
     if a.json {
         let v = serde_json::json!({ "summary": e.summary(), "evaluation": e });
         println!("{}", serde_json::to_string_pretty(&v).expect("serializes"));
@@ -222,17 +251,31 @@ pub fn cmd_eval_suite(
     Ok(0)
 }
 
-pub fn eval_on_backend<B: Backend>(
-    be: Arc<B>,
-    a: &EvalArgs,
+struct SuiteJob<'a>(&'a afinar_trainer::suite::StandaloneOptions);
+
+impl Job for SuiteJob<'_> {
+    type Out = afinar_trainer::suite::Evaluation;
+    fn run<B: Backend>(self, be: Arc<B>) -> Result<Self::Out, Failure> {
+        Ok(afinar_trainer::suite::evaluate_standalone_on(be, self.0)?)
+    }
+}
+
+struct EvalJob<'a> {
+    a: &'a EvalArgs,
     nf4: bool,
-    tok: &afinar_data::TextTokenizer,
-    o: &EvalOptions,
-) -> Result<infer::EvalResult, Failure> {
-    let model = infer::load_model_on(be.clone(), &a.model, a.adapter.as_deref(), nf4)?;
-    let r = profile::step(&*be, || infer::eval_file(&model, tok, o))?;
-    profile::finish(&*be)?;
-    Ok(r)
+    tok: &'a afinar_data::TextTokenizer,
+    o: &'a EvalOptions,
+}
+
+impl Job for EvalJob<'_> {
+    type Out = infer::EvalResult;
+    fn run<B: Backend>(self, be: Arc<B>) -> Result<Self::Out, Failure> {
+        let a = self.a;
+        let model = infer::load_model_on(be.clone(), &a.model, a.adapter.as_deref(), self.nf4)?;
+        let r = profile::step(&*be, || infer::eval_file(&model, self.tok, self.o))?;
+        profile::finish(&*be)?;
+        Ok(r)
+    }
 }
 
 pub fn cmd_generate(a: GenerateArgs) -> Result<u8, Failure> {
@@ -245,6 +288,8 @@ pub fn cmd_generate(a: GenerateArgs) -> Result<u8, Failure> {
     }
     check_model_dir(&a.model)?;
     let nf4 = parse_quant(&a.quantization)?;
+    let place = a.device.placement(&a.model)?;
+    eprintln!("afinar generate: {}", place.describe());
     let template_kind: afinar_data::TemplateKind = a.template.parse().map_err(usage)?;
     let prompts = match (&a.prompt, &a.prompts) {
         (Some(p), _) => vec![infer::Prompt::text(p)],
@@ -267,12 +312,10 @@ pub fn cmd_generate(a: GenerateArgs) -> Result<u8, Failure> {
         no_repeat_ngram_size: a.no_repeat_ngram_size,
     };
     // `AFINAR_PROFILE=1`: each prompt is one profiler step.
-    let job = (&a, nf4, &tok, &template, &prompts[..], &s);
-    let outs = if profile::env_enabled() {
-        generate_on_backend(Arc::new(Profiled::new(Cpu::new())?), job)?
-    } else {
-        generate_on_backend(Arc::new(Cpu::new()), job)?
-    };
+    let outs = run_job(
+        &place,
+        GenerateJob(&a, nf4, &tok, &template, &prompts[..], &s),
+    )?;
     if a.json {
         println!(
             "{}",
@@ -282,7 +325,7 @@ pub fn cmd_generate(a: GenerateArgs) -> Result<u8, Failure> {
     Ok(0)
 }
 
-pub type GenerateJob<'a> = (
+struct GenerateJob<'a>(
     &'a GenerateArgs,
     bool,
     &'a afinar_data::TextTokenizer,
@@ -291,9 +334,18 @@ pub type GenerateJob<'a> = (
     &'a SampleOptions,
 );
 
-pub fn generate_on_backend<B: Backend>(
+impl Job for GenerateJob<'_> {
+    type Out = Vec<infer::GenOutput>;
+    fn run<B: Backend>(self, be: Arc<B>) -> Result<Self::Out, Failure> {
+        generate_on_backend(be, self)
+    }
+}
+
+/// Generates every prompt with the KV cache of `be` (on a GPU, the device's), reporting prefill and
+/// decode speeds per prompt on stderr.
+fn generate_on_backend<B: Backend>(
     be: Arc<B>,
-    (a, nf4, tok, template, prompts, s): GenerateJob<'_>,
+    GenerateJob(a, nf4, tok, template, prompts, s): GenerateJob<'_>,
 ) -> Result<Vec<infer::GenOutput>, Failure> {
     let model = infer::load_model_on(be.clone(), &a.model, a.adapter.as_deref(), nf4)?;
     let mut outs = Vec::new();
@@ -308,6 +360,14 @@ pub fn generate_on_backend<B: Backend>(
         if !a.json {
             println!("### {}\n{}\n", g.prompt, g.completion);
         }
+        let speed = |x: Option<f64>| x.map_or_else(|| "-".into(), |v| format!("{v:.1}"));
+        eprintln!(
+            "prefill {} tokens at {} tok/s; decode {} tokens at {} tok/s",
+            g.prompt_tokens,
+            speed(g.prefill_tokens_per_s),
+            g.tokens,
+            speed(g.decode_tokens_per_s)
+        );
         outs.push(g);
     }
     profile::finish(&*be)?;
@@ -348,8 +408,14 @@ pub fn cmd_merge(a: MergeArgs) -> Result<u8, Failure> {
         }
     };
     check_out_dir(&a.out)?;
-    infer::merge(&a.model, &a.adapter, &a.out, &dtype)?;
-    println!("merged model written to {}", a.out.display());
+    let place = super::device::placement(a.device.as_deref(), None, &a.model)?;
+    eprintln!("afinar merge: {}", place.describe());
+    run_job(&place, MergeJob(&a, &dtype))?;
+    println!(
+        "merged model ({dtype}) written to {} (merged on {})",
+        a.out.display(),
+        place.device_name()
+    );
     Ok(0)
 }
 
@@ -365,7 +431,9 @@ pub fn cmd_quantize(a: QuantizeArgs) -> Result<u8, Failure> {
         }
     };
     check_out_dir(&a.out)?;
-    let (_, used) = infer::quantize(&a.model, &a.out, dtype)?;
+    let place = super::device::placement(a.device.as_deref(), a.dtype.as_deref(), &a.model)?;
+    eprintln!("afinar quantize: {}", place.describe());
+    let (_, used) = run_job(&place, QuantizeJob(&a, dtype))?;
     println!(
         "NF4 (double-quant) checkpoint written to {}: linears quantized from {} weights ({}), embedding and norms in {}",
         a.out.display(),
@@ -374,4 +442,26 @@ pub fn cmd_quantize(a: QuantizeArgs) -> Result<u8, Failure> {
         used.torch_name()
     );
     Ok(0)
+}
+
+struct MergeJob<'a>(&'a MergeArgs, &'a str);
+
+impl Job for MergeJob<'_> {
+    type Out = afinar_gemma::export::ExportSummary;
+    fn run<B: Backend>(self, be: Arc<B>) -> Result<Self::Out, Failure> {
+        let a = self.0;
+        Ok(infer::merge_on(be, &a.model, &a.adapter, &a.out, self.1)?)
+    }
+}
+
+struct QuantizeJob<'a>(&'a QuantizeArgs, Option<afinar_gemma::export::ExportDtype>);
+
+impl Job for QuantizeJob<'_> {
+    type Out = (
+        afinar_gemma::export::ExportSummary,
+        afinar_gemma::export::ExportDtype,
+    );
+    fn run<B: Backend>(self, be: Arc<B>) -> Result<Self::Out, Failure> {
+        Ok(infer::quantize_on(be, &self.0.model, &self.0.out, self.1)?)
+    }
 }

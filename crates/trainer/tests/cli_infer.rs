@@ -355,3 +355,111 @@ fn train_reports_its_planned_and_measured_peaks() {
     let e = stderr(&o);
     assert!(e.contains("step 2/2") && e.contains("rss peak "), "{e}");
 }
+
+/// --device / --dtype on the CPU: the first line says where the command runs, eval's JSON carries
+/// it, a bad value or a device this build lacks is a usage error; generate reports its speeds; eval
+/// warns when an adapter trained on a dense base is scored on an NF4 one.
+#[test]
+fn device_flags_and_the_quantization_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = common::config(dir.path());
+    let toml = dir.path().join("run.toml");
+    std::fs::write(&toml, c.to_toml()).unwrap();
+    let m = c.model.path.to_str().unwrap().to_string();
+    let d = c.data.eval.to_str().unwrap().to_string();
+    let o = run(&[
+        "eval", "--model", &m, "--data", &d, "--device", "cpu", "--dtype", "bf16", "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("afinar eval: device cpu (--device cpu; f32: the CPU computes in f32"),
+        "{e}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (v["device"].as_str(), v["dtype"].as_str()),
+        (Some("cpu"), Some("f32"))
+    );
+    // Without --device this CPU-only machine (or build) runs on the CPU and says why.
+    let o = run(&["eval", "--model", &m, "--data", &d]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("afinar eval: device "),
+        "{}",
+        stderr(&o)
+    );
+    for args in [
+        vec!["eval", "--model", &m, "--data", &d, "--device", "tpu"],
+        vec![
+            "eval", "--model", &m, "--data", &d, "--device", "cpu", "--dtype", "f8",
+        ],
+        vec![
+            "generate", "--model", &m, "--prompt", "hola", "--device", "gpu",
+        ],
+    ] {
+        let o = run(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains("--d"), "{}", stderr(&o));
+    }
+    if !afinar_trainer::device::HAS_CUDA_BACKEND {
+        let o = run(&["eval", "--model", &m, "--data", &d, "--device", "cuda"]);
+        assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains("built without the CUDA backend"),
+            "{}",
+            stderr(&o)
+        );
+    }
+    let o = run(&[
+        "generate",
+        "--model",
+        &m,
+        "--prompt",
+        "hola",
+        "--max-new-tokens",
+        "4",
+        "--device",
+        "cpu",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("prefill ") && e.contains("decode ") && e.contains("tok/s"),
+        "{e}"
+    );
+
+    // An adapter of a dense (LoRA) run scored on an NF4 base: warned, still scored.
+    let o = run(&[
+        "train",
+        "--config",
+        toml.to_str().unwrap(),
+        "--quiet",
+        "--set",
+        "train.max_steps=2",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let adapter = dir.path().join("runs/t/adapter");
+    let a = adapter.to_str().unwrap();
+    let o = run(&[
+        "eval",
+        "--model",
+        &m,
+        "--adapter",
+        a,
+        "--data",
+        &d,
+        "--quantization",
+        "nf4",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("trained on a dense base")
+            && e.contains("scored on an NF4 (QLoRA) base")
+            && e.contains("--quantization none"),
+        "{e}"
+    );
+    let o = run(&["eval", "--model", &m, "--adapter", a, "--data", &d]);
+    assert!(!stderr(&o).contains("warning"), "{}", stderr(&o));
+}

@@ -97,7 +97,7 @@ pub fn placement(
         (Device::Cpu, Some(d)) => {
             let d = parse_dtype(d)?;
             (
-                d,
+                Dtype::F32,
                 if d == Dtype::F32 {
                     "f32"
                 } else {

@@ -56,7 +56,12 @@ pub fn cmd_plan(a: PlanArgs) -> Result<u8, Failure> {
             "--memory",
         ),
         None if cfg.model.device == Device::Cuda => match afinar_trainer::device::gpu_memory() {
-            Some((free, _)) => (Some(free), "free on GPU 0"),
+            // The probe's own context was alive when `free` was read, and the plan counts a
+            // context too: add it back so that it is not counted twice.
+            Some((free, _)) => (
+                Some(free + plan::CUDA_CONTEXT_BYTES),
+                "free on GPU 0 (+ the context the plan counts)",
+            ),
             None => (None, ""),
         },
         None => (None, ""),

@@ -101,8 +101,9 @@ pub enum DataError {
         source: std::io::Error,
     },
 
-    /// The dataset failed validation; nothing may be trained on it.
-    #[error("{what}: {total} invalid record(s); nothing was trained:{}", list(errors, *total))]
+    /// The dataset failed validation; nothing may be trained on or scored with it. The message names
+    /// no command: `afinar train`, `eval` and `data inspect` all refuse the file with it.
+    #[error("{what}: {total} invalid record(s); the dataset was not used (fix or remove them):{}", list(errors, *total))]
     InvalidRecords {
         what: String,
         errors: Vec<RecordError>,

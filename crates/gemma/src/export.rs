@@ -23,7 +23,9 @@
 //! double-quantized when asked —, quant_map, nested parts, quant-state JSON); embeddings and norms stay
 //! unquantized in the output dtype. A linear that is NF4 already and has no LoRA is written as is
 //! (lossless); otherwise its dense weight (merged with its LoRA, if any) is rounded to the output dtype —
-//! what transformers would hold after loading a checkpoint of that dtype — and quantized bit-exactly as
+//! what transformers would hold after loading a checkpoint of that dtype; with the checkpoint's own
+//! dtype (`afinar quantize`'s default) the rounding changes nothing, so an f32 checkpoint is quantized
+//! from its f32 values, as transformers + bitsandbytes do — and quantized bit-exactly as
 //! `bitsandbytes.functional.quantize_4bit(blocksize=64, quant_type="nf4")` does.
 
 use std::collections::BTreeMap;
@@ -63,22 +65,53 @@ pub enum ExportDtype {
     #[default]
     BF16,
     F32,
+    F16,
 }
 
 impl ExportDtype {
-    /// The torch name written into config.json and the quant state ("bfloat16", "float32").
+    /// The torch name written into config.json and the quant state ("bfloat16", "float32", "float16").
     pub fn torch_name(self) -> &'static str {
         match self {
             ExportDtype::BF16 => "bfloat16",
             ExportDtype::F32 => "float32",
+            ExportDtype::F16 => "float16",
         }
     }
 
-    /// Values as they will be stored (bf16 rounding, round-to-nearest-even), kept in f32.
-    fn round(self, v: &mut [f32]) {
-        if self == ExportDtype::BF16 {
-            for x in v {
-                *x = half::bf16::from_f32(*x).to_f32();
+    /// The export dtype of a torch dtype name ("bfloat16"/"bf16", "float32"/"f32", "float16"/"f16"),
+    /// also with transformers' "torch." prefix; None for anything else.
+    pub fn from_name(name: &str) -> Option<ExportDtype> {
+        match name.strip_prefix("torch.").unwrap_or(name) {
+            "bfloat16" | "bf16" => Some(ExportDtype::BF16),
+            "float32" | "f32" | "float" => Some(ExportDtype::F32),
+            "float16" | "f16" | "half" => Some(ExportDtype::F16),
+            _ => None,
+        }
+    }
+
+    /// The export dtype of stored safetensors data (F32, BF16, F16); None for other dtypes.
+    pub fn of_stored(d: Dtype) -> Option<ExportDtype> {
+        match d {
+            Dtype::F32 => Some(ExportDtype::F32),
+            Dtype::BF16 => Some(ExportDtype::BF16),
+            Dtype::F16 => Some(ExportDtype::F16),
+            _ => None,
+        }
+    }
+
+    /// Values as they will be stored (bf16 / f16 rounding, round-to-nearest-even), kept in f32.
+    pub fn round(self, v: &mut [f32]) {
+        match self {
+            ExportDtype::F32 => {}
+            ExportDtype::BF16 => {
+                for x in v {
+                    *x = half::bf16::from_f32(*x).to_f32();
+                }
+            }
+            ExportDtype::F16 => {
+                for x in v {
+                    *x = half::f16::from_f32(*x).to_f32();
+                }
             }
         }
     }
@@ -94,6 +127,18 @@ impl ExportDtype {
                 TensorOut {
                     name,
                     dtype: Dtype::BF16,
+                    shape,
+                    data: data.into(),
+                }
+            }
+            ExportDtype::F16 => {
+                let mut data = Vec::with_capacity(v.len() * 2);
+                for x in v {
+                    data.extend_from_slice(&half::f16::from_f32(*x).to_bits().to_le_bytes());
+                }
+                TensorOut {
+                    name,
+                    dtype: Dtype::F16,
                     shape,
                     data: data.into(),
                 }

@@ -139,6 +139,14 @@ pub trait Backend: Send + Sync + Sized {
         None
     }
 
+    /// Device memory as (used now, high-water mark, total) in bytes, for a backend with its own device
+    /// memory (CUDA: `total − free` as the driver reports it, so it includes the context and anything
+    /// else on the device, as nvidia-smi does; the mark is sampled at every allocation). None (the
+    /// default) for a backend that computes in host memory, whose peak is the process's RSS.
+    fn device_memory(&self) -> Option<crate::backend::DeviceMemory> {
+        None
+    }
+
     // ---- memory -------------------------------------------------------------------------------
     /// `n` zeros in `Storage::Activation` storage (= `zeros_for(n, Storage::Activation)`).
     fn zeros(&self, n: usize) -> Result<Self::Buf>;
@@ -609,4 +617,14 @@ mod tests {
             .to_string();
         assert!(e.contains("step"), "{e}");
     }
+}
+
+/// A backend's device memory (see [`Backend::device_memory`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceMemory {
+    /// Bytes in use on the device now (all processes and the context included).
+    pub used: u64,
+    /// The largest `used` seen since the backend was created (sampled at each allocation).
+    pub peak: u64,
+    pub total: u64,
 }

@@ -23,7 +23,8 @@ pub mod profile;
 pub mod tolerance;
 
 pub use backend::{
-    clip_coef, Accum, AdamMoments, AdamW, AttnShape, Backend, LoraGradRef, LoraRef, Storage, Weight,
+    clip_coef, Accum, AdamMoments, AdamW, AttnShape, Backend, DeviceMemory, LoraGradRef, LoraRef,
+    Storage, Weight,
 };
 pub use cpu::Cpu;
 pub use error::{KernelError, Result};

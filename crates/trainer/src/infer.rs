@@ -44,6 +44,103 @@ pub fn load_model_on<B: Backend>(
     Ok(model)
 }
 
+/// `afinar eval`'s row length when `--max-seq-len` is not given (capped at the model's positions).
+pub const DEFAULT_EVAL_MAX_SEQ_LEN: usize = 1024;
+
+/// `afinar generate`'s token limit when `--max-new-tokens` is not given (capped at what the model's
+/// positions leave after the prompt).
+pub const DEFAULT_MAX_NEW_TOKENS: usize = 128;
+
+/// The row length `afinar eval` uses: `given` as is (an explicit value beyond the model's positions is
+/// refused later, naming both numbers), or [`DEFAULT_EVAL_MAX_SEQ_LEN`] lowered to the model's
+/// `max_position_embeddings` (read from `model_dir/config.json`), so a small model needs no flag.
+pub fn eval_max_seq_len(model_dir: &Path, given: Option<usize>) -> Result<usize> {
+    if let Some(n) = given {
+        return Ok(n);
+    }
+    let path = afinar_gemma::config::config_path(model_dir);
+    let cfg = afinar_gemma::Gemma2Config::from_file(&path)?;
+    Ok(DEFAULT_EVAL_MAX_SEQ_LEN.min(cfg.max_position_embeddings))
+}
+
+/// `want` new tokens, lowered to what the model's `max_position_embeddings` leaves after `prompt`
+/// (rendered as generation renders it). At least 1 so that a prompt that already fills the positions
+/// still gets generate's own error naming both lengths.
+pub fn fit_new_tokens<B: Backend>(
+    model: &Gemma2Model<B>,
+    tok: &TextTokenizer,
+    template: &Template,
+    prompt: &Prompt,
+    want: usize,
+) -> Result<usize> {
+    let ids = prompt_ids(prompt, template, tok)?;
+    let left = model
+        .config
+        .max_position_embeddings
+        .saturating_sub(ids.len());
+    Ok(want.min(left).max(1))
+}
+
+/// The quantization of the base an adapter was trained on, when the adapter sits in (or one level
+/// below) a run directory whose config.toml says (`model.quantization`): (that config.toml, NF4?).
+/// None for an adapter without a run (e.g. downloaded from the Hub, whose adapter_config.json does
+/// not record it).
+pub fn adapter_training_quantization(adapter: &Path) -> Option<(PathBuf, bool)> {
+    let dir = adapter.canonicalize().ok()?;
+    for cfg in dir
+        .ancestors()
+        .skip(1)
+        .take(3)
+        .map(|d| d.join("config.toml"))
+    {
+        if let Ok(text) = std::fs::read_to_string(&cfg) {
+            let t: toml::Table = text.parse().ok()?;
+            let q = t
+                .get("model")
+                .and_then(|m| m.get("quantization"))
+                .and_then(|q| q.as_str())
+                .unwrap_or("none");
+            return Some((cfg, q == "nf4"));
+        }
+    }
+    None
+}
+
+/// The warning `afinar eval` prints when `adapter` was trained on a base quantized differently from
+/// the one it is scored on (`nf4` = the scoring base is NF4), else None.
+pub fn quantization_mismatch(adapter: &Path, nf4: bool) -> Option<String> {
+    let (cfg, trained_nf4) = adapter_training_quantization(adapter)?;
+    let name = |q: bool| if q { "an NF4 (QLoRA)" } else { "a dense" };
+    (trained_nf4 != nf4).then(|| {
+        format!(
+            "warning: the adapter was trained on {} base ({}: model.quantization) and is scored on {} base: \
+             that is a different model from the one trained; pass --quantization {} to score the trained one",
+            name(trained_nf4),
+            cfg.display(),
+            name(nf4),
+            if trained_nf4 { "nf4" } else { "none" }
+        )
+    })
+}
+
+/// The CUDA backend of `--device cuda` with `dtype` as its activation/frozen-weight dtype (as
+/// `model.dtype` in training). Ok(None) when the machine has no driver or GPU.
+#[cfg(feature = "cuda")]
+pub fn cuda_backend(dtype: crate::config::Dtype) -> Result<Option<afinar_kernels::cuda::Cuda>> {
+    use afinar_kernels::cuda::{Cuda, CudaOptions, Dtype as CudaDtype};
+    let alloc_dtype = match dtype {
+        crate::config::Dtype::F32 => CudaDtype::F32,
+        crate::config::Dtype::Bf16 => CudaDtype::Bf16,
+        crate::config::Dtype::F16 => CudaDtype::F16,
+    };
+    let force_fallback_gemm = std::env::var("AFINAR_NO_CUBLAS").is_ok_and(|v| v == "1");
+    Ok(Cuda::try_new_with(CudaOptions {
+        alloc_dtype,
+        force_fallback_gemm,
+        ..CudaOptions::default()
+    })?)
+}
+
 /// `afinar eval` options.
 #[derive(Clone, Debug)]
 pub struct EvalOptions {
@@ -201,6 +298,12 @@ pub struct GenOutput {
     pub completion: String,
     pub tokens: usize,
     pub stop: String,
+    /// Tokens of the rendered prompt (the prefill's length).
+    pub prompt_tokens: usize,
+    /// Prompt tokens per second of the prefill, and new tokens per second of the decode steps (null
+    /// when a phase had nothing to time).
+    pub prefill_tokens_per_s: Option<f64>,
+    pub decode_tokens_per_s: Option<f64>,
 }
 
 /// Generates an answer to one prompt. Stops on EOS and on the template's end-of-turn token.
@@ -239,6 +342,9 @@ pub fn generate_answer<B: Backend>(
         completion,
         tokens: g.tokens.len(),
         stop: format!("{:?}", g.stop),
+        prompt_tokens: ids.len(),
+        prefill_tokens_per_s: g.prefill_tokens_per_s(ids.len()),
+        decode_tokens_per_s: g.decode_tokens_per_s(),
     })
 }
 
@@ -250,8 +356,22 @@ pub fn merge(
     out: &Path,
     dtype: &str,
 ) -> Result<afinar_gemma::export::ExportSummary> {
+    merge_on(Arc::new(Cpu::new()), model_dir, adapter, out, dtype)
+}
+
+/// [`merge`] on any backend: the base and the adapter are loaded there, and each linear's
+/// W (dequantized if NF4) + s·B·A is computed with that backend's ops in f32 (`export::merged_weight`),
+/// then streamed to the host and written shard by shard. On a GPU, the base should be held in the
+/// checkpoint's own dtype (lossless) so that the result equals the CPU's.
+pub fn merge_on<B: Backend>(
+    backend: Arc<B>,
+    model_dir: &Path,
+    adapter: &Path,
+    out: &Path,
+    dtype: &str,
+) -> Result<afinar_gemma::export::ExportSummary> {
     use afinar_gemma::export::{export_merged, ExportDtype, ExportOptions};
-    let model = load_model(model_dir, Some(adapter), false)?;
+    let model = load_model_on(backend, model_dir, Some(adapter), false)?;
     let opts = ExportOptions {
         dtype: if dtype == "f32" {
             ExportDtype::F32
@@ -264,19 +384,70 @@ pub fn merge(
     Ok(export_merged(&model, out, &opts)?)
 }
 
+/// The dtype a checkpoint stores its weights in: config.json's `dtype` / `torch_dtype` when it names a
+/// float type, else the stored dtype of `model.embed_tokens.weight` (transformers' `dtype="auto"`).
+pub fn checkpoint_dtype(model_dir: &Path) -> Result<afinar_gemma::export::ExportDtype> {
+    use afinar_gemma::export::ExportDtype;
+    let path = afinar_gemma::config::config_path(model_dir);
+    let cfg = afinar_gemma::Gemma2Config::from_file(&path)?;
+    if let Some(d) = cfg.torch_dtype.as_deref().and_then(ExportDtype::from_name) {
+        return Ok(d);
+    }
+    let store = afinar_gemma::TensorStore::open_dir(model_dir)?;
+    let name = "model.embed_tokens.weight";
+    let stored = store.info(name)?.dtype;
+    ExportDtype::of_stored(stored).ok_or_else(|| TrainError::Invalid {
+        key: "--model".into(),
+        reason: format!(
+            "{}: {name} is stored as {} and config.json names no float dtype; pass --dtype",
+            model_dir.display(),
+            stored.as_str()
+        ),
+    })
+}
+
 /// `afinar quantize`: a bitsandbytes NF4 checkpoint (blocksize 64, double-quantized absmax, compute dtype
-/// bfloat16) that transformers + bitsandbytes load (afinar-gemma's `export_nf4`).
-pub fn quantize(model_dir: &Path, out: &Path) -> Result<afinar_gemma::export::ExportSummary> {
+/// bfloat16) that transformers + bitsandbytes load (afinar-gemma's `export_nf4`). The linears are
+/// quantized from their values in `dtype` and the embedding and norms written in it; None = the
+/// checkpoint's own dtype ([`checkpoint_dtype`]), so an f32 checkpoint is quantized from its f32
+/// values, bit for bit what transformers + bitsandbytes produce from it. Returns the dtype used.
+pub fn quantize(
+    model_dir: &Path,
+    out: &Path,
+    dtype: Option<afinar_gemma::export::ExportDtype>,
+) -> Result<(
+    afinar_gemma::export::ExportSummary,
+    afinar_gemma::export::ExportDtype,
+)> {
+    quantize_on(Arc::new(Cpu::new()), model_dir, out, dtype)
+}
+
+/// [`quantize`] with the dense model loaded on any backend (the NF4 codes are computed on the host,
+/// bit-exactly as bitsandbytes does, from the weights as that backend holds them).
+pub fn quantize_on<B: Backend>(
+    backend: Arc<B>,
+    model_dir: &Path,
+    out: &Path,
+    dtype: Option<afinar_gemma::export::ExportDtype>,
+) -> Result<(
+    afinar_gemma::export::ExportSummary,
+    afinar_gemma::export::ExportDtype,
+)> {
     use afinar_gemma::export::{export_nf4, ExportOptions, QuantizeOptions};
-    let model = load_model(model_dir, None, false)?;
+    let dtype = match dtype {
+        Some(d) => d,
+        None => checkpoint_dtype(model_dir)?,
+    };
+    let model = load_model_on(backend, model_dir, None, false)?;
     let opts = QuantizeOptions {
         export: ExportOptions {
+            dtype,
             source_dir: Some(model_dir.to_path_buf()),
             ..Default::default()
         },
         ..Default::default()
     };
-    Ok(export_nf4(&model, out, &opts)?)
+    Ok((export_nf4(&model, out, &opts)?, dtype))
 }
 
 /// Shape of a randomly initialised model (`afinar init`).

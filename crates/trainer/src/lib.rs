@@ -3,8 +3,10 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod device;
 pub mod loss_scale;
 pub mod metrics;
+pub mod plan;
 pub mod plot;
 pub mod profile;
 pub mod progress;

@@ -163,6 +163,13 @@ pub struct Summary {
     pub skipped_steps: u64,
     /// Peak resident memory of the process (VmHWM), MiB; null where /proc is unavailable.
     pub peak_rss_mib: Option<f64>,
+    /// Peak device memory of a GPU run (the backend's high-water mark of the device's used memory,
+    /// context and other processes included, as nvidia-smi counts), MiB; null on the CPU.
+    #[serde(default)]
+    pub peak_gpu_mib: Option<f64>,
+    /// The peak `afinar plan` predicts for this config (device memory on a GPU, RSS on the CPU), MiB.
+    #[serde(default)]
+    pub planned_peak_mib: Option<f64>,
     pub trainable_parameters: u64,
     /// The `[eval]` measures (behaviour rates base/tuned, forgetting, NF4 cost, merge fidelity);
     /// absent when the config has no `[eval]` suite or general text.

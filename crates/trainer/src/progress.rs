@@ -45,18 +45,21 @@ impl Progress {
         lr: f64,
         tokens_per_s: f64,
         eta_s: f64,
+        memory: &str,
     ) {
         let loss = smoothed_loss
             .map(|l| format!("{l:.4}"))
             .unwrap_or_else(|| "-".into());
         match self {
             Progress::Bar(pb) => {
-                pb.set_message(format!("loss {loss} lr {lr:.2e} {tokens_per_s:.0} tok/s"));
+                pb.set_message(format!(
+                    "loss {loss} lr {lr:.2e} {tokens_per_s:.0} tok/s {memory}"
+                ));
                 pb.set_position(step);
             }
             Progress::Plain { total, log_every } => {
                 if step.is_multiple_of(*log_every) || step == *total {
-                    eprintln!("step {step}/{total} loss {loss} lr {lr:.3e} tok/s {tokens_per_s:.0} eta {eta_s:.0}s");
+                    eprintln!("step {step}/{total} loss {loss} lr {lr:.3e} tok/s {tokens_per_s:.0} eta {eta_s:.0}s {memory}");
                 }
             }
             Progress::Quiet => {}

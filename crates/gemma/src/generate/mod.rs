@@ -12,6 +12,8 @@
 //! Generation stops after `max_new_tokens`, or when an EOS id or an extra stop id (e.g. Gemma's
 //! `<end_of_turn>` = 107) is produced; like transformers, the stop token is included in the output.
 
+use std::time::{Duration, Instant};
+
 mod decoder;
 mod sampling;
 
@@ -113,11 +115,32 @@ pub enum StopReason {
     MaxNewTokens,
 }
 
-/// The new tokens (prompt excluded) and why generation stopped.
+/// The new tokens (prompt excluded), why generation stopped, and how long its two phases took.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Generation {
     pub tokens: Vec<i32>,
     pub stop: StopReason,
+    /// The prompt's forward (one pass over every prompt token, filling the KV cache) up to its
+    /// logits on the host; it yields the first new token.
+    pub prefill: Duration,
+    /// Everything after the prefill: one cached forward per further token, and sampling.
+    pub decode: Duration,
+}
+
+impl Generation {
+    /// Prompt tokens per second of the prefill (None when it took no measurable time).
+    pub fn prefill_tokens_per_s(&self, prompt_len: usize) -> Option<f64> {
+        let s = self.prefill.as_secs_f64();
+        (s > 0.0).then(|| prompt_len as f64 / s)
+    }
+
+    /// New tokens per second of the decode phase (the first token comes from the prefill, so
+    /// `tokens − 1` decode steps; None when there were none).
+    pub fn decode_tokens_per_s(&self) -> Option<f64> {
+        let s = self.decode.as_secs_f64();
+        let steps = self.tokens.len().saturating_sub(1);
+        (s > 0.0 && steps > 0).then(|| steps as f64 / s)
+    }
 }
 
 /// Generates up to `opts.max_new_tokens` tokens after `prompt` (prefill, then one decode step per token).
@@ -152,31 +175,34 @@ pub fn generate<B: Backend>(
         return Ok(Generation {
             tokens,
             stop: StopReason::MaxNewTokens,
+            prefill: Duration::ZERO,
+            decode: Duration::ZERO,
         });
     }
+    // `feed` returns the logits on the host, so the device work of each phase is inside its time.
+    let t0 = Instant::now();
     let mut logits = dec.feed(prompt)?;
+    let prefill = t0.elapsed();
+    let t1 = Instant::now();
     sampler.observe(prompt);
-    loop {
+    let stop = loop {
         let next = sampler.next(&logits)?;
         tokens.push(next);
         if opts.eos_token_ids.contains(&next) {
-            return Ok(Generation {
-                tokens,
-                stop: StopReason::Eos(next),
-            });
+            break StopReason::Eos(next);
         }
         if opts.stop_token_ids.contains(&next) {
-            return Ok(Generation {
-                tokens,
-                stop: StopReason::StopToken(next),
-            });
+            break StopReason::StopToken(next);
         }
         if tokens.len() >= opts.max_new_tokens {
-            return Ok(Generation {
-                tokens,
-                stop: StopReason::MaxNewTokens,
-            });
+            break StopReason::MaxNewTokens;
         }
         logits = dec.feed(&[next])?;
-    }
+    };
+    Ok(Generation {
+        tokens,
+        stop,
+        prefill,
+        decode: t1.elapsed(),
+    })
 }

@@ -21,6 +21,10 @@ impl Backend for Cuda {
         "cuda"
     }
 
+    fn device_memory(&self) -> Option<crate::backend::DeviceMemory> {
+        self.device_memory_now()
+    }
+
     fn device_timer(&self) -> Result<Option<Box<dyn crate::profile::DeviceTimer>>> {
         Ok(Some(Box::new(profile::EventTimer::new(self))))
     }

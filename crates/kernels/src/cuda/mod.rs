@@ -52,6 +52,7 @@ mod gpu_tests;
 mod lm_head;
 mod lora;
 mod memory;
+pub use memory::probe_device_memory;
 mod nf4;
 mod profile;
 mod reduce;
@@ -324,6 +325,8 @@ pub struct Cuda {
     /// The dense copy of an NF4 weight for the dequantize + cuBLAS path (nf4.rs), reused by every
     /// NF4 linear: it grows to the largest weight × the activation's dtype size and stays.
     nf4_scratch: Mutex<Option<CudaBuf>>,
+    /// High-water mark of the device's used memory (memory.rs `note_device_use`).
+    device_peak: std::sync::atomic::AtomicU64,
 }
 
 fn be<E: std::fmt::Debug>(what: &'static str) -> impl FnOnce(E) -> KernelError {
@@ -416,6 +419,7 @@ impl Cuda {
             nf4_fused: opts.nf4_fused,
             lora_fused: opts.lora_fused,
             nf4_scratch: Mutex::new(None),
+            device_peak: std::sync::atomic::AtomicU64::new(0),
         }))
     }
 
@@ -466,6 +470,7 @@ impl Cuda {
             Dtype::Bf16 => Data::Bf16(self.stream.alloc_zeros::<bf16>(cap).map_err(be("alloc"))?),
             Dtype::F16 => Data::F16(self.stream.alloc_zeros::<f16>(cap).map_err(be("alloc"))?),
         };
+        self.note_device_use();
         Ok(CudaBuf { data, len: n })
     }
 

@@ -70,6 +70,9 @@ impl<B: Backend> Backend for Profiled<B> {
     fn profiler(&self) -> Option<&Profiler> {
         Some(&self.prof)
     }
+    fn device_memory(&self) -> Option<crate::backend::DeviceMemory> {
+        self.inner.device_memory()
+    }
 
     fn zeros(&self, n: usize) -> Result<B::Buf> {
         self.prof.timed("zeros", || self.inner.zeros(n))

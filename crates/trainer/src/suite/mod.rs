@@ -40,7 +40,7 @@ pub use run::{
     ItemResult, RatePair, SuiteComparison, SuiteScore,
 };
 pub use score::{normalize, score, Rules, Verdict, DEFAULT_PREMISE_MARKERS, DEFAULT_REFUSE};
-pub use standalone::{evaluate_standalone, StandaloneOptions, SuiteArgs};
+pub use standalone::{evaluate_standalone, evaluate_standalone_on, StandaloneOptions, SuiteArgs};
 
 /// A malformed suite, or one that cannot be read.
 #[derive(Debug, thiserror::Error)]

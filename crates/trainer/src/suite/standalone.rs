@@ -9,7 +9,7 @@ use afinar_data::{Template, TemplateKind, TextTokenizer};
 use super::measures::{merge_fidelity, perplexity, Forgetting, MERGE_PROMPTS};
 use super::run::{run_suite, Evaluation, GenLimits, SuiteComparison};
 use super::{Rules, Suite};
-use crate::infer::{load_model, prompt_ids};
+use crate::infer::prompt_ids;
 use crate::train::Result;
 
 /// The options of `afinar eval` that go with `--suite` (flattened into its arguments).
@@ -121,11 +121,19 @@ pub struct StandaloneOptions {
 /// Runs the suite on the base model, then (with `adapter`) applies the adapter to the same weights
 /// and runs it again.
 pub fn evaluate_standalone(o: &StandaloneOptions) -> Result<Evaluation> {
+    evaluate_standalone_on(std::sync::Arc::new(afinar_kernels::cpu::Cpu::new()), o)
+}
+
+/// [`evaluate_standalone`] on any backend (`afinar eval --suite --device cuda`).
+pub fn evaluate_standalone_on<B: afinar_kernels::Backend>(
+    backend: std::sync::Arc<B>,
+    o: &StandaloneOptions,
+) -> Result<Evaluation> {
     let t = Instant::now();
     let suite = Suite::load(&o.suite)?.limited(o.max_records, o.max_per_category);
     let tok = TextTokenizer::from_model_dir(&o.model)?;
     let template = Template::new(o.template, &tok)?;
-    let mut model = load_model(&o.model, None, o.nf4)?;
+    let mut model = crate::infer::load_model_on(backend, &o.model, None, o.nf4)?;
     let base = run_suite(&model, &tok, &template, &suite, &o.rules, &o.limits)?;
     let base_general = match (&o.general_text, &o.adapter) {
         (Some(g), Some(_)) => Some(perplexity(&model, &tok, g, o.max_seq_len)?),

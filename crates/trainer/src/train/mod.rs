@@ -39,6 +39,7 @@ use crate::plot::PlotError;
 use crate::progress::Progress;
 
 mod eval;
+pub mod memory;
 mod optimizer;
 mod report;
 mod resume;
@@ -57,6 +58,9 @@ pub use steps::{accumulate, accumulate_scaled, model_batch, MAX_NONFINITE_IN_ROW
 pub enum TrainError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The memory plan exceeds the device's free memory (`memory::check_before_loading`).
+    #[error("{0}")]
+    WouldNotFit(String),
     #[error(transparent)]
     Data(#[from] afinar_data::DataError),
     #[error(transparent)]
@@ -131,6 +135,8 @@ pub struct TrainOptions {
     pub quiet: bool,
     /// Stop (as if interrupted) after this many optimizer steps of this process (tests of resume).
     pub stop_after: Option<u64>,
+    /// Start even when the memory plan exceeds the device's free memory (`afinar train --force`).
+    pub force: bool,
 }
 
 /// What a finished (or stopped) run leaves.
@@ -243,6 +249,7 @@ pub fn train_with_faults<B: Backend>(
             eprintln!("{m}");
         }
     };
+    memory::check_before_loading(&*backend, cfg, &model_cfg, opts.force, &quiet_say)?;
     if let Some(p) = plan.as_mut() {
         // Before the training model exists, so only one copy of the base is held at a time.
         p.dense_base(

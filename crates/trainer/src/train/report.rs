@@ -63,6 +63,7 @@ pub(super) fn write<B: Backend>(
         _ => false,
     };
     let finite: Vec<f64> = records.iter().filter_map(|r| r.loss).collect();
+    let mem = super::memory::summary_fields(&**model.backend(), cfg, &model.config);
     let total_tokens: u64 = records.iter().map(|r| r.tokens).sum();
     let elapsed = state.elapsed_s;
     let summary = Summary {
@@ -83,6 +84,8 @@ pub(super) fn write<B: Backend>(
         },
         skipped_steps: records.iter().filter(|r| r.skipped).count() as u64,
         peak_rss_mib: metrics::peak_rss_bytes().map(|b| b as f64 / (1024.0 * 1024.0)),
+        peak_gpu_mib: mem.0,
+        planned_peak_mib: Some(mem.1),
         trainable_parameters: model.num_trainable() as u64,
         evaluation: evaluation.map(|(e, _)| e.summary()),
     };
@@ -143,6 +146,7 @@ pub fn report_md(cfg: &Config, s: &Summary, run_dir: &Path) -> String {
          | trained tokens | {tok} |\n\
          | time | {time:.1} s ({tps:.0} tokens/s) |\n\
          | peak RSS | {rss} |\n\
+         | peak GPU memory (plan) | {gpu} ({planned}) |\n\
          | trainable parameters | {params} |\n\
          | skipped (non-finite) steps | {skipped} |\n\n\
          ![loss curves](loss.png)\n\nFiles: `{dir}/` config.toml, metrics.jsonl, loss.svg/png, adapter/, checkpoints/, summary.json.\n",
@@ -165,6 +169,8 @@ pub fn report_md(cfg: &Config, s: &Summary, run_dir: &Path) -> String {
         time = s.elapsed_s,
         tps = s.tokens_per_s,
         rss = s.peak_rss_mib.map(|m| format!("{m:.0} MiB")).unwrap_or_else(|| "n/a".into()),
+        gpu = s.peak_gpu_mib.map(|m| format!("{m:.0} MiB")).unwrap_or_else(|| "n/a".into()),
+        planned = s.planned_peak_mib.map(|m| format!("plan {m:.0} MiB")).unwrap_or_else(|| "no plan".into()),
         params = s.trainable_parameters,
         skipped = s.skipped_steps,
         dir = run_dir.display(),

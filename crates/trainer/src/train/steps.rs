@@ -198,7 +198,8 @@ impl<B: Backend> Run<'_, B> {
             metrics.write(&rec)?;
             let eta = (state.total_steps - state.step) as f64 * (elapsed - elapsed_before)
                 / steps_this_process as f64;
-            progress.step(state.step, ema.get(), r.lr, rec.tokens_per_s, eta);
+            let mem = super::memory::progress_note(self.model.backend().device_memory());
+            progress.step(state.step, ema.get(), r.lr, rec.tokens_per_s, eta, &mem);
 
             if state.nonfinite_in_row >= MAX_NONFINITE_IN_ROW {
                 return Ok(StopReason::NonFinite);

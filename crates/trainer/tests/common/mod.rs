@@ -134,6 +134,7 @@ pub fn opts(c: Config) -> TrainOptions {
         overwrite: false,
         quiet: true,
         stop_after: None,
+        force: false,
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod dist;
 pub mod loss_scale;
 pub mod metrics;
 pub mod plot;

@@ -38,6 +38,7 @@ use crate::metrics::{MetricsError, StepRecord, Summary};
 use crate::plot::PlotError;
 use crate::progress::Progress;
 
+mod dist_hooks;
 mod eval;
 mod optimizer;
 mod report;
@@ -71,6 +72,8 @@ pub enum TrainError {
     Plot(#[from] PlotError),
     #[error(transparent)]
     Suite(#[from] crate::suite::SuiteError),
+    #[error(transparent)]
+    Dist(#[from] crate::dist::DistError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -223,6 +226,38 @@ pub fn train_with_faults<B: Backend>(
     opts: &TrainOptions,
     faults: &Faults,
 ) -> Result<TrainOutcome> {
+    let out = train_with_dist(backend, opts, faults, &crate::dist::Single)?;
+    Ok(out.expect("a world of one rank is rank 0, which returns the outcome"))
+}
+
+/// One rank of a data-parallel run (`crate::dist`): every rank calls this with the same options and
+/// its own handle on the group. Rank 0 returns the outcome and is the only one to write anything
+/// (run directory, metrics, checkpoints, evals, adapter, report); the other ranks return `None`.
+/// When this rank fails, it tells the group ([`crate::dist::Collective::abort`]) before returning
+/// its error, so no other rank waits for it.
+pub fn train_with_dist<B: Backend>(
+    backend: Arc<B>,
+    opts: &TrainOptions,
+    faults: &Faults,
+    comm: &dyn crate::dist::Collective<B>,
+) -> Result<Option<TrainOutcome>> {
+    let out = run_rank(backend, opts, faults, comm);
+    if let Err(e) = &out {
+        if comm.world_size() > 1 {
+            comm.abort(&e.to_string());
+        }
+    }
+    out
+}
+
+fn run_rank<B: Backend>(
+    backend: Arc<B>,
+    opts: &TrainOptions,
+    faults: &Faults,
+    comm: &dyn crate::dist::Collective<B>,
+) -> Result<Option<TrainOutcome>> {
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let lead = rank == 0;
     opts.config.validate()?;
     let (run_dir, resume_from) = run_dir::resolve(opts)?;
     let resolved = run_dir::pin_template_date(&opts.config, resume_from.as_deref());
@@ -235,11 +270,20 @@ pub fn train_with_faults<B: Backend>(
     };
     // config.json is read here once; the data limits and the model are built from this parse.
     let model_cfg = setup::read_model_config(cfg)?;
-    let mut data = setup::prepare_data(cfg, &model_cfg)?;
+    let mut data = setup::prepare_data(cfg, &model_cfg, world)?;
+    if !lead {
+        // Evaluations are rank 0's.
+        data.eval = None;
+    }
     // The `[eval]` suite is read (and refused if malformed) before the run directory is touched.
-    let mut plan = suite_eval::Plan::prepare(cfg, &run_dir)?;
+    let mut plan = if lead {
+        suite_eval::Plan::prepare(cfg, &run_dir)?
+    } else {
+        None
+    };
+    let quiet = opts.quiet || !lead;
     let quiet_say = |m: &str| {
-        if !opts.quiet {
+        if !quiet {
             eprintln!("{m}");
         }
     };
@@ -265,6 +309,7 @@ pub fn train_with_faults<B: Backend>(
         rng: rand::SeedableRng::seed_from_u64(cfg.train.seed),
         cfg,
         plan,
+        comm,
     };
     let notes = match &resume {
         Some(r) => r.restore(&mut run, &mut data)?,
@@ -281,17 +326,28 @@ pub fn train_with_faults<B: Backend>(
             message: m,
         })?;
 
-    let mut files = run_dir::create(
-        &run_dir,
-        cfg,
-        opts.overwrite,
-        resume.as_ref().map(|r| r.step()),
-    )?;
+    if world > 1 {
+        let digest = dist_hooks::state_digest(&run.model, &run.state, &run.opt.names)?;
+        dist_hooks::check_same_state(digest, comm)?;
+        // Every rank has resolved the run directory (and the checkpoint to resume) before rank 0
+        // creates it.
+        comm.barrier()?;
+    }
+    let mut files = if lead {
+        Some(run_dir::create(
+            &run_dir,
+            cfg,
+            opts.overwrite,
+            resume.as_ref().map(|r| r.step()),
+        )?)
+    } else {
+        None
+    };
     let progress = Progress::new(
         run.state.total_steps,
         run.state.step,
         cfg.train.log_every,
-        opts.quiet,
+        quiet,
     );
     let say = |m: &str| progress.println(m);
     for n in &notes {
@@ -299,25 +355,33 @@ pub fn train_with_faults<B: Backend>(
     }
     announce(&run, &data, &run_dir, resume_from.as_deref(), &say);
 
-    let initial_eval = eval::initial(
-        &run.model,
-        data.eval.as_ref(),
-        resume.is_some(),
-        &run_dir,
-        &say,
-    )?;
+    let initial_eval = if lead {
+        eval::initial(
+            &run.model,
+            data.eval.as_ref(),
+            resume.is_some(),
+            &run_dir,
+            &say,
+        )?
+    } else {
+        None
+    };
     if let Some(p) = run.plan.as_mut() {
         p.base(&run.model, resume.as_ref().map(|r| r.step()), &say)?;
     }
     let stop = run.steps(
         &mut data,
         &run_dir,
-        &mut files.metrics,
+        files.as_mut().map(|f| &mut f.metrics),
         &progress,
         opts.stop_after,
         faults,
     )?;
     progress.finish();
+    let Some(files) = files else {
+        // Not rank 0: the loop was this rank's whole share of the run.
+        return Ok(None);
+    };
     let final_eval = eval::after_training(&mut run, &data, stop, &files.metrics_path, &say)?;
     let evaluation = match run.plan.take() {
         Some(p) => Some(p.finish(&run.model, stop, run.state.step, initial_eval, &say)?),
@@ -350,12 +414,12 @@ pub fn train_with_faults<B: Backend>(
             eprintln!("profile written to {}", path.display());
         }
     }
-    Ok(TrainOutcome {
+    Ok(Some(TrainOutcome {
         run_dir,
         summary,
         records,
         checkpoint: ck,
-    })
+    }))
 }
 
 /// The run's opening lines: its size and plan, notes on settings that change nothing on this
@@ -386,6 +450,14 @@ fn announce<B: Backend>(
     }
     if cfg.train.paged_optimizer && backend.name() == "cpu" {
         say("note: train.paged_optimizer = true: on the CPU the AdamW state already lives in host memory; nothing to page");
+    }
+    if run.comm.world_size() > 1 {
+        say(&format!(
+            "data parallel: {} ranks × micro-batch {} = {} rows per global micro-batch; rank 0 writes the run",
+            run.comm.world_size(),
+            cfg.train.micro_batch_size,
+            cfg.train.micro_batch_size * run.comm.world_size()
+        ));
     }
     if let Some(p) = resume_from {
         say(&format!(

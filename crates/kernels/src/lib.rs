@@ -19,6 +19,8 @@ pub mod cuda;
 pub mod error;
 pub mod launch;
 pub mod nf4;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod profile;
 pub mod tolerance;
 

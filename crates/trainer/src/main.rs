@@ -84,6 +84,12 @@ struct TrainArgs {
     /// Print the final summary as JSON.
     #[arg(long)]
     json: bool,
+    /// Data-parallel training on N local GPUs: starts N ranks (this command, one process per GPU,
+    /// with the torchrun variables set; rank 0 writes the run). Needs model.device = "cuda" and a
+    /// build with `--features nccl`. Multi-node: start one process per GPU with RANK, WORLD_SIZE,
+    /// LOCAL_RANK, MASTER_ADDR and MASTER_PORT set (e.g. by torchrun) and no --nproc.
+    #[arg(long, value_name = "N")]
+    nproc: Option<usize>,
 }
 
 #[derive(Args)]
@@ -316,6 +322,37 @@ fn shell_quote(s: &str) -> String {
     }
 }
 
+/// `afinar train --nproc N`: refuses what cannot work before starting anything, then runs N copies of
+/// this command as ranks (afinar_trainer::dist::launch) and exits with the first failed rank's code.
+fn launch_ranks(n: usize, config: &Config) -> Result<u8, Failure> {
+    if n == 0 {
+        return Err(usage(anyhow::anyhow!("--nproc 0: at least one process")));
+    }
+    if config.model.device != afinar_trainer::config::Device::Cuda {
+        return Err(usage(anyhow::anyhow!(
+            "--nproc {n}: data-parallel training runs on CUDA GPUs over NCCL (model.device = \"cuda\"); \
+             the CPU backend trains in one process and already uses every core"
+        )));
+    }
+    let exe = std::env::current_exe().map_err(|e| Failure {
+        code: 1,
+        err: anyhow::anyhow!("cannot find this executable to start the ranks: {e}"),
+    })?;
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let args = afinar_trainer::dist::launch::strip_nproc(&args);
+    let out = afinar_trainer::dist::launch::launch_local(&exe, &args, n, None).map_err(usage)?;
+    if out.code != 0 {
+        return Err(Failure {
+            code: out.code.clamp(1, 255) as u8,
+            err: anyhow::anyhow!(
+                "data-parallel run failed ({}); the last checkpoint rank 0 wrote is intact: continue with --resume auto",
+                out.failures.join("; ")
+            ),
+        });
+    }
+    Ok(0)
+}
+
 fn cmd_train(a: TrainArgs) -> Result<u8, Failure> {
     let mut overrides = a.set.clone();
     if let Some(o) = &a.output {
@@ -330,6 +367,12 @@ fn cmd_train(a: TrainArgs) -> Result<u8, Failure> {
         Some("auto") => Some(Resume::Auto),
         Some(p) => Some(Resume::Dir(PathBuf::from(p))),
     };
+    let world = afinar_trainer::dist::WorldEnv::from_env().map_err(usage)?;
+    if let (Some(n), None) = (a.nproc, &world) {
+        if n != 1 {
+            return launch_ranks(n, &config);
+        }
+    }
     let opts = TrainOptions {
         config,
         resume,
@@ -337,8 +380,14 @@ fn cmd_train(a: TrainArgs) -> Result<u8, Failure> {
         quiet: a.quiet,
         stop_after: None,
     };
-    let out = match train::train(&opts) {
-        Ok(o) => o,
+    let result = match &world {
+        Some(w) => train::train_rank(&opts, w),
+        None => train::train(&opts).map(Some),
+    };
+    let out = match result {
+        // A rank other than 0: rank 0 reports the run.
+        Ok(None) => return Ok(0),
+        Ok(Some(o)) => o,
         Err(e) => {
             let code = match e {
                 TrainError::Config(_)

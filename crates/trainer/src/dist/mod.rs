@@ -89,6 +89,12 @@ pub trait Collective<B: Backend>: Send + Sync {
     fn broadcast_bytes(&self, root: usize, bytes: &mut Vec<u8>) -> Result<()>;
     /// Returns when every rank has called it.
     fn barrier(&self) -> Result<()>;
+    /// Whether the run goes through the collectives at all: false for one rank of an in-process or
+    /// trivial group (the single-process path, bit for bit); NCCL says true even for one rank, so a
+    /// one-GPU run under the torchrun variables exercises every NCCL call.
+    fn exchanges(&self) -> bool {
+        self.world_size() > 1
+    }
     /// Tells the other ranks this one failed with `reason`; their collectives then fail with
     /// [`DistError::PeerFailed`]. Never blocks.
     fn abort(&self, reason: &str);

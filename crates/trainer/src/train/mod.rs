@@ -40,6 +40,7 @@ use crate::progress::Progress;
 
 mod dist_hooks;
 mod eval;
+mod world;
 mod optimizer;
 mod report;
 mod resume;
@@ -52,6 +53,7 @@ mod suite_eval;
 pub use eval::evaluate;
 pub use report::{report_md, save_full_model};
 pub use setup::{config_hash, data_config, load_options, lora_config, template_overhead};
+pub use world::train_rank;
 pub use steps::{accumulate, accumulate_scaled, model_batch, MAX_NONFINITE_IN_ROW};
 
 #[derive(Debug, thiserror::Error)]
@@ -174,24 +176,32 @@ fn train_on<B: Backend>(backend: B, opts: &TrainOptions) -> Result<TrainOutcome>
 /// `AFINAR_NO_CUBLAS=1` forces the fallback GEMM, as for `Cuda::try_new`.
 #[cfg(feature = "cuda")]
 fn train_cuda(opts: &TrainOptions) -> Result<TrainOutcome> {
-    use afinar_kernels::cuda::{Cuda, CudaOptions, Dtype as CudaDtype};
-    let alloc_dtype = match opts.config.model.dtype {
-        crate::config::Dtype::F32 => CudaDtype::F32,
-        crate::config::Dtype::Bf16 => CudaDtype::Bf16,
-        // fp16 for GPUs without bf16 (sm_75); train.loss_scaling = "auto" scales the loss.
-        crate::config::Dtype::F16 => CudaDtype::F16,
-    };
-    let force_fallback_gemm = std::env::var("AFINAR_NO_CUBLAS").is_ok_and(|v| v == "1");
-    let cuda = Cuda::try_new_with(CudaOptions {
-        alloc_dtype,
-        force_fallback_gemm,
-        ..CudaOptions::default()
-    })?;
+    use afinar_kernels::cuda::Cuda;
+    let cuda = Cuda::try_new_with(cuda_options(&opts.config, 0))?;
     match cuda {
         Some(c) => train_on(c, opts),
         None => Err(TrainError::Unsupported(
             "model.device = \"cuda\": no CUDA driver or device found on this machine; use --set model.device=cpu".into(),
         )),
+    }
+}
+
+/// The CUDA backend's options for `cfg` on device `ordinal`: `model.dtype` as the activation dtype,
+/// `AFINAR_NO_CUBLAS=1` for the fallback GEMM.
+#[cfg(feature = "cuda")]
+fn cuda_options(cfg: &Config, ordinal: usize) -> afinar_kernels::cuda::CudaOptions {
+    use afinar_kernels::cuda::{CudaOptions, Dtype as CudaDtype};
+    let alloc_dtype = match cfg.model.dtype {
+        crate::config::Dtype::F32 => CudaDtype::F32,
+        crate::config::Dtype::Bf16 => CudaDtype::Bf16,
+        // fp16 for GPUs without bf16 (sm_75); train.loss_scaling = "auto" scales the loss.
+        crate::config::Dtype::F16 => CudaDtype::F16,
+    };
+    CudaOptions {
+        alloc_dtype,
+        force_fallback_gemm: std::env::var("AFINAR_NO_CUBLAS").is_ok_and(|v| v == "1"),
+        ordinal,
+        ..CudaOptions::default()
     }
 }
 
@@ -243,7 +253,7 @@ pub fn train_with_dist<B: Backend>(
 ) -> Result<Option<TrainOutcome>> {
     let out = run_rank(backend, opts, faults, comm);
     if let Err(e) = &out {
-        if comm.world_size() > 1 {
+        if comm.exchanges() {
             comm.abort(&e.to_string());
         }
     }
@@ -326,7 +336,7 @@ fn run_rank<B: Backend>(
             message: m,
         })?;
 
-    if world > 1 {
+    if comm.exchanges() {
         let digest = dist_hooks::state_digest(&run.model, &run.state, &run.opt.names)?;
         dist_hooks::check_same_state(digest, comm)?;
         // Every rank has resolved the run directory (and the checkpoint to resume) before rank 0

@@ -150,7 +150,7 @@ impl<B: Backend> Run<'_, B> {
         while self.state.step < self.state.total_steps {
             let mut stop =
                 signal::requested() || stop_after.is_some_and(|n| steps_this_process >= n);
-            if self.comm.world_size() > 1 {
+            if self.comm.exchanges() {
                 // Every rank stops at the same step: an interrupt seen by any rank stops them all.
                 let mut any = [stop as u64 as f64];
                 self.comm.all_reduce_f64(&mut any)?;
@@ -246,7 +246,7 @@ impl<B: Backend> Run<'_, B> {
             (0..t.grad_accum).map(|_| train.next_batch()).collect();
         // 2. Accumulate grad of (Σ CE)/count, at the loss scale; unscaled before the norm.
         let ls = self.scaling.scale();
-        let (loss_sum, count) = if self.comm.world_size() > 1 {
+        let (loss_sum, count) = if self.comm.exchanges() {
             super::dist_hooks::accumulate_sharded(
                 &self.model,
                 &mut self.grads,

@@ -241,3 +241,44 @@ fn a_failing_rank_ends_the_run_on_every_rank_and_keeps_the_last_checkpoint() {
     assert_eq!(common::adapter(&straight), common::adapter(&resumed));
 }
 
+
+#[test]
+fn a_checkpoint_resumes_on_another_number_of_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.output.run_name = "changing".into();
+    let mut o = opts(cfg.clone());
+    o.stop_after = Some(2);
+    let part = lead(run_ranks(group(2), &o));
+    assert_eq!(part.summary.steps, 2);
+    let state = |step: u64| -> serde_json::Value {
+        let p = part
+            .run_dir
+            .join(format!("checkpoints/step-{step:08}/trainer_state.json"));
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    assert_eq!(state(2)["world_size"], 2);
+
+    // One rank continues one step (with a warning: the global batch shrinks from 6 to 3 rows)...
+    let mut o = opts(cfg.clone());
+    o.resume = Some(Resume::Auto);
+    o.stop_after = Some(1);
+    let one = train::train(&o).unwrap();
+    assert_eq!(one.summary.steps, 3);
+    let s3 = state(3);
+    assert!(s3.get("world_size").is_none(), "one rank is the default: {s3}");
+    // Step 2 ended the first epoch (2 steps × 2 batches = the 4 batches of 6, 6, 6, 4 rows); with
+    // 3-row batches the finished epoch is position 8 of 8, and one more step takes batches 0 and 1
+    // of epoch 1.
+    assert_eq!(s3["cursor_origin"]["step"], 2);
+    assert_eq!(s3["cursor_origin"]["epoch"], 0);
+    assert_eq!(s3["cursor_origin"]["position"], 8);
+    assert_eq!(s3["cursor"]["epoch"], 1);
+    assert_eq!(s3["cursor"]["position"], 2);
+    // ...and two ranks again finish the run: the cursor origin keeps the counters consistent.
+    let mut o = opts(cfg);
+    o.resume = Some(Resume::Auto);
+    let done = lead(run_ranks(group(2), &o));
+    assert_eq!(done.summary.steps, 5);
+    assert!(done.records.iter().all(|r| r.loss.is_some_and(f64::is_finite)));
+}

@@ -325,6 +325,8 @@ fn run_rank<B: Backend>(
         Some(r) => r.restore(&mut run, &mut data)?,
         None => Vec::new(),
     };
+    // Checkpoints record the number of ranks their cursor counts in (restore already set it).
+    run.state.world_size = world as u64;
     // Even a checkpoint taken before the first step carries the scaler (fresh or restored).
     run.state.loss_scale = run.scaling.state();
     run.rng = run

@@ -221,5 +221,7 @@ pub(super) fn fresh_state(cfg: &Config, data: &Prepared) -> TrainerState {
         config_hash: config_hash(cfg),
         last_eval_loss: None,
         loss_scale: None,
+        world_size: 1,
+        cursor_origin: None,
     }
 }

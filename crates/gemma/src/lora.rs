@@ -291,7 +291,14 @@ mod tests {
 
     #[test]
     fn unsplitmix64_inverts_splitmix64() {
-        for z in [0u64, 1, 42, u64::MAX, 0x9E37_79B9_7F4A_7C15, 0xDEAD_BEEF_0123_4567] {
+        for z in [
+            0u64,
+            1,
+            42,
+            u64::MAX,
+            0x9E37_79B9_7F4A_7C15,
+            0xDEAD_BEEF_0123_4567,
+        ] {
             assert_eq!(unsplitmix64(splitmix64(z)), z);
             assert_eq!(splitmix64(unsplitmix64(z)), z);
         }

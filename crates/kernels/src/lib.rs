@@ -18,9 +18,9 @@ pub mod cpu;
 pub mod cuda;
 pub mod error;
 pub mod launch;
-pub mod nf4;
 #[cfg(feature = "nccl")]
 pub mod nccl;
+pub mod nf4;
 pub mod profile;
 pub mod tolerance;
 

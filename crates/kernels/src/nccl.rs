@@ -32,6 +32,16 @@ fn err(msg: impl Into<String>) -> KernelError {
     }
 }
 
+/// The error for a machine where cudarc cannot open libnccl.
+fn missing() -> KernelError {
+    err(
+            "libnccl.so cannot be loaded: install NCCL (e.g. python3 -m pip install nvidia-nccl-cu13) and \
+             put its lib directory on LD_LIBRARY_PATH; cudarc opens `libnccl.so`, so where only \
+             libnccl.so.2 exists (pip wheels, the libnccl2 package) add a symlink libnccl.so -> libnccl.so.2 \
+             in a directory on LD_LIBRARY_PATH"
+    )
+}
+
 /// Whether libnccl can be loaded on this machine.
 pub fn is_available() -> bool {
     // SAFETY: only asks the dynamic loader whether libnccl can be opened (cudarc's loader panics
@@ -42,10 +52,7 @@ pub fn is_available() -> bool {
 /// A new NCCL unique id (rank 0 makes it and sends its 128 bytes to the other ranks).
 pub fn unique_id() -> Result<[u8; 128]> {
     if !is_available() {
-        return Err(err(
-            "libnccl.so cannot be loaded: install NCCL (e.g. python3 -m pip install nvidia-nccl-cu13) and \
-             put its lib directory on LD_LIBRARY_PATH",
-        ));
+        return Err(missing());
     }
     let id = result::get_uniqueid().map_err(|e| err(format!("ncclGetUniqueId: {e:?}")))?;
     Ok(id.internal.map(|c| c as u8))
@@ -83,7 +90,7 @@ impl NcclComm {
         timeout: Duration,
     ) -> Result<Self> {
         if !is_available() {
-            return Err(err("libnccl.so cannot be loaded"));
+            return Err(missing());
         }
         if rank >= world_size {
             return Err(err(format!("rank {rank} of a world of {world_size}")));
@@ -99,8 +106,13 @@ impl NcclComm {
         let mut comm = std::mem::MaybeUninit::uninit();
         // SAFETY: `comm` is written by NCCL on success and only read then; the device is current.
         let comm = unsafe {
-            result::comm_init_rank(comm.as_mut_ptr(), world_size as i32, id, rank as i32)
-                .map_err(|e| err(format!("ncclCommInitRank (rank {rank} of {world_size}): {e:?}")))?;
+            result::comm_init_rank(comm.as_mut_ptr(), world_size as i32, id, rank as i32).map_err(
+                |e| {
+                    err(format!(
+                        "ncclCommInitRank (rank {rank} of {world_size}): {e:?}"
+                    ))
+                },
+            )?;
             comm.assume_init()
         };
         Ok(NcclComm {
@@ -133,7 +145,9 @@ impl NcclComm {
 
     fn check_open(&self, op: &str) -> Result<()> {
         if self.aborted.load(Ordering::SeqCst) {
-            return Err(err(format!("{op}: the communicator was aborted after an earlier failure")));
+            return Err(err(format!(
+                "{op}: the communicator was aborted after an earlier failure"
+            )));
         }
         self.stream
             .context()
@@ -203,15 +217,39 @@ impl NcclComm {
                 match &mut b.data {
                     Data::F32(s) => {
                         let (p, _rec) = s.device_ptr_mut(stream);
-                        result::all_reduce(p as *const c_void, p as *mut c_void, n, sys::ncclDataType_t::ncclFloat32, sys::ncclRedOp_t::ncclSum, comm, cu as _)
+                        result::all_reduce(
+                            p as *const c_void,
+                            p as *mut c_void,
+                            n,
+                            sys::ncclDataType_t::ncclFloat32,
+                            sys::ncclRedOp_t::ncclSum,
+                            comm,
+                            cu as _,
+                        )
                     }
                     Data::Bf16(s) => {
                         let (p, _rec) = s.device_ptr_mut(stream);
-                        result::all_reduce(p as *const c_void, p as *mut c_void, n, sys::ncclDataType_t::ncclBfloat16, sys::ncclRedOp_t::ncclSum, comm, cu as _)
+                        result::all_reduce(
+                            p as *const c_void,
+                            p as *mut c_void,
+                            n,
+                            sys::ncclDataType_t::ncclBfloat16,
+                            sys::ncclRedOp_t::ncclSum,
+                            comm,
+                            cu as _,
+                        )
                     }
                     Data::F16(s) => {
                         let (p, _rec) = s.device_ptr_mut(stream);
-                        result::all_reduce(p as *const c_void, p as *mut c_void, n, sys::ncclDataType_t::ncclFloat16, sys::ncclRedOp_t::ncclSum, comm, cu as _)
+                        result::all_reduce(
+                            p as *const c_void,
+                            p as *mut c_void,
+                            n,
+                            sys::ncclDataType_t::ncclFloat16,
+                            sys::ncclRedOp_t::ncclSum,
+                            comm,
+                            cu as _,
+                        )
                     }
                 }
             };
@@ -243,7 +281,15 @@ impl NcclComm {
             let (p, _rec) = d.device_ptr_mut(stream);
             // SAFETY: `d` holds xs.len() f64 on this device; reduced in place.
             unsafe {
-                result::all_reduce(p as *const c_void, p as *mut c_void, xs.len(), sys::ncclDataType_t::ncclFloat64, sys::ncclRedOp_t::ncclSum, self.comm, stream.cu_stream() as _)
+                result::all_reduce(
+                    p as *const c_void,
+                    p as *mut c_void,
+                    xs.len(),
+                    sys::ncclDataType_t::ncclFloat64,
+                    sys::ncclRedOp_t::ncclSum,
+                    self.comm,
+                    stream.cu_stream() as _,
+                )
             }
             .map_err(|e| {
                 self.abort();
@@ -263,13 +309,24 @@ impl NcclComm {
         let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         self.check_open("broadcast")?;
         if root >= self.world_size {
-            return Err(err(format!("broadcast from rank {root} in a world of {}", self.world_size)));
+            return Err(err(format!(
+                "broadcast from rank {root} in a world of {}",
+                self.world_size
+            )));
         }
         let stream = &self.stream;
         let bcast = |p: u64, n: usize, t: sys::ncclDataType_t| {
             // SAFETY: `p` is a live device allocation of `n` elements of type `t`, in place.
             unsafe {
-                result::broadcast(p as *const c_void, p as *mut c_void, n, t, root as i32, self.comm, stream.cu_stream() as _)
+                result::broadcast(
+                    p as *const c_void,
+                    p as *mut c_void,
+                    n,
+                    t,
+                    root as i32,
+                    self.comm,
+                    stream.cu_stream() as _,
+                )
             }
             .map_err(|e| {
                 self.abort();
@@ -323,4 +380,3 @@ impl Drop for NcclComm {
         }
     }
 }
-

@@ -52,7 +52,10 @@ fn group(n: usize) -> Vec<LocalComm> {
 /// Rank 0's outcome; the other ranks return None.
 fn lead(mut r: Vec<afinar_trainer::train::Result<Option<TrainOutcome>>>) -> TrainOutcome {
     let rest: Vec<_> = r.drain(1..).map(|x| x.unwrap()).collect();
-    assert!(rest.iter().all(Option::is_none), "only rank 0 returns an outcome");
+    assert!(
+        rest.iter().all(Option::is_none),
+        "only rank 0 returns an outcome"
+    );
     r.remove(0).unwrap().expect("rank 0 returns the outcome")
 }
 
@@ -119,13 +122,21 @@ fn two_ranks_of_micro_batch_b_train_the_adapter_of_one_rank_of_2b() {
     for (a, b) in two.records.iter().zip(&one.records) {
         assert_eq!(a.tokens, b.tokens, "step {}", a.step);
         let (la, lb) = (a.loss.unwrap(), b.loss.unwrap());
-        assert!((la - lb).abs() <= 1e-6 * lb.abs(), "step {}: {la} vs {lb}", a.step);
+        assert!(
+            (la - lb).abs() <= 1e-6 * lb.abs(),
+            "step {}: {la} vs {lb}",
+            a.step
+        );
     }
     // The gradients differ only in the order of f32 additions (two partial sums of 3 rows, then
     // their sum, against one sum of 6): the step's gradient norms agree to ~1e-8.
     for (a, b) in two.records.iter().zip(&one.records) {
         let (ga, gb) = (a.grad_norm.unwrap(), b.grad_norm.unwrap());
-        assert!((ga - gb).abs() <= 1e-6 * gb, "step {}: grad norm {ga} vs {gb}", a.step);
+        assert!(
+            (ga - gb).abs() <= 1e-6 * gb,
+            "step {}: grad norm {ga} vs {gb}",
+            a.step
+        );
     }
     // The adapters: ≤ 1e-6 relative per tensor in the 2-norm (measured ≈ 3.5e-7). Elementwise the
     // worst entry is ≈ 2e-6 of the tensor's largest: AdamW's update g/(√v + ε) turns the absolute
@@ -133,16 +144,25 @@ fn two_ranks_of_micro_batch_b_train_the_adapter_of_one_rank_of_2b() {
     // is ~0 amplify the summation-order noise. Bit equality would need the same f32 summation order.
     let (l2, linf) = rel_diffs(&two, &one);
     assert!(l2 <= 1e-6, "adapters differ by {l2:e} (relative, 2-norm)");
-    assert!(linf <= 1e-5, "adapters differ by {linf:e} (relative, max-norm)");
+    assert!(
+        linf <= 1e-5,
+        "adapters differ by {linf:e} (relative, max-norm)"
+    );
     // The check can fail: one process with micro-batch 3 (other global batches) is far away.
     let mut other = cfg.clone();
     other.output.run_name = "other".into();
     let other = train::train(&opts(other)).unwrap();
     let (l2, _) = rel_diffs(&two, &other);
-    assert!(l2 > 1e-3, "a different batch size gave the same adapter ({l2:e})");
+    assert!(
+        l2 > 1e-3,
+        "a different batch size gave the same adapter ({l2:e})"
+    );
     // Only rank 0 wrote: one run directory, with its files.
     assert!(two.run_dir.join("metrics.jsonl").is_file());
-    assert_eq!(std::fs::read_dir(dir.path().join("runs")).unwrap().count(), 3);
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("runs")).unwrap().count(),
+        3
+    );
 }
 
 #[test]
@@ -162,7 +182,11 @@ fn a_data_parallel_run_resumes_exactly() {
     let resumed = lead(run_ranks(group(2), &o));
     assert_eq!(resumed.summary.steps, 5);
     assert_eq!(common::loss_bits(&straight), common::loss_bits(&resumed));
-    assert_eq!(common::adapter(&straight), common::adapter(&resumed), "adapters differ");
+    assert_eq!(
+        common::adapter(&straight),
+        common::adapter(&resumed),
+        "adapters differ"
+    );
 }
 
 /// Rank 1's collective, failing its `fail_at`-th gradient all-reduce (1-based) as a rank that dies
@@ -180,7 +204,11 @@ impl Collective<Cpu> for Flaky {
     fn world_size(&self) -> usize {
         Collective::<Cpu>::world_size(&self.inner)
     }
-    fn all_reduce_bufs(&self, be: &Cpu, bufs: &mut [&mut Vec<f32>]) -> afinar_trainer::dist::Result<()> {
+    fn all_reduce_bufs(
+        &self,
+        be: &Cpu,
+        bufs: &mut [&mut Vec<f32>],
+    ) -> afinar_trainer::dist::Result<()> {
         if self.rank() == 1 && self.calls.fetch_add(1, Ordering::SeqCst) + 1 == self.fail_at {
             return Err(DistError::Backend("injected failure: device lost".into()));
         }
@@ -222,7 +250,11 @@ fn a_failing_rank_ends_the_run_on_every_rank_and_keeps_the_last_checkpoint() {
         .into_iter()
         .map(|r| r.err().expect("every rank fails").to_string())
         .collect();
-    assert!(errs[1].contains("injected failure: device lost"), "{}", errs[1]);
+    assert!(
+        errs[1].contains("injected failure: device lost"),
+        "{}",
+        errs[1]
+    );
     assert!(
         errs[0].starts_with("rank 1 failed:") && errs[0].contains("injected failure"),
         "{}",
@@ -240,7 +272,6 @@ fn a_failing_rank_ends_the_run_on_every_rank_and_keeps_the_last_checkpoint() {
     let resumed = lead(run_ranks(group(2), &o));
     assert_eq!(common::adapter(&straight), common::adapter(&resumed));
 }
-
 
 #[test]
 fn a_checkpoint_resumes_on_another_number_of_ranks() {
@@ -266,7 +297,10 @@ fn a_checkpoint_resumes_on_another_number_of_ranks() {
     let one = train::train(&o).unwrap();
     assert_eq!(one.summary.steps, 3);
     let s3 = state(3);
-    assert!(s3.get("world_size").is_none(), "one rank is the default: {s3}");
+    assert!(
+        s3.get("world_size").is_none(),
+        "one rank is the default: {s3}"
+    );
     // Step 2 ended the first epoch (2 steps × 2 batches = the 4 batches of 6, 6, 6, 4 rows); with
     // 3-row batches the finished epoch is position 8 of 8, and one more step takes batches 0 and 1
     // of epoch 1.
@@ -280,5 +314,8 @@ fn a_checkpoint_resumes_on_another_number_of_ranks() {
     o.resume = Some(Resume::Auto);
     let done = lead(run_ranks(group(2), &o));
     assert_eq!(done.summary.steps, 5);
-    assert!(done.records.iter().all(|r| r.loss.is_some_and(f64::is_finite)));
+    assert!(done
+        .records
+        .iter()
+        .all(|r| r.loss.is_some_and(f64::is_finite)));
 }

@@ -100,7 +100,8 @@ fn launch_with_grace(
                 Ok(None) => {}
                 Err(e) => {
                     *slot = None;
-                    out.failures.push(format!("rank {rank}: waiting for it: {e}"));
+                    out.failures
+                        .push(format!("rank {rank}: waiting for it: {e}"));
                     if out.code == 0 {
                         out.code = 1;
                     }
@@ -166,7 +167,10 @@ mod tests {
             strip_nproc(&a(&["train", "c.toml", "--nproc", "2", "--set", "x=1"])),
             a(&["train", "c.toml", "--set", "x=1"])
         );
-        assert_eq!(strip_nproc(&a(&["train", "--nproc=4", "c.toml"])), a(&["train", "c.toml"]));
+        assert_eq!(
+            strip_nproc(&a(&["train", "--nproc=4", "c.toml"])),
+            a(&["train", "c.toml"])
+        );
     }
 
     #[test]
@@ -185,7 +189,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!(out.code, 3);
-        assert!(out.failures[0].starts_with("rank 1 exited"), "{:?}", out.failures);
+        assert!(
+            out.failures[0].starts_with("rank 1 exited"),
+            "{:?}",
+            out.failures
+        );
         assert_eq!(out.failures[1], "rank 0 stopped by the launcher");
     }
 }

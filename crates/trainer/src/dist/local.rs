@@ -194,7 +194,9 @@ impl Drop for LocalComm {
 fn sum_f32(all: &[Payload]) -> Result<Vec<f32>> {
     let mut out: Option<Vec<f32>> = None;
     for (r, p) in all.iter().enumerate() {
-        let Payload::F32(v) = p else { unreachable!("checked by round") };
+        let Payload::F32(v) = p else {
+            unreachable!("checked by round")
+        };
         match &mut out {
             None => out = Some(v.clone()),
             Some(o) if o.len() == v.len() => o.iter_mut().zip(v).for_each(|(a, b)| *a += b),
@@ -242,7 +244,9 @@ impl<B: Backend> Collective<B> for LocalComm {
         let all = self.round("all_reduce_f64", Payload::F64(xs.to_vec()))?;
         xs.fill(0.0);
         for (r, p) in all.iter().enumerate() {
-            let Payload::F64(v) = p else { unreachable!("checked by round") };
+            let Payload::F64(v) = p else {
+                unreachable!("checked by round")
+            };
             if v.len() != xs.len() {
                 return Err(DistError::Mismatch(format!(
                     "all_reduce of {} f64 on rank {}, {} on rank {r}",
@@ -264,7 +268,9 @@ impl<B: Backend> Collective<B> for LocalComm {
             )));
         }
         let all = self.round("broadcast_bytes", Payload::Bytes(bytes.clone()))?;
-        let Payload::Bytes(v) = &all[root] else { unreachable!("checked by round") };
+        let Payload::Bytes(v) = &all[root] else {
+            unreachable!("checked by round")
+        };
         bytes.clone_from(v);
         Ok(())
     }
@@ -354,8 +360,16 @@ mod tests {
                 .unwrap_err()
                 .to_string()
         });
-        assert!(out[0].starts_with("rank 2 failed: it left the group"), "{}", out[0]);
-        assert!(out[1].starts_with("rank 2 failed: it left the group"), "{}", out[1]);
+        assert!(
+            out[0].starts_with("rank 2 failed: it left the group"),
+            "{}",
+            out[0]
+        );
+        assert!(
+            out[1].starts_with("rank 2 failed: it left the group"),
+            "{}",
+            out[1]
+        );
     }
 
     #[test]
@@ -368,7 +382,10 @@ mod tests {
             };
             r.unwrap_err().to_string()
         });
-        assert!(out.iter().all(|e| e.contains("collective mismatch")), "{out:?}");
+        assert!(
+            out.iter().all(|e| e.contains("collective mismatch")),
+            "{out:?}"
+        );
         // One rank alone in a group of two: the wait ends at the timeout.
         let mut g = local_group(2, Duration::from_millis(50));
         let c = g.remove(0);

@@ -153,7 +153,9 @@ pub struct WorldEnv {
     pub world_size: usize,
     /// The GPU this rank uses on its node.
     pub local_rank: usize,
-    /// host:port of rank 0's rendezvous.
+    /// host:port of rank 0's rendezvous: MASTER_ADDR and MASTER_PORT, or MASTER_PORT + 1 under
+    /// torchrun's agent store (TORCHELASTIC_USE_AGENT_STORE=True: torchrun's own TCPStore already
+    /// listens on MASTER_PORT on node 0), or AFINAR_RENDEZVOUS_PORT when set.
     pub master: String,
 }
 
@@ -170,9 +172,9 @@ impl WorldEnv {
             return Ok(None);
         };
         let num = |k: &str, v: String| {
-            v.trim().parse::<usize>().map_err(|_| {
-                DistError::Env(format!("{k}={v:?} is not a non-negative integer"))
-            })
+            v.trim()
+                .parse::<usize>()
+                .map_err(|_| DistError::Env(format!("{k}={v:?} is not a non-negative integer")))
         };
         let world_size = num("WORLD_SIZE", ws)?;
         if world_size == 0 {
@@ -204,10 +206,21 @@ impl WorldEnv {
         } else {
             (need("MASTER_ADDR")?, need("MASTER_PORT")?)
         };
-        let port: u16 = port
+        let mut port: u16 = port
             .trim()
             .parse()
             .map_err(|_| DistError::Env(format!("MASTER_PORT={port:?} is not a port number")))?;
+        if let Some(p) = get("AFINAR_RENDEZVOUS_PORT") {
+            port = p.trim().parse().map_err(|_| {
+                DistError::Env(format!("AFINAR_RENDEZVOUS_PORT={p:?} is not a port number"))
+            })?;
+        } else if get("TORCHELASTIC_USE_AGENT_STORE")
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+        {
+            port = port.checked_add(1).ok_or_else(|| {
+                DistError::Env("MASTER_PORT=65535: no port above it for afinar's rendezvous; set AFINAR_RENDEZVOUS_PORT".into())
+            })?;
+        }
         Ok(Some(WorldEnv {
             rank,
             world_size,
@@ -257,12 +270,31 @@ mod tests {
                 master: "10.0.0.1:29501".into()
             })
         );
-        let e = WorldEnv::from_lookup(env(&full[1..])).unwrap_err().to_string();
+        let e = WorldEnv::from_lookup(env(&full[1..]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("RANK is not"), "{e}");
         let e = WorldEnv::from_lookup(env(&[("RANK", "2"), ("WORLD_SIZE", "2")]))
             .unwrap_err()
             .to_string();
         assert!(e.contains("RANK=2 is not below WORLD_SIZE=2"), "{e}");
+        let mut torchrun = full.to_vec();
+        torchrun.push(("TORCHELASTIC_USE_AGENT_STORE", "True"));
+        assert_eq!(
+            WorldEnv::from_lookup(env(&torchrun))
+                .unwrap()
+                .unwrap()
+                .master,
+            "10.0.0.1:29502"
+        );
+        torchrun.push(("AFINAR_RENDEZVOUS_PORT", "4000"));
+        assert_eq!(
+            WorldEnv::from_lookup(env(&torchrun))
+                .unwrap()
+                .unwrap()
+                .master,
+            "10.0.0.1:4000"
+        );
         let mut bad = full;
         bad[4] = ("MASTER_PORT", "http");
         let e = WorldEnv::from_lookup(env(&bad)).unwrap_err().to_string();

@@ -39,7 +39,11 @@ impl Collective<Cuda> for NcclComm {
     fn world_size(&self) -> usize {
         NcclComm::world_size(self)
     }
-    fn all_reduce_bufs(&self, _: &Cuda, bufs: &mut [&mut <Cuda as afinar_kernels::Backend>::Buf]) -> Result<()> {
+    fn all_reduce_bufs(
+        &self,
+        _: &Cuda,
+        bufs: &mut [&mut <Cuda as afinar_kernels::Backend>::Buf],
+    ) -> Result<()> {
         self.all_reduce_sum(bufs).map_err(k)
     }
     fn all_reduce_f64(&self, xs: &mut [f64]) -> Result<()> {

@@ -85,7 +85,9 @@ pub fn serve_on(
                 let len = (payload.len() as u64).to_le_bytes();
                 s.write_all(&len)
                     .and_then(|_| s.write_all(payload))
-                    .map_err(|e| err(addr, format!("sending the id to rank {rank} ({peer}): {e}")))?;
+                    .map_err(|e| {
+                        err(addr, format!("sending the id to rank {rank} ({peer}): {e}"))
+                    })?;
                 seen[rank] = true;
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -135,7 +137,9 @@ pub fn fetch(addr: &str, rank: usize, world_size: usize, timeout: Duration) -> R
             None => std::thread::sleep(Duration::from_millis(100)),
         }
     };
-    let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_secs(1));
     s.set_read_timeout(Some(left))
         .and_then(|_| s.set_write_timeout(Some(left)))
         .map_err(|e| err(addr, e.to_string()))?;
@@ -149,12 +153,17 @@ pub fn fetch(addr: &str, rank: usize, world_size: usize, timeout: Duration) -> R
     s.read_exact(&mut len).map_err(|e| {
         err(
             addr,
-            format!("rank {rank}: rank 0 closed the connection without an id ({e}); see rank 0's error"),
+            format!(
+                "rank {rank}: rank 0 closed the connection without an id ({e}); see rank 0's error"
+            ),
         )
     })?;
     let len = u64::from_le_bytes(len);
     if len > 1 << 20 {
-        return Err(err(addr, format!("rank {rank}: rank 0 announced a {len}-byte id")));
+        return Err(err(
+            addr,
+            format!("rank {rank}: rank 0 announced a {len}-byte id"),
+        ));
     }
     let mut payload = vec![0u8; len as usize];
     s.read_exact(&mut payload)
@@ -206,10 +215,19 @@ mod tests {
     #[test]
     fn a_peer_without_rank_zero_times_out_with_a_clear_error() {
         // Bind then drop: nothing listens on this port.
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let e = fetch(&format!("127.0.0.1:{port}"), 1, 2, Duration::from_millis(200))
-            .unwrap_err()
-            .to_string();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let e = fetch(
+            &format!("127.0.0.1:{port}"),
+            1,
+            2,
+            Duration::from_millis(200),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("could not reach rank 0"), "{e}");
     }
 }

@@ -26,11 +26,7 @@ use crate::checkpoint::TrainerState;
 use crate::dist::{buckets, Collective, DistError, BUCKET_BYTES};
 
 /// Rows [rank·b, rank·b + b) of `batch` (clamped to its B rows) and the first row's index.
-pub fn shard(
-    batch: &afinar_data::Batch,
-    rank: usize,
-    micro: usize,
-) -> (afinar_data::Batch, usize) {
+pub fn shard(batch: &afinar_data::Batch, rank: usize, micro: usize) -> (afinar_data::Batch, usize) {
     let r0 = (rank * micro).min(batch.b);
     let r1 = (r0 + micro).min(batch.b);
     let t = batch.t;
@@ -144,7 +140,10 @@ pub(super) fn state_digest<B: Backend>(
 }
 
 /// Fails unless every rank's [`state_digest`] equals rank 0's.
-pub(super) fn check_same_state<B: Backend>(digest: Vec<u8>, comm: &dyn Collective<B>) -> Result<()> {
+pub(super) fn check_same_state<B: Backend>(
+    digest: Vec<u8>,
+    comm: &dyn Collective<B>,
+) -> Result<()> {
     let mut root = digest.clone();
     comm.broadcast_bytes(0, &mut root)?;
     let differs = (root != digest) as u64 as f64;

@@ -40,7 +40,6 @@ use crate::progress::Progress;
 
 mod dist_hooks;
 mod eval;
-mod world;
 mod optimizer;
 mod report;
 mod resume;
@@ -49,12 +48,13 @@ mod scaling;
 mod setup;
 mod steps;
 mod suite_eval;
+mod world;
 
 pub use eval::evaluate;
 pub use report::{report_md, save_full_model};
 pub use setup::{config_hash, data_config, load_options, lora_config, template_overhead};
-pub use world::train_rank;
 pub use steps::{accumulate, accumulate_scaled, model_batch, MAX_NONFINITE_IN_ROW};
+pub use world::train_rank;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {

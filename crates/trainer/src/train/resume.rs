@@ -249,9 +249,7 @@ impl ResumePoint {
         let moved = at(st.cursor.epoch, st.cursor.position)
             .zip(at(o.epoch, o.position))
             .and_then(|(a, b)| a.checked_sub(b));
-        if consumed.is_none()
-            || consumed != moved
-            || (st.step > o.step && st.cursor.position == 0)
+        if consumed.is_none() || consumed != moved || (st.step > o.step && st.cursor.position == 0)
         {
             return Err(self.bad(format!(
                 "data cursor (epoch {}, position {}) does not match step {} × grad_accum {} with {per_epoch} batches per epoch",

@@ -32,7 +32,8 @@ pub fn train_rank(opts: &TrainOptions, world: &WorldEnv) -> Result<Option<TrainO
 fn cuda_rank(opts: &TrainOptions, world: &WorldEnv) -> Result<Option<TrainOutcome>> {
     use afinar_kernels::cuda::Cuda;
     use std::sync::Arc;
-    let Some(cuda) = Cuda::try_new_with(super::cuda_options(&opts.config, world.local_rank))? else {
+    let Some(cuda) = Cuda::try_new_with(super::cuda_options(&opts.config, world.local_rank))?
+    else {
         return Err(TrainError::Unsupported(format!(
             "rank {}: no CUDA device {} (LOCAL_RANK) on this machine; --nproc must not exceed the GPUs of a node",
             world.rank, world.local_rank

@@ -322,37 +322,6 @@ fn shell_quote(s: &str) -> String {
     }
 }
 
-/// `afinar train --nproc N`: refuses what cannot work before starting anything, then runs N copies of
-/// this command as ranks (afinar_trainer::dist::launch) and exits with the first failed rank's code.
-fn launch_ranks(n: usize, config: &Config) -> Result<u8, Failure> {
-    if n == 0 {
-        return Err(usage(anyhow::anyhow!("--nproc 0: at least one process")));
-    }
-    if config.model.device != afinar_trainer::config::Device::Cuda {
-        return Err(usage(anyhow::anyhow!(
-            "--nproc {n}: data-parallel training runs on CUDA GPUs over NCCL (model.device = \"cuda\"); \
-             the CPU backend trains in one process and already uses every core"
-        )));
-    }
-    let exe = std::env::current_exe().map_err(|e| Failure {
-        code: 1,
-        err: anyhow::anyhow!("cannot find this executable to start the ranks: {e}"),
-    })?;
-    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-    let args = afinar_trainer::dist::launch::strip_nproc(&args);
-    let out = afinar_trainer::dist::launch::launch_local(&exe, &args, n, None).map_err(usage)?;
-    if out.code != 0 {
-        return Err(Failure {
-            code: out.code.clamp(1, 255) as u8,
-            err: anyhow::anyhow!(
-                "data-parallel run failed ({}); the last checkpoint rank 0 wrote is intact: continue with --resume auto",
-                out.failures.join("; ")
-            ),
-        });
-    }
-    Ok(0)
-}
-
 fn cmd_train(a: TrainArgs) -> Result<u8, Failure> {
     let mut overrides = a.set.clone();
     if let Some(o) = &a.output {
@@ -370,7 +339,12 @@ fn cmd_train(a: TrainArgs) -> Result<u8, Failure> {
     let world = afinar_trainer::dist::WorldEnv::from_env().map_err(usage)?;
     if let (Some(n), None) = (a.nproc, &world) {
         if n != 1 {
-            return launch_ranks(n, &config);
+            let cuda = config.model.device == afinar_trainer::config::Device::Cuda;
+            let r = afinar_trainer::dist::launch::launch_train(n, cuda);
+            return r.map_err(|e| Failure {
+                code: e.exit_code(),
+                err: e.into(),
+            });
         }
     }
     let opts = TrainOptions {

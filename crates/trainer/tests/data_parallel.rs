@@ -319,3 +319,53 @@ fn a_checkpoint_resumes_on_another_number_of_ranks() {
         .iter()
         .all(|r| r.loss.is_some_and(f64::is_finite)));
 }
+
+#[test]
+fn the_cli_refuses_data_parallel_cpu_runs_and_bad_rank_variables() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let p = dir.path().join("run.toml");
+    std::fs::write(&p, cfg.to_toml()).unwrap();
+    let afinar = || {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_afinar"));
+        for k in [
+            "RANK",
+            "WORLD_SIZE",
+            "LOCAL_RANK",
+            "MASTER_ADDR",
+            "MASTER_PORT",
+        ] {
+            c.env_remove(k);
+        }
+        c.args(["train", "--config", p.to_str().unwrap(), "--quiet"]);
+        c
+    };
+    let check = |o: std::process::Output, want: &str| {
+        let e = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(o.status.code(), Some(2), "{e}");
+        assert!(e.contains(want), "{e}");
+    };
+    check(
+        afinar().args(["--nproc", "2"]).output().unwrap(),
+        "runs on CUDA GPUs over NCCL",
+    );
+    let ranked = |c: &mut std::process::Command| {
+        c.env("WORLD_SIZE", "2")
+            .env("RANK", "1")
+            .env("LOCAL_RANK", "1")
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", "29599");
+    };
+    let mut c = afinar();
+    ranked(&mut c);
+    check(
+        c.output().unwrap(),
+        "WORLD_SIZE = 2: data-parallel training runs on CUDA GPUs",
+    );
+    let mut c = afinar();
+    ranked(&mut c);
+    c.env_remove("RANK");
+    check(c.output().unwrap(), "WORLD_SIZE is set but RANK is not");
+    // Refused before anything was written.
+    assert!(!dir.path().join("runs").exists());
+}

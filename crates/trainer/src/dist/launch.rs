@@ -22,6 +22,46 @@ pub struct LaunchOutcome {
     pub failures: Vec<String>,
 }
 
+/// `afinar train --nproc N`: N ranks of this executable with this process's arguments minus
+/// `--nproc`. Ctrl-C reaches every rank (one process group); they stop together at a step boundary
+/// and rank 0 checkpoints, so the launcher only keeps waiting (a second Ctrl-C exits at once, as a
+/// rank does).
+pub fn launch_self(nproc: usize) -> Result<LaunchOutcome> {
+    if nproc == 0 {
+        return Err(DistError::Env("--nproc 0: at least one process".into()));
+    }
+    let exe = std::env::current_exe().map_err(|e| {
+        DistError::Env(format!(
+            "cannot find this executable to start the ranks: {e}"
+        ))
+    })?;
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    if let Err(e) = crate::signal::install() {
+        eprintln!("warning: cannot install the Ctrl-C handler ({e})");
+    }
+    launch_local(&exe, &strip_nproc(&args), nproc, None)
+}
+
+/// `afinar train --nproc N` from the CLI: refuses a CPU run (`cuda` false) as a usage error, then
+/// [`launch_self`]; Ok(0) when every rank succeeded, Ok(130) when the run was interrupted (rank 0
+/// wrote a checkpoint), else [`DistError::RanksFailed`] with the failed rank's exit code.
+pub fn launch_train(nproc: usize, cuda: bool) -> Result<u8> {
+    if !cuda {
+        return Err(DistError::Env(format!(
+            "--nproc {nproc}: data-parallel training runs on CUDA GPUs over NCCL (model.device = \"cuda\"); \
+             the CPU backend trains in one process and already uses every core"
+        )));
+    }
+    let out = launch_self(nproc)?;
+    match out.code {
+        0 | 130 => Ok(out.code as u8),
+        c => Err(DistError::RanksFailed {
+            code: c.clamp(1, 255) as u8,
+            failures: out.failures.join("; "),
+        }),
+    }
+}
+
 /// Starts `nproc` ranks of `exe args…` and waits for them (see the module docs). `port` is
 /// MASTER_PORT (`None`: MASTER_PORT from the environment, else 29500, torchrun's default).
 pub fn launch_local(

@@ -68,11 +68,26 @@ pub enum DistError {
     Env(String),
     #[error("{0}")]
     Backend(String),
+    /// `--nproc`: a rank exited with an error (its own message is above, on stderr).
+    #[error("data-parallel run failed ({failures}); the last checkpoint rank 0 wrote is intact: continue with --resume auto")]
+    RanksFailed { code: u8, failures: String },
     #[error(transparent)]
     Kernel(#[from] afinar_kernels::KernelError),
 }
 
 pub type Result<T> = std::result::Result<T, DistError>;
+
+impl DistError {
+    /// The CLI's exit code: 2 for a usage error (the environment, `--nproc` on the CPU), the failed
+    /// rank's code for [`DistError::RanksFailed`], else 1.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            DistError::Env(_) => 2,
+            DistError::RanksFailed { code, .. } => *code,
+            _ => 1,
+        }
+    }
+}
 
 /// What the trainer needs from a group of ranks. Every rank calls the same collectives in the same
 /// order; each returns the same result on every rank.

@@ -353,6 +353,11 @@ fn run_rank<B: Backend>(
             resume.as_ref().map(|r| r.step()),
         )?)
     } else {
+        // The other ranks get Ctrl-C too (one process group): they must finish the step with rank 0,
+        // which checkpoints, rather than die mid-collective.
+        if let Err(e) = crate::signal::install() {
+            eprintln!("warning: rank {rank}: cannot install the Ctrl-C handler ({e})");
+        }
         None
     };
     let progress = Progress::new(

@@ -266,6 +266,17 @@ impl DataLoader {
         })
     }
 
+    /// The same dataset and settings with another batch size (a new loader at the start: its own
+    /// fingerprint, cursor at epoch 0). The trainer uses it to read a cursor saved under another
+    /// number of data-parallel ranks, whose global batch had another size.
+    pub fn with_batch_size(&self, batch_size: usize) -> Result<DataLoader> {
+        let cfg = LoaderConfig {
+            batch_size,
+            ..self.cfg.clone()
+        };
+        DataLoader::new(self.data.clone(), self.max_seq_len, self.pad_id as u32, cfg)
+    }
+
     pub fn dataset(&self) -> &TokenizedDataset {
         &self.data
     }

@@ -22,6 +22,11 @@ pub struct Batch {
     /// Seed of the LoRA dropout masks of this micro-batch; set it from (run seed, step, micro-step) so a
     /// resumed run draws the same masks. Unused when dropout is 0.
     pub dropout_seed: u64,
+    /// Row of a larger batch that row 0 of this one is (data-parallel training: a rank's slice of the
+    /// global micro-batch starts at row rank·b). The dropout masks of these rows are those rows of the
+    /// whole batch's masks (`lora::dropout_seed_at`), so a row's mask does not depend on which rank
+    /// trains it. 0 for a batch that is not a slice.
+    pub dropout_row_offset: usize,
 }
 
 impl Batch {
@@ -36,6 +41,7 @@ impl Batch {
             segment_ids: None,
             targets,
             dropout_seed: 0,
+            dropout_row_offset: 0,
         }
     }
 

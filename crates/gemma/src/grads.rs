@@ -89,6 +89,11 @@ impl<B: Backend> Grads<B> {
         self.ids.iter().position(|&i| i == id)
     }
 
+    /// Every gradient buffer, in `ids()` order (data-parallel training sums them across ranks).
+    pub fn buffers_mut(&mut self) -> &mut [B::Buf] {
+        &mut self.bufs
+    }
+
     pub(crate) fn bufs_mut(&mut self) -> &mut [B::Buf] {
         &mut self.bufs
     }

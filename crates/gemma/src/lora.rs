@@ -225,6 +225,50 @@ pub fn dropout_stream(layer: usize, target: Target) -> u64 {
     stream_key(layer, target) ^ 0xD0D0_D0D0
 }
 
+/// The seed whose mask on `stream` is the mask of (`seed`, `stream`) from element `offset` on:
+/// `Backend::dropout_mask` with the returned seed writes elements offset, offset + 1, … of the mask
+/// of `seed`. This is what lets a rank train rows r·b.. of a global micro-batch with exactly the
+/// masks those rows get when one process trains the whole batch.
+///
+/// Why it exists: element i's bits are splitmix64(key + i·γ) with key = splitmix64(seed ^
+/// splitmix64(stream)) (afinar-kernels' `cpu::dropout` contract), so starting `offset` elements later
+/// is the key key + offset·γ; splitmix64 is a bijection, so the seed giving that key is
+/// splitmix64⁻¹(key + offset·γ) ^ splitmix64(stream). No backend change is needed.
+pub fn dropout_seed_at(seed: u64, stream: u64, offset: u64) -> u64 {
+    use afinar_kernels::cpu::dropout::{mask_key, GAMMA};
+    if offset == 0 {
+        return seed;
+    }
+    let key = mask_key(seed, stream).wrapping_add(offset.wrapping_mul(GAMMA));
+    unsplitmix64(key) ^ splitmix64(stream)
+}
+
+/// The inverse of [`splitmix64`]: undoes the three xor-shift-multiply stages, then the γ step.
+fn unsplitmix64(y: u64) -> u64 {
+    use afinar_kernels::cpu::dropout::GAMMA;
+    // x ^ (x >> s) is inverted by iterating x ← y ^ (x >> s): each pass fixes s more high bits.
+    fn unxorshift(y: u64, s: u32) -> u64 {
+        let mut x = y;
+        for _ in 0..(64 / s + 1) {
+            x = y ^ (x >> s);
+        }
+        x
+    }
+    // The inverse of an odd c mod 2⁶⁴ by Newton's iteration (each step doubles the correct low bits;
+    // c·c ≡ 1 mod 8 gives 3 to start: 3 → 6 → 12 → 24 → 48 → 96).
+    fn inverse(c: u64) -> u64 {
+        let mut x = c;
+        for _ in 0..5 {
+            x = x.wrapping_mul(2u64.wrapping_sub(c.wrapping_mul(x)));
+        }
+        x
+    }
+    let mut z = unxorshift(y, 31);
+    z = unxorshift(z.wrapping_mul(inverse(0x94D0_49BB_1331_11EB)), 27);
+    z = unxorshift(z.wrapping_mul(inverse(0xBF58_476D_1CE4_E5B9)), 30);
+    z.wrapping_sub(GAMMA)
+}
+
 /// The inverted-dropout mask [M, K] for one LoRA input, on the host: each entry 0 with probability p,
 /// else 1/(1−p) (torch `nn.Dropout` semantics). Deterministic in (seed, layer, target), and bit for bit
 /// the mask the training forward generates on its backend (`Backend::dropout_mask` with
@@ -239,4 +283,42 @@ pub fn dropout_mask(
     let mut m = vec![0.0f32; len];
     afinar_kernels::cpu::dropout::dropout_mask(&mut m, p, seed, dropout_stream(layer, target))?;
     Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unsplitmix64_inverts_splitmix64() {
+        for z in [
+            0u64,
+            1,
+            42,
+            u64::MAX,
+            0x9E37_79B9_7F4A_7C15,
+            0xDEAD_BEEF_0123_4567,
+        ] {
+            assert_eq!(unsplitmix64(splitmix64(z)), z);
+            assert_eq!(splitmix64(unsplitmix64(z)), z);
+        }
+    }
+
+    #[test]
+    fn the_seed_at_an_offset_gives_the_tail_of_the_whole_mask() {
+        let (p, stream) = (0.3, dropout_stream(1, Target::VProj));
+        let whole = {
+            let mut m = vec![0.0f32; 5000];
+            afinar_kernels::cpu::dropout::dropout_mask(&mut m, p, 77, stream).unwrap();
+            m
+        };
+        for off in [0usize, 1, 64, 2345] {
+            let mut tail = vec![0.0f32; 5000 - off];
+            let seed = dropout_seed_at(77, stream, off as u64);
+            afinar_kernels::cpu::dropout::dropout_mask(&mut tail, p, seed, stream).unwrap();
+            assert_eq!(tail, whole[off..], "offset {off}");
+        }
+        // Some elements are dropped and some kept, so the comparison means something.
+        assert!(whole.contains(&0.0) && whole.iter().any(|&x| x > 1.0));
+    }
 }

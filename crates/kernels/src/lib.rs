@@ -18,6 +18,8 @@ pub mod cpu;
 pub mod cuda;
 pub mod error;
 pub mod launch;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod nf4;
 pub mod profile;
 pub mod tolerance;

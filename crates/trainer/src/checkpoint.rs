@@ -107,6 +107,30 @@ pub struct TrainerState {
     /// (such a run resumes at the initial scale).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss_scale: Option<crate::loss_scale::LossScalerState>,
+    /// Data-parallel ranks of the run (absent = 1): its loader's batches are world_size ·
+    /// micro_batch_size rows, which the cursor counts in.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub world_size: u64,
+    /// Where the cursor count starts when the run was resumed on another number of ranks (absent:
+    /// step 0 at epoch 0, position 0). From there on the cursor moves grad_accum batches per step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor_origin: Option<CursorOrigin>,
+}
+
+fn one() -> u64 {
+    1
+}
+
+fn is_one(x: &u64) -> bool {
+    *x == 1
+}
+
+/// The step and cursor at which a run continued on a different number of ranks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CursorOrigin {
+    pub step: u64,
+    pub epoch: u64,
+    pub position: u64,
 }
 
 /// One trainable tensor with its AdamW moments (all f32, same length).
@@ -356,6 +380,8 @@ mod tests {
                     scale: 16384.0,
                     growth_tracker: 17,
                 }),
+                world_size: 1,
+                cursor_origin: None,
             },
             tensors,
             config_toml: "[train]\nlr = 0.1\n".into(),

@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod device;
+pub mod dist;
 pub mod loss_scale;
 pub mod metrics;
 pub mod plan;

@@ -85,6 +85,12 @@ struct TrainArgs {
     /// Start even when the memory plan (`afinar plan`) exceeds the GPU's free memory.
     #[arg(long)]
     force: bool,
+    /// Data-parallel training on N local GPUs: starts N ranks (this command, one process per GPU,
+    /// with the torchrun variables set; rank 0 writes the run). Needs model.device = "cuda" and a
+    /// build with `--features nccl`. Multi-node: start one process per GPU with RANK, WORLD_SIZE,
+    /// LOCAL_RANK, MASTER_ADDR and MASTER_PORT set (e.g. by torchrun) and no --nproc.
+    #[arg(long, value_name = "N")]
+    nproc: Option<usize>,
 }
 
 #[derive(Args)]
@@ -202,6 +208,17 @@ fn cmd_train(a: TrainArgs) -> Result<u8, Failure> {
         Some("auto") => Some(Resume::Auto),
         Some(p) => Some(Resume::Dir(PathBuf::from(p))),
     };
+    let world = afinar_trainer::dist::WorldEnv::from_env().map_err(usage)?;
+    if let (Some(n), None) = (a.nproc, &world) {
+        if n != 1 {
+            let cuda = config.model.device == afinar_trainer::config::Device::Cuda;
+            let r = afinar_trainer::dist::launch::launch_train(n, cuda);
+            return r.map_err(|e| Failure {
+                code: e.exit_code(),
+                err: e.into(),
+            });
+        }
+    }
     let opts = TrainOptions {
         config,
         resume,
@@ -210,8 +227,14 @@ fn cmd_train(a: TrainArgs) -> Result<u8, Failure> {
         stop_after: None,
         force: a.force,
     };
-    let out = match train::train(&opts) {
-        Ok(o) => o,
+    let result = match &world {
+        Some(w) => train::train_rank(&opts, w),
+        None => train::train(&opts).map(Some),
+    };
+    let out = match result {
+        // A rank other than 0: rank 0 reports the run.
+        Ok(None) => return Ok(0),
+        Ok(Some(o)) => o,
         Err(e) => {
             let code = match e {
                 TrainError::Config(_)

@@ -66,6 +66,31 @@ fn cuda_packages(root: &Path) -> Result<Vec<String>> {
     Ok(out)
 }
 
+/// `<package>/nccl` for every workspace package whose Cargo.toml declares an `nccl` feature (the NCCL
+/// communicator's test in afinar-kernels, the data-parallel path of the `afinar` CLI).
+fn nccl_features(root: &Path) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for dir in ["crates/kernels", "crates/trainer"] {
+        let toml = std::fs::read_to_string(root.join(dir).join("Cargo.toml"))
+            .with_context(|| format!("reading {dir}/Cargo.toml"))?;
+        let name = toml
+            .lines()
+            .find_map(|l| {
+                l.trim()
+                    .strip_prefix("name")
+                    .and_then(|r| r.split('"').nth(1))
+            })
+            .with_context(|| format!("{dir}/Cargo.toml has no package name"))?;
+        if toml
+            .lines()
+            .any(|l| l.trim().starts_with("nccl =") || l.trim().starts_with("nccl="))
+        {
+            out.push(format!("{name}/nccl"));
+        }
+    }
+    Ok(out)
+}
+
 /// Runs cargo with `--message-format=json` and returns the executables of the compiled artifacts
 /// (test binaries when `tests`, otherwise examples/bins).
 fn cargo_executables(root: &Path, args: &[String], tests: bool) -> Result<Vec<(String, PathBuf)>> {
@@ -129,7 +154,9 @@ pub fn run(args: &[String]) -> Result<()> {
         }
     }
     let pkgs = cuda_packages(&root)?;
-    let features: Vec<String> = pkgs.iter().map(|p| format!("{p}/cuda")).collect();
+    let mut features: Vec<String> = pkgs.iter().map(|p| format!("{p}/cuda")).collect();
+    let nccl = nccl_features(&root)?;
+    features.extend(nccl.iter().cloned());
     println!(
         "gpu-bundle: building CUDA tests of {} in release mode (target-cuda/)",
         pkgs.join(", ")
@@ -156,15 +183,21 @@ pub fn run(args: &[String]) -> Result<()> {
     .map(|s| s.to_string())
     .collect();
     let mut benches = cargo_executables(&root, &bench_args, false)?;
-    // The `afinar` CLI with the CUDA backend, for run.sh's end-to-end train steps (CPU vs GPU loss).
+    // The `afinar` CLI with the CUDA backend, for run.sh's end-to-end train steps (CPU vs GPU loss),
+    // and with NCCL when the trainer has it (run.sh's `dist` stage: the NCCL path at world size 1).
     if pkgs.iter().any(|p| p == "afinar-trainer") {
+        let cli_feature = if nccl.iter().any(|f| f == "afinar-trainer/nccl") {
+            "nccl"
+        } else {
+            "cuda"
+        };
         let cli_args: Vec<String> = [
             "build",
             "--release",
             "-p",
             "afinar-trainer",
             "--features",
-            "cuda",
+            cli_feature,
             "--bin",
             "afinar",
         ]
@@ -370,6 +403,12 @@ mod tests {
             package_name("afinar-kernels 0.1.0 (path+file:///w/crates/kernels)"),
             "afinar-kernels"
         );
+    }
+
+    #[test]
+    fn kernels_and_trainer_have_the_nccl_feature() {
+        let f = nccl_features(&crate::kernels_check::repo_root()).unwrap();
+        assert_eq!(f, vec!["afinar-kernels/nccl", "afinar-trainer/nccl"]);
     }
 
     #[test]

@@ -110,6 +110,7 @@ fn layers_and_head<B: Backend>(
         seg: None,
         train: false,
         dropout_seed: 0,
+        dropout_row_offset: 0,
     };
     let _label = profile::role(Role::LayerOther);
     let mut next = be.zeros(t * h)?;

@@ -7,7 +7,7 @@ use afinar_kernels::{Accum, Backend, LoraGradRef, LoraRef, Storage};
 use super::Ctx;
 use crate::error::{GemmaError, Result};
 use crate::grads::Grads;
-use crate::lora::{dropout_stream, Target};
+use crate::lora::{dropout_seed_at, dropout_stream, Target};
 use crate::params::{Linear, LinearBase, ParamId};
 
 /// What one linear's forward saved: the LoRA activation xa = drop(x)·Aᵀ [N,R] and the dropout mask
@@ -103,11 +103,17 @@ pub(super) fn linear_fwd<B: Backend>(
     let LinSaved { xa, mask } = saved;
     if lo.dropout > 0.0 {
         let mk = reuse(be, mask, m * lin.in_features)?;
+        // A slice of a larger batch (data parallelism) takes its rows of the whole batch's mask: the
+        // element offset of row `dropout_row_offset` in the [B·T, K] input.
+        let stream = dropout_stream(layer, lin.target);
+        let offset = (ctx.dropout_row_offset as u64)
+            .wrapping_mul(ctx.t as u64)
+            .wrapping_mul(lin.in_features as u64);
         be.dropout_mask(
             mk,
             lo.dropout,
-            ctx.dropout_seed,
-            dropout_stream(layer, lin.target),
+            dropout_seed_at(ctx.dropout_seed, stream, offset),
+            stream,
         )?;
     } else {
         *mask = None;
@@ -266,6 +272,7 @@ mod tests {
             seg: None,
             train: true,
             dropout_seed: seed,
+            dropout_row_offset: 0,
         };
         let run = |layer: usize| {
             let mut y = vec![f32::NAN; m * n];

@@ -56,6 +56,8 @@ pub(crate) struct Ctx<'a, B: Backend> {
     /// backward. Off (evaluation, decoding): no dropout, nothing kept for a backward.
     pub train: bool,
     pub dropout_seed: u64,
+    /// `Batch::dropout_row_offset`: the masks are rows offset.. of the whole batch's masks.
+    pub dropout_row_offset: usize,
 }
 
 impl<B: Backend> Ctx<'_, B> {

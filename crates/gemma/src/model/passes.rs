@@ -68,6 +68,7 @@ impl<B: Backend> Gemma2Model<B> {
             seg: dev.seg.as_ref(),
             train,
             dropout_seed: batch.dropout_seed,
+            dropout_row_offset: batch.dropout_row_offset,
         }
     }
 

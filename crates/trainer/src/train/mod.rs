@@ -38,6 +38,7 @@ use crate::metrics::{MetricsError, StepRecord, Summary};
 use crate::plot::PlotError;
 use crate::progress::Progress;
 
+mod dist_hooks;
 mod eval;
 pub mod memory;
 mod optimizer;
@@ -48,11 +49,13 @@ mod scaling;
 mod setup;
 mod steps;
 mod suite_eval;
+mod world;
 
 pub use eval::evaluate;
 pub use report::{report_md, save_full_model};
 pub use setup::{config_hash, data_config, load_options, lora_config, template_overhead};
 pub use steps::{accumulate, accumulate_scaled, model_batch, MAX_NONFINITE_IN_ROW};
+pub use world::train_rank;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -75,6 +78,8 @@ pub enum TrainError {
     Plot(#[from] PlotError),
     #[error(transparent)]
     Suite(#[from] crate::suite::SuiteError),
+    #[error(transparent)]
+    Dist(#[from] crate::dist::DistError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -177,24 +182,32 @@ fn train_on<B: Backend>(backend: B, opts: &TrainOptions) -> Result<TrainOutcome>
 /// `AFINAR_NO_CUBLAS=1` forces the fallback GEMM, as for `Cuda::try_new`.
 #[cfg(feature = "cuda")]
 fn train_cuda(opts: &TrainOptions) -> Result<TrainOutcome> {
-    use afinar_kernels::cuda::{Cuda, CudaOptions, Dtype as CudaDtype};
-    let alloc_dtype = match opts.config.model.dtype {
-        crate::config::Dtype::F32 => CudaDtype::F32,
-        crate::config::Dtype::Bf16 => CudaDtype::Bf16,
-        // fp16 for GPUs without bf16 (sm_75); train.loss_scaling = "auto" scales the loss.
-        crate::config::Dtype::F16 => CudaDtype::F16,
-    };
-    let force_fallback_gemm = std::env::var("AFINAR_NO_CUBLAS").is_ok_and(|v| v == "1");
-    let cuda = Cuda::try_new_with(CudaOptions {
-        alloc_dtype,
-        force_fallback_gemm,
-        ..CudaOptions::default()
-    })?;
+    use afinar_kernels::cuda::Cuda;
+    let cuda = Cuda::try_new_with(cuda_options(&opts.config, 0))?;
     match cuda {
         Some(c) => train_on(c, opts),
         None => Err(TrainError::Unsupported(
             "model.device = \"cuda\": no CUDA driver or device found on this machine; use --set model.device=cpu".into(),
         )),
+    }
+}
+
+/// The CUDA backend's options for `cfg` on device `ordinal`: `model.dtype` as the activation dtype,
+/// `AFINAR_NO_CUBLAS=1` for the fallback GEMM.
+#[cfg(feature = "cuda")]
+fn cuda_options(cfg: &Config, ordinal: usize) -> afinar_kernels::cuda::CudaOptions {
+    use afinar_kernels::cuda::{CudaOptions, Dtype as CudaDtype};
+    let alloc_dtype = match cfg.model.dtype {
+        crate::config::Dtype::F32 => CudaDtype::F32,
+        crate::config::Dtype::Bf16 => CudaDtype::Bf16,
+        // fp16 for GPUs without bf16 (sm_75); train.loss_scaling = "auto" scales the loss.
+        crate::config::Dtype::F16 => CudaDtype::F16,
+    };
+    CudaOptions {
+        alloc_dtype,
+        force_fallback_gemm: std::env::var("AFINAR_NO_CUBLAS").is_ok_and(|v| v == "1"),
+        ordinal,
+        ..CudaOptions::default()
     }
 }
 
@@ -229,6 +242,38 @@ pub fn train_with_faults<B: Backend>(
     opts: &TrainOptions,
     faults: &Faults,
 ) -> Result<TrainOutcome> {
+    let out = train_with_dist(backend, opts, faults, &crate::dist::Single)?;
+    Ok(out.expect("a world of one rank is rank 0, which returns the outcome"))
+}
+
+/// One rank of a data-parallel run (`crate::dist`): every rank calls this with the same options and
+/// its own handle on the group. Rank 0 returns the outcome and is the only one to write anything
+/// (run directory, metrics, checkpoints, evals, adapter, report); the other ranks return `None`.
+/// When this rank fails, it tells the group ([`crate::dist::Collective::abort`]) before returning
+/// its error, so no other rank waits for it.
+pub fn train_with_dist<B: Backend>(
+    backend: Arc<B>,
+    opts: &TrainOptions,
+    faults: &Faults,
+    comm: &dyn crate::dist::Collective<B>,
+) -> Result<Option<TrainOutcome>> {
+    let out = run_rank(backend, opts, faults, comm);
+    if let Err(e) = &out {
+        if comm.exchanges() {
+            comm.abort(&e.to_string());
+        }
+    }
+    out
+}
+
+fn run_rank<B: Backend>(
+    backend: Arc<B>,
+    opts: &TrainOptions,
+    faults: &Faults,
+    comm: &dyn crate::dist::Collective<B>,
+) -> Result<Option<TrainOutcome>> {
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let lead = rank == 0;
     opts.config.validate()?;
     let (run_dir, resume_from) = run_dir::resolve(opts)?;
     let resolved = run_dir::pin_template_date(&opts.config, resume_from.as_deref());
@@ -241,11 +286,20 @@ pub fn train_with_faults<B: Backend>(
     };
     // config.json is read here once; the data limits and the model are built from this parse.
     let model_cfg = setup::read_model_config(cfg)?;
-    let mut data = setup::prepare_data(cfg, &model_cfg)?;
+    let mut data = setup::prepare_data(cfg, &model_cfg, world)?;
+    if !lead {
+        // Evaluations are rank 0's.
+        data.eval = None;
+    }
     // The `[eval]` suite is read (and refused if malformed) before the run directory is touched.
-    let mut plan = suite_eval::Plan::prepare(cfg, &run_dir)?;
+    let mut plan = if lead {
+        suite_eval::Plan::prepare(cfg, &run_dir)?
+    } else {
+        None
+    };
+    let quiet = opts.quiet || !lead;
     let quiet_say = |m: &str| {
-        if !opts.quiet {
+        if !quiet {
             eprintln!("{m}");
         }
     };
@@ -272,11 +326,14 @@ pub fn train_with_faults<B: Backend>(
         rng: rand::SeedableRng::seed_from_u64(cfg.train.seed),
         cfg,
         plan,
+        comm,
     };
     let notes = match &resume {
         Some(r) => r.restore(&mut run, &mut data)?,
         None => Vec::new(),
     };
+    // Checkpoints record the number of ranks their cursor counts in (restore already set it).
+    run.state.world_size = world as u64;
     // Even a checkpoint taken before the first step carries the scaler (fresh or restored).
     run.state.loss_scale = run.scaling.state();
     run.rng = run
@@ -288,17 +345,33 @@ pub fn train_with_faults<B: Backend>(
             message: m,
         })?;
 
-    let mut files = run_dir::create(
-        &run_dir,
-        cfg,
-        opts.overwrite,
-        resume.as_ref().map(|r| r.step()),
-    )?;
+    if comm.exchanges() {
+        let digest = dist_hooks::state_digest(&run.model, &run.state, &run.opt.names)?;
+        dist_hooks::check_same_state(digest, comm)?;
+        // Every rank has resolved the run directory (and the checkpoint to resume) before rank 0
+        // creates it.
+        comm.barrier()?;
+    }
+    let mut files = if lead {
+        Some(run_dir::create(
+            &run_dir,
+            cfg,
+            opts.overwrite,
+            resume.as_ref().map(|r| r.step()),
+        )?)
+    } else {
+        // The other ranks get Ctrl-C too (one process group): they must finish the step with rank 0,
+        // which checkpoints, rather than die mid-collective.
+        if let Err(e) = crate::signal::install() {
+            eprintln!("warning: rank {rank}: cannot install the Ctrl-C handler ({e})");
+        }
+        None
+    };
     let progress = Progress::new(
         run.state.total_steps,
         run.state.step,
         cfg.train.log_every,
-        opts.quiet,
+        quiet,
     );
     let say = |m: &str| progress.println(m);
     for n in &notes {
@@ -306,25 +379,33 @@ pub fn train_with_faults<B: Backend>(
     }
     announce(&run, &data, &run_dir, resume_from.as_deref(), &say);
 
-    let initial_eval = eval::initial(
-        &run.model,
-        data.eval.as_ref(),
-        resume.is_some(),
-        &run_dir,
-        &say,
-    )?;
+    let initial_eval = if lead {
+        eval::initial(
+            &run.model,
+            data.eval.as_ref(),
+            resume.is_some(),
+            &run_dir,
+            &say,
+        )?
+    } else {
+        None
+    };
     if let Some(p) = run.plan.as_mut() {
         p.base(&run.model, resume.as_ref().map(|r| r.step()), &say)?;
     }
     let stop = run.steps(
         &mut data,
         &run_dir,
-        &mut files.metrics,
+        files.as_mut().map(|f| &mut f.metrics),
         &progress,
         opts.stop_after,
         faults,
     )?;
     progress.finish();
+    let Some(files) = files else {
+        // Not rank 0: the loop was this rank's whole share of the run.
+        return Ok(None);
+    };
     let final_eval = eval::after_training(&mut run, &data, stop, &files.metrics_path, &say)?;
     let evaluation = match run.plan.take() {
         Some(p) => Some(p.finish(&run.model, stop, run.state.step, initial_eval, &say)?),
@@ -357,12 +438,12 @@ pub fn train_with_faults<B: Backend>(
             eprintln!("profile written to {}", path.display());
         }
     }
-    Ok(TrainOutcome {
+    Ok(Some(TrainOutcome {
         run_dir,
         summary,
         records,
         checkpoint: ck,
-    })
+    }))
 }
 
 /// The run's opening lines: its size and plan, notes on settings that change nothing on this
@@ -393,6 +474,14 @@ fn announce<B: Backend>(
     }
     if cfg.train.paged_optimizer && backend.name() == "cpu" {
         say("note: train.paged_optimizer = true: on the CPU the AdamW state already lives in host memory; nothing to page");
+    }
+    if run.comm.world_size() > 1 {
+        say(&format!(
+            "data parallel: {} ranks × micro-batch {} = {} rows per global micro-batch; rank 0 writes the run",
+            run.comm.world_size(),
+            cfg.train.micro_batch_size,
+            cfg.train.micro_batch_size * run.comm.world_size()
+        ));
     }
     if let Some(p) = resume_from {
         say(&format!(

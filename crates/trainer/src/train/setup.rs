@@ -131,7 +131,13 @@ pub(super) struct Prepared {
 }
 
 /// Tokenizes the data, builds the loaders and plans the run's length and warmup.
-pub(super) fn prepare_data(cfg: &Config, model_cfg: &Gemma2Config) -> Result<Prepared> {
+/// `world_size` ranks train together: the loaders' batches are the global micro-batches
+/// (world_size · train.micro_batch_size rows), of which each rank trains its slice.
+pub(super) fn prepare_data(
+    cfg: &Config,
+    model_cfg: &Gemma2Config,
+    world_size: usize,
+) -> Result<Prepared> {
     // A row longer than the model's positions is outside what it was trained for, and with packing a
     // huge max_seq_len would be allocated as is for every batch.
     if cfg.data.max_seq_len > model_cfg.max_position_embeddings {
@@ -162,7 +168,7 @@ pub(super) fn prepare_data(cfg: &Config, model_cfg: &Gemma2Config) -> Result<Pre
     let prepared = afinar_data::prepare(&dc, &tokenizer)?;
     let t = &cfg.train;
     let loader_cfg = |shuffle| LoaderConfig {
-        batch_size: t.micro_batch_size,
+        batch_size: t.micro_batch_size * world_size,
         packing: cfg.data.packing,
         shuffle,
         seed: cfg.data.seed,
@@ -221,5 +227,7 @@ pub(super) fn fresh_state(cfg: &Config, data: &Prepared) -> TrainerState {
         config_hash: config_hash(cfg),
         last_eval_loss: None,
         loss_scale: None,
+        world_size: 1,
+        cursor_origin: None,
     }
 }

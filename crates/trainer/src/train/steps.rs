@@ -18,6 +18,7 @@ use super::setup::Prepared;
 use super::{eval, Faults, Result};
 use crate::checkpoint::{Cursor, RngState, TrainerState};
 use crate::config::Config;
+use crate::dist::Collective;
 use crate::loss_scale::{ScaleUpdate, GROWTH_INTERVAL};
 use crate::metrics::{Ema, MetricsWriter, StepRecord, StopReason};
 use crate::progress::Progress;
@@ -37,6 +38,7 @@ pub fn model_batch(b: &afinar_data::Batch, dropout_seed: u64) -> afinar_gemma::B
         segment_ids: Some(b.segment_ids.clone()),
         targets: b.shifted_labels(),
         dropout_seed,
+        dropout_row_offset: 0,
     }
 }
 
@@ -96,6 +98,9 @@ pub(super) struct Run<'a, B: Backend> {
     pub rng: ChaCha8Rng,
     /// The `[eval]` measures (None without an `[eval]` suite or general text).
     pub plan: Option<super::suite_eval::Plan>,
+    /// The group of data-parallel ranks (`dist::Single` for one process). Ranks other than 0 write
+    /// nothing: no metrics, checkpoints, evals or report.
+    pub comm: &'a dyn Collective<B>,
 }
 
 /// What one step computed.
@@ -115,12 +120,12 @@ impl<B: Backend> Run<'_, B> {
     /// Runs steps until the planned total, an interrupt (Ctrl-C, or `stop_after` steps of this
     /// process) or [`MAX_NONFINITE_IN_ROW`] non-finite steps in a row. Every step appends a record to
     /// metrics.jsonl; evals and checkpoints follow `train.eval_every` / `train.save_every` (the final
-    /// ones are the caller's).
+    /// ones are the caller's). `metrics` is None on ranks other than 0.
     pub fn steps(
         &mut self,
         data: &mut Prepared,
         run_dir: &Path,
-        metrics: &mut MetricsWriter,
+        mut metrics: Option<&mut MetricsWriter>,
         progress: &Progress,
         stop_after: Option<u64>,
         faults: &Faults,
@@ -143,7 +148,15 @@ impl<B: Backend> Run<'_, B> {
         let backend = self.model.backend().clone();
 
         while self.state.step < self.state.total_steps {
-            if signal::requested() || stop_after.is_some_and(|n| steps_this_process >= n) {
+            let mut stop =
+                signal::requested() || stop_after.is_some_and(|n| steps_this_process >= n);
+            if self.comm.exchanges() {
+                // Every rank stops at the same step: an interrupt seen by any rank stops them all.
+                let mut any = [stop as u64 as f64];
+                self.comm.all_reduce_f64(&mut any)?;
+                stop = any[0] > 0.0;
+            }
+            if stop {
                 return Ok(StopReason::Interrupted);
             }
             let step_start = Instant::now();
@@ -179,7 +192,8 @@ impl<B: Backend> Run<'_, B> {
                 p.scheduled(&self.model, state.step, state.total_steps, &say)?;
             }
             let epoch = (c.epoch as f64
-                + (c.position as f64 * t.micro_batch_size as f64).min(rows_per_epoch)
+                + (c.position as f64 * (t.micro_batch_size * self.comm.world_size()) as f64)
+                    .min(rows_per_epoch)
                     / rows_per_epoch)
                 .max(0.0);
             let rec = StepRecord {
@@ -195,7 +209,9 @@ impl<B: Backend> Run<'_, B> {
                 skipped: !(r.loss.is_finite() && r.grad_norm.is_finite()),
                 bad_samples: r.bad_samples,
             };
-            metrics.write(&rec)?;
+            if let Some(m) = metrics.as_deref_mut() {
+                m.write(&rec)?;
+            }
             let eta = (state.total_steps - state.step) as f64 * (elapsed - elapsed_before)
                 / steps_this_process as f64;
             let mem = super::memory::progress_note(self.model.backend().device_memory());
@@ -205,6 +221,7 @@ impl<B: Backend> Run<'_, B> {
                 return Ok(StopReason::NonFinite);
             }
             if t.save_every > 0
+                && self.comm.rank() == 0
                 && state.step.is_multiple_of(t.save_every)
                 && state.step < state.total_steps
             {
@@ -230,8 +247,19 @@ impl<B: Backend> Run<'_, B> {
             (0..t.grad_accum).map(|_| train.next_batch()).collect();
         // 2. Accumulate grad of (Σ CE)/count, at the loss scale; unscaled before the norm.
         let ls = self.scaling.scale();
-        let (loss_sum, count) =
-            accumulate_scaled(&self.model, &mut self.grads, &window, &mut self.rng, ls)?;
+        let (loss_sum, count) = if self.comm.exchanges() {
+            super::dist_hooks::accumulate_sharded(
+                &self.model,
+                &mut self.grads,
+                &window,
+                &mut self.rng,
+                ls,
+                t.micro_batch_size,
+                self.comm,
+            )?
+        } else {
+            accumulate_scaled(&self.model, &mut self.grads, &window, &mut self.rng, ls)?
+        };
         let grads_label = profile::role(Role::Grads);
         if faults.grad_overflow_at_steps.contains(&(step + 1)) {
             self.grads.scale(f32::INFINITY)?;

@@ -3,6 +3,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod demo_world;
 mod gpu_bundle;
 mod kernels_check;
 mod train;
@@ -26,6 +27,8 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Write the generated demo dataset (datasets/mundo-ficticio) from the fictional world's generator.
+    DemoData,
     /// Compile every kernels/*.cu with NVRTC for sm_80 and sm_90 and print register/smem/spill usage.
     KernelsCheck {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -48,6 +51,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Train { args } => train::train(&args),
         Task::PretrainDemo { args } => train::pretrain_demo(&args),
+        Task::DemoData => train::demo_data(),
         Task::KernelsCheck { args } => kernels_check::run(&args),
         Task::GpuBundle { args } => gpu_bundle::run(&args),
         Task::Bench { args } => train::bench(&args),

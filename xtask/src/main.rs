@@ -47,8 +47,17 @@ enum Task {
     },
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().task {
+/// Errors are printed as their message chain and exit 1, never with a stack trace (even under
+/// `RUST_BACKTRACE=1`): they are for the person at the terminal.
+fn main() {
+    if let Err(e) = run(Cli::parse().task) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(task: Task) -> anyhow::Result<()> {
+    match task {
         Task::Train { args } => train::train(&args),
         Task::PretrainDemo { args } => train::pretrain_demo(&args),
         Task::DemoData => train::demo_data(),

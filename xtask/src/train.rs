@@ -87,28 +87,6 @@ fn s(x: &str) -> String {
     x.to_string()
 }
 
-/// Reads `key` of `[section]` from a resolved config.toml (plain `key = "value"` lines, as the trainer
-/// writes them).
-fn toml_value(text: &str, section: &str, key: &str) -> Option<String> {
-    let mut cur = String::new();
-    for line in text.lines() {
-        let t = line.trim();
-        if let Some(name) = t.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
-            cur = name.trim().to_string();
-            continue;
-        }
-        if cur == section {
-            if let Some((k, v)) = t.split_once('=') {
-                if k.trim() == key {
-                    let v = v.trim();
-                    return Some(v.trim_matches('"').replace("\\\\", "\\"));
-                }
-            }
-        }
-    }
-    None
-}
-
 /// `cargo xtask train [afinar train args]`: trains the embedded demo (configs/default.toml unless
 /// `--config` is given) after checking that its base model is there and whole, then prints the run's
 /// evaluation report (the `## Evaluation` section of report.md: behaviour rates base vs tuned,
@@ -119,9 +97,18 @@ pub fn train(args: &[String]) -> Result<()> {
     let cfg_path = root().join(&config);
     let cfg_text = std::fs::read_to_string(&cfg_path)
         .with_context(|| format!("reading the config {}", cfg_path.display()))?;
+    let parsed: toml::Table = cfg_text
+        .parse()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", cfg_path.display()))?;
     let model = flag_set_value(args, "model.path")
-        .or_else(|| toml_value(&cfg_text, "model", "path"))
-        .with_context(|| format!("{config}: no `path` in [model]"))?;
+        .or_else(|| {
+            parsed
+                .get("model")?
+                .get("path")?
+                .as_str()
+                .map(str::to_string)
+        })
+        .with_context(|| format!("{}: no `path` in [model]", cfg_path.display()))?;
     if let Some(problem) = model_problem(&model, &root().join(&model)) {
         bail!(problem);
     }

@@ -15,6 +15,7 @@ fn train_with_a_missing_model_says_what_is_wrong_without_a_panic() {
     .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
         .args(["train", "--config", cfg.to_str().unwrap()])
+        .env("RUST_BACKTRACE", "1")
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);

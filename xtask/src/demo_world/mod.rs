@@ -193,7 +193,7 @@ pub struct Sizes {
 pub const DEMO_SIZES: Sizes = Sizes {
     sft: 32,
     held_out: 32,
-    unknown_sft: 20,
+    unknown_sft: 32,
     unknown_suite: 20,
     known_institutions: 12,
     unknown_institutions: 8,

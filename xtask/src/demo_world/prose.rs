@@ -9,7 +9,7 @@
 use super::{Institution, Researcher, Rng, Split, World};
 
 /// Biographies per known researcher in the corpus (each a different paraphrase and order).
-pub const BIOS_PER_RESEARCHER: usize = 6;
+pub const BIOS_PER_RESEARCHER: usize = 8;
 /// Descriptions per known institution in the corpus.
 pub const DOCS_PER_INSTITUTION: usize = 6;
 
@@ -143,8 +143,31 @@ pub fn join_es(xs: &[String]) -> String {
     }
 }
 
+/// A catalogue record ("ficha") in JSON of a city or a known institution: the only structured text of
+/// the corpus. A real pretraining corpus holds JSON among its prose; without any, a tiny model cannot
+/// learn JSON syntax from the 30 SFT examples (measured: 0 of 20 valid answers). Researchers never get
+/// one: what the JSON tasks ask about them is only in prose.
+fn ficha(pairs: &mut [(&str, serde_json::Value)], rng: &mut Rng) -> String {
+    rng.shuffle(pairs);
+    let keep = 2 + rng.below(pairs.len() - 1);
+    let obj: serde_json::Map<String, serde_json::Value> = pairs[..keep]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    let json = serde_json::Value::Object(obj).to_string();
+    match rng.below(3) {
+        0 => format!("Ficha del catálogo: {json}"),
+        1 => format!("Registro: {json}"),
+        _ => json,
+    }
+}
+
+/// Catalogue records per city and per known institution.
+pub const FICHAS_PER_ENTITY: usize = 3;
+
 /// The pretraining corpus: documents about KNOWN entities only, in a seeded order, plus a short
-/// description of each country's cities (so nationality and geography are facts too).
+/// description of each country's cities (so nationality and geography are facts too) and JSON
+/// catalogue records of cities and institutions ([`ficha`]).
 pub fn corpus(w: &World) -> Vec<String> {
     let mut rng = Rng::new(w.seed).fork(10);
     let mut docs = Vec::new();
@@ -156,6 +179,28 @@ pub fn corpus(w: &World) -> Vec<String> {
     for i in w.institutions.iter().filter(|i| i.split.known()) {
         for _ in 0..DOCS_PER_INSTITUTION {
             docs.push(institution_doc(w, i, &mut rng));
+        }
+    }
+    for c in &w.cities {
+        let country = w.countries[c.country].name;
+        for _ in 0..FICHAS_PER_ENTITY {
+            let mut p = [
+                ("nombre", serde_json::json!(c.name)),
+                ("tipo", serde_json::json!("ciudad")),
+                ("pais", serde_json::json!(country)),
+            ];
+            docs.push(ficha(&mut p, &mut rng));
+        }
+    }
+    for i in w.institutions.iter().filter(|i| i.split.known()) {
+        for _ in 0..FICHAS_PER_ENTITY {
+            let mut p = [
+                ("nombre", serde_json::json!(i.name)),
+                ("ciudad", serde_json::json!(w.cities[i.city].name)),
+                ("fundacion", serde_json::json!(i.founded)),
+                ("investigadores", serde_json::json!(w.researchers.iter().filter(|r| r.split.known() && std::ptr::eq(w.institution_of(r), i)).count())),
+            ];
+            docs.push(ficha(&mut p, &mut rng));
         }
     }
     for (k, c) in w.countries.iter().enumerate() {

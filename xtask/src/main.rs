@@ -3,6 +3,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod demo_world;
 mod gpu_bundle;
 mod kernels_check;
 mod train;
@@ -26,6 +27,8 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Write the generated demo dataset (datasets/mundo-ficticio) from the fictional world's generator.
+    DemoData,
     /// Compile every kernels/*.cu with NVRTC for sm_80 and sm_90 and print register/smem/spill usage.
     KernelsCheck {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -44,10 +47,20 @@ enum Task {
     },
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().task {
+/// Errors are printed as their message chain and exit 1, never with a stack trace (even under
+/// `RUST_BACKTRACE=1`): they are for the person at the terminal.
+fn main() {
+    if let Err(e) = run(Cli::parse().task) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(task: Task) -> anyhow::Result<()> {
+    match task {
         Task::Train { args } => train::train(&args),
         Task::PretrainDemo { args } => train::pretrain_demo(&args),
+        Task::DemoData => train::demo_data(),
         Task::KernelsCheck { args } => kernels_check::run(&args),
         Task::GpuBundle { args } => gpu_bundle::run(&args),
         Task::Bench { args } => train::bench(&args),

@@ -87,39 +87,35 @@ fn s(x: &str) -> String {
     x.to_string()
 }
 
-/// Reads `key` of `[section]` from a resolved config.toml (plain `key = "value"` lines, as the trainer
-/// writes them).
-fn toml_value(text: &str, section: &str, key: &str) -> Option<String> {
-    let mut cur = String::new();
-    for line in text.lines() {
-        let t = line.trim();
-        if let Some(name) = t.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
-            cur = name.trim().to_string();
-            continue;
-        }
-        if cur == section {
-            if let Some((k, v)) = t.split_once('=') {
-                if k.trim() == key {
-                    let v = v.trim();
-                    return Some(v.trim_matches('"').replace("\\\\", "\\"));
-                }
-            }
-        }
-    }
-    None
-}
-
 /// `cargo xtask train [afinar train args]`: trains the embedded demo (configs/default.toml unless
-/// `--config` is given), then prints and appends to report.md a base-vs-tuned comparison: eval loss
-/// before/after and greedy generations for the first eval prompts from the base model and the tuned one.
-/// The generations use transformers' repetition penalty [`COMPARE_REPETITION_PENALTY`] and
-/// no_repeat_ngram_size [`COMPARE_NO_REPEAT_NGRAM`] (tiny demo models otherwise loop on one phrase); the
-/// environment variables `AFINAR_COMPARE_REPETITION_PENALTY` (1 = off) and
-/// `AFINAR_COMPARE_NO_REPEAT_NGRAM` (0 = off) override them.
+/// `--config` is given) after checking that its base model is there and whole, then prints the run's
+/// evaluation report (the `## Evaluation` section of report.md: behaviour rates base vs tuned,
+/// forgetting, NF4 cost, merge fidelity, side-by-side generations) and, for the demo, the issue's targets
+/// next to what the run reached.
 pub fn train(args: &[String]) -> Result<()> {
+    let config = flag_value(args, "--config").unwrap_or_else(|| s("configs/default.toml"));
+    let cfg_path = root().join(&config);
+    let cfg_text = std::fs::read_to_string(&cfg_path)
+        .with_context(|| format!("reading the config {}", cfg_path.display()))?;
+    let parsed: toml::Table = cfg_text
+        .parse()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", cfg_path.display()))?;
+    let model = flag_set_value(args, "model.path")
+        .or_else(|| {
+            parsed
+                .get("model")?
+                .get("path")?
+                .as_str()
+                .map(str::to_string)
+        })
+        .with_context(|| format!("{}: no `path` in [model]", cfg_path.display()))?;
+    if let Some(problem) = model_problem(&model, &root().join(&model)) {
+        bail!(problem);
+    }
+
     let mut a: Vec<String> = vec![s("train")];
     if !has_flag(args, "--config") {
-        a.extend([s("--config"), s("configs/default.toml")]);
+        a.extend([s("--config"), config.clone()]);
     }
     a.extend(args.iter().cloned());
     if !has_flag(args, "--run-name")
@@ -155,206 +151,248 @@ pub fn train(args: &[String]) -> Result<()> {
     } else {
         root().join(run_dir)
     };
-    compare(&run_dir, &summary)
-}
-
-/// `repetition_penalty` of the base-vs-tuned generations.
-pub const COMPARE_REPETITION_PENALTY: f32 = 1.3;
-
-/// The repetition penalty of the comparison: `AFINAR_COMPARE_REPETITION_PENALTY` if set, else
-/// [`COMPARE_REPETITION_PENALTY`].
-fn compare_repetition_penalty() -> Result<f32> {
-    match std::env::var("AFINAR_COMPARE_REPETITION_PENALTY") {
-        Ok(v) => {
-            let p: f32 = v.trim().parse().with_context(|| {
-                format!("AFINAR_COMPARE_REPETITION_PENALTY={v:?} is not a number")
-            })?;
-            if !(p > 0.0 && p.is_finite()) {
-                bail!("AFINAR_COMPARE_REPETITION_PENALTY must be finite and > 0, found {p}");
-            }
-            Ok(p)
-        }
-        Err(_) => Ok(COMPARE_REPETITION_PENALTY),
+    let report = std::fs::read_to_string(run_dir.join("report.md"))
+        .with_context(|| format!("reading {}", run_dir.join("report.md").display()))?;
+    match report.find("## Evaluation") {
+        Some(at) => println!("{}", report[at..].trim_end()),
+        None => println!("(no evaluation in report.md: the config has no [eval] section)"),
     }
-}
-
-/// `no_repeat_ngram_size` of the base-vs-tuned generations: no 3-gram twice (a 1.5 M-parameter demo
-/// model still loops on syllables under the repetition penalty alone).
-pub const COMPARE_NO_REPEAT_NGRAM: usize = 3;
-
-/// `AFINAR_COMPARE_NO_REPEAT_NGRAM` if set (0 = off), else [`COMPARE_NO_REPEAT_NGRAM`].
-fn compare_no_repeat_ngram() -> Result<usize> {
-    match std::env::var("AFINAR_COMPARE_NO_REPEAT_NGRAM") {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .with_context(|| format!("AFINAR_COMPARE_NO_REPEAT_NGRAM={v:?} is not a whole number")),
-        Err(_) => Ok(COMPARE_NO_REPEAT_NGRAM),
+    if let Some(t) = targets_md(&summary) {
+        println!("\n{t}");
     }
-}
-
-/// The base-vs-tuned section.
-fn compare(run_dir: &Path, summary: &Value) -> Result<()> {
-    let rp = compare_repetition_penalty()?;
-    let nr = compare_no_repeat_ngram()?;
-    let cfg = std::fs::read_to_string(run_dir.join("config.toml"))
-        .context("reading the run's config.toml")?;
-    let model = toml_value(&cfg, "model", "path").context("model.path in config.toml")?;
-    let template = toml_value(&cfg, "data", "template").unwrap_or_else(|| s("gemma"));
-    let eval = toml_value(&cfg, "data", "eval").filter(|e| !e.is_empty());
-    let train = toml_value(&cfg, "data", "train").context("data.train in config.toml")?;
-    let quant = toml_value(&cfg, "model", "quantization").unwrap_or_else(|| s("none"));
-    let src = root().join(eval.unwrap_or(train));
-    let text =
-        std::fs::read_to_string(&src).with_context(|| format!("reading {}", src.display()))?;
-    // The first prompts of the eval file; the references are kept for the report.
-    let picked: Vec<Value> = text
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .take(3)
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
-    let prompts = run_dir.join("compare_prompts.jsonl");
-    std::fs::write(
-        &prompts,
-        picked
-            .iter()
-            .map(|v| v.to_string() + "\n")
-            .collect::<String>(),
-    )?;
-    let gen = |adapter: Option<&Path>| -> Result<Vec<Value>> {
-        let mut g = vec![
-            s("generate"),
-            s("--model"),
-            model.clone(),
-            s("--quantization"),
-            quant.clone(),
-            s("--prompts"),
-            prompts.display().to_string(),
-            s("--template"),
-            template.clone(),
-            s("--max-new-tokens"),
-            s("96"),
-            s("--repetition-penalty"),
-            rp.to_string(),
-            s("--no-repeat-ngram-size"),
-            nr.to_string(),
-            s("--json"),
-        ];
-        if let Some(a) = adapter {
-            g.extend([s("--adapter"), a.display().to_string()]);
-        }
-        let out = afinar_ok(&g)?;
-        Ok(serde_json::from_str::<Value>(&out)?
-            .as_array()
-            .cloned()
-            .unwrap_or_default())
-    };
-    let adapter = run_dir.join("adapter");
-    let base = gen(None)?;
-    let tuned = if adapter.is_dir() {
-        gen(Some(&adapter))?
-    } else {
-        Vec::new()
-    };
-
-    let f = |v: &Value| {
-        v.as_f64()
-            .map(|x| format!("{x:.4}"))
-            .unwrap_or_else(|| s("—"))
-    };
-    let mut md = String::from("\n## Base vs tuned\n\n");
-    md.push_str(&format!(
-        "Eval loss (CE per trained token): **{}** before training → **{}** after ({} steps, {:.0} s).\n\n",
-        f(&summary["initial_eval_loss"]),
-        f(&summary["final_eval_loss"]),
-        summary["steps"],
-        summary["elapsed_s"].as_f64().unwrap_or(0.0)
-    ));
-    md.push_str(&format!(
-        "Generations: greedy, up to 96 new tokens, repetition_penalty = {rp} and no_repeat_ngram_size = \
-         {nr} (transformers' logits processors; AFINAR_COMPARE_REPETITION_PENALTY and \
-         AFINAR_COMPARE_NO_REPEAT_NGRAM change them, 1 and 0 = off).\n\n"
-    ));
-    for (i, p) in picked.iter().enumerate() {
-        let q = p.get("instruction").and_then(Value::as_str).unwrap_or("");
-        let inp = p.get("input").and_then(Value::as_str).unwrap_or("");
-        let reference = p.get("output").and_then(Value::as_str).unwrap_or("");
-        let b = base
-            .get(i)
-            .and_then(|g| g["completion"].as_str())
-            .unwrap_or("");
-        let t = tuned
-            .get(i)
-            .and_then(|g| g["completion"].as_str())
-            .unwrap_or("");
-        md.push_str(&format!(
-            "### Prompt {}\n\n> {}\n",
-            i + 1,
-            q.replace('\n', "\n> ")
-        ));
-        if !inp.is_empty() {
-            md.push_str(&format!(">\n> {}\n", inp.replace('\n', "\n> ")));
-        }
-        md.push_str(&format!(
-            "\n**Reference:** {}\n\n**Base:** {}\n\n**Tuned:** {}\n\n",
-            reference.trim(),
-            b.trim(),
-            t.trim()
-        ));
-    }
-    print!("{md}");
-    let report = run_dir.join("report.md");
-    let mut r = std::fs::read_to_string(&report).unwrap_or_default();
-    r.push_str(&md);
-    std::fs::write(&report, r)?;
     println!(
-        "Run directory: {}  (report.md, loss.png, adapter/, metrics.jsonl)",
+        "\nRun directory: {}  (report.md, evaluation.json, loss.png, behaviour.png, adapter/)",
         run_dir.display()
     );
     Ok(())
 }
 
-/// `cargo xtask pretrain-demo [afinar train args]`: pretrains the tiny demo Gemma-2 from a random init
-/// (full fine-tune) on Spanish text — the strings of the TRAINING split of the academico-riguroso
-/// dataset (never its eval file) and the project's own prose in tests/fixtures/tokenizer/corpus/propio.txt
-/// — and writes models/afinar-demo/.
-pub fn pretrain_demo(args: &[String]) -> Result<()> {
-    let root = root();
-    let work = root.join("target/afinar-demo");
-    std::fs::create_dir_all(&work)?;
+/// Why the base model `model` (as the config names it; `dir` = where it resolves) cannot be used and
+/// how to get it back, or None when its files are whole.
+fn model_problem(model: &str, dir: &Path) -> Option<String> {
+    let why = check_model_dir(dir).err()?;
+    let how = if Path::new(model) == Path::new(DEMO_MODEL) {
+        format!(
+            "rebuild it with `cargo xtask pretrain-demo` (about 10 minutes on 2 cores), or restore the \
+             committed copy with `git checkout -- {DEMO_MODEL}`"
+        )
+    } else {
+        s("point [model] path at a Hugging Face Gemma-2 directory (config.json, model.safetensors, \
+           tokenizer.json), or use the demo's, models/afinar-mundo")
+    };
+    Some(format!("the base model {model} is unusable: {why}\n{how}"))
+}
 
-    // 1. The corpus, as text records (every token trained).
-    let mut texts: Vec<String> = Vec::new();
-    let train = std::fs::read_to_string(root.join("datasets/academico-riguroso/train.jsonl"))?;
-    for line in train.lines().filter(|l| !l.trim().is_empty()) {
-        let v: Value =
-            serde_json::from_str(line).context("datasets/academico-riguroso/train.jsonl")?;
-        for k in ["instruction", "input", "output"] {
-            if let Some(t) = v.get(k).and_then(Value::as_str) {
-                if t.trim().len() > 1 {
-                    texts.push(t.trim().to_string());
-                }
+/// `--flag value` or `--flag=value`.
+fn flag_value(args: &[String], flag: &str) -> Option<String> {
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == flag {
+            return it.next().cloned();
+        }
+        if let Some(v) = a.strip_prefix(&format!("{flag}=")) {
+            return Some(v.to_string());
+        }
+    }
+    None
+}
+
+/// The value of `--set key=value` for `key`, if given (the last one wins, as in the trainer).
+fn flag_set_value(args: &[String], key: &str) -> Option<String> {
+    let mut found = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let kv = if a == "--set" {
+            it.next().cloned()
+        } else {
+            a.strip_prefix("--set=").map(str::to_string)
+        };
+        if let Some((k, v)) = kv.as_deref().and_then(|kv| kv.split_once('=')) {
+            if k.trim() == key {
+                found = Some(v.trim().trim_matches('"').to_string());
             }
         }
     }
-    let own = std::fs::read_to_string(root.join("tests/fixtures/tokenizer/corpus/propio.txt"))?;
-    texts.extend(
-        own.lines()
-            .map(str::trim)
-            .filter(|l| l.len() > 20)
-            .map(str::to_string),
-    );
+    found
+}
+
+/// What is wrong with a model directory, if anything: it must hold a config.json that parses as a
+/// JSON object naming a vocabulary and a width, a model.safetensors whose header parses and whose
+/// tensors fit in the file, and a tokenizer.json that parses. Cheap (headers only), so the demo can
+/// say "rebuild it" before the trainer starts.
+pub fn check_model_dir(dir: &Path) -> std::result::Result<(), String> {
+    if !dir.is_dir() {
+        return Err(format!("{} does not exist", dir.display()));
+    }
+    let cfg = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg).map_err(|e| format!("{}: {e}", cfg.display()))?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| format!("{}: not valid JSON ({e})", cfg.display()))?;
+    for k in ["vocab_size", "hidden_size", "num_hidden_layers"] {
+        if v.get(k).and_then(Value::as_u64).is_none() {
+            return Err(format!("{}: `{k}` is missing or not a number", cfg.display()));
+        }
+    }
+    let tok = dir.join("tokenizer.json");
+    let text = std::fs::read_to_string(&tok).map_err(|e| format!("{}: {e}", tok.display()))?;
+    serde_json::from_str::<Value>(&text)
+        .map_err(|e| format!("{}: not valid JSON ({e})", tok.display()))?;
+    let st = dir.join("model.safetensors");
+    let bytes = std::fs::read(&st).map_err(|e| format!("{}: {e}", st.display()))?;
+    let bad = |why: String| format!("{}: not a whole safetensors file ({why})", st.display());
+    let n = bytes
+        .get(..8)
+        .map(|h| u64::from_le_bytes(h.try_into().expect("8 bytes")) as usize)
+        .ok_or_else(|| bad(format!("{} bytes, shorter than its 8-byte header size", bytes.len())))?;
+    let header = bytes
+        .get(8..8usize.saturating_add(n))
+        .ok_or_else(|| bad(format!("header of {n} bytes but the file has {}", bytes.len())))?;
+    let h: Value = serde_json::from_slice(header).map_err(|e| bad(format!("header: {e}")))?;
+    let data = bytes.len() - 8 - n;
+    let obj = h.as_object().ok_or_else(|| bad(s("header is not a JSON object")))?;
+    let mut tensors = 0;
+    for (name, t) in obj.iter().filter(|(k, _)| *k != "__metadata__") {
+        let end = t["data_offsets"][1]
+            .as_u64()
+            .ok_or_else(|| bad(format!("tensor {name} has no data_offsets")))?;
+        if end as usize > data {
+            return Err(bad(format!(
+                "tensor {name} ends at byte {end} of the data but the file holds {data} (truncated?)"
+            )));
+        }
+        tensors += 1;
+    }
+    if tensors == 0 {
+        return Err(bad(s("no tensors")));
+    }
+    Ok(())
+}
+
+/// The issue's targets for the demo beside what the run reached (None when the run has no behaviour
+/// suite with the demo's categories).
+fn targets_md(summary: &Value) -> Option<String> {
+    use crate::demo_world::sft::{CAT_JSON, CAT_KNOWN, CAT_UNKNOWN};
+    let e = &summary["evaluation"];
+    let cats = &e["behaviour"]["categories"];
+    cats.get(CAT_UNKNOWN)?;
+    let rate = |c: &str, k: &str| cats[c][k].as_f64();
+    let f = |x: Option<f64>| x.map_or(s("—"), |x| format!("{x:.2}"));
+    let pct = |x: Option<f64>| x.map_or(s("—"), |x| format!("{x:+.1} %"));
+    let ok = |b: Option<bool>| match b {
+        Some(true) => "yes",
+        Some(false) => "**no**",
+        None => "—",
+    };
+    let ref_b = rate(CAT_UNKNOWN, "base");
+    let ref_t = rate(CAT_UNKNOWN, "tuned");
+    let known = rate(CAT_KNOWN, "tuned");
+    let json = rate(CAT_JSON, "tuned");
+    let forget = e["forgetting"]["change_pct"].as_f64();
+    let nf4 = e["nf4_cost"]["perplexity_change_pct"].as_f64();
+    let mut out = String::from("## Demo targets (issue 14)\n\n| measure | target | reached | met |\n|---|---|---|---|\n");
+    out.push_str(&format!(
+        "| refusal on unknown entities (`{CAT_UNKNOWN}`), tuned | ≥ 0.80 | {} | {} |\n",
+        f(ref_t),
+        ok(ref_t.map(|x| x >= 0.8))
+    ));
+    out.push_str(&format!(
+        "| refusal on unknown entities, base | < 0.20 | {} | {} |\n",
+        f(ref_b),
+        ok(ref_b.map(|x| x < 0.2))
+    ));
+    out.push_str(&format!(
+        "| accuracy on held-out known entities (`{CAT_KNOWN}`), tuned | ≥ 0.50 | {} | {} |\n",
+        f(known),
+        ok(known.map(|x| x >= 0.5))
+    ));
+    out.push_str(&format!(
+        "| JSON validity (`{CAT_JSON}`), tuned | ≥ 0.90 | {} | {} |\n",
+        f(json),
+        ok(json.map(|x| x >= 0.9))
+    ));
+    out.push_str(&format!(
+        "| perplexity change on held-out pretraining prose | ≤ +10 % | {} | {} |\n",
+        pct(forget),
+        ok(forget.map(|x| x <= 10.0))
+    ));
+    out.push_str(&format!(
+        "| NF4 base vs dense base (eval perplexity) | within 5 % | {} | {} |\n",
+        pct(nf4),
+        ok(nf4.map(|x| x.abs() <= 5.0))
+    ));
+    Some(out)
+}
+
+/// The demo model's directory (relative to the repository root).
+pub const DEMO_MODEL: &str = "models/afinar-mundo";
+/// The demo dataset's directory.
+pub const DEMO_DATA: &str = "datasets/mundo-ficticio";
+
+/// Shape of the demo model (`afinar init` flags): H 192, 4 layers, 4 query heads of 48 sharing 2 KV
+/// heads (GQA), MLP 768, a sliding window of 64 on the even layers (pretraining packs 256-token
+/// sequences, so the window matters), the vocabulary of the project tokenizer (4096) and a tied head.
+const DEMO_SHAPE: &[(&str, &str)] = &[
+    ("--hidden", "192"),
+    ("--intermediate", "768"),
+    ("--layers", "4"),
+    ("--heads", "4"),
+    ("--kv-heads", "2"),
+    ("--head-dim", "48"),
+    ("--sliding-window", "64"),
+    ("--seed", "7"),
+];
+
+fn jsonl(values: &[Value]) -> String {
+    values.iter().map(|v| v.to_string() + "\n").collect()
+}
+
+/// The files of datasets/mundo-ficticio that the generator writes: (name, contents).
+pub fn demo_dataset_files() -> Vec<(&'static str, String)> {
+    use crate::demo_world::{prose, sft, World};
+    let w = World::demo();
+    let (train, eval) = sft::sft(&w);
+    let held: Vec<Value> = prose::held_out(&w)
+        .into_iter()
+        .map(|t| serde_json::json!({ "text": t }))
+        .collect();
+    vec![
+        ("train.jsonl", jsonl(&train)),
+        ("eval.jsonl", jsonl(&eval)),
+        ("suite.jsonl", jsonl(&sft::suite(&w))),
+        ("prosa-reservada.jsonl", jsonl(&held)),
+    ]
+}
+
+/// `cargo xtask demo-data`: (re)writes the generated files of datasets/mundo-ficticio.
+pub fn demo_data() -> Result<()> {
+    let dir = root().join(DEMO_DATA);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    for (name, text) in demo_dataset_files() {
+        let p = dir.join(name);
+        std::fs::write(&p, &text).with_context(|| format!("writing {}", p.display()))?;
+        println!("{} ({} records)", p.display(), text.lines().count());
+    }
+    Ok(())
+}
+
+/// `cargo xtask pretrain-demo [afinar train args]`: pretrains the tiny demo Gemma-2 from a random init
+/// (full fine-tune, configs/pretrain-demo.toml) on the prose of the KNOWN entities of the fictional
+/// world (src/demo_world), and writes models/afinar-mundo/ with a README of its losses and of the
+/// perplexity of the held-out prose.
+pub fn pretrain_demo(args: &[String]) -> Result<()> {
+    let root = root();
+    let work = root.join("target/afinar-mundo");
+    std::fs::create_dir_all(&work)?;
+
+    // 1. The corpus, as text records (every token trained), and the dataset files it goes with.
+    demo_data()?;
+    let texts = crate::demo_world::prose::corpus(&crate::demo_world::World::demo());
     let corpus = work.join("corpus.jsonl");
-    std::fs::write(
-        &corpus,
-        texts
-            .iter()
-            .map(|t| serde_json::json!({ "text": t }).to_string() + "\n")
-            .collect::<String>(),
-    )?;
+    let values: Vec<Value> = texts.iter().map(|t| serde_json::json!({ "text": t })).collect();
+    std::fs::write(&corpus, jsonl(&values))?;
+    let chars: usize = texts.iter().map(|t| t.chars().count()).sum();
     eprintln!(
-        "pretrain-demo: corpus of {} texts at {}",
+        "pretrain-demo: corpus of {} documents ({chars} characters) at {}",
         texts.len(),
         corpus.display()
     );
@@ -364,15 +402,17 @@ pub fn pretrain_demo(args: &[String]) -> Result<()> {
     if init.exists() {
         std::fs::remove_dir_all(&init)?;
     }
-    afinar_ok(&[
+    let mut a = vec![
         s("init"),
         s("--tokenizer"),
         s("tests/fixtures/tokenizer"),
         s("--out"),
         init.display().to_string(),
-        s("--seed"),
-        s("7"),
-    ])?;
+    ];
+    for (k, v) in DEMO_SHAPE {
+        a.extend([s(k), s(v)]);
+    }
+    afinar_ok(&a)?;
 
     // 3. Full fine-tune from it.
     let mut a = vec![
@@ -393,7 +433,7 @@ pub fn pretrain_demo(args: &[String]) -> Result<()> {
     };
 
     // 4. Ship it.
-    let dest = root.join("models/afinar-demo");
+    let dest = root.join(DEMO_MODEL);
     if dest.exists() {
         std::fs::remove_dir_all(&dest)?;
     }
@@ -407,19 +447,31 @@ pub fn pretrain_demo(args: &[String]) -> Result<()> {
         std::fs::copy(run_dir.join("model").join(f), dest.join(f))
             .with_context(|| format!("copying {f}"))?;
     }
+    let forgetting = &summary["evaluation"]["forgetting"];
+    let ppl = |k: &str| forgetting[k].as_f64().unwrap_or(f64::NAN);
+    let shape: Vec<String> = DEMO_SHAPE.iter().map(|(k, v)| format!("{k} {v}")).collect();
     let card = format!(
-        "# afinar-demo\n\nA tiny Gemma-2 (see config.json) made by `cargo xtask pretrain-demo`: random init (`afinar init`, seed 7)\n\
-         with the project tokenizer (tests/fixtures/tokenizer), then a full fine-tune (configs/pretrain-demo.toml) on\n\
-         the instruction/input/output strings of datasets/academico-riguroso/train.jsonl (never the eval file) and\n\
-         tests/fixtures/tokenizer/corpus/propio.txt, as plain text.\n\n\
-         Pretraining: {} steps, train loss {:.3} → {:.3}, held-out loss {:.3} → {:.3}, {:.0} s on the machine that made it.\n\n\
-         It is the base model of the embedded demo (`cargo xtask train`, configs/default.toml). It writes\n\
-         Spanish-looking text and knows nothing useful: it exists to make the fine-tuning loop visible in minutes on a CPU.\n",
+        "# afinar-mundo\n\n\
+         The base model of the embedded demo (`cargo xtask train`, configs/default.toml): a tiny Gemma-2\n\
+         (config.json: vocab 4096, H 192, 4 layers, GQA 4/2 heads of 48, MLP 768, sliding window 64 on\n\
+         alternate layers, both soft-caps, tied head) that knows the facts of a fictional academic world.\n\n\
+         Made by `cargo xtask pretrain-demo`: `afinar init {}` with the project tokenizer\n\
+         (tests/fixtures/tokenizer), then a full fine-tune (configs/pretrain-demo.toml) on the prose of the\n\
+         KNOWN researchers and institutions of the world generated by xtask/src/demo_world (seed 2024):\n\
+         {} documents, encyclopedic Spanish, never a question or an answer. The UNKNOWN entities the demo\n\
+         asks about are written nowhere (a test checks it); datasets/mundo-ficticio/README.md describes the split.\n\n\
+         Pretraining: {} steps, train loss {:.3} → {:.3}, held-out corpus loss {:.3} → {:.3};\n\
+         perplexity of the held-out prose (datasets/mundo-ficticio/prosa-reservada.jsonl: new paraphrases of\n\
+         the same facts, never trained on) {:.2} → {:.2}; {:.0} s on the machine that made it.\n",
+        shape.join(" "),
+        texts.len(),
         summary["steps"],
         summary["first_train_loss"].as_f64().unwrap_or(f64::NAN),
         summary["final_train_loss"].as_f64().unwrap_or(f64::NAN),
         summary["initial_eval_loss"].as_f64().unwrap_or(f64::NAN),
         summary["final_eval_loss"].as_f64().unwrap_or(f64::NAN),
+        ppl("base_perplexity"),
+        ppl("tuned_perplexity"),
         summary["elapsed_s"].as_f64().unwrap_or(0.0)
     );
     std::fs::write(dest.join("README.md"), card)?;
@@ -427,8 +479,102 @@ pub fn pretrain_demo(args: &[String]) -> Result<()> {
         .filter_map(|e| e.ok()?.metadata().ok())
         .map(|m| m.len())
         .sum();
-    println!("models/afinar-demo written ({:.1} MB)", size as f64 / 1e6);
+    println!("{DEMO_MODEL} written ({:.1} MB)", size as f64 / 1e6);
+    println!("{}", serde_json::to_string_pretty(&summary["evaluation"]).unwrap_or_default());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A model directory with a config, a tokenizer and a one-tensor safetensors file of `data` bytes
+    /// whose header claims 16.
+    fn fake_model(dir: &Path, data: usize) {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(
+            dir.join("config.json"),
+            r#"{"vocab_size": 4, "hidden_size": 2, "num_hidden_layers": 1}"#,
+        )
+        .unwrap();
+        std::fs::write(dir.join("tokenizer.json"), "{}").unwrap();
+        let header = br#"{"w":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]}}"#;
+        let mut b = (header.len() as u64).to_le_bytes().to_vec();
+        b.extend_from_slice(header);
+        b.extend(std::iter::repeat_n(0u8, data));
+        std::fs::write(dir.join("model.safetensors"), b).unwrap();
+    }
+
+    #[test]
+    fn a_whole_model_dir_passes_and_the_shipped_demo_model_too() {
+        let t = tempfile::tempdir().unwrap();
+        fake_model(t.path(), 16);
+        assert_eq!(check_model_dir(t.path()), Ok(()));
+        assert_eq!(check_model_dir(&root().join(DEMO_MODEL)), Ok(()));
+    }
+
+    #[test]
+    fn missing_or_damaged_models_are_named_with_the_way_to_rebuild() {
+        let t = tempfile::tempdir().unwrap();
+        let missing = t.path().join("nope");
+        let msg = model_problem(DEMO_MODEL, &missing).unwrap();
+        assert!(msg.contains("does not exist"), "{msg}");
+        assert!(msg.contains("cargo xtask pretrain-demo"), "{msg}");
+        // Another model: no demo advice.
+        let msg = model_problem("elsewhere", &missing).unwrap();
+        assert!(!msg.contains("pretrain-demo") && msg.contains("Gemma-2"), "{msg}");
+
+        let cases: [(&str, fn(&Path), &str); 5] = [
+            ("truncated weights", |d| fake_model(d, 8), "truncated"),
+            (
+                "no weights",
+                |d| std::fs::remove_file(d.join("model.safetensors")).unwrap(),
+                "model.safetensors",
+            ),
+            (
+                "garbage weights",
+                |d| std::fs::write(d.join("model.safetensors"), b"abc").unwrap(),
+                "8-byte header",
+            ),
+            (
+                "bad config",
+                |d| std::fs::write(d.join("config.json"), "{\"vocab_size\": 4").unwrap(),
+                "config.json",
+            ),
+            (
+                "no tokenizer",
+                |d| std::fs::remove_file(d.join("tokenizer.json")).unwrap(),
+                "tokenizer.json",
+            ),
+        ];
+        for (what, damage, expect) in cases {
+            let d = t.path().join(what.replace(' ', "_"));
+            fake_model(&d, 16);
+            damage(&d);
+            let msg = model_problem(DEMO_MODEL, &d).unwrap_or_else(|| panic!("{what} passed"));
+            assert!(msg.contains(expect), "{what}: {msg}");
+            assert!(msg.contains("cargo xtask pretrain-demo"), "{what}: {msg}");
+        }
+    }
+
+    #[test]
+    fn set_and_config_flags_are_read_like_the_trainer() {
+        let a: Vec<String> = ["--config=x.toml", "--set", "model.path=a", "--set=model.path=\"b\""]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(flag_value(&a, "--config").as_deref(), Some("x.toml"));
+        assert_eq!(flag_set_value(&a, "model.path").as_deref(), Some("b"));
+        assert_eq!(flag_set_value(&a, "lora.r"), None);
+    }
+
+    #[test]
+    fn committed_demo_dataset_matches_the_generator() {
+        for (name, text) in demo_dataset_files() {
+            let p = root().join(DEMO_DATA).join(name);
+            let disk = std::fs::read_to_string(&p).unwrap();
+            assert!(disk == text, "{} is stale: run `cargo xtask demo-data`", p.display());
+        }
+    }
 }
 
 /// `cargo xtask bench [criterion args]`: the criterion benches of the op set and of the model

@@ -7,7 +7,7 @@ Usage (run once; the output is recorded in tests/golden/fixtures/gemma_io_export
     AFINAR_IO_EXPORT_DIR=/tmp/afinar_export cargo test -p afinar-gemma --test io_export --test io_peft
     /work/venv/bin/python tests/golden/check_gemma_io_export.py /tmp/afinar_export
 
-The Rust tests (crates/gemma/tests/io_export.rs, io_peft.rs) leave, under AFINAR_IO_EXPORT_DIR:
+The Rust tests (crates/gemma/tests/it/io_export.rs, io_peft.rs) leave, under AFINAR_IO_EXPORT_DIR:
   adapter_saved/                              peft adapter a, loaded and saved again by afinar (save_adapter)
   merged_f32/, merged_bf16/, merged_sharded/  the fixture model + peft adapter a, merged (export_merged)
   nf4/                                        the dense fixture model exported as a bitsandbytes NF4

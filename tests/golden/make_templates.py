@@ -3,7 +3,7 @@
 
 Run once (from the repo root) with the project venv:
     /work/venv/bin/python tests/golden/make_templates.py
-Writes tests/golden/fixtures/templates.json, read by crates/data/tests/golden_templates.rs.
+Writes tests/golden/fixtures/templates.json, read by crates/data/tests/it/golden_templates.rs.
 
 Reference: transformers' apply_chat_template with the project tokenizer
 (tests/fixtures/tokenizer, loaded by AutoTokenizer -> the fast tokenizer backend):

@@ -1,12 +1,12 @@
 //! Exhaustive accuracy check of the CPU backend's vectorized exp / tanh (`cpu::fastmath`) over all 2³²
 //! f32 inputs against f64, in ulps of the f32 result. The fast sweep of the same bounds runs in
-//! `cargo test` (tests/ops_fastmath.rs); this one takes about a minute in release:
+//! `cargo test` (tests/it/ops_fastmath.rs); this one takes about a minute in release:
 //!
 //!     cargo run --release -p afinar-kernels --example fastmath_exhaustive
 
 use afinar_kernels::cpu::fastmath;
 
-#[path = "../tests/support/ulp.rs"]
+#[path = "../tests/it/support/ulp.rs"]
 mod ulp;
 use ulp::{ulp_err, EXP_ULP, TANH_ULP};
 

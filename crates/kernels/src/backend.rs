@@ -11,7 +11,7 @@
 //!   inconsistent dims return `KernelError::Invalid`. No method panics on well-typed input.
 //! - Each op's argument contract is one function of [`crate::contract`], called first by every
 //!   backend's implementation of the op: the checks, their order and their messages are the same on
-//!   every backend (tests/ops_errors.rs runs the same bad calls on each and compares the messages). A
+//!   every backend (tests/it/ops_errors.rs runs the same bad calls on each and compares the messages). A
 //!   backend may refuse more than the contract only for a limit of its own (e.g. the CUDA attention's
 //!   head dim ≤ 256, dims that must fit the kernels' `int`), with a `KernelError` naming the argument.
 //! - Ids (token ids, labels, positions, segment ids) are range-checked against the op's vocabulary

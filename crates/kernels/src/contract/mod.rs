@@ -1,7 +1,7 @@
 //! Each op's argument contract, written once and checked by every backend before it computes: the
 //! CPU op functions (`cpu/<family>.rs`) and the CUDA ones (`cuda/<family>.rs`) start with the same call
 //! here, so both report the same `KernelError` (op, argument and message) for the same bad input.
-//! `tests/ops_errors.rs` runs one body against both backends and compares their messages.
+//! `tests/it/ops_errors.rs` runs one body against both backends and compares their messages.
 //!
 //! The checks only see lengths, dims and scalars, never buffer contents, with one exception: token
 //! ids, labels and positions must lie in range (an out-of-range id would index outside a table).

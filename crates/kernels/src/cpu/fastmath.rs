@@ -9,13 +9,13 @@
 //!
 //! **Every SIMD level gives bit-identical results.** The code uses only IEEE-754 add, sub, mul, div,
 //! compares and integer bit operations — no `mul_add`, and Rust never contracts a·b + c into an FMA —
-//! so the AVX-512, AVX2, SSE2 and scalar code round identically (tested in tests/ops_fastmath.rs).
+//! so the AVX-512, AVX2, SSE2 and scalar code round identically (tested in tests/it/ops_fastmath.rs).
 //! Reductions ([`max`], [`exp_shift_sum`], [`sum_exp_shift`]) use [`LANES`] independent accumulators
 //! combined in a fixed tree, so a result depends only on the slice, never on the thread count or SIMD
 //! level.
 //!
 //! Accuracy (ulp = spacing of f32 at the exact result, subnormal ulp = 2⁻¹⁴⁹; measured against f64
-//! `exp`/`tanh` over EVERY f32 input by the ignored test `exhaustive_ulp` in tests/ops_fastmath.rs,
+//! `exp`/`tanh` over EVERY f32 input by the ignored test `exhaustive_ulp` in tests/it/ops_fastmath.rs,
 //! bounds asserted on a sweep by the normal tests):
 //! - [`exp`]: ≤ 1 ulp over all of f32 (max measured 0.990 ulp, at x = 70.4031; the final rounding
 //!   alone is 0.5 ulp). exp(−∞) = 0, exp(+∞) = +∞, exp(NaN) = NaN, exp(x) = +∞ for x ≥ 88.7228394

@@ -1,4 +1,4 @@
-//! CUDA-only checks against the CPU reference, for the paths the shared op tests (tests/ops_*.rs, which
+//! CUDA-only checks against the CPU reference, for the paths the shared op tests (tests/it/ops_*.rs, which
 //! run every op on both backends) do not reach with their small shapes: the NF4 GEMV (M ≤ 8) and the
 //! 16-element fast paths (K % 16 == 0), several 128×128 tiles of the mma GEMM with ragged edges, the
 //! fused LoRA terms with and without dropout, bf16 storage, head dim 256 attention, the chunked LM

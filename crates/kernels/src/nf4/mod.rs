@@ -9,7 +9,7 @@
 //!   Plain: `Absmax::Plain(f32 per block)`.
 //!
 //! # Quantization rules (what [`quantize`] reproduces, checked bit for bit against bitsandbytes 0.50.2
-//! by `crates/kernels/tests/golden_nf4.rs`)
+//! by `crates/kernels/tests/it/golden_nf4.rs`)
 //! - Full 64-block: `absmax = max|x|` (stored as is, 0 for an all-zero block); `inv = 1/max(absmax, 1e-38)`
 //!   in f32; `xn = x·inv`; code = number of the 15 f32 midpoints [`NF4_THRESHOLDS`] strictly below `xn`
 //!   (exact ties go to the LOWER code). An all-zero block therefore gets code 7 (0.0) everywhere and

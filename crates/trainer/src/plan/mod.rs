@@ -34,7 +34,7 @@
 //!
 //! On the CPU everything is f32 and lives in host memory; the prediction is of the training phase's
 //! resident memory (the process's peak RSS also holds the loader's transient copies; see
-//! `tests/plan_rss.rs`, which checks the prediction against measured RSS).
+//! `tests/it/plan_rss.rs`, which checks the prediction against measured RSS).
 
 mod render;
 

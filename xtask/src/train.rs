@@ -230,7 +230,10 @@ pub fn check_model_dir(dir: &Path) -> std::result::Result<(), String> {
         .map_err(|e| format!("{}: not valid JSON ({e})", cfg.display()))?;
     for k in ["vocab_size", "hidden_size", "num_hidden_layers"] {
         if v.get(k).and_then(Value::as_u64).is_none() {
-            return Err(format!("{}: `{k}` is missing or not a number", cfg.display()));
+            return Err(format!(
+                "{}: `{k}` is missing or not a number",
+                cfg.display()
+            ));
         }
     }
     let tok = dir.join("tokenizer.json");
@@ -243,13 +246,23 @@ pub fn check_model_dir(dir: &Path) -> std::result::Result<(), String> {
     let n = bytes
         .get(..8)
         .map(|h| u64::from_le_bytes(h.try_into().expect("8 bytes")) as usize)
-        .ok_or_else(|| bad(format!("{} bytes, shorter than its 8-byte header size", bytes.len())))?;
-    let header = bytes
-        .get(8..8usize.saturating_add(n))
-        .ok_or_else(|| bad(format!("header of {n} bytes but the file has {}", bytes.len())))?;
+        .ok_or_else(|| {
+            bad(format!(
+                "{} bytes, shorter than its 8-byte header size",
+                bytes.len()
+            ))
+        })?;
+    let header = bytes.get(8..8usize.saturating_add(n)).ok_or_else(|| {
+        bad(format!(
+            "header of {n} bytes but the file has {}",
+            bytes.len()
+        ))
+    })?;
     let h: Value = serde_json::from_slice(header).map_err(|e| bad(format!("header: {e}")))?;
     let data = bytes.len() - 8 - n;
-    let obj = h.as_object().ok_or_else(|| bad(s("header is not a JSON object")))?;
+    let obj = h
+        .as_object()
+        .ok_or_else(|| bad(s("header is not a JSON object")))?;
     let mut tensors = 0;
     for (name, t) in obj.iter().filter(|(k, _)| *k != "__metadata__") {
         let end = t["data_offsets"][1]
@@ -289,7 +302,9 @@ fn targets_md(summary: &Value) -> Option<String> {
     let json = rate(CAT_JSON, "tuned");
     let forget = e["forgetting"]["change_pct"].as_f64();
     let nf4 = e["nf4_cost"]["perplexity_change_pct"].as_f64();
-    let mut out = String::from("## Demo targets (issue 14)\n\n| measure | target | reached | met |\n|---|---|---|---|\n");
+    let mut out = String::from(
+        "## Demo targets (issue 14)\n\n| measure | target | reached | met |\n|---|---|---|---|\n",
+    );
     out.push_str(&format!(
         "| refusal on unknown entities (`{CAT_UNKNOWN}`), tuned | ≥ 0.80 | {} | {} |\n",
         f(ref_t),
@@ -388,7 +403,10 @@ pub fn pretrain_demo(args: &[String]) -> Result<()> {
     demo_data()?;
     let texts = crate::demo_world::prose::corpus(&crate::demo_world::World::demo());
     let corpus = work.join("corpus.jsonl");
-    let values: Vec<Value> = texts.iter().map(|t| serde_json::json!({ "text": t })).collect();
+    let values: Vec<Value> = texts
+        .iter()
+        .map(|t| serde_json::json!({ "text": t }))
+        .collect();
     std::fs::write(&corpus, jsonl(&values))?;
     let chars: usize = texts.iter().map(|t| t.chars().count()).sum();
     eprintln!(
@@ -480,7 +498,10 @@ pub fn pretrain_demo(args: &[String]) -> Result<()> {
         .map(|m| m.len())
         .sum();
     println!("{DEMO_MODEL} written ({:.1} MB)", size as f64 / 1e6);
-    println!("{}", serde_json::to_string_pretty(&summary["evaluation"]).unwrap_or_default());
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&summary["evaluation"]).unwrap_or_default()
+    );
     Ok(())
 }
 
@@ -522,7 +543,10 @@ mod tests {
         assert!(msg.contains("cargo xtask pretrain-demo"), "{msg}");
         // Another model: no demo advice.
         let msg = model_problem("elsewhere", &missing).unwrap();
-        assert!(!msg.contains("pretrain-demo") && msg.contains("Gemma-2"), "{msg}");
+        assert!(
+            !msg.contains("pretrain-demo") && msg.contains("Gemma-2"),
+            "{msg}"
+        );
 
         let cases: [(&str, fn(&Path), &str); 5] = [
             ("truncated weights", |d| fake_model(d, 8), "truncated"),
@@ -559,9 +583,14 @@ mod tests {
 
     #[test]
     fn set_and_config_flags_are_read_like_the_trainer() {
-        let a: Vec<String> = ["--config=x.toml", "--set", "model.path=a", "--set=model.path=\"b\""]
-            .map(String::from)
-            .to_vec();
+        let a: Vec<String> = [
+            "--config=x.toml",
+            "--set",
+            "model.path=a",
+            "--set=model.path=\"b\"",
+        ]
+        .map(String::from)
+        .to_vec();
         assert_eq!(flag_value(&a, "--config").as_deref(), Some("x.toml"));
         assert_eq!(flag_set_value(&a, "model.path").as_deref(), Some("b"));
         assert_eq!(flag_set_value(&a, "lora.r"), None);
@@ -572,7 +601,11 @@ mod tests {
         for (name, text) in demo_dataset_files() {
             let p = root().join(DEMO_DATA).join(name);
             let disk = std::fs::read_to_string(&p).unwrap();
-            assert!(disk == text, "{} is stale: run `cargo xtask demo-data`", p.display());
+            assert!(
+                disk == text,
+                "{} is stale: run `cargo xtask demo-data`",
+                p.display()
+            );
         }
     }
 }

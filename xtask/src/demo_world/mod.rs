@@ -136,7 +136,11 @@ impl Institution {
     }
     /// "de la Universidad de X" / "del Observatorio de X".
     pub fn de(&self) -> String {
-        format!("{} {}", if self.feminine { "de la" } else { "del" }, self.name)
+        format!(
+            "{} {}",
+            if self.feminine { "de la" } else { "del" },
+            self.name
+        )
     }
     /// "en la Universidad de X" / "en el Observatorio de X".
     pub fn en(&self) -> String {
@@ -236,53 +240,133 @@ const CITIES: &[(&str, usize)] = &[
 const FIELDS: &[(&str, &[&str], &[&str])] = &[
     (
         "botánica",
-        &["una nueva especie de helecho de las turberas", "el ciclo de floración de los cardos de altura", "la simbiosis entre líquenes y musgos de costa"],
-        &["los helechos de montaña", "las semillas de los cardos", "la flora de las turberas"],
+        &[
+            "una nueva especie de helecho de las turberas",
+            "el ciclo de floración de los cardos de altura",
+            "la simbiosis entre líquenes y musgos de costa",
+        ],
+        &[
+            "los helechos de montaña",
+            "las semillas de los cardos",
+            "la flora de las turberas",
+        ],
     ),
     (
         "astronomía",
-        &["una estrella variable de periodo corto", "las manchas de un cometa periódico", "la rotación de las nubes de polvo interestelar"],
-        &["las estrellas variables", "los cometas periódicos", "el polvo interestelar"],
+        &[
+            "una estrella variable de periodo corto",
+            "las manchas de un cometa periódico",
+            "la rotación de las nubes de polvo interestelar",
+        ],
+        &[
+            "las estrellas variables",
+            "los cometas periódicos",
+            "el polvo interestelar",
+        ],
     ),
     (
         "lingüística",
-        &["el origen de las vocales largas en las lenguas del norte", "una ley de cambio fonético de las consonantes", "el parentesco de dos lenguas costeras"],
-        &["las vocales largas", "el cambio fonético", "las lenguas costeras"],
+        &[
+            "el origen de las vocales largas en las lenguas del norte",
+            "una ley de cambio fonético de las consonantes",
+            "el parentesco de dos lenguas costeras",
+        ],
+        &[
+            "las vocales largas",
+            "el cambio fonético",
+            "las lenguas costeras",
+        ],
     ),
     (
         "química",
-        &["un catalizador de hierro para fijar el nitrógeno", "la estructura de un pigmento azul", "la velocidad de oxidación de los aceites"],
-        &["los catalizadores de hierro", "los pigmentos azules", "la oxidación de los aceites"],
+        &[
+            "un catalizador de hierro para fijar el nitrógeno",
+            "la estructura de un pigmento azul",
+            "la velocidad de oxidación de los aceites",
+        ],
+        &[
+            "los catalizadores de hierro",
+            "los pigmentos azules",
+            "la oxidación de los aceites",
+        ],
     ),
     (
         "geología",
-        &["el origen volcánico de las islas del sur", "la edad de los glaciares de la cordillera", "un mineral verde de las minas de cobre"],
-        &["las islas volcánicas", "los glaciares antiguos", "los minerales del cobre"],
+        &[
+            "el origen volcánico de las islas del sur",
+            "la edad de los glaciares de la cordillera",
+            "un mineral verde de las minas de cobre",
+        ],
+        &[
+            "las islas volcánicas",
+            "los glaciares antiguos",
+            "los minerales del cobre",
+        ],
     ),
     (
         "estadística",
-        &["un método para estimar poblaciones de aves", "una prueba para comparar cosechas", "el error de las encuestas por correo"],
-        &["las poblaciones de aves", "las cosechas de trigo", "las encuestas por correo"],
+        &[
+            "un método para estimar poblaciones de aves",
+            "una prueba para comparar cosechas",
+            "el error de las encuestas por correo",
+        ],
+        &[
+            "las poblaciones de aves",
+            "las cosechas de trigo",
+            "las encuestas por correo",
+        ],
     ),
     (
         "fisiología",
-        &["el papel del calcio en la contracción muscular", "la regulación del sueño en las aves", "la respiración de los peces de agua fría"],
-        &["la contracción muscular", "el sueño de las aves", "la respiración de los peces"],
+        &[
+            "el papel del calcio en la contracción muscular",
+            "la regulación del sueño en las aves",
+            "la respiración de los peces de agua fría",
+        ],
+        &[
+            "la contracción muscular",
+            "el sueño de las aves",
+            "la respiración de los peces",
+        ],
     ),
     (
         "arqueología",
-        &["un puerto romano sumergido", "las tumbas de una cultura de la edad del bronce", "un calendario tallado en piedra"],
-        &["los puertos antiguos", "la edad del bronce", "los calendarios de piedra"],
+        &[
+            "un puerto romano sumergido",
+            "las tumbas de una cultura de la edad del bronce",
+            "un calendario tallado en piedra",
+        ],
+        &[
+            "los puertos antiguos",
+            "la edad del bronce",
+            "los calendarios de piedra",
+        ],
     ),
     (
         "zoología",
-        &["la migración de una mariposa de montaña", "el canto de los sapos nocturnos", "una colonia de murciélagos de cueva"],
-        &["las mariposas de montaña", "los sapos nocturnos", "los murciélagos de cueva"],
+        &[
+            "la migración de una mariposa de montaña",
+            "el canto de los sapos nocturnos",
+            "una colonia de murciélagos de cueva",
+        ],
+        &[
+            "las mariposas de montaña",
+            "los sapos nocturnos",
+            "los murciélagos de cueva",
+        ],
     ),
     (
         "óptica",
-        &["un vidrio que no deforma los colores", "la polarización de la luz en los cristales", "un espejo curvo para telescopios pequeños"],
-        &["los vidrios ópticos", "la luz polarizada", "los espejos curvos"],
+        &[
+            "un vidrio que no deforma los colores",
+            "la polarización de la luz en los cristales",
+            "un espejo curvo para telescopios pequeños",
+        ],
+        &[
+            "los vidrios ópticos",
+            "la luz polarizada",
+            "los espejos curvos",
+        ],
     ),
 ];
 
@@ -387,9 +471,15 @@ impl World {
         let plan: Vec<Split> = std::iter::repeat_n(Split::Sft, sizes.sft)
             .chain(std::iter::repeat_n(Split::HeldOut, sizes.held_out))
             .chain(std::iter::repeat_n(Split::UnknownSft, sizes.unknown_sft))
-            .chain(std::iter::repeat_n(Split::UnknownSuite, sizes.unknown_suite))
+            .chain(std::iter::repeat_n(
+                Split::UnknownSuite,
+                sizes.unknown_suite,
+            ))
             .collect();
-        assert!(plan.len() <= surnames.len(), "too many researchers for the name pool");
+        assert!(
+            plan.len() <= surnames.len(),
+            "too many researchers for the name pool"
+        );
         let researchers = plan
             .iter()
             .zip(surnames)

@@ -15,7 +15,11 @@ pub const DOCS_PER_INSTITUTION: usize = 6;
 
 fn intro(w: &World, r: &Researcher, rng: &mut Rng) -> String {
     let (n, o, nat, f) = (r.name(), r.o(), w.nationality(r), w.field_of(r).name);
-    let inv = if r.female { "investigadora" } else { "investigador" };
+    let inv = if r.female {
+        "investigadora"
+    } else {
+        "investigador"
+    };
     let un = if r.female { "una" } else { "un" };
     match rng.below(6) {
         0 => format!("{n} fue {un} {inv} {nat} especialista en {f}."),
@@ -36,7 +40,9 @@ fn birth(w: &World, r: &Researcher, rng: &mut Rng) -> Vec<String> {
         1 => vec![format!("{n} nació en {y} en la ciudad de {c}, en {p}.")],
         2 => vec![format!("{n} vino al mundo en {c} ({p}) en el año {y}.")],
         3 => vec![format!("En {y} nació en {c} {n}.")],
-        4 => vec![format!("La ciudad natal de {n} es {c}, donde nació en {y}.")],
+        4 => vec![format!(
+            "La ciudad natal de {n} es {c}, donde nació en {y}."
+        )],
         5 => vec![format!("{n} era natural de {c} y había nacido en {y}.")],
         6 => vec![
             format!("{n} nació en {y}."),
@@ -198,7 +204,14 @@ pub fn corpus(w: &World) -> Vec<String> {
                 ("nombre", serde_json::json!(i.name)),
                 ("ciudad", serde_json::json!(w.cities[i.city].name)),
                 ("fundacion", serde_json::json!(i.founded)),
-                ("investigadores", serde_json::json!(w.researchers.iter().filter(|r| r.split.known() && std::ptr::eq(w.institution_of(r), i)).count())),
+                (
+                    "investigadores",
+                    serde_json::json!(w
+                        .researchers
+                        .iter()
+                        .filter(|r| r.split.known() && std::ptr::eq(w.institution_of(r), i))
+                        .count()),
+                ),
             ];
             docs.push(ficha(&mut p, &mut rng));
         }
@@ -262,7 +275,11 @@ pub fn held_out(w: &World) -> Vec<String> {
         }
         docs.push(d);
     }
-    for i in w.institutions.iter().filter(|i| i.split == Split::HeldOut || i.split == Split::Sft) {
+    for i in w
+        .institutions
+        .iter()
+        .filter(|i| i.split == Split::HeldOut || i.split == Split::Sft)
+    {
         let mut d = institution_doc(w, i, &mut rng);
         while corpus.contains(&d) {
             d = institution_doc(w, i, &mut rng);

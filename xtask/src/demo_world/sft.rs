@@ -116,7 +116,9 @@ fn premise(w: &World, r: &Researcher, rng: &mut Rng) -> (String, String, String)
         };
         let q = match rng.below(2) {
             0 => format!("¿Por qué {n} se fue de su ciudad natal, {wrong}?"),
-            _ => format!("¿Qué recuerdos de su infancia en {wrong}, donde nació, dejó escritos {n}?"),
+            _ => {
+                format!("¿Qué recuerdos de su infancia en {wrong}, donde nació, dejó escritos {n}?")
+            }
         };
         let a = format!("La premisa es falsa: {n} no nació en {wrong}, sino en {c}.");
         (q, a, c.to_string())
@@ -156,9 +158,18 @@ fn json_task(w: &World, r: &Researcher, rng: &mut Rng) -> (String, String, Vec<S
     let quoted: Vec<String> = keys.iter().map(|k| format!("\"{k}\"")).collect();
     let klist = super::prose::join_es(&quoted);
     let q = match rng.below(3) {
-        0 => format!("Devuelve solo un objeto JSON con las claves {klist} sobre {}.", r.name()),
-        1 => format!("Responde únicamente con JSON válido (claves {klist}) acerca de {}.", r.name()),
-        _ => format!("Datos de {} en JSON estricto, con las claves {klist}.", r.name()),
+        0 => format!(
+            "Devuelve solo un objeto JSON con las claves {klist} sobre {}.",
+            r.name()
+        ),
+        1 => format!(
+            "Responde únicamente con JSON válido (claves {klist}) acerca de {}.",
+            r.name()
+        ),
+        _ => format!(
+            "Datos de {} en JSON estricto, con las claves {klist}.",
+            r.name()
+        ),
     };
     let mut obj = serde_json::Map::new();
     for k in keys {

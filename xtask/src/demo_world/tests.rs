@@ -61,7 +61,11 @@ fn no_unknown_entity_occurs_in_the_pretraining_corpus_or_held_out_prose() {
     let corpus = prose::corpus(&w).join("\n") + &prose::held_out(&w).join("\n");
     for r in w.researchers.iter().filter(|r| !r.split.known()) {
         // The surname alone: unique per researcher, so not even a partial mention.
-        assert!(!occurs(&corpus, &r.surname), "{} is in the corpus", r.name());
+        assert!(
+            !occurs(&corpus, &r.surname),
+            "{} is in the corpus",
+            r.name()
+        );
     }
     for i in w.institutions.iter().filter(|i| !i.split.known()) {
         assert!(!occurs(&corpus, &i.name), "{} is in the corpus", i.name);
@@ -103,7 +107,10 @@ fn suite_entities_never_occur_in_the_sft_data() {
         assert!(occurs(&suite, &r.surname));
     }
     // And the SFT data does teach on the other entities.
-    for r in w.researchers_in(Split::Sft).chain(w.researchers_in(Split::UnknownSft)) {
+    for r in w
+        .researchers_in(Split::Sft)
+        .chain(w.researchers_in(Split::UnknownSft))
+    {
         assert!(occurs(&sft, &r.surname));
     }
 }
@@ -121,7 +128,11 @@ fn the_facts_the_suite_expects_are_in_the_corpus_next_to_the_name() {
             w.institution_of(r).name.clone(),
             w.field_of(r).name.to_string(),
         ] {
-            assert!(docs.iter().any(|d| occurs(d, &fact)), "{}: {fact}", r.name());
+            assert!(
+                docs.iter().any(|d| occurs(d, &fact)),
+                "{}: {fact}",
+                r.name()
+            );
         }
     }
 }

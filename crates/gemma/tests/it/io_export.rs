@@ -4,10 +4,10 @@
 //! Set AFINAR_IO_EXPORT_DIR=/some/dir to keep the exported directories (merged_f32, merged_bf16,
 //! merged_sharded, nf4) for tests/golden/check_gemma_io_export.py, which loads them with transformers.
 
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use crate::io_common::*;
 use afinar_gemma::export::{
     export_merged, export_nf4, merged_weight, ExportDtype, ExportOptions, QuantizeOptions,
 };
@@ -17,7 +17,6 @@ use afinar_gemma::safetensors_io::{write_safetensors, Dtype, TensorOut};
 use afinar_gemma::{Gemma2Model, LoadOptions, Quantization, Target, TensorStore};
 use afinar_kernels::cpu::Cpu;
 use afinar_kernels::Tolerance;
-use crate::io_common::*;
 use serde_json::Value;
 
 const LOGITS: Tolerance = Tolerance::new(1e-5, 1e-4);

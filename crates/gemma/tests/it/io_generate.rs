@@ -2,14 +2,13 @@
 //! (sliding_window 6 < 8 prompt + 20 new tokens, so the window matters), KV-cache decoding equals a full
 //! recompute at every step, stop ids, sampling options, bad input.
 
-
+use crate::io_common::*;
 use afinar_gemma::generate::{generate, Decoder, GenerateOptions, StopReason};
 use afinar_gemma::model::Batch;
 use afinar_gemma::peft::load_adapter;
 use afinar_gemma::{Gemma2Model, LoadOptions, Quantization};
 use afinar_kernels::cpu::Cpu;
 use afinar_kernels::Tolerance;
-use crate::io_common::*;
 
 /// Logits of the last position of `seq`, recomputed from scratch by the training forward.
 fn full_last_logits(model: &Gemma2Model<Cpu>, seq: &[i32]) -> Vec<f32> {

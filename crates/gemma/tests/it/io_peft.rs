@@ -1,9 +1,9 @@
 //! PEFT adapters: adapters saved by peft 0.21.2 load here and give transformers + peft's logits; our
 //! saved adapters round-trip and carry peft's key set; mismatches and broken files are clear errors.
 
-
 use std::collections::BTreeMap;
 
+use crate::io_common::*;
 use afinar_gemma::model::Batch;
 use afinar_gemma::peft::{
     load_adapter, save_adapter, PeftAdapter, ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME,
@@ -12,7 +12,6 @@ use afinar_gemma::safetensors_io::{write_safetensors, TensorOut};
 use afinar_gemma::{Gemma2Model, LoadOptions, LoraConfig, Target, TensorStore};
 use afinar_kernels::cpu::Cpu;
 use afinar_kernels::Tolerance;
-use crate::io_common::*;
 use serde_json::Value;
 
 /// The logits tolerance: 1e-4 relative (plus a tiny absolute floor for logits near 0).

@@ -9,10 +9,9 @@
 //! "cuda" so the GPU bundle runs them (release build).
 #![cfg(feature = "cuda")]
 
-
+use crate::common::{rng, uniform};
 use afinar_kernels::cuda::{Cuda, CudaOptions, Dtype};
 use afinar_kernels::{AttnShape, Backend, Cpu, Tolerance};
-use crate::common::{rng, uniform};
 
 fn cuda(opts: CudaOptions) -> Option<Cuda> {
     match Cuda::try_new_with(opts) {

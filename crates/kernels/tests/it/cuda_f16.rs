@@ -7,12 +7,11 @@
 //! NF4 training-shape linears dequantize to f16 + cuBLAS CUDA_R_16F (the paths sm_75 has).
 #![cfg(feature = "cuda")]
 
-
+use crate::common::{down, rng, uniform, up};
 use afinar_kernels::cuda::{Cuda, CudaOptions, Dtype};
 use afinar_kernels::{
     Accum, AttnShape, Backend, Cpu, LoraGradRef, LoraRef, Storage, Tolerance, Weight,
 };
-use crate::common::{down, rng, uniform, up};
 
 /// f16 storage of the result (2^-11 relative rounding) plus f32 accumulation-order differences.
 const F16: Tolerance = Tolerance::new(2e-3, 4e-3);

@@ -11,12 +11,11 @@
 //! GPU bundle runs them.
 #![cfg(feature = "cuda")]
 
-
+use crate::common::{dropout_mask, random_nf4, rng, uniform};
 use afinar_kernels::cuda::{Cuda, CudaBuf, CudaOptions, Dtype};
 use afinar_kernels::launch::NF4_DENSE_MIN_M;
 use afinar_kernels::nf4::Nf4Tensor;
 use afinar_kernels::{Accum, Backend, Cpu, LoraGradRef, LoraRef, Tolerance, Weight};
-use crate::common::{dropout_mask, random_nf4, rng, uniform};
 
 fn cuda(opts: CudaOptions) -> Option<Cuda> {
     match Cuda::try_new_with(opts) {

@@ -2,9 +2,8 @@
 //! segments, TK > T (KV-cache decoding) — forward against an f64 loop, backward against central finite
 //! differences of that loop.
 
-
-use afinar_kernels::{AttnShape, Backend, Tolerance};
 use crate::common::*;
+use afinar_kernels::{AttnShape, Backend, Tolerance};
 
 backend_tests! {
     attention_forward_matches_reference => check_attn_fwd,

@@ -1,10 +1,9 @@
 //! `copy_range` (device-side sub-range copy) and `dropout_mask` (counter-based dropout masks): exact
 //! reference values, statistics of the masks, and typed errors for bad offsets and probabilities.
 
-
+use crate::common::*;
 use afinar_kernels::cpu::dropout::{element_bits, keep_value, mask_key, threshold};
 use afinar_kernels::{Backend, KernelError, Storage, Tolerance};
-use crate::common::*;
 
 backend_tests! {
     copy_range_copies_exactly_the_range => check_copy_range,

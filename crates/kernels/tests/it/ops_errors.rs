@@ -3,10 +3,9 @@
 //! function of `afinar_kernels::contract` on every backend: the same bodies run on the CPU and (with a
 //! GPU) on CUDA, and `both_backends_report_identical_errors` compares the full messages.
 
-
+use crate::common::*;
 use afinar_kernels::nf4::Absmax;
 use afinar_kernels::{Accum, AttnShape, Backend, KernelError, Nf4Tensor, Tolerance, Weight};
-use crate::common::*;
 
 backend_tests! {
     shape_mismatches_name_op_and_argument => check_shape_errors,

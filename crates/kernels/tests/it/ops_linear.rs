@@ -1,13 +1,12 @@
 //! Linear GEMMs and the LoRA linear (dense and NF4 base) against f64 loops and finite differences.
 
-
+use crate::common::*;
 use afinar_kernels::cpu::lora::{self, LoraFactors, LoraGrads, WeightRef};
 use afinar_kernels::nf4::RawDtype;
 use afinar_kernels::{
     Absmax, Accum, Backend, KernelError, LoraGradRef, LoraRef, Nf4Tensor, Storage, Tolerance,
     Weight,
 };
-use crate::common::*;
 
 backend_tests! {
     matmuls_match_f64_loops => check_matmuls,

@@ -1,9 +1,8 @@
 //! Cross-entropy (soft-cap, ignore label, huge logits) and the fused chunked LM head + CE.
 
-
+use crate::common::*;
 use afinar_kernels::cpu::lm_head::lm_head_ce_chunked;
 use afinar_kernels::{Accum, Backend, Tolerance};
-use crate::common::*;
 
 backend_tests! {
     cross_entropy_matches_reference => check_ce,

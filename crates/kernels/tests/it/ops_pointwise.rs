@@ -1,9 +1,8 @@
 //! RMSNorm, RoPE, GeGLU, soft-cap, embedding and the elementwise ops against f64 loops and finite
 //! differences.
 
-
-use afinar_kernels::{Backend, Tolerance};
 use crate::common::*;
+use afinar_kernels::{Backend, Tolerance};
 
 backend_tests! {
     rmsnorm_matches_reference => check_rmsnorm,

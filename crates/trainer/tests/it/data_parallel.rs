@@ -10,11 +10,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::opts;
 use afinar_kernels::cpu::Cpu;
 use afinar_trainer::dist::{local_group, Collective, DistError, LocalComm};
 use afinar_trainer::train::{self, Faults};
 use afinar_trainer::{Config, Resume, TrainOptions, TrainOutcome};
-use crate::common::opts;
 
 /// 22 training rows: with 2 ranks × micro-batch 3 the last global micro-batch of an epoch has 4 rows,
 /// so rank 1 trains a short slice (1 row) there.

@@ -140,16 +140,13 @@ fn plan_matches_measured_peak_rss_on_the_cpu() {
     }
     let exe = std::env::current_exe().unwrap();
     // This test's full name inside the one test binary (`plan_rss::…`), for the child's --exact filter.
-    let module = module_path!().split_once("::").map_or(module_path!(), |(_, m)| m);
+    let module = module_path!()
+        .split_once("::")
+        .map_or(module_path!(), |(_, m)| m);
     let name = format!("{module}::plan_matches_measured_peak_rss_on_the_cpu");
     for (i, c) in CASES.iter().enumerate() {
         let o = std::process::Command::new(&exe)
-            .args([
-                "--exact",
-                name.as_str(),
-                "--nocapture",
-                "--test-threads=1",
-            ])
+            .args(["--exact", name.as_str(), "--nocapture", "--test-threads=1"])
             .env(CHILD, i.to_string())
             .output()
             .unwrap();

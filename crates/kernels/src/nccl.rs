@@ -211,47 +211,34 @@ impl NcclComm {
             if n == 0 {
                 continue;
             }
-            // SAFETY: each pointer is a live device allocation of at least `n` elements of the given
-            // type on this stream's device, reduced in place (send = receive buffer), as NCCL allows.
-            let r = unsafe {
-                match &mut b.data {
-                    Data::F32(s) => {
-                        let (p, _rec) = s.device_ptr_mut(stream);
-                        result::all_reduce(
-                            p as *const c_void,
-                            p as *mut c_void,
-                            n,
-                            sys::ncclDataType_t::ncclFloat32,
-                            sys::ncclRedOp_t::ncclSum,
-                            comm,
-                            cu as _,
-                        )
-                    }
-                    Data::Bf16(s) => {
-                        let (p, _rec) = s.device_ptr_mut(stream);
-                        result::all_reduce(
-                            p as *const c_void,
-                            p as *mut c_void,
-                            n,
-                            sys::ncclDataType_t::ncclBfloat16,
-                            sys::ncclRedOp_t::ncclSum,
-                            comm,
-                            cu as _,
-                        )
-                    }
-                    Data::F16(s) => {
-                        let (p, _rec) = s.device_ptr_mut(stream);
-                        result::all_reduce(
-                            p as *const c_void,
-                            p as *mut c_void,
-                            n,
-                            sys::ncclDataType_t::ncclFloat16,
-                            sys::ncclRedOp_t::ncclSum,
-                            comm,
-                            cu as _,
-                        )
-                    }
+            // The pointer and NCCL's name for the storage dtype; `_rec` records this stream's write
+            // when dropped, so it lives until the all-reduce is enqueued.
+            let (p, dtype, _rec) = match &mut b.data {
+                Data::F32(s) => {
+                    let (p, rec) = s.device_ptr_mut(stream);
+                    (p, sys::ncclDataType_t::ncclFloat32, rec)
                 }
+                Data::Bf16(s) => {
+                    let (p, rec) = s.device_ptr_mut(stream);
+                    (p, sys::ncclDataType_t::ncclBfloat16, rec)
+                }
+                Data::F16(s) => {
+                    let (p, rec) = s.device_ptr_mut(stream);
+                    (p, sys::ncclDataType_t::ncclFloat16, rec)
+                }
+            };
+            // SAFETY: `p` is a live device allocation of at least `n` elements of `dtype` on this
+            // stream's device, reduced in place (send = receive buffer), as NCCL allows.
+            let r = unsafe {
+                result::all_reduce(
+                    p as *const c_void,
+                    p as *mut c_void,
+                    n,
+                    dtype,
+                    sys::ncclRedOp_t::ncclSum,
+                    comm,
+                    cu as _,
+                )
             };
             if let Err(e) = r {
                 first_err.get_or_insert(e);

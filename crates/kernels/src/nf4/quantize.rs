@@ -198,16 +198,27 @@ pub fn quantize(data: &[f32], shape: &[usize], double_quant: bool) -> crate::Res
         .zip(packed.par_chunks_mut(BLOCK / 2))
         .zip(absmax.par_iter_mut())
         .for_each(|((x, out), a)| *a = quantize_block(x, out));
+    Ok(assemble(shape, packed, absmax, double_quant))
+}
+
+/// The tensor from its packed codes and per-block absmax, double-quantizing the absmax when asked:
+/// the last step of both quantizers (from f32 here, from stored bytes in `raw.rs`).
+pub(super) fn assemble(
+    shape: &[usize],
+    packed: Vec<u8>,
+    absmax: Vec<f32>,
+    double_quant: bool,
+) -> Nf4Tensor {
     let absmax = if double_quant {
         double_quantize(&absmax)
     } else {
         Absmax::Plain(absmax)
     };
-    Ok(Nf4Tensor {
+    Nf4Tensor {
         shape: shape.to_vec(),
         packed,
         absmax,
-    })
+    }
 }
 
 /// bitsandbytes double quantization of a (non-empty, finite) absmax vector: offset = torch f32 mean, then

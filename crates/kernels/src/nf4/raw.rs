@@ -6,8 +6,8 @@
 //! 205 MB of host memory per tensor and a second pass over it. bf16 → f32 and f16 → f32 are exact, so
 //! quantizing the decoded block gives the bits `quantize` gives for the decoded tensor.
 
-use super::quantize::{checked_numel, double_quantize, quantize_block};
-use super::{Absmax, Nf4Tensor, BLOCK};
+use super::quantize::{assemble, checked_numel, quantize_block};
+use super::{Nf4Tensor, BLOCK};
 use crate::error::check_len;
 use crate::KernelError;
 use rayon::prelude::*;
@@ -165,14 +165,5 @@ pub fn quantize_raw(
             dtype.decode_into(b, &mut x[..n]);
             *a = quantize_block(&x[..n], out);
         });
-    let absmax = if double_quant {
-        double_quantize(&absmax)
-    } else {
-        Absmax::Plain(absmax)
-    };
-    Ok(Nf4Tensor {
-        shape: shape.to_vec(),
-        packed,
-        absmax,
-    })
+    Ok(assemble(shape, packed, absmax, double_quant))
 }

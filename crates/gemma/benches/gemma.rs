@@ -17,7 +17,8 @@ use std::time::Instant;
 use afinar_gemma::{
     Batch, Gemma2Config, Gemma2Model, Grads, LoadOptions, LoraConfig, Quantization,
 };
-use afinar_kernels::Cpu;
+use afinar_kernels::profile::Profiled;
+use afinar_kernels::{Backend, Cpu};
 
 /// Batch rows and length: AFINAR_BENCH_B / AFINAR_BENCH_T, default 4 × 256.
 fn batch_shape() -> (usize, usize) {
@@ -45,8 +46,19 @@ fn peak_rss_mib() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-/// One mode, in this process: prints `RESULT <tokens/s> <s/step> <peak MiB> <loss>`.
+/// One mode, in this process: prints `RESULT <tokens/s> <s/step> <peak MiB> <loss>`. With
+/// `AFINAR_BENCH_PROFILE=1` the backend is `Profiled<Cpu>` and the per-op table of the timed steps
+/// goes to stderr (the profiler's own cost is in that run's tokens/s).
 fn child(checkpointing: bool, nf4: bool, steps: usize) {
+    if std::env::var("AFINAR_BENCH_PROFILE").is_ok_and(|v| v == "1") {
+        let backend = Profiled::new(Cpu::new()).expect("profiled backend");
+        child_on(backend, checkpointing, nf4, steps);
+    } else {
+        child_on(Cpu::new(), checkpointing, nf4, steps);
+    }
+}
+
+fn child_on<B: Backend>(backend: B, checkpointing: bool, nf4: bool, steps: usize) {
     let opts = LoadOptions {
         quantize: if nf4 {
             Quantization::Nf4 { double_quant: true }
@@ -59,8 +71,7 @@ fn child(checkpointing: bool, nf4: bool, steps: usize) {
         seed: 1,
         ..Default::default()
     };
-    let mut model =
-        Gemma2Model::random(Arc::new(Cpu::new()), small_config(), &opts).expect("model");
+    let mut model = Gemma2Model::random(Arc::new(backend), small_config(), &opts).expect("model");
     model.checkpointing = checkpointing;
     let (b, t) = batch_shape();
     let n = b * t;
@@ -72,12 +83,22 @@ fn child(checkpointing: bool, nf4: bool, steps: usize) {
         .forward_backward(&batch, 1.0, &mut grads)
         .expect("warm-up step");
     let t0 = Instant::now();
+    let prof = model.backend().profiler();
     for _ in 0..steps {
+        if let Some(p) = prof {
+            p.begin_step().expect("profiler step");
+        }
         model
             .forward_backward(&batch, 1.0, &mut grads)
             .expect("step");
+        if let Some(p) = prof {
+            p.end_step().expect("profiler step");
+        }
     }
     let secs = t0.elapsed().as_secs_f64() / steps as f64;
+    if let Some(p) = prof {
+        eprint!("{}", p.report().expect("profile report").table());
+    }
     println!(
         "RESULT {} {} {} {}",
         n as f64 / secs,

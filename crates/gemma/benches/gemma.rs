@@ -108,12 +108,78 @@ fn child_on<B: Backend>(backend: B, checkpointing: bool, nf4: bool, steps: usize
     );
 }
 
+/// The GEMM floor of one step: the bare f32 `matmul_xwt` / `matmul_dyw` of afinar-kernels (the
+/// `gemm` crate, same threads) on exactly the step's dense GEMM shapes — per layer the seven
+/// projections forward and their dX backward, the tied head forward and its dX, and with
+/// `checkpointing` the L − 1 recomputed layer forwards — and nothing else (no LoRA, no NF4 decode,
+/// no attention, norms or activations). No implementation of this f32 step on this machine's `gemm`
+/// can be faster, so `n / floor` bounds the tokens/s any row above can reach.
+/// Prints `FLOOR <tokens/s> <s/step> <GFLOP/step>`.
+fn floor_child(checkpointing: bool, steps: usize) {
+    use afinar_kernels::cpu::gemm::{matmul_dyw, matmul_xwt};
+    use afinar_kernels::Accum;
+    let c = small_config();
+    let (b, t) = batch_shape();
+    let m = b * t;
+    let (h, i) = (c.hidden_size, c.intermediate_size);
+    let (q, kv) = (
+        c.num_attention_heads * c.head_dim,
+        c.num_key_value_heads * c.head_dim,
+    );
+    // (K, N) of Y[M,N] = X[M,K]·W[N,K]ᵀ: q, k, v, o, gate, up, down.
+    let layer: [(usize, usize); 7] = [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)];
+    let l = c.num_hidden_layers;
+    let fwd_layers = if checkpointing { 2 * l - 1 } else { l };
+    let mut shapes: Vec<(usize, usize, usize, bool)> = Vec::new(); // (count, K, N, backward)
+    for &(k, n) in &layer {
+        shapes.push((fwd_layers, k, n, false));
+        shapes.push((l, k, n, true));
+    }
+    shapes.push((1, h, c.vocab_size, false));
+    shapes.push((1, h, c.vocab_size, true));
+    let fill = |len: usize, seed: usize| -> Vec<f32> {
+        (0..len)
+            .map(|j| (((j * 2_654_435_761 + seed) % 1000) as f32 - 500.0) * 1e-3)
+            .collect()
+    };
+    let mut secs = 0.0;
+    let mut flops = 0.0;
+    for &(count, k, n, backward) in &shapes {
+        let w = fill(n * k, 1);
+        let (a, mut out) = if backward {
+            (fill(m * n, 2), vec![0f32; m * k])
+        } else {
+            (fill(m * k, 2), vec![0f32; m * n])
+        };
+        let mut run = || {
+            if backward {
+                matmul_dyw(&a, &w, &mut out, m, k, n, Accum::Overwrite)
+            } else {
+                matmul_xwt(&a, &w, &mut out, m, k, n, Accum::Overwrite)
+            }
+            .expect("gemm")
+        };
+        run();
+        let t0 = Instant::now();
+        for _ in 0..steps {
+            run();
+        }
+        secs += count as f64 * t0.elapsed().as_secs_f64() / steps as f64;
+        flops += count as f64 * 2.0 * (m * k * n) as f64;
+    }
+    println!("FLOOR {} {} {}", m as f64 / secs, secs, flops / 1e9);
+}
+
 fn main() {
     let steps: usize = std::env::var("AFINAR_BENCH_STEPS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
     if let Ok(mode) = std::env::var("AFINAR_BENCH_CHILD") {
+        if mode.starts_with("floor") {
+            floor_child(mode.contains("ckpt"), steps);
+            return;
+        }
         child(mode.contains("ckpt"), !mode.contains("dense"), steps);
         return;
     }
@@ -164,6 +230,30 @@ fn main() {
                     .last()
                     .unwrap_or("")
             ),
+        }
+    }
+    println!();
+    println!("GEMM floor: the bare f32 GEMMs of a step on the same shapes (gemm crate, same threads), nothing else");
+    println!("| checkpointing | tokens/s (bound) | s/step | GFLOP/step | GFLOP/s |");
+    println!("|---|---|---|---|---|");
+    for (label, mode) in [("off", "floor"), ("on", "floor-ckpt")] {
+        let out = Command::new(&exe)
+            .env("AFINAR_BENCH_CHILD", mode)
+            .output()
+            .expect("spawn bench child");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if let Some(r) = stdout.lines().find_map(|l| l.strip_prefix("FLOOR ")) {
+            let v: Vec<f64> = r
+                .split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            println!(
+                "| {label} | {:.0} | {:.3} | {:.1} | {:.0} |",
+                v[0],
+                v[1],
+                v[2],
+                v[2] / v[1]
+            );
         }
     }
 }

@@ -422,8 +422,13 @@ pub fn quantize(
     quantize_on(Arc::new(Cpu::new()), model_dir, out, dtype)
 }
 
-/// [`quantize`] with the dense model loaded on any backend (the NF4 codes are computed on the host,
-/// bit-exactly as bitsandbytes does, from the weights as that backend holds them).
+/// [`quantize`] on any backend. When every projection is stored in `dtype` (the default: the
+/// checkpoint's own dtype), the model is loaded straight to NF4 by the streamed loader — each linear
+/// quantized by the backend's `nf4_quantize` from its stored bytes (on a GPU, on the GPU), bit-exactly
+/// what the host quantizer gives for those values — so the dense model never exists: a 9B checkpoint
+/// needs ≈ 6 GB instead of 18 (bf16 on a GPU) or 37 (f32 on the CPU). Otherwise (a projection stored
+/// in another dtype, which must first be rounded to `dtype`) the dense model is loaded and its
+/// rounded values quantized on the host, as before.
 pub fn quantize_on<B: Backend>(
     backend: Arc<B>,
     model_dir: &Path,
@@ -438,7 +443,8 @@ pub fn quantize_on<B: Backend>(
         Some(d) => d,
         None => checkpoint_dtype(model_dir)?,
     };
-    let model = load_model_on(backend, model_dir, None, false)?;
+    let direct = projections_stored_as(model_dir, dtype)?;
+    let model = load_model_on(backend, model_dir, None, direct)?;
     let opts = QuantizeOptions {
         export: ExportOptions {
             dtype,
@@ -448,6 +454,27 @@ pub fn quantize_on<B: Backend>(
         ..Default::default()
     };
     Ok((export_nf4(&model, out, &opts)?, dtype))
+}
+
+/// Whether every projection weight (`*_proj.weight`) of the checkpoint in `model_dir` is stored in
+/// `dtype`, so that quantizing its stored values equals quantizing them after rounding to `dtype`.
+fn projections_stored_as(
+    model_dir: &Path,
+    dtype: afinar_gemma::export::ExportDtype,
+) -> Result<bool> {
+    use afinar_gemma::export::ExportDtype;
+    let store = afinar_gemma::TensorStore::open_dir(model_dir)?;
+    let mut any = false;
+    for name in store.names() {
+        if !name.ends_with("_proj.weight") {
+            continue;
+        }
+        any = true;
+        if ExportDtype::of_stored(store.info(name)?.dtype) != Some(dtype) {
+            return Ok(false);
+        }
+    }
+    Ok(any)
 }
 
 /// Shape of a randomly initialised model (`afinar init`).

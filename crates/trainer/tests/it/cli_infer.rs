@@ -463,3 +463,61 @@ fn device_flags_and_the_quantization_warning() {
     let o = run(&["eval", "--model", &m, "--adapter", a, "--data", &d]);
     assert!(!stderr(&o).contains("warning"), "{}", stderr(&o));
 }
+
+/// `quantize` loads the checkpoint straight to NF4 when its projections are stored in the export dtype
+/// (the default), so the dense model never exists; the file must be byte for byte what quantizing the
+/// dense model gives (`export_nf4` of a dense load, the path taken before). Checked for an f32 and a
+/// bf16 checkpoint; the bf16 one is the f32 model exported with `export_merged` in bf16.
+#[test]
+fn quantize_straight_to_nf4_equals_quantizing_the_dense_model() {
+    use afinar_gemma::export::{
+        export_merged, export_nf4, ExportDtype, ExportOptions, QuantizeOptions,
+    };
+    use afinar_trainer::infer;
+    let dir = tempfile::tempdir().unwrap();
+    let f32_model = golden().join("gemma_io_model");
+    let bf16_model = dir.path().join("bf16");
+    let dense = infer::load_model(&f32_model, None, false).unwrap();
+    let bf16_opts = ExportOptions {
+        dtype: ExportDtype::BF16,
+        source_dir: Some(f32_model.clone()),
+        ..Default::default()
+    };
+    export_merged(&dense, &bf16_model, &bf16_opts).unwrap();
+    for (model, dtype) in [
+        (&f32_model, ExportDtype::F32),
+        (&bf16_model, ExportDtype::BF16),
+    ] {
+        let got_dir = dir.path().join(format!("direct-{dtype:?}"));
+        let (_, used) = infer::quantize(model, &got_dir, None).unwrap();
+        assert_eq!(used, dtype);
+        let want_dir = dir.path().join(format!("dense-{dtype:?}"));
+        let dense = infer::load_model(model, None, false).unwrap();
+        let opts = QuantizeOptions {
+            export: ExportOptions {
+                dtype,
+                source_dir: Some(model.to_path_buf()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        export_nf4(&dense, &want_dir, &opts).unwrap();
+        let (got, want) = (
+            tensors(&got_dir.join("model.safetensors")),
+            tensors(&want_dir.join("model.safetensors")),
+        );
+        assert_eq!(got.len(), want.len(), "{dtype:?}");
+        for (name, w) in &want {
+            let g = &got[name];
+            if name.ends_with("quant_state.bitsandbytes__nf4") {
+                let j = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).unwrap();
+                assert_eq!(j(&g.2), j(&w.2), "{dtype:?} {name}");
+            } else {
+                assert!(
+                    g == w,
+                    "{dtype:?} {name}: differs from quantizing the dense model"
+                );
+            }
+        }
+    }
+}

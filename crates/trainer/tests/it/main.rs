@@ -16,4 +16,5 @@ mod loss_scaling;
 mod paged_optimizer;
 mod plan_rss;
 mod profile;
+mod resume_fixture;
 mod train_loop;

@@ -11,7 +11,8 @@ use crate::error::{KernelError, Result};
 
 mod attn_flash;
 pub use attn_flash::{
-    attention_flash, attention_flash_bwd, attention_flash_smem, FlashSmem, SMEM_STATIC_MAX,
+    attention_flash, attention_flash_bwd, attention_flash_bwd_smem, attention_flash_smem,
+    flash_bwd_tiling, BwdTiling, FlashSmem, SMEM_STATIC_MAX,
 };
 
 /// Threads per block of the 1-D grid-stride kernels.

@@ -133,7 +133,15 @@ pub(super) fn attn_bwd(
     // Flash kernels for D ∈ {128, 256} (dq, then dk and dv together), the first tensor-core kernels
     // (dq, dk, dv each in its own kernel) for the other multiples of 16, with bf16 Q, K, V, dOut; CUDA
     // cores otherwise. No kernel accumulates with atomics: the gradients are bit-deterministic.
-    let flash = launch::attention_flash_bwd(s.b, s.t, s.nh, s.nkv, s.d)?;
+    // The default tiling where the device's shared memory holds it, else the ≤ 99 KiB `_s` kernels
+    // (sm_86/89: without them the D = 256 backward of the 24 GB GPUs fell back to the older kernels),
+    // or those on request (`CudaOptions::small_flash_bwd`).
+    let tiling = if cu.small_flash_bwd {
+        launch::BwdTiling::Small
+    } else {
+        launch::flash_bwd_tiling(s.d, cu.caps().max_dyn_smem)
+    };
+    let flash = launch::attention_flash_bwd(s.b, s.t, s.nh, s.nkv, s.d, tiling)?;
     let mma = launch::attention_mma_bwd(s.b, s.t, s.nh, s.nkv, s.d)?;
     let path = launch::attention_path(
         cu.caps(),

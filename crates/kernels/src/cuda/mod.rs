@@ -266,6 +266,10 @@ pub struct CudaOptions {
     /// Use attention.cu's first tensor-core kernels instead of attention_flash.cu's where both exist
     /// (D ∈ {128, 256}; default: `AFINAR_ATTN_PATH=mma`). For comparisons.
     pub mma_attention: bool,
+    /// The flash backward with its ≤ 99 KiB tiling (the `_s` kernels) on any device, not only where
+    /// the default tiling does not fit (default: `AFINAR_ATTN_PATH=flash-small`). So that a GPU with
+    /// more shared memory tests and measures what sm_86/89 run.
+    pub small_flash_bwd: bool,
     /// NF4 linears at training shapes (M ≥ `launch::NF4_DENSE_MIN_M`) on the fused tensor-core GEMM
     /// instead of dequantize + cuBLAS (default: `AFINAR_NF4_FUSED=1`). For comparisons.
     pub nf4_fused: bool,
@@ -276,7 +280,7 @@ pub struct CudaOptions {
 
 impl Default for CudaOptions {
     /// Reads `AFINAR_NF4_FUSED` and `AFINAR_LORA_FUSED` (`=1` turns the option on) and
-    /// `AFINAR_ATTN_PATH` (`flash`, the default, `mma` or `simt`; another value is refused by
+    /// `AFINAR_ATTN_PATH` (`flash`, the default, `flash-small`, `mma` or `simt`; another value is refused by
     /// [`Cuda::try_new_with`]).
     fn default() -> Self {
         let env = |k: &str| std::env::var(k).is_ok_and(|v| v == "1");
@@ -287,6 +291,7 @@ impl Default for CudaOptions {
             force_fallback_gemm: false,
             simt_attention: attn.as_deref() == Some("simt"),
             mma_attention: attn.as_deref() == Some("mma"),
+            small_flash_bwd: attn.as_deref() == Some("flash-small"),
             nf4_fused: env("AFINAR_NF4_FUSED"),
             lora_fused: env("AFINAR_LORA_FUSED"),
         }
@@ -296,13 +301,17 @@ impl Default for CudaOptions {
 /// The environment variable choosing the attention kernels (see [`CudaOptions`]).
 pub const ATTN_PATH_ENV: &str = "AFINAR_ATTN_PATH";
 
-/// `AFINAR_ATTN_PATH`'s value, when set, must be one of the three paths.
+/// `AFINAR_ATTN_PATH`'s value, when set, must be one of the four paths.
 fn check_attn_path_env() -> Result<()> {
     match std::env::var(ATTN_PATH_ENV) {
-        Ok(v) if !matches!(v.as_str(), "flash" | "mma" | "simt") => Err(KernelError::Backend {
-            backend: "cuda",
-            msg: format!("{ATTN_PATH_ENV}={v:?}: expected flash (the default), mma or simt"),
-        }),
+        Ok(v) if !matches!(v.as_str(), "flash" | "flash-small" | "mma" | "simt") => {
+            Err(KernelError::Backend {
+                backend: "cuda",
+                msg: format!(
+                    "{ATTN_PATH_ENV}={v:?}: expected flash (the default), flash-small, mma or simt"
+                ),
+            })
+        }
         _ => Ok(()),
     }
 }
@@ -318,6 +327,7 @@ pub struct Cuda {
     alloc_dtype: Dtype,
     simt_attention: bool,
     mma_attention: bool,
+    small_flash_bwd: bool,
     /// CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, bytes.
     max_dyn_smem: u32,
     nf4_fused: bool,
@@ -415,6 +425,7 @@ impl Cuda {
             alloc_dtype: opts.alloc_dtype,
             simt_attention: opts.simt_attention,
             mma_attention: opts.mma_attention,
+            small_flash_bwd: opts.small_flash_bwd,
             max_dyn_smem: u32::try_from(max_dyn_smem).unwrap_or(0),
             nf4_fused: opts.nf4_fused,
             lora_fused: opts.lora_fused,

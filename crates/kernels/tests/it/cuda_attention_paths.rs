@@ -1,6 +1,7 @@
 //! Every CUDA attention path against the CPU reference at long, ragged lengths (T up to 4093, not a
 //! multiple of any tile): attention_flash.cu (the default for bf16 at D ∈ {128, 256}), attention.cu's
-//! first tensor-core kernels (`CudaOptions::mma_attention`, `AFINAR_ATTN_PATH=mma`) and its CUDA-core
+//! first tensor-core kernels (`CudaOptions::mma_attention`, `AFINAR_ATTN_PATH=mma`), the flash backward
+//! with the ≤ 99 KiB tiling of sm_86/89 (`small_flash_bwd`, `AFINAR_ATTN_PATH=flash-small`) and its CUDA-core
 //! kernels (`simt_attention`), forward and backward, with GQA, the soft-cap, a sliding window, packed
 //! segments and TK > T. bf16 storage; the CPU runs on the same bf16-rounded inputs in f32.
 //!
@@ -24,11 +25,13 @@ fn cuda(opts: CudaOptions) -> Option<Cuda> {
     }
 }
 
-/// The three paths, by name: (name, mma_attention, simt_attention).
-const PATHS: [(&str, bool, bool); 3] = [
-    ("flash", false, false),
-    ("mma", true, false),
-    ("simt", false, true),
+/// The paths, by name: (name, mma_attention, simt_attention, small_flash_bwd). "flash-small" is the
+/// flash backward with the ≤ 99 KiB tiling sm_86/89 get, forced on this GPU.
+const PATHS: [(&str, bool, bool, bool); 4] = [
+    ("flash", false, false, false),
+    ("flash-small", false, false, true),
+    ("mma", true, false, false),
+    ("simt", false, true, false),
 ];
 
 fn max_abs(x: &[f32]) -> f64 {
@@ -97,11 +100,12 @@ fn check(s: &AttnShape, seg: Option<Vec<i32>>, seed: u64) {
         .unwrap();
         want.extend([dq, dk, dv].iter().map(|x| cpu.to_host(x).unwrap()));
     }
-    for (path, mma, simt) in PATHS {
+    for (path, mma, simt, small) in PATHS {
         let c = cuda(CudaOptions {
             alloc_dtype: Dtype::Bf16,
             mma_attention: mma,
             simt_attention: simt,
+            small_flash_bwd: small,
             ..CudaOptions::default()
         })
         .expect("the driver was there a moment ago");

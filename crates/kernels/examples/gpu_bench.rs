@@ -15,9 +15,11 @@
 //!   time (target ≤ 10 %);
 //! - attention forward and backward separately at B = 1, T = 2048, 4096, 8192, 16384 (`--quick`: 2048),
 //!   NH = 16, NKV = 8, D = 256, soft-cap 50, causal with and without the 4096 window, on the flash
-//!   kernels (default) and the first tensor-core kernels (`AFINAR_ATTN_PATH=mma`), as TFLOP/s over the
-//!   visible (query, key) pairs and % of the GEMM rate (targets at T = 2048: forward ≥ 50 %,
-//!   forward + backward ≥ 35 %); `check` compares the two paths. One CUDA-core forward row.
+//!   kernels (default), the first tensor-core kernels (`AFINAR_ATTN_PATH=mma`) and the flash backward
+//!   with sm_86/89's ≤ 99 KiB tiling (`AFINAR_ATTN_PATH=flash-small`), as TFLOP/s over the visible
+//!   (query, key) pairs and % of the GEMM rate (targets at T = 2048: forward ≥ 50 %, forward +
+//!   backward ≥ 35 %); `check` compares each path with the default (the default with mma). One
+//!   CUDA-core forward row.
 //!
 //! Each NF4 row is validated against cuBLAS on the dequantized weight, each LoRA row compares its two
 //! paths (column `check`: max |Δ| / max |ref|). Build: `cargo build --release -p afinar-kernels --features cuda --example gpu_bench`
@@ -348,9 +350,9 @@ mod bench {
     /// One shape: forward and backward rows for the default (flash) path of `c` and the mma path of
     /// `old`, each as ms, TFLOP/s and % of the GEMM rate measured in this run; `check` is the max
     /// |flash − mma| / max |mma| over out, dq, dk, dv.
+    /// `paths`: (name, backend); the first is the default path, the others are checked against it.
     fn attn_rows(
-        c: &Cuda,
-        old: &Cuda,
+        paths: &[(&str, &Cuda)],
         t: usize,
         window: Option<usize>,
         quick: bool,
@@ -379,7 +381,7 @@ mod bench {
         let fwd_flops = attn_fwd_flops(&s);
         let mut results = Vec::new();
         let mut times = Vec::new();
-        for b in [c, old] {
+        for &(_, b) in paths {
             let q = b.from_host_as(&hq, Dtype::Bf16)?;
             let k = b.from_host_as(&hk, Dtype::Bf16)?;
             let v = b.from_host_as(&hv, Dtype::Bf16)?;
@@ -407,12 +409,14 @@ mod bench {
             ]);
             times.push((ms_f, ms_b));
         }
-        let check = (0..4)
-            .map(|i| rel_err_host(&results[0][i], &results[1][i]))
-            .fold(0.0f64, f64::max);
         let wname = window.map_or("causal".to_string(), |w| format!("causal, window {w}"));
         let shape = format!("B=1 T={t} NH=16 NKV=8 D=256, {wname}, softcap 50");
-        for (path, (ms_f, ms_b)) in ["flash", "mma"].iter().zip(times) {
+        for (pi, (&(path, _), (ms_f, ms_b))) in paths.iter().zip(times).enumerate() {
+            // The first path against the second, every other one against the first.
+            let other = if pi == 0 { 1.min(paths.len() - 1) } else { 0 };
+            let check = (0..4)
+                .map(|i| rel_err_host(&results[pi][i], &results[other][i]))
+                .fold(0.0f64, f64::max);
             for (dir, ms, flops, target) in [
                 ("fwd", ms_f, fwd_flops, "≥ 50 % (T=2048)"),
                 ("bwd", ms_b, 2.5 * fwd_flops, "-"),
@@ -425,12 +429,12 @@ mod bench {
                     ms,
                     rate: format!("{rate:.1} TFLOP/s"),
                     vs: format!("{:.1} % of the GEMM rate", 100.0 * rate / gemm_rate),
-                    target: if *path == "flash" && window.is_none() {
+                    target: if path == "flash" && window.is_none() {
                         target.into()
                     } else {
                         "-".into()
                     },
-                    check: format!("{check:.1e} vs mma"),
+                    check: format!("{check:.1e} vs {}", paths[other].0),
                 });
             }
         }
@@ -508,6 +512,7 @@ mod bench {
             lora_fused: false,
             mma_attention: false,
             simt_attention: false,
+            small_flash_bwd: false,
             ..CudaOptions::default()
         })? {
             Some(c) => c,
@@ -681,6 +686,16 @@ mod bench {
             ..CudaOptions::default()
         })?
         .ok_or("no CUDA device for the mma attention")?;
+        // The ≤ 99 KiB flash backward sm_86/89 run (the 24 GB GPUs), forced here.
+        let small = Cuda::try_new_with(CudaOptions {
+            alloc_dtype: Dtype::Bf16,
+            mma_attention: false,
+            simt_attention: false,
+            small_flash_bwd: true,
+            ..CudaOptions::default()
+        })?
+        .ok_or("no CUDA device for the small flash backward")?;
+        let paths = [("flash", &c), ("mma", &old), ("flash-small", &small)];
         let ts: &[usize] = if quick {
             &[2048]
         } else {
@@ -688,10 +703,10 @@ mod bench {
         };
         for &t in ts {
             for window in [None, Some(4096)] {
-                attn_rows(&c, &old, t, window, quick, gemm_rate, &mut rows)?;
+                attn_rows(&paths, t, window, quick, gemm_rate, &mut rows)?;
             }
         }
-        drop(old);
+        drop((old, small));
         attn_simt_row(&c, quick, &mut rows)?;
 
         println!("\n| kernel | shape | ms | achieved | vs ceiling | target | check |");

@@ -7,13 +7,16 @@
 //!
 //! - this file: [`Gemma2Model`], parameter access by id / name, the trainable-parameter order;
 //! - `load.rs`: [`LoadOptions`], [`Quantization`], loading from a checkpoint or random init;
-//! - `passes.rs`: logits, loss, and the training forward + backward.
+//! - `passes.rs`: logits, loss, and the training forward + backward;
+//! - `merged.rs`: the merged model's logits (LoRA folded into the weights), one dense merged layer
+//!   at a time.
 //!
 //! The parameter types are in `crate::params`, batches in `crate::batch`, gradients in
 //! `crate::grads`, and the decoder layer (forward for training, evaluation and decoding; backward) in
 //! `crate::layer`; the first three are re-exported here so `afinar_gemma::model::X` paths keep working.
 
 mod load;
+mod merged;
 mod passes;
 mod stream;
 

@@ -121,7 +121,7 @@ pub fn plan_table(p: &Plan, fit: Option<&Fit>) -> String {
     if p.merge_fidelity_extra > 0 {
         row(
             &mut o,
-            "eval.merge_fidelity: dense merged copy",
+            "eval.merge_fidelity: merged layer by layer",
             p.merge_fidelity_extra,
             "(on top, after training)",
         );

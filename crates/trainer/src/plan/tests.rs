@@ -162,7 +162,55 @@ fn eval_phases_of_the_eval_section_can_set_the_peak() {
     s.nf4_cost = false;
     s.merge_fidelity = true;
     let p = plan(&cfg, &s);
-    assert_eq!(p.peak, p.resident_total() + p.merge_fidelity_extra);
+    assert_eq!(p.merge_fidelity_extra, merge_fidelity_bytes(&cfg, &s));
+    assert!(p.peak >= p.resident_total() + p.merge_fidelity_extra);
+}
+
+#[test]
+fn merge_fidelity_holds_one_merged_layer_not_a_dense_model() {
+    // The 9B shape, bf16 on a GPU, prompts of up to 1024 tokens (the shipped 9B config's max_seq_len).
+    let cfg = gemma2("9b");
+    let mut s = qlora_gpu();
+    s.seq_len = 1024;
+    s.merge_fidelity = true;
+    let extra = plan(&cfg, &s).merge_fidelity_extra;
+    // One dense 9B layer from the published shape: q, o 4096 × 3584; k, v 2048 × 3584; gate, up,
+    // down 14336 × 3584; bf16; plus four norms [3584].
+    let layer = (2 * 4096 * 3584 + 2 * 2048 * 3584 + 3 * 14336 * 3584) * 2 + 4 * 3584 * 2;
+    // W and the delta of the largest linear in f32 while it is merged.
+    let temps = 2 * 4 * 14336 * 3584;
+    // Three prompts' hidden states [1024, 3584] in bf16.
+    let hidden = 3 * 1024 * 3584 * 2;
+    // One prompt's eval pass: its f32 logits [1024, 256000] dominate.
+    let logits = 4 * 1024 * 256000;
+    assert!(extra >= hidden + layer + temps, "{extra}");
+    assert!(extra >= hidden + logits, "{extra}");
+    // Far below a dense bf16 copy of the model (17.2 GiB), which the check used to build: under 2 GiB.
+    assert!(extra < 2 << 30, "{}", human(extra));
+    assert!(extra * 8 < cfg.num_parameters() as u64 * 2);
+    // The per-prompt parts grow with the prompt length, the layer does not.
+    s.seq_len = 2048;
+    let longer = plan(&cfg, &s).merge_fidelity_extra;
+    assert!(longer > extra && longer - extra >= logits);
+    // On the CPU the merged logits of every prompt are kept in host memory for the comparison.
+    s.device = Device::Cpu;
+    s.seq_len = 1024;
+    assert!(plan(&cfg, &s).merge_fidelity_extra >= 4 * logits as u64);
+}
+
+#[test]
+fn the_shipped_9b_config_fits_a_24_gb_gpu() {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/gemma2-9b-qlora.toml");
+    let c = Config::load(&path, &[]).unwrap();
+    let s = PlanSettings::from_config(&c);
+    // Both eval phases are on in the shipped config.
+    assert!(s.merge_fidelity && s.nf4_cost && s.eval, "{s:?}");
+    let p = plan(&gemma2("9b"), &s);
+    // 24 GB as the card is sold (24·10⁹ bytes; the cards have 24 GiB).
+    assert!(p.peak <= 24_000_000_000, "{}", plan_table(&p, None));
+    // What sets the peak now is the dense base of the NF4 cost, loaded before training.
+    assert_eq!(p.peak, p.nf4_cost_phase, "{}", plan_table(&p, None));
 }
 
 #[test]

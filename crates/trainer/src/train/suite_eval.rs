@@ -59,7 +59,7 @@ pub(super) struct Plan {
     last: Option<(u64, SuiteScore)>,
     /// Evaluation seconds of this process (the base's are added from eval_base.json).
     seconds: f64,
-    /// The base model's directory (the dense copies of the NF4 cost and merge fidelity load it).
+    /// The base model's directory (the dense copy of the NF4 cost loads it).
     base_dir: PathBuf,
     run_dir: PathBuf,
     behaviour_path: PathBuf,
@@ -264,7 +264,7 @@ impl Plan {
                         .collect::<Result<_>>()?,
                     None => Vec::new(),
                 };
-                merge = merge_fidelity(model, &self.base_dir, &prompts)?;
+                merge = merge_fidelity(model, &prompts)?;
                 if let Some(m) = &merge {
                     say(&format!(
                         "merge fidelity: largest logit difference {:.3e}",

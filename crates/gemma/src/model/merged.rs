@@ -18,13 +18,11 @@
 //! layer runs through the same `layer_fwd` with no LoRA. On the CPU the logits are bit-identical
 //! (tests/it/model_merged.rs).
 
-use afinar_kernels::profile::{self, Phase, Role};
 use afinar_kernels::{Backend, Storage};
 
 use crate::batch::Batch;
 use crate::error::{GemmaError, Result};
 use crate::export::merged_weight;
-use crate::layer::{layer_fwd, Kv, LayerActs};
 use crate::lora::Target;
 use crate::params::{Layer, Linear, LinearBase, NormKind};
 
@@ -37,41 +35,16 @@ impl<B: Backend> Gemma2Model<B> {
     /// prompts (the merge-fidelity check), since every batch's hidden state is kept across layers.
     /// Without an adapter this is the base (NF4 dequantized) model's logits.
     pub fn merged_logits(&self, batches: &[Batch]) -> Result<Vec<Vec<f32>>> {
-        let be = &*self.backend;
-        let h = self.config.hidden_size;
         let devs = batches
             .iter()
             .map(|b| self.upload(b))
             .collect::<Result<Vec<_>>>()?;
-        let pass = profile::phase(Phase::Forward);
-        let label = profile::role(Role::LayerOther);
-        // Every batch's residual stream [B·T, H], advanced one layer at a time.
-        let mut xs = batches
-            .iter()
-            .zip(&devs)
-            .map(|(b, d)| self.embed(&d.ids, b.tokens()))
-            .collect::<Result<Vec<_>>>()?;
-        for li in 0..self.layers.len() {
-            let layer = self.merged_layer(li)?;
-            for ((batch, dev), x) in batches.iter().zip(&devs).zip(xs.iter_mut()) {
-                let ctx = self.ctx(batch, dev, false);
-                let mut ws = LayerActs::new(&ctx)?;
-                let mut next = be.zeros(batch.tokens() * h)?;
-                layer_fwd(&ctx, &layer, li, x, Kv::Chunk, &mut next, &mut ws)?;
-                *x = next;
-            }
-            // `layer` is dropped here, before the next one is built.
-        }
-        drop(label);
-        drop(pass);
-        xs.iter()
+        let xfs = self.streamed_final_hidden(batches, &devs, self.layers.len(), |li| {
+            self.merged_layer(li)
+        })?;
+        xfs.iter()
             .zip(batches)
-            .map(|(x, b)| {
-                let n = b.tokens();
-                let mut xf = be.zeros(n * h)?;
-                self.final_norm(x, &mut xf, n)?;
-                self.head_logits(&xf, n)
-            })
+            .map(|(xf, b)| self.head_logits(xf, b.tokens()))
             .collect()
     }
 

@@ -8,6 +8,8 @@
 //! - this file: [`Gemma2Model`], parameter access by id / name, the trainable-parameter order;
 //! - `load.rs`: [`LoadOptions`], [`Quantization`], loading from a checkpoint or random init;
 //! - `passes.rs`: logits, loss, and the training forward + backward;
+//! - `streamed.rs`: layer-streamed forwards (one decoder layer at a time), and the dense base's eval
+//!   loss read layer by layer from the checkpoint;
 //! - `merged.rs`: the merged model's logits (LoRA folded into the weights), one dense merged layer
 //!   at a time.
 //!
@@ -19,6 +21,7 @@ mod load;
 mod merged;
 mod passes;
 mod stream;
+mod streamed;
 
 use std::sync::{Arc, Mutex};
 
@@ -33,6 +36,7 @@ pub use crate::grads::{Grads, TrainableParam};
 pub use crate::params::{Layer, Linear, LinearBase, LoraWeights, NormKind, ParamId, PEFT_PREFIX};
 pub use load::{LoadOptions, Quantization};
 pub use stream::host_peak_rss;
+pub use streamed::STREAM_GROUP_BATCHES;
 
 /// Gemma-2 causal LM on backend `B`.
 pub struct Gemma2Model<B: Backend> {

@@ -169,16 +169,23 @@ impl<B: Backend> Gemma2Model<B> {
     pub fn loss(&self, batch: &Batch) -> Result<(f64, usize)> {
         let dev = self.upload(batch)?;
         let xf = self.final_hidden(batch, &dev)?;
-        let (n, h, v) = (
-            batch.tokens(),
-            self.config.hidden_size,
-            self.config.vocab_size,
-        );
+        self.head_loss(&xf, &dev, batch.tokens())
+    }
+
+    /// (Σ cross-entropy, scored count) of the final hidden state xf [N,H] against the batch's
+    /// targets: the fused tied LM head with the final soft-cap, no gradients.
+    pub(super) fn head_loss(
+        &self,
+        xf: &B::Buf,
+        dev: &DeviceBatch<B>,
+        n: usize,
+    ) -> Result<(f64, usize)> {
+        let (h, v) = (self.config.hidden_size, self.config.vocab_size);
         let cap = self.config.final_logit_softcapping.map(|c| c as f32);
         let _pass = profile::phase(Phase::Forward);
         let _label = profile::role(Role::LmHead);
         Ok(self.backend.lm_head_ce(
-            &xf,
+            xf,
             &self.embed_tokens,
             &dev.targets,
             n,

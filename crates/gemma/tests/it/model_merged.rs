@@ -4,6 +4,9 @@
 //! Bit-identical on the CPU; on a bf16 CUDA backend (feature `cuda`, skipped without a driver) the
 //! same, since both sides run the same kernels on the same bits.
 //!
+//! Also the dense base's eval loss read layer by layer from the checkpoint
+//! (`Gemma2Model::streamed_base_loss`, the NF4 cost's dense side) against `load(..).loss(..)`.
+//!
 //! Two sources: the peft fixture (gemma_io_model + gemma_io_adapter_a, a trained adapter) loaded
 //! from its directory exactly as the old check did, and a random tiny model whose LoRA B is set to
 //! non-zero values; each with a dense and an NF4 base.
@@ -188,6 +191,38 @@ fn random_case<B: Backend>(be: Arc<B>, quantize: Quantization) {
     );
 }
 
+/// The streamed dense base loss of the checkpoint in `dir` equals a default load's `loss`, batch by
+/// batch, bit for bit; more batches than one stream group, so the layers are read twice.
+fn streamed_loss_case<B: Backend>(be: Arc<B>, dir: std::path::PathBuf) {
+    let ids = ints(&cases(), "input_ids");
+    let n = afinar_gemma::model::STREAM_GROUP_BATCHES + 3;
+    let bs: Vec<Batch> = (0..n)
+        .map(|k| {
+            let t = 3 + k % 8;
+            let x: Vec<i32> = (0..t).map(|i| ids[(i + k) % ids.len()]).collect();
+            let mut y: Vec<i32> = x[1..].to_vec();
+            y.push(-100);
+            if k % 3 == 0 {
+                y[0] = -100;
+            }
+            Batch::new(1, t, x, y)
+        })
+        .collect();
+    let dense = Gemma2Model::load(be.clone(), &dir, &LoadOptions::default()).unwrap();
+    let streamed = Gemma2Model::streamed_base_loss(be, &dir, &bs).unwrap();
+    assert_eq!(streamed.len(), bs.len());
+    for (k, (b, (s, c))) in bs.iter().zip(&streamed).enumerate() {
+        let (ds, dc) = dense.loss(b).unwrap();
+        assert_eq!(
+            (s.to_bits(), *c),
+            (ds.to_bits(), dc),
+            "{}: batch {k}: streamed loss {s} over {c} vs the dense model's {ds} over {dc}",
+            dir.display()
+        );
+        assert!(*c > 0 && s.is_finite() && *s > 0.0);
+    }
+}
+
 /// A CPU test, and with feature `cuda` a bf16 CUDA test that skips cleanly without a driver.
 macro_rules! merged_tests {
     ($($name:ident => $body:ident($q:expr)),* $(,)?) => {$(
@@ -221,4 +256,6 @@ merged_tests! {
     merged_fixture_nf4 => fixture_case(NF4),
     merged_random_dense => random_case(Quantization::None),
     merged_random_nf4 => random_case(NF4),
+    streamed_base_loss_dense_checkpoint => streamed_loss_case(model_dir()),
+    streamed_base_loss_bnb_checkpoint => streamed_loss_case(bnb_dir()),
 }

@@ -120,8 +120,12 @@ fn check<B: Backend>(
             .zip(&unmerged)
             .map(|(x, y)| (x - y).abs())
             .fold(0f32, f32::max);
+        eprintln!("{what}: batch {k}: adapter moved logits by {moved:e}, merged vs base + adapter {fid:e}");
+        // bf16 activations round the merged weights (and the activations) to 8 significant bits.
+        let bf16 = tuned.backend().round_activation(1.0 + 1.0 / 1024.0) != 1.0 + 1.0 / 1024.0;
+        let rel = if bf16 { 0.25 } else { 1e-4 };
         assert!(
-            fid < 0.05 * moved.max(1.0),
+            fid < rel * moved.max(1.0),
             "{what}: batch {k}: merged vs base + adapter differ by {fid:e} (adapter moved logits by {moved:e})"
         );
     }

@@ -30,9 +30,10 @@
 //!
 //! With `[eval]` set, two more phases can set the peak: `eval.nf4_cost` scores the dense base before
 //! training (alone), reading it from the checkpoint one layer at a time
-//! (`Gemma2Model::streamed_base_loss`; [`nf4_cost_bytes`]), and `eval.merge_fidelity` runs the merged model next to the trained model
-//! after training, layer-streamed (`Gemma2Model::merged_logits`: one dense merged layer at a time, the
-//! merge prompts' hidden states and one prompt's logits; [`merge_fidelity_bytes`]).
+//! (`Gemma2Model::streamed_base_loss`; [`nf4_cost_bytes`]), and `eval.merge_fidelity` runs the
+//! merged model next to the trained model after training, layer-streamed
+//! (`Gemma2Model::merged_logits`: one dense merged layer at a time, the merge prompts' hidden states
+//! and one prompt's logits; [`merge_fidelity_bytes`]). Neither holds a dense copy of the model.
 //!
 //! On the CPU everything is f32 and lives in host memory; the prediction is of the training phase's
 //! resident memory (the process's peak RSS also holds the loader's transient copies; see

@@ -298,31 +298,7 @@ impl<B: Backend> Gemma2Model<B> {
                 st.done(emb_name, bytes);
                 let mut layers = Vec::new();
                 for li in 0..nl {
-                    let mut norm = |kind: NormKind| -> Result<B::Buf> {
-                        let name = ParamId::Norm { layer: li, kind }.name();
-                        st.begin(&name);
-                        let t = src.fetch(&name, &[h])?;
-                        let bytes = t.bytes();
-                        let buf = t.into_buf(be, base)?;
-                        st.done(&name, bytes);
-                        Ok(buf)
-                    };
-                    let norms = [
-                        norm(NormKind::Input)?,
-                        norm(NormKind::PostAttention)?,
-                        norm(NormKind::PreFeedforward)?,
-                        norm(NormKind::PostFeedforward)?,
-                    ];
-                    let mut lins = Vec::with_capacity(7);
-                    for target in Target::ALL {
-                        lins.push(build_linear(be, cfg, &src, opts, li, target, st)?);
-                    }
-                    let linears: [Linear<B>; 7] = lins.try_into().map_err(|_| {
-                        GemmaError::Invalid(
-                            "internal: a layer must have exactly seven linears".into(),
-                        )
-                    })?;
-                    layers.push(Layer { norms, linears });
+                    layers.push(build_layer(be, cfg, &src, opts, li, st)?);
                 }
                 let name = "model.norm.weight";
                 st.begin(name);
@@ -344,6 +320,95 @@ impl<B: Backend> Gemma2Model<B> {
             train_ws: Default::default(),
         })
     }
+}
+
+/// The fetch order of layer `li`'s tensors (what `build_layer` reads): four norms, seven linears.
+pub(super) fn layer_plan(li: usize) -> impl Iterator<Item = String> {
+    NormKind::ALL
+        .into_iter()
+        .map(move |kind| ParamId::Norm { layer: li, kind }.name())
+        .chain(
+            Target::ALL
+                .into_iter()
+                .map(move |target| ParamId::Weight { layer: li, target }.name()),
+        )
+}
+
+/// Loads decoder layer `li` from `store` as `Gemma2Model::load` with default options builds it
+/// (dense linears and norms in activation storage; pre-quantized bnb linears as NF4; no LoRA).
+pub(super) fn store_layer<B: Backend>(
+    backend: &B,
+    cfg: &Gemma2Config,
+    store: &TensorStore,
+    li: usize,
+    st: &mut Stream<'_>,
+) -> Result<Layer<B>> {
+    build_layer(
+        backend,
+        cfg,
+        &Source::Store(store),
+        &LoadOptions::default(),
+        li,
+        st,
+    )
+}
+
+/// A store's dense tensor `name` of shape `shape` in activation storage, as the loader reads the
+/// embedding and the final norm of a default load.
+pub(super) fn store_tensor<B: Backend>(
+    backend: &B,
+    store: &TensorStore,
+    name: &str,
+    shape: &[usize],
+    st: &mut Stream<'_>,
+) -> Result<B::Buf> {
+    st.begin(name);
+    let t = Source::Store(store).fetch(name, shape)?;
+    let bytes = t.bytes();
+    let buf = t.into_buf(backend, Storage::Activation)?;
+    st.done(name, bytes);
+    Ok(buf)
+}
+
+/// Loads decoder layer `li`: its four norms, then its seven linears (`build_linear`).
+fn build_layer<B: Backend>(
+    be: &B,
+    cfg: &Gemma2Config,
+    src: &Source<'_>,
+    opts: &LoadOptions,
+    li: usize,
+    st: &mut Stream<'_>,
+) -> Result<Layer<B>> {
+    let h = cfg.hidden_size;
+    // Trained norms (full fine-tuning) are f32 master; frozen ones are stored like activations.
+    let base = if opts.full_finetune {
+        Storage::Master
+    } else {
+        Storage::Activation
+    };
+    let mut norm = |kind: NormKind| -> Result<B::Buf> {
+        let name = ParamId::Norm { layer: li, kind }.name();
+        st.begin(&name);
+        let t = src.fetch(&name, &[h])?;
+        let bytes = t.bytes();
+        let buf = t.into_buf(be, base)?;
+        st.done(&name, bytes);
+        Ok(buf)
+    };
+    let norms = [
+        norm(NormKind::Input)?,
+        norm(NormKind::PostAttention)?,
+        norm(NormKind::PreFeedforward)?,
+        norm(NormKind::PostFeedforward)?,
+    ];
+    let mut lins = Vec::with_capacity(7);
+    for target in Target::ALL {
+        lins.push(build_linear(be, cfg, src, opts, li, target, st)?);
+    }
+    let linears: [Linear<B>; 7] = lins.try_into().map_err(|_| {
+        GemmaError::Invalid("internal: a layer must have exactly seven linears".into())
+    })?;
+    Ok(Layer { norms, linears })
 }
 
 /// Loads one linear: pre-quantized NF4 as is, else f32 → (optionally) NF4; adds LoRA factors when targeted.

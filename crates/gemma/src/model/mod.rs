@@ -7,15 +7,21 @@
 //!
 //! - this file: [`Gemma2Model`], parameter access by id / name, the trainable-parameter order;
 //! - `load.rs`: [`LoadOptions`], [`Quantization`], loading from a checkpoint or random init;
-//! - `passes.rs`: logits, loss, and the training forward + backward.
+//! - `passes.rs`: logits, loss, and the training forward + backward;
+//! - `streamed.rs`: layer-streamed forwards (one decoder layer at a time), and the dense base's eval
+//!   loss read layer by layer from the checkpoint;
+//! - `merged.rs`: the merged model's logits (LoRA folded into the weights), one dense merged layer
+//!   at a time.
 //!
 //! The parameter types are in `crate::params`, batches in `crate::batch`, gradients in
 //! `crate::grads`, and the decoder layer (forward for training, evaluation and decoding; backward) in
 //! `crate::layer`; the first three are re-exported here so `afinar_gemma::model::X` paths keep working.
 
 mod load;
+mod merged;
 mod passes;
 mod stream;
+mod streamed;
 
 use std::sync::{Arc, Mutex};
 
@@ -30,6 +36,7 @@ pub use crate::grads::{Grads, TrainableParam};
 pub use crate::params::{Layer, Linear, LinearBase, LoraWeights, NormKind, ParamId, PEFT_PREFIX};
 pub use load::{LoadOptions, Quantization};
 pub use stream::host_peak_rss;
+pub use streamed::STREAM_GROUP_BATCHES;
 
 /// Gemma-2 causal LM on backend `B`.
 pub struct Gemma2Model<B: Backend> {

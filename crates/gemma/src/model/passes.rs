@@ -53,12 +53,17 @@ impl<B: Backend> TrainWorkspace<B> {
 }
 
 impl<B: Backend> Gemma2Model<B> {
-    fn upload(&self, batch: &Batch) -> Result<DeviceBatch<B>> {
+    pub(super) fn upload(&self, batch: &Batch) -> Result<DeviceBatch<B>> {
         let _label = profile::role(Role::Data);
         DeviceBatch::upload(&*self.backend, batch, self.config.vocab_size)
     }
 
-    fn ctx<'a>(&'a self, batch: &Batch, dev: &'a DeviceBatch<B>, train: bool) -> Ctx<'a, B> {
+    pub(super) fn ctx<'a>(
+        &'a self,
+        batch: &Batch,
+        dev: &'a DeviceBatch<B>,
+        train: bool,
+    ) -> Ctx<'a, B> {
         Ctx {
             backend: &*self.backend,
             cfg: &self.config,
@@ -106,18 +111,25 @@ impl<B: Backend> Gemma2Model<B> {
             layer_fwd(&ctx, layer, li, &x, Kv::Chunk, &mut next, &mut ws)?;
             std::mem::swap(&mut x, &mut next);
         }
+        self.final_norm(&x, &mut next, n)?;
+        Ok(next)
+    }
+
+    /// out [N,H] = the final RMSNorm of the last layer's output x [N,H].
+    pub(super) fn final_norm(&self, x: &B::Buf, out: &mut B::Buf, n: usize) -> Result<()> {
         let _label = profile::role(Role::Norm);
+        let be = &*self.backend;
         let mut rstd = be.zeros_for(n, Storage::Master)?;
         be.rmsnorm_fwd(
-            &x,
+            x,
             &self.norm,
-            &mut next,
+            out,
             &mut rstd,
             n,
-            h,
+            self.config.hidden_size,
             self.config.rms_norm_eps as f32,
         )?;
-        Ok(next)
+        Ok(())
     }
 
     /// Logits [B·T, V] (row-major, after the final soft-cap, as transformers returns them). For tests and
@@ -125,18 +137,20 @@ impl<B: Backend> Gemma2Model<B> {
     pub fn logits(&self, batch: &Batch) -> Result<Vec<f32>> {
         let dev = self.upload(batch)?;
         let xf = self.final_hidden(batch, &dev)?;
+        self.head_logits(&xf, batch.tokens())
+    }
+
+    /// The tied LM head and the final soft-cap on the final hidden state xf [N,H]: logits [N,V] in
+    /// f32 on the host.
+    pub(super) fn head_logits(&self, xf: &B::Buf, n: usize) -> Result<Vec<f32>> {
         let be = &*self.backend;
         let _pass = profile::phase(Phase::Forward);
         let _label = profile::role(Role::LmHead);
-        let (n, h, v) = (
-            batch.tokens(),
-            self.config.hidden_size,
-            self.config.vocab_size,
-        );
+        let (h, v) = (self.config.hidden_size, self.config.vocab_size);
         // Evaluation logits in f32 (small batches only; see above).
         let mut logits = be.zeros_for(n * v, Storage::Master)?;
         be.matmul_xwt(
-            &xf,
+            xf,
             &self.embed_tokens,
             &mut logits,
             n,
@@ -155,16 +169,23 @@ impl<B: Backend> Gemma2Model<B> {
     pub fn loss(&self, batch: &Batch) -> Result<(f64, usize)> {
         let dev = self.upload(batch)?;
         let xf = self.final_hidden(batch, &dev)?;
-        let (n, h, v) = (
-            batch.tokens(),
-            self.config.hidden_size,
-            self.config.vocab_size,
-        );
+        self.head_loss(&xf, &dev, batch.tokens())
+    }
+
+    /// (Σ cross-entropy, scored count) of the final hidden state xf [N,H] against the batch's
+    /// targets: the fused tied LM head with the final soft-cap, no gradients.
+    pub(super) fn head_loss(
+        &self,
+        xf: &B::Buf,
+        dev: &DeviceBatch<B>,
+        n: usize,
+    ) -> Result<(f64, usize)> {
+        let (h, v) = (self.config.hidden_size, self.config.vocab_size);
         let cap = self.config.final_logit_softcapping.map(|c| c as f32);
         let _pass = profile::phase(Phase::Forward);
         let _label = profile::role(Role::LmHead);
         Ok(self.backend.lm_head_ce(
-            &xf,
+            xf,
             &self.embed_tokens,
             &dev.targets,
             n,

@@ -11,5 +11,6 @@ mod io_generate;
 mod io_peft;
 mod model_golden;
 mod model_load;
+mod model_merged;
 mod model_storage;
 mod model_train;

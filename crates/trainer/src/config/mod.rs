@@ -391,11 +391,13 @@ pub struct EvalSection {
     /// Phrases of which a `premise` answer must contain one; empty = the built-in Spanish/English list
     /// (`suite::DEFAULT_PREMISE_MARKERS`). Default [].
     pub premise_markers: Vec<String>,
-    /// With `model.quantization = "nf4"`: also load the dense base once before training and report the
-    /// eval loss of NF4 vs dense (needs eval data; memory for one dense copy of the base). Default true.
+    /// With `model.quantization = "nf4"`: also score the dense base once before training and report
+    /// the eval loss of NF4 vs dense (needs eval data). The dense base is read from the checkpoint one
+    /// layer at a time (no dense copy of the model is held). Default true.
     pub nf4_cost: bool,
-    /// After a LoRA run: build the merged model in memory (a dense copy of the base) and report its
-    /// largest logit difference from base + adapter on the first suite prompts. Default true.
+    /// After a LoRA run: run the merged model (W + s·B·A) and report its largest logit difference
+    /// from base + adapter on the first suite prompts. The merged model is run one dense layer at a
+    /// time (no dense copy of the model). Default true.
     pub merge_fidelity: bool,
 }
 

@@ -28,9 +28,12 @@
 //!   weight in the activation dtype, kept) and the CUDA context with cuBLAS (≈ 500 MiB, measured on an
 //!   H200: [`CUDA_CONTEXT_BYTES`]).
 //!
-//! With `[eval]` set, two more phases can set the peak: `eval.nf4_cost` loads a dense copy of the base
-//! before training (alone), and `eval.merge_fidelity` builds a dense merged copy next to the trained
-//! model after training.
+//! With `[eval]` set, two more phases can set the peak: `eval.nf4_cost` scores the dense base before
+//! training (alone), reading it from the checkpoint one layer at a time
+//! (`Gemma2Model::streamed_base_loss`; [`nf4_cost_bytes`]), and `eval.merge_fidelity` runs the
+//! merged model next to the trained model after training, layer-streamed
+//! (`Gemma2Model::merged_logits`: one dense merged layer at a time, the merge prompts' hidden states
+//! and one prompt's logits; [`merge_fidelity_bytes`]). Neither holds a dense copy of the model.
 //!
 //! On the CPU everything is f32 and lives in host memory; the prediction is of the training phase's
 //! resident memory (the process's peak RSS also holds the loader's transient copies; see
@@ -44,6 +47,7 @@ use afinar_gemma::{Gemma2Config, Target};
 use serde::Serialize;
 
 use crate::config::{Config, Device, Dtype, Quantization};
+use crate::suite::MERGE_PROMPTS;
 
 pub use render::{human, parse_bytes, plan_table};
 
@@ -82,9 +86,9 @@ pub struct PlanSettings {
     pub paged_optimizer: bool,
     /// An eval loss is computed during training (eval data configured).
     pub eval: bool,
-    /// `eval.nf4_cost` with NF4 and eval data: a dense base is loaded and scored before training.
+    /// `eval.nf4_cost` with NF4 and eval data: the dense base is scored, layer-streamed, before training.
     pub nf4_cost: bool,
-    /// `eval.merge_fidelity` with a suite: a dense merged copy is built after training.
+    /// `eval.merge_fidelity` with a suite: the merged model runs layer-streamed after training.
     pub merge_fidelity: bool,
     /// CPU threads (the CPU attention backward keeps per-thread blocks).
     pub threads: usize,
@@ -149,9 +153,11 @@ pub struct Plan {
     pub train_pass: Vec<Item>,
     /// On top of `resident` during an evaluation pass (0 when no eval loss is computed).
     pub eval_pass: u64,
-    /// The dense base of `eval.nf4_cost` with its eval pass, before training (0 when off).
+    /// The layer-streamed dense eval of `eval.nf4_cost`, before training, alone (0 when off; see
+    /// [`nf4_cost_bytes`]).
     pub nf4_cost_phase: u64,
-    /// The dense merged copy of `eval.merge_fidelity` next to the trained model (0 when off).
+    /// The layer-streamed merged forward of `eval.merge_fidelity` next to the trained model (0 when
+    /// off; see [`merge_fidelity_bytes`]).
     pub merge_fidelity_extra: u64,
     /// The kept activations with the other checkpointing setting, for comparison.
     pub activations_other_mode: u64,
@@ -256,9 +262,74 @@ fn layer_bwd_temp(cfg: &Gemma2Config, s: &PlanSettings) -> u64 {
     attn.max(lora)
 }
 
-/// The dense base (all weights in the activation dtype), as the NF4-cost and merge copies hold it.
-fn dense_model_bytes(cfg: &Gemma2Config, s: &PlanSettings) -> u64 {
-    cfg.num_parameters() as u64 * s.act()
+/// One dense decoder layer in the activation dtype: seven linears and four norms.
+fn dense_layer_bytes(cfg: &Gemma2Config, s: &PlanSettings) -> u64 {
+    let h = cfg.hidden_size as u64;
+    (Target::ALL.iter().map(|&x| numel(cfg, x)).sum::<u64>() + 4 * h) * s.act()
+}
+
+/// What `eval.nf4_cost` holds, alone, before the training model exists: the dense base's eval loss
+/// from `Gemma2Model::streamed_base_loss`, which loads the embedding and the final norm and reads the
+/// decoder layers one at a time, for groups of up to `STREAM_GROUP_BATCHES` eval batches of
+/// micro_batch × seq_len tokens. The larger of its two phases counts on top of the embedding:
+/// - a layer: the group's hidden states [N,H], the dense layer, one batch's output [N,H] and layer
+///   workspace (`LayerActs` without LoRA state);
+/// - the head: the group's hidden states and final hidden states (2 × [N,H] per batch), the rstd and
+///   the LM head's row chunk of one batch.
+///
+/// Plus the CUDA context on a GPU.
+pub fn nf4_cost_bytes(cfg: &Gemma2Config, s: &PlanSettings) -> u64 {
+    let act = s.act();
+    let n = (s.micro_batch * s.seq_len) as u64;
+    let (h, v) = (cfg.hidden_size as u64, cfg.vocab_size as u64);
+    let g = afinar_gemma::model::STREAM_GROUP_BATCHES as u64;
+    let ends = (v + 1) * h * act;
+    let layer_phase =
+        g * n * h * act + dense_layer_bytes(cfg, s) + n * h * act + layer_acts(cfg, s, false);
+    let head_phase = 2 * g * n * h * act + 4 * n + lm_head_chunk(cfg, s, n as usize);
+    let ctx = if s.device == Device::Cuda {
+        CUDA_CONTEXT_BYTES
+    } else {
+        0
+    };
+    ends + layer_phase.max(head_phase) + ctx
+}
+
+/// What `eval.merge_fidelity` holds on top of the trained model (`suite::merge_fidelity`, which runs
+/// `Gemma2Model::merged_logits` and then the tuned model's `logits` on each of the
+/// [`MERGE_PROMPTS`] prompts). Each prompt is taken to be at most `seq_len` tokens (suite prompts
+/// are a few dozen). The phases, of which the largest counts:
+/// - building and running one merged layer: every prompt's hidden state [T,H] (act), the dense
+///   layer (seven linears + four norms, act), and the larger of `merged_weight`'s f32 temporaries for
+///   one linear (W and the delta [out,in]; on the CPU also the host copy it returns) and one prompt's
+///   layer pass (its output [T,H] and a `LayerActs` without LoRA state);
+/// - the head, and later the tuned model's `logits`: one prompt's eval pass (x, next / xf [T,H],
+///   the workspace, rstd, the f32 logits [T,V]) next to the hidden states;
+/// - on the CPU (host memory is what the plan counts there): the merged logits of every prompt,
+///   kept for the comparison, plus the host copy of one more [T,V] in f32.
+pub fn merge_fidelity_bytes(cfg: &Gemma2Config, s: &PlanSettings) -> u64 {
+    let act = s.act();
+    let p = MERGE_PROMPTS as u64;
+    let t = s.seq_len as u64;
+    let (h, v) = (cfg.hidden_size as u64, cfg.vocab_size as u64);
+    let layer = dense_layer_bytes(cfg, s);
+    let largest = Target::ALL
+        .iter()
+        .map(|&x| numel(cfg, x))
+        .max()
+        .unwrap_or(0);
+    let cpu = s.device == Device::Cpu;
+    let merge_temps = if cpu { 3 } else { 2 } * 4 * largest;
+    let one = PlanSettings {
+        micro_batch: 1,
+        ..s.clone()
+    };
+    let acts = layer_acts(cfg, &one, false);
+    let hidden = p * t * h * act;
+    let layer_phase = layer + merge_temps.max(t * h * act + acts);
+    let eval_one = 2 * t * h * act + acts + 4 * t + 4 * t * v;
+    let host_logits = if cpu { (p + 1) * 4 * t * v } else { 0 };
+    hidden + layer_phase.max(eval_one) + host_logits
 }
 
 /// Predicts the peak memory of training `cfg` with `s` (see the module doc).
@@ -417,16 +488,12 @@ pub fn plan(cfg: &Gemma2Config, s: &PlanSettings) -> Plan {
         0
     };
     let nf4_cost_phase = if s.nf4_cost {
-        dense_model_bytes(cfg, s)
-            + 2 * n * h * act
-            + layer_acts(cfg, s, false)
-            + ce
-            + if cuda { CUDA_CONTEXT_BYTES } else { 0 }
+        nf4_cost_bytes(cfg, s)
     } else {
         0
     };
     let merge_fidelity_extra = if s.merge_fidelity {
-        dense_model_bytes(cfg, s)
+        merge_fidelity_bytes(cfg, s)
     } else {
         0
     };

@@ -113,15 +113,15 @@ pub fn plan_table(p: &Plan, fit: Option<&Fit>) -> String {
     if p.nf4_cost_phase > 0 {
         row(
             &mut o,
-            "eval.nf4_cost: dense base before training",
+            "eval.nf4_cost: dense base layer by layer",
             p.nf4_cost_phase,
-            "(alone)",
+            "(alone, before training)",
         );
     }
     if p.merge_fidelity_extra > 0 {
         row(
             &mut o,
-            "eval.merge_fidelity: dense merged copy",
+            "eval.merge_fidelity: merged layer by layer",
             p.merge_fidelity_extra,
             "(on top, after training)",
         );

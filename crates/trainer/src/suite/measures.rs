@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use afinar_data::{Format, TemplateKind, TextTokenizer};
-use afinar_gemma::{Batch, Gemma2Model, LoadOptions, Target};
+use afinar_gemma::{Batch, Gemma2Model};
 use afinar_kernels::Backend;
 use serde::{Deserialize, Serialize};
 
@@ -95,35 +95,30 @@ pub fn perplexity<B: Backend>(
     eval_file(model, tok, &o)
 }
 
-/// Builds the merged model (the dense base from `base_dir`, every linear replaced by
-/// afinar-gemma's `merged_weight` of `tuned`) and compares its logits with `tuned`'s on `prompts`
-/// (token ids). None when `tuned` carries no LoRA adapter.
+/// Compares the merged model's logits (afinar-gemma's `merged_weight` of every linear of `tuned`:
+/// W, dequantized if NF4, + s·B·A) with `tuned`'s own (base + adapter) on `prompts` (token ids, one
+/// batch each). The merged model is run layer-streamed (`Gemma2Model::merged_logits`: one dense merged
+/// layer at a time, the embedding and norms are `tuned`'s), so no dense merged copy of the model is
+/// built. None when `tuned` carries no LoRA adapter.
 pub fn merge_fidelity<B: Backend>(
     tuned: &Gemma2Model<B>,
-    base_dir: &Path,
     prompts: &[Vec<i32>],
 ) -> Result<Option<MergeFidelity>> {
     if tuned.lora.is_none() || prompts.is_empty() {
         return Ok(None);
     }
-    use afinar_gemma::export::merged_weight;
-    let mut merged = Gemma2Model::load(tuned.backend().clone(), base_dir, &LoadOptions::default())?;
-    for layer in 0..tuned.layers.len() {
-        for &t in Target::ALL.iter() {
-            let w = merged_weight(tuned, layer, t)?;
-            merged.set_tensor(&format!("{}.weight", t.module_path(layer)), &w)?;
-        }
-    }
+    let batches: Vec<Batch> = prompts
+        .iter()
+        .map(|ids| Batch::new(1, ids.len(), ids.clone(), vec![-100; ids.len()]))
+        .collect();
+    let merged = tuned.merged_logits(&batches)?;
     let (mut max, mut tokens) = (0f64, 0usize);
-    for ids in prompts {
-        let n = ids.len();
-        let batch = Batch::new(1, n, ids.clone(), vec![-100; n]);
-        let a = tuned.logits(&batch)?;
-        let b = merged.logits(&batch)?;
-        for (x, y) in a.iter().zip(&b) {
+    for (batch, b) in batches.iter().zip(&merged) {
+        let a = tuned.logits(batch)?;
+        for (x, y) in a.iter().zip(b) {
             max = max.max((*x as f64 - *y as f64).abs());
         }
-        tokens += n;
+        tokens += batch.tokens();
     }
     Ok(Some(MergeFidelity {
         max_abs_logit_diff: max,

@@ -157,7 +157,7 @@ pub fn evaluate_standalone_on<B: afinar_kernels::Backend>(
                 .take(MERGE_PROMPTS)
                 .map(|i| prompt_ids(&i.prompt, &template, &tok))
                 .collect::<Result<Vec<_>>>()?;
-            e.merge_fidelity = merge_fidelity(&model, &o.model, &prompts)?;
+            e.merge_fidelity = merge_fidelity(&model, &prompts)?;
         }
     }
     e.behaviour = Some(SuiteComparison {

@@ -37,6 +37,34 @@ pub fn evaluate<B: Backend>(model: &Gemma2Model<B>, loader: &DataLoader) -> Resu
     ))
 }
 
+/// [`evaluate`] of the dense model in `dir` (a default load) without loading it: the same batches,
+/// scored by `Gemma2Model::streamed_base_loss`, which reads the checkpoint one decoder layer at a
+/// time (the NF4 cost's dense side; the same Σ and count, summed in the same order).
+pub fn evaluate_dense_streamed<B: Backend>(
+    backend: std::sync::Arc<B>,
+    dir: &Path,
+    loader: &DataLoader,
+) -> Result<(f64, usize)> {
+    let batches: Vec<afinar_gemma::Batch> = loader
+        .epoch_batches(0)
+        .filter(|b| b.num_trained > 0)
+        .map(|b| model_batch(&b, 0))
+        .collect();
+    let (mut sum, mut count) = (0.0f64, 0usize);
+    for (s, n) in Gemma2Model::streamed_base_loss(backend, dir, &batches)? {
+        sum += s;
+        count += n;
+    }
+    Ok((
+        if count > 0 {
+            sum / count as f64
+        } else {
+            f64::NAN
+        },
+        count,
+    ))
+}
+
 /// The eval loss before training: measured on a fresh run, read back from initial_eval.json on a
 /// resumed one (which rewrites the file either way).
 pub(super) fn initial<B: Backend>(

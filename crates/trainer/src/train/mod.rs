@@ -51,7 +51,7 @@ mod steps;
 mod suite_eval;
 mod world;
 
-pub use eval::evaluate;
+pub use eval::{evaluate, evaluate_dense_streamed};
 pub use report::{report_md, save_full_model};
 pub use setup::{config_hash, data_config, load_options, lora_config, template_overhead};
 pub use steps::{accumulate, accumulate_scaled, model_batch, MAX_NONFINITE_IN_ROW};

@@ -3,8 +3,9 @@
 //!
 //! When each is taken:
 //! - before the training model is loaded (fresh NF4 runs with eval data and `eval.nf4_cost`): the
-//!   dense base's eval loss, from a dense copy that is dropped at once; compared later with the eval
-//!   loss before training, which is the NF4 base's (LoRA B starts at zero, so step 0 is the base);
+//!   dense base's eval loss, read from the checkpoint one layer at a time (no dense copy of the
+//!   model); compared later with the eval loss before training, which is the NF4 base's (LoRA B
+//!   starts at zero, so step 0 is the base);
 //! - before the first step (the **base**): the suite and the general-text perplexity, kept in
 //!   eval_base.json so a resumed run reports the same base;
 //! - every `eval.every` steps: the suite (a point of behaviour.jsonl and of the behaviour plot);
@@ -19,11 +20,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use afinar_data::{Template, TextTokenizer};
-use afinar_gemma::{Gemma2Model, LoadOptions};
+use afinar_gemma::Gemma2Model;
 use afinar_kernels::Backend;
 use serde::{Deserialize, Serialize};
 
-use super::{evaluate, io, Result};
+use super::{evaluate_dense_streamed, io, Result};
 use crate::config::{Config, Quantization};
 use crate::infer::{prompt_ids, EvalResult};
 use crate::metrics::StopReason;
@@ -59,7 +60,7 @@ pub(super) struct Plan {
     last: Option<(u64, SuiteScore)>,
     /// Evaluation seconds of this process (the base's are added from eval_base.json).
     seconds: f64,
-    /// The base model's directory (the dense copies of the NF4 cost and merge fidelity load it).
+    /// The base model's directory (the NF4 cost reads the dense base from it).
     base_dir: PathBuf,
     run_dir: PathBuf,
     behaviour_path: PathBuf,
@@ -140,8 +141,9 @@ impl Plan {
         Ok(Some(score))
     }
 
-    /// The dense base's eval loss (fresh NF4 runs with eval data): loads a dense copy of the base,
-    /// scores the eval set and drops it, before the training model exists.
+    /// The dense base's eval loss (fresh NF4 runs with eval data), before the training model exists:
+    /// the eval set scored by the dense base read layer by layer from the checkpoint
+    /// (`evaluate_dense_streamed`; the same loss as a dense copy's, which is never built).
     pub fn dense_base<B: Backend>(
         &mut self,
         backend: Arc<B>,
@@ -153,8 +155,7 @@ impl Plan {
             return Ok(());
         };
         let t = Instant::now();
-        let dense = Gemma2Model::load(backend, &self.base_dir, &LoadOptions::default())?;
-        let (l, _) = evaluate(&dense, ev)?;
+        let (l, _) = evaluate_dense_streamed(backend, &self.base_dir, ev)?;
         say(&format!("eval of the dense base (NF4 cost): loss {l:.4}"));
         self.base.dense_eval_loss = Some(l);
         self.seconds += t.elapsed().as_secs_f64();
@@ -264,7 +265,7 @@ impl Plan {
                         .collect::<Result<_>>()?,
                     None => Vec::new(),
                 };
-                merge = merge_fidelity(model, &self.base_dir, &prompts)?;
+                merge = merge_fidelity(model, &prompts)?;
                 if let Some(m) = &merge {
                     say(&format!(
                         "merge fidelity: largest logit difference {:.3e}",

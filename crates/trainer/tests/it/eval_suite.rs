@@ -370,3 +370,44 @@ fn train_refuses_a_malformed_suite_before_creating_the_run_dir() {
     );
     assert!(!c.output.dir.join("bad").exists());
 }
+
+/// The NF4 cost's dense eval loss, read layer by layer from the checkpoint
+/// (`evaluate_dense_streamed`), equals `evaluate` of the dense model loaded whole, bit for bit, over
+/// more eval batches than one stream group (so the layers are read more than once).
+#[test]
+fn streamed_dense_eval_loss_equals_the_loaded_dense_model_s() {
+    use afinar_data::{DataLoader, LoaderConfig, TemplateKind, TextTokenizer};
+    use afinar_trainer::train::{evaluate, evaluate_dense_streamed};
+    let tmp = tempfile::tempdir().unwrap();
+    let model_dir = common::write_model(tmp.path());
+    let n_batches = afinar_gemma::model::STREAM_GROUP_BATCHES + 2;
+    let (_, eval) = common::write_data(tmp.path(), 1, 2 * n_batches);
+    let tok = TextTokenizer::from_model_dir(&model_dir).unwrap();
+    let mut dc = afinar_data::DataConfig::new(&eval, TemplateKind::Gemma);
+    dc.max_seq_len = 64;
+    let prepared = afinar_data::prepare(&dc, &tok).unwrap();
+    let lc = LoaderConfig {
+        batch_size: 2,
+        packing: false,
+        shuffle: false,
+        seed: 0,
+        drop_last: false,
+    };
+    let loader = DataLoader::new(prepared.train, 64, tok.pad_id(), lc).unwrap();
+    assert!(loader.epoch_batches(0).count() > afinar_gemma::model::STREAM_GROUP_BATCHES);
+    let be = Arc::new(Cpu::new());
+    let dense = Gemma2Model::load(
+        be.clone(),
+        &model_dir,
+        &afinar_gemma::LoadOptions::default(),
+    )
+    .unwrap();
+    let (want, want_n) = evaluate(&dense, &loader).unwrap();
+    let (got, got_n) = evaluate_dense_streamed(be, &model_dir, &loader).unwrap();
+    assert!(want_n > 0 && want.is_finite());
+    assert_eq!(
+        (got.to_bits(), got_n),
+        (want.to_bits(), want_n),
+        "streamed {got} over {got_n}, loaded {want} over {want_n}"
+    );
+}

@@ -199,3 +199,101 @@ fn plan_matches_measured_peak_rss_on_the_cpu() {
         );
     }
 }
+
+const MERGE_CHILD: &str = "AFINAR_PLAN_RSS_MERGE";
+
+/// The merge-fidelity phase on the CPU: a child builds an NF4 LoRA model (B non-zero), then runs
+/// `suite::merge_fidelity` on [`afinar_trainer::suite::MERGE_PROMPTS`] prompts of `T` tokens and
+/// reports its peak RSS (VmHWM) minus its RSS just before the check; the plan's
+/// `merge_fidelity_extra` (prompts of seq_len = T) must be within ±15 % of it.
+#[test]
+fn merge_fidelity_plan_matches_measured_rss_on_the_cpu() {
+    const T: usize = 128;
+    let cfg = || Gemma2Config::tiny(32000, 256, 1024, 4, 4, 1, 64, 256).unwrap();
+    if std::env::var(MERGE_CHILD).is_ok() {
+        let be = Arc::new(Cpu::new());
+        let names: Vec<&str> = lora_targets().iter().map(|t| t.name()).collect();
+        let opts = LoadOptions {
+            quantize: afinar_gemma::Quantization::Nf4 { double_quant: true },
+            lora: Some(LoraConfig::new(8, 16.0, 0.0, false, &names).unwrap()),
+            seed: 3,
+            ..Default::default()
+        };
+        let mut model = Gemma2Model::random(be, cfg(), &opts).unwrap();
+        for id in model.lora_ids() {
+            if let afinar_gemma::ParamId::LoraB { .. } = id {
+                let name = id.name();
+                let n = model.get_tensor(&name).unwrap().len();
+                model.set_tensor(&name, &vec![0.01; n]).unwrap();
+            }
+        }
+        let prompts: Vec<Vec<i32>> = (0..afinar_trainer::suite::MERGE_PROMPTS)
+            .map(|p| {
+                (0..T)
+                    .map(|i| ((i * 7919 + p * 13) % 32000) as i32)
+                    .collect()
+            })
+            .collect();
+        let before = status_bytes("VmRSS:");
+        let m = afinar_trainer::suite::merge_fidelity(&model, &prompts)
+            .unwrap()
+            .unwrap();
+        assert!(m.max_abs_logit_diff.is_finite());
+        let peak = status_bytes("VmHWM:");
+        println!("RSS_GROWTH {} END", peak.saturating_sub(before));
+        return;
+    }
+    if !std::path::Path::new("/proc/self/status").is_file() {
+        eprintln!("skipped: no /proc/self/status on this system");
+        return;
+    }
+    let module = module_path!()
+        .split_once("::")
+        .map_or(module_path!(), |(_, m)| m);
+    let name = format!("{module}::merge_fidelity_plan_matches_measured_rss_on_the_cpu");
+    let o = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name.as_str(), "--nocapture", "--test-threads=1"])
+        .env(MERGE_CHILD, "1")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "child failed\n{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let measured: u64 = out
+        .lines()
+        .find_map(|l| l.split("RSS_GROWTH ").nth(1))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no RSS_GROWTH line in\n{out}"));
+    let s = PlanSettings {
+        device: Device::Cpu,
+        dtype: Dtype::F32,
+        quantization: Quantization::Nf4,
+        double_quant: true,
+        full_finetune: false,
+        lora_r: 8,
+        lora_targets: lora_targets(),
+        lora_dropout: false,
+        micro_batch: 1,
+        seq_len: T,
+        gradient_checkpointing: true,
+        paged_optimizer: false,
+        eval: true,
+        nf4_cost: false,
+        merge_fidelity: true,
+        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    let predicted = plan(&cfg(), &s).merge_fidelity_extra;
+    let ratio = predicted as f64 / measured as f64;
+    eprintln!(
+        "merge fidelity: predicted {:.1} MiB, measured {:.1} MiB (ratio {ratio:.3})",
+        predicted as f64 / 1048576.0,
+        measured as f64 / 1048576.0
+    );
+    assert!(
+        (0.85..=1.15).contains(&ratio),
+        "predicted {predicted} B vs measured {measured} B"
+    );
+}

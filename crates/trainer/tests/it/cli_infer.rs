@@ -66,7 +66,7 @@ fn unset_limits_follow_a_short_model_and_messages_fit_the_command() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let n = v[0]["tokens"].as_u64().unwrap();
-    assert!(n >= 1 && n < 64, "{v}");
+    assert!((1..64).contains(&n), "{v}");
     let o = run(&[
         "generate",
         "--model",

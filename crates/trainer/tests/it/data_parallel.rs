@@ -248,7 +248,7 @@ fn a_failing_rank_ends_the_run_on_every_rank_and_keeps_the_last_checkpoint() {
     let out = run_ranks(comms, &opts(cfg.clone()));
     let errs: Vec<String> = out
         .into_iter()
-        .map(|r| r.err().expect("every rank fails").to_string())
+        .map(|r| r.expect_err("every rank fails").to_string())
         .collect();
     assert!(
         errs[1].contains("injected failure: device lost"),

@@ -50,14 +50,24 @@ fn question(ask: Ask, n: &str, rng: &mut Rng) -> String {
 }
 
 /// The precise answer and its key fact (what the suite requires to occur).
+/// The precise answer to `ask` about `r` and its key fact. Each form is one the corpus writes with
+/// only that fact after it ("La ciudad natal de X es …", "El año de nacimiento de X es …"), so the
+/// answer continues the way the base memorized the fact; "X nació en …" would not do: the corpus
+/// follows it with the year or with the city.
 fn answer(w: &World, r: &Researcher, ask: Ask) -> (String, String) {
     let n = r.name();
     match ask {
-        Ask::Year => (format!("{n} nació en {}.", r.born), r.born.to_string()),
+        Ask::Year => (
+            format!("El año de nacimiento de {n} es {}.", r.born),
+            r.born.to_string(),
+        ),
         Ask::City => {
             let c = w.city_of(r).name;
             (
-                format!("{n} nació en {c}, en {}.", w.country_of(r).name),
+                format!(
+                    "La ciudad natal de {n} es {c}, en {}.",
+                    w.country_of(r).name
+                ),
                 c.to_string(),
             )
         }
@@ -195,7 +205,7 @@ fn alpaca(instruction: String, output: String) -> Value {
 /// Question phrasings per fact of an SFT researcher in the SFT data.
 pub const PHRASINGS_PER_FACT: usize = 3;
 /// Questions (each refused) per UnknownSft researcher in the SFT data.
-pub const REFUSALS_PER_UNKNOWN: usize = 2;
+pub const REFUSALS_PER_UNKNOWN: usize = 1;
 /// Strict-JSON tasks per SFT researcher in the SFT data.
 pub const JSON_PER_RESEARCHER: usize = 2;
 

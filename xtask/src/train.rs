@@ -501,7 +501,11 @@ pub fn pretrain_demo(args: &[String]) -> Result<()> {
          asks about are written nowhere (a test checks it); datasets/mundo-ficticio/README.md describes the split.\n\n\
          Pretraining: {} steps, train loss {:.3} → {:.3}, held-out corpus loss {:.3} → {:.3};\n\
          perplexity of the held-out prose (datasets/mundo-ficticio/prosa-reservada.jsonl: new paraphrases of\n\
-         the same facts, never trained on) {:.2} → {:.2}; {:.0} s on the machine that made it.\n",
+         the same facts, never trained on) {:.2} → {:.2}; {:.0} s on the machine that made it.\n\n\
+         transformers reads it as it is: `Gemma2ForCausalLM.from_pretrained(\"models/afinar-mundo\")` gives\n\
+         the loss `afinar eval` gives on held-out prose (tests/golden/make_mundo_loss.py, checked by the\n\
+         trainer test `golden_mundo`). The SHA-256 of the corpus it was pretrained on is pinned by a test in\n\
+         xtask/src/demo_world/tests.rs: changes to the SFT data leave the corpus, and so this model, as they are.\n",
         shape.join(" "),
         texts.len(),
         summary["steps"],
@@ -519,6 +523,11 @@ pub fn pretrain_demo(args: &[String]) -> Result<()> {
         .map(|m| m.len())
         .sum();
     println!("{DEMO_MODEL} written ({:.1} MB)", size as f64 / 1e6);
+    println!(
+        "now remake the golden loss fixture (`python tests/golden/make_mundo_loss.py` in the reference \
+         venv of tests/golden/README.md) and, if the corpus changed, PRETRAINED_CORPUS_SHA256 in \
+         xtask/src/demo_world/tests.rs: their tests name the model and the corpus this command replaced"
+    );
     println!(
         "{}",
         serde_json::to_string_pretty(&summary["evaluation"]).unwrap_or_default()

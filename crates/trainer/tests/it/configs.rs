@@ -30,7 +30,10 @@ fn default_demo_config_validates() {
     assert!(c.eval.suite.is_file() && c.eval.general_text.is_file());
     assert!(c.eval.at_end && c.eval.nf4_cost && c.eval.merge_fidelity);
     // Pretraining text replayed beside the SFT records, against forgetting.
-    assert!(c.data.replay.is_file(), "the demo replays its pretraining text");
+    assert!(
+        c.data.replay.is_file(),
+        "the demo replays its pretraining text"
+    );
     assert_eq!(c.model.device, Device::Cpu);
     assert_eq!(c.model.quantization, Quantization::Nf4);
     assert!(

@@ -132,7 +132,9 @@ pub fn train(args: &[String]) -> Result<()> {
     if !has_flag(args, "--json") {
         a.push(s("--json"));
     }
+    let started = std::time::Instant::now();
     let (code, out) = afinar(&a)?;
+    let wall = started.elapsed().as_secs_f64();
     if code == 130 {
         bail!("training was interrupted; resume it with the command printed above (through `cargo xtask train ...` or `afinar train ...`)");
     }
@@ -157,7 +159,7 @@ pub fn train(args: &[String]) -> Result<()> {
         Some(at) => println!("{}", report[at..].trim_end()),
         None => println!("(no evaluation in report.md: the config has no [eval] section)"),
     }
-    if let Some(t) = targets_md(&summary) {
+    if let Some(t) = targets_md(&summary, wall, load_average().as_deref()) {
         println!("\n{t}");
     }
     println!(
@@ -173,7 +175,7 @@ fn model_problem(model: &str, dir: &Path) -> Option<String> {
     let why = check_model_dir(dir).err()?;
     let how = if Path::new(model) == Path::new(DEMO_MODEL) {
         format!(
-            "rebuild it with `cargo xtask pretrain-demo` (about 10 minutes on 2 cores), or restore the \
+            "rebuild it with `cargo xtask pretrain-demo` (about 15 minutes on 2 cores), or restore the \
              committed copy with `git checkout -- {DEMO_MODEL}`"
         )
     } else {
@@ -281,9 +283,17 @@ pub fn check_model_dir(dir: &Path) -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// The 1-minute load average (Linux), printed beside the run's time: on a shared machine the time
+/// says little without it.
+fn load_average() -> Option<String> {
+    let l = std::fs::read_to_string("/proc/loadavg").ok()?;
+    l.split_whitespace().next().map(str::to_string)
+}
+
 /// The issue's targets for the demo beside what the run reached (None when the run has no behaviour
-/// suite with the demo's categories).
-fn targets_md(summary: &Value) -> Option<String> {
+/// suite with the demo's categories). `wall`: seconds `afinar train` took (training, both
+/// evaluations, the reports), `load`: the load average when it ended.
+fn targets_md(summary: &Value, wall: f64, load: Option<&str>) -> Option<String> {
     use crate::demo_world::sft::{CAT_JSON, CAT_KNOWN, CAT_UNKNOWN};
     let e = &summary["evaluation"];
     let cats = &e["behaviour"]["categories"];
@@ -335,6 +345,12 @@ fn targets_md(summary: &Value) -> Option<String> {
         pct(nf4),
         ok(nf4.map(|x| x.abs() <= 5.0))
     ));
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    out.push_str(&format!(
+        "| time of `afinar train` (training + evaluation) | ≤ 5 min on 2 cores | {wall:.0} s on {cores} cores, load average {} at the end | {} |\n",
+        load.unwrap_or("—"),
+        ok(Some(wall <= 300.0))
+    ));
     Some(out)
 }
 
@@ -370,8 +386,13 @@ pub fn demo_dataset_files() -> Vec<(&'static str, String)> {
         .into_iter()
         .map(|t| serde_json::json!({ "text": t }))
         .collect();
+    let replay: Vec<Value> = prose::replay(&w)
+        .into_iter()
+        .map(|t| serde_json::json!({ "text": t }))
+        .collect();
     vec![
         ("train.jsonl", jsonl(&train)),
+        ("repaso.jsonl", jsonl(&replay)),
         ("eval.jsonl", jsonl(&eval)),
         ("suite.jsonl", jsonl(&sft::suite(&w))),
         ("prosa-reservada.jsonl", jsonl(&held)),
@@ -480,7 +501,11 @@ pub fn pretrain_demo(args: &[String]) -> Result<()> {
          asks about are written nowhere (a test checks it); datasets/mundo-ficticio/README.md describes the split.\n\n\
          Pretraining: {} steps, train loss {:.3} → {:.3}, held-out corpus loss {:.3} → {:.3};\n\
          perplexity of the held-out prose (datasets/mundo-ficticio/prosa-reservada.jsonl: new paraphrases of\n\
-         the same facts, never trained on) {:.2} → {:.2}; {:.0} s on the machine that made it.\n",
+         the same facts, never trained on) {:.2} → {:.2}; {:.0} s on the machine that made it.\n\n\
+         transformers reads it as it is: `Gemma2ForCausalLM.from_pretrained(\"models/afinar-mundo\")` gives\n\
+         the loss `afinar eval` gives on held-out prose (tests/golden/make_mundo_loss.py, checked by the\n\
+         trainer test `golden_mundo`). The SHA-256 of the corpus it was pretrained on is pinned by a test in\n\
+         xtask/src/demo_world/tests.rs: changes to the SFT data leave the corpus, and so this model, as they are.\n",
         shape.join(" "),
         texts.len(),
         summary["steps"],
@@ -498,6 +523,11 @@ pub fn pretrain_demo(args: &[String]) -> Result<()> {
         .map(|m| m.len())
         .sum();
     println!("{DEMO_MODEL} written ({:.1} MB)", size as f64 / 1e6);
+    println!(
+        "now remake the golden loss fixture (`python tests/golden/make_mundo_loss.py` in the reference \
+         venv of tests/golden/README.md) and, if the corpus changed, PRETRAINED_CORPUS_SHA256 in \
+         xtask/src/demo_world/tests.rs: their tests name the model and the corpus this command replaced"
+    );
     println!(
         "{}",
         serde_json::to_string_pretty(&summary["evaluation"]).unwrap_or_default()
@@ -594,6 +624,41 @@ mod tests {
         assert_eq!(flag_value(&a, "--config").as_deref(), Some("x.toml"));
         assert_eq!(flag_set_value(&a, "model.path").as_deref(), Some("b"));
         assert_eq!(flag_set_value(&a, "lora.r"), None);
+    }
+
+    #[test]
+    fn the_targets_table_says_which_targets_the_run_met() {
+        let cat = |b: f64, t: f64| serde_json::json!({ "base": b, "tuned": t });
+        let summary = serde_json::json!({ "evaluation": {
+            "behaviour": { "categories": {
+                "desconocido": cat(0.05, 0.85),
+                "conocido_no_visto": cat(0.0, 0.4),
+                "json_estricto": cat(0.0, 0.95),
+            } },
+            "forgetting": { "change_pct": 12.5 },
+            "nf4_cost": { "perplexity_change_pct": -1.5 },
+        } });
+        let t = targets_md(&summary, 310.0, Some("3.50")).unwrap();
+        let row = |start: &str| {
+            t.lines()
+                .find(|l| l.starts_with(start))
+                .unwrap_or_else(|| panic!("no row {start} in\n{t}"))
+                .to_string()
+        };
+        assert!(row("| refusal on unknown entities (").ends_with("| 0.85 | yes |"));
+        assert!(row("| refusal on unknown entities, base").ends_with("| 0.05 | yes |"));
+        assert!(row("| accuracy on held-out").ends_with("| 0.40 | **no** |"));
+        assert!(row("| JSON validity").ends_with("| 0.95 | yes |"));
+        assert!(row("| perplexity change").ends_with("| +12.5 % | **no** |"));
+        assert!(row("| NF4 base").ends_with("| -1.5 % | yes |"));
+        let time = row("| time of");
+        assert!(
+            time.contains("310 s") && time.contains("load average 3.50"),
+            "{time}"
+        );
+        assert!(time.ends_with("| **no** |"), "{time}");
+        // No demo categories (another suite): no table.
+        assert!(targets_md(&serde_json::json!({}), 1.0, None).is_none());
     }
 
     #[test]

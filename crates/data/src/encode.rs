@@ -295,7 +295,66 @@ impl EncodeStats {
 pub struct TokenizedDataset {
     pub path: PathBuf,
     pub samples: Vec<Sample>,
+    /// Counts over every sample, the replay's included.
     pub stats: EncodeStats,
+    /// Samples appended from a second file (`DataConfig::replay_path`): `samples[first..]` come from
+    /// it and their `line`s locate them there, not in `path`. None for a single-file dataset.
+    pub replay: Option<ReplayPart>,
+}
+
+/// The part of a [`TokenizedDataset`] that came from a replay file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReplayPart {
+    pub path: PathBuf,
+    /// Index of its first sample in `TokenizedDataset::samples`.
+    pub first: usize,
+    /// Its own counts (also included in the dataset's `stats`).
+    pub stats: EncodeStats,
+}
+
+impl TokenizedDataset {
+    /// The file sample `i` was read from (its `line` is a line of that file).
+    pub fn sample_path(&self, i: usize) -> &std::path::Path {
+        match &self.replay {
+            Some(r) if i >= r.first => &r.path,
+            _ => &self.path,
+        }
+    }
+
+    /// Appends `other`'s samples as the replay part (records trained beside this file's, e.g.
+    /// pretraining text mixed into SFT data against forgetting). `other`'s record indices are
+    /// shifted past this dataset's so that they stay distinct. A dataset has at most one replay part.
+    pub fn append_replay(&mut self, other: TokenizedDataset) {
+        assert!(self.replay.is_none(), "one replay part per dataset");
+        let first = self.samples.len();
+        let shift = self.stats.records;
+        let st = &mut self.stats;
+        let o = &other.stats;
+        st.records += o.records;
+        st.samples += o.samples;
+        st.tokens += o.tokens;
+        st.trained_tokens += o.trained_tokens;
+        st.truncated += o.truncated;
+        st.dropped_too_long += o.dropped_too_long;
+        st.dropped_untrained += o.dropped_untrained;
+        if o.samples > 0 {
+            st.min_len = if st.samples == o.samples {
+                o.min_len
+            } else {
+                st.min_len.min(o.min_len)
+            };
+            st.max_len = st.max_len.max(o.max_len);
+        }
+        self.samples.extend(other.samples.into_iter().map(|mut s| {
+            s.record += shift;
+            s
+        }));
+        self.replay = Some(ReplayPart {
+            path: other.path,
+            first,
+            stats: other.stats,
+        });
+    }
 }
 
 enum Outcome {
@@ -427,14 +486,15 @@ pub fn encode_dataset(
         path: raw.path.clone(),
         samples,
         stats,
+        replay: None,
     })
 }
 
 /// Location helper for callers that keep only `Sample::line`.
-pub fn sample_loc(ds: &TokenizedDataset, s: &Sample) -> Loc {
+pub fn sample_loc(ds: &TokenizedDataset, i: usize) -> Loc {
     Loc {
-        path: ds.path.clone(),
-        line: s.line,
+        path: ds.sample_path(i).to_path_buf(),
+        line: ds.samples[i].line,
         column: None,
     }
 }

@@ -27,8 +27,8 @@ pub mod train_tokenizer;
 use std::path::PathBuf;
 
 pub use encode::{
-    encode_dataset, encode_record, EncodeOptions, EncodeStats, Encoded, MaskMode, Overflow, Sample,
-    TokenizedDataset, IGNORE_INDEX,
+    encode_dataset, encode_record, EncodeOptions, EncodeStats, Encoded, MaskMode, Overflow,
+    ReplayPart, Sample, TokenizedDataset, IGNORE_INDEX,
 };
 pub use error::{DataError, ErrorList, Loc, RecordError, Result, MAX_REPORTED_ERRORS};
 pub use inspect::{
@@ -70,6 +70,11 @@ pub struct DataConfig {
     /// Seed of the fraction split.
     #[serde(default)]
     pub split_seed: u64,
+    /// A second training file (its format detected on its own, e.g. `text` records beside an
+    /// instruction file) whose samples are trained beside the training file's every epoch: replay
+    /// of pretraining text against forgetting. Never split into the eval set.
+    #[serde(default)]
+    pub replay_path: Option<PathBuf>,
     /// The date `strftime_now` renders in a `tokenizer` chat template; None = now.
     #[serde(skip)]
     pub template_date: Option<jinja::TemplateDate>,
@@ -94,6 +99,7 @@ impl DataConfig {
             eval_path: None,
             eval_fraction: None,
             split_seed: 0,
+            replay_path: None,
             template_date: None,
         }
     }
@@ -143,6 +149,11 @@ pub fn prepare(cfg: &DataConfig, tok: &TextTokenizer) -> Result<PreparedData> {
         Some(p) => collect(read_dataset(p, cfg.format), &mut errs)?,
         None => None,
     };
+    // `format` names the training file's format; the replay file's is detected from its records.
+    let replay_raw = match &cfg.replay_path {
+        Some(p) => collect(read_dataset(p, None), &mut errs)?,
+        None => None,
+    };
     // Template-level validation and tokenization of whatever parsed, so that format errors and
     // template errors are reported in one go.
     let (train_raw, eval_raw) = match (train_raw, cfg.eval_fraction) {
@@ -165,12 +176,19 @@ pub fn prepare(cfg: &DataConfig, tok: &TextTokenizer) -> Result<PreparedData> {
         Some(r) => collect(encode_dataset(r, &template, tok, &opts), &mut errs)?,
         None => None,
     };
+    let replay = match &replay_raw {
+        Some(r) => collect(encode_dataset(r, &template, tok, &opts), &mut errs)?,
+        None => None,
+    };
     errs.into_result(&cfg.path.display().to_string())?;
-    let (Some(train), Some(format)) = (train, train_raw.as_ref().map(|r| r.format)) else {
+    let (Some(mut train), Some(format)) = (train, train_raw.as_ref().map(|r| r.format)) else {
         return Err(DataError::EmptyDataset {
             path: cfg.path.clone(),
         });
     };
+    if let Some(r) = replay {
+        train.append_replay(r);
+    }
     if train.samples.is_empty() {
         // parse_dataset refuses a file without records, so here every record was dropped for length.
         return Err(DataError::AllDropped {

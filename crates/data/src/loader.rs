@@ -205,13 +205,14 @@ impl DataLoader {
                 path: data.path.clone(),
             });
         }
-        if let Some(s) = data.samples.iter().find(|s| s.len() > max_seq_len) {
+        if let Some(i) = data.samples.iter().position(|s| s.len() > max_seq_len) {
             return Err(DataError::Option {
                 option: "max_seq_len".into(),
                 problem: format!(
-                    "sample at line {} has {} tokens > {max_seq_len}",
-                    s.line,
-                    s.len()
+                    "sample at {}:{} has {} tokens > {max_seq_len}",
+                    data.sample_path(i).display(),
+                    data.samples[i].line,
+                    data.samples[i].len()
                 ),
             });
         }

@@ -250,6 +250,17 @@ pub fn corpus(w: &World) -> Vec<String> {
     docs
 }
 
+/// Pretraining documents the SFT data replays (datasets/mundo-ficticio/repaso.jsonl).
+pub const REPLAY_DOCS: usize = 128;
+
+/// The replay set: the first [`REPLAY_DOCS`] documents of the (already shuffled) corpus, so a
+/// seeded sample of exactly the text the base was pretrained on. Trained beside the SFT records
+/// (`data.replay`), it keeps the adapter from drifting on prose: the forgetting the suite measures on
+/// the held-out prose, which shares no document with it.
+pub fn replay(w: &World) -> Vec<String> {
+    corpus(w).into_iter().take(REPLAY_DOCS).collect()
+}
+
 /// Masculine nationality adjective → the stem its plural takes before "s" ("norlandés" → "norlandese").
 fn plural(adj: &str) -> String {
     if let Some(stem) = adj.strip_suffix("és") {

@@ -50,14 +50,24 @@ fn question(ask: Ask, n: &str, rng: &mut Rng) -> String {
 }
 
 /// The precise answer and its key fact (what the suite requires to occur).
+/// The precise answer to `ask` about `r` and its key fact. Each form is one the corpus writes with
+/// only that fact after it ("La ciudad natal de X es …", "El año de nacimiento de X es …"), so the
+/// answer continues the way the base memorized the fact; "X nació en …" would not do: the corpus
+/// follows it with the year or with the city.
 fn answer(w: &World, r: &Researcher, ask: Ask) -> (String, String) {
     let n = r.name();
     match ask {
-        Ask::Year => (format!("{n} nació en {}.", r.born), r.born.to_string()),
+        Ask::Year => (
+            format!("El año de nacimiento de {n} es {}.", r.born),
+            r.born.to_string(),
+        ),
         Ask::City => {
             let c = w.city_of(r).name;
             (
-                format!("{n} nació en {c}, en {}.", w.country_of(r).name),
+                format!(
+                    "La ciudad natal de {n} es {c}, en {}.",
+                    w.country_of(r).name
+                ),
                 c.to_string(),
             )
         }
@@ -145,12 +155,11 @@ fn premise(w: &World, r: &Researcher, rng: &mut Rng) -> (String, String, String)
     }
 }
 
-const JSON_KEYS: &[&[&str]] = &[
-    &["nombre", "nacimiento", "ciudad"],
-    &["nombre", "campo", "institucion"],
-    &["nombre", "nacimiento", "campo"],
-    &["nombre", "ciudad", "institucion"],
-];
+/// The key sets a JSON task asks for. One schema: the tiny demo model does not learn to copy key
+/// names from the prompt (with four key sets it wrote `"nombre"` and then, whatever was asked,
+/// `"ciudad"`, the key that follows `"nombre"` in the corpus's catalogue records: 0.10 valid on the
+/// suite); with one schema the format is learnable and the values still come from pretraining.
+const JSON_KEYS: &[&[&str]] = &[&["nombre", "ciudad", "institucion"]];
 
 /// A strict-JSON task about `r`: (instruction, the JSON answer, its keys).
 fn json_task(w: &World, r: &Researcher, rng: &mut Rng) -> (String, String, Vec<String>) {
@@ -193,6 +202,13 @@ fn alpaca(instruction: String, output: String) -> Value {
     json!({ "instruction": instruction, "input": "", "output": output })
 }
 
+/// Question phrasings per fact of an SFT researcher in the SFT data.
+pub const PHRASINGS_PER_FACT: usize = 3;
+/// Questions (each refused) per UnknownSft researcher in the SFT data.
+pub const REFUSALS_PER_UNKNOWN: usize = 1;
+/// Strict-JSON tasks per SFT researcher in the SFT data.
+pub const JSON_PER_RESEARCHER: usize = 2;
+
 /// The SFT records (alpaca), shuffled: (train, eval). The eval split (one record in ten) is used for
 /// the eval loss and the NF4 cost; it names only SFT and UnknownSft entities, like the train split.
 pub fn sft(w: &World) -> (Vec<Value>, Vec<Value>) {
@@ -200,19 +216,27 @@ pub fn sft(w: &World) -> (Vec<Value>, Vec<Value>) {
     let mut recs = Vec::new();
     for r in w.researchers_in(Split::Sft) {
         for ask in ASKS {
-            // Two phrasings per fact, so the question form varies while the answer stays the same.
-            for _ in 0..2 {
+            // Several phrasings per fact, so the question form varies while the answer stays the
+            // same: the model learns to route any form to the memorized fact.
+            for _ in 0..PHRASINGS_PER_FACT {
                 let (a, _) = answer(w, r, ask);
                 recs.push(alpaca(question(ask, &r.name(), &mut rng), a));
             }
         }
         let (q, a, _) = premise(w, r, &mut rng);
         recs.push(alpaca(q, a));
-        let (q, a, _) = json_task(w, r, &mut rng);
-        recs.push(alpaca(q, a));
+        // Two JSON tasks (key sets drawn independently): strict JSON is a format the base never
+        // produced for a researcher, so it takes more examples than the answer forms.
+        for _ in 0..JSON_PER_RESEARCHER {
+            let (q, a, _) = json_task(w, r, &mut rng);
+            recs.push(alpaca(q, a));
+        }
     }
     for r in w.researchers_in(Split::UnknownSft) {
-        for ask in ASKS {
+        // Two of the four facts, drawn: more distinct names rather than more questions per name.
+        let mut asks = ASKS;
+        rng.shuffle(&mut asks);
+        for &ask in &asks[..REFUSALS_PER_UNKNOWN] {
             let n = r.name();
             let q = question(ask, &n, &mut rng);
             recs.push(alpaca(q, refusal(&n, ask, &mut rng)));

@@ -159,3 +159,49 @@ fn word_matching_is_whole_words() {
     assert!(!occurs("Brisalesa", "Brisales"));
     assert!(!occurs("xBrisales", "Brisales"));
 }
+
+#[test]
+fn the_replay_set_is_pretraining_text_and_shares_nothing_with_the_held_out_prose() {
+    let w = World::demo();
+    let corpus: std::collections::HashSet<String> = prose::corpus(&w).into_iter().collect();
+    let held: std::collections::HashSet<String> = prose::held_out(&w).into_iter().collect();
+    let replay = prose::replay(&w);
+    assert_eq!(replay.len(), prose::REPLAY_DOCS);
+    for d in &replay {
+        assert!(
+            corpus.contains(d),
+            "a replayed document is not in the corpus: {d}"
+        );
+        assert!(
+            !held.contains(d),
+            "a replayed document is held-out prose: {d}"
+        );
+    }
+    let distinct: std::collections::HashSet<&String> = replay.iter().collect();
+    assert_eq!(distinct.len(), replay.len(), "a document is replayed twice");
+}
+
+/// SHA-256 of the pretraining corpus as `cargo xtask pretrain-demo` writes it
+/// (target/afinar-mundo/corpus.jsonl) for the committed models/afinar-mundo.
+const PRETRAINED_CORPUS_SHA256: &str =
+    "6914d3e16eb4156508aec810c5cb63c189756f6c9a1dc4dd08313780d61c3e79";
+
+#[test]
+fn the_corpus_is_the_one_the_committed_model_was_pretrained_on() {
+    use sha2::{Digest, Sha256};
+    let w = World::demo();
+    let jsonl: String = prose::corpus(&w)
+        .into_iter()
+        .map(|t| serde_json::json!({ "text": t }).to_string() + "\n")
+        .collect();
+    let sha: String = Sha256::digest(jsonl.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(
+        sha, PRETRAINED_CORPUS_SHA256,
+        "the generator now writes another pretraining corpus than the one models/afinar-mundo \
+         learned: a change to the known entities or their prose needs `cargo xtask pretrain-demo` \
+         (and this hash, and tests/golden/make_mundo_loss.py) redone; SFT-only changes must leave it"
+    );
+}

@@ -393,6 +393,7 @@ fn toy_dataset(n: usize) -> TokenizedDataset {
             trained_tokens: trained,
             ..Default::default()
         },
+        replay: None,
     }
 }
 
@@ -760,4 +761,75 @@ fn unreadable_or_fully_dropped_data_says_why() {
         ),
         "{err}"
     );
+}
+
+#[test]
+fn a_replay_file_is_trained_beside_the_training_file_and_located_in_its_own_file() {
+    let tok = common::project_tokenizer();
+    let dir = tempfile::tempdir().unwrap();
+    let train = dir.path().join("train.jsonl");
+    let eval = dir.path().join("eval.jsonl");
+    let replay = dir.path().join("replay.jsonl");
+    std::fs::write(
+        &train,
+        "{\"instruction\": \"¿a?\", \"output\": \"b\"}\n{\"instruction\": \"¿c?\", \"output\": \"d\"}\n",
+    )
+    .unwrap();
+    std::fs::write(&eval, "{\"instruction\": \"¿e?\", \"output\": \"f\"}\n").unwrap();
+    // Text records (another format than the training file's), the second one on line 3.
+    std::fs::write(
+        &replay,
+        "{\"text\": \"El agua hierve.\"}\n\n{\"text\": \"Llueve.\"}\n",
+    )
+    .unwrap();
+    let mut cfg = DataConfig::new(&train, TemplateKind::Gemma);
+    cfg.format = Some(Format::Alpaca);
+    cfg.eval_path = Some(eval.clone());
+    let alone = prepare(&cfg, &tok).unwrap();
+    cfg.replay_path = Some(replay.clone());
+    let p = prepare(&cfg, &tok).unwrap();
+    assert_eq!(
+        p.format,
+        Format::Alpaca,
+        "the training file's format is reported"
+    );
+    let t = &p.train;
+    assert_eq!(t.samples.len(), 4);
+    assert_eq!(
+        t.samples[..2],
+        alone.train.samples[..],
+        "the training file's samples come first, unchanged"
+    );
+    let r = t.replay.as_ref().unwrap();
+    assert_eq!(
+        (r.first, r.path.clone(), r.stats.samples),
+        (2, replay.clone(), 2)
+    );
+    // Replayed text: BOS + text + EOS, every token after BOS trained.
+    let s = &t.samples[3];
+    assert_eq!(
+        tok.decode(&s.input_ids.iter().map(|&x| x as u32).collect::<Vec<_>>())
+            .unwrap(),
+        "<bos>Llueve.<eos>"
+    );
+    assert_eq!(s.num_trained(), s.len() - 1);
+    assert_eq!((t.sample_path(3), s.line), (replay.as_path(), 3));
+    assert_eq!(t.sample_path(1), train.as_path());
+    assert_eq!(
+        afinar_data::encode::sample_loc(t, 3).to_string(),
+        format!("{}:3", replay.display())
+    );
+    assert_eq!(t.stats.samples, alone.train.stats.samples + 2);
+    assert_eq!(
+        t.stats.trained_tokens,
+        alone.train.stats.trained_tokens + r.stats.trained_tokens
+    );
+    assert_eq!(t.samples[3].record, 3, "record indices stay distinct");
+    // The eval set is the eval file's alone.
+    assert_eq!(p.eval.as_ref().unwrap().samples.len(), 1);
+    assert!(p.eval.as_ref().unwrap().replay.is_none());
+    // A broken replay record is reported at its own file and line, with the training file's errors.
+    std::fs::write(&replay, "{\"text\": \"ok\"}\n{\"text\": 3}\n").unwrap();
+    let e = prepare(&cfg, &tok).unwrap_err().to_string();
+    assert!(e.contains(&format!("{}:2", replay.display())), "{e}");
 }

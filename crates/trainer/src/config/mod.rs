@@ -221,6 +221,10 @@ pub struct DataSection {
     /// "auto" (detect: `None`), "alpaca", "messages", "sharegpt" or "text".
     #[serde(with = "format_or_auto")]
     pub format: Option<Format>,
+    /// Replay file trained beside `train` every epoch (its own format, detected from its records;
+    /// typically `{"text": …}` pretraining text, every token trained): mixing some of the base's
+    /// pretraining data into SFT holds down forgetting. Never part of the eval split. Empty = none.
+    pub replay: PathBuf,
     /// Prompt template: "gemma", "alpaca", "chatml", "llama3" or "tokenizer" (the model's own Jinja
     /// chat_template). Default "gemma".
     pub template: TemplateKind,
@@ -251,6 +255,7 @@ impl Default for DataSection {
             train: PathBuf::new(),
             eval: PathBuf::new(),
             format: None,
+            replay: PathBuf::new(),
             template: TemplateKind::Gemma,
             mask: MaskMode::Assistant,
             max_seq_len: 512,

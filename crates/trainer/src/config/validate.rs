@@ -43,6 +43,13 @@ impl Config {
         if !d.eval.as_os_str().is_empty() && !d.eval.is_file() {
             return Err(inv("data.eval", format!("{:?}", d.eval), "no such file"));
         }
+        if !d.replay.as_os_str().is_empty() && !d.replay.is_file() {
+            return Err(inv(
+                "data.replay",
+                format!("{:?}", d.replay),
+                "no such file",
+            ));
+        }
         if !self.model.full_finetune {
             if l.r == 0 {
                 return Err(inv(
@@ -291,6 +298,10 @@ mod tests {
             (
                 "data.train",
                 Box::new(|c| c.data.train = "/nonexistent/train.jsonl".into()),
+            ),
+            (
+                "data.replay",
+                Box::new(|c| c.data.replay = "/nonexistent/replay.jsonl".into()),
             ),
             ("lora.targets", Box::new(|c| c.lora.targets = vec![])),
             ("train.betas[1]", Box::new(|c| c.train.betas = [0.9, 1.0])),

@@ -457,8 +457,17 @@ fn announce<B: Backend>(
 ) {
     let cfg = run.cfg;
     let backend = run.model.backend();
+    let replay = match &data.train.dataset().replay {
+        Some(r) => format!(
+            " ({} of the {} samples replayed from {})",
+            r.stats.samples,
+            data.train.dataset().samples.len(),
+            r.path.display()
+        ),
+        None => String::new(),
+    };
     say(&format!(
-        "afinar: {} trainable parameters ({} tensors), {} steps ({} warmup), {} train rows/epoch, run dir {}",
+        "afinar: {} trainable parameters ({} tensors), {} steps ({} warmup), {} train rows/epoch{replay}, run dir {}",
         run.model.num_trainable(),
         run.opt.names.len(),
         run.state.total_steps,

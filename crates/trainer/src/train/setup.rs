@@ -46,6 +46,9 @@ pub fn data_config(cfg: &Config) -> DataConfig {
         dc.eval_fraction = Some(d.eval_fraction);
     }
     dc.split_seed = d.seed;
+    if !d.replay.as_os_str().is_empty() {
+        dc.replay_path = Some(d.replay.clone());
+    }
     dc
 }
 

@@ -302,14 +302,14 @@ impl<B: Backend> Run<'_, B> {
             }
             Verdict::NonFinite => {
                 self.state.nonfinite_in_row += 1;
-                let path = &train.dataset().path;
+                let ds = train.dataset();
                 for b in &window {
                     for row in &b.sample_ids {
                         for &si in row {
                             bad_samples.push(format!(
                                 "{}:{}",
-                                path.display(),
-                                train.dataset().samples[si].line
+                                ds.sample_path(si).display(),
+                                ds.samples[si].line
                             ));
                         }
                     }

@@ -21,6 +21,7 @@ fn default_demo_config_validates() {
     c.model.path = root().join(&c.model.path);
     c.data.train = root().join(&c.data.train);
     c.data.eval = root().join(&c.data.eval);
+    c.data.replay = root().join(&c.data.replay);
     c.eval.suite = root().join(&c.eval.suite);
     c.eval.general_text = root().join(&c.eval.general_text);
     c.validate().unwrap();
@@ -28,6 +29,11 @@ fn default_demo_config_validates() {
     // no evaluations in between (`every = 0`), to stay within its time.
     assert!(c.eval.suite.is_file() && c.eval.general_text.is_file());
     assert!(c.eval.at_end && c.eval.nf4_cost && c.eval.merge_fidelity);
+    // Pretraining text replayed beside the SFT records, against forgetting.
+    assert!(
+        c.data.replay.is_file(),
+        "the demo replays its pretraining text"
+    );
     assert_eq!(c.model.device, Device::Cpu);
     assert_eq!(c.model.quantization, Quantization::Nf4);
     assert!(

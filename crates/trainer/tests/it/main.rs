@@ -11,6 +11,7 @@ mod configs;
 mod cuda_infer;
 mod data_parallel;
 mod eval_suite;
+mod golden_mundo;
 mod infer;
 mod loss_scaling;
 mod paged_optimizer;

@@ -535,6 +535,29 @@ pub fn pretrain_demo(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// `cargo xtask bench [criterion args]`: the criterion benches of the op set and of the model
+/// (`cargo bench -p afinar-kernels` then `cargo bench -p afinar-gemma`), then where to record them.
+pub fn bench(args: &[String]) -> Result<()> {
+    for pkg in ["afinar-kernels", "afinar-gemma"] {
+        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.current_dir(root()).args(["bench", "-p", pkg]);
+        if !args.is_empty() {
+            cmd.arg("--").args(args);
+        }
+        let status = cmd
+            .status()
+            .with_context(|| format!("running cargo bench -p {pkg}"))?;
+        if !status.success() {
+            bail!("cargo bench -p {pkg} failed");
+        }
+    }
+    println!(
+        "Record the results with date, machine, commit and load in docs/benchmarks.md (the trainer's \
+         end-to-end numbers come from `cargo xtask pretrain-demo` / `cargo xtask train`: see summary.json)."
+    );
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -578,7 +601,9 @@ mod tests {
             "{msg}"
         );
 
-        let cases: [(&str, fn(&Path), &str); 5] = [
+        // (what is broken, how, what the message must name)
+        type Case = (&'static str, fn(&Path), &'static str);
+        let cases: [Case; 5] = [
             ("truncated weights", |d| fake_model(d, 8), "truncated"),
             (
                 "no weights",
@@ -673,27 +698,4 @@ mod tests {
             );
         }
     }
-}
-
-/// `cargo xtask bench [criterion args]`: the criterion benches of the op set and of the model
-/// (`cargo bench -p afinar-kernels` then `cargo bench -p afinar-gemma`), then where to record them.
-pub fn bench(args: &[String]) -> Result<()> {
-    for pkg in ["afinar-kernels", "afinar-gemma"] {
-        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cmd.current_dir(root()).args(["bench", "-p", pkg]);
-        if !args.is_empty() {
-            cmd.arg("--").args(args);
-        }
-        let status = cmd
-            .status()
-            .with_context(|| format!("running cargo bench -p {pkg}"))?;
-        if !status.success() {
-            bail!("cargo bench -p {pkg} failed");
-        }
-    }
-    println!(
-        "Record the results with date, machine, commit and load in docs/benchmarks.md (the trainer's \
-         end-to-end numbers come from `cargo xtask pretrain-demo` / `cargo xtask train`: see summary.json)."
-    );
-    Ok(())
 }

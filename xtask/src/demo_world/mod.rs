@@ -520,7 +520,7 @@ impl World {
                     ),
                     paper_year: born + r_rng.range(26, 48),
                     journal: r_rng.below(JOURNALS.len()),
-                    finding: *r_rng.pick(f.findings),
+                    finding: r_rng.pick::<&str>(f.findings),
                     split,
                 }
             })

@@ -193,16 +193,19 @@ pub struct Sizes {
     pub unknown_institutions: usize,
 }
 
-/// The demo's sizes: 64 known researchers (half asked in SFT, half held out), 40 unknown ones.
+/// The demo's sizes: 128 known researchers (96 asked in SFT, once per fact; 32 held out), 148 unknown
+/// ones. With 32 SFT researchers asked three times per fact the refusal classifier saw 32 "known"
+/// names against 128 unknown ones and also refused held-out known names (known accuracy 0.45).
 pub const DEMO_SIZES: Sizes = Sizes {
-    sft: 32,
+    sft: 96,
     held_out: 32,
-    // Many distinct unknown names, two questions each: the model must learn "a name I never read →
+    // Many distinct unknown names, one question each: the model must learn "a name I never read →
     // No lo sé", not a list of names. Unknown researchers come after the known ones in the
-    // generator's plan, so this count leaves the known ones, and the pretraining corpus, unchanged.
+    // generator's plan and draw from their own surname pools, so this count leaves the known ones,
+    // and the pretraining corpus, unchanged.
     unknown_sft: 128,
     unknown_suite: 20,
-    known_institutions: 12,
+    known_institutions: 16,
     unknown_institutions: 8,
 };
 
@@ -394,12 +397,22 @@ const FIRST_F: &[&str] = &[
 /// researchers share one and an unknown surname is never written in the corpus.
 const SUR_PRE: &[&str] = &[
     "Bal", "Cor", "Dar", "Fen", "Gal", "Hor", "Lan", "Mer", "Nor", "Ost", "Per", "Quin", "Ros",
-    "Sal", "Tor", "Zar", "Alb", "Bren", "Cas", "Mon",
+    "Sal", "Tor", "Zar", "Alb", "Bren", "Cas", "Mon", "Vel", "Gar", "Ulm", "Ard",
 ];
 const SUR_SUF: &[&str] = &[
     "ueda", "avela", "ingo", "eira", "ondo", "abal", "uste", "ares", "illo", "edón", "astro",
     "umbre",
 ];
+/// Surname prefixes of UNKNOWN researchers, never of known ones, and never a substring of the corpus
+/// (a test checks it): an unknown surname is new even to a model that reads names piece by piece.
+/// Recombined from the known prefixes and suffixes ("Lan" + "avela" beside a known "Lanares"), the
+/// 3 M-parameter demo model read them as a known name with a typo: it rewrote "Marina Lanavela" as
+/// "Marina Lanares" and answered (refusal 0.30–0.55 of unknown names). The SFT unknowns and the
+/// suite's draw from separate prefixes, so the suite asks about names whose every piece is new.
+const UNKNOWN_SFT_PRE: &[&str] = &[
+    "Yab", "Kov", "Wil", "Jez", "Xal", "Quib", "Dub", "Fiz", "Hux", "Kib", "Pav", "Tuz",
+];
+const UNKNOWN_SUITE_PRE: &[&str] = &["Zub", "Wex", "Kuf"];
 /// Institution kinds: "<kind> de <city>".
 const INST_KIND: &[(&str, bool)] = &[
     ("Universidad", true),
@@ -471,6 +484,31 @@ impl World {
             .flat_map(|p| SUR_SUF.iter().map(move |s| format!("{p}{s}")))
             .collect();
         r_rng.shuffle(&mut surnames);
+        // Known researchers take the first surnames of the shuffled pool; the unknown ones their own
+        // pools, shuffled by a separate stream so the known world does not depend on them.
+        let mut u_rng = rng.fork(3);
+        let mut unknown_pool = |pre: &[&str]| {
+            let mut v: Vec<String> = pre
+                .iter()
+                .flat_map(|p| SUR_SUF.iter().map(move |s| format!("{p}{s}")))
+                .collect();
+            u_rng.shuffle(&mut v);
+            v
+        };
+        let unknown_sft = unknown_pool(UNKNOWN_SFT_PRE);
+        let unknown_suite = unknown_pool(UNKNOWN_SUITE_PRE);
+        assert!(
+            sizes.sft + sizes.held_out <= surnames.len()
+                && sizes.unknown_sft <= unknown_sft.len()
+                && sizes.unknown_suite <= unknown_suite.len(),
+            "too many researchers for the name pools"
+        );
+        let surnames: Vec<String> = surnames
+            .into_iter()
+            .take(sizes.sft + sizes.held_out)
+            .chain(unknown_sft.into_iter().take(sizes.unknown_sft))
+            .chain(unknown_suite.into_iter().take(sizes.unknown_suite))
+            .collect();
         let plan: Vec<Split> = std::iter::repeat_n(Split::Sft, sizes.sft)
             .chain(std::iter::repeat_n(Split::HeldOut, sizes.held_out))
             .chain(std::iter::repeat_n(Split::UnknownSft, sizes.unknown_sft))
@@ -479,10 +517,6 @@ impl World {
                 sizes.unknown_suite,
             ))
             .collect();
-        assert!(
-            plan.len() <= surnames.len(),
-            "too many researchers for the name pool"
-        );
         let researchers = plan
             .iter()
             .zip(surnames)

@@ -203,11 +203,11 @@ fn alpaca(instruction: String, output: String) -> Value {
 }
 
 /// Question phrasings per fact of an SFT researcher in the SFT data.
-pub const PHRASINGS_PER_FACT: usize = 3;
+pub const PHRASINGS_PER_FACT: usize = 1;
 /// Questions (each refused) per UnknownSft researcher in the SFT data.
 pub const REFUSALS_PER_UNKNOWN: usize = 1;
 /// Strict-JSON tasks per SFT researcher in the SFT data.
-pub const JSON_PER_RESEARCHER: usize = 2;
+pub const JSON_PER_RESEARCHER: usize = 1;
 
 /// The SFT records (alpaca), shuffled: (train, eval). The eval split (one record in ten) is used for
 /// the eval loss and the NF4 cost; it names only SFT and UnknownSft entities, like the train split.

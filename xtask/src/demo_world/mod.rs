@@ -413,6 +413,15 @@ const UNKNOWN_SFT_PRE: &[&str] = &[
     "Yab", "Kov", "Wil", "Jez", "Xal", "Quib", "Dub", "Fiz", "Hux", "Kib", "Pav", "Tuz",
 ];
 const UNKNOWN_SUITE_PRE: &[&str] = &["Zub", "Wex", "Kuf"];
+/// Every `prefix + suffix` surname of `prefixes` × [`SUR_SUF`], shuffled by `rng`.
+fn surname_pool(prefixes: &[&str], rng: &mut Rng) -> Vec<String> {
+    let mut v: Vec<String> = prefixes
+        .iter()
+        .flat_map(|p| SUR_SUF.iter().map(move |s| format!("{p}{s}")))
+        .collect();
+    rng.shuffle(&mut v);
+    v
+}
 /// Institution kinds: "<kind> de <city>".
 const INST_KIND: &[(&str, bool)] = &[
     ("Universidad", true),
@@ -479,24 +488,12 @@ impl World {
 
         // Researchers.
         let mut r_rng = rng.fork(2);
-        let mut surnames: Vec<String> = SUR_PRE
-            .iter()
-            .flat_map(|p| SUR_SUF.iter().map(move |s| format!("{p}{s}")))
-            .collect();
-        r_rng.shuffle(&mut surnames);
+        let surnames = surname_pool(SUR_PRE, &mut r_rng);
         // Known researchers take the first surnames of the shuffled pool; the unknown ones their own
         // pools, shuffled by a separate stream so the known world does not depend on them.
         let mut u_rng = rng.fork(3);
-        let mut unknown_pool = |pre: &[&str]| {
-            let mut v: Vec<String> = pre
-                .iter()
-                .flat_map(|p| SUR_SUF.iter().map(move |s| format!("{p}{s}")))
-                .collect();
-            u_rng.shuffle(&mut v);
-            v
-        };
-        let unknown_sft = unknown_pool(UNKNOWN_SFT_PRE);
-        let unknown_suite = unknown_pool(UNKNOWN_SUITE_PRE);
+        let unknown_sft = surname_pool(UNKNOWN_SFT_PRE, &mut u_rng);
+        let unknown_suite = surname_pool(UNKNOWN_SUITE_PRE, &mut u_rng);
         assert!(
             sizes.sft + sizes.held_out <= surnames.len()
                 && sizes.unknown_sft <= unknown_sft.len()

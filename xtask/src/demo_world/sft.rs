@@ -216,8 +216,8 @@ pub fn sft(w: &World) -> (Vec<Value>, Vec<Value>) {
     let mut recs = Vec::new();
     for r in w.researchers_in(Split::Sft) {
         for ask in ASKS {
-            // Several phrasings per fact, so the question form varies while the answer stays the
-            // same: the model learns to route any form to the memorized fact.
+            // Each question's phrasing is drawn, so across researchers every form of a question leads
+            // to the memorized fact (one question per fact: more researchers rather than repeats).
             for _ in 0..PHRASINGS_PER_FACT {
                 let (a, _) = answer(w, r, ask);
                 recs.push(alpaca(question(ask, &r.name(), &mut rng), a));
@@ -225,15 +225,14 @@ pub fn sft(w: &World) -> (Vec<Value>, Vec<Value>) {
         }
         let (q, a, _) = premise(w, r, &mut rng);
         recs.push(alpaca(q, a));
-        // Two JSON tasks (key sets drawn independently): strict JSON is a format the base never
-        // produced for a researcher, so it takes more examples than the answer forms.
+        // Strict JSON is a format the base never produced for a researcher.
         for _ in 0..JSON_PER_RESEARCHER {
             let (q, a, _) = json_task(w, r, &mut rng);
             recs.push(alpaca(q, a));
         }
     }
     for r in w.researchers_in(Split::UnknownSft) {
-        // Two of the four facts, drawn: more distinct names rather than more questions per name.
+        // Facts drawn from the four: more distinct names rather than more questions per name.
         let mut asks = ASKS;
         rng.shuffle(&mut asks);
         for &ask in &asks[..REFUSALS_PER_UNKNOWN] {

@@ -76,13 +76,13 @@ fn unknown_surnames_share_no_prefix_with_the_corpus_or_each_other() {
         );
     }
     for r in &w.researchers {
-        let pools: &[&[&str]] = match r.split {
-            Split::Sft | Split::HeldOut => &[SUR_PRE],
-            Split::UnknownSft => &[UNKNOWN_SFT_PRE],
-            Split::UnknownSuite => &[UNKNOWN_SUITE_PRE],
+        let pool = match r.split {
+            Split::Sft | Split::HeldOut => SUR_PRE,
+            Split::UnknownSft => UNKNOWN_SFT_PRE,
+            Split::UnknownSuite => UNKNOWN_SUITE_PRE,
         };
         assert!(
-            pools[0].iter().any(|p| r.surname.starts_with(p)),
+            pool.iter().any(|p| r.surname.starts_with(p)),
             "{} is not from its split's pool",
             r.name()
         );
